@@ -1,0 +1,153 @@
+"""tf.data pipelines over the competition layout: a fast training stream and ordered evaluation sets."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import tensorflow as tf
+
+from training.augment import AugmentConfig, augment_image, mix_batch, resize_image
+from training.layout import (
+    DataError,
+    choose_file_size,
+    count_records,
+    load_classes,
+    split_files,
+)
+from training.records import (
+    check_first_records,
+    decode_jpeg,
+    find_bad_record,
+    parse_record,
+    records_with_source,
+    require,
+)
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    """Where one split lives and what it holds."""
+
+    split: str
+    files: tuple[str, ...]
+    file_size: int
+    count: int
+    labelled: bool
+
+
+def split_info(data_dir: str, split: str, image_size: int, file_size: int | None = None) -> SplitInfo:
+    """Locate a split's files (at the chosen record size), check the first record of each, count them."""
+    size = choose_file_size(data_dir, image_size, file_size)
+    files = split_files(data_dir, size, split)
+    labelled = split != "test"
+    check_first_records(files, labelled, size)
+    return SplitInfo(split, tuple(files), size, count_records(files), labelled)
+
+
+def _parse_and_decode(serialized, source, index, labelled: bool, file_size: int, num_classes: int | None):
+    """Parse a record and decode its image; fill a missing id with `<file stem>-<index>`."""
+    parsed = parse_record(serialized, source, labelled)
+    image = decode_jpeg(parsed["image"], file_size)
+    stem = tf.strings.regex_replace(source, r"^.*/|\.tfrec$", "")
+    fallback = tf.strings.join([stem, tf.strings.as_string(index)], "-")
+    ids = tf.where(tf.strings.length(parsed["id"]) > 0, parsed["id"], fallback)
+    label = parsed.get("class")
+    if label is not None and num_classes is not None:
+        in_range = require(label < num_classes, f"class label out of range (>= {num_classes} classes) in file", source)
+        with tf.control_dependencies([in_range]):
+            label = tf.identity(label)
+    return image, label, ids
+
+
+def train_dataset(
+    data_dir: str,
+    image_size: int,
+    batch_size: int,
+    *,
+    augment: AugmentConfig | None = None,
+    seed: int = 0,
+    file_size: int | None = None,
+    include_val: bool = False,
+    shuffle_buffer: int = 2048,
+    repeat: bool = True,
+    num_classes: int | None = None,
+) -> tf.data.Dataset:
+    """Endless, shuffled, augmented batches (images [B,S,S,3] float32 0..255, one-hot labels [B,C]).
+
+    Files are read in parallel and unordered for speed; batches have fixed shapes (drop_remainder)
+    as TPUs need. `include_val=True` trains on train+val for a final fit.
+    """
+    augment = augment if augment is not None else AugmentConfig()
+    num_classes = num_classes or len(load_classes(data_dir))
+    infos = [split_info(data_dir, "train", image_size, file_size)]
+    if include_val:
+        infos.append(split_info(data_dir, "val", image_size, infos[0].file_size))
+    files = [f for info in infos for f in info.files]
+    size = infos[0].file_size
+
+    file_ds = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=seed)
+    if repeat:
+        file_ds = file_ds.repeat()
+    ds = file_ds.interleave(
+        lambda path: tf.data.TFRecordDataset(path, buffer_size=8 << 20).map(lambda r: (r, path)),
+        cycle_length=min(16, len(files)), num_parallel_calls=AUTOTUNE, deterministic=False,
+    )
+    ds = ds.shuffle(shuffle_buffer, seed=seed)
+    ds = tf.data.Dataset.zip((ds, tf.data.Dataset.random(seed=seed).batch(2)))
+
+    def load(record, seed_pair):
+        serialized, source = record
+        image, label, _ = _parse_and_decode(serialized, source, 0, True, size, num_classes)
+        image = augment_image(image, seed_pair, augment, image_size)
+        return image, tf.one_hot(label, num_classes, dtype=tf.float32)
+
+    ds = ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=False)
+    ds = ds.batch(batch_size, drop_remainder=True)
+    if augment.mixes_batches:
+        ds = tf.data.Dataset.zip((ds, tf.data.Dataset.random(seed=seed + 1).batch(2)))
+        ds = ds.map(lambda batch, s: mix_batch(batch[0], batch[1], s, augment), num_parallel_calls=AUTOTUNE)
+    options = tf.data.Options()
+    options.deterministic = False
+    return ds.with_options(options).prefetch(AUTOTUNE)
+
+
+def eval_dataset(
+    data_dir: str,
+    split: str,
+    image_size: int,
+    batch_size: int,
+    *,
+    file_size: int | None = None,
+    num_classes: int | None = None,
+) -> tf.data.Dataset:
+    """Ordered batches of a split: (images, labels, ids) for train/val, (images, ids) for test."""
+    info = split_info(data_dir, split, image_size, file_size)
+    return eval_dataset_from(info, image_size, batch_size, num_classes=num_classes)
+
+
+def eval_dataset_from(
+    info: SplitInfo, image_size: int, batch_size: int, *, num_classes: int | None = None
+) -> tf.data.Dataset:
+    """Ordered evaluation batches for an already located split."""
+    def load(serialized, source, index):
+        image, label, ids = _parse_and_decode(serialized, source, index, info.labelled, info.file_size, num_classes)
+        image = resize_image(image, image_size)
+        return (image, label, ids) if info.labelled else (image, ids)
+
+    ds = records_with_source(list(info.files), ordered=True)
+    ds = ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size).prefetch(AUTOTUNE)
+
+
+def iterate_checked(ds: tf.data.Dataset, info: SplitInfo) -> Iterator:
+    """Iterate a dataset as numpy; a data error is re-raised as DataError naming the file and record."""
+    try:
+        yield from ds.as_numpy_iterator()
+    except tf.errors.OpError as err:
+        culprit = find_bad_record(list(info.files), info.labelled, info.file_size)
+        if culprit is not None:
+            raise culprit from None
+        raise DataError(f"reading split {info.split!r} failed: {err.message.splitlines()[0]}") from None

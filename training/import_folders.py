@@ -1,0 +1,209 @@
+"""Convert a folder-per-class tree of photos into the competition layout.
+
+    <src>/<class>/<any>.jpg|png|...  ->  <out>/tfrecords-jpeg-<S>x<S>/{train,val,test}/*.tfrec
+                                         <out>/classes.json, <out>/test_answers.csv, <out>/import_report.json
+
+The split is stratified by class and seeded. Test records carry no label; their labels go to
+`test_answers.csv` (`id,label`) so a submission can be scored. Files that are not readable images are
+listed in the report and on screen, never dropped silently. Everything is staged in a temporary folder
+and moved into place at the end, so a failed import leaves earlier data untouched.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from training.layout import DataError
+
+FIT_MODES = ("crop", "stretch", "pad")
+
+
+@dataclass
+class ImportReport:
+    """What an import did: classes, counts per split and class, and every skipped file with the reason."""
+
+    classes: list[str]
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+
+
+def load_rgb(source: str | Path | bytes) -> Image.Image:
+    """Open an image file (or bytes) as RGB: EXIF orientation applied, alpha composited on white."""
+    image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    image.load()
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    if image.mode == "I;16" or image.mode == "I":
+        array = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(array / max(array.max(), 1) * 255, 0, 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
+def fit_square(image: Image.Image, size: int, fit: str) -> Image.Image:
+    """Make a size x size image: centre crop, stretch, or pad (black bars) to a square first."""
+    if fit == "crop":
+        return ImageOps.fit(image, (size, size), Image.Resampling.LANCZOS)
+    if fit == "pad":
+        return ImageOps.pad(image, (size, size), Image.Resampling.LANCZOS, color=(0, 0, 0))
+    if fit == "stretch":
+        return image.resize((size, size), Image.Resampling.LANCZOS)
+    raise ValueError(f"fit must be one of {FIT_MODES}, got {fit!r}")
+
+
+def image_id(relative_path: str, taken: set[str]) -> str:
+    """A stable id from the file's path under the source (9 hex digits, longer only on a clash)."""
+    digest = hashlib.sha1(relative_path.encode()).hexdigest()
+    for length in range(9, len(digest) + 1):
+        if digest[:length] not in taken:
+            taken.add(digest[:length])
+            return digest[:length]
+    raise DataError(f"cannot make a unique id for {relative_path}")
+
+
+def stratified_split(
+    labels: Sequence[int], val_fraction: float, test_fraction: float, seed: int
+) -> dict[str, list[int]]:
+    """Indices per split, every class split in the same proportions (at least one train image each)."""
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(f"val/test fractions must be in [0, 1) and sum below 1, got {val_fraction}, {test_fraction}")
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    out: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+    for label in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == label))
+        n_test = int(round(len(idx) * test_fraction))
+        n_val = int(round(len(idx) * val_fraction))
+        while n_test + n_val >= len(idx) and n_test + n_val > 0:  # keep one training image per class
+            if n_test >= n_val:
+                n_test -= 1
+            else:
+                n_val -= 1
+        out["test"] += idx[:n_test].tolist()
+        out["val"] += idx[n_test:n_test + n_val].tolist()
+        out["train"] += idx[n_test + n_val:].tolist()
+    return {k: rng.permutation(v).tolist() for k, v in out.items()}
+
+
+def _scan(src: Path) -> tuple[list[str], list[Path], list[int]]:
+    """Find classes (sub-folders, sorted) and their files."""
+    if not src.is_dir():
+        raise DataError(f"source folder not found: {src}")
+    classes = sorted(p.name for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(classes) < 2:
+        raise DataError(f"{src} must hold one sub-folder per class (at least 2); found {classes}")
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        found = sorted(p for p in (src / name).rglob("*") if p.is_file() and not p.name.startswith("."))
+        if not found:
+            raise DataError(f"class folder {src / name} holds no files")
+        files += found
+        labels += [label] * len(found)
+    return classes, files, labels
+
+
+def import_folders(
+    src: str | Path,
+    out: str | Path,
+    sizes: Sequence[int] = (192,),
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    seed: int = 0,
+    fit: str = "crop",
+    records_per_file: int = 512,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ImportReport:
+    """Import a folder-per-class photo tree into the competition layout; return what was done."""
+    from training.records import Record, write_split
+    from training.writing import write_text_atomic
+
+    src, out = Path(src), Path(out)
+    if fit not in FIT_MODES:
+        raise ValueError(f"fit must be one of {FIT_MODES}, got {fit!r}")
+    if not sizes or any(s < 8 for s in sizes):
+        raise ValueError(f"sizes must be a non-empty list of sizes >= 8, got {list(sizes)}")
+    for size in sizes:
+        target = out / f"tfrecords-jpeg-{size}x{size}"
+        if target.exists() and not overwrite:
+            raise DataError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it")
+    classes, files, labels = _scan(src)
+    report = ImportReport(classes=classes, sizes=list(sizes))
+
+    images: dict[int, Image.Image] = {}
+    for i, path in enumerate(files):
+        try:
+            images[i] = fit_square(load_rgb(path), max(sizes), fit)  # keep only the largest square
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+            reason = "not an image" if isinstance(err, UnidentifiedImageError) else f"unreadable image ({err})"
+            report.skipped.append({"path": str(path.relative_to(src)), "reason": reason})
+            if progress:
+                print(f"  skipped {path.relative_to(src)}: {reason}", flush=True)
+        if progress and ((i + 1) % 500 == 0 or i + 1 == len(files)):
+            print(f"  read {i + 1}/{len(files)} files", flush=True)
+    kept = sorted(images)
+    kept_labels = [labels[i] for i in kept]
+    for label, name in enumerate(classes):
+        if label not in kept_labels:
+            raise DataError(f"class {name!r} has no readable images in {src / name}")
+    taken: set[str] = set()
+    ids = {i: image_id(str(files[i].relative_to(src)), taken) for i in kept}
+    split_idx = stratified_split(kept_labels, val_fraction, test_fraction, seed)
+    splits = {name: [kept[j] for j in idx] for name, idx in split_idx.items()}
+
+    out.mkdir(parents=True, exist_ok=True)
+    staging = out / f".import-staging-{seed}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        for size in sizes:
+            for split, members in splits.items():
+                if not members:
+                    continue
+                labelled = split != "test"
+                records = (
+                    Record(_encode(images[i], size), ids[i], labels[i] if labelled else None) for i in members
+                )
+                write_split(str(staging / f"tfrecords-jpeg-{size}x{size}" / split), size, records, records_per_file)
+            if progress:
+                print(f"  wrote records at {size}x{size}", flush=True)
+        for size in sizes:
+            name = f"tfrecords-jpeg-{size}x{size}"
+            if (out / name).exists():
+                shutil.rmtree(out / name)
+            (staging / name).rename(out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    report.counts = {
+        split: {classes[c]: sum(1 for i in members if labels[i] == c) for c in range(len(classes))}
+        for split, members in splits.items()
+    }
+    write_text_atomic(out / "classes.json", json.dumps(classes, indent=1) + "\n")
+    answers = io.StringIO()
+    writer = csv.writer(answers, lineterminator="\n")
+    writer.writerow(["id", "label"])
+    writer.writerows((ids[i], labels[i]) for i in sorted(splits["test"], key=lambda i: ids[i]))
+    write_text_atomic(out / "test_answers.csv", answers.getvalue())
+    write_text_atomic(out / "import_report.json", json.dumps(report.__dict__ | {"source": str(src)}, indent=1) + "\n")
+    return report
+
+
+def _encode(square: Image.Image, size: int) -> bytes:
+    """Resize a square image to `size` and encode it as JPEG (quality 95)."""
+    buffer = io.BytesIO()
+    fit_square(square, size, "stretch").save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()

@@ -1,0 +1,109 @@
+"""The competition data layout: `<data>/tfrecords-jpeg-<S>x<S>/{train,val,test}/*.tfrec`.
+
+Works on local folders and on `gs://` paths (everything goes through `tf.io.gfile`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import tensorflow as tf
+
+SPLITS = ("train", "val", "test")
+SIZE_FOLDER = re.compile(r"tfrecords-jpeg-(\d+)x(\d+)$")
+COUNT_IN_NAME = re.compile(r"-(\d+)\.tfrec$")
+COMPETITION_CLASSES_FILE = "competition_classes.json"
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the problem and the file or folder at fault."""
+
+
+def join(*parts: str) -> str:
+    """Join path parts for local paths and `gs://` URLs alike."""
+    return "/".join(p.rstrip("/") for p in parts if p)
+
+
+def size_folder(data_dir: str, size: int) -> str:
+    """Return the folder that holds the records of one image size."""
+    return join(str(data_dir), f"tfrecords-jpeg-{size}x{size}")
+
+
+def available_sizes(data_dir: str) -> list[int]:
+    """List the image sizes present under a data folder, ascending."""
+    data_dir = str(data_dir)
+    if not tf.io.gfile.isdir(data_dir):
+        raise DataError(f"data folder not found: {data_dir}")
+    sizes = []
+    for name in tf.io.gfile.listdir(data_dir):
+        match = SIZE_FOLDER.match(name.rstrip("/"))
+        if match and match.group(1) == match.group(2):
+            sizes.append(int(match.group(1)))
+    return sorted(sizes)
+
+
+def choose_file_size(data_dir: str, image_size: int, file_size: int | None = None) -> int:
+    """Pick the record size to read: the one asked for, else the smallest >= image_size, else the largest."""
+    sizes = available_sizes(data_dir)
+    if not sizes:
+        raise DataError(
+            f"no 'tfrecords-jpeg-<S>x<S>' folder in {data_dir}; expected the competition layout "
+            "(make one with scripts/make_demo_data.py or scripts/import_folders.py)"
+        )
+    if file_size is not None:
+        if file_size not in sizes:
+            raise DataError(f"no records of size {file_size} in {data_dir}; sizes present: {sizes}")
+        return file_size
+    larger = [s for s in sizes if s >= image_size]
+    return larger[0] if larger else sizes[-1]
+
+
+def split_files(data_dir: str, size: int, split: str) -> list[str]:
+    """Return the sorted `.tfrec` files of one split at one size; raise DataError if there are none."""
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")
+    folder = join(size_folder(data_dir, size), split)
+    if not tf.io.gfile.isdir(folder):
+        raise DataError(f"split folder not found: {folder}")
+    files = sorted(tf.io.gfile.glob(join(folder, "*.tfrec")))
+    if not files:
+        raise DataError(f"no .tfrec files for split {split!r} at size {size}: {folder} is empty")
+    return files
+
+
+def count_records(files: list[str]) -> int:
+    """Count the records of files: from the `-<count>.tfrec` name, else by reading the file."""
+    total = 0
+    for path in files:
+        match = COUNT_IN_NAME.search(path)
+        if match:
+            total += int(match.group(1))
+            continue
+        try:
+            total += int(tf.data.TFRecordDataset(path).reduce(0, lambda n, _: n + 1))
+        except tf.errors.OpError as err:
+            raise DataError(f"cannot read records of {path}: {err.message.splitlines()[0]}") from None
+    return total
+
+
+def load_classes(data_dir: str) -> list[str]:
+    """Class names in label order: `<data>/classes.json`, else the 104 competition classes."""
+    path = join(str(data_dir), "classes.json")
+    if tf.io.gfile.exists(path):
+        with tf.io.gfile.GFile(path) as f:
+            try:
+                names = json.load(f)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path} is not valid JSON: {err}") from None
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise DataError(f"{path} must hold a non-empty JSON list of class names")
+        return [n.strip() for n in names]
+    return competition_classes()
+
+
+def competition_classes() -> list[str]:
+    """The 104 'Petals to the Metal' class names in label order, stripped."""
+    path = Path(__file__).with_name(COMPETITION_CLASSES_FILE)
+    return [n.strip() for n in json.loads(path.read_text())]

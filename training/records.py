@@ -1,0 +1,154 @@
+"""TFRecord format of the competition: write records, parse them in the graph, find a bad one."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import tensorflow as tf
+
+from training.layout import DataError, join
+
+MISSING_CLASS = -1
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image as stored: encoded JPEG bytes, its id, and its label (None for test)."""
+
+    image: bytes
+    id: str
+    label: int | None = None
+
+
+def serialize(record: Record) -> bytes:
+    """Encode one record as a tf.train.Example."""
+    feature = {
+        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[record.image])),
+        "id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[record.id.encode()])),
+    }
+    if record.label is not None:
+        feature["class"] = tf.train.Feature(int64_list=tf.train.Int64List(value=[int(record.label)]))
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def write_split(
+    folder: str, size: int, records: Iterable[Record], records_per_file: int = 256
+) -> list[str]:
+    """Write records as `NN-<S>x<S>-<count>.tfrec` files into folder, each atomically; return the paths."""
+    tf.io.gfile.makedirs(folder)
+    written: list[str] = []
+    batch: list[bytes] = []
+
+    def flush() -> None:
+        name = join(folder, f"{len(written):02d}-{size}x{size}-{len(batch)}.tfrec")
+        tmp = name + ".tmp"
+        with tf.io.TFRecordWriter(tmp) as writer:
+            for item in batch:
+                writer.write(item)
+        tf.io.gfile.rename(tmp, name, overwrite=True)
+        written.append(name)
+        batch.clear()
+
+    for record in records:
+        batch.append(serialize(record))
+        if len(batch) == records_per_file:
+            flush()
+    if batch:
+        flush()
+    return written
+
+
+def require(condition: tf.Tensor, message: str, source: tf.Tensor) -> tf.Operation:
+    """A graph assertion whose error message names the problem and the file it came from."""
+    return tf.debugging.Assert(condition, [message, source])
+
+
+def parse_record(serialized: tf.Tensor, source: tf.Tensor, labelled: bool) -> dict[str, tf.Tensor]:
+    """Parse one serialized Example in the graph; a missing feature fails with the file's name."""
+    spec = {
+        "image": tf.io.FixedLenFeature([], tf.string, default_value=""),
+        "id": tf.io.FixedLenFeature([], tf.string, default_value=""),
+    }
+    if labelled:
+        spec["class"] = tf.io.FixedLenFeature([], tf.int64, default_value=MISSING_CLASS)
+    parsed = tf.io.parse_single_example(serialized, spec)
+    checks = [require(tf.strings.length(parsed["image"]) > 0, "record without an 'image' feature in file", source)]
+    if labelled:
+        message = "record without a 'class' feature (or a negative one) in file"
+        checks.append(require(parsed["class"] >= 0, message, source))
+    with tf.control_dependencies(checks):
+        return {k: tf.identity(v) for k, v in parsed.items()}
+
+
+def decode_jpeg(image_bytes: tf.Tensor, size: int) -> tf.Tensor:
+    """Decode JPEG bytes to float32 RGB in 0..255 with the static shape [size, size, 3]."""
+    image = tf.io.decode_jpeg(image_bytes, channels=3)
+    image = tf.ensure_shape(image, [size, size, 3])
+    return tf.cast(image, tf.float32)
+
+
+def records_with_source(files: list[str], ordered: bool) -> tf.data.Dataset:
+    """Yield (serialized, file, index-in-file) over files; interleaved in parallel unless ordered."""
+    def one_file(path: tf.Tensor) -> tf.data.Dataset:
+        ds = tf.data.TFRecordDataset(path, buffer_size=8 << 20).enumerate()
+        return ds.map(lambda i, r: (r, path, i))
+
+    paths = tf.data.Dataset.from_tensor_slices(files)
+    if ordered:
+        return paths.flat_map(one_file)
+    return paths.interleave(
+        one_file, cycle_length=min(16, len(files)), num_parallel_calls=tf.data.AUTOTUNE, deterministic=False
+    )
+
+
+def iter_records(path: str) -> Iterator[tuple[int, bytes]]:
+    """Yield (index, serialized) of one file; a framing error names the file and the record index."""
+    index = 0
+    try:
+        for raw in tf.data.TFRecordDataset(path):
+            yield index, raw.numpy()
+            index += 1
+    except tf.errors.OpError as err:
+        raise DataError(f"{path}: record {index} is corrupt ({err.message.splitlines()[0]})") from None
+
+
+def check_record(raw: bytes, path: str, index: int, labelled: bool, size: int | None) -> None:
+    """Raise DataError naming file and record if a serialized record is not a valid one."""
+    where = f"{path}: record {index}"
+    try:
+        example = tf.train.Example.FromString(raw)
+    except Exception:  # protobuf raises its own DecodeError type
+        raise DataError(f"{where} is not a tf.train.Example") from None
+    feature = example.features.feature
+    if not feature["image"].bytes_list.value:
+        raise DataError(f"{where} has no 'image' feature (features present: {sorted(feature)})")
+    if labelled and not feature["class"].int64_list.value:
+        raise DataError(f"{where} has no 'class' feature (features present: {sorted(feature)})")
+    try:
+        shape = tf.io.decode_jpeg(feature["image"].bytes_list.value[0], channels=3).shape
+    except tf.errors.OpError as err:
+        raise DataError(f"{where}: image is not a valid JPEG ({err.message.splitlines()[0]})") from None
+    if size is not None and tuple(shape[:2]) != (size, size):
+        raise DataError(f"{where}: image is {shape[1]}x{shape[0]}, expected {size}x{size}")
+
+
+def find_bad_record(files: list[str], labelled: bool, size: int | None) -> DataError | None:
+    """Scan files record by record and return the first problem found, naming file and record."""
+    try:
+        for path in files:
+            for index, raw in iter_records(path):
+                check_record(raw, path, index, labelled, size)
+    except DataError as err:
+        return err
+    return None
+
+
+def check_first_records(files: list[str], labelled: bool, size: int | None) -> None:
+    """Check the first record of every file (cheap up-front check of features, JPEG and size)."""
+    for path in files:
+        for index, raw in iter_records(path):
+            check_record(raw, path, index, labelled, size)
+            break
+        else:
+            raise DataError(f"{path} holds no records")

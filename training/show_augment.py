@@ -1,0 +1,137 @@
+"""Write a PNG grid of augmented samples from any data set, so a person can look at what training sees.
+
+    python -m training.show_augment --data demo/data --size 96 --out augment.png [--set rotation=30 ...]
+
+Each row is one image: the evaluation view first, then augmented copies. When CutMix or MixUp is on,
+extra rows show mixed training batches with their soft labels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from training.augment import AugmentConfig
+from training.config_values import parse_assignments
+from training.layout import DataError
+
+
+def augmented_grid(
+    data_dir: str, split: str, image_size: int, rows: int, copies: int, config: AugmentConfig, seed: int
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Return originals [rows,S,S,3], augmented copies [rows,copies,S,S,3] (uint8) and the row titles."""
+    import tensorflow as tf
+
+    from training.augment import augment_image
+    from training.dataset import eval_dataset
+    from training.layout import load_classes
+
+    classes = load_classes(data_dir)
+    batch = next(iter(eval_dataset(data_dir, split, image_size, rows)))
+    originals = batch[0].numpy()
+    titles = [classes[int(c)] for c in batch[1].numpy()] if len(batch) == 3 else [""] * rows
+    raw = _raw_images(data_dir, split, image_size, rows)
+    copies_out = np.stack([
+        np.stack([
+            augment_image(tf.constant(img), tf.constant([seed, r * copies + c], tf.int64), config, image_size).numpy()
+            for c in range(copies)
+        ])
+        for r, img in enumerate(raw)
+    ])
+    return originals.astype(np.uint8), np.clip(copies_out, 0, 255).astype(np.uint8), titles
+
+
+def _raw_images(data_dir: str, split: str, image_size: int, count: int) -> np.ndarray:
+    """The first `count` decoded images at their stored size (input to the augmentation)."""
+    from training.dataset import eval_dataset_from, split_info
+
+    info = split_info(data_dir, split, image_size)
+    batch = next(iter(eval_dataset_from(info, info.file_size, count)))
+    return batch[0].numpy()
+
+
+def mixed_batches(data_dir: str, image_size: int, count: int, config: AugmentConfig, seed: int):
+    """One training batch with CutMix/MixUp applied: images uint8 and soft labels."""
+    from training.dataset import train_dataset
+
+    ds = train_dataset(data_dir, image_size, count, augment=config, seed=seed, shuffle_buffer=64)
+    images, labels = next(iter(ds))
+    return np.clip(images.numpy(), 0, 255).astype(np.uint8), labels.numpy()
+
+
+def write_grid_png(
+    path: str | Path, originals, copies, titles, mixed=None, mixed_labels=None, classes=None
+) -> Path:
+    """Draw the grid with matplotlib and write it atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from training.writing import write_atomic
+
+    rows, ncopies = copies.shape[:2]
+    mixed_rows = 0 if mixed is None else int(np.ceil(len(mixed) / (ncopies + 1)))
+    fig, axes = plt.subplots(rows + mixed_rows, ncopies + 1, figsize=(1.6 * (ncopies + 1), 1.7 * (rows + mixed_rows)))
+    axes = np.atleast_2d(axes)
+    for ax in axes.flat:
+        ax.axis("off")
+    for r in range(rows):
+        axes[r, 0].imshow(originals[r])
+        axes[r, 0].set_title(f"eval: {titles[r]}"[:22], fontsize=7)
+        for c in range(ncopies):
+            axes[r, c + 1].imshow(copies[r, c])
+            if r == 0:
+                axes[r, c + 1].set_title(f"augmented {c + 1}", fontsize=7)
+    for i in range(0 if mixed is None else len(mixed)):
+        ax = axes[rows + i // (ncopies + 1), i % (ncopies + 1)]
+        ax.imshow(mixed[i])
+        top = np.argsort(mixed_labels[i])[::-1][:2]
+        label = " + ".join(f"{classes[k][:10]} {mixed_labels[i][k]:.2f}" for k in top if mixed_labels[i][k] > 0)
+        ax.set_title(label, fontsize=6)
+    fig.tight_layout()
+    out = write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="data folder in the competition layout (local or gs://)")
+    parser.add_argument("--split", default="train", choices=["train", "val", "test"], help="split to sample")
+    parser.add_argument("--size", type=int, required=True, help="model image size to augment to")
+    parser.add_argument("--rows", type=int, default=4, help="how many source images (rows)")
+    parser.add_argument("--copies", type=int, default=5, help="augmented copies per image")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--out", default="augment.png", help="PNG file to write")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override an augmentation option, e.g. --set rotation=30 --set cutmix_prob=0.5 "
+        "(options: " + ", ".join(AugmentConfig.__dataclass_fields__) + ")",
+    )
+    args = parser.parse_args(argv)
+    try:
+        config = AugmentConfig.from_dict(parse_assignments(args.set))
+        originals, copies, titles = augmented_grid(
+            args.data, args.split, args.size, args.rows, args.copies, config, args.seed
+        )
+        mixed = mixed_labels = classes = None
+        if config.mixes_batches and args.split != "test":
+            from training.layout import load_classes
+
+            classes = load_classes(args.data)
+            mixed, mixed_labels = mixed_batches(args.data, args.size, args.copies + 1, config, args.seed)
+        out = write_grid_png(args.out, originals, copies, titles, mixed, mixed_labels, classes)
+    except (DataError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

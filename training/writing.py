@@ -1,0 +1,34 @@
+"""Atomic file writing: write to a temporary name beside the target, then rename into place."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def write_atomic(path: str | Path, write: Callable[[str], None]) -> Path:
+    """Call `write(tmp_path)` and rename the result onto path, so readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write a text file atomically."""
+    return write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Write a binary file atomically."""
+    return write_atomic(path, lambda tmp: Path(tmp).write_bytes(data))
