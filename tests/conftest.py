@@ -1,0 +1,32 @@
+"""Shared fixtures: a tiny demo data set made once per test session, and the shared real photos."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_PHOTOS = REPO.parent / "shared" / "data" / "flowers5-128px"
+TINY_COUNTS = {"train": 60, "val": 24, "test": 18}
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """Demo data at 32 and 48 px: 60 train / 24 val / 18 test images in files of 20 records."""
+    from training.demo_data import make_demo_data
+
+    out = tmp_path_factory.mktemp("tiny_data")
+    make_demo_data(out, sizes=(32, 48), counts=dict(TINY_COUNTS), seed=3, records_per_file=20, progress=False)
+    return out
+
+
+@pytest.fixture
+def real_photos() -> Path:
+    """The shared real flower photos; the test is skipped where that folder is absent."""
+    if not (REAL_PHOTOS / "manifest.csv").exists():
+        pytest.skip(f"real photos not found at {REAL_PHOTOS} (they live in ../shared beside the repository)")
+    return REAL_PHOTOS

@@ -1,0 +1,196 @@
+"""Augmentation invariants: shapes, value range, identity when off, seeding, graph mode, soft labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from training.augment import (
+    AugmentConfig,
+    augment_image,
+    colour_jitter,
+    mix_batch,
+    random_erase,
+    resize_image,
+)
+from training.show_augment import main as show_augment_main
+
+NO_GEOMETRY = dict(flip_left_right=False, rotation=0.0, shear=0.0, zoom=0.0, shift=0.0)
+NO_COLOUR = dict(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
+
+
+def _image(size: int = 24, seed: int = 0) -> tf.Tensor:
+    """A random float32 RGB image in 0..255."""
+    return tf.random.stateless_uniform([size, size, 3], [seed, 1], 0.0, 255.0)
+
+
+def _seed(a: int = 1, b: int = 2) -> tf.Tensor:
+    return tf.constant([a, b], tf.int64)
+
+
+EVERYTHING_ON = AugmentConfig(flip_up_down=True, erase_prob=0.5, cutmix_prob=0.3, mixup_prob=0.3)
+
+
+@pytest.mark.parametrize("in_size,out_size", [(24, 24), (24, 16), (24, 40)])
+def test_every_transform_keeps_shape_dtype_and_range(in_size, out_size):
+    for s in range(5):
+        out = augment_image(_image(in_size, s), _seed(s, 9), EVERYTHING_ON, out_size)
+        assert out.shape == (out_size, out_size, 3) and out.dtype == tf.float32
+        assert float(tf.reduce_min(out)) >= 0.0 and float(tf.reduce_max(out)) <= 255.0
+
+
+def test_switched_off_is_the_identity_or_the_plain_resize():
+    image = _image(24)
+    np.testing.assert_array_equal(augment_image(image, _seed(), AugmentConfig.off(), 24), image)
+    np.testing.assert_array_equal(augment_image(image, _seed(), AugmentConfig.off(), 16), resize_image(image, 16))
+    zero = AugmentConfig(**NO_GEOMETRY, **NO_COLOUR)
+    np.testing.assert_array_equal(augment_image(image, _seed(), zero, 24), image)
+
+
+@pytest.mark.parametrize("out_size", [16, 40])
+def test_fused_resampling_with_zero_magnitudes_equals_the_bilinear_resize(out_size):
+    # Only the flip path is on but never fires for a zero-probability up-down flip: the transform
+    # pass runs with the identity augmentation and must reproduce tf.image.resize exactly.
+    config = AugmentConfig(**(NO_GEOMETRY | {"flip_up_down": True}), **NO_COLOUR)
+    image = _image(24)
+    for s in range(6):
+        out = augment_image(image, _seed(s, 0), config, out_size)
+        expected = resize_image(image, out_size)
+        flipped = tf.reverse(expected, axis=[0])
+        err = min(float(tf.reduce_max(tf.abs(out - expected))), float(tf.reduce_max(tf.abs(out - flipped))))
+        assert err < 1e-3
+
+
+def test_a_flip_only_config_gives_the_image_or_its_mirror_and_both_occur():
+    config = AugmentConfig(**(NO_GEOMETRY | {"flip_left_right": True}), **NO_COLOUR)
+    image = _image(20)
+    seen = set()
+    for s in range(12):
+        out = augment_image(image, _seed(s, 5), config, 20).numpy()
+        if np.allclose(out, image.numpy(), atol=1e-3):
+            seen.add("same")
+        elif np.allclose(out, image.numpy()[:, ::-1], atol=1e-3):
+            seen.add("mirror")
+        else:
+            pytest.fail("flip-only output is neither the image nor its mirror")
+    assert seen == {"same", "mirror"}
+
+
+def test_the_same_seed_gives_the_same_augmentation_and_others_differ():
+    image = _image(24)
+    a = augment_image(image, _seed(4, 4), EVERYTHING_ON, 24)
+    b = augment_image(image, _seed(4, 4), EVERYTHING_ON, 24)
+    c = augment_image(image, _seed(4, 5), EVERYTHING_ON, 24)
+    np.testing.assert_array_equal(a, b)
+    assert float(tf.reduce_max(tf.abs(a - c))) > 1.0
+
+
+def test_augmentation_runs_inside_tf_data_and_matches_eager():
+    image = _image(24)
+    eager = augment_image(image, _seed(7, 7), EVERYTHING_ON, 16)
+    ds = tf.data.Dataset.from_tensors((image, _seed(7, 7))).map(lambda x, s: augment_image(x, s, EVERYTHING_ON, 16))
+    np.testing.assert_allclose(next(iter(ds)), eager, atol=1e-4)
+
+
+def test_rotation_moves_pixels_but_keeps_a_centred_disc():
+    size = 33
+    yy, xx = np.mgrid[:size, :size]
+    disc = ((yy - 16) ** 2 + (xx - 16) ** 2 < 8**2).astype(np.float32)
+    image = tf.constant(np.repeat(disc[..., None] * 255.0, 3, axis=2))
+    config = AugmentConfig(**(NO_GEOMETRY | {"rotation": 40.0}), **NO_COLOUR)
+    out = augment_image(image, _seed(3, 3), config, size).numpy()
+    assert abs(out.mean() - image.numpy().mean()) < 2.0  # a disc rotated about its centre stays a disc
+
+
+def test_colour_jitter_keeps_greys_grey_under_hue_and_saturation():
+    grey = tf.fill([8, 8, 3], 120.0)
+    config = AugmentConfig(**NO_COLOUR | {"hue": 0.4, "saturation": 0.9})
+    for s in range(4):
+        out = colour_jitter(grey, _seed(s, 1), config).numpy()
+        np.testing.assert_allclose(out, 120.0, atol=0.05)
+
+
+def test_brightness_shifts_every_pixel_by_the_same_amount():
+    image = tf.fill([6, 6, 3], 100.0)
+    out = colour_jitter(image, _seed(), AugmentConfig(**NO_COLOUR | {"brightness": 0.2})).numpy()
+    assert np.ptp(out) < 1e-3 and abs(out[0, 0, 0] - 100.0) <= 0.2 * 255 + 1e-3
+
+
+def test_random_erasing_replaces_one_rectangle_within_the_area_range():
+    size = 40
+    image = tf.fill([size, size, 3], 7.0)
+    config = AugmentConfig(erase_prob=1.0, erase_area=(0.05, 0.2))
+    for s in range(6):
+        changed = np.any(random_erase(image, _seed(s, 2), config).numpy() != 7.0, axis=2)
+        rows, cols = np.flatnonzero(changed.any(1)), np.flatnonzero(changed.any(0))
+        assert changed.sum() == len(rows) * len(cols)  # a filled rectangle
+        assert 0.02 <= changed.mean() <= 0.25
+    untouched = random_erase(image, _seed(), AugmentConfig(erase_prob=0.0, erase_area=(0.05, 0.2)))
+    np.testing.assert_array_equal(untouched, image)
+
+
+def _flat_batch(count: int, size: int = 16, classes: int = 4):
+    """Images whose pixels all equal their index, with one-hot labels of class index % classes."""
+    images = tf.constant(np.arange(count, dtype=np.float32)[:, None, None, None] * np.ones((1, size, size, 3)))
+    labels = tf.one_hot(np.arange(count) % classes, classes)
+    return tf.cast(images, tf.float32), labels
+
+
+def test_cutmix_labels_equal_the_pasted_area_and_sum_to_one():
+    images, labels = _flat_batch(8)
+    mixed, soft = mix_batch(images, labels, _seed(), AugmentConfig(cutmix_prob=1.0))
+    soft = soft.numpy()
+    np.testing.assert_allclose(soft.sum(1), 1.0, atol=1e-6)
+    shares = []
+    for i in range(8):
+        partner = (i - 1) % 8
+        pasted = float(np.mean(mixed.numpy()[i, ..., 0] == partner))
+        assert abs(soft[i, partner % 4] - pasted) < 1e-5  # partners always have another class here
+        shares.append(pasted)
+    assert sum(shares) > 0.5
+
+
+def test_mixup_blends_pixels_and_labels_with_the_same_weight():
+    images, labels = _flat_batch(8)
+    mixed, soft = mix_batch(images, labels, _seed(), AugmentConfig(mixup_prob=1.0, mixup_alpha=0.4))
+    soft = soft.numpy()
+    np.testing.assert_allclose(soft.sum(1), 1.0, atol=1e-6)
+    assert (soft >= 0).all()
+    for i in range(8):
+        partner = (i - 1) % 8
+        weight = (float(mixed[i, 0, 0, 0]) - i) / (partner - i)  # pixel = (1-w) i + w partner
+        assert abs(soft[i, partner % 4] - weight) < 1e-4
+
+
+def test_mixing_is_a_no_op_when_switched_off():
+    images, labels = _flat_batch(4)
+    mixed, soft = mix_batch(images, labels, _seed(), AugmentConfig())
+    assert mixed is images and soft is labels
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"rotation": -1}, "augment.rotation must be >= 0"),
+        ({"erase_prob": 1.5}, "augment.erase_prob must be in"),
+        ({"cutmix_prob": 0.7, "mixup_prob": 0.6}, "cutmix_prob \\+ augment.mixup_prob"),
+        ({"erase_area": [0.3, 0.1]}, "augment.erase_area"),
+        ({"fill_mode": "mirror"}, "augment.fill_mode must be one of"),
+        ({"rotaton": 3}, "unknown augment option\\(s\\) \\['rotaton'\\]"),
+    ],
+)
+def test_bad_augment_options_are_rejected_with_the_option_named(values, message):
+    with pytest.raises(ValueError, match=message):
+        AugmentConfig.from_dict(values)
+
+
+def test_the_grid_command_writes_a_png(tiny_data, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    code = show_augment_main([
+        "--data", str(tiny_data), "--size", "32", "--rows", "2", "--copies", "3", "--out", str(out),
+        "--set", "cutmix_prob=0.5", "--set", "erase_prob=0.5",
+    ])
+    assert code == 0 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert show_augment_main(["--data", str(tmp_path / "none"), "--size", "32", "--out", str(out)]) == 2
+    assert "data folder not found" in capsys.readouterr().err
