@@ -6,14 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from training.augment import (
-    AugmentConfig,
-    augment_image,
-    colour_jitter,
-    mix_batch,
-    random_erase,
-    resize_image,
-)
+from training.augment import AugmentConfig, augment_batch, augment_image, mix_batch, resize_image
 from training.show_augment import main as show_augment_main
 
 NO_GEOMETRY = dict(flip_left_right=False, rotation=0.0, shear=0.0, zoom=0.0, shift=0.0)
@@ -29,7 +22,10 @@ def _seed(a: int = 1, b: int = 2) -> tf.Tensor:
     return tf.constant([a, b], tf.int64)
 
 
-EVERYTHING_ON = AugmentConfig(flip_up_down=True, erase_prob=0.5, cutmix_prob=0.3, mixup_prob=0.3)
+EVERYTHING_ON = AugmentConfig(
+    flip_up_down=True, brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05, erase_prob=0.5,
+    cutmix_prob=0.3, mixup_prob=0.3,
+)
 
 
 @pytest.mark.parametrize("in_size,out_size", [(24, 24), (24, 16), (24, 40)])
@@ -105,29 +101,71 @@ def test_rotation_moves_pixels_but_keeps_a_centred_disc():
 
 def test_colour_jitter_keeps_greys_grey_under_hue_and_saturation():
     grey = tf.fill([8, 8, 3], 120.0)
-    config = AugmentConfig(**NO_COLOUR | {"hue": 0.4, "saturation": 0.9})
+    config = AugmentConfig(**NO_GEOMETRY | {"hue": 0.4, "saturation": 0.9})
     for s in range(4):
-        out = colour_jitter(grey, _seed(s, 1), config).numpy()
+        out = augment_image(grey, _seed(s, 1), config, 8).numpy()
         np.testing.assert_allclose(out, 120.0, atol=0.05)
+
+
+def test_hue_rotation_changes_colours_but_keeps_brightness():
+    pink = tf.constant([[[160.0, 110.0, 100.0]]]) * tf.ones([8, 8, 3])  # unsaturated: no clipping
+    config = AugmentConfig(**NO_GEOMETRY | {"hue": 0.3})
+    outs = [augment_image(pink, _seed(s, 1), config, 8).numpy()[0, 0] for s in range(6)]
+    luma = [float(o @ np.array([0.299, 0.587, 0.114])) for o in outs]
+    assert max(np.abs(o - [160, 110, 100]).max() for o in outs) > 10
+    np.testing.assert_allclose(luma, 160 * 0.299 + 110 * 0.587 + 100 * 0.114, atol=1.0)
 
 
 def test_brightness_shifts_every_pixel_by_the_same_amount():
     image = tf.fill([6, 6, 3], 100.0)
-    out = colour_jitter(image, _seed(), AugmentConfig(**NO_COLOUR | {"brightness": 0.2})).numpy()
+    out = augment_image(image, _seed(), AugmentConfig(**NO_GEOMETRY | {"brightness": 0.2}), 6).numpy()
     assert np.ptp(out) < 1e-3 and abs(out[0, 0, 0] - 100.0) <= 0.2 * 255 + 1e-3
+
+
+def test_contrast_scales_distances_from_the_mean():
+    image = tf.constant(np.tile(np.array([60.0, 180.0])[None, :, None], [8, 4, 3]), tf.float32)
+    outs = [augment_image(image, _seed(s, 3), AugmentConfig(**NO_GEOMETRY | {"contrast": 0.5}), 8) for s in range(4)]
+    spreads = [float(o[0, 1, 0] - o[0, 0, 0]) for o in outs]
+    assert all(60.0 <= s <= 180.0 for s in spreads) and np.ptp(spreads) > 5
+    for o in outs:
+        assert abs(float(tf.reduce_mean(o)) - 120.0) < 0.5
 
 
 def test_random_erasing_replaces_one_rectangle_within_the_area_range():
     size = 40
-    image = tf.fill([size, size, 3], 7.0)
-    config = AugmentConfig(erase_prob=1.0, erase_area=(0.05, 0.2))
-    for s in range(6):
-        changed = np.any(random_erase(image, _seed(s, 2), config).numpy() != 7.0, axis=2)
+    images = tf.fill([6, size, size, 3], 7.0)
+    config = AugmentConfig(**NO_GEOMETRY, erase_prob=1.0, erase_area=(0.05, 0.2))
+    out = augment_batch(images, _seed(), config, size).numpy()
+    for image in out:
+        changed = np.any(image != 7.0, axis=2)
         rows, cols = np.flatnonzero(changed.any(1)), np.flatnonzero(changed.any(0))
         assert changed.sum() == len(rows) * len(cols)  # a filled rectangle
         assert 0.02 <= changed.mean() <= 0.25
-    untouched = random_erase(image, _seed(), AugmentConfig(erase_prob=0.0, erase_area=(0.05, 0.2)))
-    np.testing.assert_array_equal(untouched, image)
+    untouched = augment_batch(images, _seed(), AugmentConfig(**NO_GEOMETRY, erase_prob=0.0), size)
+    np.testing.assert_array_equal(untouched, images)
+
+
+@pytest.mark.parametrize("fill_mode", ["nearest", "reflect", "wrap", "constant"])
+def test_a_shift_fills_the_uncovered_border_by_the_fill_mode(fill_mode):
+    ramp = tf.constant(np.tile(np.arange(16, dtype=np.float32)[None, :, None] * 10, [16, 1, 3]))
+    config = AugmentConfig(**NO_GEOMETRY | {"shift": 300.0, "fill_mode": fill_mode}, shift_reference_size=192)
+    out = augment_image(ramp, _seed(8, 8), config, 16).numpy()[..., 0]
+    src = ramp.numpy()[..., 0]
+    assert out.shape == (16, 16)
+    if fill_mode == "constant":
+        assert (out == 0).any()
+    else:  # every output value is one of the source's values (integer shifts of a ramp) or between two
+        assert out.min() >= src.min() - 1e-3 and out.max() <= src.max() + 1e-3
+
+
+def test_the_compiled_and_plain_graphs_agree():
+    # Erase noise comes from different random kernels with and without XLA, so erasing is left out.
+    images = tf.stack([_image(24, s) for s in range(3)])
+    for fill_mode in ("nearest", "reflect", "wrap", "constant"):
+        config = dict(EVERYTHING_ON.__dict__, erase_prob=0.0, fill_mode=fill_mode)
+        fast = augment_batch(images, _seed(), AugmentConfig(**config), 20)
+        plain = augment_batch(images, _seed(), AugmentConfig(**config | {"jit_compile": False}), 20)
+        np.testing.assert_allclose(fast, plain, atol=1e-2)
 
 
 def _flat_batch(count: int, size: int = 16, classes: int = 4):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import tensorflow as tf
 
-from training.augment import AugmentConfig, augment_image, mix_batch, resize_image
+from training.augment import AugmentConfig, augment_batch, mix_batch, resize_image
 from training.layout import (
     DataError,
     choose_file_size,
@@ -48,12 +48,14 @@ def split_info(data_dir: str, split: str, image_size: int, file_size: int | None
 
 
 def _parse_and_decode(serialized, source, index, labelled: bool, file_size: int, num_classes: int | None):
-    """Parse a record and decode its image; fill a missing id with `<file stem>-<index>`."""
+    """Parse a record and decode its image; fill a missing id with `<file stem>-<index>` (no ids if index is None)."""
     parsed = parse_record(serialized, source, labelled)
     image = decode_jpeg(parsed["image"], file_size)
-    stem = tf.strings.regex_replace(source, r"^.*/|\.tfrec$", "")
-    fallback = tf.strings.join([stem, tf.strings.as_string(index)], "-")
-    ids = tf.where(tf.strings.length(parsed["id"]) > 0, parsed["id"], fallback)
+    ids = None
+    if index is not None:
+        stem = tf.strings.regex_replace(source, r"^.*/|\.tfrec$", "")
+        fallback = tf.strings.join([stem, tf.strings.as_string(index)], "-")
+        ids = tf.where(tf.strings.length(parsed["id"]) > 0, parsed["id"], fallback)
     label = parsed.get("class")
     if label is not None and num_classes is not None:
         in_range = require(label < num_classes, f"class label out of range (>= {num_classes} classes) in file", source)
@@ -80,7 +82,7 @@ def train_dataset(
     Files are read in parallel and unordered for speed; batches have fixed shapes (drop_remainder)
     as TPUs need. `include_val=True` trains on train+val for a final fit.
     """
-    augment = augment if augment is not None else AugmentConfig()
+    augment_config = augment if augment is not None else AugmentConfig()
     num_classes = num_classes or len(load_classes(data_dir))
     infos = [split_info(data_dir, "train", image_size, file_size)]
     if include_val:
@@ -96,19 +98,22 @@ def train_dataset(
         cycle_length=min(16, len(files)), num_parallel_calls=AUTOTUNE, deterministic=False,
     )
     ds = ds.shuffle(shuffle_buffer, seed=seed)
-    ds = tf.data.Dataset.zip((ds, tf.data.Dataset.random(seed=seed).batch(2)))
 
-    def load(record, seed_pair):
-        serialized, source = record
-        image, label, _ = _parse_and_decode(serialized, source, 0, True, size, num_classes)
-        image = augment_image(image, seed_pair, augment, image_size)
+    def load(serialized, source):
+        image, label, _ = _parse_and_decode(serialized, source, None, True, size, num_classes)
         return image, tf.one_hot(label, num_classes, dtype=tf.float32)
+
+    def augment_and_mix(batch, batch_seed):
+        images, labels = batch
+        s = tf.random.experimental.stateless_split(batch_seed, num=2)
+        images = augment_batch(images, s[0], augment_config, image_size)
+        return mix_batch(images, labels, s[1], augment_config)
 
     ds = ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=False)
     ds = ds.batch(batch_size, drop_remainder=True)
-    if augment.mixes_batches:
-        ds = tf.data.Dataset.zip((ds, tf.data.Dataset.random(seed=seed + 1).batch(2)))
-        ds = ds.map(lambda batch, s: mix_batch(batch[0], batch[1], s, augment), num_parallel_calls=AUTOTUNE)
+    # One seed per batch: augmentation parameters are sampled and applied batch-wise.
+    ds = tf.data.Dataset.zip((ds, tf.data.Dataset.random(seed=seed).batch(2)))
+    ds = ds.map(augment_and_mix, num_parallel_calls=AUTOTUNE, deterministic=False)
     options = tf.data.Options()
     options.deterministic = False
     return ds.with_options(options).prefetch(AUTOTUNE)
@@ -134,7 +139,7 @@ def eval_dataset_from(
     """Ordered evaluation batches for an already located split."""
     def load(serialized, source, index):
         image, label, ids = _parse_and_decode(serialized, source, index, info.labelled, info.file_size, num_classes)
-        image = resize_image(image, image_size)
+        image = resize_image(image, image_size)  # float32 0..255
         return (image, label, ids) if info.labelled else (image, ids)
 
     ds = records_with_source(list(info.files), ordered=True)

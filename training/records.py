@@ -82,10 +82,8 @@ def parse_record(serialized: tf.Tensor, source: tf.Tensor, labelled: bool) -> di
 
 
 def decode_jpeg(image_bytes: tf.Tensor, size: int) -> tf.Tensor:
-    """Decode JPEG bytes to float32 RGB in 0..255 with the static shape [size, size, 3]."""
-    image = tf.io.decode_jpeg(image_bytes, channels=3)
-    image = tf.ensure_shape(image, [size, size, 3])
-    return tf.cast(image, tf.float32)
+    """Decode JPEG bytes to uint8 RGB with the static shape [size, size, 3]."""
+    return tf.ensure_shape(tf.io.decode_jpeg(image_bytes, channels=3), [size, size, 3])
 
 
 def records_with_source(files: list[str], ordered: bool) -> tf.data.Dataset:
