@@ -1,0 +1,222 @@
+"""Blending methods, fitted on validation probabilities and applied to any probabilities.
+
+Every method fits to a plain-JSON *spec*; `apply_blend(spec, probs)` is the one function that turns
+members' probabilities into blended ones, offline here and online in the service.
+
+>>> blender = Blender("weighted").fit(val_probs, val_labels)   # val_probs: [members, rows, classes]
+>>> test_blend = blender.predict_proba(test_probs)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from scipy.optimize import minimize
+from scipy.special import logsumexp, softmax
+
+from ensemble.scores import macro_f1
+
+METHODS = ("mean", "weighted", "hill-climb", "stack")
+LOG_FLOOR = 1e-12
+
+
+def _log_probs(probs: np.ndarray) -> np.ndarray:
+    """Natural log of probabilities, floored so that zeros stay finite."""
+    return np.log(np.maximum(probs, LOG_FLOOR))
+
+
+def apply_blend(spec: dict[str, Any], probs: np.ndarray) -> np.ndarray:
+    """Blend members' probabilities [M, N, C] into [N, C] as the fitted spec says."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 3 or probs.shape[0] != len(spec["weights"]):
+        raise ValueError(f"expected probabilities of {len(spec['weights'])} members as [M, N, C], got {probs.shape}")
+    if spec["method"] == "stack":
+        return _apply_stack(spec, probs)
+    powers = spec.get("powers")
+    if powers is not None:
+        scaled = np.asarray(powers, dtype=np.float64)[:, None, None] * _log_probs(probs)
+        probs = np.exp(scaled - logsumexp(scaled, axis=2, keepdims=True))
+    return np.tensordot(np.asarray(spec["weights"], dtype=np.float64), probs, axes=1)
+
+
+def _stack_features(probs: np.ndarray, features: str) -> np.ndarray:
+    """The stacker's inputs: log-probabilities or probabilities, [M, N, C] float64."""
+    return _log_probs(probs) if features == "log" else probs.astype(np.float64)
+
+
+def _apply_stack(spec: dict[str, Any], probs: np.ndarray) -> np.ndarray:
+    """Multinomial logistic regression with one coefficient per member and class, plus class biases."""
+    logits = np.einsum("mnc,mc->nc", _stack_features(probs, spec["features"]), np.asarray(spec["coef"]))
+    return softmax(logits + np.asarray(spec["intercept"]), axis=1)
+
+
+def fit_mean(probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """The plain average."""
+    m = probs.shape[0]
+    return {"method": "mean", "weights": [1.0 / m] * m}
+
+
+def fit_weighted(probs: np.ndarray, labels: np.ndarray, power: bool = False) -> dict[str, Any]:
+    """Non-negative weights summing to 1 (softmax-parametrised) minimising validation log loss.
+
+    With `power=True` each member's probabilities are also raised to a fitted power (a temperature)
+    and renormalised before the weighted average.
+    """
+    m, n, _ = probs.shape
+    rows = np.arange(n)
+    if not power:
+        true_class = probs[:, rows, labels].T.astype(np.float64)  # [N, M]: the only thing log loss needs
+
+        def loss(z):
+            w = softmax(z)
+            blend = np.maximum(true_class @ w, LOG_FLOOR)
+            grad_w = -(true_class / blend[:, None]).mean(0)
+            return -np.log(blend).mean(), w * (grad_w - w @ grad_w)
+
+        result = minimize(loss, np.zeros(m), jac=True, method="L-BFGS-B")
+        return {"method": "weighted", "weights": softmax(result.x).tolist()}
+
+    logs = _log_probs(probs.astype(np.float64))
+    true_logs = logs[:, rows, labels]  # [M, N]
+
+    def loss(params):
+        z, s = params[:m], params[m:]
+        w, t = softmax(z), np.exp(s)
+        scaled = t[:, None, None] * logs
+        lse = logsumexp(scaled, axis=2)
+        q = np.exp(t[:, None] * true_logs - lse)  # [M, N] renormalised true-class probabilities
+        expected_log = (np.exp(scaled - lse[..., None]) * logs).sum(2)
+        dq_dt = q * (true_logs - expected_log)
+        blend = np.maximum(w @ q, LOG_FLOOR)
+        grad_w = -(q / blend).mean(1)
+        grad_t = -(w[:, None] * dq_dt / blend).mean(1)
+        return -np.log(blend).mean(), np.concatenate([w * (grad_w - w @ grad_w), grad_t * t])
+
+    bounds = [(None, None)] * m + [(np.log(0.1), np.log(10.0))] * m
+    result = minimize(loss, np.zeros(2 * m), jac=True, method="L-BFGS-B", bounds=bounds)
+    return {"method": "weighted", "weights": softmax(result.x[:m]).tolist(), "powers": np.exp(result.x[m:]).tolist()}
+
+
+def fit_hill_climb(
+    probs: np.ndarray, labels: np.ndarray, iterations: int = 100, patience: int = 15
+) -> dict[str, Any]:
+    """Greedy ensemble selection with replacement maximising macro F1 (Caruana et al., 2004).
+
+    Starts from the best single member, adds the member that most improves macro F1 at each step
+    (even if none does, to escape plateaus), stops after `patience` steps without a new best, and
+    keeps the selection counts of the best prefix as weights.
+    """
+    m, _, c = probs.shape
+    counts = np.zeros(m)
+    total = np.zeros(probs.shape[1:])
+    best_score, best_counts, since_best = -1.0, counts.copy(), 0
+    for _ in range(iterations):
+        candidate = [macro_f1(labels, (total + probs[j]).argmax(1), c) for j in range(m)]
+        j = int(np.argmax(candidate))
+        counts[j] += 1
+        total += probs[j]
+        if candidate[j] > best_score + 1e-12:
+            best_score, best_counts, since_best = candidate[j], counts.copy(), 0
+        else:
+            since_best += 1
+            if since_best >= patience:
+                break
+    return {"method": "hill-climb", "weights": (best_counts / best_counts.sum()).tolist(),
+            "selections": best_counts.astype(int).tolist()}
+
+
+def _fit_stack_once(features: np.ndarray, labels: np.ndarray, c_reg: float) -> tuple[np.ndarray, np.ndarray]:
+    """Fit coef [M, C] = shared member weight + per-class deviation, and biases [C], by L-BFGS.
+
+    Loss: mean cross-entropy + (|deviations|^2 + |biases|^2) / (2 C N), as scikit-learn scales C.
+    """
+    m, n, c = features.shape
+    onehot = np.zeros((n, c))
+    onehot[np.arange(n), labels] = 1.0
+    penalty = 1.0 / (c_reg * n)
+
+    def loss(params):
+        beta, delta, bias = params[:m], params[m:m + m * c].reshape(m, c), params[m + m * c:]
+        logits = np.einsum("mnc,mc->nc", features, beta[:, None] + delta) + bias
+        log_p = logits - logsumexp(logits, axis=1, keepdims=True)
+        grad_logits = (np.exp(log_p) - onehot) / n
+        grad_coef = np.einsum("mnc,nc->mc", features, grad_logits)
+        value = -(log_p * onehot).sum() / n + 0.5 * penalty * ((delta**2).sum() + (bias**2).sum())
+        grad = np.concatenate([grad_coef.sum(1), (grad_coef + penalty * delta).ravel(),
+                               grad_logits.sum(0) + penalty * bias])
+        return value, grad
+
+    start = np.concatenate([np.full(m, 1.0 / m), np.zeros(m * c + c)])
+    result = minimize(loss, start, jac=True, method="L-BFGS-B", options={"maxiter": 200})
+    beta, delta = result.x[:m], result.x[m:m + m * c].reshape(m, c)
+    return beta[:, None] + delta, result.x[m + m * c:]
+
+
+def fit_stack(
+    probs: np.ndarray, labels: np.ndarray, features: str = "log", cs: tuple[float, ...] = (0.1, 1.0, 10.0),
+    folds: int = 3, seed: int = 0,
+) -> dict[str, Any]:
+    """Multinomial logistic regression on the members' log-probabilities (or probabilities).
+
+    Each class's logit is a weighted sum of that class's member scores plus a bias; the weight is a
+    member weight plus an L2-penalised per-class deviation. That keeps M*C + M + C parameters,
+    not the (M*C)*C of a dense regression, which overfits badly with ~36 validation rows per class
+    and takes 20 s a fit. The penalty strength C is chosen by stratified inner CV log loss.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    if features not in ("log", "probs"):
+        raise ValueError(f"stack features must be 'log' or 'probs', got {features!r}")
+    x = _stack_features(probs, features)
+    counts = np.bincount(labels)
+    inner = min(folds, int(counts[counts > 0].min()))
+    best_c = cs[len(cs) // 2]
+    if len(cs) > 1 and inner >= 2:
+        splitter = StratifiedKFold(inner, shuffle=True, random_state=seed)
+        losses = {value: 0.0 for value in cs}
+        for train, held in splitter.split(labels, labels):
+            for value in cs:
+                coef, bias = _fit_stack_once(x[:, train], labels[train], value)
+                logits = np.einsum("mnc,mc->nc", x[:, held], coef) + bias
+                log_p = logits - logsumexp(logits, axis=1, keepdims=True)
+                losses[value] -= log_p[np.arange(len(held)), labels[held]].sum()
+        best_c = min(cs, key=lambda value: losses[value])
+    coef, bias = _fit_stack_once(x, labels, best_c)
+    return {"method": "stack", "weights": coef.mean(1).tolist(), "features": features, "C": best_c,
+            "coef": coef.tolist(), "intercept": bias.tolist()}
+
+
+FITTERS = {"mean": fit_mean, "weighted": fit_weighted, "hill-climb": fit_hill_climb, "stack": fit_stack}
+
+
+class Blender:
+    """A scikit-learn style blender: `fit` on validation probabilities, `predict_proba` anywhere.
+
+    Parameters are stored as given; `fit` validates and sets `spec_` (plain JSON) and `weights_`.
+    """
+
+    def __init__(self, method: str = "mean", **options: Any) -> None:
+        self.method = method
+        self.options = options
+
+    def fit(self, probs: np.ndarray, labels: np.ndarray) -> Blender:
+        """Fit on probabilities [M, N, C] and integer labels [N]; returns self."""
+        if self.method not in FITTERS:
+            raise ValueError(f"unknown blend method {self.method!r}; expected one of {METHODS}")
+        probs = np.asarray(probs)
+        if probs.ndim != 3 or probs.shape[1] != len(labels):
+            raise ValueError(
+                f"expected probabilities [members, rows, classes] with {len(labels)} rows, got {probs.shape}"
+            )
+        self.spec_ = FITTERS[self.method](probs, np.asarray(labels), **self.options)
+        self.weights_ = np.asarray(self.spec_["weights"])
+        return self
+
+    def predict_proba(self, probs: np.ndarray) -> np.ndarray:
+        """Blended probabilities [N, C]."""
+        return apply_blend(self.spec_, probs)
+
+    def predict(self, probs: np.ndarray) -> np.ndarray:
+        """Class index per row: the argmax of `predict_proba`."""
+        return self.predict_proba(probs).argmax(axis=1)

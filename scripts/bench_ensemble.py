@@ -1,0 +1,68 @@
+#!/usr/bin/env python3
+"""Benchmark: fit and cross-validate every blending method at competition scale.
+
+    python scripts/bench_ensemble.py [--members 8] [--rows 3712] [--classes 104] [--test 7382] [--folds 5]
+
+Synthetic but realistic member probabilities (shared + own noise, skills spread over members).
+For each method: 5-fold CV (fit on 4 folds, score the held-out one) + the final fit on all rows +
+applying it to the test rows. Then the whole `auto` run of `python -m ensemble` (load, CV of every
+method, fit, submission, report, plots) on run directories written to a temporary folder.
+Goals (issue: ensemble): weighted and hill-climb under 10 s each, the whole auto run under 60 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from ensemble.blend import METHODS, Blender  # noqa: E402
+from ensemble.cli import build_ensemble  # noqa: E402
+from ensemble.synthetic import synthetic_probs, write_run_dir  # noqa: E402
+from ensemble.validation import cross_validate, member_scores  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--members", type=int, default=8)
+    parser.add_argument("--rows", type=int, default=3712)
+    parser.add_argument("--classes", type=int, default=104)
+    parser.add_argument("--test", type=int, default=7382)
+    parser.add_argument("--folds", type=int, default=5)
+    args = parser.parse_args(argv)
+    rng = np.random.default_rng(0)
+    skills = list(np.linspace(2.5, 4.5, args.members))
+    labels = np.arange(args.rows) % args.classes
+    val = synthetic_probs(labels, skills, args.classes, rng)
+    test = synthetic_probs(rng.integers(0, args.classes, args.test), skills, args.classes, rng)
+    print(f"{args.members} members x {args.rows} rows x {args.classes} classes, {args.test} test rows")
+    members = member_scores(val, labels, [f"m{m}" for m in range(args.members)], args.folds, 0)
+    print(f"best member's CV macro F1: {max(s['macro_f1'] for s in members.values()):.4f}")
+    print("\n| method | CV + fit + apply (s) | CV macro F1 |\n|---|---|---|")
+    for method in METHODS:
+        start = time.perf_counter()
+        cv = cross_validate(val, labels, method, folds=args.folds)
+        Blender(method).fit(val, labels).predict_proba(test)
+        print(f"| {method} | {time.perf_counter() - start:.2f} | {cv['scores']['macro_f1']:.4f} |", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        names = [f"class {i}" for i in range(args.classes)]
+        val_ids = np.array([f"{i:09x}" for i in range(args.rows)])
+        test_ids = np.array([f"{i + 10**6:09x}" for i in range(args.test)])
+        runs = [write_run_dir(Path(tmp) / f"m{m}", f"m{m}", names, val_ids, labels, val[m], test_ids, test[m])
+                for m in range(args.members)]
+        start = time.perf_counter()
+        document = build_ensemble(runs, Path(tmp) / "ens", "auto", folds=args.folds, progress=lambda _: None)
+        print(f"| whole auto run (python -m ensemble) | {time.perf_counter() - start:.2f} | "
+              f"{document['cv']['blend']['macro_f1']:.4f} ({document['method']}) |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
