@@ -35,26 +35,26 @@ class AugmentConfig:
     classes); brightness/contrast/saturation are fractions (0.1 = +-10%), hue a fraction of the circle.
     """
 
-    enabled: bool = True
-    flip_left_right: bool = True
-    flip_up_down: bool = False
-    rotation: float = 15.0
-    shear: float = 5.0
-    zoom: float = 0.1
-    shift: float = 16.0
-    shift_reference_size: int = 192
-    fill_mode: str = "nearest"
-    brightness: float = 0.0
-    contrast: float = 0.0
-    saturation: float = 0.0
-    hue: float = 0.0
-    erase_prob: float = 0.0
-    erase_area: tuple[float, float] = (0.02, 0.2)
-    cutmix_prob: float = 0.0
-    cutmix_alpha: float = 1.0
-    mixup_prob: float = 0.0
-    mixup_alpha: float = 0.2
-    jit_compile: bool = True
+    enabled: bool = True  # false: no augmentation at all (only the resize)
+    flip_left_right: bool = True  # random horizontal flip
+    flip_up_down: bool = False  # random vertical flip
+    rotation: float = 15.0  # degrees, times N(0,1)
+    shear: float = 5.0  # degrees, times N(0,1)
+    zoom: float = 0.1  # per axis: 1 + zoom * N(0,1)
+    shift: float = 16.0  # pixels at shift_reference_size, times N(0,1)
+    shift_reference_size: int = 192  # image size at which `shift` is given
+    fill_mode: str = "nearest"  # outside the image: nearest | reflect | wrap | constant (black)
+    brightness: float = 0.0  # max shift as a fraction of 255
+    contrast: float = 0.0  # factor in 1 +- contrast
+    saturation: float = 0.0  # factor in 1 +- saturation
+    hue: float = 0.0  # rotation, fraction of the colour circle
+    erase_prob: float = 0.0  # probability of random erasing per image
+    erase_area: tuple[float, float] = (0.02, 0.2)  # erased area range, fraction of the image
+    cutmix_prob: float = 0.0  # probability of CutMix per image (soft labels)
+    cutmix_alpha: float = 1.0  # Beta(alpha, alpha) of the kept area
+    mixup_prob: float = 0.0  # probability of MixUp per image (soft labels)
+    mixup_alpha: float = 0.2  # Beta(alpha, alpha) of the mixing weight
+    jit_compile: bool = True  # compile the pixel pass with XLA (false: same graph, slower)
 
     def __post_init__(self) -> None:
         for name in ("rotation", "shear", "zoom", "shift", "brightness", "contrast", "saturation", "hue"):

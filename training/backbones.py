@@ -1,0 +1,183 @@
+"""A registry of named backbones. Each knows how to build itself and its own input preprocessing.
+
+Every model built here takes RGB in 0..255: the preprocessing is a layer inside the model, so the
+SavedModel, the service and every data pipeline feed raw pixels.
+
+    list_backbones("efficientnet-b*")  ->  ['efficientnet-b0', ..., 'efficientnet-b7']
+    build_backbone("densenet121", 224, weights="imagenet")  ->  keras.Model (0..255 in, feature map out)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import keras
+
+# ImageNet statistics used by the 'torch' preprocessing mode (EfficientNet package, DenseNet).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PREPROCESSING = ("torch", "tf", "unit", "builtin")
+
+
+class WeightsUnavailable(RuntimeError):
+    """Pretrained weights could not be fetched; the message says how to pass a local file."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """The facts of one backbone: how to build it, its preprocessing, sizes and weight sources."""
+
+    name: str
+    build: Callable[[int, str | None], keras.Model]
+    preprocessing: str
+    default_size: int
+    weight_sources: tuple[str, ...]
+    family: str
+
+
+REGISTRY: dict[str, BackboneSpec] = {}
+
+
+def register(name: str, preprocessing: str, default_size: int, weight_sources=("imagenet",), family: str = ""):
+    """Decorator that registers a builder `(image_size, weights) -> keras.Model` under a name."""
+    if preprocessing not in PREPROCESSING:
+        raise ValueError(f"preprocessing must be one of {PREPROCESSING}, got {preprocessing!r}")
+
+    def wrap(build):
+        REGISTRY[name] = BackboneSpec(name, build, preprocessing, default_size, tuple(weight_sources), family or name)
+        return build
+
+    return wrap
+
+
+def list_backbones(pattern: str = "*") -> list[str]:
+    """Registered backbone names matching a glob pattern, sorted."""
+    return sorted(n for n in REGISTRY if fnmatch.fnmatch(n, pattern))
+
+
+def get_backbone(name: str) -> BackboneSpec:
+    """Look a backbone up by name; an unknown name lists the known ones."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown backbone {name!r}; known: {', '.join(list_backbones())}")
+    return REGISTRY[name]
+
+
+def preprocessing_layers(mode: str) -> list[keras.layers.Layer]:
+    """Layers that turn RGB 0..255 into what a backbone expects."""
+    if mode == "torch":
+        variance = [s * s for s in IMAGENET_STD]
+        return [keras.layers.Rescaling(1.0 / 255.0, name="scale_to_unit"),
+                keras.layers.Normalization(mean=list(IMAGENET_MEAN), variance=variance, name="imagenet_normalize")]
+    if mode == "tf":
+        return [keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="scale_to_pm1")]
+    if mode == "unit":
+        return [keras.layers.Rescaling(1.0 / 255.0, name="scale_to_unit")]
+    return []  # builtin: the backbone has its own preprocessing layers and takes 0..255
+
+
+def resolve_weights(spec: BackboneSpec, weights: str | None) -> str | None:
+    """Map 'none' to None, check that a named source exists for the backbone or a local file exists."""
+    if weights in (None, "", "none"):
+        return None
+    if weights in spec.weight_sources:
+        return weights
+    if os.path.sep in weights or weights.endswith((".h5", ".keras", ".weights.h5")):
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"weights file not found: {weights}")
+        return weights
+    raise ValueError(
+        f"backbone {spec.name!r} has weights {list(spec.weight_sources)}, 'none' or a local file; got {weights!r}"
+    )
+
+
+def build_backbone(name: str, image_size: int, weights: str | None = None) -> keras.Model:
+    """Build a backbone's feature extractor (preprocessing included): [B,S,S,3] 0..255 -> feature map."""
+    spec = get_backbone(name)
+    resolved = resolve_weights(spec, weights)
+    try:
+        core = spec.build(image_size, resolved)
+    except (OSError, ValueError, Exception) as err:  # downloads fail with many exception types
+        if resolved in spec.weight_sources and _looks_like_download_failure(err):
+            raise WeightsUnavailable(
+                f"could not download the {resolved!r} weights of {name} ({type(err).__name__}: "
+                f"{str(err).splitlines()[0][:160]}). Without network access, download the weights file "
+                f"elsewhere and pass it as a local file: --set model.weights=/path/to/weights.h5 "
+                "(on Kaggle: attach a dataset holding the file, or switch the notebook's internet on)"
+            ) from None
+        raise
+    inputs = keras.Input((image_size, image_size, 3), name="images", dtype="float32")
+    x = inputs
+    for layer in preprocessing_layers(spec.preprocessing):
+        x = layer(x)
+    return keras.Model(inputs, core(x), name=f"{name.replace('-', '_')}_features")
+
+
+def _looks_like_download_failure(err: BaseException) -> bool:
+    """Whether an exception came from fetching a file over the network."""
+    text = f"{type(err).__name__} {err}".lower()
+    return any(k in text for k in ("url", "fetch", "http", "resolution", "connection", "download", "network"))
+
+
+# --- EfficientNet B0-B7 from the `efficientnet` package (imagenet and noisy-student weights) -------
+
+def _efficientnet(variant: int) -> Callable[[int, str | None], keras.Model]:
+    def build(image_size: int, weights: str | None) -> keras.Model:
+        import efficientnet.tfkeras as efn  # imported before anything saved from it is loaded
+
+        builder = getattr(efn, f"EfficientNetB{variant}")
+        return builder(weights=weights, include_top=False, input_shape=(image_size, image_size, 3))
+
+    return build
+
+
+for _v, _size in enumerate((224, 240, 260, 300, 380, 456, 528, 600)):
+    register(f"efficientnet-b{_v}", "torch", _size, ("imagenet", "noisy-student"), "efficientnet")(_efficientnet(_v))
+
+
+# --- keras.applications ------------------------------------------------------------------------
+
+def _application(constructor: str, **extra) -> Callable[[int, str | None], keras.Model]:
+    def build(image_size: int, weights: str | None) -> keras.Model:
+        builder = getattr(keras.applications, constructor)
+        return builder(weights=weights, include_top=False, input_shape=(image_size, image_size, 3), **extra)
+
+    return build
+
+
+for _name, _constructor, _size in (
+    ("efficientnetv2-b0", "EfficientNetV2B0", 224), ("efficientnetv2-b1", "EfficientNetV2B1", 240),
+    ("efficientnetv2-b2", "EfficientNetV2B2", 260), ("efficientnetv2-b3", "EfficientNetV2B3", 300),
+    ("efficientnetv2-s", "EfficientNetV2S", 384), ("efficientnetv2-m", "EfficientNetV2M", 480),
+    ("efficientnetv2-l", "EfficientNetV2L", 480),
+):
+    # include_preprocessing=True: these models rescale 0..255 themselves.
+    register(_name, "builtin", _size, family="efficientnetv2")(_application(_constructor, include_preprocessing=True))
+
+for _name, _constructor, _mode, _size in (
+    ("densenet121", "DenseNet121", "torch", 224), ("densenet169", "DenseNet169", "torch", 224),
+    ("densenet201", "DenseNet201", "torch", 224), ("xception", "Xception", "tf", 299),
+    ("resnet50v2", "ResNet50V2", "tf", 224), ("inceptionresnetv2", "InceptionResNetV2", "tf", 299),
+):
+    register(_name, _mode, _size, family=_name.rstrip("0123456789"))(_application(_constructor))
+
+
+# --- A small plain CNN for CPU smoke runs and the demo --------------------------------------------
+
+@register("small-cnn", "unit", 64, weight_sources=(), family="cnn")
+def small_cnn(image_size: int, weights: str | None) -> keras.Model:
+    """Four conv blocks (32-64-128-192 filters, batch norm, ReLU, max-pool): about 0.4 M parameters."""
+    inputs = keras.Input((image_size, image_size, 3))
+    x = inputs
+    for i, filters in enumerate((32, 64, 128, 192), 1):
+        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"block{i}_conv")(x)
+        # momentum 0.9: demo runs are a few hundred steps; 0.99 leaves the moving statistics wrong.
+        x = keras.layers.BatchNormalization(momentum=0.9, name=f"block{i}_bn")(x)
+        x = keras.layers.Activation("relu", name=f"block{i}_relu")(x)
+        x = keras.layers.MaxPooling2D(2, name=f"block{i}_pool")(x)
+    model = keras.Model(inputs, x, name="small_cnn")
+    if weights:
+        model.load_weights(weights)
+    return model

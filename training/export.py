@@ -1,0 +1,135 @@
+"""Export a trained classifier as a SavedModel with two signatures, and write prediction files.
+
+The SavedModel stores each variable once: a plain tf.Module tracks the model's underlying
+tf.Variables, and both signatures call one shared forward function (Keras' own export tracks the
+layers as well as their variables, which doubled the size on disk).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from training.augment import AugmentConfig, augment_batch
+from training.dataset import SplitInfo, eval_dataset_from, iterate_checked
+from training.writing import write_atomic
+
+# Test-time augmentation: flips and a mild affine transform, no colour, no erasing.
+TTA_AUGMENT = AugmentConfig(rotation=5.0, shear=2.0, zoom=0.05, shift=6.0)
+
+
+def _tf_variable(variable) -> tf.Variable:
+    """The tf.Variable under a Keras 3 variable."""
+    value = getattr(variable, "value", variable)
+    return value if isinstance(value, tf.Variable) else variable
+
+
+class ServingModule(tf.Module):
+    """What the SavedModel holds: the variables once, and the two signatures of the contract."""
+
+    def __init__(self, model: keras.Model, image_size: int) -> None:
+        super().__init__(name="classifier")
+        self.model_variables = [_tf_variable(v) for v in model.weights]
+        size = image_size
+
+        @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)], autograph=False)
+        def forward(images):
+            return tf.cast(model(images, training=False), tf.float32)
+
+        def decode(image_bytes):
+            image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+            image = tf.cast(image, tf.float32)
+            shape = tf.shape(image)
+            image = tf.cond(
+                (shape[0] == size) & (shape[1] == size),
+                lambda: image,
+                lambda: tf.image.resize(image, [size, size], method="bilinear"),  # the evaluation path's resize
+            )
+            return tf.ensure_shape(image, [size, size, 3])
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+        def serving_default(image_bytes):
+            images = tf.map_fn(decode, image_bytes, fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
+            return {"probabilities": forward(images)}
+
+        @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="images")])
+        def serving_pixels(images):
+            return {"probabilities": forward(images)}
+
+        self.forward = forward
+        self.serving_default = serving_default
+        self.serving_pixels = serving_pixels
+
+
+def export_saved_model(model: keras.Model, image_size: int, path: Path) -> Path:
+    """Write the SavedModel to path atomically (a temporary folder renamed into place)."""
+    module = ServingModule(model, image_size)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tf.saved_model.save(
+        module, str(tmp),
+        signatures={"serving_default": module.serving_default, "serving_pixels": module.serving_pixels},
+    )
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def weights_bytes(model: keras.Model) -> int:
+    """Bytes of the model's weights."""
+    return int(sum(np.prod(v.shape) * np.dtype(v.dtype).itemsize for v in model.weights))
+
+
+def folder_bytes(path: Path) -> int:
+    """Total size of the files under a folder."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def predict_split(
+    model: keras.Model, info: SplitInfo, image_size: int, batch_size: int, tta: int = 1, seed: int = 1,
+    num_classes: int | None = None,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Ids, labels (None for test) and probabilities of a split, rows in ascending id order.
+
+    With tta > 1, the probabilities average the plain pass and tta-1 passes over flipped and mildly
+    transformed copies of the images.
+    """
+    ids, labels, probs = [], [], []
+    for index, batch in enumerate(iterate_checked(eval_dataset_from(info, image_size, batch_size,
+                                                                    num_classes=num_classes), info)):
+        images = batch[0]
+        total = np.asarray(model.predict_on_batch(images), dtype=np.float64)
+        for k in range(1, tta):
+            seed_k = tf.constant([seed * 1_000_003 + k, index], tf.int64)
+            total += np.asarray(model.predict_on_batch(augment_batch(images, seed_k, TTA_AUGMENT, image_size)))
+        probs.append(total / tta)
+        ids.extend(i.decode() for i in batch[-1])
+        if info.labelled:
+            labels.append(batch[1])
+    ids_array = np.array(ids, dtype=str)
+    order = np.argsort(ids_array)
+    probs_array = np.concatenate(probs).astype(np.float32)[order]
+    probs_array /= probs_array.sum(axis=1, keepdims=True)
+    labels_array = np.concatenate(labels).astype(np.int64)[order] if info.labelled else None
+    return ids_array[order], labels_array, probs_array
+
+
+def write_predictions(path: Path, ids: np.ndarray, probs: np.ndarray, labels: np.ndarray | None = None) -> Path:
+    """Write a predictions .npz (ids unicode, labels int64, probs float32) atomically; loads without pickle."""
+    arrays = {"ids": np.asarray(ids, dtype=str), "probs": np.asarray(probs, dtype=np.float32)}
+    if labels is not None:
+        arrays["labels"] = np.asarray(labels, dtype=np.int64)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    return write_atomic(path, write)

@@ -1,0 +1,87 @@
+"""A classifier = backbone (preprocessing inside) + head (global pooling, dropout, float32 softmax)."""
+
+from __future__ import annotations
+
+import re
+
+import keras
+
+from training.backbones import build_backbone
+
+
+def build_classifier(
+    backbone: str, image_size: int, num_classes: int, *, weights: str | None = None, dropout: float = 0.2,
+    trainable: str = "all",
+) -> keras.Model:
+    """Build the model: [B,S,S,3] RGB 0..255 -> class probabilities [B,C] (float32 even under mixed precision)."""
+    features = build_backbone(backbone, image_size, weights)
+    inputs = keras.Input((image_size, image_size, 3), name="images", dtype="float32")
+    x = features(inputs)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    x = keras.layers.Dropout(dropout, name="dropout")(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
+    model = keras.Model(inputs, outputs, name=f"{backbone.replace('-', '_')}_classifier")
+    set_trainable(model, features, trainable)
+    return model
+
+
+def _block_of(layer_name: str) -> str:
+    """Group key of a layer: 'block6a' of 'block6a_expand_conv', 'conv5_block3' of 'conv5_block3_1_conv'."""
+    match = re.match(r"^([a-z]+\d+_block\d+|[a-z]*block\d+[a-z]?|[a-z]+\d*)", layer_name)
+    return match.group(1) if match else layer_name
+
+
+def backbone_blocks(features: keras.Model) -> list[list[keras.layers.Layer]]:
+    """The backbone's layers with weights, grouped into consecutive blocks by layer name."""
+    blocks: list[list[keras.layers.Layer]] = []
+    last_key = None
+    for layer in features.layers:
+        if isinstance(layer, keras.Model):
+            inner = backbone_blocks(layer)
+            blocks.extend(inner)
+            last_key = None
+            continue
+        if not layer.weights:
+            continue
+        key = _block_of(layer.name)
+        if key != last_key:
+            blocks.append([])
+            last_key = key
+        blocks[-1].append(layer)
+    return blocks
+
+
+def set_trainable(model: keras.Model, features: keras.Model, trainable: str) -> None:
+    """Train 'all', only the 'head', or the head and the 'last:N' backbone blocks.
+
+    Frozen batch-norm layers run in inference mode (Keras 3 does that for trainable=False).
+    """
+    if trainable == "all":
+        features.trainable = True
+        return
+    if trainable == "head":
+        features.trainable = False
+        return
+    match = re.fullmatch(r"last:(\d+)", trainable)
+    if not match:
+        raise ValueError(f"model.trainable must be 'all', 'head' or 'last:N', got {trainable!r}")
+    blocks = backbone_blocks(features)
+    keep = int(match.group(1))
+    if keep > len(blocks):
+        raise ValueError(f"model.trainable={trainable!r} but the backbone has only {len(blocks)} blocks")
+    for layer in features.layers:
+        layer.trainable = False
+    for block in blocks[len(blocks) - keep:]:
+        for layer in block:
+            layer.trainable = True
+    features.trainable = True  # the container: keeps the per-layer flags set above
+    for block in blocks[: len(blocks) - keep]:
+        for layer in block:
+            layer.trainable = False
+
+
+def parameter_counts(model: keras.Model) -> dict[str, int]:
+    """Trainable and frozen parameter counts."""
+    trainable = sum(int(v.numpy().size) for v in model.trainable_weights)
+    total = sum(int(v.numpy().size) for v in model.weights)
+    return {"trainable": trainable, "frozen": total - trainable}

@@ -1,0 +1,50 @@
+"""Train one ensemble member from a TOML config plus overrides, and write its run directory.
+
+    python -m training.train --config training/configs/demo_cnn_64.toml [--set train.epochs=3 ...]
+
+The run directory (ARCHITECTURE.md) gets member.json, classes.json, saved_model/ (signatures
+serving_default: image_bytes -> probabilities, serving_pixels: images -> probabilities),
+predictions/{val,test}.npz, history.csv, curves.png, schedule.png and checkpoints/. Running the same
+command again after an interruption resumes from the last finished epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from training.config import describe_options, load_config
+from training.config_values import parse_assignments
+from training.layout import DataError
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point."""
+    parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__,
+                                     epilog=describe_options(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="TOML config file (defaults apply where it is silent)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one option, e.g. --set train.epochs=2 --set data.dir=gs://bucket/data")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, parse_assignments(args.set))
+        if args.print_config:
+            import json
+
+            print(json.dumps(config.to_dict(), indent=1))
+            return 0
+        from training.fit import train_member  # TensorFlow is imported only when training
+
+        train_member(config)
+    except (DataError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:  # e.g. pretrained weights that cannot be downloaded
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
