@@ -14,9 +14,8 @@ import os
 import platform
 import signal
 import time
-from pathlib import Path
-
 import warnings
+from pathlib import Path
 
 import keras
 import numpy as np

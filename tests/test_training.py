@@ -1,0 +1,317 @@
+"""Training: registry, schedules, metrics, config, a whole tiny run, resume after a kill, export, TTA."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score
+
+from tests.conftest import REPO, TINY_COUNTS
+from training.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone, get_backbone, list_backbones
+from training.config import ScheduleConfig, load_config
+from training.export import TTA_AUGMENT, predict_split
+from training.metrics import classification_scores
+from training.model import build_classifier, parameter_counts
+from training.schedules import learning_rate
+
+TINY_RUN = [
+    "--set", "data.image_size=32", "--set", "data.batch_size=16", "--set", "train.epochs=2",
+    "--set", "train.eval_batch_size=32", "--set", "predict.tta=2",
+]
+
+
+def _train(data: Path, out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the train command in a fresh process (as a user would)."""
+    args = [sys.executable, "-m", "training.train", "--set", f"data.dir={data}", "--set", f"output={out}",
+            "--set", "name=tiny", *TINY_RUN, *extra]
+    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_data, tmp_path_factory) -> Path:
+    """A whole two-epoch run of the small CNN at 32 px on the tiny demo data."""
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    result = _train(tiny_data, out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out
+
+
+# --- registry ---------------------------------------------------------------------------------
+
+SMALL_BUILDS = ["small-cnn", "efficientnet-b0", "efficientnetv2-b0", "densenet121", "resnet50v2"]
+
+
+@pytest.mark.parametrize("name", SMALL_BUILDS)
+def test_registered_backbones_build_small_and_classify(name):
+    model = build_classifier(name, 32, 5, dropout=0.1)
+    probs = model.predict_on_batch(np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32))
+    assert probs.shape == (2, 5) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+
+
+def test_the_registry_lists_every_family():
+    names = list_backbones()
+    for expected in ("efficientnet-b0", "efficientnet-b7", "efficientnetv2-s", "densenet201", "xception",
+                     "resnet50v2", "inceptionresnetv2", "small-cnn"):
+        assert expected in names
+    assert list_backbones("efficientnet-b*") == [f"efficientnet-b{i}" for i in range(8)]
+    with pytest.raises(ValueError, match="unknown backbone 'resnet9'; known:"):
+        get_backbone("resnet9")
+
+
+@pytest.mark.parametrize("name,mode", [("efficientnet-b0", "torch"), ("densenet121", "torch"),
+                                       ("xception", "tf"), ("resnet50v2", "tf"), ("small-cnn", "unit")])
+def test_each_backbone_carries_its_own_preprocessing(name, mode):
+    assert get_backbone(name).preprocessing == mode
+    size = 75 if name == "xception" else 32
+    features = build_backbone(name, size)
+    last_pre = {"torch": "imagenet_normalize", "tf": "scale_to_pm1", "unit": "scale_to_unit"}[mode]
+    pre = keras.Model(features.input, features.get_layer(last_pre).output)
+    pixels = np.zeros((1, size, size, 3), np.float32)
+    pixels[0, 0, 0] = [255.0, 127.5, 0.0]
+    value = np.asarray(pre(pixels))[0, 0, 0]
+    expected = {
+        "torch": (np.array([1.0, 0.5, 0.0]) - IMAGENET_MEAN) / IMAGENET_STD,
+        "tf": np.array([1.0, 0.0, -1.0]),
+        "unit": np.array([1.0, 0.5, 0.0]),
+    }[mode]
+    np.testing.assert_allclose(value, expected, atol=1e-5)
+
+
+def test_efficientnetv2_rescales_inside_the_keras_model():
+    assert get_backbone("efficientnetv2-b0").preprocessing == "builtin"
+    features = build_backbone("efficientnetv2-b0", 32)
+    assert any("rescaling" in layer.name for layer in features.layers[-1].layers[:5])
+
+
+def test_trainable_parts_and_frozen_batch_norm():
+    whole = parameter_counts(build_classifier("efficientnet-b0", 32, 5, trainable="all"))
+    head = parameter_counts(build_classifier("efficientnet-b0", 32, 5, trainable="head"))
+    last = parameter_counts(build_classifier("efficientnet-b0", 32, 5, trainable="last:3"))
+    assert head["trainable"] == 1280 * 5 + 5
+    assert head["trainable"] < last["trainable"] < whole["trainable"]
+    assert whole["trainable"] + whole["frozen"] == head["trainable"] + head["frozen"]
+    model = build_classifier("efficientnet-b0", 32, 5, trainable="head")
+    core = model.layers[1].layers[-1]
+    bn = [layer for layer in core.layers if isinstance(layer, keras.layers.BatchNormalization)][0]
+    x = np.random.default_rng(1).normal(size=(4, *bn.input.shape[1:])).astype(np.float32)
+    np.testing.assert_allclose(bn(x, training=True), bn(x, training=False), atol=1e-5)  # inference mode
+    with pytest.raises(ValueError, match="trainable must be 'all', 'head' or 'last:N'"):
+        build_classifier("small-cnn", 32, 5, trainable="some")
+
+
+def test_asking_for_downloaded_weights_offline_says_how_to_pass_a_file(monkeypatch):
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise OSError("URL fetch failure: no network")
+
+    monkeypatch.setattr(urllib.request, "urlretrieve", offline)
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    from training.backbones import WeightsUnavailable
+
+    with pytest.raises(WeightsUnavailable, match="local file: --set model.weights="):
+        build_classifier("efficientnet-b0", 32, 5, weights="noisy-student")
+    with pytest.raises(FileNotFoundError, match="weights file not found"):
+        build_classifier("efficientnet-b0", 32, 5, weights="/nowhere/b0.h5")
+
+
+def test_a_local_weights_file_is_loaded(tmp_path):
+    source = build_backbone("small-cnn", 32).layers[-1]
+    path = tmp_path / "cnn.weights.h5"
+    source.save_weights(path)
+    model = build_classifier("small-cnn", 32, 3, weights=str(path))
+    np.testing.assert_array_equal(model.layers[1].layers[-1].weights[0].numpy(), source.weights[0].numpy())
+
+
+# --- schedules, metrics, config ----------------------------------------------------------------
+
+def test_rampup_sustain_decay_values():
+    config = ScheduleConfig(kind="rampup", start=1e-5, max=5e-5, min=1e-5, rampup_epochs=5, sustain_epochs=2,
+                            decay=0.8)
+    values = [learning_rate(config, e, 12, replicas=8) for e in range(10)]
+    assert values[0] == pytest.approx(1e-5)
+    assert values[5] == values[6] == pytest.approx(4e-4)  # max scaled by 8 replicas
+    assert values[2] == pytest.approx(1e-5 + (4e-4 - 1e-5) * 2 / 5)
+    assert values[8] == pytest.approx(1e-5 + (4e-4 - 1e-5) * 0.8**1)
+
+
+def test_cosine_and_constant_values():
+    config = ScheduleConfig(kind="cosine", start=0.0, max=1.0, min=0.0, warmup_epochs=2)
+    values = [learning_rate(config, e, 10) for e in range(10)]
+    assert values[:3] == pytest.approx([0.0, 0.5, 1.0])
+    assert values[6] == pytest.approx(0.5 * (1 + np.cos(np.pi * 4 / 8)))
+    assert all(a >= b for a, b in zip(values[2:], values[3:], strict=False))
+    assert learning_rate(ScheduleConfig(kind="constant", max=0.3), 7, 10, 2) == pytest.approx(0.6)
+
+
+def test_macro_f1_over_the_whole_split_matches_scikit_learn():
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 7, 500)
+    probs = rng.dirichlet(np.ones(7), 500)
+    scores = classification_scores(labels, probs)
+    assert scores["macro_f1"] == pytest.approx(f1_score(labels, probs.argmax(1), average="macro"))
+    assert scores["accuracy"] == pytest.approx((probs.argmax(1) == labels).mean())
+
+
+def test_config_overrides_and_errors_name_the_option(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('name = "x"\n[data]\nimage_size = 48\n[augment]\nrotation = 3\n')
+    config = load_config(path, {"train.epochs": 3, "augment.cutmix_prob": 0.5})
+    assert (config.data.image_size, config.train.epochs, config.augment.rotation, config.augment.cutmix_prob) == (
+        48, 3, 3.0, 0.5)
+    with pytest.raises(ValueError, match="unknown option\\(s\\) \\['train.epoch'\\]"):
+        load_config(path, {"train.epoch": 3})
+    with pytest.raises(ValueError, match="train.epochs: expected int, got '3'"):
+        load_config(path, {"train.epochs": "3"})
+    with pytest.raises(ValueError, match="schedule.kind must be"):
+        load_config(None, {"schedule.kind": "linear"})
+    with pytest.raises(ValueError, match="config file not found"):
+        load_config(tmp_path / "none.toml")
+
+
+def test_help_explains_every_option():
+    result = subprocess.run([sys.executable, "-m", "training.train", "--help"], cwd=REPO, capture_output=True,
+                            text=True)
+    assert result.returncode == 0
+    for option in ("image_size", "batch_size", "backbone", "trainable", "rampup_epochs", "label_smoothing",
+                   "mixed_precision", "tta", "cutmix_prob", "fill_mode"):
+        assert option in result.stdout
+    assert "per replica" in result.stdout and "imagenet | noisy-student | none" in result.stdout
+
+
+# --- a whole run --------------------------------------------------------------------------------
+
+def test_a_run_directory_follows_the_contract(tiny_run):
+    member = json.loads((tiny_run / "member.json").read_text())
+    for key in ("name", "backbone", "weights", "image_size", "num_classes", "config", "data", "versions",
+                "metrics", "timings"):
+        assert key in member
+    assert member["image_size"] == 32 and member["num_classes"] == 6
+    assert member["data"]["counts"] == TINY_COUNTS
+    classes = json.loads((tiny_run / "classes.json").read_text())
+    with np.load(tiny_run / "predictions" / "val.npz", allow_pickle=False) as val:
+        assert val["ids"].dtype.kind == "U" and val["labels"].dtype == np.int64 and val["probs"].dtype == np.float32
+        assert val["probs"].shape == (TINY_COUNTS["val"], len(classes))
+        assert list(val["ids"]) == sorted(val["ids"])
+        np.testing.assert_allclose(val["probs"].sum(1), 1.0, atol=1e-5)
+    with np.load(tiny_run / "predictions" / "test.npz", allow_pickle=False) as test:
+        assert set(test.files) == {"ids", "probs"} and test["probs"].shape == (TINY_COUNTS["test"], 6)
+        assert list(test["ids"]) == sorted(test["ids"])
+    history = (tiny_run / "history.csv").read_text().splitlines()
+    assert history[0] == "epoch,learning_rate,loss,val_loss,val_accuracy,val_macro_f1,seconds"
+    assert len(history) == 3
+    for png in ("curves.png", "schedule.png"):
+        assert (tiny_run / png).read_bytes()[:4] == b"\x89PNG"
+
+
+PARITY_SCRIPT = textwrap.dedent("""
+    # Imports nothing of the project: only TensorFlow and numpy.
+    import sys, numpy as np, tensorflow as tf
+    run, records = sys.argv[1], sys.argv[2:]
+    model = tf.saved_model.load(run + "/saved_model")
+    spec = {"image": tf.io.FixedLenFeature([], tf.string), "id": tf.io.FixedLenFeature([], tf.string)}
+    images, ids = [], []
+    for raw in tf.data.TFRecordDataset(records):
+        ex = tf.io.parse_single_example(raw, spec)
+        images.append(ex["image"]); ids.append(ex["id"].numpy().decode())
+    by_bytes = model.signatures["serving_default"](image_bytes=tf.stack(images))["probabilities"].numpy()
+    pixels = tf.stack([tf.image.resize(tf.cast(tf.io.decode_jpeg(b, channels=3), tf.float32), [32, 32])
+                       for b in images])
+    by_pixels = model.signatures["serving_pixels"](images=pixels)["probabilities"].numpy()
+    order = np.argsort(ids)
+    np.savez(run + "/parity.npz", ids=np.array(ids)[order], by_bytes=by_bytes[order], by_pixels=by_pixels[order])
+""")
+
+
+def test_the_saved_model_alone_reproduces_training_evaluation(tiny_run, tiny_data, tmp_path):
+    # Evaluation inside training, without TTA, on the test images (stored at 32 px in the tiny data).
+    from training.dataset import split_info
+
+    model = build_classifier("small-cnn", 32, 6)
+    model.load_weights(tiny_run / "checkpoints" / "best.weights.h5")
+    info = split_info(str(tiny_data), "test", 32)
+    ids, _, expected = predict_split(model, info, 32, 32, tta=1)
+    script = tmp_path / "parity.py"
+    script.write_text(PARITY_SCRIPT)
+    result = subprocess.run([sys.executable, str(script), str(tiny_run), *info.files], capture_output=True,
+                            text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with np.load(tiny_run / "parity.npz") as parity:
+        assert list(parity["ids"]) == list(ids)
+        assert np.abs(parity["by_bytes"] - expected).max() < 1e-4
+        assert np.abs(parity["by_pixels"] - expected).max() < 1e-4
+
+
+def test_the_saved_model_stores_its_weights_once(tiny_run):
+    member = json.loads((tiny_run / "member.json").read_text())
+    assert member["saved_model"]["bytes"] <= 1.1 * member["saved_model"]["weights_bytes"]
+
+
+def test_a_killed_run_resumes_from_its_last_finished_epoch(tiny_data, tmp_path):
+    out = tmp_path / "killed"
+    args = ("--set", "train.epochs=3", "--set", "predict.tta=1")
+    first = _train(tiny_data, out, *args, env={"FLOWER_KILL_AFTER_EPOCH": "2"})
+    assert first.returncode == -9  # SIGKILL right after epoch 2's checkpoint
+    assert json.loads((out / "checkpoints" / "state.json").read_text())["epoch"] == 2
+    assert not (out / "member.json").exists()
+    second = _train(tiny_data, out, *args)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resuming after epoch 2" in second.stdout
+    assert "epoch 1/3:" not in second.stdout and "epoch 3/3:" in second.stdout
+    epochs = [line.split(",")[0] for line in (out / "history.csv").read_text().splitlines()[1:]]
+    assert epochs == ["1", "2", "3"]
+
+
+def test_bad_data_fails_with_a_clear_message(tmp_path):
+    result = _train(tmp_path / "nothing", tmp_path / "out")
+    assert result.returncode == 2
+    assert "error: data folder not found" in result.stderr and "Traceback" not in result.stderr
+
+
+# --- test-time augmentation ------------------------------------------------------------------
+
+class RecordingModel:
+    """Stands in for a Keras model: records the batches it is asked to predict."""
+
+    def __init__(self):
+        self.batches = []
+
+    def predict_on_batch(self, images):
+        images = np.asarray(images)
+        self.batches.append(images)
+        # A deliberately non-symmetric score, so flipped inputs change the output.
+        score = images[:, :, : images.shape[2] // 2].mean(axis=(1, 2, 3))
+        return np.stack([score, 255.0 - score], axis=1) / 255.0
+
+
+def test_tta_feeds_really_augmented_images_and_changes_predictions(tiny_data):
+    from training.dataset import split_info
+
+    info = split_info(str(tiny_data), "val", 32)
+    plain, tta = RecordingModel(), RecordingModel()
+    _, _, p1 = predict_split(plain, info, 32, 24, tta=1)
+    _, _, p3 = predict_split(tta, info, 32, 24, tta=3)
+    assert len(tta.batches) == 3 * len(plain.batches)
+    original, first_aug, second_aug = tta.batches[0], tta.batches[1], tta.batches[2]
+    assert np.abs(first_aug - original).mean() > 1.0 and np.abs(second_aug - first_aug).mean() > 1.0
+    assert np.abs(p3 - p1).max() > 1e-3
+    assert TTA_AUGMENT.erase_prob == 0 and not TTA_AUGMENT.mixes_batches
+
+
+def test_tta_is_reproducible(tiny_data):
+    from training.dataset import split_info
+
+    info = split_info(str(tiny_data), "val", 32)
+    a = predict_split(RecordingModel(), info, 32, 24, tta=3)[2]
+    b = predict_split(RecordingModel(), info, 32, 24, tta=3)[2]
+    np.testing.assert_array_equal(a, b)
