@@ -208,6 +208,7 @@ def train_member(config: RunConfig, log=print) -> Path:
     log(f"model: {config.model.backbone} ({config.model.weights} weights), trainable {params['trainable']:,} "
         f"parameters, frozen {params['frozen']:,}")
     plot_schedule(run_dir / "schedule.png", config.schedule, config.train.epochs, replicas)
+    write_text_atomic(run_dir / "config.json", json.dumps(config.to_dict(), indent=1) + "\n")
 
     checkpoints = run_dir / "checkpoints"
     state = load_checkpoint(checkpoints, model, optimizer, log) or {"epoch": 0, "best_f1": -1.0, "history": []}

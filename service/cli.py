@@ -1,0 +1,64 @@
+"""Start the classification service.
+
+    python -m service --ensemble demo/ensemble [--host 127.0.0.1] [--port 8000] [--workers 1]
+    python -m service --run demo/runs/demo-cnn-64
+
+Every flag can also come from the environment: FLOWER_ENSEMBLE, FLOWER_RUN, FLOWER_HOST, FLOWER_PORT,
+FLOWER_WORKERS, FLOWER_BATCHING, FLOWER_MAX_BATCH_SIZE, FLOWER_MAX_WAIT_MS, FLOWER_MAX_IMAGE_BYTES,
+FLOWER_MAX_PIXELS, FLOWER_MAX_IMAGES, FLOWER_API_KEY, FLOWER_MODEL_NAME. Flags win over the environment.
+Stop it with Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from service.settings import Settings
+
+
+def parse_settings(argv: list[str] | None = None) -> Settings:
+    """Flags over environment over defaults."""
+    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    fields = Settings.model_fields
+    for name, info in fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = (info.description or name.replace("_", " ")) + f" (default {info.default!r})"
+        if info.annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            kind = {int: int, float: float}.get(info.annotation, str)
+            parser.add_argument(flag, dest=name, type=kind, default=None, help=help_text)
+    args = parser.parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    return Settings(**given)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point: validate settings, then run uvicorn."""
+    import uvicorn
+    from pydantic import ValidationError
+
+    try:
+        settings = parse_settings(argv)
+    except ValidationError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if bool(settings.ensemble) == bool(settings.run):
+        print("error: give exactly one of --ensemble or --run", file=sys.stderr)
+        return 2
+    target = settings.ensemble or settings.run
+    if not os.path.exists(target):
+        print(f"error: {target} not found", file=sys.stderr)
+        return 2
+    # Workers are separate processes: hand them the settings through the environment.
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            os.environ[f"FLOWER_{name.upper()}"] = str(value)
+    print(f"serving {target} on http://{settings.host}:{settings.port}/  (page at /, API docs at /docs; "
+          f"Ctrl-C stops)", flush=True)
+    uvicorn.run("service.server:app", factory=False, host=settings.host, port=settings.port,
+                workers=settings.workers, log_level="warning")
+    return 0

@@ -1,0 +1,150 @@
+"""Load an ensemble directory (or one run directory) and predict with it.
+
+Each member's SavedModel is loaded with plain `tf.saved_model.load` and called through its
+`serving_pixels` signature at its own image size; the blend is `ensemble.blend.apply_blend`, the same
+code that made the offline submission.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ensemble.blend import apply_blend
+
+
+class ArtifactError(ValueError):
+    """A run or ensemble directory does not match the contract; the message names the file and problem."""
+
+
+@dataclass
+class LoadedMember:
+    """One member: its name, image size and the SavedModel's pixel signature."""
+
+    name: str
+    path: Path
+    image_size: int
+    predict_pixels: Any  # concrete function: images [N,S,S,3] float32 -> {"probabilities": [N,C]}
+    saved_model: Any = None  # the loaded object; keeps the signature's variables alive
+
+
+@dataclass
+class LoadedEnsemble:
+    """Everything the service predicts with."""
+
+    name: str
+    classes: list[str]
+    members: list[LoadedMember]
+    blend: dict[str, Any]
+    source: Path
+    warmed_up: set[str] = field(default_factory=set)
+
+    @property
+    def ready(self) -> bool:
+        """True once every member has answered a warm-up prediction."""
+        return self.warmed_up == {m.name for m in self.members}
+
+    def predict(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Decoded RGB images -> (blended probabilities [N, C], members' probabilities [M, N, C])."""
+        import tensorflow as tf
+
+        per_member = []
+        for member in self.members:
+            size = member.image_size
+            batch = np.stack([_resize(image, size, tf) for image in images]).astype(np.float32)
+            probs = member.predict_pixels(images=tf.constant(batch))["probabilities"].numpy()
+            per_member.append(probs)
+        stacked = np.stack(per_member)
+        return apply_blend(self.blend, stacked).astype(np.float32), stacked
+
+    def warm_up(self) -> float:
+        """Run one prediction through every member; returns the seconds it took."""
+        start = time.perf_counter()
+        probe = np.full((max(m.image_size for m in self.members),) * 2 + (3,), 128, np.uint8)
+        self.predict([probe])
+        self.warmed_up = {m.name for m in self.members}
+        return time.perf_counter() - start
+
+
+def _resize(image: np.ndarray, size: int, tf) -> np.ndarray:
+    """Resize exactly as the training evaluation path does (bilinear, half-pixel centres), float32."""
+    if image.shape[0] == size and image.shape[1] == size:
+        return image.astype(np.float32)
+    return tf.image.resize(tf.cast(image, tf.float32), [size, size], method="bilinear").numpy()
+
+
+def _read_json(path: Path) -> Any:
+    """Read a JSON file with an error naming it."""
+    if not path.is_file():
+        raise ArtifactError(f"{path} not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ArtifactError(f"{path} is not valid JSON: {err}") from None
+
+
+def load_member(run_dir: Path) -> tuple[LoadedMember, list[str]]:
+    """Load one run directory's SavedModel and check it against member.json and classes.json."""
+    import tensorflow as tf
+
+    member = _read_json(run_dir / "member.json")
+    classes = _read_json(run_dir / "classes.json")
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise ArtifactError(f"{run_dir / 'classes.json'} must be a list of class names")
+    size = member.get("image_size")
+    if not isinstance(size, int) or size < 1:
+        raise ArtifactError(f"{run_dir / 'member.json'} has no valid image_size")
+    saved = run_dir / "saved_model"
+    if not (saved / "saved_model.pb").is_file():
+        raise ArtifactError(f"{saved} is not a SavedModel (no saved_model.pb)")
+    model = tf.saved_model.load(str(saved))
+    for signature in ("serving_default", "serving_pixels"):
+        if signature not in model.signatures:
+            raise ArtifactError(f"{saved} lacks the {signature!r} signature (has {sorted(model.signatures)})")
+    pixels = model.signatures["serving_pixels"]
+    shape = pixels.structured_input_signature[1]["images"].shape
+    if list(shape[1:]) != [size, size, 3]:
+        raise ArtifactError(f"{saved}: serving_pixels takes {shape}, but member.json says image_size {size}")
+    outputs = pixels.structured_outputs["probabilities"].shape
+    if outputs[-1] != len(classes):
+        raise ArtifactError(f"{saved} outputs {outputs[-1]} classes, classes.json lists {len(classes)}")
+    name = member.get("name") or run_dir.name
+    return LoadedMember(name, run_dir, size, pixels, model), [c.strip() for c in classes]
+
+
+def load_run(run_dir: str | Path) -> LoadedEnsemble:
+    """Serve a single run directory (a blend of one)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ArtifactError(f"run directory not found: {run_dir}")
+    member, classes = load_member(run_dir)
+    return LoadedEnsemble(member.name, classes, [member], {"method": "mean", "weights": [1.0]}, run_dir)
+
+
+def load_ensemble(path: str | Path) -> LoadedEnsemble:
+    """Load ensemble.json (a file or its folder) and every member it names."""
+    path = Path(path)
+    file = path / "ensemble.json" if path.is_dir() else path
+    document = _read_json(file)
+    for key in ("members", "classes", "blend"):
+        if key not in document:
+            raise ArtifactError(f"{file} lacks {key!r}")
+    if document.get("version") != 1:
+        raise ArtifactError(f"{file} has version {document.get('version')!r}; this service reads version 1")
+    members = []
+    for entry in document["members"]:
+        run_dir = (file.parent / entry["path"]).resolve()
+        member, classes = load_member(run_dir)
+        if [c.strip() for c in document["classes"]] != classes:
+            raise ArtifactError(f"member {member.name!r} ({run_dir}) has other classes than {file}")
+        members.append(member)
+    if len(document["blend"].get("weights", [])) != len(members):
+        raise ArtifactError(f"{file}: the blend has {len(document['blend'].get('weights', []))} weights for "
+                            f"{len(members)} members")
+    return LoadedEnsemble(file.parent.name, [c.strip() for c in document["classes"]], members, document["blend"],
+                          file)

@@ -1,0 +1,41 @@
+"""Operations routes: liveness, readiness, Prometheus metrics, and the web page."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+
+from service.app import StateDep
+from service.schemas import HealthResponse, ReadyResponse
+
+router = APIRouter(tags=["operations"])
+PAGE = (Path(__file__).resolve().parents[1] / "page.html").read_text()
+
+
+@router.get("/healthz", response_model=HealthResponse, summary="Liveness")
+async def healthz() -> HealthResponse:
+    """Answers as long as the process serves requests."""
+    return HealthResponse(status="ok")
+
+
+@router.get("/readyz", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}}, summary="Readiness")
+async def readyz(state: StateDep) -> JSONResponse:
+    """200 once the models are loaded and every member has run a warm-up prediction, else 503."""
+    members = [m.name for m in state.ensemble.members] if state.ensemble is not None else []
+    warmed = sorted(state.ensemble.warmed_up) if state.ensemble is not None else []
+    body = ReadyResponse(ready=state.ready, members=members, warmed_up=warmed)
+    return JSONResponse(body.model_dump(), status_code=200 if state.ready else 503)
+
+
+@router.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
+async def metrics(state: StateDep) -> PlainTextResponse:
+    """Requests, latencies, batch sizes and errors by kind, in Prometheus text format."""
+    return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+@router.get("/", response_class=HTMLResponse, summary="Web page", include_in_schema=True)
+async def page() -> HTMLResponse:
+    """A page to drop or pick a photo and see the top classes as bars, with the members' votes."""
+    return HTMLResponse(PAGE)

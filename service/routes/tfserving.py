@@ -1,0 +1,162 @@
+"""TensorFlow-Serving-compatible routes, so clients written for TF Serving work unchanged.
+
+POST /v1/models/{name}:predict  {"instances": [{"b64": "..."}]}  ->  {"predictions": [[p_0, ..., p_C-1], ...]}
+                                {"inputs": [{"b64": "..."}]}     ->  {"outputs": [[...], ...]}
+GET  /v1/models/{name}           model status;  GET /v1/models/{name}/metadata  signature metadata.
+Errors answer {"error": "..."} as TF Serving does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from service.app import StateDep
+from service.images import ImageError, decode_image
+from service.routes.auth import require_api_key
+
+router = APIRouter(tags=["tensorflow-serving"])
+
+PREDICT_BODY = {
+    "required": True,
+    "content": {"application/json": {
+        "schema": {"type": "object", "properties": {
+            "instances": {"type": "array", "items": {"oneOf": [
+                {"type": "object", "properties": {"b64": {"type": "string"}}, "required": ["b64"]},
+                {"type": "object", "properties": {"image_bytes": {"type": "object",
+                                                                  "properties": {"b64": {"type": "string"}}}}},
+            ]}},
+            "inputs": {"oneOf": [
+                {"type": "array", "items": {"type": "object", "properties": {"b64": {"type": "string"}}}},
+                {"type": "object", "properties": {"image_bytes": {"type": "array"}}},
+            ]},
+            "signature_name": {"type": "string"},
+        }},
+        "example": {"instances": [{"b64": "/9j/4AAQSkZJRgABAQ..."}]},
+    }},
+}
+TF_ERROR = {"content": {"application/json": {"schema": {"type": "object", "properties": {"error": {"type": "string"}}},
+                                             "example": {"error": "instance 0: the data is not an image"}}}}
+
+
+def tf_error(state, status: int, kind: str, message: str) -> JSONResponse:
+    """A TF-Serving style error body."""
+    state.metrics.error(kind)
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _b64_items(body) -> tuple[list, str]:
+    """The list of base64 items and which answer key ('predictions' or 'outputs') the format implies."""
+    if not isinstance(body, dict):
+        raise ValueError("the body must be a JSON object with 'instances' or 'inputs'")
+    if "instances" in body:
+        items, key = body["instances"], "predictions"
+    elif "inputs" in body:
+        items, key = body["inputs"], "outputs"
+        if isinstance(items, dict):
+            items = items.get("image_bytes")
+    else:
+        raise ValueError("the body must have 'instances' (row format) or 'inputs' (columnar format)")
+    if not isinstance(items, list) or not items:
+        raise ValueError("'instances'/'inputs' must be a non-empty list of {\"b64\": \"...\"} objects")
+    return items, key
+
+
+def _decode_b64(item, index: int) -> bytes:
+    """Accept {"b64": s} or {"image_bytes": {"b64": s}}."""
+    if isinstance(item, dict) and "image_bytes" in item:
+        item = item["image_bytes"]
+    if not isinstance(item, dict) or not isinstance(item.get("b64"), str):
+        raise ValueError(f"instance {index}: expected {{\"b64\": \"<base64 image>\"}}")
+    try:
+        return base64.b64decode(item["b64"], validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"instance {index}: 'b64' is not valid base64") from None
+
+
+def _check_name(state, name: str) -> JSONResponse | None:
+    """404 for a model name this server does not serve."""
+    if name != state.settings.model_name:
+        return tf_error(state, 404, "unknown_model", f"Servable not found for request: Latest({name}); this server "
+                                                      f"serves {state.settings.model_name!r}")
+    return None
+
+
+@router.post("/v1/models/{name}:predict", dependencies=[Depends(require_api_key)],
+             openapi_extra={"requestBody": PREDICT_BODY},
+             responses={200: {"content": {"application/json": {"example": {"predictions": [[0.01, 0.93, 0.06]]}}}},
+                        400: TF_ERROR, 404: TF_ERROR, 413: TF_ERROR, 503: TF_ERROR},
+             summary="Classify base64 images (TensorFlow Serving REST API)")
+async def tf_predict(name: str, request: Request, state: StateDep) -> JSONResponse:
+    """Blended probabilities per instance, in TensorFlow Serving's request and response shapes."""
+    missing = _check_name(state, name)
+    if missing:
+        return missing
+    if not state.ready:
+        return tf_error(state, 503, "not_ready", "the models are still loading or warming up")
+    settings = state.settings
+    raw = await request.body()
+    limit = settings.max_images * settings.max_image_bytes * 4 // 3 + 64 * 1024
+    if len(raw) > limit:
+        return tf_error(state, 413, "request_too_large", f"the request has {len(raw)} bytes, more than {limit}")
+    try:
+        body = json.loads(raw)
+        items, key = _b64_items(body)
+        if len(items) > settings.max_images:
+            return tf_error(state, 400, "too_many_images",
+                            f"{len(items)} instances in one request; the limit is {settings.max_images}")
+        blobs = [_decode_b64(item, i) for i, item in enumerate(items)]
+    except json.JSONDecodeError as err:
+        return tf_error(state, 400, "malformed_json", f"the body is not valid JSON: {err}")
+    except (ValueError, RecursionError) as err:
+        return tf_error(state, 400, "malformed_request", str(err))
+    loop = asyncio.get_running_loop()
+    images = []
+    for i, blob in enumerate(blobs):
+        if len(blob) > settings.max_image_bytes:
+            return tf_error(state, 400, "too_large", f"instance {i}: larger than {settings.max_image_bytes} bytes")
+        try:
+            images.append(await loop.run_in_executor(None, decode_image, blob, settings.max_pixels))
+        except ImageError as err:
+            return tf_error(state, 400, err.kind, f"instance {i}: {err.message}")
+    outputs = await state.batcher.submit_many(images)
+    return JSONResponse({key: [[float(p) for p in blended] for blended, _ in outputs]})
+
+
+@router.get("/v1/models/{name}", responses={404: TF_ERROR}, summary="Model status (TensorFlow Serving REST API)")
+async def tf_status(name: str, state: StateDep) -> JSONResponse:
+    """AVAILABLE once warmed up, LOADING before."""
+    missing = _check_name(state, name)
+    if missing:
+        return missing
+    status = "AVAILABLE" if state.ready else "LOADING"
+    return JSONResponse({"model_version_status": [
+        {"version": "1", "state": status, "status": {"error_code": "OK", "error_message": ""}}]})
+
+
+@router.get("/v1/models/{name}/metadata", responses={404: TF_ERROR},
+            summary="Signature metadata (TensorFlow Serving REST API)")
+async def tf_metadata(name: str, state: StateDep) -> JSONResponse:
+    """The serving_default signature: image_bytes (string) -> probabilities (float, classes wide)."""
+    missing = _check_name(state, name)
+    if missing:
+        return missing
+    classes = len(state.ensemble.classes) if state.ensemble is not None else -1
+    signature = {
+        "inputs": {"image_bytes": {"dtype": "DT_STRING", "tensor_shape": {"dim": [{"size": "-1", "name": ""}],
+                                                                          "unknown_rank": False},
+                                   "name": "serving_default_image_bytes:0"}},
+        "outputs": {"probabilities": {"dtype": "DT_FLOAT",
+                                      "tensor_shape": {"dim": [{"size": "-1", "name": ""},
+                                                               {"size": str(classes), "name": ""}],
+                                                       "unknown_rank": False},
+                                      "name": "StatefulPartitionedCall:0"}},
+        "method_name": "tensorflow/serving/predict",
+    }
+    return JSONResponse({"model_spec": {"name": name, "signature_name": "", "version": "1"},
+                         "metadata": {"signature_def": {"signature_def": {"serving_default": signature}}}})

@@ -1,0 +1,101 @@
+"""List run directories side by side, to see what each choice (size, backbone, trainable parameters,
+augmentation, regularisation, schedule) did to validation macro F1.
+
+    python -m training.compare runs/* [--sort f1] [--markdown]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import sys
+from pathlib import Path
+
+COLUMNS = ("run", "backbone", "size", "weights", "trainable", "augmentation", "regularisation", "schedule",
+           "epochs", "val_macro_f1", "s/epoch")
+
+
+def augmentation_summary(augment: dict) -> str:
+    """A short description of the augmentation settings of a run."""
+    if not augment.get("enabled", True):
+        return "off"
+    parts = []
+    if augment.get("flip_left_right"):
+        parts.append("flip")
+    for key, short in (("rotation", "rot"), ("shear", "shear"), ("zoom", "zoom"), ("shift", "shift"),
+                       ("brightness", "bright"), ("hue", "hue"), ("erase_prob", "erase"), ("cutmix_prob", "cutmix"),
+                       ("mixup_prob", "mixup")):
+        if augment.get(key):
+            parts.append(f"{short}{augment[key]:g}")
+    return " ".join(parts) or "none"
+
+
+def run_row(run_dir: Path) -> dict[str, str]:
+    """One table row from a run directory's member.json (finished runs) or checkpoint state (running ones)."""
+    member_file = run_dir / "member.json"
+    if member_file.is_file():
+        member = json.loads(member_file.read_text())
+        config = member["config"]
+        f1 = member["metrics"]["val_macro_f1"]
+        seconds = member["timings"]["seconds_per_epoch"]
+        trainable = member["parameters"]["trainable"]
+        epochs = str(config["train"]["epochs"])
+    else:
+        state_file = run_dir / "checkpoints" / "state.json"
+        if not state_file.is_file():
+            raise ValueError(f"{run_dir} is not a run directory (no member.json or checkpoints/state.json)")
+        config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else None
+        state = json.loads(state_file.read_text())
+        if config is None:
+            raise ValueError(f"{run_dir} is still running and has no config.json")
+        f1, trainable = state["best_f1"], None
+        seconds = sum(h["seconds"] for h in state["history"]) / max(len(state["history"]), 1)
+        epochs = f"{state['epoch']}/{config['train']['epochs']}"
+    model, schedule, train = config["model"], config["schedule"], config["train"]
+    return {
+        "run": run_dir.name, "backbone": model["backbone"], "size": str(config["data"]["image_size"]),
+        "weights": model["weights"], "trainable": f"{trainable:,}" if trainable is not None else model["trainable"],
+        "augmentation": augmentation_summary(config["augment"]),
+        "regularisation": f"drop {model['dropout']:g} ls {train['label_smoothing']:g} wd {train['weight_decay']:g}",
+        "schedule": f"{schedule['kind']} max {schedule['max']:g}", "epochs": epochs,
+        "val_macro_f1": f"{f1:.4f}", "s/epoch": f"{seconds:.1f}" if seconds else "-",
+    }
+
+
+def format_table(rows: list[dict[str, str]], markdown: bool) -> str:
+    """Aligned plain text or a markdown table."""
+    if markdown:
+        lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        lines += ["| " + " | ".join(r[c] for c in COLUMNS) + " |" for r in rows]
+        return "\n".join(lines)
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in COLUMNS}
+    lines = ["  ".join(c.ljust(widths[c]) for c in COLUMNS)]
+    lines += ["  ".join(r[c].ljust(widths[c]) for c in COLUMNS) for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point."""
+    parser = argparse.ArgumentParser(prog="python -m training.compare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="run directories or glob patterns")
+    parser.add_argument("--sort", choices=["f1", "name"], default="f1", help="order rows by F1 (best first) or name")
+    parser.add_argument("--markdown", action="store_true", help="print a markdown table")
+    args = parser.parse_args(argv)
+    paths = [Path(p) for pattern in args.runs for p in (sorted(glob.glob(pattern)) or [pattern])]
+    try:
+        rows = [run_row(p) for p in paths if p.is_dir() or not p.exists()]
+    except (ValueError, KeyError, json.JSONDecodeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not rows:
+        print("error: no run directories given", file=sys.stderr)
+        return 2
+    key = (lambda r: -float(r["val_macro_f1"])) if args.sort == "f1" else (lambda r: r["run"])
+    print(format_table(sorted(rows, key=key), args.markdown))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
