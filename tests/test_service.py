@@ -1,0 +1,365 @@
+"""The service: every endpoint, bad input, batching, parity with the SavedModel, readiness, API key."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+import tensorflow as tf
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from service.app import create_app
+from service.images import ImageError, decode_image
+from service.models import ArtifactError, load_ensemble, load_run
+from service.settings import Settings
+from tests.service_fixtures import CLASSES, free_port, image_bytes, make_ensemble, start_server
+
+
+@pytest.fixture(scope="module")
+def ensemble_dir(tmp_path_factory):
+    return make_ensemble(tmp_path_factory.mktemp("service"))
+
+
+def _client(settings: Settings, ensemble=None) -> TestClient:
+    return TestClient(create_app(settings, ensemble))
+
+
+def _wait_ready(client: TestClient) -> None:
+    for _ in range(200):
+        if client.get("/readyz").status_code == 200:
+            return
+        time.sleep(0.05)
+    raise AssertionError("service never became ready")
+
+
+@pytest.fixture(scope="module")
+def client(ensemble_dir):
+    settings = Settings(ensemble=str(ensemble_dir), max_images=4, max_image_bytes=200_000, max_pixels=2_000_000,
+                        max_wait_ms=2)
+    with _client(settings) as c:
+        _wait_ready(c)
+        yield c
+
+
+def _files(*blobs: bytes, name: str = "files"):
+    return [(name, (f"image{i}.bin", blob, "application/octet-stream")) for i, blob in enumerate(blobs)]
+
+
+# --- predict -------------------------------------------------------------------------------------
+
+def test_predict_answers_top_classes_per_image(client):
+    response = client.post("/v1/predict", files=_files(image_bytes(), image_bytes("PNG", seed=1)),
+                           data={"top_k": "3", "include_probabilities": "true", "include_members": "true"})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["model"] == "flowers" and body["classes"] == 4 and len(body["results"]) == 2
+    for result in body["results"]:
+        assert result["ok"] and len(result["top"]) == 3
+        probs = [t["probability"] for t in result["top"]]
+        assert probs == sorted(probs, reverse=True)
+        assert abs(sum(result["probabilities"]) - 1) < 1e-4
+        assert {t["name"] for t in result["top"]} <= set(CLASSES)
+        assert [m["member"] for m in result["members"]] == ["m32", "m48"]
+
+
+def test_one_bad_image_fails_only_its_own_entry(client):
+    response = client.post("/v1/predict", files=_files(image_bytes(), b"not an image", image_bytes("GIF")))
+    assert response.status_code == 200
+    results = response.json()["results"]
+    assert [r["ok"] for r in results] == [True, False, True]
+    assert results[1]["error"]["kind"] == "not_an_image"
+
+
+@pytest.mark.parametrize("fmt,mode,extra", [
+    ("JPEG", "RGB", {}), ("JPEG", "L", {}), ("JPEG", "CMYK", {}), ("PNG", "RGBA", {}), ("PNG", "P", {}),
+    ("PNG", "I;16", {}), ("GIF", "P", {}), ("BMP", "RGB", {}), ("WEBP", "RGB", {}), ("PNG", "LA", {}),
+])
+def test_every_supported_kind_of_image_becomes_rgb(fmt, mode, extra):
+    blob = image_bytes(fmt, mode=mode, **extra)
+    array = decode_image(blob, 10_000_000)
+    assert array.dtype == np.uint8 and array.shape == (48, 64, 3)
+
+
+def test_an_animated_gif_uses_its_first_frame():
+    frames = [Image.new("RGB", (20, 10), colour) for colour in ((250, 0, 0), (0, 0, 250))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    array = decode_image(buffer.getvalue(), 10_000)
+    assert array[0, 0, 0] > 200 and array[0, 0, 2] < 50
+
+
+def test_exif_orientation_is_honoured():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a phone photo held upright: rotate 90 degrees on display
+    blob = image_bytes("JPEG", size=(64, 48), exif=exif)
+    assert decode_image(blob, 10_000_000).shape == (64, 48, 3)
+
+
+@pytest.mark.parametrize("blob,kind", [
+    (b"", "empty"), (b"hello world", "not_an_image"), (image_bytes()[:300], "corrupt"),
+    (image_bytes("TIFF"), "unsupported_format"), (image_bytes("PNG", size=(3000, 3000)), "too_many_pixels"),
+])
+def test_bad_images_are_named(blob, kind):
+    with pytest.raises(ImageError) as err:
+        decode_image(blob, 2_000_000)
+    assert err.value.kind == kind
+
+
+@pytest.mark.parametrize("request_kwargs,status,kind", [
+    ({"content": b"", "headers": {"content-type": "multipart/form-data; boundary=x"}}, 400, "no_files"),
+    ({"content": b"--x\r\nContent-Type: text/plain\r\n\r\nabc\r\n--x--\r\n",
+      "headers": {"content-type": "multipart/form-data; boundary=x"}}, 400, "malformed_multipart"),
+    ({"json": {"files": "x"}}, 415, "unsupported_media_type"),
+    ({"files": _files(image_bytes(), name="file")}, 400, "unknown_field"),
+    ({"data": {"top_k": "2"}, "files": []}, 415, "unsupported_media_type"),
+    ({"files": _files(*[image_bytes()] * 5)}, 400, "too_many_images"),
+    ({"files": _files(image_bytes()), "data": {"top_k": "0"}}, 422, "invalid_option"),
+    ({"files": _files(image_bytes()), "data": {"top_k": "99"}}, 422, "invalid_option"),
+    ({"files": _files(image_bytes()), "data": {"top_k": "two"}}, 422, "invalid_option"),
+    ({"files": _files(image_bytes()), "data": {"include_members": "maybe"}}, 422, "invalid_option"),
+    ({"content": b"--x\r\nContent-Disposition: form-data; name=\"files\"\r\n\r\ntext\r\n--x--\r\n",
+      "headers": {"content-type": "multipart/form-data; boundary=x"}}, 400, "not_a_file"),
+])
+def test_bad_requests_get_a_json_4xx_and_the_server_keeps_serving(client, request_kwargs, status, kind):
+    response = client.post("/v1/predict", **request_kwargs)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["kind"] == kind
+    assert client.post("/v1/predict", files=_files(image_bytes())).status_code == 200
+
+
+def test_an_image_over_the_size_limit_fails_its_entry(client):
+    big = image_bytes("BMP", size=(300, 300))  # 270 kB > 200 kB limit
+    results = client.post("/v1/predict", files=_files(big, image_bytes())).json()["results"]
+    assert results[0]["error"]["kind"] == "too_large" and results[1]["ok"]
+
+
+def test_a_huge_request_is_refused_by_its_length(client):
+    response = client.post("/v1/predict", content=b"x" * 1_000_000,
+                           headers={"content-type": "multipart/form-data; boundary=x"})
+    assert response.status_code == 413 and response.json()["error"]["kind"] == "request_too_large"
+
+
+# --- TensorFlow-Serving routes -------------------------------------------------------------------
+
+def _b64(blob: bytes) -> str:
+    return base64.b64encode(blob).decode()
+
+
+def test_tf_serving_predict_in_row_and_columnar_form(client):
+    blobs = [image_bytes(seed=3), image_bytes("PNG", seed=4)]
+    rows = client.post("/v1/models/flowers:predict", json={"instances": [{"b64": _b64(b)} for b in blobs]})
+    assert rows.status_code == 200
+    predictions = rows.json()["predictions"]
+    assert len(predictions) == 2 and all(len(p) == 4 and abs(sum(p) - 1) < 1e-4 for p in predictions)
+    named = client.post("/v1/models/flowers:predict",
+                        json={"instances": [{"image_bytes": {"b64": _b64(b)}} for b in blobs]})
+    columns = client.post("/v1/models/flowers:predict", json={"inputs": {"image_bytes": [{"b64": _b64(b)}
+                                                                                        for b in blobs]}})
+    np.testing.assert_allclose(named.json()["predictions"], predictions, atol=1e-6)
+    np.testing.assert_allclose(columns.json()["outputs"], predictions, atol=1e-6)
+
+
+@pytest.mark.parametrize("body,status,text", [
+    (b"{not json", 400, "not valid JSON"), (b'{"instances": [{"b64": "@@@"}]}', 400, "not valid base64"),
+    (b'{"instances": []}', 400, "non-empty list"), (b'{"x": 1}', 400, "'instances'"),
+    (b'[1, 2]', 400, "JSON object"), (b'{"instances": [{"b64": "aGVsbG8="}]}', 400, "instance 0: the data is not"),
+    (b'{"instances": [1]}', 400, "instance 0: expected"),
+])
+def test_tf_serving_errors_use_its_error_shape(client, body, status, text):
+    response = client.post("/v1/models/flowers:predict", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == status and text in response.json()["error"]
+
+
+def test_tf_serving_status_metadata_and_unknown_models(client):
+    status = client.get("/v1/models/flowers").json()
+    assert status["model_version_status"][0]["state"] == "AVAILABLE"
+    metadata = client.get("/v1/models/flowers/metadata").json()
+    signature = metadata["metadata"]["signature_def"]["signature_def"]["serving_default"]
+    assert signature["inputs"]["image_bytes"]["dtype"] == "DT_STRING"
+    assert signature["outputs"]["probabilities"]["tensor_shape"]["dim"][1]["size"] == "4"
+    assert client.get("/v1/models/other").status_code == 404
+    assert "error" in client.post("/v1/models/other:predict", json={"instances": []}).json()
+
+
+# --- operations -------------------------------------------------------------------------------
+
+def test_health_metrics_and_page(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    text = client.get("/metrics").text
+    assert 'flower_requests_total{method="POST",route="/v1/predict"' in text
+    assert "flower_batch_size_bucket" in text and 'flower_errors_total{kind="not_an_image"}' in text
+    page = client.get("/")
+    assert page.status_code == 200 and "v1/predict" in page.text and 'type="file"' in page.text
+
+
+def test_openapi_documents_every_route_with_examples(client):
+    schema = client.get("/openapi.json").json()
+    paths = schema["paths"]
+    for path in ("/v1/predict", "/v1/models/{name}:predict", "/v1/models/{name}", "/v1/models/{name}/metadata",
+                 "/healthz", "/readyz", "/metrics", "/"):
+        assert path in paths
+    body = paths["/v1/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert set(body["properties"]) == {"files", "top_k", "include_probabilities", "include_members"}
+    assert "example" in paths["/v1/models/{name}:predict"]["post"]["requestBody"]["content"]["application/json"]
+    assert schema["components"]["schemas"]["PredictResponse"].get("examples")
+
+
+class SlowEnsemble:
+    """A stand-in ensemble whose warm-up waits for a signal."""
+
+    classes = CLASSES
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.members = [type("M", (), {"name": "slow"})()]
+        self.warmed_up = set()
+
+    @property
+    def ready(self):
+        return self.warmed_up == {"slow"}
+
+    def warm_up(self):
+        self.release.wait(10)
+        self.warmed_up = {"slow"}
+
+    def predict(self, images):
+        probs = np.full((len(images), 4), 0.25, np.float32)
+        return probs, probs[None]
+
+
+def test_not_ready_until_every_member_has_warmed_up():
+    slow = SlowEnsemble()
+    with _client(Settings(run="unused"), slow) as c:
+        assert c.get("/healthz").status_code == 200
+        assert c.get("/readyz").status_code == 503 and c.get("/readyz").json()["ready"] is False
+        assert c.post("/v1/predict", files=_files(image_bytes())).json()["error"]["kind"] == "not_ready"
+        assert c.get("/v1/models/flowers").json()["model_version_status"][0]["state"] == "LOADING"
+        slow.release.set()
+        _wait_ready(c)
+        assert c.get("/readyz").json() == {"ready": True, "members": ["slow"], "warmed_up": ["slow"]}
+
+
+def test_the_api_key_protects_prediction_routes(ensemble_dir):
+    with _client(Settings(ensemble=str(ensemble_dir), api_key="s3cret")) as c:
+        _wait_ready(c)
+        assert c.post("/v1/predict", files=_files(image_bytes())).status_code == 401
+        wrong = {"Authorization": "Bearer nope"}
+        assert c.post("/v1/predict", files=_files(image_bytes()), headers=wrong).json()["error"]["kind"] == \
+            "unauthorized"
+        right = {"Authorization": "Bearer s3cret"}
+        assert c.post("/v1/predict", files=_files(image_bytes()), headers=right).status_code == 200
+        assert c.post("/v1/models/flowers:predict", json={"instances": [{"b64": _b64(image_bytes())}]}
+                      ).status_code == 401
+        assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+def test_loading_refuses_artifacts_that_break_the_contract(ensemble_dir, tmp_path):
+    document = json.loads((ensemble_dir / "ensemble.json").read_text())
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "ensemble.json").write_text(json.dumps({**document, "version": 2}))
+    with pytest.raises(ArtifactError, match="version 2"):
+        load_ensemble(bad)
+    members = [{**m, "path": str((ensemble_dir / m["path"]).resolve())} for m in document["members"]]
+    (bad / "ensemble.json").write_text(json.dumps({**document, "members": members, "classes": ["a", "b", "c", "d"]}))
+    with pytest.raises(ArtifactError, match="other classes"):
+        load_ensemble(bad)
+    with pytest.raises(ArtifactError, match="run directory not found"):
+        load_run(tmp_path / "nothing")
+    empty_run = tmp_path / "run"
+    empty_run.mkdir()
+    (empty_run / "member.json").write_text('{"image_size": 32}')
+    (empty_run / "classes.json").write_text('["a"]')
+    with pytest.raises(ArtifactError, match="not a SavedModel"):
+        load_run(empty_run)
+
+
+# --- parity with the SavedModel ------------------------------------------------------------------
+
+def test_service_probabilities_equal_the_saved_models_on_the_same_files(client, ensemble_dir):
+    blobs = [image_bytes("JPEG", size=(32, 32), seed=5), image_bytes("JPEG", size=(90, 70), seed=6, quality=80),
+             image_bytes("PNG", size=(48, 48), seed=7)]
+    served = client.post("/v1/predict", files=_files(*blobs), data={"include_probabilities": "true"}).json()
+    document = json.loads((ensemble_dir / "ensemble.json").read_text())
+    expected = 0
+    for member, weight in zip(document["members"], document["blend"]["weights"], strict=True):
+        model = tf.saved_model.load(str((ensemble_dir / member["path"] / "saved_model").resolve()))
+        expected = expected + weight * model.signatures["serving_default"](
+            image_bytes=tf.constant(blobs))["probabilities"].numpy()
+    got = np.array([r["probabilities"] for r in served["results"]])
+    assert np.abs(got - expected).max() < 1e-4
+
+
+# --- a real uvicorn process ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def server(ensemble_dir):
+    port = free_port()
+    process = start_server(["--ensemble", str(ensemble_dir), "--max-wait-ms", "20", "--max-batch-size", "16"], port)
+    yield f"http://127.0.0.1:{port}"
+    process.terminate()
+    process.wait(10)
+
+
+def test_concurrent_requests_are_batched_but_each_gets_its_own_answer(server):
+    blobs = [image_bytes("PNG", seed=100 + i) for i in range(12)]
+    alone = [httpx.post(f"{server}/v1/predict", files=_files(b), data={"include_probabilities": "true"}).json()
+             for b in blobs]
+
+    def ask(blob):
+        return httpx.post(f"{server}/v1/predict", files=_files(blob), data={"include_probabilities": "true"},
+                          timeout=30).json()
+
+    with ThreadPoolExecutor(12) as pool:
+        together = list(pool.map(ask, blobs))
+    for a, b in zip(alone, together, strict=True):
+        np.testing.assert_allclose(a["results"][0]["probabilities"], b["results"][0]["probabilities"], atol=1e-5)
+    metrics = httpx.get(f"{server}/metrics").text
+    singles = float(next(line.split()[-1] for line in metrics.splitlines()
+                         if line.startswith('flower_batch_size_bucket{le="1"}')))
+    batches = float(next(line.split()[-1] for line in metrics.splitlines()
+                         if line.startswith("flower_batch_size_count")))
+    assert batches < 24  # 12 alone + fewer than 12 for the concurrent ones: some were gathered
+    assert singles < batches
+
+
+def test_the_server_stays_responsive_to_health_checks_under_load(server):
+    blob = image_bytes("JPEG", size=(200, 200))
+    stop = threading.Event()
+
+    def hammer():
+        while not stop.is_set():
+            httpx.post(f"{server}/v1/predict", files=_files(blob), timeout=30)
+
+    threads = [threading.Thread(target=hammer) for _ in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        latencies = []
+        for _ in range(5):
+            start = time.perf_counter()
+            assert httpx.get(f"{server}/healthz", timeout=5).status_code == 200
+            latencies.append(time.perf_counter() - start)
+        assert max(latencies) < 1.0
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+
+
+def test_the_command_refuses_bad_settings(tmp_path):
+    from service.cli import main
+
+    assert main(["--run", str(tmp_path / "missing")]) == 2
+    assert main([]) == 2
