@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
 # Install the project with its test tools into .venv and run the whole test suite (CI runs this).
+# The web page's browser test needs Debian's chromium and chromium-driver: installed here when missing
+# (as root with apt-get); elsewhere that one test is skipped with the reason.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  fi
+fi
 bash scripts/setup_env.sh cpu,dev
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 .venv/bin/python -m ruff check .

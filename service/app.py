@@ -136,7 +136,26 @@ def create_app(settings: Settings | None = None, ensemble: Any = None) -> FastAP
     app.include_router(predict.router)
     app.include_router(tfserving.router)
     app.include_router(ops.router)
+    _document_model_name(app, settings.model_name)
     return app
+
+
+def _document_model_name(app: FastAPI, model_name: str) -> None:
+    """Say in the OpenAPI schema which model name the TensorFlow-Serving routes serve."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    for parameter in operation.get("parameters", []):
+                        if parameter["name"] == "name" and parameter["in"] == "path":
+                            parameter["schema"] = {"type": "string", "enum": [model_name], "example": model_name}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 async def _warm_up(state: ServiceState) -> None:
