@@ -102,26 +102,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbone", default="efficientnet-b0")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--requests", type=int, default=40, help="sequential requests for the p50")
-    parser.add_argument("--seconds", type=float, default=20, help="duration of each concurrency-16 run")
-    parser.add_argument("--max-wait-ms", type=float, default=2.0)
+    parser.add_argument("--seconds", type=float, default=12, help="duration of each concurrency-16 run")
+    parser.add_argument("--max-wait-ms", type=float, default=0.0)
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; the best of each is kept")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         run = make_member(Path(tmp), args.backbone, args.size)
         blob = photo(args.size)
-        direct_p50, direct_batch32 = in_process(run, blob, args.requests, args.size)
-        results = {}
-        for label, flags in (("batching", ["--max-wait-ms", str(args.max_wait_ms), "--max-batch-size", "32"]),
-                             ("no batching", ["--no-batching"])):
-            port = free_port()
-            server = start_server(run, port, *flags)
-            try:
-                url = f"http://127.0.0.1:{port}"
-                p50 = http_p50(url, blob, args.requests) if label == "batching" else None
-                throughput, errors = http_throughput(url, blob, 16, args.seconds)
-                results[label] = (p50, throughput, errors)
-            finally:
-                server.terminate()
-                server.wait(30)
+        # This machine switches between two speed modes; interference only slows things down, so each
+        # figure is the best of several alternating rounds.
+        direct = [in_process(run, blob, args.requests, args.size)]
+        results: dict[str, list] = {"batching": [], "no batching": []}
+        for _ in range(args.rounds):
+            for label, flags in (("batching", ["--max-wait-ms", str(args.max_wait_ms), "--max-batch-size", "32"]),
+                                 ("no batching", ["--no-batching"])):
+                port = free_port()
+                server = start_server(run, port, *flags)
+                try:
+                    url = f"http://127.0.0.1:{port}"
+                    p50 = http_p50(url, blob, args.requests) if label == "batching" else None
+                    results[label].append((p50, *http_throughput(url, blob, 16, args.seconds)))
+                finally:
+                    server.terminate()
+                    server.wait(30)
+            direct.append(in_process(run, blob, args.requests, args.size))
+    direct_p50 = min(d[0] for d in direct)
+    direct_batch32 = max(d[1] for d in direct)
+    results = {label: (min((r[0] for r in rows if r[0] is not None), default=None), max(r[1] for r in rows),
+                       sum(r[2] for r in rows)) for label, rows in results.items()}
     http_p50_s, batched, errors = results["batching"]
     _, unbatched, errors_off = results["no batching"]
     print(f"\n{args.backbone} at {args.size} px, {os.cpu_count()} CPUs")

@@ -6,15 +6,14 @@
 
 For each backbone, in one process on the same records: model.fit steps fed by
 training.dataset.train_dataset (read, decode, augment with the defaults, batch) against the same
-steps fed one fixed batch from memory. The ratio is the share of model speed the pipeline keeps
-(goal for EfficientNet-B0 at 192 px: >= 0.95).
+steps fed one fixed batch from memory, back to back in each round. The ratio is the share of model
+speed the pipeline keeps (goal for EfficientNet-B0 at 192 px: >= 0.95), from the best round of each.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -83,11 +82,16 @@ def main(argv: list[str] | None = None) -> int:
                 for kind, ds in (("memory", memory), ("pipeline", pipeline)):
                     samples[kind].append(images_per_second(model, ds, args.steps, args.batch))
                     print(f"  {name} round {r + 1}: {kind:8s} {samples[kind][-1]:8.1f} img/s", flush=True)
-            med = {k: statistics.median(v) for k, v in samples.items()}
-            rows.append((name, med["pipeline"], med["memory"], med["pipeline"] / med["memory"]))
-    print("\n| backbone | pipeline img/s | memory img/s | pipeline / memory |\n|---|---|---|---|")
-    for name, pipe, mem, ratio in rows:
-        print(f"| {name} | {pipe:.1f} | {mem:.1f} | {ratio:.2f} |")
+            # This machine runs in two speed modes (about 1.3-1.45x apart) that switch between fit calls
+            # whatever feeds the model, so medians mix modes. Interference only slows a run down: the
+            # best round of each feed is the estimate of its speed, and their ratio the pipeline's cost.
+            best = {k: max(v) for k, v in samples.items()}
+            rows.append((name, best["pipeline"], best["memory"], best["pipeline"] / best["memory"], samples))
+    print("\n| backbone | pipeline img/s (best round) | memory img/s (best round) | pipeline / memory | rounds |")
+    print("|---|---|---|---|---|")
+    for name, pipe, mem, ratio, samples in rows:
+        rounds = "; ".join(f"{m:.1f}/{p:.1f}" for m, p in zip(samples["memory"], samples["pipeline"], strict=True))
+        print(f"| {name} | {pipe:.1f} | {mem:.1f} | {ratio:.2f} | memory/pipeline {rounds} |")
     return 0
 
 

@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
-"""The demo job on the bundled demo data: make the data, train two members, blend them.
+"""The demo job on the bundled demo data: make the data, train two members, blend them, serve them.
 
-    python scripts/demo.py [--out demo]     # about 2 min on 2 CPU cores
+    python scripts/demo.py [--out demo] [--port 8000] [--no-serve]     # about 2 min on 2 CPU cores
 
 1. writes <out>/data: the synthetic flower data set in the competition layout (64 and 96 px records)
    and <out>/augment.png (what training sees);
 2. trains two small CNN members, at 64 and 96 px, into <out>/runs/ (run directories);
 3. blends them into <out>/ensemble/ (ensemble.json, submission.csv, report.md, plots) and scores the
-   submission against the test answers.
+   submission against the test answers;
+4. serves the blended ensemble over HTTP at http://127.0.0.1:<port>/ (a page to drop a photo on, and
+   the API) until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     """Command line entry point."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo", help="folder for the demo data, runs and ensemble")
+    parser.add_argument("--port", type=int, default=8000, help="port of the demo server")
+    parser.add_argument("--no-serve", action="store_true", help="stop after blending instead of serving")
     args = parser.parse_args(argv)
     out = Path(args.out)
     start = time.time()
@@ -47,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.layout import SPLITS, available_sizes, count_records, load_classes, split_files
     from training.show_augment import main as show_augment
 
-    print(f"[1/3] making the demo data set in {out / 'data'}", flush=True)
+    print(f"[1/4] making the demo data set in {out / 'data'}", flush=True)
     make_demo_data(out / "data", sizes=(64, 96))
     data = str(out / "data")
     print(f"      classes: {', '.join(load_classes(data))}")
@@ -63,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         name = Path(config).stem.replace("_", "-")
         run = out / "runs" / name
         shutil.rmtree(run, ignore_errors=True)  # the demo always trains afresh
-        print(f"[2/3] training member {i}/{len(CONFIGS)}: {config} -> {run}", flush=True)
+        print(f"[2/4] training member {i}/{len(CONFIGS)}: {config} -> {run}", flush=True)
         code = train(["--config", str(REPO / config), "--set", f"data.dir={data}", "--set", f"output={run}"])
         if code:
             return code
@@ -71,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ensemble.cli import main as blend
 
-    print(f"[3/3] blending {len(runs)} members into {out / 'ensemble'}", flush=True)
+    print(f"[3/4] blending {len(runs)} members into {out / 'ensemble'}", flush=True)
     code = blend([str(r) for r in runs] + ["--out", str(out / "ensemble"), "--method", "auto", "--folds", "5"])
     if code:
         return code
@@ -80,7 +84,13 @@ def main(argv: list[str] | None = None) -> int:
           f"{out / 'data' / 'test_answers.csv'}")
     print(f"done in {time.time() - start:.0f} s. Look at {out / 'augment.png'}, {out / 'runs'}/*/curves.png, "
           f"{out / 'ensemble' / 'report.md'}")
-    return 0
+    if args.no_serve:
+        return 0
+    from service.cli import main as serve
+
+    print(f"[4/4] serving the ensemble: open http://127.0.0.1:{args.port}/ (stop with Ctrl-C)\n"
+          f"      curl -F files=@some_photo.jpg http://127.0.0.1:{args.port}/v1/predict", flush=True)
+    return serve(["--ensemble", str(out / "ensemble"), "--port", str(args.port)])
 
 
 if __name__ == "__main__":

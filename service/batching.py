@@ -23,12 +23,14 @@ class _Item:
 class DynamicBatcher:
     """Gathers items submitted concurrently into batches of at most `max_batch_size`.
 
-    A batch is closed when it is full or `max_wait_ms` after its first item arrived. With
-    `enabled=False` every submit call is its own batch (for comparison).
+    With `max_wait_ms=0` (the default) batching is greedy: a batch takes whatever is queued when the
+    model becomes free, so a lone request never waits and, under load, requests that arrived while
+    the previous batch ran go together. With `max_wait_ms>0` a batch also waits up to that long after
+    its first item for more. With `enabled=False` every submit call is its own batch (for comparison).
     """
 
     def __init__(self, run_batch: Callable[[list[Any]], list[Any]], max_batch_size: int = 32,
-                 max_wait_ms: float = 5.0, enabled: bool = True, on_batch: Callable[[int, float], None] | None = None):
+                 max_wait_ms: float = 0.0, enabled: bool = True, on_batch: Callable[[int, float], None] | None = None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.run_batch = run_batch
@@ -80,8 +82,10 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         while True:
             batch = [await self._queue.get()]
+            while len(batch) < self.max_batch_size and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
             deadline = loop.time() + self.max_wait
-            while len(batch) < self.max_batch_size:
+            while self.max_wait > 0 and len(batch) < self.max_batch_size:
                 timeout = deadline - loop.time()
                 if timeout <= 0:
                     break

@@ -21,7 +21,8 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1, description="uvicorn worker processes (each loads the models)")
     batching: bool = Field(True, description="gather concurrent requests into one batch per model call")
     max_batch_size: int = Field(32, ge=1, le=1024)
-    max_wait_ms: float = Field(5.0, ge=0, le=1000, description="how long a batch waits for more images")
+    max_wait_ms: float = Field(0.0, ge=0, le=1000, description="how long a batch waits for more images "
+                               "(0: greedy, take what is queued when the model is free)")
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1, description="largest accepted image file")
     max_pixels: int = Field(40_000_000, ge=1, description="largest accepted width x height (decompression bombs)")
     max_images: int = Field(16, ge=1, description="most images in one request")

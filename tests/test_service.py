@@ -363,3 +363,11 @@ def test_the_command_refuses_bad_settings(tmp_path):
 
     assert main(["--run", str(tmp_path / "missing")]) == 2
     assert main([]) == 2
+
+
+def test_a_request_cannot_name_a_file_on_the_server(client):
+    for name in ("..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd", "..", "flowers%2F..%2F..%2Fsecret"):
+        response = client.get(f"/v1/models/{name}/metadata")
+        assert response.status_code == 404
+    upload = client.post("/v1/predict", files=[("files", ("../../etc/passwd", image_bytes(), "image/jpeg"))])
+    assert upload.status_code == 200 and upload.json()["results"][0]["filename"] == "../../etc/passwd"

@@ -315,3 +315,20 @@ def test_tta_is_reproducible(tiny_data):
     a = predict_split(RecordingModel(), info, 32, 24, tta=3)[2]
     b = predict_split(RecordingModel(), info, 32, 24, tta=3)[2]
     np.testing.assert_array_equal(a, b)
+
+
+# --- losses --------------------------------------------------------------------------------------
+
+def test_focal_loss_discounts_easy_examples_and_class_weights_scale_the_loss():
+    from training.config import RunConfig, TrainConfig
+    from training.fit import make_loss
+
+    y = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    easy = np.array([[0.95, 0.05], [0.1, 0.9]], np.float32)
+    cce = make_loss(RunConfig(train=TrainConfig(loss="cce", label_smoothing=0.0)), None)
+    focal = make_loss(RunConfig(train=TrainConfig(loss="focal", focal_gamma=2.0, label_smoothing=0.0)), None)
+    assert float(focal(y, easy)) < 0.1 * float(cce(y, easy))
+    weighted = make_loss(RunConfig(train=TrainConfig(loss="cce", label_smoothing=0.0)), np.array([3.0, 1.0]))
+    first_only = np.array([[1.0, 0.0], [1.0, 0.0]], np.float32)
+    assert float(weighted(first_only, easy[[0, 0]])) == pytest.approx(3 * float(cce(first_only, easy[[0, 0]])),
+                                                                      rel=1e-5)
