@@ -52,6 +52,34 @@ class ServiceState:
         return [(blended[i], members[:, i]) for i in range(len(images))]
 
 
+class RequestMetrics:
+    """Pure ASGI middleware counting requests by method, route template and status, with latency.
+
+    (A pure ASGI middleware costs a fraction of what @app.middleware("http") adds per request.)
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = [500]
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            scope["app"].state.service.metrics.request(scope["method"], route, status[0], time.perf_counter() - start)
+
+
 def get_state(request: Request) -> ServiceState:
     """The application's shared state."""
     return request.app.state.service
@@ -103,15 +131,7 @@ def create_app(settings: Settings | None = None, ensemble: Any = None) -> FastAP
     )
     app.state.service = ServiceState(settings)
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        request.app.state.service.metrics.request(request.method, path, response.status_code,
-                                                  time.perf_counter() - start)
-        return response
+    app.add_middleware(RequestMetrics)
 
     @app.exception_handler(ClientError)
     async def client_error(request: Request, err: ClientError):
