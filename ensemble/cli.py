@@ -74,15 +74,15 @@ def build_ensemble(
     cv = {"folds": chosen["folds"], "seed": seed, "blend": chosen["scores"], "members": members_cv}
     if method_cv:
         cv["methods"] = method_cv
-    document = write_ensemble_json(out_dir, aligned, blender.spec_, cv, {"seconds": time.perf_counter() - start})
+    path = write_ensemble_json(out_dir, aligned, blender.spec_, cv, {"seconds": time.perf_counter() - start})
     write_submission(out_dir / "submission.csv", aligned.test_ids, test_blend)
     plot_weights(out_dir / "weights.png", aligned.names, blender.spec_["weights"], method)
     plot_scores(out_dir / "scores.png", members_cv, chosen["scores"])
     write_report(out_dir, aligned, method, chosen["scores"], members_cv, chosen["out_of_fold"], method_cv)
     best = max(members_cv.values(), key=lambda s: s["macro_f1"])["macro_f1"]
     progress(f"blend ({method}) CV macro F1 {chosen['scores']['macro_f1']:.4f} (best member {best:.4f}); "
-             f"wrote {document.parent} in {time.perf_counter() - start:.1f} s")
-    return json.loads(document.read_text())
+             f"wrote {out_dir} in {time.perf_counter() - start:.1f} s")
+    return json.loads(path.read_text())
 
 
 def main(argv: list[str] | None = None) -> int:

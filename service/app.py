@@ -38,7 +38,6 @@ class ServiceState:
     metrics: Metrics = field(default_factory=Metrics)
     ensemble: Any = None
     batcher: DynamicBatcher | None = None
-    load_error: str | None = None
     warm_task: asyncio.Task | None = None
 
     @property

@@ -15,6 +15,7 @@ import platform
 import signal
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -22,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from training.config import RunConfig
-from training.dataset import split_info, train_dataset
+from training.dataset import SplitInfo, split_info, train_dataset
 from training.export import (
     export_saved_model,
     folder_bytes,
@@ -30,7 +31,7 @@ from training.export import (
     weights_bytes,
     write_predictions,
 )
-from training.layout import DataError, load_classes
+from training.layout import load_classes
 from training.metrics import classification_scores
 from training.model import build_classifier, parameter_counts
 from training.schedules import learning_rate, plot_schedule
@@ -242,12 +243,26 @@ def train_member(config: RunConfig, log=print) -> Path:
             os.kill(os.getpid(), signal.SIGKILL)
 
     model.load_weights(checkpoints / "best.weights.h5")
-    return finish_run(config, model, infos, classes, history, params, policy, replicas, log)
+    facts = RunFacts(infos, classes, params, policy, replicas, steps * global_batch)
+    return finish_run(config, model, facts, history, log)
 
 
-def finish_run(config, model, infos, classes, history, params, policy, replicas, log) -> Path:
+@dataclass(frozen=True)
+class RunFacts:
+    """What a finished run reports about its data, model and machine."""
+
+    infos: dict[str, SplitInfo]
+    classes: list[str]
+    params: dict[str, int]
+    policy: str
+    replicas: int
+    images_per_epoch: int
+
+
+def finish_run(config: RunConfig, model: keras.Model, facts: RunFacts, history: list[dict], log=print) -> Path:
     """Predict val/test (with TTA), export the SavedModel, write classes.json and member.json."""
     run_dir, size = config.run_dir, config.data.image_size
+    infos, classes = facts.infos, facts.classes
     p = config.predict
     log(f"predicting validation and test rows (TTA {p.tta} pass{'es' if p.tta > 1 else ''})")
     val_ids, val_labels, val_probs = predict_split(model, infos["val"], size, config.train.eval_batch_size,
@@ -259,33 +274,20 @@ def finish_run(config, model, infos, classes, history, params, policy, replicas,
     export_saved_model(model, size, run_dir / "saved_model")
     write_text_atomic(run_dir / "classes.json", json.dumps(classes, indent=1) + "\n")
     final = classification_scores(val_labels, val_probs)
-    seconds = [h["seconds"] for h in history]
-    steps_images = (config.train.steps_per_epoch or 0)
+    seconds_per_epoch = float(np.mean([h["seconds"] for h in history]))
     member = {
         "version": 1, "name": config.name, "backbone": config.model.backbone, "weights": config.model.weights,
-        "image_size": size, "num_classes": len(classes), "parameters": params, "precision": policy,
-        "replicas": replicas, "config": config.to_dict(),
+        "image_size": size, "num_classes": len(classes), "parameters": facts.params, "precision": facts.policy,
+        "replicas": facts.replicas, "config": config.to_dict(),
         "data": {"dir": config.data.dir, "file_size": infos["train"].file_size,
                  "counts": {s: i.count for s, i in infos.items()}},
         "versions": versions(),
         "metrics": {"val_accuracy": final["accuracy"], "val_macro_f1": final["macro_f1"], "val_loss": final["loss"],
                     "tta": p.tta},
-        "timings": {"seconds_per_epoch": float(np.mean(seconds)) if seconds else None,
-                    "images_per_second": _images_per_second(config, infos, replicas, seconds, steps_images)},
+        "timings": {"seconds_per_epoch": seconds_per_epoch,
+                    "images_per_second": facts.images_per_epoch / seconds_per_epoch},
         "saved_model": {"bytes": folder_bytes(run_dir / "saved_model"), "weights_bytes": weights_bytes(model)},
     }
     write_text_atomic(run_dir / "member.json", json.dumps(member, indent=1) + "\n")
     log(f"done: validation macro F1 {final['macro_f1']:.4f}, accuracy {final['accuracy']:.4f}; wrote {run_dir}")
     return run_dir
-
-
-def _images_per_second(config, infos, replicas, seconds, steps) -> float | None:
-    """Training images per second over the epochs run."""
-    if not seconds:
-        return None
-    global_batch = config.data.batch_size * replicas
-    steps = steps or max(1, infos["train"].count // global_batch)
-    return steps * global_batch / float(np.mean(seconds))
-
-
-__all__ = ["train_member", "DataError"]
