@@ -135,6 +135,11 @@ def test_bad_requests_get_a_json_4xx_and_the_server_keeps_serving(client, reques
     assert client.post("/v1/predict", files=_files(image_bytes())).status_code == 200
 
 
+def test_far_too_many_files_are_refused_as_too_many_images(client):
+    response = client.post("/v1/predict", files=_files(*[b"x"] * 9))
+    assert response.status_code == 400 and response.json()["error"]["kind"] == "too_many_images"
+
+
 def test_an_image_over_the_size_limit_fails_its_entry(client):
     big = image_bytes("BMP", size=(300, 300))  # 270 kB > 200 kB limit
     results = client.post("/v1/predict", files=_files(big, image_bytes())).json()["results"]

@@ -332,3 +332,13 @@ def test_focal_loss_discounts_easy_examples_and_class_weights_scale_the_loss():
     first_only = np.array([[1.0, 0.0], [1.0, 0.0]], np.float32)
     assert float(weighted(first_only, easy[[0, 0]])) == pytest.approx(3 * float(cce(first_only, easy[[0, 0]])),
                                                                       rel=1e-5)
+
+
+def test_a_checkpoint_of_another_model_is_refused_with_advice(tiny_data, tiny_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "other"
+    shutil.copytree(tiny_run / "checkpoints", out / "checkpoints")
+    result = _train(tiny_data, out, "--set", "model.backbone=efficientnet-b0")
+    assert result.returncode == 2
+    assert "does not fit this model" in result.stderr and "remove that folder" in result.stderr

@@ -116,12 +116,16 @@ def load_checkpoint(folder: Path, model: keras.Model, optimizer, log=print) -> d
     if not state_file.is_file():
         return None
     state = json.loads(state_file.read_text())
-    model.load_weights(folder / "last.weights.h5")
+    try:
+        model.load_weights(folder / "last.weights.h5")
+    except (ValueError, OSError) as err:
+        raise RuntimeError(f"the checkpoint in {folder} does not fit this model ({str(err).splitlines()[0][:200]}); "
+                           "it belongs to another config: remove that folder to start over") from None
     optimizer.build(model.trainable_variables)
     with np.load(folder / "optimizer.npz") as saved:
         values = [saved[f"v{i}"] for i in range(len(saved.files))]
     if len(values) != len(optimizer.variables):
-        raise RuntimeError(f"checkpoint in {folder} does not match this model/optimizer; remove it to start over")
+        raise RuntimeError(f"the checkpoint in {folder} does not match this model/optimizer; remove it to start over")
     for variable, value in zip(optimizer.variables, values, strict=True):
         variable.assign(value)
     log(f"resuming after epoch {state['epoch']} (best validation macro F1 so far {state['best_f1']:.4f})")

@@ -7,6 +7,7 @@ import asyncio
 import numpy as np
 from fastapi import APIRouter, Depends, Request
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
 from service.app import ClientError, StateDep
@@ -74,9 +75,13 @@ async def _read_form(request: Request, state) -> tuple[list[UploadFile], dict]:
         raise ClientError(413, "request_too_large", f"the request has {length} bytes, more than the limit of {limit}")
     try:
         form = await request.form(max_files=settings.max_images + 1, max_fields=len(FORM_FIELDS) + 4)
-    except MultiPartException as err:
-        raise ClientError(400, "malformed_multipart", f"the multipart body cannot be read: {err.message}") from None
-    except Exception as err:  # noqa: BLE001 - any parser failure is the client's malformed body
+    except (MultiPartException, HTTPException) as err:  # Starlette re-raises parser errors as HTTP 400
+        message = getattr(err, "message", None) or str(getattr(err, "detail", err))
+        if "Too many files" in message:
+            raise ClientError(400, "too_many_images", f"more than {settings.max_images} images in one request") \
+                from None
+        raise ClientError(400, "malformed_multipart", f"the multipart body cannot be read: {message}") from None
+    except Exception as err:  # noqa: BLE001 - any other parser failure is the client's malformed body
         raise ClientError(400, "malformed_multipart", f"the multipart body cannot be read: {err}") from None
     unknown = sorted(set(form.keys()) - FORM_FIELDS)
     if unknown:
