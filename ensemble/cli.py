@@ -22,6 +22,7 @@ import glob
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ def expand_runs(patterns: list[str]) -> list[Path]:
 
 def build_ensemble(
     runs: list[Path], out_dir: Path, method: str = "auto", folds: int = 5, seed: int = 0,
-    options: dict[str, dict[str, Any]] | None = None, progress=print,
+    options: dict[str, dict[str, Any]] | None = None, progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Load, cross-validate, fit and write the ensemble directory; return the ensemble.json content."""
     if method not in (*METHODS, "auto"):

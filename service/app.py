@@ -94,7 +94,7 @@ def error_response(state: ServiceState | None, status: int, kind: str, message: 
     return JSONResponse({"error": {"kind": kind, "message": message}}, status_code=status)
 
 
-def load_models(settings: Settings):
+def load_models(settings: Settings) -> Any:
     """Load what the settings name: an ensemble directory or a single run directory."""
     from service.models import load_ensemble, load_run
 

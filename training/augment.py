@@ -128,7 +128,9 @@ def _seeds(seed: tf.Tensor, count: int) -> tf.Tensor:
 # Parameter sampling: small [B, ...] tensors, computed in the graph from one seed per batch.
 
 
-def sample_affine(seed: tf.Tensor, batch: int | tf.Tensor, config: AugmentConfig, in_size: int, out_size: int):
+def sample_affine(
+    seed: tf.Tensor, batch: int | tf.Tensor, config: AugmentConfig, in_size: int, out_size: int
+) -> tf.Tensor:
     """Per-image affine maps [B, 2, 3] from output pixel (x, y, 1) to input pixel coordinates."""
     s = _seeds(seed, 2)
     n = tf.random.stateless_normal([6, batch], s[0])
@@ -162,7 +164,9 @@ def resize_affine(batch: int | tf.Tensor, in_size: int, out_size: int) -> tf.Ten
     return tf.tile(tf.constant([[[r, 0.0, b], [0.0, r, b]]], tf.float32), [batch, 1, 1])
 
 
-def sample_colour(seed: tf.Tensor, batch: int | tf.Tensor, config: AugmentConfig):
+def sample_colour(
+    seed: tf.Tensor, batch: int | tf.Tensor, config: AugmentConfig
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """Per-image colour maps [B, 3, 3] (hue and saturation), contrast factors [B] and brightness [B]."""
     u = tf.random.stateless_uniform([4, batch], seed, -1.0, 1.0)
     brightness = config.brightness * 255.0 * u[0]

@@ -41,7 +41,10 @@ class BackboneSpec:
 REGISTRY: dict[str, BackboneSpec] = {}
 
 
-def register(name: str, preprocessing: str, default_size: int, weight_sources=("imagenet",), family: str = ""):
+def register(
+    name: str, preprocessing: str, default_size: int, weight_sources: tuple[str, ...] = ("imagenet",),
+    family: str = "",
+) -> Callable[[Callable], Callable]:
     """Decorator that registers a builder `(image_size, weights) -> keras.Model` under a name."""
     if preprocessing not in PREPROCESSING:
         raise ValueError(f"preprocessing must be one of {PREPROCESSING}, got {preprocessing!r}")

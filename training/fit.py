@@ -15,6 +15,7 @@ import platform
 import signal
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,7 @@ from training.writing import write_atomic, write_text_atomic
 # Keras warns that shuffle=True is ignored for a tf.data.Dataset: the pipeline shuffles itself.
 warnings.filterwarnings("ignore", message=".*`shuffle=True` was passed.*")
 
+Log = Callable[[str], None]
 HISTORY_FIELDS = ("epoch", "learning_rate", "loss", "val_loss", "val_accuracy", "val_macro_f1", "seconds")
 # Test hook: SIGKILL this process right after epoch N's checkpoint (to prove resuming works).
 KILL_AFTER_EPOCH_ENV = "FLOWER_KILL_AFTER_EPOCH"
@@ -65,7 +67,7 @@ class StepProgress(keras.callbacks.Callback):
                      f"loss {logs.get('loss', float('nan')):.4f} ({rate:.0f} img/s)")
 
 
-def make_loss(config: RunConfig, class_weights: np.ndarray | None):
+def make_loss(config: RunConfig, class_weights: np.ndarray | None) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
     """Categorical cross-entropy with label smoothing, or focal loss; optionally class-weighted."""
     t = config.train
     if t.loss == "focal":
@@ -88,7 +90,7 @@ def class_counts(files: tuple[str, ...], num_classes: int) -> np.ndarray:
 
 # --- checkpoints ------------------------------------------------------------------------------
 
-def save_checkpoint(folder: Path, model: keras.Model, optimizer, state: dict) -> None:
+def save_checkpoint(folder: Path, model: keras.Model, optimizer: keras.optimizers.Optimizer, state: dict) -> None:
     """Save weights, optimizer variables and state; state.json is written last and names a finished epoch."""
     folder.mkdir(parents=True, exist_ok=True)
     save_weights_atomic(model, folder / "last.weights.h5")
@@ -110,7 +112,9 @@ def _savez(path: str, arrays: dict) -> None:
         np.savez(f, **arrays)
 
 
-def load_checkpoint(folder: Path, model: keras.Model, optimizer, log=print) -> dict | None:
+def load_checkpoint(
+    folder: Path, model: keras.Model, optimizer: keras.optimizers.Optimizer, log: Log = print
+) -> dict | None:
     """Restore the last finished epoch, if any; returns its state."""
     state_file = folder / "state.json"
     if not state_file.is_file():
@@ -177,7 +181,7 @@ def versions() -> dict[str, str]:
 
 # --- the run ----------------------------------------------------------------------------------
 
-def train_member(config: RunConfig, log=print) -> Path:
+def train_member(config: RunConfig, log: Log = print) -> Path:
     """Train, evaluate, export and predict; return the run directory."""
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -263,7 +267,7 @@ class RunFacts:
     images_per_epoch: int
 
 
-def finish_run(config: RunConfig, model: keras.Model, facts: RunFacts, history: list[dict], log=print) -> Path:
+def finish_run(config: RunConfig, model: keras.Model, facts: RunFacts, history: list[dict], log: Log = print) -> Path:
     """Predict val/test (with TTA), export the SavedModel, write classes.json and member.json."""
     run_dir, size = config.run_dir, config.data.image_size
     infos, classes = facts.infos, facts.classes

@@ -53,7 +53,9 @@ def _raw_images(data_dir: str, split: str, image_size: int, count: int) -> np.nd
     return batch[0].numpy()
 
 
-def mixed_batches(data_dir: str, image_size: int, count: int, config: AugmentConfig, seed: int):
+def mixed_batches(
+    data_dir: str, image_size: int, count: int, config: AugmentConfig, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """One training batch with CutMix/MixUp applied: images uint8 and soft labels."""
     from training.dataset import train_dataset
 
@@ -63,7 +65,8 @@ def mixed_batches(data_dir: str, image_size: int, count: int, config: AugmentCon
 
 
 def write_grid_png(
-    path: str | Path, originals, copies, titles, mixed=None, mixed_labels=None, classes=None
+    path: str | Path, originals: np.ndarray, copies: np.ndarray, titles: list[str], mixed: np.ndarray | None = None,
+    mixed_labels: np.ndarray | None = None, classes: list[str] | None = None,
 ) -> Path:
     """Draw the grid with matplotlib and write it atomically as PNG."""
     import matplotlib

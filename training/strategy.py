@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 
 import keras
 import tensorflow as tf
 
 
-def detect_strategy(log=print) -> tuple[tf.distribute.Strategy, str]:
+def detect_strategy(log: Callable[[str], None] = print) -> tuple[tf.distribute.Strategy, str]:
     """TPU when reachable (Kaggle/Colab conventions), else multi-worker (TF_CONFIG), GPUs, or default."""
     try:
         # Kaggle and Colab TPU VMs: no address needed; TPU_NAME / COLAB_TPU_ADDR are read by the resolver.
@@ -30,7 +31,7 @@ def detect_strategy(log=print) -> tuple[tf.distribute.Strategy, str]:
     return strategy, kind
 
 
-def set_precision(setting: str, kind: str, log=print) -> str:
+def set_precision(setting: str, kind: str, log: Callable[[str], None] = print) -> str:
     """Apply the mixed-precision policy: bfloat16 on TPU for 'auto', float16 on GPU only when asked, never on CPU."""
     if setting == "auto":
         policy = "mixed_bfloat16" if kind == "tpu" else "float32"

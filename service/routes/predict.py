@@ -10,7 +10,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
-from service.app import ClientError, StateDep
+from service.app import ClientError, ServiceState, StateDep
 from service.images import ImageError, decode_image
 from service.routes.auth import require_api_key
 from service.schemas import ClassScore, ErrorDetail, ErrorResponse, ImageResult, MemberVote, PredictResponse
@@ -101,7 +101,7 @@ async def _read_form(request: Request, state) -> tuple[list[UploadFile], dict]:
     return files, options
 
 
-async def decode_uploads(files: list[UploadFile], state) -> list[np.ndarray | ImageError]:
+async def decode_uploads(files: list[UploadFile], state: ServiceState) -> list[np.ndarray | ImageError]:
     """Read and decode every upload off the event loop; a bad one becomes its own ImageError."""
     loop = asyncio.get_running_loop()
     settings = state.settings

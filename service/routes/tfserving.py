@@ -16,7 +16,7 @@ import json
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from service.app import StateDep
+from service.app import ServiceState, StateDep
 from service.images import ImageError, decode_image
 from service.routes.auth import require_api_key
 
@@ -44,7 +44,7 @@ TF_ERROR = {"content": {"application/json": {"schema": {"type": "object", "prope
                                              "example": {"error": "instance 0: the data is not an image"}}}}
 
 
-def tf_error(state, status: int, kind: str, message: str) -> JSONResponse:
+def tf_error(state: ServiceState, status: int, kind: str, message: str) -> JSONResponse:
     """A TF-Serving style error body."""
     state.metrics.error(kind)
     return JSONResponse({"error": message}, status_code=status)
