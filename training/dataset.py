@@ -142,7 +142,7 @@ def eval_dataset_from(
         image = resize_image(image, image_size)  # float32 0..255
         return (image, label, ids) if info.labelled else (image, ids)
 
-    ds = records_with_source(list(info.files), ordered=True)
+    ds = records_with_source(list(info.files))
     ds = ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
     return ds.batch(batch_size).prefetch(AUTOTUNE)
 

@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from training.augment import AugmentConfig, augment_batch
 from training.dataset import SplitInfo, eval_dataset_from, iterate_checked
-from training.writing import write_atomic
+from training.writing import write_npz_atomic
 
 # Test-time augmentation: flips and a mild affine transform, no colour, no erasing.
 TTA_AUGMENT = AugmentConfig(rotation=5.0, shear=2.0, zoom=0.05, shift=6.0)
@@ -127,9 +127,4 @@ def write_predictions(path: Path, ids: np.ndarray, probs: np.ndarray, labels: np
     arrays = {"ids": np.asarray(ids, dtype=str), "probs": np.asarray(probs, dtype=np.float32)}
     if labels is not None:
         arrays["labels"] = np.asarray(labels, dtype=np.int64)
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-
-    return write_atomic(path, write)
+    return write_npz_atomic(path, arrays)

@@ -37,7 +37,7 @@ from training.metrics import classification_scores
 from training.model import build_classifier, parameter_counts
 from training.schedules import learning_rate, plot_schedule
 from training.strategy import detect_strategy, set_precision
-from training.writing import write_atomic, write_text_atomic
+from training.writing import write_atomic, write_npz_atomic, write_text_atomic
 
 # Keras warns that shuffle=True is ignored for a tf.data.Dataset: the pipeline shuffles itself.
 warnings.filterwarnings("ignore", message=".*`shuffle=True` was passed.*")
@@ -95,7 +95,7 @@ def save_checkpoint(folder: Path, model: keras.Model, optimizer: keras.optimizer
     folder.mkdir(parents=True, exist_ok=True)
     save_weights_atomic(model, folder / "last.weights.h5")
     variables = {f"v{i}": np.asarray(v.numpy()) for i, v in enumerate(optimizer.variables)}
-    write_atomic(folder / "optimizer.npz", lambda tmp: _savez(tmp, variables))
+    write_npz_atomic(folder / "optimizer.npz", variables)
     write_text_atomic(folder / "state.json", json.dumps(state, indent=1))
 
 
@@ -104,12 +104,6 @@ def save_weights_atomic(model: keras.Model, path: Path) -> None:
     tmp = path.with_name(f".{path.name[: -len('.weights.h5')]}.tmp.weights.h5")
     model.save_weights(tmp)
     os.replace(tmp, path)
-
-
-def _savez(path: str, arrays: dict) -> None:
-    """np.savez to exactly this path (np.savez appends .npz to names without it)."""
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)
 
 
 def load_checkpoint(

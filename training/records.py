@@ -86,18 +86,13 @@ def decode_jpeg(image_bytes: tf.Tensor, size: int) -> tf.Tensor:
     return tf.ensure_shape(tf.io.decode_jpeg(image_bytes, channels=3), [size, size, 3])
 
 
-def records_with_source(files: list[str], ordered: bool) -> tf.data.Dataset:
-    """Yield (serialized, file, index-in-file) over files; interleaved in parallel unless ordered."""
+def records_with_source(files: list[str]) -> tf.data.Dataset:
+    """Yield (serialized, file, index-in-file) over files, in file order."""
     def one_file(path: tf.Tensor) -> tf.data.Dataset:
         ds = tf.data.TFRecordDataset(path, buffer_size=8 << 20).enumerate()
         return ds.map(lambda i, r: (r, path, i))
 
-    paths = tf.data.Dataset.from_tensor_slices(files)
-    if ordered:
-        return paths.flat_map(one_file)
-    return paths.interleave(
-        one_file, cycle_length=min(16, len(files)), num_parallel_calls=tf.data.AUTOTUNE, deterministic=False
-    )
+    return tf.data.Dataset.from_tensor_slices(files).flat_map(one_file)
 
 
 def iter_records(path: str) -> Iterator[tuple[int, bytes]]:

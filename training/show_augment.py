@@ -25,15 +25,16 @@ def augmented_grid(
     """Return originals [rows,S,S,3], augmented copies [rows,copies,S,S,3] (uint8) and the row titles."""
     import tensorflow as tf
 
-    from training.augment import augment_image
-    from training.dataset import eval_dataset
+    from training.augment import augment_image, resize_image
+    from training.dataset import eval_dataset_from, split_info
     from training.layout import load_classes
 
     classes = load_classes(data_dir)
-    batch = next(iter(eval_dataset(data_dir, split, image_size, rows)))
-    originals = batch[0].numpy()
-    titles = [classes[int(c)] for c in batch[1].numpy()] if len(batch) == 3 else [""] * rows
-    raw = _raw_images(data_dir, split, image_size, rows)
+    info = split_info(data_dir, split, image_size)
+    batch = next(iter(eval_dataset_from(info, info.file_size, rows)))  # decoded once, at the stored size
+    raw = batch[0].numpy()
+    originals = resize_image(tf.constant(raw), image_size).numpy()  # what evaluation feeds the model
+    titles = [classes[int(c)] for c in batch[1].numpy()] if info.labelled else [""] * rows
     copies_out = np.stack([
         np.stack([
             augment_image(tf.constant(img), tf.constant([seed, r * copies + c], tf.int64), config, image_size).numpy()
@@ -42,15 +43,6 @@ def augmented_grid(
         for r, img in enumerate(raw)
     ])
     return originals.astype(np.uint8), np.clip(copies_out, 0, 255).astype(np.uint8), titles
-
-
-def _raw_images(data_dir: str, split: str, image_size: int, count: int) -> np.ndarray:
-    """The first `count` decoded images at their stored size (input to the augmentation)."""
-    from training.dataset import eval_dataset_from, split_info
-
-    info = split_info(data_dir, split, image_size)
-    batch = next(iter(eval_dataset_from(info, info.file_size, count)))
-    return batch[0].numpy()
 
 
 def mixed_batches(

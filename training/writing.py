@@ -24,6 +24,17 @@ def write_atomic(path: str | Path, write: Callable[[str], None]) -> Path:
     return path
 
 
+def write_npz_atomic(path: str | Path, arrays: dict) -> Path:
+    """Write arrays as an .npz atomically (to exactly this path: np.savez would append .npz to a temp name)."""
+    import numpy as np
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    return write_atomic(path, write)
+
+
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write a text file atomically."""
     return write_atomic(path, lambda tmp: Path(tmp).write_text(text))
