@@ -44,15 +44,19 @@ def write_run_dir(
 
 def synthetic_runs(
     root: Path, skills: list[float], classes: int = 10, val_rows: int = 400, test_rows: int = 300, seed: int = 0,
+    shared: float = 1.0,
 ) -> list[Path]:
-    """Write one run directory per skill under root; ids are shuffled per member to test alignment."""
+    """Write one run directory per skill under root; ids are shuffled per member to test alignment.
+
+    `shared` is the noise all members share; 0 gives members whose errors are independent.
+    """
     rng = np.random.default_rng(seed)
     names = [f"class {i}" for i in range(classes)]
     val_ids = np.array([f"v{i:06d}" for i in range(val_rows)])
     test_ids = np.array([f"t{i:06d}" for i in range(test_rows)])
     labels = np.arange(val_rows) % classes
-    val = synthetic_probs(labels, skills, classes, rng)
-    test = synthetic_probs(rng.integers(0, classes, test_rows), skills, classes, rng)
+    val = synthetic_probs(labels, skills, classes, rng, shared=shared)
+    test = synthetic_probs(rng.integers(0, classes, test_rows), skills, classes, rng, shared=shared)
     runs = []
     for m, _ in enumerate(skills):
         v, t = rng.permutation(val_rows), rng.permutation(test_rows)

@@ -17,8 +17,13 @@ from PIL import Image
 CLASSES = ["red five-petal", "yellow ray flower", "purple four-star", "white eight-petal"]
 
 
-def make_run(root: Path, name: str, size: int, seed: int) -> Path:
-    """A run directory with a randomly initialised small CNN exported as the contract says."""
+def make_run(root: Path, name: str, size: int, seed: int, sharpness: float = 60.0) -> Path:
+    """A run directory with a randomly initialised small CNN exported as the contract says.
+
+    The output layer's weights are scaled by `sharpness`, so that the probabilities move visibly when
+    the pixels do (a plain random network answers almost uniformly whatever it is shown, and then a
+    parity check between two pixel paths cannot fail).
+    """
     import keras
 
     from training.export import export_saved_model
@@ -26,6 +31,8 @@ def make_run(root: Path, name: str, size: int, seed: int) -> Path:
 
     keras.utils.set_random_seed(seed)
     model = build_classifier("small-cnn", size, len(CLASSES))
+    head = model.get_layer("probabilities")
+    head.kernel.assign(head.kernel * sharpness)
     run = root / name
     run.mkdir(parents=True)
     export_saved_model(model, size, run / "saved_model")

@@ -232,3 +232,46 @@ def test_the_grid_command_writes_a_png(tiny_data, tmp_path, capsys):
     assert code == 0 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert show_augment_main(["--data", str(tmp_path / "none"), "--size", "32", "--out", str(out)]) == 2
     assert "data folder not found" in capsys.readouterr().err
+
+
+def test_rotation_turns_a_marked_spot_about_the_centre_by_the_sampled_angle():
+    from training.augment import _seeds, sample_affine
+
+    size, centre = 33, 16.0
+    image = np.zeros((size, size, 3), np.float32)
+    image[15:18, 27:30] = 255.0  # a spot 12 px right of the centre
+    config = AugmentConfig(**(NO_GEOMETRY | {"rotation": 30.0}), **NO_COLOUR)
+    angles = []
+    for s in range(8):
+        seed = _seed(s, 11)
+        out = augment_image(tf.constant(image), seed, config, size).numpy()[..., 0]
+        weight = out / out.sum()
+        rows, cols = np.mgrid[:size, :size]
+        y, x = float((weight * rows).sum()), float((weight * cols).sum())
+        assert abs(np.hypot(x - centre, y - centre) - 12.0) < 0.5  # a rotation keeps the distance to the centre
+        angles.append(np.degrees(np.arctan2(y - centre, x - centre)))
+        # The sampled map takes the spot's new place back to where it was.
+        affine = sample_affine(_seeds(seed, 4)[0], 1, config, size, size).numpy()[0]
+        back = affine @ np.array([x, y, 1.0])
+        np.testing.assert_allclose(back, [28.0, 16.0], atol=0.5)
+        np.testing.assert_allclose(affine[:, :2] @ affine[:, :2].T, np.eye(2), atol=1e-5)  # pure rotation
+    angles = np.array(angles)
+    assert 8.0 < np.abs(angles).mean() < 60.0 and (angles > 1).any() and (angles < -1).any()
+
+
+def test_zoom_and_shear_change_the_shape_and_shift_moves_without_turning():
+    from training.augment import _seeds, sample_affine
+
+    seed = _seeds(_seed(2, 2), 4)[0]
+    zoom = sample_affine(seed, 64, AugmentConfig(**(NO_GEOMETRY | {"zoom": 0.2})), 32, 32).numpy()
+    scales = np.concatenate([zoom[:, 0, 0], zoom[:, 1, 1]])
+    assert np.allclose(zoom[:, 0, 1], 0) and np.allclose(zoom[:, 1, 0], 0) and 0.1 < np.std(1 / scales) < 0.3
+    shear = sample_affine(seed, 64, AugmentConfig(**(NO_GEOMETRY | {"shear": 10.0})), 32, 32).numpy()
+    # The notebooks' shear: x leans by sin(angle) of y, y shrinks by cos(angle) (inverse map here).
+    assert np.abs(shear[:, 0, 1]).mean() > 0.05 and np.allclose(shear[:, 0, 0], 1) and np.allclose(shear[:, 1, 0], 0)
+    np.testing.assert_allclose(shear[:, 1, 1], np.sqrt(1 + shear[:, 0, 1] ** 2), rtol=1e-4)
+    shift = sample_affine(seed, 64, AugmentConfig(**(NO_GEOMETRY | {"shift": 16.0})), 32, 32).numpy()
+    np.testing.assert_allclose(shift[:, :, :2], np.tile(np.eye(2), (64, 1, 1)), atol=1e-6)
+    assert 1.5 < np.std(shift[:, :, 2]) < 4.5  # 16 px at 192 px is about 2.7 px at 32 px
+    resized = sample_affine(seed, 2, AugmentConfig(**NO_GEOMETRY), 64, 32).numpy()
+    np.testing.assert_allclose(resized[:, :, :2], np.tile(2 * np.eye(2), (2, 1, 1)), atol=1e-6)

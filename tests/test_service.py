@@ -376,3 +376,77 @@ def test_a_request_cannot_name_a_file_on_the_server(client):
         assert response.status_code == 404
     upload = client.post("/v1/predict", files=[("files", ("../../etc/passwd", image_bytes(), "image/jpeg"))])
     assert upload.status_code == 200 and upload.json()["results"][0]["filename"] == "../../etc/passwd"
+
+
+# --- the exact pixels the service decodes ----------------------------------------------------------
+
+@pytest.mark.parametrize("size,quality", [((64, 48), 95), ((90, 70), 70), ((33, 17), 50)])
+def test_a_plain_jpeg_decodes_to_tensorflows_exact_pixels(size, quality):
+    for mode in ("RGB", "L"):
+        blob = image_bytes("JPEG", size=size, seed=size[0], mode=mode, quality=quality)
+        np.testing.assert_array_equal(decode_image(blob, 10_000_000), tf.io.decode_jpeg(blob, channels=3).numpy())
+
+
+def _encode(image: Image.Image, fmt: str, **save) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save)
+    return buffer.getvalue()
+
+
+def test_exif_orientation_puts_a_marked_corner_where_the_viewer_sees_it():
+    base = np.zeros((48, 64, 3), np.uint8)
+    base[:12, :12] = (255, 0, 0)  # red top-left corner as stored
+    # orientation -> where the stored top-left corner appears on display (rows, columns of the shown image)
+    expected = {1: (slice(0, 8), slice(0, 8)), 3: (slice(-8, None), slice(-8, None)),
+                6: (slice(0, 8), slice(-8, None)), 8: (slice(-8, None), slice(0, 8))}
+    for orientation, (rows, cols) in expected.items():
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        decoded = decode_image(_encode(Image.fromarray(base), "JPEG", quality=95, exif=exif), 10_000_000)
+        assert decoded.shape == ((48, 64, 3) if orientation in (1, 3) else (64, 48, 3))
+        corner = decoded[rows, cols].astype(int)
+        assert (corner[..., 0] > 200).all() and (corner[..., 1:] < 60).all(), orientation
+        assert decoded.astype(int)[..., 0].sum() < 255 * 12 * 12 * 1.2  # only one red corner
+
+
+def test_alpha_cmyk_and_16_bit_images_get_known_pixel_values():
+    half_red = Image.new("RGBA", (8, 8), (255, 0, 0, 128))
+    np.testing.assert_array_equal(decode_image(_encode(half_red, "PNG"), 1000)[0, 0], [255, 127, 127])  # on white
+    grey_alpha = Image.new("LA", (8, 8), (0, 0))
+    np.testing.assert_array_equal(decode_image(_encode(grey_alpha, "PNG"), 1000)[0, 0], [255, 255, 255])
+    cmyk_red = Image.new("CMYK", (16, 16), (0, 255, 255, 0))
+    assert np.abs(decode_image(_encode(cmyk_red, "JPEG", quality=95), 1000)[4, 4].astype(int) - [255, 0, 0]).max() < 6
+    palette = Image.new("P", (8, 8), 1)
+    palette.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    np.testing.assert_array_equal(decode_image(_encode(palette, "PNG"), 1000)[0, 0], [10, 200, 30])
+    grey = Image.new("L", (8, 8), 77)
+    np.testing.assert_array_equal(decode_image(_encode(grey, "PNG"), 1000)[0, 0], [77, 77, 77])
+
+
+def test_each_image_gets_its_own_member_votes(client, ensemble_dir):
+    blobs = [image_bytes("PNG", size=(40, 40), seed=s) for s in (21, 22, 23)]
+    served = client.post("/v1/predict", files=_files(*blobs), data={"include_members": "true",
+                                                                   "include_probabilities": "true"}).json()
+    document = json.loads((ensemble_dir / "ensemble.json").read_text())
+    pixels = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB"), np.float32) for b in blobs])
+    for m, entry in enumerate(document["members"]):
+        model = tf.saved_model.load(str((ensemble_dir / entry["path"] / "saved_model").resolve()))
+        size = int(model.signatures["serving_pixels"].structured_input_signature[1]["images"].shape[1])
+        probs = model.signatures["serving_pixels"](images=tf.image.resize(pixels, [size, size]))["probabilities"]
+        probs = probs.numpy()
+        votes = [r["members"][m] for r in served["results"]]
+        assert [v["member"] for v in votes] == [entry["name"]] * 3
+        assert [v["index"] for v in votes] == probs.argmax(1).tolist()
+        np.testing.assert_allclose([v["probability"] for v in votes], probs.max(1), atol=1e-5)
+    assert len({r["members"][0]["probability"] for r in served["results"]}) == 3  # the images differ
+
+
+def test_top_classes_are_the_largest_blended_probabilities_in_order(client):
+    body = client.post("/v1/predict", files=_files(image_bytes("PNG", seed=31), image_bytes("PNG", seed=32)),
+                       data={"include_probabilities": "true", "top_k": "4"}).json()
+    for result in body["results"]:
+        probs = np.array(result["probabilities"])
+        assert [t["index"] for t in result["top"]] == np.argsort(-probs, kind="stable").tolist()
+        assert [t["name"] for t in result["top"]] == [CLASSES[i] for i in np.argsort(-probs, kind="stable")]
+        np.testing.assert_allclose([t["probability"] for t in result["top"]], np.sort(probs)[::-1], atol=1e-7)
+    assert body["results"][0]["probabilities"] != body["results"][1]["probabilities"]

@@ -24,7 +24,7 @@ from training.schedules import learning_rate
 
 TINY_RUN = [
     "--set", "data.image_size=32", "--set", "data.batch_size=16", "--set", "train.epochs=2",
-    "--set", "train.eval_batch_size=32", "--set", "predict.tta=2",
+    "--set", "train.eval_batch_size=32", "--set", "predict.tta=2", "--set", "data.deterministic=true",
 ]
 
 
@@ -257,19 +257,44 @@ def test_the_saved_model_stores_its_weights_once(tiny_run):
     assert member["saved_model"]["bytes"] <= 1.1 * member["saved_model"]["weights_bytes"]
 
 
-def test_a_killed_run_resumes_from_its_last_finished_epoch(tiny_data, tmp_path):
+def _weights(path: Path) -> dict[str, np.ndarray]:
+    """Every array of a Keras .weights.h5 file by its path inside the file."""
+    import h5py
+
+    arrays = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, item: arrays.__setitem__(name, item[()]) if isinstance(item, h5py.Dataset) else None)
+    return arrays
+
+
+def test_a_killed_run_resumes_exactly_where_it_stopped(tiny_data, tiny_run, tmp_path):
     out = tmp_path / "killed"
-    args = ("--set", "train.epochs=3", "--set", "predict.tta=1")
-    first = _train(tiny_data, out, *args, env={"FLOWER_KILL_AFTER_EPOCH": "2"})
-    assert first.returncode == -9  # SIGKILL right after epoch 2's checkpoint
-    assert json.loads((out / "checkpoints" / "state.json").read_text())["epoch"] == 2
+    first = _train(tiny_data, out, env={"FLOWER_KILL_AFTER_EPOCH": "1"})
+    assert first.returncode == -9  # SIGKILL right after epoch 1's checkpoint
+    assert json.loads((out / "checkpoints" / "state.json").read_text())["epoch"] == 1
     assert not (out / "member.json").exists()
-    second = _train(tiny_data, out, *args)
+    second = _train(tiny_data, out)
     assert second.returncode == 0, second.stderr[-2000:]
-    assert "resuming after epoch 2" in second.stdout
-    assert "epoch 1/3:" not in second.stdout and "epoch 3/3:" in second.stdout
+    assert "resuming after epoch 1" in second.stdout
+    assert "epoch 1/2:" not in second.stdout and "epoch 2/2:" in second.stdout
     epochs = [line.split(",")[0] for line in (out / "history.csv").read_text().splitlines()[1:]]
-    assert epochs == ["1", "2", "3"]
+    assert epochs == ["1", "2"]
+    # The resumed run is the uninterrupted one: same weights, optimizer state, history and predictions.
+    resumed, whole = _weights(out / "checkpoints" / "last.weights.h5"), _weights(tiny_run / "checkpoints" /
+                                                                               "last.weights.h5")
+    assert resumed.keys() == whole.keys() and len(resumed) > 4
+    for name in whole:
+        np.testing.assert_array_equal(resumed[name], whole[name], err_msg=name)
+    with np.load(out / "checkpoints" / "optimizer.npz") as a, np.load(tiny_run / "checkpoints" / "optimizer.npz") as b:
+        for key in b.files:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    losses = [[row.split(",")[2:6] for row in (run / "history.csv").read_text().splitlines()[1:]]
+              for run in (out, tiny_run)]
+    assert losses[0] == losses[1]
+    for split in ("val", "test"):
+        with np.load(out / "predictions" / f"{split}.npz") as a, \
+                np.load(tiny_run / "predictions" / f"{split}.npz") as b:
+            np.testing.assert_array_equal(a["probs"], b["probs"])
 
 
 def test_bad_data_fails_with_a_clear_message(tmp_path):
@@ -342,3 +367,87 @@ def test_a_checkpoint_of_another_model_is_refused_with_advice(tiny_data, tiny_ru
     result = _train(tiny_data, out, "--set", "model.backbone=efficientnet-b0")
     assert result.returncode == 2
     assert "does not fit this model" in result.stderr and "remove that folder" in result.stderr
+
+
+def test_a_checkpoint_restores_weights_optimizer_state_and_the_epoch(tmp_path):
+    from training.fit import load_checkpoint, save_checkpoint
+
+    def model_and_optimizer(seed):
+        keras.utils.set_random_seed(seed)
+        model = build_classifier("small-cnn", 16, 3, dropout=0.0)
+        optimizer = keras.optimizers.AdamW(learning_rate=1e-2)
+        model.compile(optimizer=optimizer, loss="categorical_crossentropy")
+        return model, optimizer
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (8, 16, 16, 3)).astype(np.float32)
+    y = np.eye(3, dtype=np.float32)[rng.integers(0, 3, 8)]
+    trained, optimizer = model_and_optimizer(1)
+    trained.fit(x, y, epochs=2, batch_size=4, verbose=0)
+    save_checkpoint(tmp_path, trained, optimizer, {"epoch": 2, "best_f1": 0.5, "history": [{"epoch": 1}]})
+    fresh, fresh_optimizer = model_and_optimizer(2)
+    logs = []
+    state = load_checkpoint(tmp_path, fresh, fresh_optimizer, logs.append)
+    assert state == {"epoch": 2, "best_f1": 0.5, "history": [{"epoch": 1}]}
+    assert logs == ["resuming after epoch 2 (best validation macro F1 so far 0.5000)"]
+    for a, b in zip(trained.weights, fresh.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    assert int(fresh_optimizer.iterations.numpy()) == 4
+    for a, b in zip(optimizer.variables, fresh_optimizer.variables, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    # One more step from the restored state equals one more step of the original.
+    trained.fit(x, y, epochs=1, batch_size=8, verbose=0, shuffle=False)
+    fresh.fit(x, y, epochs=1, batch_size=8, verbose=0, shuffle=False)
+    for a, b in zip(trained.weights, fresh.weights, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7, err_msg=a.path)
+    assert load_checkpoint(tmp_path / "none", fresh, fresh_optimizer, logs.append) is None
+
+
+def test_every_epoch_sees_its_own_data_and_dropout_seeds():
+    from training.fit import epoch_seed, reseed_layers
+
+    seeds = {epoch_seed(0, e) for e in range(50)} | {epoch_seed(1, e) for e in range(50)}
+    assert len(seeds) == 100 and epoch_seed(3, 7) == epoch_seed(3, 7)
+    model = build_classifier("small-cnn", 16, 3, dropout=0.5)
+    x = np.full((1, 16, 16, 3), 100.0, np.float32)
+
+    def masks():
+        return [model(x, training=True).numpy() for _ in range(2)]
+
+    reseed_layers(model, 5)
+    first = masks()
+    reseed_layers(model, 5)
+    again = masks()
+    reseed_layers(model, 6)
+    other = masks()
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first[0], first[1]) and not np.array_equal(first, other)
+
+
+def test_the_saved_models_bytes_signature_resizes_larger_records_like_training(tiny_run, tiny_data):
+    import tensorflow as tf
+
+    from training.dataset import split_info
+    from training.records import iter_records
+
+    model = build_classifier("small-cnn", 32, 6)
+    model.load_weights(tiny_run / "checkpoints" / "best.weights.h5")
+    info = split_info(str(tiny_data), "val", 32, file_size=48)  # 48 px records, a 32 px model
+    assert info.file_size == 48
+    ids, _, expected = predict_split(model, info, 32, 32, tta=1)
+    saved = tf.saved_model.load(str(tiny_run / "saved_model"))
+    blobs, blob_ids = [], []
+    for path in info.files:
+        for _, raw in iter_records(path):
+            feature = tf.train.Example.FromString(raw).features.feature
+            blobs.append(feature["image"].bytes_list.value[0])
+            blob_ids.append(feature["id"].bytes_list.value[0].decode())
+    got = saved.signatures["serving_default"](image_bytes=tf.constant(blobs))["probabilities"].numpy()
+    order = np.argsort(blob_ids)
+    assert list(np.array(blob_ids)[order]) == list(ids)
+    assert np.abs(got[order] - expected).max() < 1e-5
+    # The check can fail: an unresized (cropped) or nearest-neighbour input gives other probabilities.
+    pixels = tf.stack([tf.cast(tf.io.decode_jpeg(b, channels=3), tf.float32) for b in blobs])
+    nearest = tf.image.resize(pixels, [32, 32], method="nearest")
+    other = saved.signatures["serving_pixels"](images=nearest)["probabilities"].numpy()
+    assert np.abs(other[order] - expected).max() > 2e-4

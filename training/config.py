@@ -29,6 +29,7 @@ class DataConfig:
     batch_size: int = 32  # per replica; the global batch is this times the number of replicas
     train_on_val: bool = False  # final fit on train+val (validation scores then flatter)
     shuffle_buffer: int = 2048
+    deterministic: bool = False  # same batches in the same order for a seed and epoch (slower input; exact resume)
 
 
 @dataclass(frozen=True)

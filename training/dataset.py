@@ -76,11 +76,13 @@ def train_dataset(
     shuffle_buffer: int = 2048,
     repeat: bool = True,
     num_classes: int | None = None,
+    deterministic: bool = False,
 ) -> tf.data.Dataset:
     """Endless, shuffled, augmented batches (images [B,S,S,3] float32 0..255, one-hot labels [B,C]).
 
     Files are read in parallel and unordered for speed; batches have fixed shapes (drop_remainder)
-    as TPUs need. `include_val=True` trains on train+val for a final fit.
+    as TPUs need. `include_val=True` trains on train+val for a final fit. `deterministic=True` keeps
+    the order fixed for a given seed (slower), so that a run can be repeated or resumed exactly.
     """
     augment_config = augment if augment is not None else AugmentConfig()
     num_classes = num_classes or len(load_classes(data_dir))
@@ -95,7 +97,7 @@ def train_dataset(
         file_ds = file_ds.repeat()
     ds = file_ds.interleave(
         lambda path: tf.data.TFRecordDataset(path, buffer_size=8 << 20).map(lambda r: (r, path)),
-        cycle_length=min(16, len(files)), num_parallel_calls=AUTOTUNE, deterministic=False,
+        cycle_length=min(16, len(files)), num_parallel_calls=AUTOTUNE, deterministic=deterministic,
     )
     ds = ds.shuffle(shuffle_buffer, seed=seed)
 
@@ -109,13 +111,13 @@ def train_dataset(
         images = augment_batch(images, s[0], augment_config, image_size)
         return mix_batch(images, labels, s[1], augment_config)
 
-    ds = ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=False)
+    ds = ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     ds = ds.batch(batch_size, drop_remainder=True)
     # One seed per batch: augmentation parameters are sampled and applied batch-wise.
     ds = tf.data.Dataset.zip((ds, tf.data.Dataset.random(seed=seed).batch(2)))
-    ds = ds.map(augment_and_mix, num_parallel_calls=AUTOTUNE, deterministic=False)
+    ds = ds.map(augment_and_mix, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     options = tf.data.Options()
-    options.deterministic = False
+    options.deterministic = deterministic
     return ds.with_options(options).prefetch(AUTOTUNE)
 
 

@@ -88,6 +88,22 @@ def class_counts(files: tuple[str, ...], num_classes: int) -> np.ndarray:
     return np.bincount(np.fromiter(ds.as_numpy_iterator(), np.int64), minlength=num_classes)
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch's data order, augmentation and dropout: a function of (seed, epoch) only.
+
+    So an epoch run after a resume sees exactly what it would have seen in an uninterrupted run.
+    """
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint32)[0])
+
+
+def reseed_layers(model: keras.Model, seed: int) -> None:
+    """Set the state of every random layer's seed generator (dropout) from one seed."""
+    generators = [v for v in model.variables if v.path.endswith("seed_generator_state")]
+    for i, variable in enumerate(generators):
+        layer_seed = np.random.SeedSequence([seed, i]).generate_state(1, np.uint32)[0]
+        variable.assign(np.array([layer_seed, 0], dtype=variable.dtype))
+
+
 # --- checkpoints ------------------------------------------------------------------------------
 
 def save_checkpoint(folder: Path, model: keras.Model, optimizer: keras.optimizers.Optimizer, state: dict) -> None:
@@ -192,9 +208,14 @@ def train_member(config: RunConfig, log: Log = print) -> Path:
     log(f"data: {data.dir} records {infos['train'].file_size}px -> model {size}px; train {infos['train'].count}, "
         f"val {infos['val'].count}, test {infos['test'].count}; {len(classes)} classes; "
         f"global batch {global_batch}, {steps} steps/epoch")
-    dataset = train_dataset(data.dir, size, global_batch, augment=config.augment, seed=config.train.seed,
-                            file_size=infos["train"].file_size, include_val=data.train_on_val,
-                            shuffle_buffer=data.shuffle_buffer, num_classes=len(classes))
+    if data.deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+    def epoch_data(epoch: int) -> tf.data.Dataset:
+        return train_dataset(data.dir, size, global_batch, augment=config.augment,
+                             seed=epoch_seed(config.train.seed, epoch), file_size=infos["train"].file_size,
+                             include_val=data.train_on_val, shuffle_buffer=data.shuffle_buffer,
+                             num_classes=len(classes), deterministic=data.deterministic)
     weights = None
     if config.train.class_weights:
         counts = class_counts(infos["train"].files, len(classes)).astype(float)
@@ -219,8 +240,9 @@ def train_member(config: RunConfig, log: Log = print) -> Path:
     for epoch in range(state["epoch"], config.train.epochs):
         lr = learning_rate(config.schedule, epoch, config.train.epochs, replicas)
         optimizer.learning_rate.assign(lr)
+        reseed_layers(model, epoch_seed(config.train.seed, epoch))
         start = time.perf_counter()
-        fit = model.fit(dataset, initial_epoch=epoch, epochs=epoch + 1, steps_per_epoch=steps, verbose=0,
+        fit = model.fit(epoch_data(epoch), initial_epoch=epoch, epochs=epoch + 1, steps_per_epoch=steps, verbose=0,
                         callbacks=[StepProgress(epoch, config.train.epochs, steps, global_batch, log)])
         seconds = time.perf_counter() - start
         _, val_labels, val_probs = predict_split(model, infos["val"], size, config.train.eval_batch_size,
