@@ -26,15 +26,14 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import numpy as np
+import tensorflow as tf
 
-from training.augment import AugmentConfig  # noqa: E402
-from training.dataset import train_dataset  # noqa: E402
-from training.demo_data import KINDS, draw_flower, jpeg_bytes  # noqa: E402
-from training.records import Record, write_split  # noqa: E402
+from training.config import AugmentConfig
+from training.dataset import train_dataset, training_splits
+from training.demo_data import KINDS, draw_flower, jpeg_bytes
+from training.records import Record, write_split
 
 BATCH = 64
 COLOUR = AugmentConfig(brightness=0.1, contrast=0.1, saturation=0.1, hue=0.02)
@@ -118,9 +117,12 @@ def run(sizes: list[int], images: int, batches: int, rounds: int) -> dict:
         for size in sizes:
             make_records(root, size, images)
             variants = {
-                "ours": lambda s=size: train_dataset(str(root), s, BATCH, augment=AugmentConfig(), seed=0),
-                "colour": lambda s=size: train_dataset(str(root), s, BATCH, augment=COLOUR, seed=0),
-                "off": lambda s=size: train_dataset(str(root), s, BATCH, augment=AugmentConfig.off(), seed=0),
+                "ours": lambda s=size: train_dataset(training_splits(str(root), s), s, BATCH, num_classes=len(KINDS),
+                                                   augment=AugmentConfig(), seed=0),
+                "colour": lambda s=size: train_dataset(training_splits(str(root), s), s, BATCH, num_classes=len(KINDS),
+                                                   augment=COLOUR, seed=0),
+                "off": lambda s=size: train_dataset(training_splits(str(root), s), s, BATCH, num_classes=len(KINDS),
+                                                   augment=AugmentConfig.off(), seed=0),
                 "ref": lambda s=size: reference_dataset(root, s),
             }
             samples: dict[str, list[float]] = {k: [] for k in variants}

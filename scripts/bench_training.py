@@ -20,17 +20,16 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import keras
+import numpy as np
+import tensorflow as tf
 
-from training.augment import AugmentConfig  # noqa: E402
-from training.dataset import train_dataset  # noqa: E402
-from training.demo_data import KINDS, draw_flower, jpeg_bytes  # noqa: E402
-from training.model import build_classifier  # noqa: E402
-from training.records import Record, write_split  # noqa: E402
+from training.config import AugmentConfig
+from training.dataset import train_dataset, training_splits
+from training.demo_data import KINDS, draw_flower, jpeg_bytes
+from training.model import build_classifier
+from training.records import Record, write_split
 
 
 def make_records(root: Path, size: int, count: int) -> None:
@@ -74,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.backbones.split(","):
             model = build_classifier(name, args.size, len(KINDS))
             model.compile(optimizer=keras.optimizers.AdamW(1e-4), loss="categorical_crossentropy")
-            pipeline = train_dataset(str(root), args.size, args.batch, augment=AugmentConfig(), seed=0)
+            pipeline = train_dataset(training_splits(str(root), args.size), args.size, args.batch,
+                                     num_classes=len(KINDS), augment=AugmentConfig(), seed=0)
             images, labels = next(iter(pipeline))
             memory = tf.data.Dataset.from_tensors((images, labels)).repeat()
             samples: dict[str, list[float]] = {"pipeline": [], "memory": []}

@@ -215,7 +215,9 @@ def test_mixing_is_a_no_op_when_switched_off():
         ({"cutmix_prob": 0.7, "mixup_prob": 0.6}, "cutmix_prob \\+ augment.mixup_prob"),
         ({"erase_area": [0.3, 0.1]}, "augment.erase_area"),
         ({"fill_mode": "mirror"}, "augment.fill_mode must be one of"),
-        ({"rotaton": 3}, "unknown augment option\\(s\\) \\['rotaton'\\]"),
+        ({"rotaton": 3}, "unknown option\\(s\\) \\['augment.rotaton'\\]"),
+        ({"flip_left_right": "no"}, "augment.flip_left_right: expected bool, got 'no'"),
+        ({"erase_area": [0.1]}, "augment.erase_area: expected a pair"),
     ],
 )
 def test_bad_augment_options_are_rejected_with_the_option_named(values, message):

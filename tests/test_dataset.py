@@ -11,9 +11,9 @@ import tensorflow as tf
 
 from tests.conftest import TINY_COUNTS
 from training.augment import AugmentConfig
-from training.dataset import eval_dataset, iterate_checked, split_info, train_dataset
+from training.dataset import eval_dataset, iterate_checked, split_info, train_dataset, training_splits
+from training.errors import DataError
 from training.layout import (
-    DataError,
     available_sizes,
     choose_file_size,
     competition_classes,
@@ -39,7 +39,7 @@ def test_records_round_trip_keeps_ids_labels_and_order(tmp_path):
     files = _make_layout(tmp_path, "val", records)
     assert [f.rsplit("/", 1)[1] for f in files] == ["00-16x16-4.tfrec", "01-16x16-4.tfrec", "02-16x16-2.tfrec"]
 
-    batches = list(eval_dataset(str(tmp_path), "val", 16, batch_size=3, num_classes=3))
+    batches = list(eval_dataset(split_info(str(tmp_path), "val", 16), 16, batch_size=3, num_classes=3))
     images = np.concatenate([b[0] for b in batches])
     labels = np.concatenate([b[1] for b in batches])
     ids = [i.decode() for b in batches for i in b[2].numpy()]
@@ -50,7 +50,7 @@ def test_records_round_trip_keeps_ids_labels_and_order(tmp_path):
 
 
 def test_test_split_yields_images_and_ids_without_labels(tiny_data):
-    batches = list(eval_dataset(str(tiny_data), "test", 32, batch_size=8))
+    batches = list(eval_dataset(split_info(str(tiny_data), "test", 32), 32, batch_size=8))
     assert all(len(b) == 2 for b in batches)
     ids = [i.decode() for b in batches for i in b[1].numpy()]
     assert len(ids) == TINY_COUNTS["test"] == len(set(ids))
@@ -76,7 +76,8 @@ def test_sizes_are_discovered_and_the_closest_larger_size_is_chosen(tiny_data):
 
 
 def test_training_batches_have_fixed_shapes_dtypes_and_one_hot_labels(tiny_data):
-    ds = train_dataset(str(tiny_data), 40, batch_size=7, augment=AugmentConfig(), seed=1)
+    ds = train_dataset(training_splits(str(tiny_data), 40), 40, batch_size=7, num_classes=6, augment=AugmentConfig(),
+                       seed=1)
     assert ds.element_spec[0].shape.as_list() == [7, 40, 40, 3]
     assert ds.element_spec[1].shape.as_list() == [7, 6]
     for images, labels in ds.take(12):  # more than one epoch: the stream repeats
@@ -88,7 +89,8 @@ def test_training_batches_have_fixed_shapes_dtypes_and_one_hot_labels(tiny_data)
 
 def test_train_plus_val_sees_validation_images(tiny_data):
     def seen(include_val: bool) -> int:
-        ds = train_dataset(str(tiny_data), 32, 6, augment=AugmentConfig.off(), include_val=include_val, repeat=False)
+        splits = training_splits(str(tiny_data), 32, include_val=include_val)
+        ds = train_dataset(splits, 32, 6, num_classes=6, augment=AugmentConfig.off(), repeat=False)
         return sum(int(images.shape[0]) for images, _ in ds)
 
     assert seen(False) == TINY_COUNTS["train"]
@@ -96,7 +98,7 @@ def test_train_plus_val_sees_validation_images(tiny_data):
 
 
 def test_evaluation_resizes_to_the_model_size_in_the_pipeline(tiny_data):
-    images, labels, ids = next(iter(eval_dataset(str(tiny_data), "val", 64, batch_size=5)))
+    images, labels, ids = next(iter(eval_dataset(split_info(str(tiny_data), "val", 64), 64, batch_size=5)))
     assert images.shape == (5, 64, 64, 3) and images.dtype == tf.float32
     assert labels.dtype == tf.int64 and ids.dtype == tf.string
 
@@ -130,7 +132,7 @@ def test_missing_folders_and_files_are_named(tmp_path, tiny_data):
 def test_a_file_without_the_class_feature_is_named(tmp_path):
     files = _make_layout(tmp_path, "train", [Record(_jpeg(5), "a", None), Record(_jpeg(5), "b", None)])
     with pytest.raises(DataError, match=f"{files[0]}: record 0 has no 'class' feature"):
-        train_dataset(str(tmp_path), 16, 2)
+        training_splits(str(tmp_path), 16)
 
 
 def test_a_corrupt_jpeg_deep_in_a_file_is_named_with_its_record(tmp_path):
@@ -139,7 +141,7 @@ def test_a_corrupt_jpeg_deep_in_a_file_is_named_with_its_record(tmp_path):
     files = _make_layout(tmp_path, "val", records, per_file=6)
     info = split_info(str(tmp_path), "val", 16)  # the first record is fine: the cheap check passes
     with pytest.raises(DataError, match=f"{files[0]}: record 5: image is not a valid JPEG"):
-        list(iterate_checked(eval_dataset(str(tmp_path), "val", 16, 2), info))
+        list(iterate_checked(eval_dataset(split_info(str(tmp_path), "val", 16), 16, 2), info))
 
 
 def test_a_truncated_file_is_named(tmp_path):
@@ -148,13 +150,13 @@ def test_a_truncated_file_is_named(tmp_path):
     open(files[0], "wb").write(data[: len(data) - 40])
     info = split_info(str(tmp_path), "val", 16)
     with pytest.raises(DataError, match=f"{files[0]}: record 3 is corrupt"):
-        list(iterate_checked(eval_dataset(str(tmp_path), "val", 16, 2), info))
+        list(iterate_checked(eval_dataset(split_info(str(tmp_path), "val", 16), 16, 2), info))
 
 
 def test_a_record_missing_its_class_inside_the_graph_names_the_file(tmp_path):
     records = [Record(_jpeg(5), "a", 0), Record(_jpeg(5), "b", None)]
     files = _make_layout(tmp_path, "val", records)
-    ds = eval_dataset(str(tmp_path), "val", 16, 2)
+    ds = eval_dataset(split_info(str(tmp_path), "val", 16), 16, 2)
     with pytest.raises(tf.errors.InvalidArgumentError, match=files[0]):
         list(ds)
 
@@ -163,7 +165,7 @@ def test_a_label_beyond_the_class_list_is_named(tmp_path):
     files = _make_layout(tmp_path, "val", [Record(_jpeg(5), "a", 7)])
     (tmp_path / "classes.json").write_text(json.dumps(["a", "b"]))
     with pytest.raises(tf.errors.InvalidArgumentError, match=f"out of range.*{files[0]}"):
-        list(eval_dataset(str(tmp_path), "val", 16, 2, num_classes=2))
+        list(eval_dataset(split_info(str(tmp_path), "val", 16), 16, 2, num_classes=2))
 
 
 def test_an_image_of_the_wrong_size_is_named(tmp_path):
@@ -185,5 +187,5 @@ def test_records_without_ids_get_file_and_index_ids(tmp_path):
     with tf.io.TFRecordWriter(str(folder / "00-16x16-2.tfrec")) as writer:
         writer.write(example.SerializeToString())
         writer.write(example.SerializeToString())
-    _, _, ids = next(iter(eval_dataset(str(tmp_path), "val", 16, 2)))
+    _, _, ids = next(iter(eval_dataset(split_info(str(tmp_path), "val", 16), 16, 2)))
     assert [i.decode() for i in ids.numpy()] == ["00-16x16-2-0", "00-16x16-2-1"]

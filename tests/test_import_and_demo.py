@@ -11,10 +11,11 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from training.dataset import eval_dataset
+from training.dataset import eval_dataset, split_info
 from training.demo_data import KINDS, demo_examples
+from training.errors import DataError
 from training.import_folders import import_folders, stratified_split
-from training.layout import DataError, count_records, split_files
+from training.layout import count_records, split_files
 from training.records import iter_records
 
 IMPORT_SCRIPT = __import__("importlib").import_module("scripts.import_folders")
@@ -42,7 +43,7 @@ def test_importing_the_real_photos_gives_a_stratified_competition_layout(real_ph
     for split in ("train", "val", "test"):
         files = split_files(str(out), 64, split)
         assert count_records(files) == sum(report.counts[split].values())
-        ids[split] = {i.decode() for b in eval_dataset(str(out), split, 64, 256) for i in b[-1].numpy()}
+        ids[split] = {i.decode() for b in eval_dataset(split_info(str(out), split, 64), 64, 256) for i in b[-1].numpy()}
     assert not (ids["train"] & ids["val"] or ids["train"] & ids["test"] or ids["val"] & ids["test"])
     answers = list(csv.DictReader(open(out / "test_answers.csv")))
     assert {a["id"] for a in answers} == ids["test"]

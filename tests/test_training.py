@@ -17,8 +17,8 @@ from sklearn.metrics import f1_score
 from tests.conftest import REPO, TINY_COUNTS
 from training.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone, get_backbone, list_backbones
 from training.config import ScheduleConfig, load_config
+from training.evaluation import classification_scores
 from training.export import TTA_AUGMENT, predict_split
-from training.metrics import classification_scores
 from training.model import build_classifier, parameter_counts
 from training.schedules import learning_rate
 
@@ -28,12 +28,26 @@ TINY_RUN = [
 ]
 
 
-def _train(data: Path, out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run the train command in a fresh process (as a user would)."""
-    args = [sys.executable, "-m", "training.train", "--set", f"data.dir={data}", "--set", f"output={out}",
-            "--set", "name=tiny", *TINY_RUN, *extra]
-    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})})
+KILLED_RUN = textwrap.dedent("""
+    # Train with the given overrides and SIGKILL this process right after epoch N's checkpoint.
+    import os, signal, sys
+    from training.config import load_config
+    from training.config_values import parse_assignments
+    from training.fit import train_member
+    kill_after, overrides = int(sys.argv[1]), sys.argv[2:]
+    config = load_config(None, parse_assignments([a for a in overrides if a != "--set"]))
+    train_member(config, after_epoch=lambda n: os.kill(os.getpid(), signal.SIGKILL) if n == kill_after else None)
+""")
+
+
+def _train(data: Path, out: Path, *extra: str, kill_after: int | None = None) -> subprocess.CompletedProcess:
+    """Run the train command in a fresh process (as a user would), or one killed after an epoch."""
+    overrides = ["--set", f"data.dir={data}", "--set", f"output={out}", "--set", "name=tiny", *TINY_RUN, *extra]
+    command = [sys.executable, "-m", "training.train", *overrides]
+    if kill_after is not None:
+        command = [sys.executable, "-c", KILLED_RUN, str(kill_after), *overrides]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +283,7 @@ def _weights(path: Path) -> dict[str, np.ndarray]:
 
 def test_a_killed_run_resumes_exactly_where_it_stopped(tiny_data, tiny_run, tmp_path):
     out = tmp_path / "killed"
-    first = _train(tiny_data, out, env={"FLOWER_KILL_AFTER_EPOCH": "1"})
+    first = _train(tiny_data, out, kill_after=1)
     assert first.returncode == -9  # SIGKILL right after epoch 1's checkpoint
     assert json.loads((out / "checkpoints" / "state.json").read_text())["epoch"] == 1
     assert not (out / "member.json").exists()
@@ -451,3 +465,33 @@ def test_the_saved_models_bytes_signature_resizes_larger_records_like_training(t
     nearest = tf.image.resize(pixels, [32, 32], method="nearest")
     other = saved.signatures["serving_pixels"](images=nearest)["probabilities"].numpy()
     assert np.abs(other[order] - expected).max() > 2e-4
+
+
+def test_class_weights_count_every_split_the_run_trains_on(tmp_path):
+    import io as _io
+
+    from PIL import Image
+
+    from training.fit import class_counts, inverse_frequency_weights, prepare_run
+    from training.records import Record, write_split
+
+    def jpeg(value):
+        buffer = _io.BytesIO()
+        Image.new("RGB", (16, 16), (value, value, value)).save(buffer, format="JPEG")
+        return buffer.getvalue()
+
+    layout = {"train": [0] * 6 + [1] * 2, "val": [1] * 4, "test": [None] * 2}
+    for split, labels in layout.items():
+        records = [Record(jpeg(10 * i), f"{split}{i}", label) for i, label in enumerate(labels)]
+        write_split(str(tmp_path / "tfrecords-jpeg-16x16" / split), 16, records, 4)
+    (tmp_path / "classes.json").write_text('["a", "b"]')
+    settings = {"data.dir": str(tmp_path), "data.image_size": 16, "data.batch_size": 4, "train.class_weights": True,
+                "output": str(tmp_path / "never-written")}
+    alone = prepare_run(load_config(None, settings), log=lambda _: None)
+    np.testing.assert_allclose(alone.class_weights, [8 / 12, 8 / 4])
+    both = prepare_run(load_config(None, {**settings, "data.train_on_val": True}), log=lambda _: None)
+    assert [i.split for i in both.train_splits] == ["train", "val"] and both.steps == 3
+    np.testing.assert_array_equal(class_counts(both.train_splits, 2), [6, 6])
+    np.testing.assert_allclose(both.class_weights, [1.0, 1.0])
+    np.testing.assert_allclose(inverse_frequency_weights(np.array([2, 2, 0])), [2 / 3, 2 / 3, 0.0])
+    assert not (tmp_path / "never-written").exists()

@@ -28,12 +28,11 @@ class WeightsUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """The facts of one backbone: how to build it, its preprocessing, sizes and weight sources."""
+    """The facts of one backbone: how to build it, its preprocessing and weight sources."""
 
     name: str
     build: Callable[[int, str | None], keras.Model]
     preprocessing: str
-    default_size: int
     weight_sources: tuple[str, ...]
     family: str
 
@@ -42,7 +41,7 @@ REGISTRY: dict[str, BackboneSpec] = {}
 
 
 def register(
-    name: str, preprocessing: str, default_size: int, weight_sources: tuple[str, ...] = ("imagenet",),
+    name: str, preprocessing: str, weight_sources: tuple[str, ...] = ("imagenet",),
     family: str = "",
 ) -> Callable[[Callable], Callable]:
     """Decorator that registers a builder `(image_size, weights) -> keras.Model` under a name."""
@@ -50,7 +49,7 @@ def register(
         raise ValueError(f"preprocessing must be one of {PREPROCESSING}, got {preprocessing!r}")
 
     def wrap(build):
-        REGISTRY[name] = BackboneSpec(name, build, preprocessing, default_size, tuple(weight_sources), family or name)
+        REGISTRY[name] = BackboneSpec(name, build, preprocessing, tuple(weight_sources), family or name)
         return build
 
     return wrap
@@ -136,8 +135,8 @@ def _efficientnet(variant: int) -> Callable[[int, str | None], keras.Model]:
     return build
 
 
-for _v, _size in enumerate((224, 240, 260, 300, 380, 456, 528, 600)):
-    register(f"efficientnet-b{_v}", "torch", _size, ("imagenet", "noisy-student"), "efficientnet")(_efficientnet(_v))
+for _v in range(8):  # native sizes 224, 240, 260, 300, 380, 456, 528, 600; any size >= 32 works
+    register(f"efficientnet-b{_v}", "torch", ("imagenet", "noisy-student"), "efficientnet")(_efficientnet(_v))
 
 
 # --- keras.applications ------------------------------------------------------------------------
@@ -150,26 +149,26 @@ def _application(constructor: str, **extra) -> Callable[[int, str | None], keras
     return build
 
 
-for _name, _constructor, _size in (
-    ("efficientnetv2-b0", "EfficientNetV2B0", 224), ("efficientnetv2-b1", "EfficientNetV2B1", 240),
-    ("efficientnetv2-b2", "EfficientNetV2B2", 260), ("efficientnetv2-b3", "EfficientNetV2B3", 300),
-    ("efficientnetv2-s", "EfficientNetV2S", 384), ("efficientnetv2-m", "EfficientNetV2M", 480),
-    ("efficientnetv2-l", "EfficientNetV2L", 480),
+for _name, _constructor in (
+    ("efficientnetv2-b0", "EfficientNetV2B0"), ("efficientnetv2-b1", "EfficientNetV2B1"),
+    ("efficientnetv2-b2", "EfficientNetV2B2"), ("efficientnetv2-b3", "EfficientNetV2B3"),
+    ("efficientnetv2-s", "EfficientNetV2S"), ("efficientnetv2-m", "EfficientNetV2M"),
+    ("efficientnetv2-l", "EfficientNetV2L"),
 ):
     # include_preprocessing=True: these models rescale 0..255 themselves.
-    register(_name, "builtin", _size, family="efficientnetv2")(_application(_constructor, include_preprocessing=True))
+    register(_name, "builtin", family="efficientnetv2")(_application(_constructor, include_preprocessing=True))
 
-for _name, _constructor, _mode, _size in (
-    ("densenet121", "DenseNet121", "torch", 224), ("densenet169", "DenseNet169", "torch", 224),
-    ("densenet201", "DenseNet201", "torch", 224), ("xception", "Xception", "tf", 299),
-    ("resnet50v2", "ResNet50V2", "tf", 224), ("inceptionresnetv2", "InceptionResNetV2", "tf", 299),
+for _name, _constructor, _mode in (
+    ("densenet121", "DenseNet121", "torch"), ("densenet169", "DenseNet169", "torch"),
+    ("densenet201", "DenseNet201", "torch"), ("xception", "Xception", "tf"),
+    ("resnet50v2", "ResNet50V2", "tf"), ("inceptionresnetv2", "InceptionResNetV2", "tf"),
 ):
-    register(_name, _mode, _size, family=_name.rstrip("0123456789"))(_application(_constructor))
+    register(_name, _mode, family=_name.rstrip("0123456789"))(_application(_constructor))
 
 
 # --- A small plain CNN for CPU smoke runs and the demo --------------------------------------------
 
-@register("small-cnn", "unit", 64, weight_sources=(), family="cnn")
+@register("small-cnn", "unit", weight_sources=(), family="cnn")
 def small_cnn(image_size: int, weights: str | None) -> keras.Model:
     """Four conv blocks (32-64-128-192 filters, batch norm, ReLU, max-pool): about 0.4 M parameters."""
     inputs = keras.Input((image_size, image_size, 3))

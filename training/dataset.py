@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import tensorflow as tf
 
 from training.augment import AugmentConfig, augment_batch, mix_batch, resize_image
-from training.layout import (
-    DataError,
-    choose_file_size,
-    count_records,
-    load_classes,
-    split_files,
-)
+from training.errors import DataError
+from training.layout import choose_file_size, count_records, split_files
 from training.records import (
     check_first_records,
     decode_jpeg,
@@ -64,33 +59,38 @@ def _parse_and_decode(serialized, source, index, labelled: bool, file_size: int,
     return image, label, ids
 
 
+def training_splits(data_dir: str, image_size: int, file_size: int | None = None,
+                    include_val: bool = False) -> list[SplitInfo]:
+    """The splits a run trains on: train, plus val for a final fit on train+val, at one record size."""
+    splits = [split_info(data_dir, "train", image_size, file_size)]
+    if include_val:
+        splits.append(split_info(data_dir, "val", image_size, splits[0].file_size))
+    return splits
+
+
 def train_dataset(
-    data_dir: str,
+    splits: Sequence[SplitInfo],
     image_size: int,
     batch_size: int,
     *,
+    num_classes: int,
     augment: AugmentConfig | None = None,
     seed: int = 0,
-    file_size: int | None = None,
-    include_val: bool = False,
     shuffle_buffer: int = 2048,
     repeat: bool = True,
-    num_classes: int | None = None,
     deterministic: bool = False,
 ) -> tf.data.Dataset:
     """Endless, shuffled, augmented batches (images [B,S,S,3] float32 0..255, one-hot labels [B,C]).
 
-    Files are read in parallel and unordered for speed; batches have fixed shapes (drop_remainder)
-    as TPUs need. `include_val=True` trains on train+val for a final fit. `deterministic=True` keeps
-    the order fixed for a given seed (slower), so that a run can be repeated or resumed exactly.
+    `splits` are located already (`training_splits`). Files are read in parallel and unordered for
+    speed; batches have fixed shapes (drop_remainder) as TPUs need. `deterministic=True` keeps the
+    order fixed for a given seed (slower), so that a run can be repeated or resumed exactly.
     """
     augment_config = augment if augment is not None else AugmentConfig()
-    num_classes = num_classes or len(load_classes(data_dir))
-    infos = [split_info(data_dir, "train", image_size, file_size)]
-    if include_val:
-        infos.append(split_info(data_dir, "val", image_size, infos[0].file_size))
-    files = [f for info in infos for f in info.files]
-    size = infos[0].file_size
+    files = [f for info in splits for f in info.files]
+    size = splits[0].file_size
+    if any(info.file_size != size or not info.labelled for info in splits):
+        raise ValueError("training splits must be labelled and share one record size")
 
     file_ds = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=seed)
     if repeat:
@@ -122,23 +122,9 @@ def train_dataset(
 
 
 def eval_dataset(
-    data_dir: str,
-    split: str,
-    image_size: int,
-    batch_size: int,
-    *,
-    file_size: int | None = None,
-    num_classes: int | None = None,
-) -> tf.data.Dataset:
-    """Ordered batches of a split: (images, labels, ids) for train/val, (images, ids) for test."""
-    info = split_info(data_dir, split, image_size, file_size)
-    return eval_dataset_from(info, image_size, batch_size, num_classes=num_classes)
-
-
-def eval_dataset_from(
     info: SplitInfo, image_size: int, batch_size: int, *, num_classes: int | None = None
 ) -> tf.data.Dataset:
-    """Ordered evaluation batches for an already located split."""
+    """Ordered batches of a located split: (images, labels, ids) for train/val, (images, ids) for test."""
     def load(serialized, source, index):
         image, label, ids = _parse_and_decode(serialized, source, index, info.labelled, info.file_size, num_classes)
         image = resize_image(image, image_size)  # float32 0..255

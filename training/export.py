@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from training.augment import AugmentConfig, augment_batch
-from training.dataset import SplitInfo, eval_dataset_from, iterate_checked
+from training.dataset import SplitInfo, eval_dataset, iterate_checked
 from training.writing import write_npz_atomic
 
 # Test-time augmentation: flips and a mild affine transform, no colour, no erasing.
@@ -103,7 +103,7 @@ def predict_split(
     transformed copies of the images.
     """
     ids, labels, probs = [], [], []
-    for index, batch in enumerate(iterate_checked(eval_dataset_from(info, image_size, batch_size,
+    for index, batch in enumerate(iterate_checked(eval_dataset(info, image_size, batch_size,
                                                                     num_classes=num_classes), info)):
         images = batch[0]
         total = np.asarray(model.predict_on_batch(images), dtype=np.float64)

@@ -11,14 +11,12 @@ from pathlib import Path
 
 import tensorflow as tf
 
+from training.errors import DataError
+
 SPLITS = ("train", "val", "test")
 SIZE_FOLDER = re.compile(r"tfrecords-jpeg-(\d+)x(\d+)$")
 COUNT_IN_NAME = re.compile(r"-(\d+)\.tfrec$")
 COMPETITION_CLASSES_FILE = "competition_classes.json"
-
-
-class DataError(ValueError):
-    """Bad input data: the message names the problem and the file or folder at fault."""
 
 
 def join(*parts: str) -> str:

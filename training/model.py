@@ -69,12 +69,7 @@ def set_trainable(model: keras.Model, features: keras.Model, trainable: str) -> 
     keep = int(match.group(1))
     if keep > len(blocks):
         raise ValueError(f"model.trainable={trainable!r} but the backbone has only {len(blocks)} blocks")
-    for layer in features.layers:
-        layer.trainable = False
-    for block in blocks[len(blocks) - keep:]:
-        for layer in block:
-            layer.trainable = True
-    features.trainable = True  # the container: keeps the per-layer flags set above
+    features.trainable = True  # sets every nested layer trainable; then freeze all but the last `keep` blocks
     for block in blocks[: len(blocks) - keep]:
         for layer in block:
             layer.trainable = False

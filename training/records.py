@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import tensorflow as tf
 
-from training.layout import DataError, join
+from training.errors import DataError
+from training.layout import join
 
 MISSING_CLASS = -1
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from training.augment import AugmentConfig
+from training.config import AugmentConfig
 from training.config_values import parse_assignments
-from training.layout import DataError
+from training.errors import DataError
 
 
 def augmented_grid(
@@ -26,12 +26,12 @@ def augmented_grid(
     import tensorflow as tf
 
     from training.augment import augment_image, resize_image
-    from training.dataset import eval_dataset_from, split_info
+    from training.dataset import eval_dataset, split_info
     from training.layout import load_classes
 
     classes = load_classes(data_dir)
     info = split_info(data_dir, split, image_size)
-    batch = next(iter(eval_dataset_from(info, info.file_size, rows)))  # decoded once, at the stored size
+    batch = next(iter(eval_dataset(info, info.file_size, rows)))  # decoded once, at the stored size
     raw = batch[0].numpy()
     originals = resize_image(tf.constant(raw), image_size).numpy()  # what evaluation feeds the model
     titles = [classes[int(c)] for c in batch[1].numpy()] if info.labelled else [""] * rows
@@ -49,9 +49,12 @@ def mixed_batches(
     data_dir: str, image_size: int, count: int, config: AugmentConfig, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """One training batch with CutMix/MixUp applied: images uint8 and soft labels."""
-    from training.dataset import train_dataset
+    from training.dataset import train_dataset, training_splits
+    from training.layout import load_classes
 
-    ds = train_dataset(data_dir, image_size, count, augment=config, seed=seed, shuffle_buffer=64)
+    splits = training_splits(data_dir, image_size)
+    ds = train_dataset(splits, image_size, count, num_classes=len(load_classes(data_dir)), augment=config, seed=seed,
+                       shuffle_buffer=64)
     images, labels = next(iter(ds))
     return np.clip(images.numpy(), 0, 255).astype(np.uint8), labels.numpy()
 

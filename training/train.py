@@ -15,7 +15,7 @@ import sys
 
 from training.config import describe_options, load_config
 from training.config_values import parse_assignments
-from training.layout import DataError
+from training.errors import DataError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,8 +38,3 @@ def write_npz_atomic(path: str | Path, arrays: dict) -> Path:
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write a text file atomically."""
     return write_atomic(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
-    """Write a binary file atomically."""
-    return write_atomic(path, lambda tmp: Path(tmp).write_bytes(data))
