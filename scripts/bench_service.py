@@ -22,19 +22,11 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
-from service_member import free_port, make_member, start_server  # noqa: E402
 
-
-def photo(size: int) -> bytes:
-    """A JPEG of a demo flower at the member's size."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from training.demo_data import KINDS, draw_flower, jpeg_bytes
-
-    return jpeg_bytes(draw_flower(KINDS[0], np.random.default_rng(0), size), size)
+from service.testing import flower_jpeg, free_port, make_benchmark_run, start_server  # noqa: E402
 
 
 def http_p50(url: str, blob: bytes, count: int) -> float:
@@ -107,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; the best of each is kept")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        run = make_member(Path(tmp), args.backbone, args.size)
-        blob = photo(args.size)
+        run = make_benchmark_run(Path(tmp), args.backbone, args.size)
+        blob = flower_jpeg(args.size)
         # This machine switches between two speed modes; interference only slows things down, so each
         # figure is the best of several alternating rounds.
         direct = [in_process(run, blob, args.requests, args.size)]
@@ -117,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             for label, flags in (("batching", ["--max-wait-ms", str(args.max_wait_ms), "--max-batch-size", "32"]),
                                  ("no batching", ["--no-batching"])):
                 port = free_port()
-                server = start_server(run, port, *flags)
+                server = start_server(["--run", str(run), *flags], port)
                 try:
                     url = f"http://127.0.0.1:{port}"
                     p50 = http_p50(url, blob, args.requests) if label == "batching" else None

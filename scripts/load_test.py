@@ -24,11 +24,18 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx  # noqa: E402
-from bench_service import photo  # noqa: E402
-from service_member import free_port, make_member, rss_bytes, start_server  # noqa: E402
+
+from service.testing import flower_jpeg, free_port, make_benchmark_run, start_server  # noqa: E402
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,10 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=128)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        run = make_member(Path(tmp), args.backbone, args.size)
-        blob = photo(args.size)
+        run = make_benchmark_run(Path(tmp), args.backbone, args.size)
+        blob = flower_jpeg(args.size)
         port = free_port()
-        server = start_server(run, port)
+        server = start_server(["--run", str(run)], port)
         url = f"http://127.0.0.1:{port}/v1/predict"
         latencies, errors, memory = [], [0], []
         lock = threading.Lock()

@@ -1,8 +1,9 @@
 """Decode uploaded images once into RGB uint8 arrays, safely.
 
-JPEG, PNG, GIF (first frame), BMP and WebP; grayscale, palette, CMYK, 16-bit and alpha become RGB;
-EXIF orientation is applied. A plain RGB or grayscale JPEG with no rotation is decoded by TensorFlow's
-decoder, exactly as training and the SavedModel do, so the service sees the same pixels.
+JPEG, PNG, GIF (first frame), BMP and WebP. Grayscale, palette, CMYK, 16-bit and alpha images become RGB
+and EXIF orientation is applied by `training.pixels.to_rgb`, exactly as in the import tool. A plain RGB
+or grayscale JPEG with no rotation is decoded by TensorFlow's decoder, exactly as training and the
+SavedModel do, so the service sees the same pixels.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
+
+from training.pixels import to_rgb
 
 FORMATS = {"JPEG", "PNG", "GIF", "BMP", "WEBP", "MPO"}
 EXIF_ORIENTATION = 0x0112
@@ -55,8 +58,7 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
         return _decode_jpeg_like_training(data)
     try:
         image.load()
-        image = ImageOps.exif_transpose(image)
-        return np.asarray(_to_rgb(image), dtype=np.uint8)
+        return np.asarray(to_rgb(image), dtype=np.uint8)
     except (OSError, ValueError, SyntaxError) as err:
         raise ImageError("corrupt", f"the image is truncated or corrupt ({err})") from None
 
@@ -78,16 +80,3 @@ def _decode_jpeg_like_training(data: bytes) -> np.ndarray:
     except tf.errors.InvalidArgumentError as err:
         raise ImageError("corrupt", f"the JPEG is truncated or corrupt ({err.message.splitlines()[0]})") from None
 
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Grayscale, palette, CMYK, 16-bit and alpha images as RGB (alpha composited on white)."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        scale = 255.0 / 65535.0 if array.max() > 255 else 1.0
-        image = Image.fromarray(np.clip(array * scale, 0, 255).astype(np.uint8))
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
-        canvas.paste(rgba, mask=rgba.getchannel("A"))
-        return canvas
-    return image.convert("RGB")

@@ -77,3 +77,5 @@ class ReadyResponse(BaseModel):
     ready: bool
     members: list[str]
     warmed_up: list[str]
+    error: str | None = Field(None, description="why the service is not ready, when the warm-up failed",
+                              examples=["RuntimeError: the SavedModel cannot run on this device"])

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from tests.service_fixtures import CLASSES, free_port, image_bytes, make_ensemble, start_server
+from service.testing import CLASSES, free_port, image_bytes, make_ensemble, start_server
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(

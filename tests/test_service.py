@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,9 +19,11 @@ from PIL import Image
 
 from service.app import create_app
 from service.images import ImageError, decode_image
-from service.models import ArtifactError, load_ensemble, load_run
+from service.predictor import ArtifactError, load_ensemble, load_run
 from service.settings import Settings
-from tests.service_fixtures import CLASSES, free_port, image_bytes, make_ensemble, start_server
+from service.testing import CLASSES, free_port, image_bytes, make_ensemble, start_server
+from training.import_folders import load_rgb
+from training.pixels import to_rgb
 
 
 @pytest.fixture(scope="module")
@@ -252,6 +255,30 @@ def test_not_ready_until_every_member_has_warmed_up():
         assert c.get("/readyz").json() == {"ready": True, "members": ["slow"], "warmed_up": ["slow"]}
 
 
+class FailingEnsemble(SlowEnsemble):
+    """A stand-in ensemble whose warm-up raises."""
+
+    def warm_up(self):
+        raise RuntimeError("the SavedModel cannot run on this device")
+
+
+def test_a_failed_warm_up_is_logged_and_readyz_says_why(caplog):
+    with caplog.at_level(logging.ERROR, logger="service"), _client(Settings(run="unused"), FailingEnsemble()) as c:
+        warm_task = c.app.state.service.warm_task
+        for _ in range(200):
+            if warm_task.done():
+                break
+            time.sleep(0.05)
+        response = c.get("/readyz")
+        assert response.status_code == 503
+        assert response.json() == {"ready": False, "members": ["slow"], "warmed_up": [],
+                                   "error": "RuntimeError: the SavedModel cannot run on this device"}
+        assert c.get("/healthz").status_code == 200
+    logged = [r for r in caplog.records if r.name.startswith("service") and r.exc_info]
+    assert len(logged) == 1 and logged[0].levelno == logging.ERROR
+    assert logged[0].exc_info[0] is RuntimeError and "warm-up" in logged[0].getMessage()
+
+
 def test_the_api_key_protects_prediction_routes(ensemble_dir):
     with _client(Settings(ensemble=str(ensemble_dir), api_key="s3cret")) as c:
         _wait_ready(c)
@@ -450,3 +477,17 @@ def test_top_classes_are_the_largest_blended_probabilities_in_order(client):
         assert [t["name"] for t in result["top"]] == [CLASSES[i] for i in np.argsort(-probs, kind="stable")]
         np.testing.assert_allclose([t["probability"] for t in result["top"]], np.sort(probs)[::-1], atol=1e-7)
     assert body["results"][0]["probabilities"] != body["results"][1]["probabilities"]
+
+
+@pytest.mark.parametrize("values", [np.full((8, 8), 3000), np.arange(0, 65536, 1024).reshape(8, 8)],
+                         ids=["constant-3000", "gradient"])
+def test_a_16_bit_png_gets_the_same_pixels_in_the_import_tool_and_the_service(values):
+    blob = _encode(Image.fromarray(values.astype(np.uint16)), "PNG")
+    assert Image.open(io.BytesIO(blob)).mode == "I;16"  # really a 16-bit file
+    expected = np.repeat(np.rint(values * 255 / 65535)[..., None], 3, axis=2)  # full 16-bit range -> 0..255
+    imported = np.asarray(load_rgb(blob)).astype(int)
+    served = decode_image(blob, 1000).astype(int)
+    np.testing.assert_array_equal(imported, served)
+    assert np.abs(served - expected).max() <= 1
+    as_32_bit = np.asarray(to_rgb(Image.fromarray(values.astype(np.int32)))).astype(int)  # mode "I": 16-bit values
+    assert np.abs(as_32_bit - expected).max() <= 1

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from training.layout import DataError
+from training.errors import DataError
 
 FIT_MODES = ("crop", "stretch", "pad")
 
@@ -40,18 +40,11 @@ class ImportReport:
 
 def load_rgb(source: str | Path | bytes) -> Image.Image:
     """Open an image file (or bytes) as RGB: EXIF orientation applied, alpha composited on white."""
+    from training.pixels import to_rgb
+
     image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
     image.load()
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
-        canvas.paste(rgba, mask=rgba.getchannel("A"))
-        return canvas
-    if image.mode == "I;16" or image.mode == "I":
-        array = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray(np.clip(array / max(array.max(), 1) * 255, 0, 255).astype(np.uint8))
-    return image.convert("RGB")
+    return to_rgb(image)
 
 
 def fit_square(image: Image.Image, size: int, fit: str) -> Image.Image:

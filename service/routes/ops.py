@@ -7,7 +7,7 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 
-from service.app import StateDep
+from service.deps import StateDep
 from service.schemas import HealthResponse, ReadyResponse
 
 router = APIRouter(tags=["operations"])
@@ -22,11 +22,12 @@ async def healthz() -> HealthResponse:
 
 @router.get("/readyz", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}}, summary="Readiness")
 async def readyz(state: StateDep) -> JSONResponse:
-    """200 once the models are loaded and every member has run a warm-up prediction, else 503."""
+    """200 once the models are loaded and every member has run a warm-up prediction, else 503 (with the
+    warm-up's error, when it failed)."""
     members = [m.name for m in state.ensemble.members] if state.ensemble is not None else []
     warmed = sorted(state.ensemble.warmed_up) if state.ensemble is not None else []
-    body = ReadyResponse(ready=state.ready, members=members, warmed_up=warmed)
-    return JSONResponse(body.model_dump(), status_code=200 if state.ready else 503)
+    body = ReadyResponse(ready=state.ready, members=members, warmed_up=warmed, error=state.warm_up_error)
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if state.ready else 503)
 
 
 @router.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")

@@ -10,9 +10,9 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
-from service.app import ClientError, ServiceState, StateDep
+from service.deps import ServiceState, StateDep, require_api_key
+from service.errors import ClientError
 from service.images import ImageError, decode_image
-from service.routes.auth import require_api_key
 from service.schemas import ClassScore, ErrorDetail, ErrorResponse, ImageResult, MemberVote, PredictResponse
 
 router = APIRouter(tags=["predict"])
@@ -39,7 +39,7 @@ ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text
     (415, "not multipart/form-data"), (422, "an option out of range"), (503, "models not loaded yet"))}
 
 
-def _flag(value, name: str) -> bool:
+def _flag(value: object, name: str) -> bool:
     """Parse a boolean form field."""
     if value is None:
         return False
@@ -51,7 +51,7 @@ def _flag(value, name: str) -> bool:
     raise ClientError(422, "invalid_option", f"{name} must be true or false, got {value!r}")
 
 
-def _top_k(value, default: int, classes: int) -> int:
+def _top_k(value: object, default: int, classes: int) -> int:
     """Parse and range-check top_k."""
     if value is None:
         return min(default, classes)
@@ -64,7 +64,7 @@ def _top_k(value, default: int, classes: int) -> int:
     return k
 
 
-async def _read_form(request: Request, state) -> tuple[list[UploadFile], dict]:
+async def _read_form(request: Request, state: ServiceState) -> tuple[list[UploadFile], dict]:
     """Parse the multipart body within the configured limits."""
     settings = state.settings
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):

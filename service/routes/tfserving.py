@@ -16,9 +16,8 @@ import json
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from service.app import ServiceState, StateDep
+from service.deps import ServiceState, StateDep, require_api_key
 from service.images import ImageError, decode_image
-from service.routes.auth import require_api_key
 
 router = APIRouter(tags=["tensorflow-serving"])
 
@@ -50,7 +49,7 @@ def tf_error(state: ServiceState, status: int, kind: str, message: str) -> JSONR
     return JSONResponse({"error": message}, status_code=status)
 
 
-def _b64_items(body) -> tuple[list, str]:
+def _b64_items(body: object) -> tuple[list, str]:
     """The list of base64 items and which answer key ('predictions' or 'outputs') the format implies."""
     if not isinstance(body, dict):
         raise ValueError("the body must be a JSON object with 'instances' or 'inputs'")
@@ -67,7 +66,7 @@ def _b64_items(body) -> tuple[list, str]:
     return items, key
 
 
-def _decode_b64(item, index: int) -> bytes:
+def _decode_b64(item: object, index: int) -> bytes:
     """Accept {"b64": s} or {"image_bytes": {"b64": s}}."""
     if isinstance(item, dict) and "image_bytes" in item:
         item = item["image_bytes"]
@@ -79,7 +78,7 @@ def _decode_b64(item, index: int) -> bytes:
         raise ValueError(f"instance {index}: 'b64' is not valid base64") from None
 
 
-def _check_name(state, name: str) -> JSONResponse | None:
+def _check_name(state: ServiceState, name: str) -> JSONResponse | None:
     """404 for a model name this server does not serve."""
     if name != state.settings.model_name:
         return tf_error(state, 404, "unknown_model", f"Servable not found for request: Latest({name}); this server "

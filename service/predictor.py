@@ -1,4 +1,4 @@
-"""Load an ensemble directory (or one run directory) and predict with it.
+"""The ensemble the service predicts with: load an ensemble directory (or one run directory) and predict.
 
 Each member's SavedModel is loaded with plain `tf.saved_model.load` and called through its
 `serving_pixels` signature at its own image size; the blend is `ensemble.blend.apply_blend`, the same
@@ -23,7 +23,7 @@ class ArtifactError(ValueError):
 
 
 @dataclass
-class LoadedMember:
+class MemberModel:
     """One member: its name, image size and the SavedModel's pixel signature."""
 
     name: str
@@ -34,14 +34,12 @@ class LoadedMember:
 
 
 @dataclass
-class LoadedEnsemble:
-    """Everything the service predicts with."""
+class EnsemblePredictor:
+    """Everything the service predicts with: the members' SavedModels, the classes and the blend."""
 
-    name: str
     classes: list[str]
-    members: list[LoadedMember]
+    members: list[MemberModel]
     blend: dict[str, Any]
-    source: Path
     warmed_up: set[str] = field(default_factory=set)
 
     @property
@@ -56,7 +54,7 @@ class LoadedEnsemble:
         per_member = []
         for member in self.members:
             size = member.image_size
-            batch = np.stack([_resize(image, size, tf) for image in images]).astype(np.float32)
+            batch = np.stack([_resize(image, size) for image in images]).astype(np.float32)
             probs = member.predict_pixels(images=tf.constant(batch))["probabilities"].numpy()
             per_member.append(probs)
         stacked = np.stack(per_member)
@@ -71,10 +69,12 @@ class LoadedEnsemble:
         return time.perf_counter() - start
 
 
-def _resize(image: np.ndarray, size: int, tf) -> np.ndarray:
+def _resize(image: np.ndarray, size: int) -> np.ndarray:
     """Resize exactly as the training evaluation path does (bilinear, half-pixel centres), float32."""
     if image.shape[0] == size and image.shape[1] == size:
         return image.astype(np.float32)
+    import tensorflow as tf
+
     return tf.image.resize(tf.cast(image, tf.float32), [size, size], method="bilinear").numpy()
 
 
@@ -88,7 +88,7 @@ def _read_json(path: Path) -> Any:
         raise ArtifactError(f"{path} is not valid JSON: {err}") from None
 
 
-def load_member(run_dir: Path) -> tuple[LoadedMember, list[str]]:
+def load_member_model(run_dir: Path) -> tuple[MemberModel, list[str]]:
     """Load one run directory's SavedModel and check it against member.json and classes.json."""
     import tensorflow as tf
 
@@ -114,19 +114,19 @@ def load_member(run_dir: Path) -> tuple[LoadedMember, list[str]]:
     if outputs[-1] != len(classes):
         raise ArtifactError(f"{saved} outputs {outputs[-1]} classes, classes.json lists {len(classes)}")
     name = member.get("name") or run_dir.name
-    return LoadedMember(name, run_dir, size, pixels, model), [c.strip() for c in classes]
+    return MemberModel(name, run_dir, size, pixels, model), [c.strip() for c in classes]
 
 
-def load_run(run_dir: str | Path) -> LoadedEnsemble:
+def load_run(run_dir: str | Path) -> EnsemblePredictor:
     """Serve a single run directory (a blend of one)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ArtifactError(f"run directory not found: {run_dir}")
-    member, classes = load_member(run_dir)
-    return LoadedEnsemble(member.name, classes, [member], {"method": "mean", "weights": [1.0]}, run_dir)
+    member, classes = load_member_model(run_dir)
+    return EnsemblePredictor(classes, [member], {"method": "mean", "weights": [1.0]})
 
 
-def load_ensemble(path: str | Path) -> LoadedEnsemble:
+def load_ensemble(path: str | Path) -> EnsemblePredictor:
     """Load ensemble.json (a file or its folder) and every member it names."""
     path = Path(path)
     file = path / "ensemble.json" if path.is_dir() else path
@@ -139,12 +139,11 @@ def load_ensemble(path: str | Path) -> LoadedEnsemble:
     members = []
     for entry in document["members"]:
         run_dir = (file.parent / entry["path"]).resolve()
-        member, classes = load_member(run_dir)
+        member, classes = load_member_model(run_dir)
         if [c.strip() for c in document["classes"]] != classes:
             raise ArtifactError(f"member {member.name!r} ({run_dir}) has other classes than {file}")
         members.append(member)
     if len(document["blend"].get("weights", [])) != len(members):
         raise ArtifactError(f"{file}: the blend has {len(document['blend'].get('weights', []))} weights for "
                             f"{len(members)} members")
-    return LoadedEnsemble(file.parent.name, [c.strip() for c in document["classes"]], members, document["blend"],
-                          file)
+    return EnsemblePredictor([c.strip() for c in document["classes"]], members, document["blend"])

@@ -1,9 +1,13 @@
-"""A small Prometheus text-format registry: request counts and latencies, batch sizes, errors by kind."""
+"""Telemetry: a small Prometheus text-format registry (request counts and latencies, batch sizes, errors by
+kind) and the ASGI middleware that counts every request into it."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import defaultdict
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -87,3 +91,33 @@ class Metrics:
             lines += ["# HELP flower_images_total Images classified.", "# TYPE flower_images_total counter",
                       f"flower_images_total {self.images}"]
             return "\n".join(lines) + "\n"
+
+
+class RequestMetrics:
+    """Pure ASGI middleware counting requests by method, route template and status, with latency.
+
+    (A pure ASGI middleware costs a fraction of what @app.middleware("http") adds per request.) It counts
+    into `app.state.service.metrics` of the application that received the request.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass the request on; note its status and duration once it is answered."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = [500]
+
+        async def send_and_note(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            scope["app"].state.service.metrics.request(scope["method"], route, status[0], time.perf_counter() - start)

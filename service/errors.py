@@ -1,0 +1,61 @@
+"""Errors of the service's own routes: `ClientError`, the JSON error body, and the app's exception handlers."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.telemetry import Metrics
+
+
+class ClientError(Exception):
+    """A request the client got wrong: answered with `status` and {"error": {"kind", "message"}}."""
+
+    def __init__(self, status: int, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.kind, self.message = status, kind, message
+
+
+def error_response(metrics: Metrics | None, status: int, kind: str, message: str) -> JSONResponse:
+    """A JSON error body, counted by kind."""
+    if metrics is not None:
+        metrics.error(kind)
+    return JSONResponse({"error": {"kind": kind, "message": message}}, status_code=status)
+
+
+def _metrics_of(request: Request) -> Metrics | None:
+    """The metrics registry of the app that received the request (None before the state exists)."""
+    state = getattr(request.app.state, "service", None)
+    return state.metrics if state is not None else None
+
+
+async def _client_error(request: Request, err: ClientError) -> JSONResponse:
+    """A ClientError raised by a route or dependency."""
+    return error_response(_metrics_of(request), err.status, err.kind, err.message)
+
+
+async def _invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
+    """FastAPI's parameter validation, in the service's error shape."""
+    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
+    return error_response(_metrics_of(request), 422, "invalid_request", problems or "invalid request")
+
+
+async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+    """Starlette's 404/405 and other HTTP errors, in the service's error shape."""
+    kind = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
+    return error_response(_metrics_of(request), err.status_code, kind, str(err.detail))
+
+
+async def _server_error(request: Request, err: Exception) -> JSONResponse:
+    """Anything unexpected: a 500 that names only the exception type."""
+    return error_response(_metrics_of(request), 500, "internal", f"internal error: {type(err).__name__}")
+
+
+def register_error_handlers(app: FastAPI) -> None:
+    """Answer every error of `app` with {"error": {"kind", "message"}} and count it by kind."""
+    app.add_exception_handler(ClientError, _client_error)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _server_error)

@@ -1,0 +1,137 @@
+"""Artifacts and a server for tests and benchmarks: member runs with real SavedModels, an ensemble over
+them, encoded images, and `python -m service` started on a free loopback port.
+
+TensorFlow (for the SavedModels) and httpx (to poll the server) are imported only by the functions that
+need them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+from PIL import Image
+
+CLASSES = ["red five-petal", "yellow ray flower", "purple four-star", "white eight-petal"]
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding this `service` package
+
+
+def make_run(root: Path, name: str, size: int, seed: int = 0, sharpness: float = 60.0,
+             backbone: str = "small-cnn", classes: list[str] | None = None) -> Path:
+    """A run directory `root/name` with a randomly initialised classifier exported as the contract says.
+
+    The output layer's weights are scaled by `sharpness`, so that the probabilities move visibly when
+    the pixels do (a plain random network answers almost uniformly whatever it is shown, and then a
+    parity check between two pixel paths cannot fail). Benchmarks pass `sharpness=1.0` (weights do not
+    change speed). `classes` defaults to the four CLASSES.
+    """
+    import keras
+
+    from training.export import export_saved_model
+    from training.model import build_classifier
+
+    classes = list(classes or CLASSES)
+    keras.utils.set_random_seed(seed)
+    model = build_classifier(backbone, size, len(classes))
+    head = model.get_layer("probabilities")
+    head.kernel.assign(head.kernel * sharpness)
+    run = root / name
+    run.mkdir(parents=True, exist_ok=True)
+    export_saved_model(model, size, run / "saved_model")
+    (run / "classes.json").write_text(json.dumps(classes))
+    (run / "member.json").write_text(json.dumps({"version": 1, "name": name, "backbone": backbone,
+                                                 "image_size": size, "num_classes": len(classes)}))
+    return run
+
+
+def make_benchmark_run(root: Path, backbone: str = "efficientnet-b0", size: int = 224) -> Path:
+    """A run directory `root/BACKBONE-SIZE` with random weights (they do not change speed) and the 104 classes."""
+    from training.layout import competition_classes
+
+    return make_run(root, f"{backbone}-{size}", size, sharpness=1.0, backbone=backbone,
+                    classes=competition_classes())
+
+
+def make_ensemble(root: Path) -> Path:
+    """Two members at 32 and 48 px blended with weights 0.3 / 0.7; returns the ensemble directory `root/ens`."""
+    runs = [make_run(root / "runs", "m32", 32, 1), make_run(root / "runs", "m48", 48, 2)]
+    ens = root / "ens"
+    ens.mkdir()
+    (ens / "ensemble.json").write_text(json.dumps({
+        "version": 1, "method": "weighted", "classes": CLASSES,
+        "members": [{"name": r.name, "path": f"../runs/{r.name}", "weight": w}
+                    for r, w in zip(runs, (0.3, 0.7), strict=True)],
+        "blend": {"method": "weighted", "weights": [0.3, 0.7]},
+    }))
+    return ens
+
+
+def image_bytes(fmt: str = "JPEG", size: tuple[int, int] = (64, 48), seed: int = 0, mode: str = "RGB",
+                **save: object) -> bytes:
+    """An encoded random image (`save` goes to PIL's Image.save, e.g. quality or exif)."""
+    rng = np.random.default_rng(seed)
+    array = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    image = Image.fromarray(array, "RGB")
+    if mode != "RGB":
+        image = image.convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save)
+    return buffer.getvalue()
+
+
+def flower_jpeg(size: int) -> bytes:
+    """A JPEG of a demo flower at `size` px (a photo-like image for benchmarks)."""
+    from training.demo_data import KINDS, draw_flower, jpeg_bytes
+
+    return jpeg_bytes(draw_flower(KINDS[0], np.random.default_rng(0), size), size)
+
+
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args: list[str], port: int, env: dict[str, str] | None = None,
+                 timeout: float = 120.0) -> subprocess.Popen:
+    """Start `python -m service ARGS --port PORT` (this copy of the package) and wait until /readyz answers 200.
+
+    The server's output goes to a temporary file (a pipe nobody reads could fill and stall it); its
+    last lines are in the error when the server exits or never becomes ready.
+    """
+    import httpx
+
+    log = tempfile.TemporaryFile("w+")
+    process = subprocess.Popen([sys.executable, "-m", "service", *args, "--port", str(port)], cwd=PACKAGE_ROOT,
+                               env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})},
+                               stdout=log, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited: {_tail(log)}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1.0).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    process.kill()
+    process.wait(10)
+    raise RuntimeError(f"server did not become ready in time: {_tail(log)}")
+
+
+def _tail(log: IO[str], chars: int = 3000) -> str:
+    """The last `chars` characters written to a log file."""
+    log.flush()
+    log.seek(0)
+    return log.read()[-chars:]
