@@ -1,6 +1,6 @@
 """Blend members' predictions and write the Kaggle submission.
 
-    python -m ensemble runs/* --out ens/demo [--method auto] [--folds 5] [--seed 0]
+    flower blend runs/* --out ens/demo [--method auto] [--folds 5] [--seed 0]
 
 Reads each run directory's classes.json and predictions/{val,test}.npz, checks and aligns them by
 id, scores every member and the blend by stratified K-fold CV on the validation rows, fits the
@@ -86,9 +86,9 @@ def build_ensemble(
     return json.loads(path.read_text())
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m ensemble") -> int:
     """Command line entry point."""
-    parser = argparse.ArgumentParser(prog="python -m ensemble", description=__doc__,
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run directories or glob patterns (quoted globs are expanded here)")
     parser.add_argument("--out", required=True, help="ensemble directory to write")

@@ -5,7 +5,7 @@
 
 Synthetic but realistic member probabilities (shared + own noise, skills spread over members).
 For each method: 5-fold CV (fit on 4 folds, score the held-out one) + the final fit on all rows +
-applying it to the test rows. Then the whole `auto` run of `python -m ensemble` (load, CV of every
+applying it to the test rows. Then the whole `auto` run of `flower blend` (load, CV of every
 method, fit, submission, report, plots) on run directories written to a temporary folder.
 Goals (issue: ensemble): weighted and hill-climb under 10 s each, the whole auto run under 60 s.
 """
@@ -18,14 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from ensemble.blend import METHODS, Blender  # noqa: E402
-from ensemble.cli import build_ensemble  # noqa: E402
-from ensemble.synthetic import synthetic_probs, write_run_dir  # noqa: E402
-from ensemble.validation import cross_validate, member_scores  # noqa: E402
+from ensemble.blend import METHODS, Blender
+from ensemble.cli import build_ensemble
+from ensemble.synthetic import synthetic_probs, write_run_dir
+from ensemble.validation import cross_validate, member_scores
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                 for m in range(args.members)]
         start = time.perf_counter()
         document = build_ensemble(runs, Path(tmp) / "ens", "auto", folds=args.folds, progress=lambda _: None)
-        print(f"| whole auto run (python -m ensemble) | {time.perf_counter() - start:.2f} | "
+        print(f"| whole auto run (flower blend) | {time.perf_counter() - start:.2f} | "
               f"{document['cv']['blend']['macro_f1']:.4f} ({document['method']}) |")
     return 0
 

@@ -21,8 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 CONFIGS = ("training/configs/demo_cnn_64.toml", "training/configs/demo_cnn_96.toml")
 REPO = Path(__file__).resolve().parents[1]
 

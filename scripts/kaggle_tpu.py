@@ -7,7 +7,7 @@ In a Kaggle notebook with the TPU accelerator and the "tpu-getting-started" comp
     !python flower-ensemble/scripts/kaggle_tpu.py --config flower-ensemble/training/configs/effnet_b7_ns_512.toml
 
 The run directory lands in /kaggle/working/runs/<name> (the notebook's output), ready to be blended
-with `python -m ensemble` anywhere. Pretrained weights download when the notebook has internet; else
+with `flower blend` anywhere. Pretrained weights download when the notebook has internet; else
 attach a dataset with the weights file and add --set model.weights=/kaggle/input/<dataset>/<file>.h5.
 """
 
@@ -17,10 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from training.config_values import parse_assignments  # noqa: E402
-from training.train import main as train_main  # noqa: E402
+from training.config_values import parse_assignments
+from training.train import main as train_main
 
 COMPETITION = "tpu-getting-started"
 OUTPUT = Path("/kaggle/working/runs")

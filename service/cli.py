@@ -1,7 +1,7 @@
 """Start the classification service.
 
-    python -m service --ensemble demo/ensemble [--host 127.0.0.1] [--port 8000] [--workers 1]
-    python -m service --run demo/runs/demo-cnn-64
+    flower serve --ensemble demo/ensemble [--host 127.0.0.1] [--port 8000] [--workers 1]
+    flower serve --run demo/runs/demo-cnn-64
 
 Every flag can also come from the environment: FLOWER_ENSEMBLE, FLOWER_RUN, FLOWER_HOST, FLOWER_PORT,
 FLOWER_WORKERS, FLOWER_BATCHING, FLOWER_MAX_BATCH_SIZE, FLOWER_MAX_WAIT_MS, FLOWER_MAX_IMAGE_BYTES,
@@ -18,9 +18,9 @@ import sys
 from service.settings import Settings
 
 
-def parse_settings(argv: list[str] | None = None) -> Settings:
+def parse_settings(argv: list[str] | None = None, prog: str = "python -m service") -> Settings:
     """Flags over environment over defaults."""
-    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__,
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     fields = Settings.model_fields
     for name, info in fields.items():
@@ -36,13 +36,13 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     return Settings(**given)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m service") -> int:
     """Command line entry point: validate settings, then run uvicorn."""
     import uvicorn
     from pydantic import ValidationError
 
     try:
-        settings = parse_settings(argv)
+        settings = parse_settings(argv, prog)
     except ValidationError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -14,11 +14,10 @@ from PIL import Image
 from training.dataset import eval_dataset, split_info
 from training.demo_data import KINDS, demo_examples
 from training.errors import DataError
-from training.import_folders import import_folders, stratified_split
 from training.layout import count_records, split_files
+from training.photos import import_folders, stratified_split
+from training.photos import main as import_main
 from training.records import iter_records
-
-IMPORT_SCRIPT = __import__("importlib").import_module("scripts.import_folders")
 
 
 def _save(path, image: Image.Image, fmt: str, **kwargs) -> None:
@@ -83,7 +82,7 @@ def test_exif_orientation_is_applied(tmp_path):
     exif[0x0112] = 6  # rotate 90 degrees clockwise on display
     _save(src / "a" / "phone.jpg", wide, "JPEG", exif=exif)
     _save(src / "b" / "x.jpg", wide, "JPEG")
-    from training.import_folders import load_rgb
+    from training.photos import load_rgb
 
     assert load_rgb(src / "a" / "phone.jpg").size == (20, 40)
     assert load_rgb(src / "b" / "x.jpg").size == (40, 20)
@@ -95,7 +94,7 @@ def test_import_errors_name_the_problem(tmp_path, capsys):
     (tmp_path / "one" / "only").mkdir(parents=True)
     with pytest.raises(DataError, match="at least 2"):
         import_folders(tmp_path / "one", tmp_path / "out", progress=False)
-    assert IMPORT_SCRIPT.main([str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
+    assert import_main([str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
     assert "error: source folder not found" in capsys.readouterr().err
 
 

@@ -22,7 +22,7 @@ from service.images import ImageError, decode_image
 from service.predictor import ArtifactError, load_ensemble, load_run
 from service.settings import Settings
 from service.testing import CLASSES, free_port, image_bytes, make_ensemble, start_server
-from training.import_folders import load_rgb
+from training.photos import load_rgb
 from training.pixels import to_rgb
 
 

@@ -1,7 +1,7 @@
 """List run directories side by side, to see what each choice (size, backbone, trainable parameters,
 augmentation, regularisation, schedule) did to validation macro F1.
 
-    python -m training.compare runs/* [--sort f1] [--markdown]
+    flower compare runs/* [--sort f1] [--markdown]
 """
 
 from __future__ import annotations
@@ -75,12 +75,13 @@ def format_table(rows: list[dict[str, str]], markdown: bool) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m training.compare") -> int:
     """Command line entry point."""
-    parser = argparse.ArgumentParser(prog="python -m training.compare", description=__doc__,
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run directories or glob patterns")
-    parser.add_argument("--sort", choices=["f1", "name"], default="f1", help="order rows by F1 (best first) or name")
+    parser.add_argument("--sort", choices=["f1", "name"], default="f1",
+                        help="order rows by F1 (best first) or name (default f1)")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
     args = parser.parse_args(argv)
     paths = [Path(p) for pattern in args.runs for p in (sorted(glob.glob(pattern)) or [pattern])]

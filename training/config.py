@@ -1,6 +1,6 @@
 """Training configuration: TOML files plus `section.key=value` overrides, resolved into dataclasses.
 
-Every option, its default and meaning is listed by `python -m training.train --help`.
+Every option, its default and meaning is listed by `flower train --help`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""A small synthetic but learnable data set in the exact competition layout.
+"""A small synthetic but learnable data set in the exact competition layout (`flower demo-data`).
+
+    flower demo-data demo/data --sizes 64,96     # about 15 s on 2 CPU cores
 
 Each class is a procedurally drawn "flower" whose petal count, colour and petal shape are set by the
 class; position, size, rotation, hue, background and clutter vary per image. It trains in minutes on
@@ -7,10 +9,12 @@ two CPU cores and needs no download.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
 import math
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,3 +158,28 @@ def make_demo_data(
     writer.writerows((i, lab) for i, lab, _ in per_split.get("test", []))
     write_text_atomic(out / "test_answers.csv", buffer.getvalue())
     return dict(counts)
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m training.demo_data") -> int:
+    """Command line entry point of `flower demo-data`."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", help="data folder to write")
+    parser.add_argument("--sizes", default="64,96", help="comma-separated square image sizes (default 64,96)")
+    parser.add_argument("--train", type=int, default=720, help="training images (default 720)")
+    parser.add_argument("--val", type=int, default=240, help="validation images (default 240)")
+    parser.add_argument("--test", type=int, default=240, help="test images (default 240)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    args = parser.parse_args(argv)
+    try:
+        sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    except ValueError:
+        print(f"error: --sizes must be comma-separated integers, got {args.sizes!r}", file=sys.stderr)
+        return 2
+    counts = make_demo_data(args.out, sizes, {"train": args.train, "val": args.val, "test": args.test}, args.seed)
+    print(f"wrote {sum(counts.values())} images x {len(sizes)} sizes to {args.out}: {counts}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

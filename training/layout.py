@@ -48,7 +48,7 @@ def choose_file_size(data_dir: str, image_size: int, file_size: int | None = Non
     if not sizes:
         raise DataError(
             f"no 'tfrecords-jpeg-<S>x<S>' folder in {data_dir}; expected the competition layout "
-            "(make one with scripts/make_demo_data.py or scripts/import_folders.py)"
+            "(make one with `flower demo-data` or `flower import`)"
         )
     if file_size is not None:
         if file_size not in sizes:

@@ -1,6 +1,6 @@
 """Write a PNG grid of augmented samples from any data set, so a person can look at what training sees.
 
-    python -m training.show_augment --data demo/data --size 96 --out augment.png [--set rotation=30 ...]
+    flower augment-grid --data demo/data --size 96 --out augment.png [--set rotation=30 ...]
 
 Each row is one image: the evaluation view first, then augmented copies. When CutMix or MixUp is on,
 extra rows show mixed training batches with their soft labels.
@@ -96,16 +96,18 @@ def write_grid_png(
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m training.show_augment") -> int:
     """Command line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="data folder in the competition layout (local or gs://)")
-    parser.add_argument("--split", default="train", choices=["train", "val", "test"], help="split to sample")
+    parser.add_argument("--split", default="train", choices=["train", "val", "test"],
+                        help="split to sample (default train)")
     parser.add_argument("--size", type=int, required=True, help="model image size to augment to")
-    parser.add_argument("--rows", type=int, default=4, help="how many source images (rows)")
-    parser.add_argument("--copies", type=int, default=5, help="augmented copies per image")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
-    parser.add_argument("--out", default="augment.png", help="PNG file to write")
+    parser.add_argument("--rows", type=int, default=4, help="how many source images (rows; default 4)")
+    parser.add_argument("--copies", type=int, default=5, help="augmented copies per image (default 5)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--out", default="augment.png", help="PNG file to write (default augment.png)")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="override an augmentation option, e.g. --set rotation=30 --set cutmix_prob=0.5 "

@@ -1,6 +1,6 @@
 """Train one ensemble member from a TOML config plus overrides, and write its run directory.
 
-    python -m training.train --config training/configs/demo_cnn_64.toml [--set train.epochs=3 ...]
+    flower train --config training/configs/demo_cnn_64.toml [--set train.epochs=3 ...]
 
 The run directory (ARCHITECTURE.md) gets member.json, classes.json, saved_model/ (signatures
 serving_default: image_bytes -> probabilities, serving_pixels: images -> probabilities),
@@ -18,9 +18,9 @@ from training.config_values import parse_assignments
 from training.errors import DataError
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m training.train") -> int:
     """Command line entry point."""
-    parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__,
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      epilog=describe_options(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="TOML config file (defaults apply where it is silent)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",

@@ -1,4 +1,6 @@
-"""Convert a folder-per-class tree of photos into the competition layout.
+"""Import a folder-per-class tree of photos into the competition layout (`flower import`).
+
+    flower import ../shared/data/flowers5-128px data/flowers5 --sizes 128
 
     <src>/<class>/<any>.jpg|png|...  ->  <out>/tfrecords-jpeg-<S>x<S>/{train,val,test}/*.tfrec
                                          <out>/classes.json, <out>/test_answers.csv, <out>/import_report.json
@@ -11,11 +13,13 @@ and moved into place at the end, so a failed import leaves earlier data untouche
 
 from __future__ import annotations
 
+import argparse
 import csv
 import hashlib
 import io
 import json
 import shutil
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from training.errors import DataError
+from training.pixels import to_rgb
 
 FIT_MODES = ("crop", "stretch", "pad")
 
@@ -40,8 +45,6 @@ class ImportReport:
 
 def load_rgb(source: str | Path | bytes) -> Image.Image:
     """Open an image file (or bytes) as RGB: EXIF orientation applied, alpha composited on white."""
-    from training.pixels import to_rgb
-
     image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
     image.load()
     return to_rgb(image)
@@ -122,9 +125,6 @@ def import_folders(
     progress: bool = True,
 ) -> ImportReport:
     """Import a folder-per-class photo tree into the competition layout; return what was done."""
-    from training.records import Record, write_split
-    from training.writing import write_text_atomic
-
     src, out = Path(src), Path(out)
     if fit not in FIT_MODES:
         raise ValueError(f"fit must be one of {FIT_MODES}, got {fit!r}")
@@ -136,18 +136,7 @@ def import_folders(
             raise DataError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it")
     classes, files, labels = _scan(src)
     report = ImportReport(classes=classes, sizes=list(sizes))
-
-    images: dict[int, Image.Image] = {}
-    for i, path in enumerate(files):
-        try:
-            images[i] = fit_square(load_rgb(path), max(sizes), fit)  # keep only the largest square
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-            reason = "not an image" if isinstance(err, UnidentifiedImageError) else f"unreadable image ({err})"
-            report.skipped.append({"path": str(path.relative_to(src)), "reason": reason})
-            if progress:
-                print(f"  skipped {path.relative_to(src)}: {reason}", flush=True)
-        if progress and ((i + 1) % 500 == 0 or i + 1 == len(files)):
-            print(f"  read {i + 1}/{len(files)} files", flush=True)
+    images = _read_squares(src, files, max(sizes), fit, report, progress)
     kept = sorted(images)
     kept_labels = [labels[i] for i in kept]
     for label, name in enumerate(classes):
@@ -157,9 +146,40 @@ def import_folders(
     ids = {i: image_id(str(files[i].relative_to(src)), taken) for i in kept}
     split_idx = stratified_split(kept_labels, val_fraction, test_fraction, seed)
     splits = {name: [kept[j] for j in idx] for name, idx in split_idx.items()}
+    examples = {i: (images[i], ids[i], labels[i]) for i in kept}
+    _write_records(out, f".import-staging-{seed}", sizes, splits, examples, records_per_file, progress)
+    report.counts = {
+        split: {classes[c]: sum(1 for i in members if labels[i] == c) for c in range(len(classes))}
+        for split, members in splits.items()
+    }
+    _write_reports(out, src, report, [(ids[i], labels[i]) for i in splits["test"]])
+    return report
+
+
+def _read_squares(src: Path, files: list[Path], size: int, fit: str, report: ImportReport,
+                  progress: bool) -> dict[int, Image.Image]:
+    """Open every file as an RGB square of the largest size; unreadable files go to the report."""
+    images: dict[int, Image.Image] = {}
+    for i, path in enumerate(files):
+        try:
+            images[i] = fit_square(load_rgb(path), size, fit)  # keep only the largest square
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+            reason = "not an image" if isinstance(err, UnidentifiedImageError) else f"unreadable image ({err})"
+            report.skipped.append({"path": str(path.relative_to(src)), "reason": reason})
+            if progress:
+                print(f"  skipped {path.relative_to(src)}: {reason}", flush=True)
+        if progress and ((i + 1) % 500 == 0 or i + 1 == len(files)):
+            print(f"  read {i + 1}/{len(files)} files", flush=True)
+    return images
+
+
+def _write_records(out: Path, staging_name: str, sizes: Sequence[int], splits: dict[str, list[int]],
+                   examples: dict[int, tuple[Image.Image, str, int]], records_per_file: int, progress: bool) -> None:
+    """Write every size's records into a staging folder, then move each size folder into place."""
+    from training.records import Record, write_split
 
     out.mkdir(parents=True, exist_ok=True)
-    staging = out / f".import-staging-{seed}"
+    staging = out / staging_name
     shutil.rmtree(staging, ignore_errors=True)
     try:
         for size in sizes:
@@ -167,9 +187,8 @@ def import_folders(
                 if not members:
                     continue
                 labelled = split != "test"
-                records = (
-                    Record(_encode(images[i], size), ids[i], labels[i] if labelled else None) for i in members
-                )
+                records = (Record(_encode(examples[i][0], size), examples[i][1], examples[i][2] if labelled else None)
+                           for i in members)
                 write_split(str(staging / f"tfrecords-jpeg-{size}x{size}" / split), size, records, records_per_file)
             if progress:
                 print(f"  wrote records at {size}x{size}", flush=True)
@@ -181,18 +200,18 @@ def import_folders(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
-    report.counts = {
-        split: {classes[c]: sum(1 for i in members if labels[i] == c) for c in range(len(classes))}
-        for split, members in splits.items()
-    }
-    write_text_atomic(out / "classes.json", json.dumps(classes, indent=1) + "\n")
-    answers = io.StringIO()
-    writer = csv.writer(answers, lineterminator="\n")
+
+def _write_reports(out: Path, src: Path, report: ImportReport, answers: list[tuple[str, int]]) -> None:
+    """classes.json, test_answers.csv (id,label of the unlabelled test records) and import_report.json."""
+    from training.writing import write_text_atomic
+
+    write_text_atomic(out / "classes.json", json.dumps(report.classes, indent=1) + "\n")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["id", "label"])
-    writer.writerows((ids[i], labels[i]) for i in sorted(splits["test"], key=lambda i: ids[i]))
-    write_text_atomic(out / "test_answers.csv", answers.getvalue())
+    writer.writerows(sorted(answers))
+    write_text_atomic(out / "test_answers.csv", buffer.getvalue())
     write_text_atomic(out / "import_report.json", json.dumps(report.__dict__ | {"source": str(src)}, indent=1) + "\n")
-    return report
 
 
 def _encode(square: Image.Image, size: int) -> bytes:
@@ -200,3 +219,37 @@ def _encode(square: Image.Image, size: int) -> bytes:
     buffer = io.BytesIO()
     fit_square(square, size, "stretch").save(buffer, format="JPEG", quality=95)
     return buffer.getvalue()
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m training.photos") -> int:
+    """Command line entry point of `flower import`."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("src", help="folder with one sub-folder of photos per class (JPEG/PNG/GIF/BMP/WebP, any size)")
+    parser.add_argument("out", help="data folder to write (competition layout)")
+    parser.add_argument("--sizes", default="192", help="comma-separated square sizes to write, e.g. 192,224 "
+                                                        "(default 192)")
+    parser.add_argument("--val", type=float, default=0.15, help="fraction of each class for validation (default 0.15)")
+    parser.add_argument("--test", type=float, default=0.15, help="fraction of each class for test (default 0.15)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the stratified split (default 0)")
+    parser.add_argument("--fit", choices=FIT_MODES, default="crop",
+                        help="how a non-square photo becomes square: centre crop, stretch, or pad (default crop)")
+    parser.add_argument("--records-per-file", type=int, default=512, help="records per .tfrec file (default 512)")
+    parser.add_argument("--overwrite", action="store_true", help="replace records of the same size in OUT")
+    args = parser.parse_args(argv)
+    try:
+        sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+        report = import_folders(
+            args.src, args.out, sizes, args.val, args.test, args.seed, args.fit, args.records_per_file, args.overwrite
+        )
+    except (DataError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for split, per_class in report.counts.items():
+        print(f"{split:5s} {sum(per_class.values()):6d}  " + ", ".join(f"{k}={v}" for k, v in per_class.items()))
+    print(f"skipped {len(report.skipped)} file(s) (listed in {Path(args.out) / 'import_report.json'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""`flower <command> [options]`: dispatch to the command's own module, importing nothing else.
+
+Each command's module is imported only when that command runs, so `flower train --help` and
+config errors never load TensorFlow, and `flower blend` never needs it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import sys
+from dataclasses import dataclass
+
+from flower import version
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: the module whose `main(argv, prog)` runs it, and a line for the overview."""
+
+    module: str
+    summary: str
+
+
+COMMANDS = {
+    "import": Command("training.photos", "import folders of photos (one per class) into the competition layout"),
+    "demo-data": Command("training.demo_data", "write the synthetic demo flower data set"),
+    "train": Command("training.train", "train one ensemble member from a TOML config (resumes when rerun)"),
+    "compare": Command("training.compare", "compare run directories side by side"),
+    "augment-grid": Command("training.show_augment", "write a PNG grid of augmented training samples"),
+    "blend": Command("ensemble.cli", "blend run directories, cross-validate, write the Kaggle submission"),
+    "serve": Command("service.cli", "serve an ensemble (or one run) over HTTP"),
+}
+
+
+def overview() -> str:
+    """The text of `flower --help`."""
+    width = max(map(len, COMMANDS))
+    lines = ["usage: flower <command> [options]     (flower <command> --help: its options, defaults, meaning)",
+             "", "Train image-classifier ensemble members, blend them, serve them.", "", "commands:"]
+    lines += [f"  {name:<{width}}  {command.summary}" for name, command in COMMANDS.items()]
+    lines += ["", "options:", "  -h, --help     this overview", "  -V, --version  the installed version"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `flower <command> ...`; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(overview())
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        print(f"flower {version()}")
+        return 0
+    name = argv[0]
+    if name not in COMMANDS:
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        print(f"error: unknown command {name!r}{hint} (commands: {', '.join(COMMANDS)})", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name].module)
+    return int(module.main(argv[1:], prog=f"flower {name}") or 0)

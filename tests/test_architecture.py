@@ -1,0 +1,190 @@
+"""The shape of the code: one `flower` command, no import cycles, short functions, no TensorFlow for help."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flower.cli import COMMANDS, main
+from tests.conftest import REPO
+
+PACKAGES = ("training", "ensemble", "service", "flower")
+MAX_FUNCTION_LINES = 60
+
+
+def _modules() -> dict[str, Path]:
+    """Every module of the project's packages by dotted name."""
+    out = {}
+    for package in PACKAGES:
+        for path in sorted((REPO / package).rglob("*.py")):
+            parts = path.relative_to(REPO).with_suffix("").parts
+            out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def _imports(path: Path, name: str, modules: dict[str, Path]) -> set[str]:
+    """The project modules a module imports anywhere in it (top level or inside functions)."""
+    found = set()
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
+        else:
+            continue
+        found |= {t for t in targets if t in modules and t != name}
+    return found
+
+
+def test_there_is_no_import_cycle_not_even_inside_a_function():
+    modules = _modules()
+    graph = {name: _imports(path, name, modules) for name, path in modules.items()}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycle = stack[stack.index(nxt):] + [nxt]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name)
+    assert graph["service.app"] >= {"service.routes.predict", "service.routes.ops", "service.routes.tfserving"}
+
+
+def test_the_cycle_check_finds_a_cycle_hidden_in_a_function(tmp_path):
+    path = tmp_path / "a.py"
+    path.write_text("def f():\n    from training.fit import train_member\n")
+    assert "training.fit" in _imports(path, "training.something", _modules())
+
+
+def test_no_function_is_longer_than_sixty_lines():
+    long = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{name}.{node.name}: {lines} lines")
+    assert not long, long
+
+
+def test_the_ensemble_imports_nothing_of_training_or_service():
+    modules = _modules()
+    for name, path in modules.items():
+        if name.startswith("ensemble"):
+            assert not {m for m in _imports(path, name, modules) if not m.startswith("ensemble")}, name
+
+
+# --- the flower command -------------------------------------------------------------------------------
+
+NO_TENSORFLOW = "import sys; sys.modules['tensorflow'] = None; sys.modules['keras'] = None\n"
+
+
+def _flower(*args: str, block_tensorflow: bool = True) -> subprocess.CompletedProcess:
+    """Run `flower ARGS` in a fresh interpreter, where importing TensorFlow or Keras fails."""
+    code = (NO_TENSORFLOW if block_tensorflow else "") + (
+        "from flower.cli import main\n"
+        f"sys.exit(main({list(args)!r}))\n" if block_tensorflow else
+        f"import sys\nfrom flower.cli import main\nsys.exit(main({list(args)!r}))\n")
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_flower_lists_its_commands_and_its_version():
+    result = _flower("--help")
+    assert result.returncode == 0
+    for name in ("import", "demo-data", "train", "compare", "augment-grid", "blend", "serve"):
+        assert f"\n  {name} " in result.stdout
+    version = _flower("--version")
+    assert version.returncode == 0 and version.stdout.startswith("flower 0.")
+    unknown = _flower("trian")
+    assert unknown.returncode == 2 and "did you mean 'train'" in unknown.stderr
+    assert main([]) == 2
+
+
+def test_the_installed_command_runs():
+    flower = Path(sys.executable).with_name("flower")
+    if not flower.exists():
+        pytest.skip("the console script is installed by pip install -e . (scripts/setup_env.sh)")
+    result = subprocess.run([str(flower), "--version"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.startswith("flower ")
+
+
+PARSER_SPY = """
+import argparse, json
+from flower.cli import COMMANDS, main
+found = {}
+class Stop(Exception):
+    pass
+def spy(self, args=None, namespace=None):
+    raise Stop(self)
+argparse.ArgumentParser.parse_args = spy
+for name in COMMANDS:
+    try:
+        main([name])
+    except Stop as stop:
+        parser = stop.args[0]
+        found[name] = {"prog": parser.prog, "options": [
+            {"flags": a.option_strings, "help": a.help or "", "default": repr(a.default), "required": a.required,
+             "flag": a.nargs == 0}
+            for a in parser._actions if a.option_strings and a.dest != "help"]}
+print(json.dumps(found))
+"""
+
+
+def test_every_subcommands_help_explains_each_option_and_its_default_without_tensorflow():
+    result = subprocess.run([sys.executable, "-c", NO_TENSORFLOW + PARSER_SPY], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    parsers = json.loads(result.stdout)
+    assert set(parsers) == set(COMMANDS)
+    for name, parser in parsers.items():
+        assert parser["prog"] == f"flower {name}"
+        for option in parser["options"]:
+            assert len(option["help"]) > 10, (name, option)
+            if not option["flag"] and not option["required"] and option["default"] not in ("None", "[]"):
+                assert "default" in option["help"], (name, option)
+    for name in COMMANDS:
+        help_run = _flower(name, "--help")
+        assert help_run.returncode == 0 and f"usage: flower {name}" in help_run.stdout, help_run.stderr[-1000:]
+
+
+def test_train_help_print_config_and_config_errors_never_load_tensorflow():
+    result = _flower("train", "--help")
+    assert result.returncode == 0 and "image_size" in result.stdout and "per replica" in result.stdout
+    printed = _flower("train", "--config", "training/configs/demo_cnn_64.toml", "--set", "train.epochs=3",
+                      "--print-config")
+    assert printed.returncode == 0, printed.stderr[-2000:]
+    config = json.loads(printed.stdout)
+    assert config["train"]["epochs"] == 3 and config["data"]["image_size"] == 64
+    assert config["augment"]["erase_area"] == [0.02, 0.2]
+    bad = _flower("train", "--set", "augment.flip_left_right=no")
+    assert bad.returncode == 2 and "augment.flip_left_right: expected bool, got 'no'" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("module", ["training.train", "training.compare", "training.show_augment", "training.photos",
+                                    "training.demo_data", "ensemble", "service"])
+def test_the_old_python_m_forms_still_work(module):
+    result = subprocess.run([sys.executable, "-c", NO_TENSORFLOW + f"import runpy, sys; sys.argv = ['x', '--help']; "
+                             f"runpy.run_module({module!r}, run_name='__main__')"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and "usage:" in result.stdout, result.stderr[-1000:]
