@@ -1,7 +1,8 @@
 """Blending methods, fitted on validation probabilities and applied to any probabilities.
 
-Every method fits to a plain-JSON *spec*; `apply_blend(spec, probs)` is the one function that turns
-members' probabilities into blended ones, offline here and online in the service.
+Every method fits to a `BlendSpec` (ensemble/spec.py, stored as JSON in ensemble.json);
+`apply_blend(spec, probs)` is the one function that turns members' probabilities into blended ones,
+offline here and online in the service.
 
 >>> blender = Blender("weighted").fit(val_probs, val_labels)   # val_probs: [members, rows, classes]
 >>> test_blend = blender.predict_proba(test_probs)
@@ -14,10 +15,11 @@ from typing import Any
 import numpy as np
 from scipy.optimize import minimize
 from scipy.special import logsumexp, softmax
+from sklearn.base import BaseEstimator
 
 from ensemble.scores import macro_f1
+from ensemble.spec import METHODS, BlendSpec
 
-METHODS = ("mean", "weighted", "hill-climb", "stack")
 LOG_FLOOR = 1e-12
 
 
@@ -26,18 +28,19 @@ def _log_probs(probs: np.ndarray) -> np.ndarray:
     return np.log(np.maximum(probs, LOG_FLOOR))
 
 
-def apply_blend(spec: dict[str, Any], probs: np.ndarray) -> np.ndarray:
-    """Blend members' probabilities [M, N, C] into [N, C] as the fitted spec says."""
+def apply_blend(spec: BlendSpec | dict[str, Any], probs: np.ndarray) -> np.ndarray:
+    """Blend members' probabilities [M, N, C] into [N, C] as the fitted spec says (a BlendSpec or its JSON)."""
+    if not isinstance(spec, BlendSpec):
+        spec = BlendSpec.from_dict(spec)
     probs = np.asarray(probs, dtype=np.float64)
-    if probs.ndim != 3 or probs.shape[0] != len(spec["weights"]):
-        raise ValueError(f"expected probabilities of {len(spec['weights'])} members as [M, N, C], got {probs.shape}")
-    if spec["method"] == "stack":
+    if probs.ndim != 3 or probs.shape[0] != spec.member_count:
+        raise ValueError(f"expected probabilities of {spec.member_count} members as [M, N, C], got {probs.shape}")
+    if spec.method == "stack":
         return _apply_stack(spec, probs)
-    powers = spec.get("powers")
-    if powers is not None:
-        scaled = np.asarray(powers, dtype=np.float64)[:, None, None] * _log_probs(probs)
+    if spec.powers is not None:
+        scaled = np.asarray(spec.powers, dtype=np.float64)[:, None, None] * _log_probs(probs)
         probs = np.exp(scaled - logsumexp(scaled, axis=2, keepdims=True))
-    return np.tensordot(np.asarray(spec["weights"], dtype=np.float64), probs, axes=1)
+    return np.tensordot(np.asarray(spec.weights, dtype=np.float64), probs, axes=1)
 
 
 def _stack_features(probs: np.ndarray, features: str) -> np.ndarray:
@@ -45,19 +48,21 @@ def _stack_features(probs: np.ndarray, features: str) -> np.ndarray:
     return _log_probs(probs) if features == "log" else probs.astype(np.float64)
 
 
-def _apply_stack(spec: dict[str, Any], probs: np.ndarray) -> np.ndarray:
+def _apply_stack(spec: BlendSpec, probs: np.ndarray) -> np.ndarray:
     """Multinomial logistic regression with one coefficient per member and class, plus class biases."""
-    logits = np.einsum("mnc,mc->nc", _stack_features(probs, spec["features"]), np.asarray(spec["coef"]))
-    return softmax(logits + np.asarray(spec["intercept"]), axis=1)
+    if probs.shape[2] != len(spec.intercept):
+        raise ValueError(f"the stacker was fitted on {len(spec.intercept)} classes, got {probs.shape[2]}")
+    logits = np.einsum("mnc,mc->nc", _stack_features(probs, spec.features), np.asarray(spec.coef))
+    return softmax(logits + np.asarray(spec.intercept), axis=1)
 
 
-def fit_mean(probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+def fit_mean(probs: np.ndarray, labels: np.ndarray) -> BlendSpec:
     """The plain average."""
     m = probs.shape[0]
-    return {"method": "mean", "weights": [1.0 / m] * m}
+    return BlendSpec("mean", weights=(1.0 / m,) * m)
 
 
-def fit_weighted(probs: np.ndarray, labels: np.ndarray, power: bool = False) -> dict[str, Any]:
+def fit_weighted(probs: np.ndarray, labels: np.ndarray, power: bool = False) -> BlendSpec:
     """Non-negative weights summing to 1 (softmax-parametrised) minimising validation log loss.
 
     With `power=True` each member's probabilities are also raised to a fitted power (a temperature)
@@ -75,7 +80,7 @@ def fit_weighted(probs: np.ndarray, labels: np.ndarray, power: bool = False) -> 
             return -np.log(blend).mean(), w * (grad_w - w @ grad_w)
 
         result = minimize(loss, np.zeros(m), jac=True, method="L-BFGS-B")
-        return {"method": "weighted", "weights": softmax(result.x).tolist()}
+        return BlendSpec("weighted", weights=tuple(softmax(result.x).tolist()))
 
     logs = _log_probs(probs.astype(np.float64))
     true_logs = logs[:, rows, labels]  # [M, N]
@@ -95,12 +100,13 @@ def fit_weighted(probs: np.ndarray, labels: np.ndarray, power: bool = False) -> 
 
     bounds = [(None, None)] * m + [(np.log(0.1), np.log(10.0))] * m
     result = minimize(loss, np.zeros(2 * m), jac=True, method="L-BFGS-B", bounds=bounds)
-    return {"method": "weighted", "weights": softmax(result.x[:m]).tolist(), "powers": np.exp(result.x[m:]).tolist()}
+    return BlendSpec("weighted", weights=tuple(softmax(result.x[:m]).tolist()),
+                     powers=tuple(np.exp(result.x[m:]).tolist()))
 
 
 def fit_hill_climb(
     probs: np.ndarray, labels: np.ndarray, iterations: int = 100, patience: int = 15
-) -> dict[str, Any]:
+) -> BlendSpec:
     """Greedy ensemble selection with replacement maximising macro F1 (Caruana et al., 2004).
 
     Starts from the best single member, adds the member that most improves macro F1 at each step
@@ -122,8 +128,8 @@ def fit_hill_climb(
             since_best += 1
             if since_best >= patience:
                 break
-    return {"method": "hill-climb", "weights": (best_counts / best_counts.sum()).tolist(),
-            "selections": best_counts.astype(int).tolist()}
+    return BlendSpec("hill-climb", weights=tuple((best_counts / best_counts.sum()).tolist()),
+                     selections=tuple(best_counts.astype(int).tolist()))
 
 
 def _fit_stack_once(features: np.ndarray, labels: np.ndarray, c_reg: float) -> tuple[np.ndarray, np.ndarray]:
@@ -156,7 +162,7 @@ def _fit_stack_once(features: np.ndarray, labels: np.ndarray, c_reg: float) -> t
 def fit_stack(
     probs: np.ndarray, labels: np.ndarray, features: str = "log", cs: tuple[float, ...] = (0.1, 1.0, 10.0),
     folds: int = 3, seed: int = 0,
-) -> dict[str, Any]:
+) -> BlendSpec:
     """Multinomial logistic regression on the members' log-probabilities (or probabilities).
 
     Each class's logit is a weighted sum of that class's member scores plus a bias; the weight is a
@@ -183,34 +189,53 @@ def fit_stack(
                 losses[value] -= log_p[np.arange(len(held)), labels[held]].sum()
         best_c = min(cs, key=lambda value: losses[value])
     coef, bias = _fit_stack_once(x, labels, best_c)
-    return {"method": "stack", "weights": coef.mean(1).tolist(), "features": features, "C": best_c,
-            "coef": coef.tolist(), "intercept": bias.tolist()}
+    return BlendSpec("stack", features=features, C=float(best_c), coef=tuple(tuple(row) for row in coef.tolist()),
+                     intercept=tuple(bias.tolist()))
 
 
-FITTERS = {"mean": fit_mean, "weighted": fit_weighted, "hill-climb": fit_hill_climb, "stack": fit_stack}
+class Blender(BaseEstimator):
+    """A scikit-learn estimator of blends: `fit` on validation probabilities, `predict_proba` anywhere.
 
-
-class Blender:
-    """A scikit-learn style blender: `fit` on validation probabilities, `predict_proba` anywhere.
-
-    Parameters are stored as given; `fit` validates and sets `spec_` (plain JSON) and `weights_`.
+    Every option is an explicit keyword, so `get_params`, `set_params` and `sklearn.base.clone` work;
+    each method reads only its own: `power` (weighted), `iterations` and `patience` (hill-climb),
+    `features`, `cs`, `folds` and `seed` (stack). `fit` sets `spec_` (a BlendSpec), `weights_` (the
+    convex weights, None for a stacker) and `importance_` (one number per member for every method).
     """
 
-    def __init__(self, method: str = "mean", **options: Any) -> None:
+    def __init__(self, method: str = "mean", *, power: bool = False, iterations: int = 100, patience: int = 15,
+                 features: str = "log", cs: tuple[float, ...] = (0.1, 1.0, 10.0), folds: int = 3,
+                 seed: int = 0) -> None:
         self.method = method
-        self.options = options
+        self.power = power
+        self.iterations = iterations
+        self.patience = patience
+        self.features = features
+        self.cs = cs
+        self.folds = folds
+        self.seed = seed
+
+    def _fit_spec(self, probs: np.ndarray, labels: np.ndarray) -> BlendSpec:
+        """Run this blender's method with its own options."""
+        if self.method == "mean":
+            return fit_mean(probs, labels)
+        if self.method == "weighted":
+            return fit_weighted(probs, labels, power=self.power)
+        if self.method == "hill-climb":
+            return fit_hill_climb(probs, labels, iterations=self.iterations, patience=self.patience)
+        return fit_stack(probs, labels, features=self.features, cs=tuple(self.cs), folds=self.folds, seed=self.seed)
 
     def fit(self, probs: np.ndarray, labels: np.ndarray) -> Blender:
         """Fit on probabilities [M, N, C] and integer labels [N]; returns self."""
-        if self.method not in FITTERS:
+        if self.method not in METHODS:
             raise ValueError(f"unknown blend method {self.method!r}; expected one of {METHODS}")
         probs = np.asarray(probs)
         if probs.ndim != 3 or probs.shape[1] != len(labels):
             raise ValueError(
                 f"expected probabilities [members, rows, classes] with {len(labels)} rows, got {probs.shape}"
             )
-        self.spec_ = FITTERS[self.method](probs, np.asarray(labels), **self.options)
-        self.weights_ = np.asarray(self.spec_["weights"])
+        self.spec_ = self._fit_spec(probs, np.asarray(labels))
+        self.weights_ = None if self.spec_.weights is None else np.asarray(self.spec_.weights)
+        self.importance_ = np.asarray(self.spec_.importance)
         return self
 
     def predict_proba(self, probs: np.ndarray) -> np.ndarray:

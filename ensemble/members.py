@@ -126,7 +126,7 @@ def member_name(run_dir: Path) -> str:
     return run_dir.name
 
 
-def load_member(run_dir: str | Path) -> Member:
+def load_member_predictions(run_dir: str | Path) -> Member:
     """Load and check one run directory's classes and prediction files."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -206,4 +206,4 @@ def align_members(members: list[Member]) -> Aligned:
 
 def load_members(run_dirs: list[str | Path]) -> Aligned:
     """Load every run directory and align them."""
-    return align_members([load_member(d) for d in run_dirs])
+    return align_members([load_member_predictions(d) for d in run_dirs])

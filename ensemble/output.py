@@ -15,6 +15,7 @@ import numpy as np
 
 from ensemble.members import Aligned
 from ensemble.scores import per_class_f1
+from ensemble.spec import BlendSpec
 
 FORMAT_VERSION = 1
 
@@ -53,28 +54,44 @@ def check_submission(ids: np.ndarray, labels: np.ndarray, num_classes: int, expe
         raise ValueError(f"submission labels out of range 0..{num_classes - 1}")
 
 
-def write_submission(path: Path, ids: np.ndarray, probs: np.ndarray) -> Path:
-    """Write `id,label` (label = argmax) for every test id in the given order, after checking it."""
-    labels = probs.argmax(axis=1)
-    check_submission(ids, labels, probs.shape[1], ids)
+def submission_text(ids: np.ndarray, labels: np.ndarray) -> str:
+    """The CSV text `id,label` of a submission, rows in the given order."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["id", "label"])
     writer.writerows(zip(ids.tolist(), labels.tolist(), strict=True))
-    return write_text(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def write_submission(path: Path, ids: np.ndarray, probs: np.ndarray, expected_ids: np.ndarray) -> Path:
+    """Write `id,label` (label = argmax) in the given order, after checking the text that will be written.
+
+    The check reads the CSV text back and compares its ids with `expected_ids` (the test ids the members
+    were aligned on), so a row lost or repeated on the way to the file is refused, not submitted.
+    """
+    text = submission_text(np.asarray(ids), probs.argmax(axis=1))
+    rows = list(csv.reader(io.StringIO(text)))
+    if rows[0] != ["id", "label"]:
+        raise ValueError(f"submission header is {rows[0]}, expected ['id', 'label']")
+    written_ids = np.array([row[0] for row in rows[1:]], dtype=str)
+    written_labels = np.array([int(row[1]) for row in rows[1:]], dtype=np.int64)
+    check_submission(written_ids, written_labels, probs.shape[1], np.asarray(expected_ids, dtype=str))
+    return write_text(path, text)
 
 
 def write_ensemble_json(
-    out_dir: Path, aligned: Aligned, spec: dict[str, Any], cv: dict[str, Any], extra: dict[str, Any]
+    out_dir: Path, aligned: Aligned, spec: BlendSpec, cv: dict[str, Any], extra: dict[str, Any]
 ) -> Path:
-    """Write ensemble.json: members (paths relative to it), method, weights/stacker, classes, CV scores."""
+    """Write ensemble.json: members (paths relative to it, weight or null for a stacker), blend spec, classes, CV."""
+    weights = spec.weights if spec.weights is not None else (None,) * spec.member_count
     members = [
-        {"name": m.name, "path": os.path.relpath(m.path.resolve(), out_dir.resolve()), "weight": float(w)}
-        for m, w in zip(aligned.members, spec["weights"], strict=True)
+        {"name": m.name, "path": os.path.relpath(m.path.resolve(), out_dir.resolve()), "weight": w}
+        for m, w in zip(aligned.members, weights, strict=True)
     ]
     document = {
-        "version": FORMAT_VERSION, "method": spec["method"], "members": members, "classes": aligned.classes,
-        "blend": spec, "cv": cv, "validation_rows": int(len(aligned.val_ids)), "test_rows": int(len(aligned.test_ids)),
+        "version": FORMAT_VERSION, "method": spec.method, "members": members, "classes": aligned.classes,
+        "blend": spec.to_dict(), "cv": cv, "validation_rows": int(len(aligned.val_ids)),
+        "test_rows": int(len(aligned.test_ids)),
         **extra,
     }
     return write_text(out_dir / "ensemble.json", json.dumps(document, indent=1) + "\n")
@@ -89,18 +106,18 @@ def _save_figure(fig, path: Path) -> Path:
     return path
 
 
-def plot_weights(path: Path, names: list[str], weights: list[float], method: str) -> Path:
-    """Bar chart of the blend weights per member."""
+def plot_weights(path: Path, names: list[str], spec: BlendSpec) -> Path:
+    """Bar chart of each member's weight (a stacker's: its mean coefficient)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(max(4, 0.7 * len(names) + 2), 3))
-    ax.bar(range(len(names)), weights, color="#4c72b0")
+    ax.bar(range(len(names)), spec.importance, color="#4c72b0")
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("weight" if method != "stack" else "mean coefficient")
-    ax.set_title(f"blend weights ({method})")
+    ax.set_ylabel("weight" if spec.method != "stack" else "mean coefficient")
+    ax.set_title(f"blend weights ({spec.method})")
     return _save_figure(fig, path)
 
 

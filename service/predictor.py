@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ensemble.blend import apply_blend
+from ensemble.spec import BlendSpec, SpecError
 
 
 class ArtifactError(ValueError):
@@ -39,7 +40,7 @@ class EnsemblePredictor:
 
     classes: list[str]
     members: list[MemberModel]
-    blend: dict[str, Any]
+    blend: BlendSpec
     warmed_up: set[str] = field(default_factory=set)
 
     @property
@@ -123,7 +124,7 @@ def load_run(run_dir: str | Path) -> EnsemblePredictor:
     if not run_dir.is_dir():
         raise ArtifactError(f"run directory not found: {run_dir}")
     member, classes = load_member_model(run_dir)
-    return EnsemblePredictor(classes, [member], {"method": "mean", "weights": [1.0]})
+    return EnsemblePredictor(classes, [member], BlendSpec("mean", weights=(1.0,)))
 
 
 def load_ensemble(path: str | Path) -> EnsemblePredictor:
@@ -136,6 +137,13 @@ def load_ensemble(path: str | Path) -> EnsemblePredictor:
             raise ArtifactError(f"{file} lacks {key!r}")
     if document.get("version") != 1:
         raise ArtifactError(f"{file} has version {document.get('version')!r}; this service reads version 1")
+    try:
+        blend = BlendSpec.from_dict(document["blend"])
+    except SpecError as err:
+        raise ArtifactError(f"{file}: {err}") from None
+    if not isinstance(document["members"], list) or len(document["members"]) != blend.member_count:
+        raise ArtifactError(f"{file}: the blend is for {blend.member_count} members, 'members' lists "
+                            f"{len(document['members']) if isinstance(document['members'], list) else 'none'}")
     members = []
     for entry in document["members"]:
         run_dir = (file.parent / entry["path"]).resolve()
@@ -143,7 +151,4 @@ def load_ensemble(path: str | Path) -> EnsemblePredictor:
         if [c.strip() for c in document["classes"]] != classes:
             raise ArtifactError(f"member {member.name!r} ({run_dir}) has other classes than {file}")
         members.append(member)
-    if len(document["blend"].get("weights", [])) != len(members):
-        raise ArtifactError(f"{file}: the blend has {len(document['blend'].get('weights', []))} weights for "
-                            f"{len(members)} members")
-    return EnsemblePredictor([c.strip() for c in document["classes"]], members, document["blend"])
+    return EnsemblePredictor([c.strip() for c in document["classes"]], members, blend)

@@ -12,8 +12,9 @@ import pytest
 from sklearn.metrics import f1_score
 
 from ensemble.blend import METHODS, Blender, apply_blend
-from ensemble.cli import build_ensemble, main
-from ensemble.members import MemberError, load_member, load_members
+from ensemble.build import build_ensemble
+from ensemble.cli import main
+from ensemble.members import MemberError, load_member_predictions, load_members
 from ensemble.scores import macro_f1
 from ensemble.synthetic import synthetic_runs, write_run_dir
 from ensemble.validation import cross_validate, member_scores
@@ -127,7 +128,7 @@ def test_every_method_gives_valid_probabilities_and_favours_the_best_member(runs
     blend = blender.predict_proba(aligned.test_probs)
     assert blend.shape == (300, 10) and (blend >= 0).all()
     np.testing.assert_allclose(blend.sum(1), 1.0, atol=1e-6)
-    assert np.argmax(blender.weights_) == 1
+    assert np.argmax(blender.importance_) == 1
     if method != "stack":
         assert (blender.weights_ >= 0).all() and blender.weights_.sum() == pytest.approx(1.0)
 
@@ -136,7 +137,7 @@ def test_the_spec_is_json_and_applies_the_same_blend(runs):
     aligned = load_members(runs)
     for method in METHODS:
         blender = Blender(method).fit(aligned.val_probs, aligned.val_labels)
-        spec = json.loads(json.dumps(blender.spec_))
+        spec = json.loads(json.dumps(blender.spec_.to_dict()))
         np.testing.assert_allclose(apply_blend(spec, aligned.test_probs), blender.predict_proba(aligned.test_probs))
 
 
@@ -146,7 +147,7 @@ def test_hill_climb_counts_selections():
 
     labels = np.arange(300) % 6
     probs = synthetic_probs(labels, [1.0, 3.0, 3.0], 6, rng)
-    spec = Blender("hill-climb").fit(probs, labels).spec_
+    spec = Blender("hill-climb").fit(probs, labels).spec_.to_dict()
     assert sum(spec["selections"]) >= 1
     np.testing.assert_allclose(spec["weights"], np.array(spec["selections"]) / sum(spec["selections"]))
 
@@ -205,5 +206,160 @@ def test_a_single_member_loads_with_its_name(tmp_path):
     ids = np.array(["b", "a"])
     run = write_run_dir(tmp_path / "r", "solo", ["x", "y"], ids, np.array([1, 0]),
                         np.array([[0.2, 0.8], [0.9, 0.1]], np.float32), ids, np.array([[0.5, 0.5], [1, 0]], np.float32))
-    member = load_member(run)
+    member = load_member_predictions(run)
     assert member.name == "solo" and member.val_ids.tolist() == ["a", "b"] and member.val_labels.tolist() == [0, 1]
+
+
+# --- the blend earns its keep, and its CV is honest ------------------------------------------------
+
+@pytest.fixture
+def complementary(tmp_path):
+    """Three members of similar skill whose errors are independent: averaging them pays off clearly."""
+    return synthetic_runs(tmp_path / "comp", skills=[1.9, 2.1, 2.0], classes=10, val_rows=600, test_rows=100,
+                          shared=0.0, seed=4)
+
+
+@pytest.mark.parametrize("method,options", [("mean", {}), ("weighted", {}), ("weighted", {"power": True}),
+                                            ("hill-climb", {}), ("stack", {})])
+def test_blending_complementary_members_beats_the_best_one_by_a_clear_margin(complementary, method, options):
+    aligned = load_members(complementary)
+    members = member_scores(aligned.val_probs, aligned.val_labels, aligned.names, 5, 0)
+    best = max(s["macro_f1"] for s in members.values())
+    blend = cross_validate(aligned.val_probs, aligned.val_labels, method, options, folds=5, seed=0)["scores"]
+    assert blend["macro_f1"] > best + 0.08, (method, blend["macro_f1"], best)
+    weights = Blender(method, **options).fit(aligned.val_probs, aligned.val_labels).importance_
+    weights = weights / weights.sum()  # the stacker's are coefficients: compare their shares
+    # No member is dropped or dominates: each carries between a sixth and a half of the blend.
+    assert weights.min() > 1 / 6 and weights.max() < 1 / 2, weights
+
+
+def test_weighted_spreads_weight_by_skill(tmp_path):
+    runs = synthetic_runs(tmp_path / "r", skills=[1.0, 2.5, 2.5], classes=8, val_rows=800, test_rows=10, shared=0.0)
+    aligned = load_members(runs)
+    weights = Blender("weighted").fit(aligned.val_probs, aligned.val_labels).weights_
+    assert weights[0] < 0.2 and abs(weights[1] - weights[2]) < 0.2 and weights[1] > 0.3 and weights[2] > 0.3
+
+
+def test_each_cv_fold_is_fitted_on_its_training_rows_only(complementary, monkeypatch):
+    import ensemble.validation as validation
+
+    aligned = load_members(complementary)
+    probs, labels = aligned.val_probs, aligned.val_labels
+    row_of = {probs[0, i].tobytes(): i for i in range(probs.shape[1])}
+    assert len(row_of) == probs.shape[1]  # every row has its own fingerprint
+    fitted_rows, predicted_rows = [], []
+
+    class Spy(Blender):
+        def fit(self, p, y):
+            fitted_rows.append([row_of[r.tobytes()] for r in p[0]])
+            np.testing.assert_array_equal(y, labels[fitted_rows[-1]])
+            return super().fit(p, y)
+
+        def predict_proba(self, p):
+            predicted_rows.append([row_of[r.tobytes()] for r in p[0]])
+            return super().predict_proba(p)
+
+    monkeypatch.setattr(validation, "Blender", Spy)
+    result = validation.cross_validate(probs, labels, "weighted", folds=4, seed=3)
+    splits = validation._folds(labels, 4, 3)
+    assert result["folds"] == len(splits) == len(fitted_rows) == 4
+    for (train, held), fitted, predicted in zip(splits, fitted_rows, predicted_rows, strict=True):
+        assert sorted(fitted) == sorted(train.tolist()) and not set(fitted) & set(held.tolist())
+        assert sorted(predicted) == sorted(held.tolist())
+    # The out-of-fold rows are each fold's blend, fitted without them.
+    for train, held in splits:
+        alone = Blender("weighted").fit(probs[:, train], labels[train]).predict_proba(probs[:, held])
+        np.testing.assert_allclose(result["out_of_fold"][held], alone, rtol=1e-10)
+    # Folds are stratified: every class appears in every held-out fold in about the same share.
+    for _, held in splits:
+        counts = np.bincount(labels[held], minlength=10)
+        assert counts.min() >= 14 and counts.max() <= 16
+
+
+def test_a_blend_that_memorises_its_rows_is_caught_by_cv(complementary, monkeypatch):
+    """A stacker with a huge C overfits the rows it saw: its CV score must be below its in-sample score."""
+    aligned = load_members(complementary)
+    probs, labels = aligned.val_probs[:, :120], aligned.val_labels[:120]
+    in_sample = Blender("stack", cs=(1e6,)).fit(probs, labels)
+    in_sample_f1 = macro_f1(labels, in_sample.predict(probs), 10)
+    cv = cross_validate(probs, labels, "stack", {"cs": (1e6,)}, folds=4, seed=0)["scores"]["macro_f1"]
+    assert cv < in_sample_f1 - 0.05
+
+
+def test_the_member_scores_use_the_same_held_out_folds(complementary):
+    aligned = load_members(complementary)
+    probs, labels = aligned.val_probs, aligned.val_labels
+    scores = member_scores(probs, labels, aligned.names, 4, 2)
+    from ensemble.validation import _folds
+
+    for m, name in enumerate(aligned.names):
+        per_fold = [macro_f1(labels[h], probs[m, h].argmax(1), 10) for _, h in _folds(labels, 4, 2)]
+        assert scores[name]["macro_f1"] == pytest.approx(np.mean(per_fold))
+        assert scores[name]["macro_f1_std"] == pytest.approx(np.std(per_fold))
+
+
+# --- the submission check, the typed spec, the estimator interface ------------------------------------
+
+def test_a_submission_whose_rows_differ_from_the_test_ids_is_refused_and_not_written(tmp_path):
+    from ensemble.output import write_submission
+
+    probs = np.eye(3, dtype=np.float32)
+    path = tmp_path / "submission.csv"
+    for ids, expected, message in [
+        (np.array(["a", "b", "c"]), np.array(["a", "b", "d"]), "differ from the test ids"),
+        (np.array(["a", "b", "b"]), np.array(["a", "b", "c"]), "not unique"),
+        (np.array(["a", "b"]), np.array(["a", "b", "c"]), "expected 3"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            write_submission(path, ids, probs[: len(ids)], expected_ids=expected)
+        assert not path.exists()
+    write_submission(path, np.array(["x,1", "y", 'z"']), probs, expected_ids=np.array(['z"', "x,1", "y"]))
+    rows = list(csv.reader(open(path)))
+    assert rows == [["id", "label"], ["x,1", "0"], ["y", "1"], ['z"', "2"]]  # odd ids survive the CSV round trip
+
+
+def test_the_blend_spec_has_one_meaning_per_field(runs, tmp_path):
+    from ensemble.spec import BlendSpec, SpecError
+
+    aligned = load_members(runs)
+    stack = Blender("stack").fit(aligned.val_probs, aligned.val_labels)
+    assert stack.spec_.weights is None and stack.weights_ is None
+    assert "weights" not in stack.spec_.to_dict() and np.argmax(stack.importance_) == 1
+    np.testing.assert_allclose(stack.importance_, np.asarray(stack.spec_.coef).mean(1))
+    document = build_ensemble(runs, tmp_path / "stack", "stack", folds=3, **QUIET)
+    assert [m["weight"] for m in document["members"]] == [None, None, None]
+    assert BlendSpec.from_dict(document["blend"]) == BlendSpec.from_dict(stack.spec_.to_dict())
+    weighted = build_ensemble(runs, tmp_path / "weighted", "weighted", folds=3, **QUIET)
+    assert [m["weight"] for m in weighted["members"]] == weighted["blend"]["weights"]
+    legacy = {**stack.spec_.to_dict(), "weights": list(stack.importance_)}  # what older files held
+    np.testing.assert_allclose(apply_blend(legacy, aligned.test_probs), stack.predict_proba(aligned.test_probs))
+    for bad, message in [
+        ({"method": "median", "weights": [1.0]}, "blend.method must be one of"),
+        ({"method": "weighted", "weights": [0.7, 0.7]}, "sum to 1"),
+        ({"method": "weighted", "weights": [0.5, "x"]}, "blend.weights must hold finite numbers"),
+        ({"method": "weighted", "weights": [0.5, 0.5], "powers": [1.0]}, "blend.powers has 1 entries"),
+        ({"method": "mean"}, "needs 'weights'"),
+        ({"method": "stack", "coef": [[1.0, 2.0]], "intercept": [0.0], "features": "log"}, "each have 1 entries"),
+        ({"method": "stack", "coef": [[1.0]], "intercept": [0.0], "features": "raw"}, "blend.features"),
+        ({"method": "mean", "weights": [1.0], "colour": "red"}, "unknown field"),
+        ([1, 2], "must be a JSON object"),
+    ]:
+        with pytest.raises(SpecError, match=message):
+            BlendSpec.from_dict(bad)
+    with pytest.raises(ValueError, match="expected probabilities of 2 members"):
+        apply_blend({"method": "mean", "weights": [0.5, 0.5]}, aligned.test_probs)
+
+
+def test_the_blender_is_a_scikit_learn_estimator(runs):
+    from sklearn.base import clone
+
+    aligned = load_members(runs)
+    blender = Blender("hill-climb", patience=3, iterations=7)
+    assert blender.get_params()["patience"] == 3 and blender.get_params()["method"] == "hill-climb"
+    copy = clone(blender).set_params(iterations=1)
+    assert copy.iterations == 1 and blender.iterations == 7 and not hasattr(copy, "spec_")
+    one_step = copy.fit(aligned.val_probs, aligned.val_labels).spec_
+    assert sum(one_step.selections) == 1  # one iteration picks one member
+    assert repr(Blender("stack", cs=(1.0,))) == "Blender(cs=(1.0,), method='stack')"
+    with pytest.raises(TypeError):
+        Blender("weighted", powr=True)  # a misspelt option is an error, not silently ignored
