@@ -1,6 +1,6 @@
 """Import a folder-per-class tree of photos into the competition layout (`flower import`).
 
-    flower import ../shared/data/flowers5-128px data/flowers5 --sizes 128
+    flower import photos/ data/mine --sizes 192,224
 
     <src>/<class>/<any>.jpg|png|...  ->  <out>/tfrecords-jpeg-<S>x<S>/{train,val,test}/*.tfrec
                                          <out>/classes.json, <out>/test_answers.csv, <out>/import_report.json
