@@ -366,11 +366,72 @@ def test_focal_loss_discounts_easy_examples_and_class_weights_scale_the_loss():
     easy = np.array([[0.95, 0.05], [0.1, 0.9]], np.float32)
     cce = make_loss(RunConfig(train=TrainConfig(loss="cce", label_smoothing=0.0)), None)
     focal = make_loss(RunConfig(train=TrainConfig(loss="focal", focal_gamma=2.0, label_smoothing=0.0)), None)
-    assert float(focal(y, easy)) < 0.1 * float(cce(y, easy))
+    assert np.asarray(cce(y, easy)).shape == (2,)  # one value per example: Keras averages and scales per replica
+    np.testing.assert_allclose(cce(y, easy), [-np.log(0.95), -np.log(0.9)], rtol=1e-5)
+    assert np.all(np.asarray(focal(y, easy)) < 0.1 * np.asarray(cce(y, easy)))
     weighted = make_loss(RunConfig(train=TrainConfig(loss="cce", label_smoothing=0.0)), np.array([3.0, 1.0]))
-    first_only = np.array([[1.0, 0.0], [1.0, 0.0]], np.float32)
-    assert float(weighted(first_only, easy[[0, 0]])) == pytest.approx(3 * float(cce(first_only, easy[[0, 0]])),
-                                                                      rel=1e-5)
+    np.testing.assert_allclose(weighted(y, easy), [3 * -np.log(0.95), -np.log(0.9)], rtol=1e-5)
+
+
+REPLICA_STEP = textwrap.dedent("""
+    # One SGD step of the small CNN's head (backbone frozen: batch norm in inference mode) on one global
+    # batch of 16, under FLOWER_CPU_REPLICAS replicas, for each loss option; weights and loss to a file.
+    import os, sys, numpy as np
+    import keras, tensorflow as tf
+    from training.config import RunConfig, TrainConfig
+    from training.fit import make_loss
+    from training.model import build_classifier
+    from training.strategy import detect_strategy
+    strategy, _ = detect_strategy(lambda _: None)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (16, 16, 16, 3)).astype(np.float32)
+    y = np.eye(3, dtype=np.float32)[rng.integers(0, 3, 16)]
+    options = {"cce": (TrainConfig(label_smoothing=0.0), None), "smoothing": (TrainConfig(label_smoothing=0.2), None),
+               "focal": (TrainConfig(loss="focal", label_smoothing=0.0), None),
+               "class_weights": (TrainConfig(label_smoothing=0.0), np.array([0.5, 1.0, 3.0]))}
+    out = {"replicas": strategy.num_replicas_in_sync}
+    for name, (train, weights) in options.items():
+        with strategy.scope():
+            keras.utils.set_random_seed(1)
+            model = build_classifier("small-cnn", 16, 3, dropout=0.0, trainable="head")
+            model.compile(optimizer=keras.optimizers.SGD(0.5), loss=make_loss(RunConfig(train=train), weights))
+        before = model.get_layer("probabilities").kernel.numpy()
+        history = model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), epochs=1, verbose=0)
+        out[name + "_loss"] = history.history["loss"][0]
+        out[name + "_step"] = model.get_layer("probabilities").kernel.numpy() - before
+    np.savez(sys.argv[1], **out)
+""")
+
+
+def test_one_step_on_two_and_four_replicas_equals_one_replica_for_every_loss(tmp_path):
+    results = {}
+    for replicas in (1, 2, 4):
+        path = tmp_path / f"r{replicas}.npz"
+        run = subprocess.run([sys.executable, "-c", REPLICA_STEP, str(path)], cwd=REPO, capture_output=True,
+                             text=True, timeout=300,
+                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "FLOWER_CPU_REPLICAS": str(replicas)})
+        assert run.returncode == 0, run.stderr[-2000:]
+        results[replicas] = dict(np.load(path))
+        assert int(results[replicas]["replicas"]) == replicas
+    for name in ("cce", "smoothing", "focal", "class_weights"):
+        step = results[1][name + "_step"]
+        assert np.abs(step).max() > 1e-3  # the step moved the weights
+        for replicas in (2, 4):
+            np.testing.assert_allclose(results[replicas][name + "_step"], step, rtol=1e-4, atol=1e-6,
+                                       err_msg=f"{name} on {replicas} replicas")
+            assert float(results[replicas][name + "_loss"]) == pytest.approx(float(results[1][name + "_loss"]),
+                                                                             rel=1e-5)
+
+
+def test_a_bad_replica_setting_is_named(monkeypatch):
+    from training.strategy import cpu_replicas_requested
+
+    for value in ("two", "-1", "0", "100"):
+        monkeypatch.setenv("FLOWER_CPU_REPLICAS", value)
+        with pytest.raises(ValueError, match="FLOWER_CPU_REPLICAS must be a whole number from 1 to 64"):
+            cpu_replicas_requested()
+    monkeypatch.setenv("FLOWER_CPU_REPLICAS", "3")
+    assert cpu_replicas_requested() == 3
 
 
 def test_a_checkpoint_of_another_model_is_refused_with_advice(tiny_data, tiny_run, tmp_path):

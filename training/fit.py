@@ -59,7 +59,13 @@ class StepProgress(keras.callbacks.Callback):
 
 
 def make_loss(config: RunConfig, class_weights: np.ndarray | None) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
-    """Categorical cross-entropy with label smoothing, or focal loss; optionally class-weighted."""
+    """Per-example categorical cross-entropy with label smoothing, or focal loss; optionally class-weighted.
+
+    The loss returns one value per example, never a mean: Keras then averages over the batch and
+    divides by the number of replicas, so the summed gradients of N replicas equal those of one
+    replica on the same global batch. (A loss that returns its own mean is not rescaled by Keras and
+    gives N times too large gradients on N replicas.)
+    """
     t = config.train
     if t.loss == "focal":
         base = keras.losses.CategoricalFocalCrossentropy(gamma=t.focal_gamma, label_smoothing=t.label_smoothing,
@@ -67,9 +73,9 @@ def make_loss(config: RunConfig, class_weights: np.ndarray | None) -> Callable[[
     else:
         base = keras.losses.CategoricalCrossentropy(label_smoothing=t.label_smoothing, reduction=None)
     if class_weights is None:
-        return lambda y_true, y_pred: tf.reduce_mean(base(y_true, y_pred))
+        return lambda y_true, y_pred: base(y_true, y_pred)
     weights = tf.constant(class_weights, tf.float32)
-    return lambda y_true, y_pred: tf.reduce_mean(base(y_true, y_pred) * tf.linalg.matvec(y_true, weights))
+    return lambda y_true, y_pred: base(y_true, y_pred) * tf.linalg.matvec(y_true, weights)
 
 
 def class_counts(splits: list[SplitInfo], num_classes: int) -> np.ndarray:

@@ -1,4 +1,9 @@
-"""Pick the distribution strategy (TPU, GPUs, multi-worker, default) and the mixed-precision policy."""
+"""Pick the distribution strategy (multi-worker, TPU, GPUs, logical CPU replicas, default) and the precision.
+
+The strategy is created before anything lists devices or runs an op: a multi-worker strategy must
+configure the runtime's collectives itself, and logical CPU devices can only be set up before the
+runtime starts.
+"""
 
 from __future__ import annotations
 
@@ -9,24 +14,68 @@ from collections.abc import Callable
 import keras
 import tensorflow as tf
 
+CPU_REPLICAS_ENV = "FLOWER_CPU_REPLICAS"
 
-def detect_strategy(log: Callable[[str], None] = print) -> tuple[tf.distribute.Strategy, str]:
-    """TPU when reachable (Kaggle/Colab conventions), else multi-worker (TF_CONFIG), GPUs, or default."""
+
+def cpu_replicas_requested() -> int:
+    """How many logical CPU replicas FLOWER_CPU_REPLICAS asks for (0 or 1: none); a bad value is named."""
+    text = os.environ.get(CPU_REPLICAS_ENV, "").strip()
+    if not text:
+        return 0
+    if not text.isdigit() or not 0 < int(text) <= 64:
+        raise ValueError(f"{CPU_REPLICAS_ENV} must be a whole number from 1 to 64, got {text!r}")
+    return int(text)
+
+
+def _cluster_size() -> int:
+    """The number of tasks TF_CONFIG names (0 without TF_CONFIG); malformed TF_CONFIG is named."""
+    text = os.environ.get("TF_CONFIG", "").strip()
+    if not text:
+        return 0
+    try:
+        cluster = json.loads(text).get("cluster", {})
+    except (json.JSONDecodeError, AttributeError):
+        raise ValueError(f"TF_CONFIG is not a JSON object with a 'cluster': {text[:200]!r}") from None
+    return sum(len(tasks) for tasks in cluster.values())
+
+
+def cpu_replica_strategy(replicas: int) -> tf.distribute.Strategy:
+    """MirroredStrategy over `replicas` logical CPU devices split from the first CPU (a test and debug aid)."""
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
+    except RuntimeError:
+        raise RuntimeError(f"{CPU_REPLICAS_ENV}={replicas} must be set before TensorFlow starts its runtime "
+                           "(in a fresh process)") from None
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+    return tf.distribute.MirroredStrategy(devices, cross_device_ops=tf.distribute.ReductionToOneDevice())
+
+
+def _tpu_strategy() -> tf.distribute.Strategy | None:
+    """TPUStrategy when a TPU is reachable (Kaggle and Colab conventions), else None."""
     try:
         # Kaggle and Colab TPU VMs: no address needed; TPU_NAME / COLAB_TPU_ADDR are read by the resolver.
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=os.environ.get("TPU_NAME", ""))
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
-        strategy, kind = tf.distribute.TPUStrategy(resolver), "tpu"
+        return tf.distribute.TPUStrategy(resolver)
     except (ValueError, RuntimeError, tf.errors.NotFoundError, tf.errors.UnavailableError, KeyError):
-        cluster = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
-        gpus = tf.config.list_logical_devices("GPU")
-        if sum(len(v) for v in cluster.values()) > 1:
-            strategy, kind = tf.distribute.MultiWorkerMirroredStrategy(), "multi-worker"
-        elif gpus:
-            strategy, kind = tf.distribute.MirroredStrategy(), "gpu"
-        else:
-            strategy, kind = tf.distribute.get_strategy(), "cpu"
+        return None
+
+
+def detect_strategy(log: Callable[[str], None] = print) -> tuple[tf.distribute.Strategy, str]:
+    """Multi-worker (TF_CONFIG), logical CPU replicas (FLOWER_CPU_REPLICAS), TPU, GPUs, or the default."""
+    replicas = cpu_replicas_requested()
+    if _cluster_size() > 1:
+        strategy, kind = tf.distribute.MultiWorkerMirroredStrategy(), "multi-worker"
+    elif replicas > 1:
+        strategy, kind = cpu_replica_strategy(replicas), "cpu"
+    else:
+        strategy, kind = _tpu_strategy(), "tpu"
+        if strategy is None:
+            gpus = tf.config.list_logical_devices("GPU")
+            strategy, kind = (tf.distribute.MirroredStrategy(), "gpu") if gpus else (tf.distribute.get_strategy(),
+                                                                                      "cpu")
     log(f"strategy: {type(strategy).__name__} ({kind}), {strategy.num_replicas_in_sync} replica(s)")
     return strategy, kind
 
