@@ -36,10 +36,11 @@ class Break:
 
 BREAKS = [
     Break("checkpoint restores neither weights nor optimizer state", "training/checkpoints.py",
-          'model.load_weights(folder / "last.weights.h5")', "pass", ("tests/test_training.py", "-k",
+          'model.load_weights(weights)', "pass", ("tests/test_training.py", "-k",
                                                                    "restores_weights or killed")),
     Break("checkpoint restores neither weights nor optimizer state (optimizer part)", "training/checkpoints.py",
-          "variable.assign(value)", "pass", ("tests/test_training.py", "-k", "restores_weights")),
+          "    optimizer.build(model.trainable_variables)  # built,", "    pass  # built,",
+          ("tests/test_training.py", "-k", "restores_weights")),
     Break("each CV fold's blender fitted on all rows", "ensemble/validation.py",
           ".fit(probs[:, train], labels[train])", ".fit(probs, labels)",
           ("tests/test_ensemble.py", "-k", "training_rows_only or memorises")),
@@ -71,6 +72,9 @@ BREAKS = [
           "return lambda y_true, y_pred: base(y_true, y_pred)\n",
           "return lambda y_true, y_pred: tf.reduce_mean(base(y_true, y_pred))\n",
           ("tests/test_training.py", "-k", "replicas_equals_one_replica")),
+    Break("a resume does not compare configs", "training/checkpoints.py",
+          "    changes = config_changes(saved, config)\n", "    changes = []\n",
+          ("tests/test_training.py", "-k", "another_config")),
     Break("the API key check uses 'and'", "service/deps.py", 'scheme.lower() != "bearer" or not',
           'scheme.lower() != "bearer" and not', ("tests/test_service.py", "-k", "api_key")),
 ]

@@ -285,7 +285,7 @@ def test_a_killed_run_resumes_exactly_where_it_stopped(tiny_data, tiny_run, tmp_
     out = tmp_path / "killed"
     first = _train(tiny_data, out, kill_after=1)
     assert first.returncode == -9  # SIGKILL right after epoch 1's checkpoint
-    assert json.loads((out / "checkpoints" / "state.json").read_text())["epoch"] == 1
+    assert json.loads((out / "checkpoints" / "epoch-0001" / "state.json").read_text())["epoch"] == 1
     assert not (out / "member.json").exists()
     second = _train(tiny_data, out)
     assert second.returncode == 0, second.stderr[-2000:]
@@ -294,14 +294,12 @@ def test_a_killed_run_resumes_exactly_where_it_stopped(tiny_data, tiny_run, tmp_
     epochs = [line.split(",")[0] for line in (out / "history.csv").read_text().splitlines()[1:]]
     assert epochs == ["1", "2"]
     # The resumed run is the uninterrupted one: same weights, optimizer state, history and predictions.
-    resumed, whole = _weights(out / "checkpoints" / "last.weights.h5"), _weights(tiny_run / "checkpoints" /
-                                                                               "last.weights.h5")
+    resumed = _weights(out / "checkpoints" / "epoch-0002" / "weights.weights.h5")
+    whole = _weights(tiny_run / "checkpoints" / "epoch-0002" / "weights.weights.h5")
     assert resumed.keys() == whole.keys() and len(resumed) > 4
     for name in whole:
         np.testing.assert_array_equal(resumed[name], whole[name], err_msg=name)
-    with np.load(out / "checkpoints" / "optimizer.npz") as a, np.load(tiny_run / "checkpoints" / "optimizer.npz") as b:
-        for key in b.files:
-            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert any("optimizer" in name for name in whole)  # the weights file holds the optimizer's moments too
     losses = [[row.split(",")[2:6] for row in (run / "history.csv").read_text().splitlines()[1:]]
               for run in (out, tiny_run)]
     assert losses[0] == losses[1]
@@ -441,7 +439,11 @@ def test_a_checkpoint_of_another_model_is_refused_with_advice(tiny_data, tiny_ru
     shutil.copytree(tiny_run / "checkpoints", out / "checkpoints")
     result = _train(tiny_data, out, "--set", "model.backbone=efficientnet-b0")
     assert result.returncode == 2
-    assert "does not fit this model" in result.stderr and "remove that folder" in result.stderr
+    assert "model.backbone: 'small-cnn' -> 'efficientnet-b0'" in result.stderr
+    (out / "checkpoints" / "epoch-0002" / "config.json").unlink()  # a checkpoint that does not say its config
+    result = _train(tiny_data, out, "--set", "model.backbone=efficientnet-b0")
+    assert result.returncode == 2
+    assert "does not fit this model" in result.stderr and f"remove {out / 'checkpoints'}" in result.stderr
 
 
 def test_a_checkpoint_restores_weights_optimizer_state_and_the_epoch(tmp_path):
@@ -459,7 +461,8 @@ def test_a_checkpoint_restores_weights_optimizer_state_and_the_epoch(tmp_path):
     y = np.eye(3, dtype=np.float32)[rng.integers(0, 3, 8)]
     trained, optimizer = model_and_optimizer(1)
     trained.fit(x, y, epochs=2, batch_size=4, verbose=0)
-    save_checkpoint(tmp_path, trained, optimizer, {"epoch": 2, "best_f1": 0.5, "history": [{"epoch": 1}]})
+    save_checkpoint(tmp_path, trained, optimizer, {"epoch": 2, "best_f1": 0.5, "history": [{"epoch": 1}]}, {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-0002"]
     fresh, fresh_optimizer = model_and_optimizer(2)
     logs = []
     state = load_checkpoint(tmp_path, fresh, fresh_optimizer, logs.append)
@@ -556,3 +559,53 @@ def test_class_weights_count_every_split_the_run_trains_on(tmp_path):
     np.testing.assert_allclose(both.class_weights, [1.0, 1.0])
     np.testing.assert_allclose(inverse_frequency_weights(np.array([2, 2, 0])), [2 / 3, 2 / 3, 0.0])
     assert not (tmp_path / "never-written").exists()
+
+
+def test_a_kill_while_a_checkpoint_is_written_leaves_the_previous_epoch_whole(tmp_path, monkeypatch):
+    import training.checkpoints as checkpoints
+
+    keras.utils.set_random_seed(0)
+    model = build_classifier("small-cnn", 16, 3, dropout=0.0)
+    optimizer = keras.optimizers.AdamW(1e-3)
+    model.compile(optimizer=optimizer, loss="categorical_crossentropy")
+    optimizer.build(model.trainable_variables)
+    checkpoints.save_checkpoint(tmp_path, model, optimizer, {"epoch": 1, "best_f1": 0.1, "history": []}, {})
+    first = _weights(tmp_path / "epoch-0001" / "weights.weights.h5")
+    model.get_layer("probabilities").bias.assign([9.0, 9.0, 9.0])
+
+    def killed(path, text):  # the process dies while writing epoch 2's state.json
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(checkpoints, "write_text_atomic", killed)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.save_checkpoint(tmp_path, model, optimizer, {"epoch": 2, "best_f1": 0.2, "history": []}, {})
+    monkeypatch.undo()
+    assert checkpoints.latest_checkpoint(tmp_path).name == "epoch-0001"
+    fresh = build_classifier("small-cnn", 16, 3, dropout=0.0)
+    fresh_optimizer = keras.optimizers.AdamW(1e-3)
+    fresh.compile(optimizer=fresh_optimizer, loss="categorical_crossentropy")
+    state = checkpoints.load_checkpoint(tmp_path, fresh, fresh_optimizer, log=lambda _: None)
+    assert state["epoch"] == 1
+    restored = {v.path: v.numpy() for v in fresh.weights}
+    assert not np.allclose(restored["probabilities/bias"], 9.0)  # epoch 1's weights, not the half-written epoch 2
+    for name, value in first.items():
+        if name.endswith("bias") and "probabilities" in name:
+            np.testing.assert_array_equal(value, restored["probabilities/bias"])
+    checkpoints.save_checkpoint(tmp_path, model, optimizer, {"epoch": 2, "best_f1": 0.2, "history": []}, {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-0002"]  # the leftover .tmp folder is gone
+
+
+def test_resuming_with_another_config_is_refused_before_anything_is_written(tiny_data, tiny_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "changed"
+    shutil.copytree(tiny_run, out)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    result = _train(tiny_data, out, "--set", "data.image_size=48", "--set", "model.dropout=0.5")
+    assert result.returncode == 2
+    assert "data.image_size: 32 -> 48" in result.stderr and "model.dropout: 0.2 -> 0.5" in result.stderr
+    assert "remove" in result.stderr and "Traceback" not in result.stderr
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before  # nothing touched
+    longer = _train(tiny_data, out, "--set", "train.epochs=3", "--set", "predict.tta=1")
+    assert longer.returncode == 0, longer.stderr[-2000:]
+    assert "resuming after epoch 2" in longer.stdout and "epoch 3/3:" in longer.stdout

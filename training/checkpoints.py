@@ -1,22 +1,34 @@
-"""Checkpoints of a run: model weights, optimizer variables and the run's state after each epoch.
+"""Checkpoints of a run: one folder per finished epoch, switched into place by a single rename.
 
-A run's `checkpoints/` folder holds `last.weights.h5`, `optimizer.npz`, `state.json` (the finished
-epoch, the best validation macro F1, the history) and `best.weights.h5` (the best epoch's weights).
+    checkpoints/epoch-0003/  weights.weights.h5 (model and optimizer variables), state.json, config.json
+    checkpoints/best.weights.h5   the best epoch's weights (by validation macro F1)
+
+An epoch's files are written into `checkpoints/.epoch-0003.tmp/` and renamed to `epoch-0003/` only
+when all are complete, so weights, optimizer state and state.json always agree: a kill during the
+write leaves the previous epoch's folder standing. Older epoch folders are removed afterwards.
+A checkpoint remembers the config it was made with; resuming with a config that changes the model,
+the data or the optimisation is refused, naming the options that differ.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
 
-from training.writing import write_npz_atomic, write_text_atomic
+from training.writing import write_text_atomic
 
 Log = Callable[[str], None]
+EPOCH_FOLDER = re.compile(r"^epoch-(\d+)$")
+# Options that may change between a run and its resume: how long it runs and what it writes at the end.
+RESUMABLE_CHANGES = ("name", "output", "train.epochs", "train.eval_batch_size", "predict.tta", "predict.tta_seed")
 
 
 def save_weights_atomic(model: keras.Model, path: Path) -> None:
@@ -27,34 +39,110 @@ def save_weights_atomic(model: keras.Model, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(folder: Path, model: keras.Model, optimizer: keras.optimizers.Optimizer, state: dict) -> None:
-    """Save weights, optimizer variables and state; state.json is written last and names a finished epoch."""
-    folder.mkdir(parents=True, exist_ok=True)
-    save_weights_atomic(model, folder / "last.weights.h5")
-    variables = {f"v{i}": np.asarray(v.numpy()) for i, v in enumerate(optimizer.variables)}
-    write_npz_atomic(folder / "optimizer.npz", variables)
-    write_text_atomic(folder / "state.json", json.dumps(state, indent=1))
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete epoch folder under `folder` (a legacy single-folder checkpoint counts too)."""
+    epochs = sorted((int(m.group(1)), p) for p in folder.glob("epoch-*")
+                    if (m := EPOCH_FOLDER.match(p.name)) and (p / "state.json").is_file())
+    if epochs:
+        return epochs[-1][1]
+    return folder if (folder / "state.json").is_file() else None
+
+
+def save_checkpoint(folder: Path, model: keras.Model, optimizer: keras.optimizers.Optimizer, state: dict,
+                    config: dict[str, Any]) -> Path:
+    """Write epoch `state["epoch"]`'s weights and optimizer variables, state and config as one folder.
+
+    A compiled model's weights file holds its optimizer's variables too (moments, iteration count).
+    """
+    name = f"epoch-{state['epoch']:04d}"
+    tmp, final = folder / f".{name}.tmp", folder / name
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if model.optimizer is not optimizer:
+        raise ValueError("save_checkpoint needs the model compiled with this optimizer")
+    model.save_weights(tmp / "weights.weights.h5")
+    write_text_atomic(tmp / "config.json", json.dumps(config, indent=1))
+    write_text_atomic(tmp / "state.json", json.dumps(state, indent=1))
+    shutil.rmtree(final, ignore_errors=True)  # a rerun of this same epoch replaces it
+    os.replace(tmp, final)
+    for old in folder.iterdir():  # earlier epochs, leftovers of killed writes, a legacy layout
+        if old != final and (EPOCH_FOLDER.match(old.name) or old.name.endswith(".tmp")) and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+    for legacy in ("state.json", "last.weights.h5", "optimizer.npz"):
+        (folder / legacy).unlink(missing_ok=True)
+    return final
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The options that differ between a checkpoint's config and this one, except those safe to change."""
+    before, after = _flatten(saved), _flatten(current)
+    keys = sorted(set(before) | set(after))
+    return [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in keys
+            if k not in RESUMABLE_CHANGES and _plain(before.get(k)) != _plain(after.get(k))]
+
+
+def _plain(value: Any) -> Any:
+    """Tuples and lists compare equal (JSON turns one into the other)."""
+    return list(value) if isinstance(value, tuple | list) else value
+
+
+def check_resumable(folder: Path, config: dict[str, Any], run_config_file: Path | None = None) -> None:
+    """Refuse to resume from a checkpoint made with another config; say which options differ."""
+    checkpoint = latest_checkpoint(folder)
+    if checkpoint is None:
+        return
+    source = checkpoint / "config.json"
+    if not source.is_file() and run_config_file is not None and run_config_file.is_file():
+        source = run_config_file  # a legacy checkpoint: the run's config.json is the one it was made with
+    if not source.is_file():
+        return
+    try:
+        saved = json.loads(source.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{source} is not valid JSON ({err}); remove {folder} to start over") from None
+    changes = config_changes(saved, config)
+    if changes:
+        raise ValueError(f"{folder.parent} holds a run made with another config ({'; '.join(changes)}); resume with "
+                         f"the same config (only {', '.join(RESUMABLE_CHANGES)} may change), or write to another "
+                         f"output folder, or remove {folder} to start over")
 
 
 def load_checkpoint(
     folder: Path, model: keras.Model, optimizer: keras.optimizers.Optimizer, log: Log = print
 ) -> dict | None:
     """Restore the last finished epoch, if any; returns its state."""
-    state_file = folder / "state.json"
-    if not state_file.is_file():
+    checkpoint = latest_checkpoint(folder)
+    if checkpoint is None:
         return None
-    state = json.loads(state_file.read_text())
+    state_file = checkpoint / "state.json"
     try:
-        model.load_weights(folder / "last.weights.h5")
+        state = json.loads(state_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{state_file} is not valid JSON ({err}); remove {folder} to start over") from None
+    if model.optimizer is not optimizer:
+        raise ValueError("load_checkpoint needs the model compiled with this optimizer")
+    weights = checkpoint / ("weights.weights.h5" if checkpoint != folder else "last.weights.h5")
+    optimizer.build(model.trainable_variables)  # built, the optimizer's variables load from the weights file too
+    try:
+        model.load_weights(weights)
     except (ValueError, OSError) as err:
-        raise RuntimeError(f"the checkpoint in {folder} does not fit this model ({str(err).splitlines()[0][:200]}); "
-                           "it belongs to another config: remove that folder to start over") from None
-    optimizer.build(model.trainable_variables)
-    with np.load(folder / "optimizer.npz") as saved:
-        values = [saved[f"v{i}"] for i in range(len(saved.files))]
-    if len(values) != len(optimizer.variables):
-        raise RuntimeError(f"the checkpoint in {folder} does not match this model/optimizer; remove it to start over")
-    for variable, value in zip(optimizer.variables, values, strict=True):
-        variable.assign(value)
+        raise RuntimeError(f"the checkpoint in {checkpoint} does not fit this model "
+                           f"({str(err).splitlines()[0][:200]}); it belongs to another config: remove {folder} "
+                           "to start over") from None
+    if checkpoint == folder and (folder / "optimizer.npz").is_file():  # the legacy layout kept them apart
+        with np.load(folder / "optimizer.npz") as saved:
+            for i, variable in enumerate(optimizer.variables):
+                variable.assign(saved[f"v{i}"])
     log(f"resuming after epoch {state['epoch']} (best validation macro F1 so far {state['best_f1']:.4f})")
     return state

@@ -6,6 +6,7 @@ Every option, its default and meaning is listed by `flower train --help`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -166,7 +167,7 @@ class PredictConfig:
 class RunConfig:
     """A whole training run."""
 
-    name: str = "member"
+    name: str = ""  # member name; empty: the run directory's folder name
     output: str = ""  # run directory; empty: runs/<name>
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -178,7 +179,12 @@ class RunConfig:
     @property
     def run_dir(self) -> Path:
         """The run directory this config writes."""
-        return Path(self.output or f"runs/{self.name}")
+        return Path(self.output or f"runs/{self.name or 'member'}")
+
+    @property
+    def member_name(self) -> str:
+        """The member's name: `name`, else the run directory's folder name (so runs blend without renaming)."""
+        return self.name or self.run_dir.resolve().name
 
     def to_dict(self) -> dict[str, Any]:
         """The fully resolved config as plain data."""
@@ -203,7 +209,10 @@ def _coerce(expected: str, value: Any, where: str) -> Any:
     if kind is None:
         raise TypeError(f"{where}: no coercion for type {expected}")  # a new field type needs a rule here
     if isinstance(value, bool) and expected != "bool" or not isinstance(value, kind):
-        raise ValueError(f"{where}: expected {expected}, got {value!r}")
+        hint = " (quote text that looks like a number: --set 'name=\"2024\"')" if expected == "str" else ""
+        raise ValueError(f"{where}: expected {expected}, got {value!r}{hint}")
+    if expected == "float" and not math.isfinite(value):
+        raise ValueError(f"{where}: expected a finite number, got {value!r}")
     return float(value) if expected == "float" else value
 
 
@@ -227,7 +236,8 @@ def config_from_dict(values: dict[str, Any]) -> RunConfig:
             top[key] = section_from_dict(SECTIONS[key], value, key)
         elif key in ("name", "output"):
             if not isinstance(value, str):
-                raise ValueError(f"{key}: expected a string, got {value!r}")
+                raise ValueError(f"{key}: expected a string, got {value!r} (quote text that looks like a number: "
+                                 f"--set '{key}=\"{value}\"')")
             top[key] = value
         else:
             raise ValueError(f"unknown option {key!r}; top-level keys: name, output, {', '.join(SECTIONS)}")
@@ -236,21 +246,36 @@ def config_from_dict(values: dict[str, Any]) -> RunConfig:
     return config
 
 
+RANGES = {  # option: (lowest, highest), inclusive; None = unbounded
+    "data.image_size": (8, 2048), "data.batch_size": (1, 65536), "data.file_size": (0, 8192),
+    "data.shuffle_buffer": (1, 10_000_000), "train.epochs": (1, 100_000), "train.steps_per_epoch": (0, 10_000_000),
+    "train.eval_batch_size": (1, 65536), "train.focal_gamma": (0.0, 10.0), "train.weight_decay": (0.0, 1.0),
+    "predict.tta": (1, 64), "schedule.start": (0.0, 10.0), "schedule.max": (0.0, 10.0), "schedule.min": (0.0, 10.0),
+    "schedule.rampup_epochs": (0, 100_000), "schedule.sustain_epochs": (0, 100_000),
+    "schedule.warmup_epochs": (0, 100_000), "augment.shift_reference_size": (1, 8192),
+}
+
+
 def validate(config: RunConfig) -> None:
-    """Cross-field checks with messages that name the option."""
-    if config.data.image_size < 8 or config.data.batch_size < 1:
-        raise ValueError("data.image_size must be >= 8 and data.batch_size >= 1")
+    """Cross-field and range checks with messages that name the option."""
+    for dotted, (low, high) in RANGES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(config, section), key)
+        if not low <= value <= high:
+            raise ValueError(f"{dotted} must be between {low} and {high}, got {value!r}")
     if config.schedule.kind not in ("rampup", "cosine", "constant"):
         raise ValueError(f"schedule.kind must be rampup, cosine or constant, got {config.schedule.kind!r}")
+    if not 0 < config.schedule.decay <= 1:
+        raise ValueError(f"schedule.decay must be in (0, 1], got {config.schedule.decay!r}")
     if config.train.loss not in ("cce", "focal"):
         raise ValueError(f"train.loss must be cce or focal, got {config.train.loss!r}")
     if config.train.mixed_precision not in ("auto", "float16", "bfloat16", "off"):
         raise ValueError(f"train.mixed_precision must be auto, float16, bfloat16 or off, got "
                          f"{config.train.mixed_precision!r}")
-    if config.train.epochs < 1 or config.predict.tta < 1:
-        raise ValueError("train.epochs and predict.tta must be >= 1")
     if not 0 <= config.model.dropout < 1 or not 0 <= config.train.label_smoothing < 1:
         raise ValueError("model.dropout and train.label_smoothing must be in [0, 1)")
+    if not config.data.dir.strip():
+        raise ValueError("data.dir must name the data folder")
 
 
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
@@ -266,17 +291,18 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
             raise ValueError(f"{path} is not valid TOML: {err}") from None
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
-        if key:
-            values.setdefault(section, {})[key] = value
-        else:
+        if not key:
             values[section] = value
+        elif not isinstance(values.setdefault(section, {}), dict):
+            raise ValueError(f"{dotted}: {section!r} is a single value here, not a section with options")
+        else:
+            values[section][key] = value
     return config_from_dict(values)
 
 
 def _field_comments(cls) -> dict[str, str]:
     """The `# comment` after each field in a dataclass's source: the option's explanation."""
     import inspect
-    import re
 
     comments = {}
     for line in inspect.getsource(cls).splitlines():
@@ -289,7 +315,8 @@ def _field_comments(cls) -> dict[str, str]:
 def describe_options() -> str:
     """Every option with its default and meaning, for --help."""
     lines = ["options (TOML sections, or --set section.key=value):",
-             f"  name = {RunConfig().name!r}    run name", "  output = ''    run directory (default runs/<name>)"]
+             "  name = ''    member name (default: the run directory's folder name)",
+             "  output = ''    run directory (default runs/<name>, or runs/member without a name)"]
     for section, cls in SECTIONS.items():
         lines.append(f"  [{section}]  {cls.__doc__.splitlines()[0]}")
         comments = _field_comments(cls)

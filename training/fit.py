@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from training.checkpoints import load_checkpoint, save_checkpoint, save_weights_atomic
+from training.checkpoints import check_resumable, load_checkpoint, save_checkpoint, save_weights_atomic
 from training.config import RunConfig
 from training.dataset import SplitInfo, split_info, train_dataset
 from training.evaluation import classification_scores
@@ -141,8 +141,10 @@ def prepare_run(config: RunConfig, log: Log = print) -> Run:
     replicas = strategy.num_replicas_in_sync
     global_batch = data.batch_size * replicas
     steps = config.train.steps_per_epoch or max(1, sum(i.count for i in train_splits) // global_batch)
+    trained_on = "train+val" if data.train_on_val else "train"
     log(f"data: {data.dir} records {infos['train'].file_size}px -> model {size}px; train {infos['train'].count}, "
-        f"val {infos['val'].count}, test {infos['test'].count}; {len(classes)} classes; "
+        f"val {infos['val'].count}, test {infos['test'].count}; fitting on {trained_on} "
+        f"({sum(i.count for i in train_splits)} images); {len(classes)} classes; "
         f"global batch {global_batch}, {steps} steps/epoch")
     if data.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -185,7 +187,7 @@ def run_epoch(run: Run, epoch: int, state: dict, log: Log) -> None:
         f"val_macro_f1 {scores['macro_f1']:.4f}{' (best)' if improved else ''} [{seconds:.1f} s, "
         f"{run.steps * run.global_batch / seconds:.0f} img/s]")
     state["epoch"] = epoch + 1
-    save_checkpoint(checkpoints, model, run.optimizer, state)
+    save_checkpoint(checkpoints, model, run.optimizer, state, config.to_dict())
     write_history(config.run_dir, state["history"])
 
 
@@ -195,17 +197,17 @@ def train_member(config: RunConfig, log: Log = print, after_epoch: AfterEpoch | 
     `after_epoch(n)` is called once epoch n (1-based) is checkpointed: for progress reporting, or for
     tests that interrupt a run there.
     """
-    run_dir = config.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir, checkpoints = config.run_dir, config.run_dir / "checkpoints"
+    check_resumable(checkpoints, config.to_dict(), run_dir / "config.json")  # before anything is written
     run = prepare_run(config, log)
     params = parameter_counts(run.model)
     log(f"model: {config.model.backbone} ({config.model.weights} weights), trainable {params['trainable']:,} "
         f"parameters, frozen {params['frozen']:,}")
-    plot_schedule(run_dir / "schedule.png", config.schedule, config.train.epochs, run.replicas)
-    write_text_atomic(run_dir / "config.json", json.dumps(config.to_dict(), indent=1) + "\n")
-    checkpoints = run_dir / "checkpoints"
     state = load_checkpoint(checkpoints, run.model, run.optimizer, log) or {"epoch": 0, "best_f1": -1.0,
                                                                             "history": []}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    plot_schedule(run_dir / "schedule.png", config.schedule, config.train.epochs, run.replicas)
+    write_text_atomic(run_dir / "config.json", json.dumps(config.to_dict(), indent=1) + "\n")
     for epoch in range(state["epoch"], config.train.epochs):
         run_epoch(run, epoch, state, log)
         if after_epoch is not None:

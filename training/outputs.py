@@ -82,7 +82,7 @@ def member_document(config: RunConfig, facts: RunFacts, final: dict[str, float],
     """The content of member.json."""
     seconds_per_epoch = float(np.mean([h["seconds"] for h in history]))
     return {
-        "version": 1, "name": config.name, "backbone": config.model.backbone, "weights": config.model.weights,
+        "version": 1, "name": config.member_name, "backbone": config.model.backbone, "weights": config.model.weights,
         "image_size": config.data.image_size, "num_classes": len(facts.classes), "parameters": facts.params,
         "precision": facts.policy, "replicas": facts.replicas, "config": config.to_dict(),
         "data": {"dir": config.data.dir, "file_size": facts.infos["train"].file_size,

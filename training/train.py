@@ -37,10 +37,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.train") 
         from training.fit import train_member  # TensorFlow is imported only when training
 
         train_member(config)
-    except (DataError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except RuntimeError as err:  # e.g. pretrained weights that cannot be downloaded
+    except (DataError, ValueError, FileNotFoundError, RuntimeError) as err:  # RuntimeError: e.g. weights offline
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
