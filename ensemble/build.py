@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ensemble.blend import Blender
 from ensemble.members import Aligned, load_members
 from ensemble.output import plot_scores, plot_weights, write_ensemble_json, write_report, write_submission
@@ -31,10 +33,13 @@ def score_methods(aligned: Aligned, method: str, folds: int, seed: int, options:
 def build_ensemble(
     runs: list[Path], out_dir: Path, method: str = "auto", folds: int = 5, seed: int = 0,
     options: dict[str, dict[str, Any]] | None = None, progress: Progress = print,
+    expected_test_ids: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Load, cross-validate, fit and write the ensemble directory; return the ensemble.json content.
 
     `options` maps a method to its Blender keywords, e.g. {"weighted": {"power": True}}.
+    `expected_test_ids` (e.g. the ids of the competition's sample submission) are the ids the
+    submission must hold; by default the test ids the members agree on.
     """
     if method not in (*METHODS, "auto"):
         raise ValueError(f"unknown method {method!r}; expected one of {(*METHODS, 'auto')}")
@@ -52,7 +57,8 @@ def build_ensemble(
     cv = {"folds": chosen["folds"], "seed": seed, "blend": chosen["scores"], "members": members_cv}
     if methods_cv:
         cv["methods"] = methods_cv
-    write_submission(out_dir / "submission.csv", aligned.test_ids, test_blend, expected_ids=aligned.test_ids)
+    expected = aligned.test_ids if expected_test_ids is None else expected_test_ids
+    write_submission(out_dir / "submission.csv", aligned.test_ids, test_blend, expected_ids=expected)
     path = write_ensemble_json(out_dir, aligned, blender.spec_, cv, {"seconds": time.perf_counter() - start})
     plot_weights(out_dir / "weights.png", aligned.names, blender.spec_)
     plot_scores(out_dir / "scores.png", members_cv, chosen["scores"])

@@ -18,9 +18,12 @@ Needs no TensorFlow.
 from __future__ import annotations
 
 import argparse
+import csv
 import glob
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from ensemble.build import build_ensemble
 from ensemble.members import MemberError
@@ -41,6 +44,18 @@ def expand_runs(patterns: list[str]) -> list[Path]:
     return runs
 
 
+def read_ids(path: Path) -> np.ndarray:
+    """The `id` column of a CSV file (a sample submission or an answers file)."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise ValueError(f"cannot read ids from {path}: {err}") from None
+    if not rows or "id" not in rows[0]:
+        raise ValueError(f"{path} has no 'id' column (or no rows)")
+    return np.array([row["id"] for row in rows], dtype=str)
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m ensemble") -> int:
     """Command line entry point."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
@@ -53,12 +68,20 @@ def main(argv: list[str] | None = None, prog: str = "python -m ensemble") -> int
     parser.add_argument("--power", action="store_true", help="weighted: also fit a power (temperature) per member")
     parser.add_argument("--stack-features", choices=["log", "probs"], default="log",
                         help="stack: regress on log-probabilities (default) or probabilities")
+    parser.add_argument("--expect-ids", metavar="CSV",
+                        help="a CSV with an 'id' column (e.g. the competition's sample_submission.csv): the "
+                             "submission must hold exactly these ids (default: the ids the members agree on)")
     parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
     args = parser.parse_args(argv)
+    if args.folds < 2 or args.seed < 0:
+        print(f"error: --folds must be at least 2 (got {args.folds}) and --seed at least 0 (got {args.seed})",
+              file=sys.stderr)
+        return 2
     options = {"weighted": {"power": args.power}, "stack": {"features": args.stack_features, "seed": args.seed}}
     try:
+        expected = read_ids(Path(args.expect_ids)) if args.expect_ids else None
         build_ensemble(expand_runs(args.runs), Path(args.out), args.method, args.folds, args.seed, options,
-                       progress=(lambda _: None) if args.quiet else print)
+                       progress=(lambda _: None) if args.quiet else print, expected_test_ids=expected)
     except (MemberError, SpecError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -113,17 +113,31 @@ def _check_ids(ids: np.ndarray, member: str, where: str) -> np.ndarray:
     return ids
 
 
+def _member_json(run_dir: Path) -> dict:
+    """member.json as a dict ({} when absent); invalid JSON is named."""
+    meta = run_dir / "member.json"
+    if not meta.is_file():
+        return {}
+    try:
+        document = json.loads(meta.read_text())
+    except json.JSONDecodeError as err:
+        raise MemberError(f"{meta} is not valid JSON: {err}") from None
+    return document if isinstance(document, dict) else {}
+
+
 def member_name(run_dir: Path) -> str:
     """The member's name from member.json, else its folder name."""
-    meta = run_dir / "member.json"
-    if meta.is_file():
-        try:
-            name = json.loads(meta.read_text()).get("name")
-        except json.JSONDecodeError as err:
-            raise MemberError(f"{meta} is not valid JSON: {err}") from None
-        if isinstance(name, str) and name:
-            return name
-    return run_dir.name
+    name = _member_json(run_dir).get("name")
+    return name if isinstance(name, str) and name else run_dir.name
+
+
+def check_out_of_sample(run_dir: Path, name: str) -> None:
+    """Refuse a member whose validation predictions are in-sample (it was fitted on train+val)."""
+    data = (_member_json(run_dir).get("config") or {}).get("data") or {}
+    if isinstance(data, dict) and data.get("train_on_val") is True:
+        raise MemberError(f"member {name!r} ({run_dir}) was trained on its validation rows (data.train_on_val); "
+                          "its validation predictions are in-sample and would win the blend unfairly: blend the "
+                          "run trained on train only instead")
 
 
 def load_member_predictions(run_dir: str | Path) -> Member:
@@ -132,6 +146,7 @@ def load_member_predictions(run_dir: str | Path) -> Member:
     if not run_dir.is_dir():
         raise MemberError(f"run directory not found: {run_dir}")
     name = member_name(run_dir)
+    check_out_of_sample(run_dir, name)
     classes_file = run_dir / "classes.json"
     if not classes_file.is_file():
         raise MemberError(f"member {name!r}: {classes_file} not found")
@@ -179,7 +194,8 @@ def align_members(members: list[Member]) -> Aligned:
         raise MemberError("no members given")
     names = [m.name for m in members]
     if len(set(names)) != len(names):
-        raise MemberError(f"member names must be unique, got {names} (set 'name' in member.json)")
+        raise MemberError(f"member names must be unique, got {names}: train each with its own "
+                          "--set name=... (or its own output folder), or set 'name' in its member.json")
     first = members[0]
     for m in members[1:]:
         if len(m.classes) != len(first.classes):

@@ -52,10 +52,18 @@ class BlendSpec:
         else:
             self._check_convex()
 
+    def _refuse(self, *names: str) -> None:
+        """Fields that mean nothing for this method must be absent."""
+        present = [n for n in names if getattr(self, n) is not None]
+        if present:
+            raise SpecError(f"blend.method {self.method!r} takes no {present}")
+
     def _check_convex(self) -> None:
         """Weights present, non-negative, summing to 1; powers and selections (if any) one per member."""
-        if self.weights is None or self.coef is not None or self.intercept is not None:
-            raise SpecError(f"blend.method {self.method!r} needs 'weights' and takes no stacker coefficients")
+        if self.weights is None:
+            raise SpecError(f"blend.method {self.method!r} needs 'weights'")
+        self._refuse("features", "C", "coef", "intercept", *(("powers",) if self.method != "weighted" else ()),
+                     *(("selections",) if self.method != "hill-climb" else ()))
         if min(self.weights) < 0 or abs(sum(self.weights) - 1.0) > WEIGHT_TOLERANCE:
             raise SpecError(f"blend.weights must be >= 0 and sum to 1, got {list(self.weights)}")
         for name in ("powers", "selections"):
@@ -64,11 +72,16 @@ class BlendSpec:
                 raise SpecError(f"blend.{name} has {len(values)} entries for {len(self.weights)} weights")
         if self.powers is not None and min(self.powers) <= 0:
             raise SpecError(f"blend.powers must be > 0, got {list(self.powers)}")
+        if self.selections is not None and (min(self.selections) < 0 or sum(self.selections) < 1):
+            raise SpecError(f"blend.selections must be counts >= 0 with at least one pick, got {list(self.selections)}")
 
     def _check_stack(self) -> None:
         """Coefficients [M][C] and intercepts [C] of one width; features log or probs; no weights."""
-        if self.weights is not None or self.coef is None or self.intercept is None:
-            raise SpecError("blend.method 'stack' needs 'coef' and 'intercept' and has no 'weights'")
+        if self.coef is None or self.intercept is None:
+            raise SpecError("blend.method 'stack' needs 'coef' and 'intercept'")
+        self._refuse("weights", "powers", "selections")
+        if self.C is not None and self.C <= 0:
+            raise SpecError(f"blend.C must be > 0, got {self.C}")
         if self.features not in ("log", "probs"):
             raise SpecError(f"blend.features must be 'log' or 'probs', got {self.features!r}")
         if any(len(row) != len(self.intercept) for row in self.coef):
@@ -109,7 +122,10 @@ class BlendSpec:
             if name in data:
                 values[name] = _numbers(data[name], name, where)
         if "selections" in data:
-            values["selections"] = tuple(int(v) for v in _numbers(data["selections"], "selections", where))
+            counts = _numbers(data["selections"], "selections", where)
+            if any(v != int(v) for v in counts):
+                raise SpecError(f"{where}.selections must be whole numbers, got {list(counts)}")
+            values["selections"] = tuple(int(v) for v in counts)
         if "coef" in data:
             if not isinstance(data["coef"], list) or not data["coef"]:
                 raise SpecError(f"{where}.coef must be a non-empty list of rows")

@@ -342,6 +342,11 @@ def test_the_blend_spec_has_one_meaning_per_field(runs, tmp_path):
         ({"method": "stack", "coef": [[1.0, 2.0]], "intercept": [0.0], "features": "log"}, "each have 1 entries"),
         ({"method": "stack", "coef": [[1.0]], "intercept": [0.0], "features": "raw"}, "blend.features"),
         ({"method": "mean", "weights": [1.0], "colour": "red"}, "unknown field"),
+        ({"method": "stack", "coef": [[1.0]], "intercept": [0.0], "features": "log", "powers": [0.0]}, "takes no"),
+        ({"method": "weighted", "weights": [1.0], "features": "banana", "C": -5}, "takes no \\['features', 'C'\\]"),
+        ({"method": "hill-climb", "weights": [1.0], "selections": [1.5]}, "whole numbers"),
+        ({"method": "hill-climb", "weights": [0.5, 0.5], "selections": [-1, 2]}, "counts >= 0"),
+        ({"method": "stack", "coef": [[1.0]], "intercept": [0.0], "features": "log", "C": -1}, "blend.C must be > 0"),
         ([1, 2], "must be a JSON object"),
     ]:
         with pytest.raises(SpecError, match=message):
@@ -363,3 +368,327 @@ def test_the_blender_is_a_scikit_learn_estimator(runs):
     assert repr(Blender("stack", cs=(1.0,))) == "Blender(cs=(1.0,), method='stack')"
     with pytest.raises(TypeError):
         Blender("weighted", powr=True)  # a misspelt option is an error, not silently ignored
+
+
+# --- claims pinned by mutation testing (docs/TESTING.md): each test kills mutants that the tests above let live ---
+
+def _members(seed: int, rows: int = 240, classes: int = 6, skills=(1.0, 2.0, 1.5)) -> tuple[np.ndarray, np.ndarray]:
+    """Small synthetic validation probabilities [M, rows, classes] (float64) and their labels."""
+    from ensemble.synthetic import synthetic_probs
+
+    labels = np.arange(rows) % classes
+    return synthetic_probs(labels, list(skills), classes, np.random.default_rng(seed), shared=0.5).astype(float), labels
+
+
+def _tempered(probs: np.ndarray, power: float) -> np.ndarray:
+    """Probabilities raised to a power and renormalised: a power > 1 makes them over-confident, < 1 under-."""
+    q = probs**power
+    return q / q.sum(-1, keepdims=True)
+
+
+def _simplex_gradient(weights: np.ndarray, true_class: np.ndarray) -> np.ndarray:
+    """d(log loss)/d(weight m) of the blend `weights @ true_class` ([M, N] true-class probabilities).
+
+    At the minimum on the simplex (the loss is convex) every member with weight has a gradient of exactly
+    weights @ gradient == -1, and no member has less.
+    """
+    return -(true_class / (weights @ true_class)).mean(1)
+
+
+def test_weighted_weights_are_the_log_loss_optimum_on_the_simplex():
+    probs, labels = _members(1)
+    weights = Blender("weighted").fit(probs, labels).weights_
+    gradient = _simplex_gradient(weights, probs[:, np.arange(len(labels)), labels])
+    assert weights.min() >= 0 and weights.sum() == pytest.approx(1.0) and (weights > 0.02).sum() >= 2
+    assert (gradient >= -1 - 1e-4).all(), gradient
+    np.testing.assert_allclose(gradient[weights > 0.02], -1.0, atol=1e-4)
+
+
+def test_weighted_with_powers_is_at_the_optimum_of_its_log_loss_and_beats_plain_weights():
+    probs, labels = _members(3)
+    probs = np.stack([_tempered(probs[0], 3.0), probs[1], _tempered(probs[2], 0.4)])
+    rows = np.arange(len(labels))
+    spec = Blender("weighted", power=True).fit(probs, labels).spec_
+    weights, powers = np.array(spec.weights), np.array(spec.powers)
+
+    def true_class(t):
+        return np.stack([_tempered(p, k) for p, k in zip(probs, t, strict=True)])[:, rows, labels]
+
+    def log_loss(w, t):
+        return -np.log(w @ true_class(t)).mean()
+
+    plain = Blender("weighted").fit(probs, labels).weights_
+    assert log_loss(weights, powers) < log_loss(plain, np.ones(3)) - 0.02
+    assert ((powers > 0.1) & (powers < 10)).all() and (weights > 0.02).sum() >= 2
+    gradient = _simplex_gradient(weights, true_class(powers))
+    assert (gradient >= -1 - 1e-4).all(), gradient
+    np.testing.assert_allclose(gradient[weights > 0.02], -1.0, atol=1e-4)
+    for m in np.flatnonzero(weights > 0.02):  # and no member's power can move to lower the loss
+        step = np.eye(3)[m] * 1e-5
+        slope = (log_loss(weights, powers + step) - log_loss(weights, powers - step)) / 2e-5
+        assert abs(slope) < 1e-4, (m, slope)
+
+
+@pytest.mark.parametrize("sharpness,power", [(2.0, 0.5), (0.5, 2.0), (40.0, 0.1), (1 / 40, 10.0)])
+def test_a_fitted_power_undoes_over_and_under_confidence_within_0_1_and_10(sharpness, power):
+    from scipy.special import softmax
+
+    rng = np.random.default_rng(2)
+    truth = softmax(rng.normal(0.0, 1.5, (3000, 5)), axis=1)  # calibrated: the labels are drawn from it
+    labels = (truth.cumsum(1) < rng.random((3000, 1))).sum(1)
+    member = _tempered(truth, sharpness)[None]
+    blender = Blender("weighted", power=True).fit(member, labels)
+    if power in (0.1, 10.0):  # the bounds of a fitted power
+        assert blender.spec_.powers[0] == pytest.approx(power, rel=1e-6)
+    else:
+        assert blender.spec_.powers[0] == pytest.approx(power, rel=0.1)
+        np.testing.assert_allclose(blender.predict_proba(member), truth, atol=0.03)
+
+
+def test_a_power_blend_renormalises_each_member_before_weighting_and_zeros_stay_finite():
+    p = np.array([[[0.5, 0.3, 0.2], [0.0, 0.2, 0.8]], [[0.1, 0.1, 0.8], [0.6, 0.4, 0.0]]])
+    spec = {"method": "weighted", "weights": [0.25, 0.75], "powers": [2.0, 0.5]}
+    np.testing.assert_allclose(apply_blend(spec, p), 0.25 * _tempered(p[0], 2.0) + 0.75 * _tempered(p[1], 0.5),
+                               atol=1e-5)
+    plain = {"method": "weighted", "weights": [0.25, 0.75]}
+    np.testing.assert_allclose(apply_blend(plain, p), 0.25 * p[0] + 0.75 * p[1], atol=1e-12)
+
+
+@pytest.mark.parametrize("features", ["log", "probs"])
+def test_a_stacker_is_a_softmax_of_coefficients_times_features_plus_biases(features):
+    from scipy.special import softmax
+
+    p = np.array([[[0.5, 0.3, 0.2], [0.0, 0.2, 0.8]], [[0.1, 0.1, 0.8], [0.6, 0.4, 0.0]]])
+    coef, bias = np.array([[1.0, 2.0, 0.0], [0.5, 0.0, -1.0]]), np.array([0.1, 0.0, -0.3])
+    spec = {"method": "stack", "features": features, "C": 1.0, "coef": coef.tolist(), "intercept": bias.tolist()}
+    x = np.log(np.maximum(p, 1e-12)) if features == "log" else p
+    np.testing.assert_allclose(apply_blend(spec, p), softmax(x[0] * coef[0] + x[1] * coef[1] + bias, axis=1),
+                               rtol=1e-9)
+
+
+def _stack_objective(coef: np.ndarray, bias: np.ndarray, x: np.ndarray, labels: np.ndarray, c: float) -> float:
+    """The stacker's documented loss: mean cross-entropy + (|deviations|^2 + |biases|^2) / (2 C N)."""
+    from scipy.special import logsumexp
+
+    logits = np.einsum("mnc,mc->nc", x, coef) + bias
+    log_p = logits - logsumexp(logits, axis=1, keepdims=True)
+    deviations = coef - coef.mean(1, keepdims=True)  # the unpenalised member weight is each row's mean
+    n = len(labels)
+    return -log_p[np.arange(n), labels].mean() + ((deviations**2).sum() + (bias**2).sum()) / (2 * c * n)
+
+
+@pytest.mark.parametrize("features,c", [("log", 0.05), ("probs", 0.05), ("log", 5.0)])
+def test_the_stacker_minimises_its_documented_loss(features, c):
+    probs, labels = _members(4, rows=180, classes=4)
+    spec = Blender("stack", features=features, cs=(c,)).fit(probs, labels).spec_
+    assert spec.C == c and spec.features == features
+    coef, bias = np.array(spec.coef), np.array(spec.intercept)
+    x = np.log(np.maximum(probs, 1e-12)) if features == "log" else probs
+    params = np.concatenate([coef.ravel(), bias])
+
+    def objective(v):
+        return _stack_objective(v[: coef.size].reshape(coef.shape), v[coef.size:], x, labels, c)
+
+    step = 1e-5
+    slopes = [(objective(params + step * e) - objective(params - step * e)) / (2 * step) for e in np.eye(len(params))]
+    assert np.abs(slopes).max() < 2e-4, np.abs(slopes).max()
+
+
+def _inner_cv_choice(probs, labels, cs, folds, seed):
+    """The C of the lowest stratified K-fold log loss, computed with the public API; and the losses."""
+    from sklearn.model_selection import StratifiedKFold
+
+    losses = {}
+    for c in cs:
+        losses[c] = 0.0
+        for train, held in StratifiedKFold(folds, shuffle=True, random_state=seed).split(labels, labels):
+            q = Blender("stack", cs=(c,)).fit(probs[:, train], labels[train]).predict_proba(probs[:, held])
+            losses[c] -= np.log(q[np.arange(len(held)), labels[held]]).sum()
+    return min(cs, key=losses.get), losses
+
+
+def test_the_stacker_picks_the_c_with_the_lowest_inner_cv_log_loss():
+    probs, labels = _members(5, rows=120, classes=4)
+    cs = (1e-3, 0.3, 1e3)
+    best, losses = _inner_cv_choice(probs, labels, cs, 3, 7)
+    assert len({round(v, 6) for v in losses.values()}) == 3 and best != cs[1]
+    assert Blender("stack", cs=cs, folds=3, seed=7).fit(probs, labels).spec_.C == best
+
+
+def test_the_stacker_cross_validates_c_with_two_rows_in_a_class_and_else_keeps_the_middle_c():
+    probs, labels = _members(11, rows=90, classes=3)
+    labels = labels.copy()
+    rare = np.flatnonzero(labels == 2)
+    labels[rare[2:]] = 0  # class 2 keeps two rows: two inner folds
+    cs = (0.3, 1e3, 1e-3)
+    best, _ = _inner_cv_choice(probs, labels, cs, 2, 0)
+    assert best != cs[1] and Blender("stack", cs=cs).fit(probs, labels).spec_.C == best
+    labels[rare[1]] = 0  # one row: no inner CV is possible
+    assert Blender("stack").fit(probs, labels).spec_.C == 1.0
+    assert Blender("stack", cs=(0.1, 10.0, 100.0, 1e3)).fit(probs, labels).spec_.C == 100.0
+
+
+def test_blender_errors_name_the_problem():
+    probs, labels = _members(6, rows=24)
+    with pytest.raises(ValueError, match=r"unknown blend method 'median'; expected one of \('mean', 'weighted'"):
+        Blender("median").fit(probs, labels)
+    with pytest.raises(ValueError, match=r"with 23 rows, got \(3, 24, 6\)"):
+        Blender("mean").fit(probs, labels[:-1])
+    with pytest.raises(ValueError, match=r"expected probabilities \[members, rows, classes\] with 6 rows, "
+                                         r"got \(6, 6\)"):
+        Blender("mean").fit(probs[0, :6], labels[:6])  # rows of one member, not [members, rows, classes]
+    with pytest.raises(ValueError, match="stack features must be 'log' or 'probs', got 'raw'"):
+        Blender("stack", features="raw").fit(probs, labels)
+    with pytest.raises(ValueError, match=r"expected probabilities of 3 members as \[M, N, C\], got \(24, 6\)"):
+        Blender("mean").fit(probs, labels).predict_proba(probs[0])
+    stack = Blender("stack", cs=(1.0,)).fit(probs, labels)
+    with pytest.raises(ValueError, match="the stacker was fitted on 6 classes, got 5"):
+        stack.predict_proba(probs[:, :, :5])
+
+
+def test_the_default_blender_is_the_mean_and_predict_is_the_rowwise_argmax():
+    probs, labels = _members(7, rows=60)
+    blender = Blender().fit(probs, labels)
+    assert blender.spec_.method == "mean"
+    np.testing.assert_array_equal(blender.predict(probs), probs.mean(0).argmax(1))
+
+
+def test_the_blender_defaults_are_the_ones_the_command_line_relies_on():
+    # The CLI sets only power, features and seed; the rest of every blend it makes comes from these defaults.
+    assert Blender().get_params() == {"method": "mean", "power": False, "iterations": 100, "patience": 15,
+                                      "features": "log", "cs": (0.1, 1.0, 10.0), "folds": 3, "seed": 0}
+
+
+def _greedy_path(probs: np.ndarray, labels: np.ndarray, steps: int) -> list[tuple[float, tuple[int, ...]]]:
+    """Hill-climb's documented step, repeated: add the member whose addition gives the best macro F1 (the
+    first on ties), even if that is worse than before. Returns (macro F1, selection counts) after each step."""
+    total, counts, path = np.zeros(probs.shape[1:]), np.zeros(len(probs), int), []
+    for _ in range(steps):
+        candidates = [macro_f1(labels, (total + p).argmax(1), probs.shape[2]) for p in probs]
+        j = int(np.argmax(candidates))
+        total, counts[j] = total + probs[j], counts[j] + 1
+        path.append((candidates[j], tuple(counts.tolist())))
+    return path
+
+
+def test_hill_climb_keeps_the_best_prefix_and_stops_after_patience_steps_without_a_new_best():
+    probs, labels = _members(14, rows=90, classes=5, skills=(1.0, 1.2, 0.8, 1.1))
+    path = _greedy_path(probs, labels, 40)
+    found = set()
+    for patience in (1, 2, 3, 4):
+        best, selections, since = -1.0, None, 0
+        for score, counts in path:
+            if score > best:
+                best, selections, since = score, counts, 0
+            else:
+                since += 1
+                if since == patience:
+                    break
+        spec = Blender("hill-climb", patience=patience).fit(probs, labels).spec_
+        assert spec.selections == selections, patience
+        np.testing.assert_allclose(spec.weights, np.array(selections) / sum(selections))
+        found.add(selections)
+    # Here the path recovers after 1, 1, 2 and then 3 flat steps, so each patience ends somewhere else, and
+    # the best prefix picks a member more than once (the selection is with replacement).
+    assert len(found) == 4 and max(max(s) for s in found) >= 2
+    assert json.dumps(spec.to_dict()["selections"]) == json.dumps(list(selections))  # counts, not floats
+
+
+def test_hill_climb_stops_at_a_perfect_member_and_adds_nothing_to_it():
+    probs, labels = _members(12, rows=60, classes=3)
+    probs[1] = np.eye(3)[labels] * 0.9 + 0.1 / 3  # member 1 is always right
+    spec = Blender("hill-climb").fit(probs, labels).spec_
+    assert spec.selections == (0, 1, 0) and spec.weights == (0.0, 1.0, 0.0)
+
+
+def test_cv_uses_fewer_folds_when_the_rarest_class_is_small_and_refuses_a_single_row():
+    probs, labels = _members(8, rows=60, classes=3)
+    labels = labels.copy()
+    labels[np.flatnonzero(labels == 1)[3:]] = 0  # class 1 keeps three rows
+    assert cross_validate(probs, labels, "mean", folds=5, seed=0)["folds"] == 3
+    assert cross_validate(probs, labels, "mean")["folds"] == 3  # the default asks for 5
+    assert cross_validate(probs, np.where(labels == 1, 2, labels), "mean", folds=4)["folds"] == 4  # no class 1
+    labels[np.flatnonzero(labels == 1)[1:]] = 0
+    with pytest.raises(ValueError, match=r"cannot cross-validate: a class has only 1 validation row\(s\); "
+                                         r"need at least 2"):
+        cross_validate(probs, labels, "mean", folds=5, seed=0)
+
+
+def test_cv_scores_are_the_mean_of_the_folds_scores_and_cover_every_row():
+    from ensemble.scores import scores
+    from ensemble.validation import _folds
+
+    probs, labels = _members(9, rows=120, classes=4)
+    result = cross_validate(probs, labels, "weighted", folds=4, seed=1)
+    splits = _folds(labels, 4, 1)
+    np.testing.assert_array_equal(np.sort(np.concatenate([held for _, held in splits])), np.arange(120))
+    np.testing.assert_allclose(result["out_of_fold"].sum(1), 1.0)
+    per_fold = [scores(labels[held], result["out_of_fold"][held]) for _, held in splits]
+    for key in ("macro_f1", "accuracy", "log_loss"):
+        assert result["scores"][key] == pytest.approx(np.mean([f[key] for f in per_fold]), rel=1e-12)
+    assert result["scores"]["macro_f1_std"] == pytest.approx(np.std([f["macro_f1"] for f in per_fold]), rel=1e-12)
+    assert len({round(f["macro_f1"], 9) for f in per_fold}) > 1  # so the std above is not trivially 0
+
+
+def test_cv_reports_each_fold_as_it_goes():
+    import re
+
+    probs, labels = _members(10, rows=60, classes=3)
+    lines = []
+    assert cross_validate(probs, labels, "hill-climb", folds=3, seed=0, progress=lines.append)["folds"] == 3
+    assert len(lines) == 3
+    for k, line in enumerate(lines, 1):
+        assert re.fullmatch(rf"  hill-climb: fold {k}/3 macro F1 \d\.\d{{4}} \(\d+\.\d s\)", line), line
+
+
+def test_auto_picks_the_best_cv_macro_f1_and_the_simplest_method_on_a_tie(monkeypatch):
+    import ensemble.validation as validation
+
+    table, calls = {}, []
+
+    def fake_cross_validate(probs, labels, method, options=None, folds=5, seed=0, progress=None):
+        calls.append((method, options, folds, seed, progress))
+        return {"scores": {"macro_f1": table[method]}}
+
+    monkeypatch.setattr(validation, "cross_validate", fake_cross_validate)
+    options = {"stack": {"cs": (1.0,)}, "weighted": {"power": True}}
+    table.update({"mean": 0.8, "weighted": 0.8 + 1e-11, "hill-climb": 0.7, "stack": 0.8})  # under 1e-10: a tie
+    best, results = validation.choose_method("probs", "labels", options, folds=4, seed=9, progress=print)
+    assert best == "mean" and set(results) == set(METHODS)
+    assert results["weighted"]["scores"]["macro_f1"] == table["weighted"]
+    assert calls == [(m, options.get(m), 4, 9, print) for m in METHODS]  # each method's own options
+    table.update({"weighted": 0.8, "hill-climb": 0.81, "stack": 0.81})
+    assert validation.choose_method("probs", "labels", options, folds=4, seed=9)[0] == "hill-climb"
+    table.update({"stack": 0.82})
+    assert validation.choose_method("probs", "labels", options, folds=4, seed=9)[0] == "stack"
+
+
+def test_a_member_fitted_on_its_validation_rows_is_refused(runs, tmp_path):
+    (runs[2] / "member.json").write_text(json.dumps({"name": "member2", "config": {"data": {"train_on_val": True}}}))
+    with pytest.raises(MemberError, match="member 'member2'.*trained on its validation rows"):
+        load_members(runs)
+
+
+def test_the_submission_can_be_checked_against_the_competitions_ids(runs, tmp_path, capsys):
+    test_ids = sorted(np.load(runs[0] / "predictions" / "test.npz")["ids"].tolist())
+    sample = tmp_path / "sample_submission.csv"
+    sample.write_text("id,label\n" + "".join(f"{i},0\n" for i in reversed(test_ids)))
+    members = [str(r) for r in runs]
+    assert main([*members, "--out", str(tmp_path / "ok"), "--method", "mean", "--expect-ids", str(sample),
+                 "--quiet"]) == 0
+    sample.write_text("id,label\n" + "".join(f"{i},0\n" for i in test_ids[:-1]))
+    assert main([*members, "--out", str(tmp_path / "short"), "--method", "mean", "--expect-ids", str(sample),
+                 "--quiet"]) == 2
+    assert "submission has 300 ids" in capsys.readouterr().err and not (tmp_path / "short" / "submission.csv").exists()
+    (tmp_path / "noid.csv").write_text("name,label\nx,0\n")
+    assert main([*members, "--out", str(tmp_path / "x"), "--expect-ids", str(tmp_path / "noid.csv")]) == 2
+    assert "has no 'id' column" in capsys.readouterr().err
+    assert main([*members, "--out", str(tmp_path / "y"), "--folds", "1"]) == 2
+    assert "--folds must be at least 2" in capsys.readouterr().err
+
+
+def test_members_with_the_same_name_get_advice(runs):
+    for run in runs[:2]:
+        (run / "member.json").write_text(json.dumps({"name": "member"}))
+    with pytest.raises(MemberError, match="--set name="):
+        load_members(runs)

@@ -609,3 +609,28 @@ def test_resuming_with_another_config_is_refused_before_anything_is_written(tiny
     longer = _train(tiny_data, out, "--set", "train.epochs=3", "--set", "predict.tta=1")
     assert longer.returncode == 0, longer.stderr[-2000:]
     assert "resuming after epoch 2" in longer.stdout and "epoch 3/3:" in longer.stdout
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"train.steps_per_epoch": -1}, "train.steps_per_epoch must be between 0 and"),
+    ({"train.eval_batch_size": 0}, "train.eval_batch_size must be between 1 and"),
+    ({"data.shuffle_buffer": -3}, "data.shuffle_buffer must be between 1 and"),
+    ({"data.image_size": 100000}, "data.image_size must be between 8 and 2048"),
+    ({"predict.tta": 1000000}, "predict.tta must be between 1 and 64"),
+    ({"schedule.max": -1.0}, "schedule.max must be between 0.0 and"),
+    ({"schedule.decay": 0.0}, "schedule.decay must be in \\(0, 1\\]"),
+    ({"augment.rotation": float("nan")}, "augment.rotation: expected a finite number, got nan"),
+    ({"augment.rotation": float("inf")}, "augment.rotation: expected a finite number, got inf"),
+    ({"augment": 3, "augment.rotation": 1}, "'augment' is a single value here"),
+    ({"name": 2024}, "quote text that looks like a number"),
+    ({"data.dir": " "}, "data.dir must name the data folder"),
+])
+def test_out_of_range_and_odd_options_are_named_before_anything_runs(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, overrides)
+
+
+def test_a_member_is_named_after_its_run_folder_unless_named():
+    assert load_config(None, {"output": "/tmp/runs/effnet-b0-224"}).member_name == "effnet-b0-224"
+    assert load_config(None, {"output": "/tmp/runs/x", "name": "given"}).member_name == "given"
+    assert load_config(None, {}).run_dir == Path("runs/member")
