@@ -39,13 +39,19 @@ def overview() -> str:
     lines = ["usage: flower <command> [options]     (flower <command> --help: its options, defaults, meaning)",
              "", "Train image-classifier ensemble members, blend them, serve them.", "", "commands:"]
     lines += [f"  {name:<{width}}  {command.summary}" for name, command in COMMANDS.items()]
-    lines += ["", "options:", "  -h, --help     this overview", "  -V, --version  the installed version"]
+    lines += ["", "options:", "  -h, --help     this overview (flower help <command>: that command's help)",
+              "  -V, --version  the installed version"]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run `flower <command> ...`; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["help"] and len(argv) > 1:  # `flower help train` is `flower train --help`
+        if len(argv) > 2:
+            print(f"error: flower help takes one command, got {argv[1:]}", file=sys.stderr)
+            return 2
+        argv = [argv[1], "--help"]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(overview())
         return 0 if argv else 2

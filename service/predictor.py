@@ -8,6 +8,7 @@ code that made the offline submission.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ensemble.blend import apply_blend
-from ensemble.spec import BlendSpec, SpecError
+from ensemble.spec import WEIGHT_TOLERANCE, BlendSpec, SpecError
 
 
 class ArtifactError(ValueError):
@@ -85,25 +86,37 @@ def _read_json(path: Path) -> Any:
         raise ArtifactError(f"{path} not found")
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ArtifactError(f"{path} is not valid JSON: {err}") from None
+
+
+def _load_saved_model(saved: Path) -> Any:
+    """`tf.saved_model.load`, its failures (a damaged or incompatible SavedModel) as ArtifactError naming it."""
+    import tensorflow as tf
+    from google.protobuf.message import DecodeError  # a damaged saved_model.pb
+
+    if not (saved / "saved_model.pb").is_file():
+        raise ArtifactError(f"{saved} is not a SavedModel (no saved_model.pb)")
+    try:
+        return tf.saved_model.load(str(saved))
+    except (OSError, ValueError, IndexError, KeyError, TypeError, AttributeError, tf.errors.OpError,
+            DecodeError) as err:
+        raise ArtifactError(f"{saved} cannot be loaded as a SavedModel: {type(err).__name__}: {err}") from err
 
 
 def load_member_model(run_dir: Path) -> tuple[MemberModel, list[str]]:
     """Load one run directory's SavedModel and check it against member.json and classes.json."""
-    import tensorflow as tf
-
     member = _read_json(run_dir / "member.json")
     classes = _read_json(run_dir / "classes.json")
+    if not isinstance(member, dict):
+        raise ArtifactError(f"{run_dir / 'member.json'} must be a JSON object")
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         raise ArtifactError(f"{run_dir / 'classes.json'} must be a list of class names")
     size = member.get("image_size")
-    if not isinstance(size, int) or size < 1:
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise ArtifactError(f"{run_dir / 'member.json'} has no valid image_size")
     saved = run_dir / "saved_model"
-    if not (saved / "saved_model.pb").is_file():
-        raise ArtifactError(f"{saved} is not a SavedModel (no saved_model.pb)")
-    model = tf.saved_model.load(str(saved))
+    model = _load_saved_model(saved)
     for signature in ("serving_default", "serving_pixels"):
         if signature not in model.signatures:
             raise ArtifactError(f"{saved} lacks the {signature!r} signature (has {sorted(model.signatures)})")
@@ -115,6 +128,8 @@ def load_member_model(run_dir: Path) -> tuple[MemberModel, list[str]]:
     if outputs[-1] != len(classes):
         raise ArtifactError(f"{saved} outputs {outputs[-1]} classes, classes.json lists {len(classes)}")
     name = member.get("name") or run_dir.name
+    if not isinstance(name, str):
+        raise ArtifactError(f"{run_dir / 'member.json'}: 'name' must be a string, got {name!r}")
     return MemberModel(name, run_dir, size, pixels, model), [c.strip() for c in classes]
 
 
@@ -127,16 +142,43 @@ def load_run(run_dir: str | Path) -> EnsemblePredictor:
     return EnsemblePredictor(classes, [member], BlendSpec("mean", weights=(1.0,)))
 
 
-def load_ensemble(path: str | Path) -> EnsemblePredictor:
-    """Load ensemble.json (a file or its folder) and every member it names."""
-    path = Path(path)
-    file = path / "ensemble.json" if path.is_dir() else path
-    document = _read_json(file)
+@dataclass(frozen=True)
+class _Entry:
+    """One checked entry of ensemble.json's 'members'."""
+
+    index: int
+    name: str
+    path: str
+    weight: float | None
+
+
+def _entry(file: Path, index: int, entry: Any) -> _Entry:
+    """Check one 'members' entry: an object with a string name and path and a number or null weight."""
+    where = f"{file}: members[{index}]"
+    if not isinstance(entry, dict):
+        raise ArtifactError(f"{where} must be an object with 'name' and 'path', got {type(entry).__name__}")
+    for key in ("name", "path"):
+        if not isinstance(entry.get(key), str) or not entry[key].strip():
+            raise ArtifactError(f"{where} needs a non-empty string {key!r}, got {entry.get(key)!r}")
+    weight = entry.get("weight")
+    if weight is not None and (isinstance(weight, bool) or not isinstance(weight, int | float)
+                               or not math.isfinite(weight)):
+        raise ArtifactError(f"{where}: 'weight' must be a number or null, got {weight!r}")
+    return _Entry(index, entry["name"], entry["path"], None if weight is None else float(weight))
+
+
+def _check_document(file: Path, document: Any) -> tuple[list[str], BlendSpec, list[_Entry]]:
+    """The classes, blend and member entries of ensemble.json, checked against each other before loading."""
+    if not isinstance(document, dict):
+        raise ArtifactError(f"{file} must hold a JSON object, got {type(document).__name__}")
     for key in ("members", "classes", "blend"):
         if key not in document:
             raise ArtifactError(f"{file} lacks {key!r}")
     if document.get("version") != 1:
         raise ArtifactError(f"{file} has version {document.get('version')!r}; this service reads version 1")
+    classes = document["classes"]
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise ArtifactError(f"{file}: 'classes' must be a non-empty list of class names (strings)")
     try:
         blend = BlendSpec.from_dict(document["blend"])
     except SpecError as err:
@@ -144,11 +186,32 @@ def load_ensemble(path: str | Path) -> EnsemblePredictor:
     if not isinstance(document["members"], list) or len(document["members"]) != blend.member_count:
         raise ArtifactError(f"{file}: the blend is for {blend.member_count} members, 'members' lists "
                             f"{len(document['members']) if isinstance(document['members'], list) else 'none'}")
+    if blend.method == "stack" and len(blend.intercept) != len(classes):
+        raise ArtifactError(f"{file}: blend.intercept has {len(blend.intercept)} entries for {len(classes)} classes")
+    entries = [_entry(file, i, e) for i, e in enumerate(document["members"])]
+    for entry in entries:
+        if entry.weight is not None and blend.weights is not None \
+                and abs(entry.weight - blend.weights[entry.index]) > WEIGHT_TOLERANCE:
+            raise ArtifactError(f"{file}: members[{entry.index}] ({entry.name!r}) has weight {entry.weight}, "
+                                f"but blend.weights[{entry.index}] is {blend.weights[entry.index]}")
+    return [c.strip() for c in classes], blend, entries
+
+
+def load_ensemble(path: str | Path) -> EnsemblePredictor:
+    """Load ensemble.json (a file or its folder) and every member it names."""
+    path = Path(path)
+    file = path / "ensemble.json" if path.is_dir() else path
+    classes, blend, entries = _check_document(file, _read_json(file))
     members = []
-    for entry in document["members"]:
-        run_dir = (file.parent / entry["path"]).resolve()
-        member, classes = load_member_model(run_dir)
-        if [c.strip() for c in document["classes"]] != classes:
+    for entry in entries:
+        run_dir = (file.parent / entry.path).resolve()
+        if not run_dir.is_dir():
+            raise ArtifactError(f"{file}: members[{entry.index}] ({entry.name!r}): run directory not found: {run_dir}")
+        member, member_classes = load_member_model(run_dir)
+        if member.name != entry.name:
+            raise ArtifactError(f"{file}: members[{entry.index}] is named {entry.name!r}, but its path {run_dir} "
+                                f"holds member {member.name!r}")
+        if member_classes != classes:
             raise ArtifactError(f"member {member.name!r} ({run_dir}) has other classes than {file}")
         members.append(member)
-    return EnsemblePredictor([c.strip() for c in document["classes"]], members, blend)
+    return EnsemblePredictor(classes, members, blend)

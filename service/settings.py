@@ -16,8 +16,8 @@ class Settings(BaseSettings):
     ensemble: str | None = Field(None, description="ensemble directory or ensemble.json to serve")
     run: str | None = Field(None, description="a single run directory to serve (instead of an ensemble)")
     model_name: str = Field("flowers", description="name of the model in the TensorFlow-Serving routes")
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on")
     workers: int = Field(1, ge=1, description="uvicorn worker processes (each loads the models)")
     batching: bool = Field(True, description="gather concurrent requests into one batch per model call")
     max_batch_size: int = Field(32, ge=1, le=1024)

@@ -188,3 +188,36 @@ def test_the_old_python_m_forms_still_work(module):
                              f"runpy.run_module({module!r}, run_name='__main__')"], cwd=REPO, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0 and "usage:" in result.stdout, result.stderr[-1000:]
+
+
+def test_flower_help_shows_the_overview_or_one_commands_help():
+    overview = _flower("help")
+    assert overview.returncode == 0 and "\n  train " in overview.stdout and "usage: flower <command>" in overview.stdout
+    train = _flower("help", "train")
+    assert train.returncode == 0 and "usage: flower train" in train.stdout and "image_size" in train.stdout
+    assert train.stdout == _flower("train", "--help").stdout
+    unknown = _flower("help", "nosuch")
+    assert unknown.returncode == 2 and "unknown command 'nosuch'" in unknown.stderr and not unknown.stdout
+    assert "did you mean 'train'" in _flower("help", "trian").stderr
+    assert _flower("help", "train", "blend").returncode == 2
+
+
+SERVICE_MAY_IMPORT = {"ensemble.blend", "ensemble.spec", "training.pixels"}
+
+
+def test_the_service_imports_only_the_blend_the_spec_and_the_pixel_conversion_from_other_parts():
+    modules = _modules()
+    outside = {}
+    for name, path in modules.items():
+        if name.partition(".")[0] != "service" or name == "service.testing":  # testing makes artifacts with training
+            continue
+        others = {m for m in _imports(path, name, modules) if m.partition(".")[0] != "service"}
+        if others - SERVICE_MAY_IMPORT:
+            outside[name] = sorted(others - SERVICE_MAY_IMPORT)
+    assert not outside, outside
+
+
+def test_the_service_import_check_sees_a_forbidden_import_inside_a_function(tmp_path):
+    path = tmp_path / "predictor.py"
+    path.write_text("from ensemble.spec import BlendSpec\ndef f():\n    from training.model import build_classifier\n")
+    assert _imports(path, "service.predictor", _modules()) - SERVICE_MAY_IMPORT == {"training.model"}

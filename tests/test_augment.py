@@ -277,3 +277,17 @@ def test_zoom_and_shear_change_the_shape_and_shift_moves_without_turning():
     assert 1.5 < np.std(shift[:, :, 2]) < 4.5  # 16 px at 192 px is about 2.7 px at 32 px
     resized = sample_affine(seed, 2, AugmentConfig(**NO_GEOMETRY), 64, 32).numpy()
     np.testing.assert_allclose(resized[:, :, :2], np.tile(2 * np.eye(2), (2, 1, 1)), atol=1e-6)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--size", "0"], "error: --size must be at least 1, got 0"),
+    (["--size", "-3"], "error: --size must be at least 1, got -3"),
+    (["--rows", "0"], "error: --rows must be at least 1, got 0"),
+    (["--copies", "0"], "error: --copies must be at least 1, got 0"),
+    (["--copies", "-1"], "error: --copies must be at least 1, got -1"),
+])
+def test_the_grid_command_refuses_sizes_rows_and_copies_below_one(tiny_data, tmp_path, capsys, args, message):
+    out = tmp_path / "grid.png"
+    assert show_augment_main(["--data", str(tiny_data), "--size", "32", "--out", str(out), *args]) == 2
+    assert capsys.readouterr().err == message + "\n"
+    assert not out.exists()

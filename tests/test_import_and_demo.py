@@ -147,3 +147,115 @@ def test_demo_data_is_learnable_from_simple_features():
     x_test, y_test = features({"test": 120}, seed=2)
     accuracy = LogisticRegression(max_iter=2000).fit(x_train, y_train).score(x_test, y_test)
     assert accuracy > 0.6  # chance is 1/6
+
+
+def _two_class_photos(src) -> None:
+    for name in ("a", "b"):
+        for i in range(3):
+            _save(src / name / f"{i}.png", Image.new("RGB", (12, 12), (i * 40, 0, 0)), "PNG")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--sizes", "abc"], "error: --sizes must be comma-separated whole numbers, got 'abc'"),
+    (["--sizes", "32,x"], "error: --sizes must be comma-separated whole numbers, got '32,x'"),
+    (["--sizes", "12.5"], "error: --sizes must be comma-separated whole numbers, got '12.5'"),
+    (["--sizes", ","], "error: --sizes must be comma-separated whole numbers, got ','"),
+    (["--sizes", "32,16,32"], "error: --sizes lists 32 twice"),
+    (["--sizes", "4"], "error: --sizes must be a non-empty list of whole numbers >= 8, got [4]"),
+    (["--records-per-file", "0"], "error: --records-per-file must be a whole number >= 1, got 0"),
+    (["--val", "0"], "error: --val must be a fraction above 0"),
+    (["--test", "-0.1"], "error: --test must be a fraction above 0"),
+    (["--test", "1"], "error: --test must be a fraction above 0"),
+    (["--val", "nan"], "error: --val must be a fraction above 0"),
+    (["--val", "0.5", "--test", "0.5"], "error: --val + --test must be below 1 to leave training images"),
+])
+def test_import_options_are_checked_before_anything_is_read_or_written(tmp_path, capsys, monkeypatch, args, message):
+    import training.photos
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    _two_class_photos(src)
+    monkeypatch.setattr(training.photos, "_scan", lambda *a: pytest.fail("photos were read"))
+    assert import_main([str(src), str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_import_folders_refuses_repeated_sizes_and_splits_without_images(tmp_path):
+    src = tmp_path / "src"
+    _two_class_photos(src)
+    with pytest.raises(ValueError, match="^sizes lists 16 twice$"):
+        import_folders(src, tmp_path / "out", sizes=[16, 16], progress=False)
+    with pytest.raises(ValueError, match="val_fraction must be a fraction above 0"):
+        import_folders(src, tmp_path / "out", sizes=[16], val_fraction=0.0, progress=False)
+    with pytest.raises(ValueError, match="records_per_file must be a whole number >= 1"):
+        import_folders(src, tmp_path / "out", sizes=[16], records_per_file=0, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where", ["out", "parent"])
+def test_an_import_into_a_file_is_a_clear_error(tmp_path, capsys, where):
+    src = tmp_path / "src"
+    _two_class_photos(src)
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file")
+    out = blocker if where == "out" else blocker / "data"
+    assert import_main([str(src), str(out), "--sizes", "16"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {blocker} is a file, not a folder: cannot write the data set to {out}\n"
+    assert blocker.read_text() == "a file"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--sizes", "0"], "error: --sizes must be comma-separated whole numbers >= 8, got '0'"),
+    (["--sizes", "32,-4"], "error: --sizes must be comma-separated whole numbers >= 8, got '32,-4'"),
+    (["--sizes", "7"], "error: --sizes must be comma-separated whole numbers >= 8, got '7'"),
+    (["--sizes", "abc"], "error: --sizes must be comma-separated whole numbers >= 8, got 'abc'"),
+    (["--sizes", ""], "error: --sizes must be comma-separated whole numbers >= 8, got ''"),
+    (["--train", "-1"], "error: --train must be at least 1"),
+    (["--val", "0"], "error: --val must be at least 1"),
+    (["--test", "-5"], "error: --test must be at least 1"),
+])
+def test_demo_data_options_are_checked_before_anything_is_written(tmp_path, capsys, args, message):
+    from training.demo_data import main as demo_main
+
+    out = tmp_path / "demo"
+    assert demo_main([str(out), "--sizes", "8", "--train", "6", "--val", "6", "--test", "6", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_make_demo_data_refuses_tiny_sizes_and_empty_splits(tmp_path):
+    from training.demo_data import make_demo_data
+
+    with pytest.raises(ValueError, match=r"sizes must be whole numbers >= 8, got \[0\]"):
+        make_demo_data(tmp_path / "a", sizes=[0], counts={"train": 6}, progress=False)
+    with pytest.raises(ValueError, match=r"counts\['val'\] must be a whole number >= 1, got -2"):
+        make_demo_data(tmp_path / "b", sizes=[8], counts={"train": 6, "val": -2}, progress=False)
+    assert not list(tmp_path.iterdir())
+
+
+DEMO_IN_A_PROCESS = """
+import sys
+from training.demo_data import make_demo_data
+make_demo_data(sys.argv[1], sizes=(8,), counts={"train": 6, "val": 6, "test": 12}, seed=7, progress=False)
+"""
+
+
+def test_the_demo_data_seed_reproduces_the_ids_in_another_process(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    answers = []
+    for hash_seed in ("1", "2"):
+        out = tmp_path / f"demo{hash_seed}"
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+        result = subprocess.run([sys.executable, "-c", DEMO_IN_A_PROCESS, str(out)], cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        answers.append((out / "test_answers.csv").read_text())
+    assert answers[0] == answers[1] and len(answers[0].splitlines()) == 13

@@ -491,3 +491,206 @@ def test_a_16_bit_png_gets_the_same_pixels_in_the_import_tool_and_the_service(va
     assert np.abs(served - expected).max() <= 1
     as_32_bit = np.asarray(to_rgb(Image.fromarray(values.astype(np.int32)))).astype(int)  # mode "I": 16-bit values
     assert np.abs(as_32_bit - expected).max() <= 1
+
+
+# --- ensemble.json entries checked against the blend and the members ---------------------------------
+
+def _write_ensemble(ensemble_dir, tmp_path, change) -> object:
+    """A copy of the test ensemble.json (absolute member paths) with `change(document)` applied."""
+    document = json.loads((ensemble_dir / "ensemble.json").read_text())
+    document["members"] = [{**m, "path": str((ensemble_dir / m["path"]).resolve())} for m in document["members"]]
+    change(document)
+    file = tmp_path / "ensemble.json"
+    file.write_text(json.dumps(document))
+    return file
+
+
+def _set(**values):
+    return lambda document: document.update(values)
+
+
+@pytest.mark.parametrize("change,index", [
+    (lambda d: d["members"].__setitem__(1, "m48"), 1),
+    (lambda d: d["members"][0].pop("path"), 0),
+    (lambda d: d["members"][0].update(path=7), 0),
+    (lambda d: d["members"][1].update(name=None), 1),
+    (lambda d: d["members"][1].pop("name"), 1),
+    (lambda d: d["members"][0].update(weight="0.3"), 0),
+])
+def test_a_malformed_members_entry_is_an_artifact_error_naming_file_and_index(ensemble_dir, tmp_path, change, index):
+    file = _write_ensemble(ensemble_dir, tmp_path, change)
+    with pytest.raises(ArtifactError, match=rf"ensemble\.json: members\[{index}\]"):
+        load_ensemble(file)
+
+
+@pytest.mark.parametrize("change,text", [
+    (_set(classes=[1, 2, 3, 4]), "'classes' must be"), (_set(classes="abcd"), "'classes' must be"),
+    (_set(classes=None), "'classes' must be"),
+])
+def test_classes_that_are_not_strings_are_an_artifact_error(ensemble_dir, tmp_path, change, text):
+    with pytest.raises(ArtifactError, match=text):
+        load_ensemble(_write_ensemble(ensemble_dir, tmp_path, change))
+
+
+def test_an_ensemble_json_that_is_not_an_object_is_an_artifact_error(tmp_path):
+    (tmp_path / "ensemble.json").write_text("[1, 2]")
+    with pytest.raises(ArtifactError, match="JSON object"):
+        load_ensemble(tmp_path)
+
+
+def test_swapped_member_paths_are_refused_naming_both_members(ensemble_dir, tmp_path):
+    def swap(document):
+        first, second = document["members"]
+        first["path"], second["path"] = second["path"], first["path"]
+
+    with pytest.raises(ArtifactError, match=r"members\[0\] is named 'm32'.*holds member 'm48'"):
+        load_ensemble(_write_ensemble(ensemble_dir, tmp_path, swap))
+
+
+def test_the_member_name_falls_back_to_the_folder_name(ensemble_dir, tmp_path):
+    import shutil
+
+    run = tmp_path / "runs" / "folder32"
+    shutil.copytree((ensemble_dir / "../runs/m32").resolve(), run)
+    member = json.loads((run / "member.json").read_text())
+    del member["name"]
+    (run / "member.json").write_text(json.dumps(member))
+
+    def point(name):
+        return lambda document: document["members"][0].update(path=str(run), name=name)
+
+    (tmp_path / "a").mkdir()
+    assert load_ensemble(_write_ensemble(ensemble_dir, tmp_path / "a", point("folder32"))).members[0].name == \
+        "folder32"
+    with pytest.raises(ArtifactError, match="named 'm32'.*holds member 'folder32'"):
+        load_ensemble(_write_ensemble(ensemble_dir, tmp_path / "a", point("m32")))
+
+
+def test_a_member_weight_must_agree_with_the_blend_weights(ensemble_dir, tmp_path):
+    def weight(value):
+        return lambda document: document["members"][1].update(weight=value)
+
+    with pytest.raises(ArtifactError, match=r"members\[1\] \('m48'\) has weight 0.6.*blend.weights\[1\] is 0.7"):
+        load_ensemble(_write_ensemble(ensemble_dir, tmp_path, weight(0.6)))
+    assert load_ensemble(_write_ensemble(ensemble_dir, tmp_path, weight(0.7 + 1e-9))).blend.weights == (0.3, 0.7)
+
+
+def _stack(classes: int):
+    blend = {"method": "stack", "features": "log", "C": 1.0, "coef": [[1.0] * classes, [0.5] * classes],
+             "intercept": [0.0] * classes}
+
+    def change(document):
+        document["blend"] = blend
+        for member in document["members"]:
+            member["weight"] = None
+
+    return change
+
+
+def test_a_stack_blend_loads_with_null_weights_and_needs_one_intercept_per_class(ensemble_dir, tmp_path):
+    predictor = load_ensemble(_write_ensemble(ensemble_dir, tmp_path, _stack(4)))
+    assert predictor.blend.method == "stack"
+    blended, _ = predictor.predict([np.full((40, 40, 3), 100, np.uint8)])
+    assert blended.shape == (1, 4)
+    with pytest.raises(ArtifactError, match=r"ensemble\.json: blend.intercept has 3 entries for 4 classes"):
+        load_ensemble(_write_ensemble(ensemble_dir, tmp_path, _stack(3)))
+
+
+@pytest.mark.parametrize("damage", ["garbage_pb", "truncated_variables", "garbage_index", "no_variables"])
+def test_a_damaged_saved_model_is_an_artifact_error_naming_its_folder(ensemble_dir, tmp_path, damage):
+    import shutil
+
+    run = tmp_path / "m32"
+    shutil.copytree((ensemble_dir / "../runs/m32").resolve(), run)
+    variables = run / "saved_model" / "variables"
+    if damage == "garbage_pb":
+        (run / "saved_model" / "saved_model.pb").write_bytes(b"\xff\x00garbage" * 8)
+    elif damage == "truncated_variables":
+        data = next(variables.glob("variables.data*"))
+        data.write_bytes(data.read_bytes()[:100])
+    elif damage == "garbage_index":
+        (variables / "variables.index").write_bytes(b"xx")
+    else:
+        shutil.rmtree(variables)
+    with pytest.raises(ArtifactError, match=rf"{run / 'saved_model'} cannot be loaded as a SavedModel"):
+        load_run(run)
+
+
+# --- a failed warm-up, as the prediction routes report it ----------------------------------------------
+
+def test_after_a_failed_warm_up_the_prediction_routes_say_why():
+    with _client(Settings(run="unused"), FailingEnsemble()) as c:
+        warm_task = c.app.state.service.warm_task
+        for _ in range(200):
+            if warm_task.done():
+                break
+            time.sleep(0.05)
+        reason = "RuntimeError: the SavedModel cannot run on this device"
+        response = c.post("/v1/predict", files=_files(image_bytes()))
+        assert response.status_code == 503
+        assert response.json()["error"]["kind"] == "warm_up_failed" and reason in response.json()["error"]["message"]
+        tf_response = c.post("/v1/models/flowers:predict", json={"instances": [{"b64": _b64(image_bytes())}]})
+        assert tf_response.status_code == 503 and reason in tf_response.json()["error"]
+        version = c.get("/v1/models/flowers").json()["model_version_status"][0]
+        assert version["state"] == "END" and version["status"]["error_code"] == "UNKNOWN"
+        assert reason in version["status"]["error_message"]
+        assert 'flower_errors_total{kind="warm_up_failed"} 2' in c.get("/metrics").text
+
+
+# --- the serve command's settings ----------------------------------------------------------------------
+
+@pytest.fixture
+def served(monkeypatch):
+    """Run service.cli.main with uvicorn.run recorded instead of started; FLOWER_* restored afterwards."""
+    import uvicorn
+
+    for name in Settings.model_fields:
+        monkeypatch.delenv(f"FLOWER_{name.upper()}", raising=False)
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: calls.append(kwargs))
+    return calls
+
+
+@pytest.mark.parametrize("port", ["0", "65536", "99999", "-1"])
+def test_a_port_outside_1_to_65535_is_refused(port, tmp_path, served, capsys):
+    from service.cli import main
+
+    with pytest.raises(ValueError, match="port"):
+        Settings(run="x", port=int(port))
+    assert main(["--run", str(tmp_path), "--port", port]) == 2
+    assert capsys.readouterr().err.startswith("error: --port: Input should be ")
+    assert served == []
+    assert Settings(run="x", port=65535).port == 65535 and Settings(run="x", port=1).port == 1
+
+
+def test_invalid_settings_print_one_line_per_problem_naming_the_flag(tmp_path, served, capsys):
+    from service.cli import main
+
+    assert main(["--run", str(tmp_path), "--max-batch-size", "0", "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["error: --workers: Input should be greater than or equal to 1",
+                                "error: --max-batch-size: Input should be greater than or equal to 1"]
+    assert "http" not in err and served == []
+
+
+def test_a_flag_naming_what_to_serve_sets_aside_the_other_from_the_environment(tmp_path, served, monkeypatch, capsys):
+    import os
+
+    from service.cli import main, parse_settings
+
+    run, ensemble = tmp_path / "run", tmp_path / "ens"
+    run.mkdir()
+    ensemble.mkdir()
+    monkeypatch.setenv("FLOWER_ENSEMBLE", str(ensemble))
+    settings = parse_settings(["--run", str(run)])
+    assert (settings.run, settings.ensemble) == (str(run), None)
+    assert main(["--run", str(run)]) == 0 and len(served) == 1
+    assert os.environ["FLOWER_RUN"] == str(run) and "FLOWER_ENSEMBLE" not in os.environ  # what workers read
+    assert Settings().run == str(run) and Settings().ensemble is None
+    monkeypatch.setenv("FLOWER_RUN", str(run))
+    settings = parse_settings(["--ensemble", str(ensemble)])
+    assert (settings.run, settings.ensemble) == (None, str(ensemble))
+    assert main(["--ensemble", str(ensemble), "--run", str(run)]) == 2  # both on the command line
+    monkeypatch.setenv("FLOWER_ENSEMBLE", str(ensemble))
+    assert main([]) == 2  # both from the environment
+    assert "exactly one" in capsys.readouterr().err and len(served) == 1

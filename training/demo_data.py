@@ -109,7 +109,7 @@ def _unique_ids(rng: np.random.Generator, count: int) -> list[str]:
     ids: set[str] = set()
     while len(ids) < count:
         ids.add(f"{int(rng.integers(0, 16**9)):09x}")
-    return sorted(ids, key=lambda _: rng.random())
+    return sorted(sorted(ids), key=lambda _: rng.random())  # a set's order varies per process; the seed's must not
 
 
 def demo_examples(counts: dict[str, int], seed: int) -> Iterator[tuple[str, str, int, Image.Image]]:
@@ -121,6 +121,15 @@ def demo_examples(counts: dict[str, int], seed: int) -> Iterator[tuple[str, str,
         rng.shuffle(labels)
         for label in labels:
             yield split, next(ids), int(label), draw_flower(KINDS[label], rng)
+
+
+def _check_demo_options(sizes: Sequence[int], counts: dict[str, int]) -> None:
+    """Refuse image sizes below 8 px and splits without images (ValueError), before anything is drawn."""
+    if not sizes or any(isinstance(s, bool) or not isinstance(s, int | np.integer) or s < 8 for s in sizes):
+        raise ValueError(f"sizes must be whole numbers >= 8, got {list(sizes)}")
+    for split, count in counts.items():
+        if isinstance(count, bool) or not isinstance(count, int | np.integer) or count < 1:
+            raise ValueError(f"counts[{split!r}] must be a whole number >= 1, got {count!r}")
 
 
 def make_demo_data(
@@ -136,6 +145,7 @@ def make_demo_data(
     from training.writing import write_text_atomic
 
     counts = counts or {"train": 720, "val": 240, "test": 240}
+    _check_demo_options(sizes, counts)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     per_split: dict[str, list[tuple[str, int, Image.Image]]] = {s: [] for s in counts}
@@ -174,8 +184,15 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.demo_dat
     try:
         sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     except ValueError:
-        print(f"error: --sizes must be comma-separated integers, got {args.sizes!r}", file=sys.stderr)
+        sizes = []
+    if not sizes or min(sizes) < 8:
+        print(f"error: --sizes must be comma-separated whole numbers >= 8, got {args.sizes!r}", file=sys.stderr)
         return 2
+    for split in ("train", "val", "test"):
+        if getattr(args, split) < 1:
+            print(f"error: --{split} must be at least 1 (training needs train, val and test images), "
+                  f"got {getattr(args, split)}", file=sys.stderr)
+            return 2
     counts = make_demo_data(args.out, sizes, {"train": args.train, "val": args.val, "test": args.test}, args.seed)
     print(f"wrote {sum(counts.values())} images x {len(sizes)} sizes to {args.out}: {counts}")
     return 0

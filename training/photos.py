@@ -112,6 +112,45 @@ def _scan(src: Path) -> tuple[list[str], list[Path], list[int]]:
     return classes, files, labels
 
 
+API_NAMES = {"sizes": "sizes", "val": "val_fraction", "test": "test_fraction", "records": "records_per_file",
+             "fit": "fit"}
+CLI_NAMES = {"sizes": "--sizes", "val": "--val", "test": "--test", "records": "--records-per-file", "fit": "--fit"}
+
+
+def check_import_options(sizes: Sequence[int], val_fraction: float, test_fraction: float, records_per_file: int,
+                         fit: str = "crop", names: dict[str, str] = API_NAMES) -> None:
+    """Refuse options an import cannot use, before anything is read or written (ValueError naming the option)."""
+    if fit not in FIT_MODES:
+        raise ValueError(f"{names['fit']} must be one of {FIT_MODES}, got {fit!r}")
+    sizes = list(sizes)
+    if not sizes or any(isinstance(s, bool) or not isinstance(s, int | np.integer) or s < 8 for s in sizes):
+        raise ValueError(f"{names['sizes']} must be a non-empty list of whole numbers >= 8, got {sizes}")
+    twice = [s for i, s in enumerate(sizes) if s in sizes[:i]]
+    if twice:
+        raise ValueError(f"{names['sizes']} lists {twice[0]} twice")
+    if isinstance(records_per_file, bool) or not isinstance(records_per_file, int | np.integer) \
+            or records_per_file < 1:
+        raise ValueError(f"{names['records']} must be a whole number >= 1, got {records_per_file!r}")
+    for key, value in (("val", val_fraction), ("test", test_fraction)):
+        if not 0 < value < 1:
+            raise ValueError(f"{names[key]} must be a fraction above 0 and below 1 (training needs train, val and "
+                             f"test images), got {value}")
+    if val_fraction + test_fraction >= 1:
+        raise ValueError(f"{names['val']} + {names['test']} must be below 1 to leave training images, "
+                         f"got {val_fraction} + {test_fraction}")
+
+
+def _parse_sizes(text: str) -> list[int]:
+    """The --sizes option: comma-separated whole numbers."""
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes:
+        raise ValueError(f"--sizes must be comma-separated whole numbers, got {text!r}")
+    return sizes
+
+
 def import_folders(
     src: str | Path,
     out: str | Path,
@@ -126,10 +165,10 @@ def import_folders(
 ) -> ImportReport:
     """Import a folder-per-class photo tree into the competition layout; return what was done."""
     src, out = Path(src), Path(out)
-    if fit not in FIT_MODES:
-        raise ValueError(f"fit must be one of {FIT_MODES}, got {fit!r}")
-    if not sizes or any(s < 8 for s in sizes):
-        raise ValueError(f"sizes must be a non-empty list of sizes >= 8, got {list(sizes)}")
+    check_import_options(sizes, val_fraction, test_fraction, records_per_file, fit)
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise DataError(f"{existing} is a file, not a folder: cannot write the data set to {out}")
     for size in sizes:
         target = out / f"tfrecords-jpeg-{size}x{size}"
         if target.exists() and not overwrite:
@@ -238,11 +277,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.photos")
     parser.add_argument("--overwrite", action="store_true", help="replace records of the same size in OUT")
     args = parser.parse_args(argv)
     try:
-        sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+        sizes = _parse_sizes(args.sizes)
+        check_import_options(sizes, args.val, args.test, args.records_per_file, args.fit, CLI_NAMES)
         report = import_folders(
             args.src, args.out, sizes, args.val, args.test, args.seed, args.fit, args.records_per_file, args.overwrite
         )
-    except (DataError, ValueError) as err:
+    except (DataError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for split, per_class in report.counts.items():

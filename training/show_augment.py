@@ -114,6 +114,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.show_aug
         "(options: " + ", ".join(AugmentConfig.__dataclass_fields__) + ")",
     )
     args = parser.parse_args(argv)
+    for flag, value in (("--size", args.size), ("--rows", args.rows), ("--copies", args.copies)):
+        if value < 1:
+            print(f"error: {flag} must be at least 1, got {value}", file=sys.stderr)
+            return 2
     try:
         config = AugmentConfig.from_dict(parse_assignments(args.set))
         originals, copies, titles = augmented_grid(

@@ -36,7 +36,8 @@ MULTIPART_BODY = {
 ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in (
     (400, "malformed request, no files, too many images, wrong field names"),
     (401, "missing or wrong API key"), (413, "request larger than the limits"),
-    (415, "not multipart/form-data"), (422, "an option out of range"), (503, "models not loaded yet"))}
+    (415, "not multipart/form-data"), (422, "an option out of range"),
+    (503, "models not loaded yet, or their warm-up failed"))}
 
 
 def _flag(value: object, name: str) -> bool:
@@ -101,6 +102,14 @@ async def _read_form(request: Request, state: ServiceState) -> tuple[list[Upload
     return files, options
 
 
+def _unready(state: ServiceState) -> ClientError:
+    """The 503 while not ready: the warm-up's error once it failed, else 'still loading'."""
+    if state.warm_up_error:
+        return ClientError(503, "warm_up_failed", f"the warm-up prediction failed, so the service cannot predict "
+                                                  f"(see /readyz and the server log): {state.warm_up_error}")
+    return ClientError(503, "not_ready", "the models are still loading or warming up; retry shortly")
+
+
 async def decode_uploads(files: list[UploadFile], state: ServiceState) -> list[np.ndarray | ImageError]:
     """Read and decode every upload off the event loop; a bad one becomes its own ImageError."""
     loop = asyncio.get_running_loop()
@@ -128,7 +137,7 @@ async def decode_uploads(files: list[UploadFile], state: ServiceState) -> list[n
 async def predict(request: Request, state: StateDep) -> PredictResponse:
     """Top-k classes per image with blended probabilities; one bad image fails only its own entry."""
     if not state.ready:
-        raise ClientError(503, "not_ready", "the models are still loading or warming up; retry shortly")
+        raise _unready(state)
     files, options = await _read_form(request, state)
     classes = state.ensemble.classes
     k = _top_k(options["top_k"] or request.query_params.get("top_k"), state.settings.default_top_k, len(classes))

@@ -96,6 +96,9 @@ async def tf_predict(name: str, request: Request, state: StateDep) -> JSONRespon
     missing = _check_name(state, name)
     if missing:
         return missing
+    if not state.ready and state.warm_up_error:
+        return tf_error(state, 503, "warm_up_failed", f"the warm-up prediction failed, so the service cannot "
+                                                      f"predict: {state.warm_up_error}")
     if not state.ready:
         return tf_error(state, 503, "not_ready", "the models are still loading or warming up")
     settings = state.settings
@@ -129,13 +132,19 @@ async def tf_predict(name: str, request: Request, state: StateDep) -> JSONRespon
 
 @router.get("/v1/models/{name}", responses={404: TF_ERROR}, summary="Model status (TensorFlow Serving REST API)")
 async def tf_status(name: str, state: StateDep) -> JSONResponse:
-    """AVAILABLE once warmed up, LOADING before."""
+    """AVAILABLE once warmed up, LOADING before; END with error_code UNKNOWN and the error when the warm-up failed
+    (as TF Serving reports a version that failed to load)."""
     missing = _check_name(state, name)
     if missing:
         return missing
-    status = "AVAILABLE" if state.ready else "LOADING"
+    if state.ready:
+        status, code, message = "AVAILABLE", "OK", ""
+    elif state.warm_up_error:
+        status, code, message = "END", "UNKNOWN", f"the warm-up prediction failed: {state.warm_up_error}"
+    else:
+        status, code, message = "LOADING", "OK", ""
     return JSONResponse({"model_version_status": [
-        {"version": "1", "state": status, "status": {"error_code": "OK", "error_message": ""}}]})
+        {"version": "1", "state": status, "status": {"error_code": code, "error_message": message}}]})
 
 
 @router.get("/v1/models/{name}/metadata", responses={404: TF_ERROR},
