@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import tensorflow as tf
-from PIL import Image
+from PIL import Image, ImageOps
 
 from training.dataset import eval_dataset, split_info
 from training.demo_data import KINDS, demo_examples
@@ -259,3 +259,79 @@ def test_the_demo_data_seed_reproduces_the_ids_in_another_process(tmp_path):
         assert result.returncode == 0, result.stderr[-2000:]
         answers.append((out / "test_answers.csv").read_text())
     assert answers[0] == answers[1] and len(answers[0].splitlines()) == 13
+
+
+# --- the split, the squares and the ids, exactly ---------------------------------------------------
+
+@pytest.mark.parametrize("val,test,ok", [(0.0, 0.0, True), (0.0, 0.5, True), (0.5, 0.0, True), (0.5, 0.49, True),
+                                         (1.0, 0.0, False), (0.0, 1.0, False), (0.5, 0.5, False), (-0.1, 0.2, False),
+                                         (0.2, -0.1, False), (0.6, 0.6, False)])
+def test_split_fractions_are_checked_at_their_bounds(val, test, ok):
+    if ok:
+        assert sum(len(v) for v in stratified_split([0] * 10 + [1] * 10, val, test, 0).values()) == 20
+    else:
+        with pytest.raises(ValueError, match=f"sum below 1, got {val}, {test}"):
+            stratified_split([0] * 10, val, test, 0)
+
+
+@pytest.mark.parametrize("count,val,test,expected", [
+    (1, 0.15, 0.15, (1, 0, 0)), (2, 0.45, 0.45, (1, 1, 0)), (2, 0.4, 0.4, (1, 1, 0)),
+    (3, 0.34, 0.34, (1, 1, 1)), (4, 0.5, 0.4, (1, 2, 1)), (10, 0.2, 0.3, (5, 2, 3)), (100, 0.15, 0.15, (70, 15, 15)),
+    (7, 0.0, 0.3, (5, 0, 2)), (7, 0.3, 0.0, (5, 2, 0)), (5, 0.45, 0.45, (1, 2, 2)),
+    (3, 0.6, 0.3, (1, 1, 1)), (1, 0.2, 0.6, (1, 0, 0)), (6, 0.6, 0.3, (1, 3, 2)),
+])
+def test_each_class_is_split_in_exact_counts_keeping_a_training_image(count, val, test, expected):
+    split = stratified_split([3] * count, val, test, seed=1)
+    assert (len(split["train"]), len(split["val"]), len(split["test"])) == expected
+    assert sorted(split["train"] + split["val"] + split["test"]) == list(range(count))
+
+
+def test_the_split_depends_on_the_seed_only():
+    labels = [i % 4 for i in range(80)]
+    assert stratified_split(labels, 0.2, 0.2, 3) == stratified_split(labels, 0.2, 0.2, 3)
+    assert stratified_split(labels, 0.2, 0.2, 3)["val"] != stratified_split(labels, 0.2, 0.2, 4)["val"]
+
+
+def test_squares_are_cropped_padded_or_stretched_with_a_lanczos_filter():
+    from training.photos import fit_square
+
+    wide = np.zeros((20, 40, 3), np.uint8)
+    wide[:, :10] = (255, 0, 0)  # red left quarter, green middle half, blue right quarter
+    wide[:, 10:30] = (0, 255, 0)
+    wide[:, 30:] = (0, 0, 255)
+    image = Image.fromarray(wide)
+    crop = np.asarray(fit_square(image, 20, "crop"))
+    assert (crop[:, 3:17, 1] > 250).all() and (crop[:, :, 0] < 10).all()  # the centre: green only
+    pad = np.asarray(fit_square(image, 40, "pad"))
+    assert (pad[:9] == 0).all() and (pad[-9:] == 0).all() and (pad[20, 20, 1] > 250)  # black bars above, below
+    stretch = np.asarray(fit_square(image, 20, "stretch"))
+    assert stretch[10, 1, 0] > 200 and stretch[10, 18, 2] > 200  # all three stripes survive, squeezed
+    # Downscaling uses the Lanczos filter (other filters give other pixels on a noisy photo).
+    noisy = Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 90, 3), dtype=np.uint8))
+    lanczos = Image.Resampling.LANCZOS
+    np.testing.assert_array_equal(fit_square(noisy, 23, "crop"), ImageOps.fit(noisy, (23, 23), lanczos))
+    np.testing.assert_array_equal(fit_square(noisy, 23, "pad"), ImageOps.pad(noisy, (23, 23), lanczos, color=(0, 0, 0)))
+    np.testing.assert_array_equal(fit_square(noisy, 23, "stretch"), noisy.resize((23, 23), lanczos))
+    for other in (Image.Resampling.BICUBIC, Image.Resampling.BILINEAR):
+        assert not np.array_equal(fit_square(noisy, 23, "crop"), ImageOps.fit(noisy, (23, 23), other))
+        assert not np.array_equal(fit_square(noisy, 23, "pad"), ImageOps.pad(noisy, (23, 23), other))
+        assert not np.array_equal(fit_square(noisy, 23, "stretch"), noisy.resize((23, 23), other))
+    with pytest.raises(ValueError, match="fit must be one of \\('crop', 'stretch', 'pad'\\), got 'zoom'"):
+        fit_square(image, 20, "zoom")
+
+
+def test_ids_are_nine_hex_digits_and_longer_only_on_a_clash():
+    import hashlib
+
+    from training.photos import image_id
+
+    taken: set[str] = set()
+    first = image_id("daisy/a.jpg", taken)
+    assert first == hashlib.sha1(b"daisy/a.jpg").hexdigest()[:9] and taken == {first}
+    clash = {hashlib.sha1(b"daisy/b.jpg").hexdigest()[:9]}
+    second = image_id("daisy/b.jpg", clash)
+    assert second == hashlib.sha1(b"daisy/b.jpg").hexdigest()[:10] and second in clash
+    digest = hashlib.sha1(b"x").hexdigest()
+    assert image_id("x", {digest[:n] for n in range(9, 40)}) == digest  # the whole digest is the last resort
+    with pytest.raises(DataError, match="cannot make a unique id for x"):
+        image_id("x", {digest[:n] for n in range(9, 41)})
