@@ -634,3 +634,47 @@ def test_a_member_is_named_after_its_run_folder_unless_named():
     assert load_config(None, {"output": "/tmp/runs/effnet-b0-224"}).member_name == "effnet-b0-224"
     assert load_config(None, {"output": "/tmp/runs/x", "name": "given"}).member_name == "given"
     assert load_config(None, {}).run_dir == Path("runs/member")
+
+
+def test_config_changes_name_every_option_that_matters_and_ignore_the_safe_ones(tmp_path):
+    from training.checkpoints import check_resumable, config_changes, latest_checkpoint
+
+    base = load_config(None, {"output": str(tmp_path / "run")}).to_dict()
+    changed = load_config(None, {"output": str(tmp_path / "elsewhere"), "name": "renamed", "train.epochs": 20,
+                                 "train.eval_batch_size": 8, "predict.tta": 4, "predict.tta_seed": 3}).to_dict()
+    assert config_changes(base, changed) == []  # only options that are safe to change on a resume
+    other = load_config(None, {"data.image_size": 96, "augment.erase_area": [0.1, 0.3],
+                               "schedule.max": 0.01}).to_dict()
+    assert config_changes(base, other) == ["augment.erase_area: (0.02, 0.2) -> (0.1, 0.3)",
+                                           "data.image_size: 64 -> 96", "schedule.max: 0.001 -> 0.01"]
+    assert config_changes({"a": {"b": [1, 2]}}, {"a": {"b": (1, 2)}}) == []  # JSON lists equal tuples
+    assert config_changes({"a": {"b": 1}}, {"a": {"c": 1}}) == ["a.b: 1 -> None", "a.c: None -> 1"]
+    folder = tmp_path / "run" / "checkpoints"
+    assert latest_checkpoint(folder) is None
+    check_resumable(folder, other)  # nothing to resume: nothing to refuse
+    for epoch in (1, 3, 2):
+        (folder / f"epoch-{epoch:04d}").mkdir(parents=True)
+        (folder / f"epoch-{epoch:04d}" / "state.json").write_text("{}")
+    (folder / "epoch-0009").mkdir()  # no state.json: a half-written folder never counts
+    (folder / ".epoch-0010.tmp").mkdir()
+    assert latest_checkpoint(folder).name == "epoch-0003"
+    (folder / "epoch-0003" / "config.json").write_text(json.dumps(base))
+    check_resumable(folder, changed)
+    with pytest.raises(ValueError, match="another config \\(data.image_size: 64 -> 96\\).*remove .*checkpoints"):
+        check_resumable(folder, load_config(None, {"data.image_size": 96}).to_dict())
+    (folder / "epoch-0003" / "config.json").write_text("{broken")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        check_resumable(folder, base)
+
+
+def test_weights_are_saved_through_a_temporary_name(tmp_path):
+    from training.checkpoints import save_weights_atomic
+
+    model = build_classifier("small-cnn", 16, 3)
+    path = tmp_path / "deep" / "best.weights.h5"
+    save_weights_atomic(model, path)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["best.weights.h5"]  # no temporary file left
+    loaded = build_classifier("small-cnn", 16, 3)
+    loaded.load_weights(path)
+    for a, b in zip(model.weights, loaded.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
