@@ -31,7 +31,7 @@ module_spec() {
       LIMIT=1800 ;;
     fit)  # checkpoint save/restore and the epoch loop
       FILES=(training/fit.py training/checkpoints.py)
-      TESTS=(tests/test_training.py -k "checkpoint_restores or every_epoch_sees or focal_loss or class_weights_count")
+      TESTS=(tests/test_training.py -k "checkpoint_restores or kill_while or every_epoch_sees or focal_loss or class_weights_count or replica_setting or config_changes_name or temporary_name")
       LIMIT=3600 ;;
     export)  # SavedModel export and the prediction files
       FILES=(training/export.py)
@@ -66,8 +66,9 @@ fi
 MODULE=$1; shift
 module_spec "$MODULE" || usage
 WORK="$REPO/.mutation/$MODULE"
+# CPU only (unless CUDA_VISIBLE_DEVICES is set): one test process per core must not share a GPU.
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}" CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES-}"
-# mutmut runs one test process per CPU; BLAS threads on top of that make the ensemble's tests 3x slower.
+# mutmut runs one test process per core; BLAS threads on top of that make the ensemble's tests several times slower.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" OPENBLAS_NUM_THREADS="${OPENBLAS_NUM_THREADS:-1}"
 mutmut() { (cd "$WORK" && timeout -k 30 "${MUTATION_TIMEOUT:-$LIMIT}" "$REPO/.venv/bin/mutmut" "$@"); }
 

@@ -507,16 +507,29 @@ def _inner_cv_choice(probs, labels, cs, folds, seed):
     return min(cs, key=losses.get), losses
 
 
-def test_the_stacker_picks_the_c_with_the_lowest_inner_cv_log_loss():
-    probs, labels = _members(5, rows=120, classes=4)
-    cs = (1e-3, 0.3, 1e3)
-    best, losses = _inner_cv_choice(probs, labels, cs, 3, 7)
-    assert len({round(v, 6) for v in losses.values()}) == 3 and best != cs[1]
-    assert Blender("stack", cs=cs, folds=3, seed=7).fit(probs, labels).spec_.C == best
+def test_the_stacker_picks_the_c_with_the_lowest_inner_cv_log_loss_of_its_own_folds_and_seed():
+    probs, labels = _members(4, rows=60, classes=3)
+    cs = (0.01, 0.03, 0.1)
+    chosen = set()
+    for folds, seed in [(4, 1), (4, 3), (3, 1)]:
+        best, _ = _inner_cv_choice(probs, labels, cs, folds, seed)
+        assert Blender("stack", cs=cs, folds=folds, seed=seed).fit(probs, labels).spec_.C == best, (folds, seed)
+        chosen.add(best)
+    assert len(chosen) == 3  # on these rows the choice depends on the inner folds, so another split would show
+
+
+def test_the_stacker_cross_validates_two_cs_and_ignores_absent_classes():
+    probs, labels = _members(4, rows=60, classes=3)
+    best, _ = _inner_cv_choice(probs, labels, (0.1, 0.03), 4, 1)
+    assert best == 0.1 and Blender("stack", cs=(0.1, 0.03), folds=4, seed=1).fit(probs, labels).spec_.C == 0.1
+    no_class_1 = np.where(labels == 1, 2, labels)
+    cs = (0.01, 0.03, 0.1, 0.3)
+    best, _ = _inner_cv_choice(probs, no_class_1, cs, 4, 1)
+    assert best == 0.3 and Blender("stack", cs=cs, folds=4, seed=1).fit(probs, no_class_1).spec_.C == 0.3
 
 
 def test_the_stacker_cross_validates_c_with_two_rows_in_a_class_and_else_keeps_the_middle_c():
-    probs, labels = _members(11, rows=90, classes=3)
+    probs, labels = _members(4, rows=60, classes=3)
     labels = labels.copy()
     rare = np.flatnonzero(labels == 2)
     labels[rare[2:]] = 0  # class 2 keeps two rows: two inner folds
@@ -588,6 +601,8 @@ def test_hill_climb_keeps_the_best_prefix_and_stops_after_patience_steps_without
         assert spec.selections == selections, patience
         np.testing.assert_allclose(spec.weights, np.array(selections) / sum(selections))
         found.add(selections)
+    three_steps = Blender("hill-climb", iterations=3, patience=40).fit(probs, labels).spec_.selections
+    assert three_steps == max(path[:3], key=lambda step: step[0])[1]  # the best of the first three steps
     # Here the path recovers after 1, 1, 2 and then 3 flat steps, so each patience ends somewhere else, and
     # the best prefix picks a member more than once (the selection is with replacement).
     assert len(found) == 4 and max(max(s) for s in found) >= 2
@@ -608,6 +623,8 @@ def test_cv_uses_fewer_folds_when_the_rarest_class_is_small_and_refuses_a_single
     assert cross_validate(probs, labels, "mean", folds=5, seed=0)["folds"] == 3
     assert cross_validate(probs, labels, "mean")["folds"] == 3  # the default asks for 5
     assert cross_validate(probs, np.where(labels == 1, 2, labels), "mean", folds=4)["folds"] == 4  # no class 1
+    labels[np.flatnonzero(labels == 1)[2:]] = 0
+    assert cross_validate(probs, labels, "mean", folds=5, seed=0)["folds"] == 2  # two rows: two folds still work
     labels[np.flatnonzero(labels == 1)[1:]] = 0
     with pytest.raises(ValueError, match=r"cannot cross-validate: a class has only 1 validation row\(s\); "
                                          r"need at least 2"):
@@ -619,15 +636,22 @@ def test_cv_scores_are_the_mean_of_the_folds_scores_and_cover_every_row():
     from ensemble.validation import _folds
 
     probs, labels = _members(9, rows=120, classes=4)
-    result = cross_validate(probs, labels, "weighted", folds=4, seed=1)
+    result = cross_validate(probs, labels, "weighted", {"power": True}, folds=4, seed=1)
     splits = _folds(labels, 4, 1)
     np.testing.assert_array_equal(np.sort(np.concatenate([held for _, held in splits])), np.arange(120))
-    np.testing.assert_allclose(result["out_of_fold"].sum(1), 1.0)
+    for train, held in splits:  # each fold's blend is fitted with the method's options
+        alone = Blender("weighted", power=True).fit(probs[:, train], labels[train])
+        np.testing.assert_allclose(result["out_of_fold"][held], alone.predict_proba(probs[:, held]), rtol=1e-12)
     per_fold = [scores(labels[held], result["out_of_fold"][held]) for _, held in splits]
     for key in ("macro_f1", "accuracy", "log_loss"):
         assert result["scores"][key] == pytest.approx(np.mean([f[key] for f in per_fold]), rel=1e-12)
     assert result["scores"]["macro_f1_std"] == pytest.approx(np.std([f["macro_f1"] for f in per_fold]), rel=1e-12)
     assert len({round(f["macro_f1"], 9) for f in per_fold}) > 1  # so the std above is not trivially 0
+    # By default: 5 folds, seed 0 (as the command line); another seed gives other folds.
+    default = cross_validate(probs, labels, "mean")
+    assert default["folds"] == 5
+    assert default["scores"] == cross_validate(probs, labels, "mean", folds=5, seed=0)["scores"]
+    assert default["scores"] != cross_validate(probs, labels, "mean", folds=5, seed=1)["scores"]
 
 
 def test_cv_reports_each_fold_as_it_goes():
@@ -638,7 +662,8 @@ def test_cv_reports_each_fold_as_it_goes():
     assert cross_validate(probs, labels, "hill-climb", folds=3, seed=0, progress=lines.append)["folds"] == 3
     assert len(lines) == 3
     for k, line in enumerate(lines, 1):
-        assert re.fullmatch(rf"  hill-climb: fold {k}/3 macro F1 \d\.\d{{4}} \(\d+\.\d s\)", line), line
+        match = re.fullmatch(rf"  hill-climb: fold {k}/3 macro F1 \d\.\d{{4}} \((\d+\.\d) s\)", line)
+        assert match and float(match[1]) < 60, line  # the fold's own fitting time
 
 
 def test_auto_picks_the_best_cv_macro_f1_and_the_simplest_method_on_a_tie(monkeypatch):
