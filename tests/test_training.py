@@ -678,3 +678,36 @@ def test_weights_are_saved_through_a_temporary_name(tmp_path):
     loaded.load_weights(path)
     for a, b in zip(model.weights, loaded.weights, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_a_checkpoint_in_the_older_single_folder_layout_still_resumes(tmp_path):
+    from training.checkpoints import check_resumable, latest_checkpoint, load_checkpoint, save_checkpoint
+
+    keras.utils.set_random_seed(0)
+    model = build_classifier("small-cnn", 16, 3, dropout=0.0)
+    optimizer = keras.optimizers.AdamW(1e-3)
+    model.compile(optimizer=optimizer, loss="categorical_crossentropy")
+    optimizer.build(model.trainable_variables)
+    optimizer.iterations.assign(7)
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    model.save_weights(folder / "last.weights.h5")  # what earlier versions wrote
+    np.savez(folder / "optimizer.npz", **{f"v{i}": v.numpy() for i, v in enumerate(optimizer.variables)})
+    (folder / "state.json").write_text(json.dumps({"epoch": 1, "best_f1": 0.25, "history": []}))
+    (tmp_path / "run" / "config.json").write_text(json.dumps(load_config(None, {}).to_dict()))
+    assert latest_checkpoint(folder) == folder
+    with pytest.raises(ValueError, match="data.image_size: 64 -> 96"):  # the run's config.json stands for it
+        check_resumable(folder, load_config(None, {"data.image_size": 96}).to_dict(), tmp_path / "run" / "config.json")
+    fresh = build_classifier("small-cnn", 16, 3, dropout=0.0)
+    fresh_optimizer = keras.optimizers.AdamW(1e-3)
+    fresh.compile(optimizer=fresh_optimizer, loss="categorical_crossentropy")
+    assert load_checkpoint(folder, fresh, fresh_optimizer, log=lambda _: None)["epoch"] == 1
+    assert int(fresh_optimizer.iterations.numpy()) == 7
+    for a, b in zip(model.weights, fresh.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    with pytest.raises(ValueError, match="needs the model compiled with this optimizer"):
+        load_checkpoint(folder, fresh, keras.optimizers.AdamW(1e-3), log=lambda _: None)
+    save_checkpoint(folder, fresh, fresh_optimizer, {"epoch": 2, "best_f1": 0.3, "history": []}, {})
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch-0002"]  # the old files are gone once replaced
+    with pytest.raises(ValueError, match="needs the model compiled with this optimizer"):
+        save_checkpoint(folder, fresh, keras.optimizers.AdamW(1e-3), {"epoch": 3, "best_f1": 0.3, "history": []}, {})
