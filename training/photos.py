@@ -29,6 +29,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from training.errors import DataError
 from training.pixels import to_rgb
+from training.writing import write_text_atomic
 
 FIT_MODES = ("crop", "stretch", "pad")
 
@@ -242,8 +243,6 @@ def _write_records(out: Path, staging_name: str, sizes: Sequence[int], splits: d
 
 def _write_reports(out: Path, src: Path, report: ImportReport, answers: list[tuple[str, int]]) -> None:
     """classes.json, test_answers.csv (id,label of the unlabelled test records) and import_report.json."""
-    from training.writing import write_text_atomic
-
     write_text_atomic(out / "classes.json", json.dumps(report.classes, indent=1) + "\n")
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
