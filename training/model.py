@@ -25,6 +25,14 @@ def build_classifier(
     return model
 
 
+def features_of(model: keras.Model) -> keras.Model:
+    """The backbone (feature extractor) inside a classifier built by build_classifier."""
+    nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    if len(nested) != 1:
+        raise ValueError(f"{model.name} holds {len(nested)} nested models, expected one backbone")
+    return nested[0]
+
+
 def _block_of(layer_name: str) -> str:
     """Group key of a layer: 'block6a' of 'block6a_expand_conv', 'conv5_block3' of 'conv5_block3_1_conv'."""
     match = re.match(r"^([a-z]+\d+_block\d+|[a-z]*block\d+[a-z]?|[a-z]+\d*)", layer_name)

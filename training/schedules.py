@@ -8,8 +8,17 @@ from pathlib import Path
 from training.config import ScheduleConfig
 
 
-def learning_rate(config: ScheduleConfig, epoch: int, epochs: int, replicas: int = 1) -> float:
-    """The learning rate of a 0-based epoch; the peak is scaled by the number of replicas."""
+def learning_rate(config: ScheduleConfig, epoch: int, epochs: int, replicas: int = 1, unfreeze_epoch: int = 0) -> float:
+    """The learning rate of a 0-based epoch; the peak is scaled by the number of replicas.
+
+    From `unfreeze_epoch` on (when it is > 0) the rate is multiplied by `unfreeze_scale`.
+    """
+    rate = _base_rate(config, epoch, epochs, replicas)
+    return rate * config.unfreeze_scale if unfreeze_epoch and epoch >= unfreeze_epoch else rate
+
+
+def _base_rate(config: ScheduleConfig, epoch: int, epochs: int, replicas: int) -> float:
+    """The schedule's rate before any unfreeze scaling."""
     peak = config.max * replicas
     if config.kind == "constant":
         return peak
@@ -30,7 +39,7 @@ def learning_rate(config: ScheduleConfig, epoch: int, epochs: int, replicas: int
     raise ValueError(f"unknown schedule kind {config.kind!r}")
 
 
-def plot_schedule(path: Path, config: ScheduleConfig, epochs: int, replicas: int = 1) -> Path:
+def plot_schedule(path: Path, config: ScheduleConfig, epochs: int, replicas: int = 1, unfreeze_epoch: int = 0) -> Path:
     """Write a PNG of the learning rate over the epochs."""
     import matplotlib
 
@@ -39,11 +48,14 @@ def plot_schedule(path: Path, config: ScheduleConfig, epochs: int, replicas: int
 
     from training.writing import write_atomic
 
-    values = [learning_rate(config, e, epochs, replicas) for e in range(epochs)]
+    values = [learning_rate(config, e, epochs, replicas, unfreeze_epoch) for e in range(epochs)]
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.plot(range(1, epochs + 1), values, marker="o")
     ax.set_xlabel("epoch")
     ax.set_ylabel("learning rate")
+    if unfreeze_epoch:
+        ax.axvline(unfreeze_epoch + 0.5, color="grey", linestyle="--", label="backbone unfrozen")
+        ax.legend()
     ax.set_title(f"{config.kind} schedule ({replicas} replica{'s' if replicas > 1 else ''})")
     ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     fig.tight_layout()
