@@ -1,0 +1,164 @@
+#!/usr/bin/env python3
+"""Quality figures of trained members and a served ensemble on a data folder with test answers.
+
+    python scripts/quality.py members runs/a runs/b --data data/flowers5 [--tta 4]
+    python scripts/quality.py service demo/ensemble --data data/flowers5 [--size 128] [--tolerance 0.01]
+
+`members`: each run's validation and test macro F1 from its best weights, with one pass and with
+`--tta` passes (the same passes the run's predictions use), and its seconds per epoch; a Markdown
+table. Test scores need `test_answers.csv` in the data folder (the import tool writes it).
+
+`service`: starts the service on a loopback port with the ensemble directory, POSTs every test image
+of the data folder (the JPEG bytes stored in its records at `--size`) as a file, scores the answers
+against `test_answers.csv`, and compares with the ensemble's `submission.csv` on the same ids. Exits 1
+when the two macro F1 differ by more than `--tolerance`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+from sklearn.metrics import f1_score  # noqa: E402
+
+
+def read_answers(data: Path) -> dict[str, int]:
+    """id -> label of the test split, from test_answers.csv."""
+    path = data / "test_answers.csv"
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: test scores need the import tool's test answers")
+    with path.open() as f:
+        return {row["id"]: int(row["label"]) for row in csv.DictReader(f)}
+
+
+def member_scores(run: Path, data: Path, passes: int) -> dict[str, float | str]:
+    """Validation/test macro F1 of a run's best weights with 1 and `passes` TTA passes."""
+    import keras
+
+    from training.config import config_from_dict
+    from training.dataset import split_info
+    from training.model import build_classifier
+
+    config = config_from_dict(json.loads((run / "config.json").read_text()))
+    size, answers = config.data.image_size, read_answers(data)
+    classes = len(json.loads((data / "classes.json").read_text()))
+    model = build_classifier(config.model.backbone, size, classes, weights=None, dropout=config.model.dropout)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Skipping variable loading for optimizer.*")
+        model.load_weights(run / "checkpoints" / "best.weights.h5")
+    from training.export import predict_split
+
+    row: dict[str, float | str] = {"run": run.name, "backbone": config.model.backbone, "size": size}
+    for split in ("val", "test"):
+        info = split_info(str(data), split, size, config.data.file_size or None)
+        for tta in (1, passes):
+            ids, labels, probs = predict_split(model, info, size, 64, tta, config.predict.tta_seed, classes)
+            truth = labels if split == "val" else np.array([answers[str(i)] for i in ids])
+            row[f"{split}_f1_tta{tta}"] = float(f1_score(truth, probs.argmax(1), average="macro"))
+    history = [line.split(",") for line in (run / "history.csv").read_text().splitlines()]
+    seconds = [float(r[history[0].index("seconds")]) for r in history[1:]]
+    row["s_per_epoch"] = float(np.mean(seconds))
+    keras.backend.clear_session()
+    return row
+
+
+def members(args: argparse.Namespace) -> int:
+    """Print the members table."""
+    rows = [member_scores(Path(r), Path(args.data), args.tta) for r in args.runs]
+    print(f"| run | backbone | size | val F1 (1 pass) | val F1 ({args.tta} TTA) | test F1 (1 pass) | "
+          f"test F1 ({args.tta} TTA) | s/epoch |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        scores = [r[f"{split}_f1_tta{t}"] for split in ("val", "test") for t in (1, args.tta)]
+        print(f"| {r['run']} | {r['backbone']} | {r['size']} | " + " | ".join(f"{v:.4f}" for v in scores)
+              + f" | {r['s_per_epoch']:.1f} |")
+    return 0
+
+
+def test_images(data: Path, size: int) -> list[tuple[str, bytes]]:
+    """(id, JPEG bytes) of every test record at one size."""
+    import tensorflow as tf
+
+    from training.layout import split_files
+
+    spec = {"id": tf.io.FixedLenFeature([], tf.string), "image": tf.io.FixedLenFeature([], tf.string)}
+    out = []
+    for path in split_files(str(data), size, "test"):
+        for raw in tf.data.TFRecordDataset(path):
+            parsed = tf.io.parse_single_example(raw, spec)
+            out.append((parsed["id"].numpy().decode(), parsed["image"].numpy()))
+    return out
+
+
+def served_labels(ensemble: Path, images: list[tuple[str, bytes]], batch: int = 16) -> dict[str, int]:
+    """POST the images to a freshly started service; id -> top class index."""
+    import httpx
+
+    from service.testing import free_port, start_server
+
+    classes = json.loads((ensemble / "ensemble.json").read_text())["classes"]
+    port = free_port()
+    server = start_server(["--ensemble", str(ensemble)], port, timeout=600)
+    labels = {}
+    try:
+        with httpx.Client(timeout=120) as client:
+            for start in range(0, len(images), batch):
+                chunk = images[start: start + batch]
+                files = [("files", (f"{i}.jpg", b, "image/jpeg")) for i, b in chunk]
+                answer = client.post(f"http://127.0.0.1:{port}/v1/predict", files=files).raise_for_status().json()
+                for (image_id, _), result in zip(chunk, answer["results"], strict=True):
+                    if not result["ok"]:
+                        raise SystemExit(f"the service refused {image_id}: {result['error']}")
+                    labels[image_id] = classes.index(result["top"][0]["class"])
+    finally:
+        server.terminate()
+        server.wait(30)
+    return labels
+
+
+def service(args: argparse.Namespace) -> int:
+    """Compare the served ensemble's macro F1 on the test images with the offline submission's."""
+    ensemble, data = Path(args.ensemble), Path(args.data)
+    answers = read_answers(data)
+    images = test_images(data, args.size)
+    served = served_labels(ensemble, images)
+    with (ensemble / "submission.csv").open() as f:
+        offline = {row["id"]: int(row["label"]) for row in csv.DictReader(f)}
+    ids = [i for i, _ in images]
+    truth = [answers[i] for i in ids]
+    served_f1 = f1_score(truth, [served[i] for i in ids], average="macro")
+    offline_f1 = f1_score(truth, [offline[i] for i in ids], average="macro")
+    agree = np.mean([served[i] == offline[i] for i in ids])
+    print(f"{len(ids)} test images sent as files at {args.size} px: served macro F1 {served_f1:.4f}, offline "
+          f"submission {offline_f1:.4f} (difference {served_f1 - offline_f1:+.4f}); same top class for "
+          f"{agree:.1%} of the images")
+    return 0 if abs(served_f1 - offline_f1) <= args.tolerance else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("members", help="validation/test macro F1 of run directories, TTA off and on")
+    m.add_argument("runs", nargs="+")
+    m.add_argument("--data", required=True)
+    m.add_argument("--tta", type=int, default=4)
+    s = sub.add_parser("service", help="the served ensemble's macro F1 on the test images vs the submission's")
+    s.add_argument("ensemble")
+    s.add_argument("--data", required=True)
+    s.add_argument("--size", type=int, default=128, help="record size whose JPEG bytes are sent")
+    s.add_argument("--tolerance", type=float, default=0.01)
+    args = parser.parse_args(argv)
+    return members(args) if args.command == "members" else service(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
