@@ -5,10 +5,19 @@
     <src>/<class>/<any>.jpg|png|...  ->  <out>/tfrecords-jpeg-<S>x<S>/{train,val,test}/*.tfrec
                                          <out>/classes.json, <out>/test_answers.csv, <out>/import_report.json
 
-The split is stratified by class and seeded. Test records carry no label; their labels go to
-`test_answers.csv` (`id,label`) so a submission can be scored. Files that are not readable images are
-listed in the report and on screen, never dropped silently. Everything is staged in a temporary folder
-and moved into place at the end, so a failed import leaves earlier data untouched.
+The split is stratified by class and seeded. Duplicates stay together: files with the same bytes, and
+near duplicates (the same photo resized, recompressed, slightly edited or cropped: perceptual hashes at most
+--near-duplicate-distance bits apart of 64, 'off' for exact copies only) form a group, and each group goes
+whole to one split, so a photo in val or test never has a copy in train. Per-class counts stay as close to
+the fractions as the groups allow (exact when there are no duplicates). A group whose files sit in different
+class folders is a label conflict: it is imported (into train, so it is never scored) and reported as a
+warning; fix the labels in the source folders and import again. Groups and warnings are in
+`import_report.json` and on screen.
+
+Test records carry no label; their labels go to `test_answers.csv` (`id,label`) so a submission can be
+scored. Files that are not readable images are listed in the report and on screen, never dropped silently.
+Everything is staged in a temporary folder and moved into place at the end, so a failed import leaves
+earlier data untouched.
 """
 
 from __future__ import annotations
@@ -28,7 +37,14 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from training.errors import DataError
-from training.pixels import to_rgb
+from training.near_duplicates import (
+    DEFAULT_DISTANCE,
+    check_distance,
+    find_duplicates,
+    load_rgb,
+    parse_distance,
+    perceptual_hash,
+)
 from training.writing import write_text_atomic
 
 FIT_MODES = ("crop", "stretch", "pad")
@@ -42,13 +58,10 @@ class ImportReport:
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     skipped: list[dict[str, str]] = field(default_factory=list)
     sizes: list[int] = field(default_factory=list)
-
-
-def load_rgb(source: str | Path | bytes) -> Image.Image:
-    """Open an image file (or bytes) as RGB: EXIF orientation applied, alpha composited on white."""
-    image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-    image.load()
-    return to_rgb(image)
+    near_duplicate_distance: int | None = DEFAULT_DISTANCE  # None: exact copies only
+    duplicates: dict[str, int] = field(default_factory=dict)  # counts of the groups below
+    duplicate_groups: list[dict] = field(default_factory=list)  # files, classes, kind, distance, split
+    warnings: list[str] = field(default_factory=list)  # label conflicts
 
 
 def fit_square(image: Image.Image, size: int, fit: str) -> Image.Image:
@@ -73,27 +86,87 @@ def image_id(relative_path: str, taken: set[str]) -> str:
 
 
 def stratified_split(
-    labels: Sequence[int], val_fraction: float, test_fraction: float, seed: int
+    labels: Sequence[int], val_fraction: float, test_fraction: float, seed: int,
+    groups: Sequence[int] | None = None,
 ) -> dict[str, list[int]]:
-    """Indices per split, every class split in the same proportions (at least one train image each)."""
+    """Indices per split, every class split in the same proportions (at least one train image each).
+
+    With `groups` (a group id per item), items of one group stay in one split: each group of a class draws
+    its split at random in the class's proportions and goes there if it fits the remaining count (else to
+    train), the single items then fill test and val to their exact counts in a random order, and a split
+    still short takes the train group that brings it closest. Without duplicates this is the plain per-class
+    shuffle cut at the exact counts, drawing the same random numbers. A group spanning classes goes to train.
+    """
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError(f"val/test fractions must be in [0, 1) and sum below 1, got {val_fraction}, {test_fraction}")
     rng = np.random.default_rng(seed)
     labels = np.asarray(labels)
-    out: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+    units, conflicts = _class_units(labels, groups)
+    out: dict[str, list[int]] = {"train": list(conflicts), "val": [], "test": []}
     for label in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == label))
-        n_test = int(round(len(idx) * test_fraction))
-        n_val = int(round(len(idx) * val_fraction))
-        while n_test + n_val >= len(idx) and n_test + n_val > 0:  # keep one training image per class
+        total = int(np.sum(labels == label))
+        n_test = int(round(total * test_fraction))
+        n_val = int(round(total * val_fraction))
+        while n_test + n_val >= total and n_test + n_val > 0:  # keep one training image per class
             if n_test >= n_val:
                 n_test -= 1
             else:
                 n_val -= 1
-        out["test"] += idx[:n_test].tolist()
-        out["val"] += idx[n_test:n_test + n_val].tolist()
-        out["train"] += idx[n_test + n_val:].tolist()
+        order = rng.permutation(len(units[label]))
+        placed = _place_units([units[label][k] for k in order], {"test": n_test, "val": n_val},
+                              int(sum(labels[i] == label for i in conflicts)), rng)
+        for split in ("test", "val", "train"):
+            out[split] += [i for unit in placed[split] for i in unit]
     return {k: rng.permutation(v).tolist() for k, v in out.items()}
+
+
+def _class_units(labels: np.ndarray, groups: Sequence[int] | None) -> tuple[dict[int, list[list[int]]], list[int]]:
+    """Each class's groups (lists of indices, in order of their first index), and the items of mixed groups."""
+    units: dict[int, list[list[int]]] = {int(label): [] for label in np.unique(labels)}
+    if groups is None:
+        for i, label in enumerate(labels.tolist()):
+            units[label].append([i])
+        return units, []
+    if len(groups) != len(labels):
+        raise ValueError(f"groups must give one group per item: {len(groups)} groups for {len(labels)} labels")
+    members: dict[int, list[int]] = {}
+    for i, group in enumerate(np.asarray(groups).tolist()):
+        members.setdefault(group, []).append(i)
+    mixed = {g for g, items in members.items() if len({int(labels[i]) for i in items}) > 1}
+    for group, items in sorted(members.items(), key=lambda item: item[1][0]):
+        if group not in mixed:
+            units[int(labels[items[0]])].append(items)
+    return units, sorted(i for g in mixed for i in members[g])
+
+
+def _place_units(units: list[list[int]], targets: dict[str, int], fixed_train: int,
+                 rng: np.random.Generator) -> dict[str, list[list[int]]]:
+    """Assign a class's groups (in the given order) to test, val, train, as close to the targets as they allow."""
+    placed: dict[str, list[list[int]]] = {"test": [], "val": [], "train": []}
+    count = {"test": 0, "val": 0, "train": 0}
+    total = sum(map(len, units)) + fixed_train
+    for unit in (u for u in units if len(u) > 1):  # a group: a split drawn in proportion, if the group fits there
+        draw = rng.random() * total
+        split = "test" if draw < targets["test"] else "val" if draw < targets["test"] + targets["val"] else "train"
+        split = split if split == "train" or count[split] + len(unit) <= targets[split] else "train"
+        placed[split].append(unit)
+        count[split] += len(unit)
+    for unit in (u for u in units if len(u) == 1):  # single items: test, then val, to exactly the targets
+        split = next((s for s in ("test", "val") if count[s] < targets[s]), "train")
+        placed[split].append(unit)
+        count[split] += 1
+    for split in ("test", "val"):  # a split left short takes train groups while that brings it closer
+        while True:
+            spare = sum(map(len, placed["train"])) + fixed_train
+            error = abs(targets[split] - count[split])
+            moves = [(abs(targets[split] - count[split] - len(u)), k) for k, u in enumerate(placed["train"])
+                     if abs(targets[split] - count[split] - len(u)) < error and spare - len(u) >= 1]
+            if not moves:
+                break
+            unit = placed["train"].pop(min(moves)[1])
+            placed[split].append(unit)
+            count[split] += len(unit)
+    return placed
 
 
 def _scan(src: Path) -> tuple[list[str], list[Path], list[int]]:
@@ -114,13 +187,16 @@ def _scan(src: Path) -> tuple[list[str], list[Path], list[int]]:
 
 
 API_NAMES = {"sizes": "sizes", "val": "val_fraction", "test": "test_fraction", "records": "records_per_file",
-             "fit": "fit"}
-CLI_NAMES = {"sizes": "--sizes", "val": "--val", "test": "--test", "records": "--records-per-file", "fit": "--fit"}
+             "fit": "fit", "distance": "near_duplicate_distance"}
+CLI_NAMES = {"sizes": "--sizes", "val": "--val", "test": "--test", "records": "--records-per-file", "fit": "--fit",
+             "distance": "--near-duplicate-distance"}
 
 
 def check_import_options(sizes: Sequence[int], val_fraction: float, test_fraction: float, records_per_file: int,
-                         fit: str = "crop", names: dict[str, str] = API_NAMES) -> None:
+                         fit: str = "crop", names: dict[str, str] = API_NAMES,
+                         near_duplicate_distance: int | None = DEFAULT_DISTANCE) -> None:
     """Refuse options an import cannot use, before anything is read or written (ValueError naming the option)."""
+    check_distance(near_duplicate_distance, names["distance"])
     if fit not in FIT_MODES:
         raise ValueError(f"{names['fit']} must be one of {FIT_MODES}, got {fit!r}")
     sizes = list(sizes)
@@ -163,10 +239,13 @@ def import_folders(
     records_per_file: int = 512,
     overwrite: bool = False,
     progress: bool = True,
+    near_duplicate_distance: int | None = DEFAULT_DISTANCE,
 ) -> ImportReport:
-    """Import a folder-per-class photo tree into the competition layout; return what was done."""
+    """Import a folder-per-class photo tree into the competition layout (duplicate groups kept in one split)."""
     src, out = Path(src), Path(out)
-    check_import_options(sizes, val_fraction, test_fraction, records_per_file, fit)
+    check_import_options(sizes, val_fraction, test_fraction, records_per_file, fit,
+                         near_duplicate_distance=near_duplicate_distance)
+    near_duplicate_distance = check_distance(near_duplicate_distance)
     existing = next(p for p in (out, *out.parents) if p.exists())
     if not existing.is_dir():
         raise DataError(f"{existing} is a file, not a folder: cannot write the data set to {out}")
@@ -175,8 +254,8 @@ def import_folders(
         if target.exists() and not overwrite:
             raise DataError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it")
     classes, files, labels = _scan(src)
-    report = ImportReport(classes=classes, sizes=list(sizes))
-    images = _read_squares(src, files, max(sizes), fit, report, progress)
+    report = ImportReport(classes=classes, sizes=list(sizes), near_duplicate_distance=near_duplicate_distance)
+    images, prints = _read_squares(src, files, max(sizes), fit, report, progress, near_duplicate_distance is not None)
     kept = sorted(images)
     kept_labels = [labels[i] for i in kept]
     for label, name in enumerate(classes):
@@ -184,8 +263,9 @@ def import_folders(
             raise DataError(f"class {name!r} has no readable images in {src / name}")
     taken: set[str] = set()
     ids = {i: image_id(str(files[i].relative_to(src)), taken) for i in kept}
-    split_idx = stratified_split(kept_labels, val_fraction, test_fraction, seed)
-    splits = {name: [kept[j] for j in idx] for name, idx in split_idx.items()}
+    splits = _split_keeping_duplicates(src, files, labels, kept, prints, (val_fraction, test_fraction, seed), report)
+    if progress and report.duplicate_groups:
+        print(f"  kept {len(report.duplicate_groups)} group(s) of duplicates within one split each", flush=True)
     examples = {i: (images[i], ids[i], labels[i]) for i in kept}
     _write_records(out, f".import-staging-{seed}", sizes, splits, examples, records_per_file, progress)
     report.counts = {
@@ -196,13 +276,18 @@ def import_folders(
     return report
 
 
-def _read_squares(src: Path, files: list[Path], size: int, fit: str, report: ImportReport,
-                  progress: bool) -> dict[int, Image.Image]:
-    """Open every file as an RGB square of the largest size; unreadable files go to the report."""
+def _read_squares(src: Path, files: list[Path], size: int, fit: str, report: ImportReport, progress: bool,
+                  near: bool = True) -> tuple[dict[int, Image.Image], dict[int, tuple[str, int]]]:
+    """Open every file as an RGB square of the largest size, with its (sha256, perceptual hash or 0); unreadable
+    files go to the report."""
     images: dict[int, Image.Image] = {}
+    prints: dict[int, tuple[str, int]] = {}
     for i, path in enumerate(files):
         try:
-            images[i] = fit_square(load_rgb(path), size, fit)  # keep only the largest square
+            data = path.read_bytes()
+            photo = load_rgb(data)
+            images[i] = fit_square(photo, size, fit)  # keep only the largest square
+            prints[i] = (hashlib.sha256(data).hexdigest(), perceptual_hash(photo) if near else 0)
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
             reason = "not an image" if isinstance(err, UnidentifiedImageError) else f"unreadable image ({err})"
             report.skipped.append({"path": str(path.relative_to(src)), "reason": reason})
@@ -210,7 +295,38 @@ def _read_squares(src: Path, files: list[Path], size: int, fit: str, report: Imp
                 print(f"  skipped {path.relative_to(src)}: {reason}", flush=True)
         if progress and ((i + 1) % 500 == 0 or i + 1 == len(files)):
             print(f"  read {i + 1}/{len(files)} files", flush=True)
-    return images
+    return images, prints
+
+
+def _split_keeping_duplicates(src: Path, files: list[Path], labels: list[int], kept: list[int],
+                              prints: dict[int, tuple[str, int]], split_args: tuple[float, float, int],
+                              report: ImportReport) -> dict[str, list[int]]:
+    """Group duplicates among the kept files, split with each group whole, and list the groups in the report."""
+    duplicates = find_duplicates([prints[i][1] for i in kept], [prints[i][0] for i in kept],
+                                 report.near_duplicate_distance)
+    kept_labels = [labels[i] for i in kept]
+    split_idx = stratified_split(kept_labels, *split_args, groups=duplicates.group_of)
+    splits = {name: [kept[j] for j in idx] for name, idx in split_idx.items()}
+    split_of = {i: name for name, members in splits.items() for i in members}
+    for group, exact, distance in zip(duplicates.groups, duplicates.exact, duplicates.distance, strict=True):
+        members = [kept[j] for j in group]
+        names = [str(files[i].relative_to(src)) for i in members]
+        classes = sorted({report.classes[labels[i]] for i in members})
+        entry = {"files": names, "classes": classes, "kind": "exact" if exact else "near", "distance": distance,
+                 "split": split_of[members[0]], "label_conflict": len(classes) > 1}
+        assert all(split_of[i] == entry["split"] for i in members), entry  # a group never straddles splits
+        report.duplicate_groups.append(entry)
+        if entry["label_conflict"]:
+            what = "byte-identical copies" if exact else f"near duplicates (hash distance {distance})"
+            report.warnings.append(f"label conflict: {', '.join(names)} are {what} but sit in different class "
+                                   f"folders ({', '.join(classes)}); imported into train, never scored; fix the "
+                                   "labels in the source folders and import again")
+    groups = report.duplicate_groups
+    report.duplicates = {"groups": len(groups), "files_in_groups": sum(len(g["files"]) for g in groups),
+                         "exact_groups": sum(g["kind"] == "exact" for g in groups),
+                         "near_groups": sum(g["kind"] == "near" for g in groups),
+                         "label_conflicts": sum(g["label_conflict"] for g in groups)}
+    return splits
 
 
 def _write_records(out: Path, staging_name: str, sizes: Sequence[int], splits: dict[str, list[int]],
@@ -274,20 +390,38 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.photos")
                         help="how a non-square photo becomes square: centre crop, stretch, or pad (default crop)")
     parser.add_argument("--records-per-file", type=int, default=512, help="records per .tfrec file (default 512)")
     parser.add_argument("--overwrite", action="store_true", help="replace records of the same size in OUT")
+    parser.add_argument("--near-duplicate-distance", default=str(DEFAULT_DISTANCE), metavar="N",
+                        help="photos whose 64-bit perceptual hashes differ in at most N bits are near duplicates and "
+                             "go to the same split, like files with the same bytes; 0..32, or 'off' / -1 to group "
+                             f"exact copies only (default {DEFAULT_DISTANCE})")
     args = parser.parse_args(argv)
     try:
         sizes = _parse_sizes(args.sizes)
-        check_import_options(sizes, args.val, args.test, args.records_per_file, args.fit, CLI_NAMES)
-        report = import_folders(
-            args.src, args.out, sizes, args.val, args.test, args.seed, args.fit, args.records_per_file, args.overwrite
-        )
+        distance = parse_distance(args.near_duplicate_distance)
+        check_import_options(sizes, args.val, args.test, args.records_per_file, args.fit, CLI_NAMES, distance)
+        report = import_folders(args.src, args.out, sizes, args.val, args.test, args.seed, args.fit,
+                                args.records_per_file, args.overwrite, near_duplicate_distance=distance)
     except (DataError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    for split, per_class in report.counts.items():
-        print(f"{split:5s} {sum(per_class.values()):6d}  " + ", ".join(f"{k}={v}" for k, v in per_class.items()))
-    print(f"skipped {len(report.skipped)} file(s) (listed in {Path(args.out) / 'import_report.json'})")
+    print(_summary(report, Path(args.out) / "import_report.json"))
     return 0
+
+
+def _summary(report: ImportReport, report_file: Path) -> str:
+    """What `flower import` prints at the end: counts, duplicate groups, warnings, skipped files."""
+    lines = [f"{split:5s} {sum(per_class.values()):6d}  " + ", ".join(f"{k}={v}" for k, v in per_class.items())
+             for split, per_class in report.counts.items()]
+    found = report.duplicates
+    rule = ("same bytes" if report.near_duplicate_distance is None
+            else f"same bytes or hash distance <= {report.near_duplicate_distance}")
+    lines.append(f"duplicates: {found.get('groups', 0)} group(s) of {found.get('files_in_groups', 0)} files "
+                 f"({found.get('exact_groups', 0)} exact, {found.get('near_groups', 0)} near; {rule}), "
+                 "each kept within one split")
+    lines += [f"WARNING: {warning}" for warning in report.warnings]
+    lines.append(f"skipped {len(report.skipped)} file(s) (skipped files and duplicate groups are listed in "
+                 f"{report_file})")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,404 @@
+"""Exact and near-duplicate photos: a perceptual hash, a banded search for close hashes, duplicate groups,
+and `flower overlap` (which photos of one set reappear in another).
+
+    flower overlap photos/new data/mine:test        # a folder against a split written by `flower import`
+    flower overlap data/mine:train data/mine:test   # two splits of one data folder
+    flower overlap shots/ uploads/ --json pairs.json
+
+A and B are each a folder of photos (searched recursively; every file Pillow opens) or a split of a data
+folder in the competition layout, written `DATA_DIR:train`, `DATA_DIR:val` or `DATA_DIR:test` (the records
+of the largest stored image size are read). Every cross pair, a photo of A and a photo of B that are the
+same bytes ("exact") or whose perceptual hashes differ in at most N of 64 bits ("near"), is listed with
+its Hamming distance, then a summary. Exit status: 0 no pair, 1 pairs found, 2 bad arguments.
+
+The hash is a DCT pHash of the photo as displayed (EXIF orientation applied, the import's own loader):
+greyscale, resized to 32x32 with a Lanczos filter, 2-D DCT, the 8x8 lowest frequencies, each bit set when
+its coefficient is above their median. It matches resized, recompressed, colour-edited and slightly cropped
+copies (a percent or two off each side); not mirrored or rotated ones, nor crops of 5% a side or more.
+A folder photo compared with a data split is hashed whole and, when not square, also as its centre square,
+which is what `flower import --fit crop` (the default) stores; photos imported with `--fit pad` (black
+bars) are not recognised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from training.errors import DataError
+from training.pixels import to_rgb
+
+DEFAULT_DISTANCE = 6  # chosen on 3,230 real photos: README.md, "Near duplicates and leaks"
+MAX_DISTANCE = 32
+HASH_SIZE = 32  # the greyscale image the DCT is taken of
+LOW_FREQUENCIES = 8  # 8 x 8 = 64 bits
+CHUNK = 1 << 20  # candidate pairs verified at once (bounds the search's memory)
+SPLIT_NAMES = ("train", "val", "test")
+UNREADABLE = (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError)
+_BYTE_BITS = np.array([bin(v).count("1") for v in range(256)], dtype=np.uint8)
+
+
+def load_rgb(source: str | Path | bytes) -> Image.Image:
+    """Open an image file (or bytes) as RGB: EXIF orientation applied, alpha composited on white."""
+    image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    image.load()
+    return to_rgb(image)
+
+
+def perceptual_hash(image: Image.Image) -> int:
+    """The 64-bit DCT pHash of an image (greyscale 32x32 Lanczos, 8x8 low frequencies above their median)."""
+    from scipy.fft import dctn
+
+    grey = image.convert("L").resize((HASH_SIZE, HASH_SIZE), Image.Resampling.LANCZOS)
+    low = dctn(np.asarray(grey, dtype=np.float64), norm="ortho")[:LOW_FREQUENCIES, :LOW_FREQUENCIES]
+    bits = np.packbits((low > np.median(low)).ravel())
+    return int.from_bytes(bits.tobytes(), "big")
+
+
+def centre_square(image: Image.Image) -> Image.Image:
+    """The largest centred square of an image (what `flower import --fit crop` keeps, before resizing)."""
+    width, height = image.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return image.crop((left, top, left + side, top + side))
+
+
+def popcount(values: np.ndarray) -> np.ndarray:
+    """The number of set bits of each uint64 (numpy's bitwise_count where there is one, else a byte table)."""
+    values = np.ascontiguousarray(values, dtype=np.uint64)
+    if hasattr(np, "bitwise_count"):
+        return np.bitwise_count(values).astype(np.int64)
+    return _BYTE_BITS[values.view(np.uint8)].reshape(*values.shape, 8).sum(axis=-1, dtype=np.int64)
+
+
+def check_distance(value: int | None, name: str = "near_duplicate_distance") -> int | None:
+    """A valid near-duplicate distance (0..32), or None for off (None or -1); ValueError naming the option."""
+    if value is None or (not isinstance(value, bool) and isinstance(value, int | np.integer) and value == -1):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or not 0 <= value <= MAX_DISTANCE:
+        raise ValueError(f"{name} must be a whole number from 0 to {MAX_DISTANCE}, or -1 / off to disable it, "
+                         f"got {value!r}")
+    return int(value)
+
+
+def parse_distance(text: str) -> int | None:
+    """The --near-duplicate-distance option: a whole number 0..32, or 'off' / -1 (None: no near-duplicate search)."""
+    if text.strip().lower() in ("off", "none", "-1"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = text
+    return check_distance(value, "--near-duplicate-distance")
+
+
+def bands(max_distance: int) -> list[tuple[int, int]]:
+    """(shift, width) of the max_distance + 1 bands the 64 bits are cut into, as even as possible."""
+    count = max_distance + 1
+    widths = [64 // count + (1 if k < 64 % count else 0) for k in range(count)]
+    shifts = np.concatenate([[0], np.cumsum(widths)[:-1]])
+    return [(int(s), int(w)) for s, w in zip(shifts, widths, strict=True)]
+
+
+def _band_keys(hashes: np.ndarray, shift: int, width: int) -> np.ndarray:
+    """The value of one band of each hash."""
+    return (hashes >> np.uint64(shift)) & np.uint64((1 << width) - 1)
+
+
+def _candidates(lo: np.ndarray, hi: np.ndarray, sources: np.ndarray, order: np.ndarray
+                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (left, right) index arrays: sources[k] with order[lo[k]:hi[k]], at most about CHUNK at a time."""
+    counts = np.maximum(hi - lo, 0)
+    busy = np.flatnonzero(counts)
+    total = np.cumsum(counts[busy])
+    start = 0
+    while start < len(busy):
+        done = total[start - 1] if start else 0
+        stop = max(start + 1, int(np.searchsorted(total, done + CHUNK, side="right")))
+        picked = busy[start:stop]
+        sizes = counts[picked]
+        offsets = np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        yield np.repeat(sources[picked], sizes), order[np.repeat(lo[picked], sizes) + offsets]
+        start = stop
+
+
+def close_pairs(left: Sequence[int] | np.ndarray, right: Sequence[int] | np.ndarray | None = None,
+                max_distance: int = DEFAULT_DISTANCE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Index pairs (i, j, distance) of hashes within max_distance bits: left x right, or i < j within left."""
+    a = np.asarray(left, dtype=np.uint64).ravel()
+    b = a if right is None else np.asarray(right, dtype=np.uint64).ravel()
+    max_distance = check_distance(max_distance, "max_distance")
+    found: list[tuple[np.ndarray, ...]] = []
+    cuts = [] if max_distance is None else bands(max_distance)  # None (off): no near pairs
+    for k, (shift, width) in enumerate(cuts):
+        # Pigeonhole: hashes within max_distance bits agree exactly on at least one of the max_distance + 1 bands.
+        keys_b = _band_keys(b, shift, width)
+        order = np.argsort(keys_b, kind="stable")
+        ordered = keys_b[order]
+        if right is None:  # each pair once: the later positions of the same bucket in sorted order
+            lo = np.arange(1, len(a) + 1)
+            hi = np.searchsorted(ordered, ordered, side="right")
+            sources = order
+        else:
+            keys_a = _band_keys(a, shift, width)
+            lo, hi = np.searchsorted(ordered, keys_a, side="left"), np.searchsorted(ordered, keys_a, side="right")
+            sources = np.arange(len(a))
+        for i, j in _candidates(lo, hi, sources, order):
+            xor = a[i] ^ b[j]
+            hit = np.flatnonzero(popcount(xor) <= max_distance)
+            i, j, xor = i[hit], j[hit], xor[hit]
+            keep = np.ones(len(hit), bool)
+            for earlier_shift, earlier_width in cuts[:k]:  # found already in an earlier band
+                keep &= _band_keys(xor, earlier_shift, earlier_width) != 0
+            if right is None:
+                i, j = np.minimum(i, j), np.maximum(i, j)
+            found.append((i[keep], j[keep], popcount(xor[keep])))
+    if not found:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    i, j, d = (np.concatenate(parts).astype(np.int64) for parts in zip(*found, strict=True))
+    order = np.lexsort((j, i))
+    return i[order], j[order], d[order]
+
+
+def exact_pairs(digests: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs (first, other) linking every file to the first file with the same content digest."""
+    first: dict[str, int] = {}
+    pairs = [(first.setdefault(digest, k), k) for k, digest in enumerate(digests)]
+    pairs = [(f, k) for f, k in pairs if f != k]
+    i, j = (np.array(col, dtype=np.int64) for col in zip(*pairs, strict=True)) if pairs else (np.zeros(0, int),) * 2
+    return i, j
+
+
+@dataclass
+class Duplicates:
+    """Groups of duplicate photos among n: a group id per photo, and each group of two or more."""
+
+    group_of: np.ndarray
+    groups: list[list[int]] = field(default_factory=list)
+    exact: list[bool] = field(default_factory=list)  # the group's files are all the same bytes
+    distance: list[int] = field(default_factory=list)  # the largest Hamming distance of a pair found in the group
+
+
+def find_duplicates(hashes: Sequence[int] | np.ndarray, digests: Sequence[str],
+                    max_distance: int | None = DEFAULT_DISTANCE) -> Duplicates:
+    """Group photos that are the same bytes or (max_distance not None) whose hashes are within max_distance bits."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(digests)
+    i, j = exact_pairs(digests)
+    d = np.zeros(len(i), np.int64)
+    if max_distance is not None and n:
+        near_i, near_j, near_d = close_pairs(hashes, None, max_distance)
+        i, j, d = np.concatenate([i, near_i]), np.concatenate([j, near_j]), np.concatenate([d, near_d])
+    graph = coo_matrix((np.ones(len(i), np.int8), (i, j)), shape=(n, n))
+    _, group_of = connected_components(graph, directed=False)
+    largest = np.zeros(n, np.int64)
+    np.maximum.at(largest, group_of[i], d)
+    members: dict[int, list[int]] = {}
+    for k, g in enumerate(group_of.tolist()):
+        members.setdefault(g, []).append(k)
+    result = Duplicates(group_of=np.asarray(group_of, np.int64))
+    for g, group in sorted(members.items(), key=lambda item: item[1][0]):
+        if len(group) > 1:
+            result.groups.append(group)
+            result.exact.append(len({digests[k] for k in group}) == 1)
+            result.distance.append(int(largest[g]))
+    return result
+
+
+# --- flower overlap ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class PhotoSet:
+    """The photos of one side of `flower overlap`: names, content digests, and hashes (several per photo)."""
+
+    spec: str
+    kind: str  # "folder" or "split"
+    names: list[str] = field(default_factory=list)
+    digests: list[str] = field(default_factory=list)
+    hashes: list[int] = field(default_factory=list)
+    owners: list[int] = field(default_factory=list)  # the photo each hash belongs to
+    skipped: list[str] = field(default_factory=list)
+
+    def add(self, name: str, data: bytes, squares_too: bool) -> None:
+        """Hash one photo's bytes (whole, and as its centre square when asked and not square)."""
+        image = load_rgb(data)
+        variants = [image]
+        if squares_too and image.size[0] != image.size[1]:
+            variants.append(centre_square(image))
+        for variant in variants:
+            self.hashes.append(perceptual_hash(variant))
+            self.owners.append(len(self.names))
+        self.names.append(name)
+        self.digests.append(hashlib.sha256(data).hexdigest())
+
+
+def split_spec(spec: str) -> tuple[str, str] | None:
+    """(data folder, split) of a `DATA_DIR:split` argument, or None when it names a folder of photos."""
+    if Path(spec).is_dir() or ":" not in spec.rstrip("/"):
+        return None
+    folder, _, split = spec.rpartition(":")
+    if not folder or "/" in split or "\\" in split:  # a drive or URL colon, not a split
+        return None
+    return folder, split
+
+
+def read_folder(spec: str, squares_too: bool, progress: bool = True) -> PhotoSet:
+    """Every photo under a folder (recursively; files Pillow cannot open are skipped and counted)."""
+    root = Path(spec)
+    if not root.is_dir():
+        raise DataError(f"folder not found: {spec} (or, for a split of a data folder, write DATA_DIR:train, "
+                        f"DATA_DIR:val or DATA_DIR:test)")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    photos = PhotoSet(spec, "folder")
+    for k, path in enumerate(files):
+        name = path.relative_to(root).as_posix()
+        try:
+            photos.add(name, path.read_bytes(), squares_too)
+        except UNREADABLE:
+            photos.skipped.append(name)
+        if progress and (k + 1) % 1000 == 0:
+            print(f"  {spec}: read {k + 1}/{len(files)} files", file=sys.stderr, flush=True)
+    return photos
+
+
+def read_split(spec: str, folder: str, split: str, progress: bool = True) -> PhotoSet:
+    """Every record of one split of a data folder, at its largest stored size (TensorFlow is imported here)."""
+    if split not in SPLIT_NAMES:
+        raise DataError(f"unknown split {split!r} in {spec}; expected DATA_DIR:train, DATA_DIR:val or DATA_DIR:test")
+    from training.layout import available_sizes, split_files
+    from training.records import iter_records
+
+    sizes = available_sizes(folder)
+    if not sizes:
+        raise DataError(f"no 'tfrecords-jpeg-<S>x<S>' folder in {folder}; expected a data folder written by "
+                        "`flower import` or `flower demo-data`")
+    photos = PhotoSet(f"{spec} ({sizes[-1]}x{sizes[-1]})", "split")
+    for path in split_files(folder, sizes[-1], split):
+        stem = path.rsplit("/", 1)[-1].removesuffix(".tfrec")
+        for index, raw in iter_records(path):
+            image, record_id = _parse_example(raw)
+            try:
+                photos.add(record_id or f"{stem}-{index}", image, squares_too=False)
+            except UNREADABLE:
+                photos.skipped.append(f"{path}: record {index}")
+        if progress:
+            print(f"  {spec}: read {path}", file=sys.stderr, flush=True)
+    return photos
+
+
+def _parse_example(raw: bytes) -> tuple[bytes, str]:
+    """The image bytes and the id of one serialized tf.train.Example."""
+    import tensorflow as tf
+
+    try:
+        feature = tf.train.Example.FromString(raw).features.feature
+    except Exception:  # protobuf raises its own DecodeError type; an empty image is then skipped as unreadable
+        return b"", ""
+    image = feature["image"].bytes_list.value
+    ids = feature["id"].bytes_list.value
+    return (image[0] if image else b""), (ids[0].decode() if ids else "")
+
+
+def read_photos(spec: str, other: str, progress: bool = True) -> PhotoSet:
+    """One side of `flower overlap`: a folder of photos or `DATA_DIR:split`; refuses a side without photos."""
+    parsed = split_spec(spec)
+    if parsed:
+        photos = read_split(spec, *parsed, progress=progress)
+    else:  # a folder compared with a split is matched as a whole photo and as the centre square the import keeps
+        photos = read_folder(spec, squares_too=split_spec(other) is not None, progress=progress)
+    if not photos.names:
+        raise DataError(f"no images in {spec}" + (f" ({len(photos.skipped)} unreadable file(s))"
+                                                   if photos.skipped else ""))
+    return photos
+
+
+def cross_pairs(a: PhotoSet, b: PhotoSet, max_distance: int | None) -> list[dict]:
+    """Every (photo of A, photo of B) that is the same bytes or within max_distance bits, closest first."""
+    best: dict[tuple[int, int], int] = {}
+    if max_distance is not None:
+        owners_a, owners_b = np.asarray(a.owners), np.asarray(b.owners)
+        for i, j, d in zip(*close_pairs(a.hashes, b.hashes, max_distance), strict=True):
+            key = (int(owners_a[i]), int(owners_b[j]))
+            best[key] = min(best.get(key, 64), int(d))
+    in_b: dict[str, list[int]] = {}
+    for k, digest in enumerate(b.digests):
+        in_b.setdefault(digest, []).append(k)
+    exact = {(k, other) for k, digest in enumerate(a.digests) for other in in_b.get(digest, [])}
+    for key in exact:
+        best[key] = 0
+    rows = [{"a": a.names[i], "b": b.names[j], "distance": d, "kind": "exact" if (i, j) in exact else "near"}
+            for (i, j), d in best.items()]
+    return sorted(rows, key=lambda r: (r["distance"], r["kind"] != "exact", r["a"], r["b"]))
+
+
+def overlap_report(a: PhotoSet, b: PhotoSet, max_distance: int | None, pairs: list[dict]) -> dict:
+    """The JSON document of `flower overlap --json`: both sides, the threshold, the counts and every pair."""
+    def side(photos: PhotoSet) -> dict:
+        return {"spec": photos.spec, "kind": photos.kind, "images": len(photos.names), "skipped": photos.skipped}
+
+    return {"a": side(a), "b": side(b), "near_duplicate_distance": max_distance,
+            "counts": {"pairs": len(pairs), "exact": sum(p["kind"] == "exact" for p in pairs),
+                       "near": sum(p["kind"] == "near" for p in pairs),
+                       "photos_of_a": len({p["a"] for p in pairs}), "photos_of_b": len({p["b"] for p in pairs})},
+            "pairs": pairs}
+
+
+def _summary(report: dict) -> str:
+    """The closing lines of `flower overlap`."""
+    a, b, counts = report["a"], report["b"], report["counts"]
+    threshold = report["near_duplicate_distance"]
+    rule = "same bytes only" if threshold is None else f"same bytes, or Hamming distance <= {threshold} of 64 bits"
+    lines = [f"{letter}: {side['images']} image(s) in {side['spec']}"
+             + (f", {len(side['skipped'])} unreadable file(s) skipped" if side["skipped"] else "")
+             for letter, side in (("A", a), ("B", b))]
+    if counts["pairs"]:
+        lines.append(f"OVERLAP: {counts['pairs']} cross pair(s) ({counts['exact']} exact, {counts['near']} near; "
+                     f"{counts['photos_of_a']} photo(s) of A, {counts['photos_of_b']} of B), {rule}")
+    else:
+        lines.append(f"no overlap: no photo of A matches a photo of B ({rule})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m training.near_duplicates") -> int:
+    """Command line entry point of `flower overlap`."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("a", help="a folder of photos, or DATA_DIR:train|val|test (a split written by flower import)")
+    parser.add_argument("b", help="the other side: a folder of photos, or DATA_DIR:train|val|test")
+    parser.add_argument("--near-duplicate-distance", default=str(DEFAULT_DISTANCE), metavar="N",
+                        help=f"largest Hamming distance (of 64 hash bits) that counts as a near duplicate, 0.."
+                             f"{MAX_DISTANCE}, or 'off' / -1 for exact copies only (default {DEFAULT_DISTANCE})")
+    parser.add_argument("--json", metavar="OUT", help="also write every pair and the counts to this JSON file")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr while reading")
+    args = parser.parse_args(argv)
+    try:
+        max_distance = parse_distance(args.near_duplicate_distance)
+        a = read_photos(args.a, args.b, progress=not args.quiet)
+        b = read_photos(args.b, args.a, progress=not args.quiet)
+    except (DataError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    pairs = cross_pairs(a, b, max_distance)
+    report = overlap_report(a, b, max_distance, pairs)
+    for pair in pairs:
+        print(f"{pair['kind']:5s}  distance {pair['distance']:2d}  {pair['a']}  {pair['b']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    print(_summary(report))
+    return 1 if pairs else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
