@@ -22,7 +22,8 @@ from PIL import Image
 from tests.conftest import REAL_PHOTOS
 from tests.test_training import _train, _weights
 from training.backbones import build_backbone, get_backbone, preprocessing_layers
-from training.config import load_config, trainable_at
+from training.checkpoints import config_changes
+from training.config import RunConfig, check_unfreeze_reachable, load_config, trainable_at
 from training.lite import build_lite, imagenet_weights_file, lite_backbone, stage_plan
 from training.model import backbone_blocks, build_classifier, features_of, parameter_counts
 from training.schedules import learning_rate
@@ -84,7 +85,8 @@ def _pickled(state: dict, storage_type) -> tuple[bytes, list[_Storage]]:
     class Writer(pickle.Pickler):
         def persistent_id(self, obj):
             if isinstance(obj, _Storage):
-                storages.append(obj)
+                if all(obj is not seen for seen in storages):
+                    storages.append(obj)
                 return ("storage", storage_type, obj.key, "cpu", obj.array.size, None)
             return None
 
@@ -229,6 +231,47 @@ def test_broken_files_are_named_with_their_problem(tmp_path):
         read_state_dict(write_legacy(tmp_path / "outside.pth", outside))
 
 
+class _Plain:
+    """Any plain object: pickled at protocol 2 through copyreg.__newobj__, i.e. the NEWOBJ opcode."""
+
+
+def test_hostile_structures_are_refused_before_they_touch_memory(tmp_path):
+    class Resized(_Tensor):  # BUILD after the rebuild: would enlarge a checked view
+        def __reduce__(self):
+            return (*super().__reduce__(), {"size": (4096, 4096), "stride": (4096, 1)})
+
+    storage = _Storage("0", np.arange(4, dtype=np.float32))
+    shared = _Storage("0", np.zeros(1 << 16, np.float32))
+    deep: object = "x"
+    for _ in range(20):
+        deep = (deep,)
+    cases = {
+        "build.pth": (OrderedDict(w=Resized(storage, (4,), (1,))), "refused to set the state of a TensorRef"),
+        "newobj.pth": (OrderedDict(w=_Plain()), "refused the pickle opcode NEWOBJ"),
+        "deep.pth": (OrderedDict(w=_Tensor(storage, (4,), (1,)), d=deep), "nested more than 16 deep"),
+        "twosizes.pth": (OrderedDict(a=_Tensor(storage, (4,), (1,)),
+                                     b=_Tensor(_Storage("0", np.arange(1 << 20, dtype=np.float32)), (1,), (1,))),
+                         "storage 0 is named as"),
+        "expanded.pth": (OrderedDict(w=_Tensor(storage, (1000, 1000), (0, 0))), "expanded"),
+        "amplified.pth": (OrderedDict((f"k{i}", _Tensor(shared, (1 << 16,), (1,))) for i in range(100)),
+                          "far more than its storages"),
+    }
+    for name, (state, message) in cases.items():
+        with pytest.raises(CheckpointError, match=message) as err:
+            read_state_dict(write_legacy(tmp_path / name, state))
+        assert str(err.value).startswith(str(tmp_path / name))
+    # A zip member that claims more bytes than its tensor needs is refused before it is inflated.
+    small = write_zip(tmp_path / "small.pt", _tensors({"w": np.ones(4)}))
+    with zipfile.ZipFile(tmp_path / "bomb2.pt", "w", compression=zipfile.ZIP_DEFLATED) as out, \
+            zipfile.ZipFile(small) as src:
+        for item in src.namelist():
+            if item != "weights/data/0":
+                out.writestr(item, src.read(item))
+        out.writestr("weights/data/0", b"\0" * (64 << 20))  # 64 MiB of zeros deflate to about 64 KiB
+    with pytest.raises(CheckpointError, match="holds 67108864 bytes, expected 16"):
+        read_state_dict(tmp_path / "bomb2.pt")
+
+
 # --- the port ---------------------------------------------------------------------------------
 
 def test_the_lite_variants_follow_the_published_architecture():
@@ -309,13 +352,29 @@ def test_the_unfreeze_options_are_checked_and_scale_the_learning_rate():
     rates = [learning_rate(config.schedule, e, 5, 1, config.model.unfreeze_epoch) for e in range(5)]
     assert rates == pytest.approx([0.01, 0.01, 0.001, 0.001, 0.001])
     for values, message in [
-        ({"model": {"unfreeze_epoch": 8}, "train": {"epochs": 8}}, "would never be unfrozen"),
         ({"model": {"trainable": "head", "unfreeze": "head", "unfreeze_epoch": 1}}, "model.unfreeze must be"),
         ({"model": {"trainable": "last:0"}}, "model.trainable must be"),
-        ({"model": {"unfreeze_epoch": 1}}, "nothing would change"),
+        ({"model": {"unfreeze_epoch": 1}}, "must train more than model.trainable='all'"),
+        ({"model": {"trainable": "last:5", "unfreeze": "last:2", "unfreeze_epoch": 1}}, "must train more"),
+        ({"model": {"trainable": "head", "unfreeze_epoch": 1}, "schedule": {"unfreeze_scale": 0.0}},
+         "unfreeze_scale must be > 0"),
     ]:
         with pytest.raises(ValueError, match=message):
             load_config(None, values)
+    # A run that would stop before its switch is refused; one already past it may be shortened on resume.
+    short = load_config(None, {"model": {"trainable": "head", "unfreeze_epoch": 8}, "train": {"epochs": 8}})
+    with pytest.raises(ValueError, match="would never be unfrozen"):
+        check_unfreeze_reachable(short, 0)
+    check_unfreeze_reachable(short, 8)
+
+
+def test_a_checkpoint_made_before_the_unfreeze_options_existed_still_resumes():
+    saved = RunConfig().to_dict()
+    del saved["model"]["unfreeze"], saved["model"]["unfreeze_epoch"], saved["schedule"]["unfreeze_scale"]
+    assert config_changes(saved, RunConfig().to_dict(), RunConfig().to_dict()) == []
+    changed = load_config(None, {"model": {"trainable": "head", "unfreeze_epoch": 2}}).to_dict()
+    assert config_changes(saved, changed, RunConfig().to_dict()) == [
+        "model.trainable: 'all' -> 'head'", "model.unfreeze_epoch: 0 -> 2"]
 
 
 def test_lite_blocks_group_for_the_trainable_options():

@@ -23,6 +23,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from training.config import RunConfig
 from training.writing import write_text_atomic
 
 Log = Callable[[str], None]
@@ -48,6 +49,11 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return folder if (folder / "state.json").is_file() else None
 
 
+def compiled_with(model: keras.Model, optimizer: keras.optimizers.Optimizer) -> bool:
+    """Whether the model was compiled with this optimizer (under float16, Keras wraps it for loss scaling)."""
+    return model.optimizer is optimizer or getattr(model.optimizer, "inner_optimizer", None) is optimizer
+
+
 def saved_epoch(folder: Path) -> int:
     """The number of epochs the newest checkpoint under `folder` has finished (0 without one)."""
     checkpoint = latest_checkpoint(folder)
@@ -69,7 +75,7 @@ def save_checkpoint(folder: Path, model: keras.Model, optimizer: keras.optimizer
     tmp, final = folder / f".{name}.tmp", folder / name
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    if model.optimizer is not optimizer:
+    if not compiled_with(model, optimizer):
         raise ValueError("save_checkpoint needs the model compiled with this optimizer")
     model.save_weights(tmp / "weights.weights.h5")
     write_text_atomic(tmp / "config.json", json.dumps(config, indent=1))
@@ -95,9 +101,12 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """The options that differ between a checkpoint's config and this one, except those safe to change."""
-    before, after = _flatten(saved), _flatten(current)
+def config_changes(saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any] | None = None) -> list[str]:
+    """The options that differ between a checkpoint's config and this one, except those safe to change.
+
+    An option the saved config lacks (it predates the option) counts as its default from `defaults`.
+    """
+    before, after = {**_flatten(defaults or {}), **_flatten(saved)}, _flatten(current)
     keys = sorted(set(before) | set(after))
     return [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in keys
             if k not in RESUMABLE_CHANGES and _plain(before.get(k)) != _plain(after.get(k))]
@@ -122,7 +131,7 @@ def check_resumable(folder: Path, config: dict[str, Any], run_config_file: Path 
         saved = json.loads(source.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{source} is not valid JSON ({err}); remove {folder} to start over") from None
-    changes = config_changes(saved, config)
+    changes = config_changes(saved, config, RunConfig().to_dict())
     if changes:
         raise ValueError(f"{folder.parent} holds a run made with another config ({'; '.join(changes)}); resume with "
                          f"the same config (only {', '.join(RESUMABLE_CHANGES)} may change), or write to another "
@@ -141,7 +150,7 @@ def load_checkpoint(
         state = json.loads(state_file.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{state_file} is not valid JSON ({err}); remove {folder} to start over") from None
-    if model.optimizer is not optimizer:
+    if not compiled_with(model, optimizer):
         raise ValueError("load_checkpoint needs the model compiled with this optimizer")
     weights = checkpoint / ("weights.weights.h5" if checkpoint != folder else "last.weights.h5")
     optimizer.build(model.trainable_variables)  # built, the optimizer's variables load from the weights file too

@@ -286,6 +286,11 @@ def validate(config: RunConfig) -> None:
 TRAINABLE = re.compile(r"all|head|last:[1-9]\d*")
 
 
+def trainable_rank(trainable: str) -> float:
+    """How much of the backbone a trainable setting trains: head 0 < last:N = N < all."""
+    return 0 if trainable == "head" else math.inf if trainable == "all" else int(trainable.split(":")[1])
+
+
 def _validate_trainable(config: RunConfig) -> None:
     """model.trainable / unfreeze / unfreeze_epoch name a valid two-phase fine-tuning schedule."""
     m = config.model
@@ -293,12 +298,19 @@ def _validate_trainable(config: RunConfig) -> None:
         raise ValueError(f"model.trainable must be all, head or last:N (N >= 1), got {m.trainable!r}")
     if not TRAINABLE.fullmatch(m.unfreeze) or m.unfreeze == "head":
         raise ValueError(f"model.unfreeze must be all or last:N (N >= 1), got {m.unfreeze!r}")
-    if m.unfreeze_epoch and m.unfreeze_epoch >= config.train.epochs:
-        raise ValueError(f"model.unfreeze_epoch={m.unfreeze_epoch} but train.epochs={config.train.epochs}: the "
-                         "backbone would never be unfrozen (unfreeze_epoch counts the epochs before the switch)")
-    if m.unfreeze_epoch and m.trainable == m.unfreeze:
-        raise ValueError(f"model.unfreeze_epoch is set but model.trainable and model.unfreeze are both "
-                         f"{m.trainable!r}: nothing would change")
+    if m.unfreeze_epoch and trainable_rank(m.unfreeze) <= trainable_rank(m.trainable):
+        raise ValueError(f"model.unfreeze={m.unfreeze!r} must train more than model.trainable={m.trainable!r} "
+                         "(the second phase unfreezes more of the backbone)")
+    if config.schedule.unfreeze_scale <= 0:
+        raise ValueError(f"schedule.unfreeze_scale must be > 0, got {config.schedule.unfreeze_scale!r}")
+
+
+def check_unfreeze_reachable(config: RunConfig, epochs_done: int) -> None:
+    """Refuse a run that would stop before its unfreeze (unless it is already past it: a shortened resume)."""
+    switch = config.model.unfreeze_epoch
+    if switch and epochs_done < switch and switch >= config.train.epochs:
+        raise ValueError(f"model.unfreeze_epoch={switch} but train.epochs={config.train.epochs}: the backbone would "
+                         "never be unfrozen (unfreeze_epoch counts the epochs before the switch)")
 
 
 def trainable_at(config: RunConfig, epoch: int) -> str:

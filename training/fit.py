@@ -21,12 +21,12 @@ import numpy as np
 import tensorflow as tf
 
 from training.checkpoints import check_resumable, load_checkpoint, save_checkpoint, save_weights_atomic, saved_epoch
-from training.config import RunConfig, trainable_at
+from training.config import RunConfig, check_unfreeze_reachable, trainable_at
 from training.dataset import SplitInfo, split_info, train_dataset
 from training.evaluation import classification_scores
 from training.export import predict_split
 from training.layout import load_classes
-from training.model import build_classifier, features_of, parameter_counts, set_trainable
+from training.model import backbone_blocks, build_classifier, features_of, parameter_counts, set_trainable
 from training.outputs import RunFacts, finish_run, write_history
 from training.schedules import learning_rate, plot_schedule
 from training.strategy import detect_strategy, set_precision
@@ -176,10 +176,22 @@ def prepare_run(config: RunConfig, log: Log = print, start_epoch: int = 0) -> Ru
     with strategy.scope():
         model = build_classifier(config.model.backbone, size, len(classes), weights=config.model.weights,
                                  dropout=config.model.dropout, trainable=trainable)
+    _check_blocks(config, model)
     run = Run(config, infos, train_splits, classes, model, None, policy, replicas, global_batch, steps, weights,
               strategy, make_loss(config, weights), trainable)
     run.compile()
     return run
+
+
+def _check_blocks(config: RunConfig, model: keras.Model) -> None:
+    """model.trainable and model.unfreeze of the form last:N fit the backbone's block count (before epoch 1)."""
+    blocks = len(backbone_blocks(features_of(model)))
+    options = [("model.trainable", config.model.trainable)]
+    if config.model.unfreeze_epoch:
+        options.append(("model.unfreeze", config.model.unfreeze))
+    for option, value in options:
+        if value.startswith("last:") and int(value[5:]) > blocks:
+            raise ValueError(f"{option}={value!r} but {config.model.backbone} has only {blocks} blocks")
 
 
 def run_epoch(run: Run, epoch: int, state: dict, log: Log) -> None:
@@ -222,7 +234,9 @@ def train_member(config: RunConfig, log: Log = print, after_epoch: AfterEpoch | 
     """
     run_dir, checkpoints = config.run_dir, config.run_dir / "checkpoints"
     check_resumable(checkpoints, config.to_dict(), run_dir / "config.json")  # before anything is written
-    run = prepare_run(config, log, saved_epoch(checkpoints))
+    done = saved_epoch(checkpoints)
+    check_unfreeze_reachable(config, done)
+    run = prepare_run(config, log, done)
     params = parameter_counts(run.model)
     log(f"model: {config.model.backbone} ({config.model.weights} weights), trainable {params['trainable']:,} "
         f"parameters, frozen {params['frozen']:,}")
@@ -239,5 +253,6 @@ def train_member(config: RunConfig, log: Log = print, after_epoch: AfterEpoch | 
     with warnings.catch_warnings():  # the best epoch may predate an unfreeze: its optimizer state is not wanted
         warnings.filterwarnings("ignore", message=".*Skipping variable loading for optimizer.*")
         run.model.load_weights(checkpoints / "best.weights.h5")
+    params = parameter_counts(run.model)  # of the last phase, resumed or not
     facts = RunFacts(run.infos, run.classes, params, run.policy, run.replicas, run.steps * run.global_batch)
     return finish_run(config, run.model, facts, state["history"], log)

@@ -130,6 +130,9 @@ def _converted(layer: keras.layers.Layer, prefix: str, state: dict[str, np.ndarr
     if isinstance(layer, keras.layers.BatchNormalization):
         return {f"{prefix}.{k}": state.get(f"{prefix}.{k}") for k in ("weight", "bias", "running_mean", "running_var")}
     kernel = state.get(f"{prefix}.weight")
+    expected = 2 if isinstance(layer, keras.layers.Dense) else 4
+    if kernel is not None and kernel.ndim != expected:
+        raise CheckpointError(f"{prefix}.weight has {kernel.ndim} dimensions, layer {layer.name} needs {expected}")
     if kernel is not None:
         if isinstance(layer, keras.layers.DepthwiseConv2D):
             kernel = kernel.transpose(2, 3, 0, 1)  # (C,1,k,k) -> (k,k,C,1)
@@ -148,7 +151,10 @@ def assign_state_dict(model: keras.Model, sources: dict[str, str], state: dict[s
     used = set()
     for layer_name, prefix in sources.items():
         layer = model.get_layer(layer_name)
-        arrays = _converted(layer, prefix, state)
+        try:
+            arrays = _converted(layer, prefix, state)
+        except CheckpointError as err:
+            raise CheckpointError(f"{source}: {err}") from None
         missing = [k for k, v in arrays.items() if v is None]
         if missing:
             raise CheckpointError(f"{source}: has no {missing[0]} (for layer {layer_name}); is it an "
@@ -191,7 +197,7 @@ def lite_backbone(name: str, image_size: int, weights: str | None, include_top: 
     if weights is None:
         return model
     path = imagenet_weights_file(name) if weights == "imagenet" else Path(weights)
-    if path.name.endswith(".h5"):
+    if path.name.endswith((".h5", ".keras")):  # Keras weights of this same network
         model.load_weights(path)
     else:
         assign_state_dict(model, sources, read_state_dict(path), str(path))

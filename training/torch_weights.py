@@ -17,12 +17,14 @@ Both of PyTorch's formats are read:
 from __future__ import annotations
 
 import io
+import math
 import pickle
+import pickletools
 import struct
 import zipfile
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -41,15 +43,14 @@ class CheckpointError(ValueError):
     """A weights file that is not a readable PyTorch state dict; the message names the file and the problem."""
 
 
-@dataclass(frozen=True)
-class StorageType:
+# Markers are immutable tuples: a pickle's BUILD opcode cannot alter them (it can alter plain objects).
+class StorageType(NamedTuple):
     """A torch storage class named in the pickle (never called)."""
 
     name: str
 
 
-@dataclass(frozen=True)
-class StorageRef:
+class StorageRef(NamedTuple):
     """A storage a tensor refers to: its key in the file, element type and element count."""
 
     key: str
@@ -57,14 +58,19 @@ class StorageRef:
     numel: int
 
 
-@dataclass(frozen=True)
-class TensorRef:
+class TensorRef(NamedTuple):
     """A tensor before its storage is read: a strided view into one storage."""
 
     storage: StorageRef
     offset: int
     size: tuple[int, ...]
     stride: tuple[int, ...]
+
+
+MAX_DIMS = 16
+MAX_DIM_SIZE = 1 << 40
+MAX_PICKLE_BYTES = 64 << 20  # a state dict's pickle is kilobytes; the tensors' bytes live outside it
+MAX_NESTING = 16  # a state dict nests about 5 deep; deep nesting crashes or stalls hashing (C recursion)
 
 
 def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
@@ -84,21 +90,32 @@ def _rebuild_parameter(data, requires_grad=False, hooks=None, *rest):
     return data
 
 
+def _is_int(value) -> bool:
+    """A true integer (not a bool)."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
 def _tensor_ref(storage, offset, size, stride) -> TensorRef:
-    """Check a tensor's view arguments and keep them."""
-    ints = (int, np.integer)
+    """Check a tensor's view arguments and keep them: within its storage, no more elements than it holds."""
     if not isinstance(storage, StorageRef):
         raise CheckpointError(f"a tensor refers to {type(storage).__name__}, not a storage")
-    if (not isinstance(offset, ints) or not isinstance(size, tuple) or not isinstance(stride, tuple)
-            or len(size) != len(stride) or not all(isinstance(v, ints) for v in size + stride)):
-        raise CheckpointError(f"a tensor has malformed view arguments: offset {offset!r}, size {size!r}, "
-                              f"stride {stride!r}")
+    if (not _is_int(offset) or type(size) is not tuple or type(stride) is not tuple or len(size) != len(stride)
+            or len(size) > MAX_DIMS or not all(_is_int(v) for v in size + stride)):
+        raise CheckpointError(f"a tensor has malformed view arguments: offset {offset!r}, size {str(size)[:80]}, "
+                              f"stride {str(stride)[:80]}")
     ref = TensorRef(storage, int(offset), tuple(map(int, size)), tuple(map(int, stride)))
-    if ref.offset < 0 or any(v < 0 for v in ref.size + ref.stride):
-        raise CheckpointError(f"a tensor has a negative offset, size or stride: {ref.size} {ref.stride}")
-    last = ref.offset + sum((n - 1) * s for n, s in zip(ref.size, ref.stride, strict=True) if n > 0)
-    if 0 not in ref.size and last >= storage.numel:
-        raise CheckpointError(f"a tensor of size {ref.size} reads element {last} of a storage of {storage.numel}")
+    if ref.offset < 0 or any(not 0 <= v < MAX_DIM_SIZE for v in ref.size + ref.stride):
+        raise CheckpointError(f"a tensor has a negative or huge offset, size or stride: offset {ref.offset}, "
+                              f"size {ref.size}, stride {ref.stride}")
+    if 0 in ref.size:
+        return ref
+    last = ref.offset + sum((n - 1) * s for n, s in zip(ref.size, ref.stride, strict=True))
+    if last >= storage.numel:
+        raise CheckpointError(f"a tensor of size {ref.size} (offset {ref.offset}, stride {ref.stride}) reads "
+                              f"element {last} of a storage of {storage.numel}")
+    if math.prod(ref.size) > storage.numel:
+        raise CheckpointError(f"a tensor of size {ref.size} has more elements than its storage ({storage.numel}): "
+                              "expanded (stride 0) views are not supported")
     return ref
 
 
@@ -109,10 +126,73 @@ ALLOWED_GLOBALS = {
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     **{("torch", name): StorageType(name) for name in STORAGE_DTYPES},
 }
+# Opcodes a state dict needs. Refused: object creation other than REDUCE on an allowed global (INST, OBJ,
+# NEWOBJ, NEWOBJ_EX), the extension registry (EXT1/2/4), out-of-band buffers, and text persistent ids.
+ALLOWED_OPCODES = frozenset("""
+    PROTO FRAME STOP MARK POP POP_MARK DUP GLOBAL STACK_GLOBAL BINPERSID REDUCE BUILD
+    EMPTY_DICT EMPTY_LIST EMPTY_TUPLE TUPLE TUPLE1 TUPLE2 TUPLE3 DICT LIST APPEND APPENDS SETITEM SETITEMS
+    INT BININT BININT1 BININT2 LONG LONG1 LONG4 NONE NEWTRUE NEWFALSE FLOAT BINFLOAT
+    STRING BINSTRING SHORT_BINSTRING UNICODE BINUNICODE SHORT_BINUNICODE BINUNICODE8
+    BINBYTES SHORT_BINBYTES BINBYTES8 PUT BINPUT LONG_BINPUT GET BINGET LONG_BINGET MEMOIZE
+""".split())
+_BUILDS = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3, "REDUCE": 2, "BINPERSID": 1}  # pop n, push one deeper
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler that resolves only ALLOWED_GLOBALS and reads storages as persistent ids."""
+def _nesting_step(name: str, arg, stack: list[int], marks: list[int], memo: dict) -> None:
+    """Track how deeply the objects on the unpickler's stack nest (one opcode)."""
+    if name == "MARK":
+        marks.append(len(stack))
+    elif name in ("TUPLE", "LIST", "DICT", "APPENDS", "SETITEMS", "POP_MARK"):
+        mark = marks.pop()
+        items, stack[mark:] = stack[mark:], []
+        depth = max(items, default=0) + 1
+        if name in ("APPENDS", "SETITEMS"):
+            stack[-1] = max(stack[-1], depth)
+        elif name != "POP_MARK":
+            stack.append(depth)
+    elif name in _BUILDS:
+        items, stack[len(stack) - _BUILDS[name]:] = stack[len(stack) - _BUILDS[name]:], []
+        stack.append(max(items) + 1)
+    elif name in ("APPEND", "BUILD"):
+        stack[-1] = max(stack[-1], stack.pop() + 1)
+    elif name == "SETITEM":
+        value, key = stack.pop(), stack.pop()
+        stack[-1] = max(stack[-1], key + 1, value + 1)
+    elif name == "STACK_GLOBAL":
+        del stack[-2:]
+        stack.append(0)
+    elif name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+        memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
+    elif name in ("GET", "BINGET", "LONG_BINGET"):
+        stack.append(memo[arg])
+    elif name == "POP":
+        stack.pop()
+    elif name == "DUP":
+        stack.append(stack[-1])
+    elif name not in ("PROTO", "FRAME", "STOP"):
+        stack.append(0)  # a constant or a global
+
+
+def _check_opcodes(data: bytes, source: str) -> None:
+    """Refuse a pickle with an opcode a state dict never needs, or objects nested deeper than MAX_NESTING."""
+    stack: list[int] = []
+    marks: list[int] = []
+    memo: dict = {}
+    for opcode, arg, _ in pickletools.genops(data):
+        if opcode.name not in ALLOWED_OPCODES:
+            raise CheckpointError(f"{source}: refused the pickle opcode {opcode.name}: a weights file does not need "
+                                  "it, and it can build arbitrary objects (is it a trusted file?)")
+        _nesting_step(opcode.name, arg, stack, marks, memo)
+        if stack and stack[-1] > MAX_NESTING:
+            raise CheckpointError(f"{source}: objects nested more than {MAX_NESTING} deep: not a state dict")
+        if opcode.name == "STOP":
+            return
+
+
+class RestrictedUnpickler(pickle._Unpickler):  # the Python unpickler: its BUILD can be restricted
+    """An unpickler that resolves only ALLOWED_GLOBALS, reads storages as persistent ids, and builds nothing."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def __init__(self, file: io.BufferedIOBase, source: str) -> None:
         super().__init__(file, encoding="utf-8")
@@ -122,48 +202,87 @@ class RestrictedUnpickler(pickle.Unpickler):
         """Resolve an allowed global; refuse any other before it is imported or called."""
         try:
             return ALLOWED_GLOBALS[(module, name)]
-        except KeyError:
-            raise CheckpointError(
-                f"{self.source}: refused to load the global {module}.{name}: a weights file needs only tensors "
-                "and dicts, and unpickling this one would import or call other code (is it a trusted file?)"
-            ) from None
+        except (KeyError, TypeError):
+            kind = ("an unsupported storage type" if module == "torch" and str(name).endswith("Storage")
+                    else "a weights file needs only tensors and dicts, and unpickling this one would import or call "
+                         "other code (is it a trusted file?)")
+            raise CheckpointError(f"{self.source}: refused to load the global {module}.{name}: {kind}") from None
 
     def persistent_load(self, pid):
         """A storage reference: ('storage', type, key, location, numel[, view metadata])."""
-        if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"
-                and isinstance(pid[1], StorageType) and isinstance(pid[4], int) and pid[4] >= 0):
+        if not (type(pid) is tuple and len(pid) in (5, 6) and pid[0] == "storage" and type(pid[1]) is StorageType
+                and pid[1].name in STORAGE_DTYPES and type(pid[2]) is str and _is_int(pid[4]) and pid[4] >= 0):
             raise CheckpointError(f"{self.source}: unknown persistent id {str(pid)[:80]}")
         if len(pid) == 6 and pid[5] is not None:
             raise CheckpointError(f"{self.source}: storage views are not supported")
-        return StorageRef(str(pid[2]), pid[1].name, pid[4])
+        return StorageRef(pid[2], pid[1].name, int(pid[4]))
+
+    def load_build(self) -> None:
+        """BUILD: torch sets an OrderedDict's `_metadata` this way; it is dropped. Any other is refused."""
+        self.stack.pop()
+        if type(self.stack[-1]) is not OrderedDict:
+            raise CheckpointError(f"{self.source}: refused to set the state of a {type(self.stack[-1]).__name__}")
+
+    dispatch[pickle.BUILD[0]] = load_build
 
 
-def _unpickle(file: io.BufferedIOBase, source: str):
-    """One restricted unpickle; any failure becomes a CheckpointError naming the file."""
+def _unpickle(data: bytes, source: str):
+    """One restricted unpickle of a whole pickle; any failure becomes a CheckpointError naming the file."""
     try:
-        return RestrictedUnpickler(file, source).load()
-    except CheckpointError:
-        raise
+        _check_opcodes(data, source)
+        return RestrictedUnpickler(io.BytesIO(data), source).load()
+    except CheckpointError as err:
+        raise err if str(err).startswith(source) else CheckpointError(f"{source}: {err}") from None
     except Exception as err:  # truncated, corrupt or hostile data raise many types
-        raise CheckpointError(f"{source}: not a readable PyTorch weights file ({type(err).__name__}: {err})") from None
+        raise CheckpointError(f"{source}: not a readable PyTorch weights file ({type(err).__name__}: "
+                              f"{str(err)[:200]})") from None
 
 
-def _tensor_refs(obj, source: str) -> dict[str, TensorRef]:
+def _next_pickle(stream: io.BytesIO, source: str):
+    """Unpickle the next pickle of a legacy file's stream (they follow one another)."""
+    start = stream.tell()
+    try:
+        for opcode, _, _ in pickletools.genops(stream):
+            if opcode.name == "STOP":
+                break
+    except Exception as err:
+        raise CheckpointError(f"{source}: not a readable PyTorch weights file ({type(err).__name__}: "
+                              f"{str(err)[:200]})") from None
+    end = stream.tell()
+    if end - start > MAX_PICKLE_BYTES:
+        raise CheckpointError(f"{source}: a pickle of {end - start} bytes: not a state dict")
+    return _unpickle(stream.getvalue()[start:end], source)
+
+
+def _tensor_refs(obj, source: str, nested: bool = False) -> dict[str, TensorRef]:
     """The name -> tensor mapping of a state dict, also inside {'state_dict': ...} or {'model': ...}."""
-    if isinstance(obj, dict) and obj and all(isinstance(v, TensorRef) for v in obj.values()):
-        refs = {str(k): v for k, v in obj.items()}
+    items = list(dict.items(obj)) if isinstance(obj, dict) else []
+    if items and all(type(v) is TensorRef for _, v in items):
+        bad = [k for k, _ in items if type(k) is not str]
+        if bad:
+            raise CheckpointError(f"{source}: tensor names must be strings, found {type(bad[0]).__name__}")
+        refs = dict(items)
         if all(k.startswith("module.") for k in refs):  # saved from DataParallel
             refs = {k[len("module."):]: v for k, v in refs.items()}
         return refs
-    if isinstance(obj, dict):
+    if isinstance(obj, dict) and not nested:
         for key in ("state_dict", "model", "model_state_dict", "ema"):
-            if isinstance(obj.get(key), dict):
-                return _tensor_refs(obj[key], source)
+            inner = dict.get(obj, key)
+            if isinstance(inner, dict):
+                return _tensor_refs(inner, source, nested=True)
     raise CheckpointError(f"{source}: holds no state dict of tensors (found {type(obj).__name__})")
 
 
 def _materialise(refs: dict[str, TensorRef], storages: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
-    """Copy each tensor's strided view out of its storage."""
+    """Copy each tensor's strided view out of its storage (bounds checked again against the bytes read).
+
+    Tensors may share storage (tied weights) but together hold at most 4x the storages' elements, so a
+    small file cannot ask for gigabytes of copies.
+    """
+    total = sum(math.prod(ref.size) for ref in refs.values())
+    if total > 4 * sum(flat.size for flat in storages.values()) + (1 << 20):
+        raise CheckpointError(f"{source}: its tensors would hold {total} elements, far more than its storages: "
+                              "not a state dict")
     out = {}
     for name, ref in refs.items():
         if ref.storage.key not in storages:
@@ -172,6 +291,9 @@ def _materialise(refs: dict[str, TensorRef], storages: dict[str, np.ndarray], so
         if 0 in ref.size:
             array = np.zeros(ref.size, flat.dtype)
         else:
+            last = ref.offset + sum((n - 1) * s for n, s in zip(ref.size, ref.stride, strict=True))
+            if last >= flat.size or math.prod(ref.size) > flat.size:
+                raise CheckpointError(f"{source}: tensor {name} reads outside its storage {ref.storage.key}")
             view = np.lib.stride_tricks.as_strided(flat[ref.offset:], shape=ref.size,
                                                    strides=[s * flat.itemsize for s in ref.stride], writeable=False)
             array = np.array(view)
@@ -190,37 +312,51 @@ def _storage_array(raw: bytes, ref: StorageRef, little_endian: bool, source: str
     return np.frombuffer(raw, dtype).astype(dtype.newbyteorder("="))
 
 
-def _storages_of(refs: dict[str, TensorRef]) -> dict[str, StorageRef]:
-    """The distinct storages the tensors use, by key (one storage may back several tensors)."""
-    return {ref.storage.key: ref.storage for ref in refs.values()}
+def _storages_of(refs: dict[str, TensorRef], source: str) -> dict[str, StorageRef]:
+    """The distinct storages the tensors use, by key; one key named with two types or sizes is refused."""
+    storages: dict[str, StorageRef] = {}
+    for ref in refs.values():
+        seen = storages.setdefault(ref.storage.key, ref.storage)
+        if seen != ref.storage:
+            raise CheckpointError(f"{source}: storage {ref.storage.key} is named as {seen.kind} of {seen.numel} and "
+                                  f"as {ref.storage.kind} of {ref.storage.numel}")
+    return storages
 
 
 def _read_legacy(data: bytes, source: str) -> dict[str, np.ndarray]:
     """Read the legacy (non-zip) format."""
     stream = io.BytesIO(data)
-    if _unpickle(stream, source) != LEGACY_MAGIC:
+    if _next_pickle(stream, source) != LEGACY_MAGIC:
         raise CheckpointError(f"{source}: not a PyTorch weights file (wrong magic number)")
-    if _unpickle(stream, source) != LEGACY_PROTOCOL:
+    if _next_pickle(stream, source) != LEGACY_PROTOCOL:
         raise CheckpointError(f"{source}: unsupported PyTorch legacy protocol version")
-    info = _unpickle(stream, source)
-    little_endian = not isinstance(info, dict) or info.get("little_endian", True)
-    refs = _tensor_refs(_unpickle(stream, source), source)
-    keys = _unpickle(stream, source)
-    if not isinstance(keys, list):
-        raise CheckpointError(f"{source}: malformed storage key list")
-    wanted, storages = _storages_of(refs), {}
+    info = _next_pickle(stream, source)
+    little_endian = not isinstance(info, dict) or dict.get(info, "little_endian", True) is not False
+    refs = _tensor_refs(_next_pickle(stream, source), source)
+    keys = _next_pickle(stream, source)
+    wanted = _storages_of(refs, source)
+    if type(keys) is not list or sorted(keys, key=str) != sorted(wanted):
+        raise CheckpointError(f"{source}: the storage key list does not name each storage the tensors use once")
+    storages = {}
     for key in keys:
         head = stream.read(8)
         if len(head) != 8:
             raise CheckpointError(f"{source}: truncated before storage {key}")
-        count = struct.unpack("<q" if little_endian else ">q", head)[0]
-        ref = wanted.get(str(key))
-        if ref is None or count != ref.numel:
-            raise CheckpointError(f"{source}: storage {key} is unreferenced or has {count} elements, not "
-                                  f"{ref.numel if ref else 0}")
+        count, ref = struct.unpack("<q" if little_endian else ">q", head)[0], wanted[key]
         size = count * np.dtype(STORAGE_DTYPES[ref.kind]).itemsize
-        storages[ref.key] = _storage_array(stream.read(size), ref, little_endian, source)
+        if count != ref.numel or size > len(data) - stream.tell():
+            raise CheckpointError(f"{source}: storage {key} has {count} elements, expected {ref.numel}, and the "
+                                  f"file has {len(data) - stream.tell()} bytes left (truncated file?)")
+        storages[key] = _storage_array(stream.read(size), ref, little_endian, source)
     return _materialise(refs, storages, source)
+
+
+def _read_member(archive: zipfile.ZipFile, member: str, size: int, source: str) -> bytes:
+    """One zip member, its declared size checked before anything is decompressed (no zip bombs)."""
+    info = archive.getinfo(member)
+    if info.file_size != size:
+        raise CheckpointError(f"{source}: {member} holds {info.file_size} bytes, expected {size}")
+    return archive.read(info)
 
 
 def _read_zip(path: Path, source: str) -> dict[str, np.ndarray]:
@@ -228,19 +364,27 @@ def _read_zip(path: Path, source: str) -> dict[str, np.ndarray]:
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
         pickles = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
-        if len(pickles) != 1:
-            raise CheckpointError(f"{source}: a zip file, but not a PyTorch checkpoint (no single data.pkl)")
+        if len(pickles) != 1 or len(set(names)) != len(names):
+            raise CheckpointError(f"{source}: a zip file, but not a PyTorch checkpoint (no single data.pkl, or "
+                                  "members named twice)")
         prefix = pickles[0][: -len("data.pkl")]
         little_endian = True
         if f"{prefix}byteorder" in names:
-            little_endian = archive.read(f"{prefix}byteorder").strip() != b"big"
-        refs = _tensor_refs(_unpickle(io.BytesIO(archive.read(pickles[0])), source), source)
+            order = archive.read(f"{prefix}byteorder") if archive.getinfo(f"{prefix}byteorder").file_size < 16 else b""
+            order = order.strip()
+            if order not in (b"little", b"big"):
+                raise CheckpointError(f"{source}: unknown byte order {order[:16]!r}")
+            little_endian = order == b"little"
+        if archive.getinfo(pickles[0]).file_size > MAX_PICKLE_BYTES:
+            raise CheckpointError(f"{source}: {pickles[0]} is too large to be a state dict's pickle")
+        refs = _tensor_refs(_unpickle(archive.read(pickles[0]), source), source)
         storages = {}
-        for key, ref in _storages_of(refs).items():
+        for key, ref in _storages_of(refs, source).items():
             member = f"{prefix}data/{key}"
             if member not in names:
                 raise CheckpointError(f"{source}: storage file {member} is missing")
-            storages[key] = _storage_array(archive.read(member), ref, little_endian, source)
+            raw = _read_member(archive, member, ref.numel * np.dtype(STORAGE_DTYPES[ref.kind]).itemsize, source)
+            storages[key] = _storage_array(raw, ref, little_endian, source)
     return _materialise(refs, storages, source)
 
 
@@ -250,6 +394,12 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     source = str(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    if zipfile.is_zipfile(path):
-        return _read_zip(path, source)
-    return _read_legacy(path.read_bytes(), source)
+    try:
+        with path.open("rb") as f:
+            is_zip = f.read(4) == b"PK\x03\x04"  # what torch itself checks
+        return _read_zip(path, source) if is_zip else _read_legacy(path.read_bytes(), source)
+    except CheckpointError:
+        raise
+    except Exception as err:  # corrupt zips, huge claims, odd structures raise many types
+        raise CheckpointError(f"{source}: not a readable PyTorch weights file ({type(err).__name__}: "
+                              f"{str(err)[:200]})") from None
