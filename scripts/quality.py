@@ -3,6 +3,7 @@
 
     python scripts/quality.py members runs/a runs/b --data data/flowers5 [--tta 4]
     python scripts/quality.py service demo/ensemble --data data/flowers5 [--size 128] [--tolerance 0.01]
+    python scripts/quality.py errors runs/a --data data/flowers5 --out errors.png [--count 40]
 
 `members`: each run's validation and test macro F1 from its best weights, with one pass and with
 `--tta` passes (the same passes the run's predictions use), and its seconds per epoch; a Markdown
@@ -83,15 +84,15 @@ def members(args: argparse.Namespace) -> int:
     return 0
 
 
-def test_images(data: Path, size: int) -> list[tuple[str, bytes]]:
-    """(id, JPEG bytes) of every test record at one size."""
+def split_images(data: Path, size: int, split: str = "test") -> list[tuple[str, bytes]]:
+    """(id, JPEG bytes) of every record of a split at one size."""
     import tensorflow as tf
 
     from training.layout import split_files
 
     spec = {"id": tf.io.FixedLenFeature([], tf.string), "image": tf.io.FixedLenFeature([], tf.string)}
     out = []
-    for path in split_files(str(data), size, "test"):
+    for path in split_files(str(data), size, split):
         for raw in tf.data.TFRecordDataset(path):
             parsed = tf.io.parse_single_example(raw, spec)
             out.append((parsed["id"].numpy().decode(), parsed["image"].numpy()))
@@ -128,7 +129,7 @@ def service(args: argparse.Namespace) -> int:
     """Compare the served ensemble's macro F1 on the test images with the offline submission's."""
     ensemble, data = Path(args.ensemble), Path(args.data)
     answers = read_answers(data)
-    images = test_images(data, args.size)
+    images = split_images(data, args.size)
     served = served_labels(ensemble, images)
     with (ensemble / "submission.csv").open() as f:
         offline = {row["id"]: int(row["label"]) for row in csv.DictReader(f)}
@@ -141,6 +142,50 @@ def service(args: argparse.Namespace) -> int:
           f"submission {offline_f1:.4f} (difference {served_f1 - offline_f1:+.4f}); same top class for "
           f"{agree:.1%} of the images")
     return 0 if abs(served_f1 - offline_f1) <= args.tolerance else 1
+
+
+def errors(args: argparse.Namespace) -> int:
+    """A PNG of a run's most confident validation errors (label vs prediction) and its confusion matrix."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+    from sklearn.metrics import confusion_matrix
+
+    run, data = Path(args.run), Path(args.data)
+    classes = json.loads((data / "classes.json").read_text())
+    with np.load(run / "predictions" / "val.npz") as saved:
+        ids, probs, labels = saved["ids"], saved["probs"], saved["labels"]
+    images = dict(split_images(data, min(int(p.name.split("x")[-1]) for p in data.glob("tfrecords-jpeg-*")), "val"))
+    wrong = np.flatnonzero(probs.argmax(1) != labels)
+    wrong = wrong[np.argsort(-probs[wrong].max(1))][: args.count]
+    cols = 8
+    rows = (len(wrong) + cols - 1) // cols + 3
+    fig = plt.figure(figsize=(2 * cols, 2 * rows))
+    for k, i in enumerate(wrong):
+        ax = fig.add_subplot(rows, cols, k + 1)
+        ax.imshow(Image.open(io.BytesIO(images[str(ids[i])])))
+        ax.set_title(f"{classes[labels[i]]} -> {classes[probs[i].argmax()]}\n{probs[i].max():.2f} ({ids[i]})",
+                     fontsize=7)
+        ax.axis("off")
+    ax = fig.add_subplot(rows // 3 + 1, 2, (rows // 3 + 1) * 2 - 1)
+    matrix = confusion_matrix(labels, probs.argmax(1), labels=range(len(classes)))
+    ax.imshow(matrix, cmap="Blues")
+    for (r, c), n in np.ndenumerate(matrix):
+        ax.text(c, r, str(n), ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(classes)), classes, rotation=45, fontsize=7)
+    ax.set_yticks(range(len(classes)), classes, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("label")
+    fig.suptitle(f"{run.name}: the {len(wrong)} most confident of {int((probs.argmax(1) != labels).sum())} "
+                 f"validation errors (label -> prediction, probability)")
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=80)
+    print(f"wrote {args.out}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,8 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--data", required=True)
     s.add_argument("--size", type=int, default=128, help="record size whose JPEG bytes are sent")
     s.add_argument("--tolerance", type=float, default=0.01)
+    e = sub.add_parser("errors", help="a PNG of a run's most confident validation errors and its confusion matrix")
+    e.add_argument("run")
+    e.add_argument("--data", required=True)
+    e.add_argument("--out", required=True)
+    e.add_argument("--count", type=int, default=40)
     args = parser.parse_args(argv)
-    return members(args) if args.command == "members" else service(args)
+    return {"members": members, "service": service, "errors": errors}[args.command](args)
 
 
 if __name__ == "__main__":

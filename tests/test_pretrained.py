@@ -386,6 +386,13 @@ def test_lite_blocks_group_for_the_trainable_options():
     trainable = {layer.name for block in blocks for layer in block if layer.trainable}
     assert trainable == {layer.name for block in blocks[-2:] for layer in block}
     assert parameter_counts(model)["trainable"] < parameter_counts(model)["frozen"]
+    # batch_norm=frozen: the convolutions of the trained blocks train, their batch norms stay in inference mode.
+    frozen_bn = build_classifier("efficientnet-lite0", 32, 5, weights=None, trainable="all", batch_norm="frozen")
+    layers = [layer for block in backbone_blocks(features_of(frozen_bn)) for layer in block]
+    assert {type(layer).__name__ for layer in layers if layer.trainable} == {"Conv2D", "DepthwiseConv2D"}
+    assert all(not layer.trainable for layer in layers if isinstance(layer, keras.layers.BatchNormalization))
+    with pytest.raises(ValueError, match="model.batch_norm must be train or frozen"):
+        load_config(None, {"model": {"batch_norm": "yes"}})
 
 
 def test_head_then_unfreeze_trains_the_backbone_after_the_switch_and_resumes_across_it(tiny_data, tmp_path):

@@ -45,6 +45,7 @@ class ModelConfig:
     trainable: str = "all"  # all | head | last:N (backbone blocks); with unfreeze_epoch, the first phase
     unfreeze_epoch: int = 0  # train `trainable` for this many epochs, then `unfreeze` (0: never switch)
     unfreeze: str = "all"  # what trains from unfreeze_epoch on: all | last:N
+    batch_norm: str = "train"  # train | frozen (backbone batch norm stays in inference mode even where it trains)
 
 
 @dataclass(frozen=True)
@@ -301,6 +302,8 @@ def _validate_trainable(config: RunConfig) -> None:
     if m.unfreeze_epoch and trainable_rank(m.unfreeze) <= trainable_rank(m.trainable):
         raise ValueError(f"model.unfreeze={m.unfreeze!r} must train more than model.trainable={m.trainable!r} "
                          "(the second phase unfreezes more of the backbone)")
+    if m.batch_norm not in ("train", "frozen"):
+        raise ValueError(f"model.batch_norm must be train or frozen, got {m.batch_norm!r}")
     if config.schedule.unfreeze_scale <= 0:
         raise ValueError(f"schedule.unfreeze_scale must be > 0, got {config.schedule.unfreeze_scale!r}")
 

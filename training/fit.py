@@ -133,7 +133,7 @@ class Run:
     def set_phase(self, trainable: str, log: Log) -> None:
         """Switch what trains (head-then-unfreeze fine-tuning); the optimizer starts afresh for the new set."""
         with self.strategy.scope():
-            set_trainable(self.model, features_of(self.model), trainable)
+            set_trainable(self.model, features_of(self.model), trainable, self.config.model.batch_norm)
         self.trainable = trainable
         self.compile()
         params = parameter_counts(self.model)
@@ -175,7 +175,8 @@ def prepare_run(config: RunConfig, log: Log = print, start_epoch: int = 0) -> Ru
     trainable = trainable_at(config, max(start_epoch - 1, 0))
     with strategy.scope():
         model = build_classifier(config.model.backbone, size, len(classes), weights=config.model.weights,
-                                 dropout=config.model.dropout, trainable=trainable)
+                                 dropout=config.model.dropout, trainable=trainable,
+                                 batch_norm=config.model.batch_norm)
     _check_blocks(config, model)
     run = Run(config, infos, train_splits, classes, model, None, policy, replicas, global_batch, steps, weights,
               strategy, make_loss(config, weights), trainable)

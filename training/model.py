@@ -11,7 +11,7 @@ from training.backbones import build_backbone
 
 def build_classifier(
     backbone: str, image_size: int, num_classes: int, *, weights: str | None = None, dropout: float = 0.2,
-    trainable: str = "all",
+    trainable: str = "all", batch_norm: str = "train",
 ) -> keras.Model:
     """Build the model: [B,S,S,3] RGB 0..255 -> class probabilities [B,C] (float32 even under mixed precision)."""
     features = build_backbone(backbone, image_size, weights)
@@ -21,7 +21,7 @@ def build_classifier(
     x = keras.layers.Dropout(dropout, name="dropout")(x)
     outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
     model = keras.Model(inputs, outputs, name=f"{backbone.replace('-', '_')}_classifier")
-    set_trainable(model, features, trainable)
+    set_trainable(model, features, trainable, batch_norm)
     return model
 
 
@@ -59,11 +59,32 @@ def backbone_blocks(features: keras.Model) -> list[list[keras.layers.Layer]]:
     return blocks
 
 
-def set_trainable(model: keras.Model, features: keras.Model, trainable: str) -> None:
+def set_trainable(model: keras.Model, features: keras.Model, trainable: str, batch_norm: str = "train") -> None:
     """Train 'all', only the 'head', or the head and the 'last:N' backbone blocks.
 
-    Frozen batch-norm layers run in inference mode (Keras 3 does that for trainable=False).
+    Frozen batch-norm layers run in inference mode (Keras 3 does that for trainable=False). With
+    batch_norm='frozen' every backbone batch norm stays frozen, also in the blocks that train: the usual
+    advice when fine-tuning pretrained weights with small batches.
     """
+    _set_trainable_blocks(features, trainable)
+    if batch_norm == "frozen":
+        for layer in _layers_of(features):
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = False
+    elif batch_norm != "train":
+        raise ValueError(f"model.batch_norm must be 'train' or 'frozen', got {batch_norm!r}")
+
+
+def _layers_of(model: keras.Model) -> list[keras.layers.Layer]:
+    """Every layer inside a model, nested models flattened."""
+    out = []
+    for layer in model.layers:
+        out.extend(_layers_of(layer) if isinstance(layer, keras.Model) else [layer])
+    return out
+
+
+def _set_trainable_blocks(features: keras.Model, trainable: str) -> None:
+    """The trainable flags of the backbone's blocks for 'all', 'head' or 'last:N'."""
     if trainable == "all":
         features.trainable = True
         return
