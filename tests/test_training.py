@@ -711,3 +711,35 @@ def test_a_checkpoint_in_the_older_single_folder_layout_still_resumes(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["epoch-0002"]  # the old files are gone once replaced
     with pytest.raises(ValueError, match="needs the model compiled with this optimizer"):
         save_checkpoint(folder, fresh, keras.optimizers.AdamW(1e-3), {"epoch": 3, "best_f1": 0.3, "history": []}, {})
+
+
+def test_steps_per_execution_trains_exactly_like_single_steps(tiny_data, tmp_path):
+    runs = {}
+    for per_execution in (1, 3):
+        out = tmp_path / f"spe{per_execution}"
+        result = _train(tiny_data, out, "--set", f"train.steps_per_execution={per_execution}",
+                        "--set", "predict.tta=1", "--set", "train.epochs=2")
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert f"{per_execution} per execution" in result.stdout
+        runs[per_execution] = _weights(out / "checkpoints" / "epoch-0002" / "weights.weights.h5")
+    assert runs[1].keys() == runs[3].keys()
+    for name in runs[1]:
+        np.testing.assert_allclose(runs[3][name], runs[1][name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_the_time_budget_stops_after_the_last_epoch_that_fits_and_the_run_goes_on_when_rerun(tiny_data, tmp_path):
+    out = tmp_path / "budget"
+    # A budget of a fraction of a second: the first epoch (nothing measured yet) runs, the second cannot fit.
+    first = _train(tiny_data, out, "--set", "train.time_budget_minutes=0.001", "--set", "train.epochs=3",
+                   "--set", "predict.tta=1")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "stopping after epoch 1 of 3" in first.stdout
+    member = json.loads((out / "member.json").read_text())
+    assert member["epochs_trained"] == 1
+    assert member["stopped"] == {"reason": "time_budget", "epochs_trained": 1, "epochs": 3, "budget_minutes": 0.001}
+    assert (out / "predictions" / "test.npz").is_file() and (out / "saved_model").is_dir()
+    second = _train(tiny_data, out, "--set", "train.epochs=3", "--set", "predict.tta=1")  # no budget this time
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resuming after epoch 1" in second.stdout
+    member = json.loads((out / "member.json").read_text())
+    assert member["epochs_trained"] == 3 and member["stopped"] is None

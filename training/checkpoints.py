@@ -29,7 +29,8 @@ from training.writing import write_text_atomic
 Log = Callable[[str], None]
 EPOCH_FOLDER = re.compile(r"^epoch-(\d+)$")
 # Options that may change between a run and its resume: how long it runs and what it writes at the end.
-RESUMABLE_CHANGES = ("name", "output", "train.epochs", "train.eval_batch_size", "predict.tta", "predict.tta_seed")
+RESUMABLE_CHANGES = ("name", "output", "train.epochs", "train.eval_batch_size", "train.steps_per_execution",
+                     "train.time_budget_minutes", "predict.tta", "predict.tta_seed")
 
 
 def save_weights_atomic(model: keras.Model, path: Path) -> None:

@@ -77,6 +77,8 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto (bfloat16 on TPU, never on CPU) | float16 | bfloat16 | off
     seed: int = 0
     eval_batch_size: int = 64
+    steps_per_execution: int = 0  # training steps per host round trip; 0: auto (32 on a TPU, 1 elsewhere)
+    time_budget_minutes: float = 0.0  # stop after the last epoch that fits, leaving time to predict and export
 
 
 @dataclass(frozen=True)
@@ -257,7 +259,8 @@ RANGES = {  # option: (lowest, highest), inclusive; None = unbounded
     "predict.tta": (1, 64), "schedule.start": (0.0, 10.0), "schedule.max": (0.0, 10.0), "schedule.min": (0.0, 10.0),
     "schedule.rampup_epochs": (0, 100_000), "schedule.sustain_epochs": (0, 100_000),
     "schedule.warmup_epochs": (0, 100_000), "schedule.unfreeze_scale": (0.0, 10.0),
-    "model.unfreeze_epoch": (0, 100_000), "augment.shift_reference_size": (1, 8192),
+    "model.unfreeze_epoch": (0, 100_000), "train.steps_per_execution": (0, 100_000),
+    "train.time_budget_minutes": (0.0, 1e6), "augment.shift_reference_size": (1, 8192),
 }
 
 

@@ -13,7 +13,7 @@ import json
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
@@ -48,11 +48,12 @@ class StepProgress(keras.callbacks.Callback):
         self.every = max(1, steps // 10)
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.start = time.perf_counter()
+        self.start, self.reported = time.perf_counter(), 0
 
     def on_train_batch_end(self, batch, logs=None):
-        step = batch + 1
-        if step % self.every == 0 or step == self.steps:
+        step = batch + 1  # with steps_per_execution > 1, called once per execution (its last step)
+        if step // self.every > self.reported // self.every or step == self.steps:
+            self.reported = step
             rate = step * self.batch / (time.perf_counter() - self.start)
             self.log(f"  epoch {self.epoch + 1}/{self.epochs} step {step}/{self.steps} "
                      f"loss {logs.get('loss', float('nan')):.4f} ({rate:.0f} img/s)")
@@ -123,12 +124,13 @@ class Run:
     strategy: tf.distribute.Strategy
     loss: Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
     trainable: str  # what trains now: model.trainable, or model.unfreeze after the switch
+    steps_per_execution: int
 
     def compile(self) -> None:
         """A fresh optimizer for the current trainable variables, and the model compiled with it."""
         with self.strategy.scope():
             self.optimizer = keras.optimizers.AdamW(learning_rate=1e-3, weight_decay=self.config.train.weight_decay)
-            self.model.compile(optimizer=self.optimizer, loss=self.loss)
+            self.model.compile(optimizer=self.optimizer, loss=self.loss, steps_per_execution=self.steps_per_execution)
 
     def set_phase(self, trainable: str, log: Log) -> None:
         """Switch what trains (head-then-unfreeze fine-tuning); the optimizer starts afresh for the new set."""
@@ -163,10 +165,11 @@ def prepare_run(config: RunConfig, log: Log = print, start_epoch: int = 0) -> Ru
     global_batch = data.batch_size * replicas
     steps = config.train.steps_per_epoch or max(1, sum(i.count for i in train_splits) // global_batch)
     trained_on = "train+val" if data.train_on_val else "train"
+    per_execution = min(config.train.steps_per_execution or (32 if kind == "tpu" else 1), steps)
     log(f"data: {data.dir} records {infos['train'].file_size}px -> model {size}px; train {infos['train'].count}, "
         f"val {infos['val'].count}, test {infos['test'].count}; fitting on {trained_on} "
         f"({sum(i.count for i in train_splits)} images); {len(classes)} classes; "
-        f"global batch {global_batch}, {steps} steps/epoch")
+        f"global batch {global_batch}, {steps} steps/epoch, {per_execution} per execution")
     if data.deterministic:
         tf.config.experimental.enable_op_determinism()
     weights = None
@@ -179,7 +182,7 @@ def prepare_run(config: RunConfig, log: Log = print, start_epoch: int = 0) -> Ru
                                  batch_norm=config.model.batch_norm)
     _check_blocks(config, model)
     run = Run(config, infos, train_splits, classes, model, None, policy, replicas, global_batch, steps, weights,
-              strategy, make_loss(config, weights), trainable)
+              strategy, make_loss(config, weights), trainable, per_execution)
     run.compile()
     return run
 
@@ -195,8 +198,11 @@ def _check_blocks(config: RunConfig, model: keras.Model) -> None:
             raise ValueError(f"{option}={value!r} but {config.model.backbone} has only {blocks} blocks")
 
 
-def run_epoch(run: Run, epoch: int, state: dict, log: Log) -> None:
-    """Train one epoch, score it on the whole validation split, checkpoint it, write the history."""
+def run_epoch(run: Run, epoch: int, state: dict, log: Log) -> float:
+    """Train one epoch, score it on the whole validation split, checkpoint it, write the history.
+
+    Returns the seconds the validation pass took (what the time budget reserves for the final predictions).
+    """
     config, model = run.config, run.model
     epochs, checkpoints = config.train.epochs, config.run_dir / "checkpoints"
     if trainable_at(config, epoch) != run.trainable:
@@ -210,6 +216,7 @@ def run_epoch(run: Run, epoch: int, state: dict, log: Log) -> None:
     seconds = time.perf_counter() - start
     _, val_labels, val_probs = predict_split(model, run.infos["val"], config.data.image_size,
                                              config.train.eval_batch_size, num_classes=len(run.classes))
+    val_seconds = time.perf_counter() - start - seconds
     scores = classification_scores(val_labels, val_probs)
     state["history"].append({"epoch": epoch + 1, "learning_rate": lr, "loss": float(fit.history["loss"][-1]),
                              "val_loss": scores["loss"], "val_accuracy": scores["accuracy"],
@@ -225,6 +232,30 @@ def run_epoch(run: Run, epoch: int, state: dict, log: Log) -> None:
     state["epoch"] = epoch + 1
     save_checkpoint(checkpoints, model, run.optimizer, state, config.to_dict())
     write_history(config.run_dir, state["history"])
+    return val_seconds
+
+
+@dataclass
+class Budget:
+    """train.time_budget_minutes: whether one more epoch, then the final predictions and export, still fit."""
+
+    seconds: float
+    started: float = field(default_factory=time.monotonic)
+    epochs: list[float] = field(default_factory=list)
+    finish: float = 0.0  # estimated seconds to predict val and test with TTA and export
+
+    def record(self, epoch_seconds: float, val_seconds: float, run: Run) -> None:
+        """Remember an epoch's wall time, and estimate the finish from its validation pass."""
+        self.epochs.append(epoch_seconds)
+        infos = run.infos
+        passes = run.config.predict.tta * (1 + infos["test"].count / max(infos["val"].count, 1))
+        self.finish = val_seconds * passes + 30.0  # + the SavedModel export and the small files
+
+    def exhausted(self) -> bool:
+        """True when the next epoch (as long as the longest so far) and the finish would overrun the budget."""
+        if not self.seconds or not self.epochs:
+            return False
+        return time.monotonic() - self.started + max(self.epochs) + self.finish > self.seconds
 
 
 def train_member(config: RunConfig, log: Log = print, after_epoch: AfterEpoch | None = None) -> Path:
@@ -234,6 +265,7 @@ def train_member(config: RunConfig, log: Log = print, after_epoch: AfterEpoch | 
     tests that interrupt a run there.
     """
     run_dir, checkpoints = config.run_dir, config.run_dir / "checkpoints"
+    budget = Budget(config.train.time_budget_minutes * 60)  # counts from here: the session's clock is running
     check_resumable(checkpoints, config.to_dict(), run_dir / "config.json")  # before anything is written
     done = saved_epoch(checkpoints)
     check_unfreeze_reachable(config, done)
@@ -247,13 +279,22 @@ def train_member(config: RunConfig, log: Log = print, after_epoch: AfterEpoch | 
     plot_schedule(run_dir / "schedule.png", config.schedule, config.train.epochs, run.replicas,
                   config.model.unfreeze_epoch)
     write_text_atomic(run_dir / "config.json", json.dumps(config.to_dict(), indent=1) + "\n")
+    stopped = None
     for epoch in range(state["epoch"], config.train.epochs):
-        run_epoch(run, epoch, state, log)
+        if budget.exhausted():
+            stopped = {"reason": "time_budget", "epochs_trained": epoch, "epochs": config.train.epochs,
+                       "budget_minutes": config.train.time_budget_minutes}
+            log(f"stopping after epoch {epoch} of {config.train.epochs}: another epoch and the final predictions "
+                f"would not fit in train.time_budget_minutes={config.train.time_budget_minutes:g} (rerun to go on)")
+            break
+        start = time.monotonic()
+        val_seconds = run_epoch(run, epoch, state, log)
+        budget.record(time.monotonic() - start, val_seconds, run)
         if after_epoch is not None:
             after_epoch(epoch + 1)
     with warnings.catch_warnings():  # the best epoch may predate an unfreeze: its optimizer state is not wanted
         warnings.filterwarnings("ignore", message=".*Skipping variable loading for optimizer.*")
         run.model.load_weights(checkpoints / "best.weights.h5")
     params = parameter_counts(run.model)  # of the last phase, resumed or not
-    facts = RunFacts(run.infos, run.classes, params, run.policy, run.replicas, run.steps * run.global_batch)
+    facts = RunFacts(run.infos, run.classes, params, run.policy, run.replicas, run.steps * run.global_batch, stopped)
     return finish_run(config, run.model, facts, state["history"], log)

@@ -75,6 +75,7 @@ class RunFacts:
     policy: str
     replicas: int
     images_per_epoch: int
+    stopped: dict | None = None  # why training ended before train.epochs (the time budget), else None
 
 
 def member_document(config: RunConfig, facts: RunFacts, final: dict[str, float], history: list[dict],
@@ -93,6 +94,8 @@ def member_document(config: RunConfig, facts: RunFacts, final: dict[str, float],
         "timings": {"seconds_per_epoch": seconds_per_epoch,
                     "images_per_second": facts.images_per_epoch / seconds_per_epoch},
         "saved_model": saved_model,
+        "epochs_trained": len(history),
+        "stopped": facts.stopped,
     }
 
 
