@@ -131,22 +131,35 @@ def member_name(run_dir: Path) -> str:
     return name if isinstance(name, str) and name else run_dir.name
 
 
-def check_out_of_sample(run_dir: Path, name: str) -> None:
-    """Refuse a member whose validation predictions are in-sample (it was fitted on train+val)."""
-    data = (_member_json(run_dir).get("config") or {}).get("data") or {}
-    if isinstance(data, dict) and data.get("train_on_val") is True:
+def validation_source(run_dir: Path, name: str) -> Path:
+    """The run whose validation predictions stand for this member's in a blend: itself, or for a refit
+    (trained on train+val, member.json `validation_from`) the run trained on train only that it refits.
+
+    A member trained on its validation rows without such a run is refused: its validation predictions
+    are in-sample and would win the blend unfairly.
+    """
+    document = _member_json(run_dir)
+    data = (document.get("config") or {}).get("data") or {}
+    if not (isinstance(data, dict) and data.get("train_on_val") is True):
+        return run_dir
+    source = document.get("validation_from")
+    if not isinstance(source, str) or not source:
         raise MemberError(f"member {name!r} ({run_dir}) was trained on its validation rows (data.train_on_val); "
                           "its validation predictions are in-sample and would win the blend unfairly: blend the "
-                          "run trained on train only instead")
+                          "run trained on train only instead, or a refit made with flower train --refit-of RUN")
+    original = (run_dir / source).resolve()
+    if not original.is_dir():
+        raise MemberError(f"member {name!r}: its validation predictions come from {source} "
+                          f"(member.json validation_from), which is not a run directory ({original})")
+    inner = (_member_json(original).get("config") or {}).get("data") or {}
+    if isinstance(inner, dict) and inner.get("train_on_val") is True:
+        raise MemberError(f"member {name!r}: validation_from names {original}, which was trained on its "
+                          "validation rows too")
+    return original
 
 
-def load_member_predictions(run_dir: str | Path) -> Member:
-    """Load and check one run directory's classes and prediction files."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise MemberError(f"run directory not found: {run_dir}")
-    name = member_name(run_dir)
-    check_out_of_sample(run_dir, name)
+def _read_classes(run_dir: Path, name: str) -> list[str]:
+    """A run directory's classes.json, checked."""
     classes_file = run_dir / "classes.json"
     if not classes_file.is_file():
         raise MemberError(f"member {name!r}: {classes_file} not found")
@@ -156,7 +169,21 @@ def load_member_predictions(run_dir: str | Path) -> Member:
         raise MemberError(f"member {name!r}: classes.json is not valid JSON ({err})") from None
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         raise MemberError(f"member {name!r}: classes.json must be a non-empty list of class names")
-    val = _load_npz(run_dir / "predictions" / "val.npz", name, ("ids", "labels", "probs"))
+    return classes
+
+
+def load_member_predictions(run_dir: str | Path) -> Member:
+    """Load and check a run directory's classes and prediction files (a refit's validation rows: its original's)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise MemberError(f"run directory not found: {run_dir}")
+    name = member_name(run_dir)
+    val_dir = validation_source(run_dir, name)
+    classes = _read_classes(run_dir, name)
+    if val_dir != run_dir and _read_classes(val_dir, name) != classes:
+        raise MemberError(f"member {name!r}: its classes differ from those of {val_dir}, whose validation "
+                          "predictions it borrows")
+    val = _load_npz(val_dir / "predictions" / "val.npz", name, ("ids", "labels", "probs"))
     test = _load_npz(run_dir / "predictions" / "test.npz", name, ("ids", "probs"))
     val_ids = _check_ids(val["ids"], name, "val.npz")
     test_ids = _check_ids(test["ids"], name, "test.npz")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 
@@ -717,3 +718,49 @@ def test_members_with_the_same_name_get_advice(runs):
         (run / "member.json").write_text(json.dumps({"name": "member"}))
     with pytest.raises(MemberError, match="--set name="):
         load_members(runs)
+
+
+def _refit_of(original, tmp_path, **member):
+    """A refit member of `original`: in-sample validation predictions, its own test predictions."""
+    with np.load(original / "predictions" / "val.npz") as val, np.load(original / "predictions" / "test.npz") as test:
+        labels, classes = val["labels"], json.loads((original / "classes.json").read_text())
+        perfect = np.eye(len(classes), dtype=np.float32)[labels]
+        shifted = np.roll(test["probs"], 1, axis=1)
+        refit = write_run_dir(tmp_path / "refit", "refit", classes, val["ids"], labels, perfect, test["ids"], shifted)
+    document = {"name": "refit", "config": {"data": {"train_on_val": True}},
+                "validation_from": os.path.relpath(original, refit), **member}
+    (refit / "member.json").write_text(json.dumps(document))
+    return refit
+
+
+def test_a_refit_member_is_blended_on_its_originals_validation_predictions(runs, tmp_path):
+    refit = _refit_of(runs[0], tmp_path)
+    loaded, original = load_member_predictions(refit), load_member_predictions(runs[0])
+    np.testing.assert_array_equal(loaded.val_probs, original.val_probs)  # not its own in-sample rows
+    np.testing.assert_array_equal(loaded.val_ids, original.val_ids)
+    with np.load(refit / "predictions" / "test.npz") as test:
+        order = np.argsort(test["ids"])
+        np.testing.assert_array_equal(loaded.test_probs, test["probs"][order])  # its own test predictions
+    assert loaded.name == "refit"
+    assert main([str(refit), str(runs[1]), "--out", str(tmp_path / "ens"), "--method", "mean", "--quiet"]) == 0
+
+
+@pytest.mark.parametrize("member,message", [
+    ({"validation_from": ""}, "trained on its validation rows.*--refit-of"),
+    ({"validation_from": "../nowhere"}, "which is not a run directory"),
+])
+def test_a_refit_whose_validation_source_is_missing_is_refused(runs, tmp_path, member, message):
+    with pytest.raises(MemberError, match=message):
+        load_member_predictions(_refit_of(runs[0], tmp_path, **member))
+
+
+def test_a_refit_of_a_refit_or_of_other_classes_is_refused(runs, tmp_path):
+    (runs[0] / "member.json").write_text(json.dumps({"name": "member0", "config": {"data": {"train_on_val": True}}}))
+    with pytest.raises(MemberError, match="which was trained on its validation rows too"):
+        load_member_predictions(_refit_of(runs[0], tmp_path))
+    (runs[0] / "member.json").write_text(json.dumps({"name": "member0"}))
+    refit = _refit_of(runs[0], tmp_path)
+    classes = json.loads((refit / "classes.json").read_text())
+    (refit / "classes.json").write_text(json.dumps(classes[::-1]))
+    with pytest.raises(MemberError, match="its classes differ"):
+        load_member_predictions(refit)

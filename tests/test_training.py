@@ -743,3 +743,30 @@ def test_the_time_budget_stops_after_the_last_epoch_that_fits_and_the_run_goes_o
     assert "resuming after epoch 1" in second.stdout
     member = json.loads((out / "member.json").read_text())
     assert member["epochs_trained"] == 3 and member["stopped"] is None
+
+
+def test_a_refit_trains_on_train_and_val_for_the_best_epoch_count_and_blends_on_the_originals_rows(
+        tiny_data, tiny_run, tmp_path):
+    import shutil
+
+    from ensemble.members import load_member_predictions
+
+    original = tmp_path / "tiny"
+    shutil.copytree(tiny_run, original)
+    history = [line.split(",") for line in (original / "history.csv").read_text().splitlines()[1:]]
+    best = max(history, key=lambda row: float(row[5]))[0]
+    result = subprocess.run([sys.executable, "-m", "training.train", "--refit-of", str(original),
+                             "--set", "predict.tta=1"], cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    refit = tmp_path / "tiny-refit"
+    member = json.loads((refit / "member.json").read_text())
+    assert member["name"] == "tiny-refit" and member["validation_from"] == "../tiny"
+    assert member["config"]["data"]["train_on_val"] is True and member["config"]["train"]["epochs"] == int(best)
+    assert "fitting on train+val" in result.stdout and "exporting the last epoch's weights" in result.stdout
+    loaded, own = load_member_predictions(refit), load_member_predictions(original)
+    np.testing.assert_array_equal(loaded.val_probs, own.val_probs)
+    assert not np.array_equal(loaded.test_probs, own.test_probs)
+    refused = subprocess.run([sys.executable, "-m", "training.train", "--refit-of", str(refit)], cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "refit a run trained on train only" in refused.stderr

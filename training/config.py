@@ -5,7 +5,9 @@ Every option, its default and meaning is listed by `flower train --help`.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import json
 import math
 import re
 import sys
@@ -33,6 +35,7 @@ class DataConfig:
     train_on_val: bool = False  # final fit on train+val (validation scores then flatter)
     shuffle_buffer: int = 2048
     deterministic: bool = False  # same batches in the same order for a seed and epoch (slower input; exact resume)
+    validation_from: str = ""  # with train_on_val: the run (on train only) whose val predictions stand in a blend
 
 
 @dataclass(frozen=True)
@@ -283,6 +286,8 @@ def validate(config: RunConfig) -> None:
     if not 0 <= config.model.dropout < 1 or not 0 <= config.train.label_smoothing < 1:
         raise ValueError("model.dropout and train.label_smoothing must be in [0, 1)")
     _validate_trainable(config)
+    if config.data.validation_from and not config.data.train_on_val:
+        raise ValueError("data.validation_from is for a refit on train+val: set data.train_on_val = true too")
     if not config.data.dir.strip():
         raise ValueError("data.dir must name the data folder")
 
@@ -336,7 +341,12 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
             values = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as err:
             raise ValueError(f"{path} is not valid TOML: {err}") from None
-    for dotted, value in (overrides or {}).items():
+    return config_from_dict(with_overrides(values, overrides or {}))
+
+
+def with_overrides(values: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Apply `section.key` overrides to nested config values (in place; returned for convenience)."""
+    for dotted, value in overrides.items():
         section, _, key = dotted.partition(".")
         if not key:
             values[section] = value
@@ -344,7 +354,34 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
             raise ValueError(f"{dotted}: {section!r} is a single value here, not a section with options")
         else:
             values[section][key] = value
-    return config_from_dict(values)
+    return values
+
+
+def refit_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """The config of a refit: run_dir's config on train+val for its best epoch count (by validation macro F1).
+
+    The refit writes to `<run_dir>-refit` and names run_dir as the run whose validation predictions
+    stand for it in a blend (`data.validation_from`); `overrides` apply on top.
+    """
+    run_dir = Path(run_dir)
+    files = {name: run_dir / name for name in ("config.json", "history.csv", "member.json")}
+    missing = [str(f) for f in files.values() if not f.is_file()]
+    if missing:
+        raise ValueError(f"--refit-of needs a finished run directory; missing {', '.join(missing)}")
+    values = json.loads(files["config.json"].read_text())
+    with files["history.csv"].open() as f:
+        rows = list(csv.DictReader(f))
+    if values.get("data", {}).get("train_on_val") or not rows:
+        raise ValueError(f"{run_dir} was trained on train+val, or has no epochs: refit a run trained on train only")
+    best = max(rows, key=lambda r: float(r["val_macro_f1"]))
+    epochs = int(best["epoch"])
+    name = json.loads(files["member.json"].read_text()).get("name") or run_dir.name
+    values.update(name=f"{name}-refit", output=str(run_dir.parent / f"{run_dir.name}-refit"))
+    values["data"].update(train_on_val=True, validation_from=str(run_dir))
+    values["train"]["epochs"] = epochs
+    if values["model"].get("unfreeze_epoch", 0) >= epochs:  # the best epoch came before the unfreeze
+        values["model"]["unfreeze_epoch"] = 0
+    return config_from_dict(with_overrides(values, overrides or {}))
 
 
 def _field_comments(cls) -> dict[str, str]:

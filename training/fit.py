@@ -267,6 +267,10 @@ def train_member(config: RunConfig, log: Log = print, after_epoch: AfterEpoch | 
     run_dir, checkpoints = config.run_dir, config.run_dir / "checkpoints"
     budget = Budget(config.train.time_budget_minutes * 60)  # counts from here: the session's clock is running
     check_resumable(checkpoints, config.to_dict(), run_dir / "config.json")  # before anything is written
+    source = config.data.validation_from
+    if source and not (Path(source) / "predictions" / "val.npz").is_file():
+        raise ValueError(f"data.validation_from={source!r} has no predictions/val.npz: name the finished run this "
+                         "one refits")
     done = saved_epoch(checkpoints)
     check_unfreeze_reachable(config, done)
     run = prepare_run(config, log, done)
@@ -292,9 +296,12 @@ def train_member(config: RunConfig, log: Log = print, after_epoch: AfterEpoch | 
         budget.record(time.monotonic() - start, val_seconds, run)
         if after_epoch is not None:
             after_epoch(epoch + 1)
-    with warnings.catch_warnings():  # the best epoch may predate an unfreeze: its optimizer state is not wanted
-        warnings.filterwarnings("ignore", message=".*Skipping variable loading for optimizer.*")
-        run.model.load_weights(checkpoints / "best.weights.h5")
+    if config.data.train_on_val:  # validation rows were trained on: no honest "best" epoch, keep the last
+        log("trained on train+val: exporting the last epoch's weights")
+    else:
+        with warnings.catch_warnings():  # the best epoch may predate an unfreeze: its optimizer state is not wanted
+            warnings.filterwarnings("ignore", message=".*Skipping variable loading for optimizer.*")
+            run.model.load_weights(checkpoints / "best.weights.h5")
     params = parameter_counts(run.model)  # of the last phase, resumed or not
     facts = RunFacts(run.infos, run.classes, params, run.policy, run.replicas, run.steps * run.global_batch, stopped)
     return finish_run(config, run.model, facts, state["history"], log)

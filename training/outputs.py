@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -95,6 +96,8 @@ def member_document(config: RunConfig, facts: RunFacts, final: dict[str, float],
                     "images_per_second": facts.images_per_epoch / seconds_per_epoch},
         "saved_model": saved_model,
         "epochs_trained": len(history),
+        "validation_from": (os.path.relpath(Path(config.data.validation_from).resolve(), config.run_dir.resolve())
+                            if config.data.validation_from else None),
         "stopped": facts.stopped,
     }
 

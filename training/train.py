@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from training.config import describe_options, load_config
+from training.config import describe_options, load_config, refit_config
 from training.config_values import parse_assignments
 from training.errors import DataError
 
@@ -25,10 +25,16 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.train") 
     parser.add_argument("--config", help="TOML config file (defaults apply where it is silent)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one option, e.g. --set train.epochs=2 --set data.dir=gs://bucket/data")
+    parser.add_argument("--refit-of", metavar="RUN",
+                        help="refit a finished run on train+val for its best epoch count, into RUN-refit (its "
+                             "validation predictions stand for the refit in a blend); --set applies on top")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = parser.parse_args(argv)
+    if args.refit_of and args.config:
+        parser.error("--refit-of takes the run's own config; give --set overrides, not --config")
     try:
-        config = load_config(args.config, parse_assignments(args.set))
+        overrides = parse_assignments(args.set)
+        config = refit_config(args.refit_of, overrides) if args.refit_of else load_config(args.config, overrides)
         if args.print_config:
             import json
 
