@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -15,10 +16,12 @@ import pytest
 from PIL import Image
 
 from tests.conftest import REPO
+from training.errors import DataError
 from training.near_duplicates import (
     _BYTE_BITS,
     DEFAULT_DISTANCE,
     bands,
+    centre_square,
     close_pairs,
     find_duplicates,
     load_rgb,
@@ -152,10 +155,10 @@ def test_duplicates_are_grouped_through_chains_and_by_same_bytes():
 
 
 def test_the_distance_option_takes_a_number_or_off():
-    assert parse_distance("6") == 6 and parse_distance("0") == 0 and parse_distance("32") == 32
+    assert parse_distance("6") == 6 and parse_distance("0") == 0 and parse_distance("16") == 16
     assert parse_distance("off") is None and parse_distance("-1") is None and parse_distance("OFF") is None
     for bad in ("33", "-2", "six", "1.5"):
-        with pytest.raises(ValueError, match="--near-duplicate-distance must be a whole number from 0 to 32"):
+        with pytest.raises(ValueError, match="--near-duplicate-distance must be a whole number from 0 to 16"):
             parse_distance(bad)
 
 
@@ -226,7 +229,10 @@ def test_the_import_keeps_each_duplicate_group_in_one_split_and_reports_it(tmp_p
     assert set(groups) == {tuple(sorted(pair)) for pair in planted.items()}
     assert report["duplicates"] == {"groups": 5, "files_in_groups": 10, "exact_groups": 2, "near_groups": 3,
                                     "label_conflicts": 1}
-    assert report["near_duplicate_distance"] == 6 and len(report["warnings"]) == 1
+    assert report["near_duplicate_distance"] == 6 and len(report["warnings"]) == 2
+    assert report["warnings"][1].startswith("class 'a': val has 2 of its target 3 photo(s): duplicate groups stay "
+                                            "whole and did not fit (9 of its 12 photos are in groups, 1 of them in "
+                                            "label conflicts")  # 4 pairs and a4, whose copy sits in b
     conflict = groups[("a/a4.png", "b/mislabelled_a4.png")]
     assert conflict["label_conflict"] and conflict["classes"] == ["a", "b"] and conflict["split"] == "train"
     assert groups[("a/a0.png", "a/copy_of_a0.png")]["kind"] == "exact"
@@ -248,7 +254,7 @@ def test_an_import_without_the_near_duplicate_search_still_groups_exact_copies(t
     assert sorted(sorted(g["files"]) for g in report.duplicate_groups) == [
         ["a/a0.png", "a/copy_of_a0.png"], ["a/a4.png", "b/mislabelled_a4.png"]]
     assert report.near_duplicate_distance is None
-    with pytest.raises(ValueError, match="near_duplicate_distance must be a whole number from 0 to 32"):
+    with pytest.raises(ValueError, match="near_duplicate_distance must be a whole number from 0 to 16"):
         import_folders(src, tmp_path / "out2", sizes=[16], progress=False, near_duplicate_distance=40)
     assert not (tmp_path / "out2").exists()
 
@@ -260,7 +266,7 @@ def test_an_import_without_duplicates_reports_none(tmp_path, capsys):
     assert report.duplicate_groups == [] and report.warnings == [] and report.duplicates["groups"] == 0
     assert [sum(report.counts[s].values()) for s in ("train", "val", "test")] == [8, 4, 4]
     assert import_main([str(src), str(tmp_path / "o"), "--sizes", "16", "--near-duplicate-distance", "99"]) == 2
-    assert "--near-duplicate-distance must be a whole number from 0 to 32" in capsys.readouterr().err
+    assert "--near-duplicate-distance must be a whole number from 0 to 16" in capsys.readouterr().err
 
 
 # --- flower overlap ----------------------------------------------------------------------------------------
@@ -291,7 +297,8 @@ def test_overlap_lists_the_planted_pairs_between_two_folders(tmp_path, capsys):
     assert set(pairs) == {("sub/p0.png", "same.png"), ("sub/p1.png", "small.jpg"), ("sub/p2.png", "deep/q40.jpg")}
     assert pairs[("sub/p0.png", "same.png")]["kind"] == "exact" and pairs[("sub/p0.png", "same.png")]["distance"] == 0
     assert all(pairs[k]["kind"] == "near" and pairs[k]["distance"] <= 6 for k in list(pairs)[1:])
-    assert report["counts"] == {"pairs": 3, "exact": 1, "near": 2, "photos_of_a": 3, "photos_of_b": 3}
+    assert report["counts"] == {"pairs": 3, "exact": 1, "near": 2, "photos_of_a": 3, "photos_of_b": 3,
+                                "files_in_both": 0}
     assert report["b"]["skipped"] == ["notes.txt"] and report["b"]["images"] == 6
     assert "OVERLAP: 3 cross pair(s) (1 exact, 2 near" in printed and "sub/p1.png  small.jpg" in printed
     # Exact copies only: the exact pair alone.
@@ -337,7 +344,7 @@ def test_overlap_refuses_bad_arguments_with_exit_status_2(tmp_path, capsys):
              ([str(a), str(tmp_path / "empty")], "no images in"),
              ([str(tmp_path / "texts"), str(a)], "no images in " + str(tmp_path / "texts") + " (1 unreadable file(s))"),
              ([str(a), f"{tmp_path / 'data'}:val"], "no 'tfrecords-jpeg-<S>x<S>' folder"),
-             ([str(a), str(a), "--near-duplicate-distance", "x"], "must be a whole number from 0 to 32")]
+             ([str(a), str(a), "--near-duplicate-distance", "x"], "must be a whole number from 0 to 16")]
     for argv, message in cases:
         assert overlap_main([*argv, "--quiet"]) == 2, argv
         err = capsys.readouterr().err
@@ -352,3 +359,213 @@ def test_overlap_between_folders_never_loads_tensorflow(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stderr[-2000:]
     assert "OVERLAP: 3 cross pair(s)" in result.stdout
+
+
+# --- the fixes of the hostile-user sweep ------------------------------------------------------------------
+
+def _smooth_images(size: tuple[int, int] = (120, 90)) -> list[Image.Image]:
+    """Flat colours and clean (noise-free) gradients: pictures whose hash has only a few bits set."""
+    flats = [Image.new("RGB", size, colour) for colour in ((0, 0, 0), (255, 255, 255), (200, 30, 30), (20, 120, 40))]
+    down = np.linspace(40, 220, size[1])[:, None] * np.ones((1, size[0]))
+    across = np.linspace(230, 60, size[0])[None, :] * np.ones((size[1], 1))
+    ramps = [Image.fromarray(np.stack([ramp * f for f in tint], -1).astype(np.uint8))
+             for ramp, tint in ((down, (0.5, 0.7, 1.0)), (across, (1.0, 0.6, 0.4)), (down * 0.5, (1.0, 1.0, 1.0)))]
+    return flats + ramps
+
+
+def _bursts(folder, seeds, shots: int = 5) -> None:
+    """One burst per seed: near-identical shots of one photo (smaller, more compressed)."""
+    for seed in seeds:
+        photo = _photo(seed)
+        for k in range(shots):
+            shot = photo.resize((200 - 12 * k, 150 - 9 * k), Image.Resampling.LANCZOS)
+            _write(folder / f"burst{seed}_{k}.jpg", _bytes(shot, "JPEG", quality=95 - 10 * k))
+
+
+def test_the_import_groups_photos_by_the_square_it_stores(tmp_path, capsys):
+    src, out = tmp_path / "src", tmp_path / "out"
+    for c, name in enumerate(("a", "b")):
+        for k in range(8):
+            _write(src / name / f"{name}{k}.png", _bytes(_photo(4000 + 10 * c + k)))
+    wide = _photo(4100, (300, 200))  # a 3:2 photo and its square crop: the same square is stored
+    _write(src / "a" / "wide.png", _bytes(wide))
+    _write(src / "a" / "wide_square_crop.png", _bytes(centre_square(wide)))
+    middle, panoramas = _photo(4101, (100, 100)), []
+    for side in range(2):  # two wide shots with other sides and the same middle
+        panoramas.append(_photo(4110 + side, (300, 100)))
+        panoramas[-1].paste(middle, (100, 0))
+        _write(src / "b" / f"pano{side}.png", _bytes(panoramas[-1]))
+    assert _distance(wide, centre_square(wide)) > DEFAULT_DISTANCE  # the whole photos differ
+    assert _distance(*panoramas) > DEFAULT_DISTANCE
+    assert import_main([str(src), str(out), "--sizes", "32", "--val", "0.25", "--test", "0.25"]) == 0
+    groups = [sorted(g["files"]) for g in json.loads((out / "import_report.json").read_text())["duplicate_groups"]]
+    assert sorted(groups) == [["a/wide.png", "a/wide_square_crop.png"], ["b/pano0.png", "b/pano1.png"]]
+    capsys.readouterr()
+    for other in ("val", "test"):  # the import's own output has no pair across its splits
+        assert overlap_main([f"{out}:train", f"{out}:{other}", "--quiet"]) == 0, capsys.readouterr().out
+
+
+def test_flat_and_smooth_images_are_grouped_by_their_bytes_only(tmp_path, capsys):
+    smooth = _smooth_images()
+    src, out = tmp_path / "src", tmp_path / "out"  # in an import: no cross-class group, val and test kept
+    _photo_tree(src, planted=False)
+    for k, image in enumerate(smooth):
+        _write(src / ("a", "b")[k % 2] / f"smooth{k}.png", _bytes(image))
+    assert import_main([str(src), str(out), "--sizes", "16", "--val", "0.25", "--test", "0.25"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "import_report.json").read_text())
+    assert report["duplicate_groups"] == [] and report["warnings"] == []
+    assert sorted(report["exact_only"]) == sorted(f"{'ab'[k % 2]}/smooth{k}.png" for k in range(len(smooth)))
+    assert f"{len(smooth)} photo(s) too flat or smooth for the perceptual hash" in printed
+    for split in ("val", "test"):
+        assert report["counts"][split] == report["targets"][split] == {"a": 3, "b": 3}
+    from training.near_duplicates import MIN_BITS, informative
+
+    hashes = [perceptual_hash(image) for image in smooth]
+    assert perceptual_hash(smooth[0]) == 0 and perceptual_hash(smooth[1]) == 1 << 63
+    assert max(bin(h).count("1") for h in hashes) < MIN_BITS  # a few bits: they all look alike
+    assert not informative(hashes).any() and informative([perceptual_hash(_photo(k)) for k in range(5)]).all()
+    found = find_duplicates([*hashes, hashes[0]], [f"d{k}" for k in range(len(hashes))] + ["d0"], DEFAULT_DISTANCE)
+    assert found.groups == [[0, len(hashes)]] and found.exact == [True]  # the byte copy only
+    assert found.exact_only == list(range(len(hashes) + 1))
+
+
+def test_the_real_photos_all_have_hashes_with_32_bits_set(real_photos):
+    from training.near_duplicates import informative
+
+    files = sorted(real_photos.rglob("*.jpg"))[::10]
+    hashes = [perceptual_hash(load_rgb(path)) for path in files]
+    assert len(hashes) > 300 and {bin(h).count("1") for h in hashes} == {32} and informative(hashes).all()
+
+
+def test_overlap_matches_flat_and_smooth_images_by_their_bytes_only(tmp_path, capsys):
+    a, b = tmp_path / "A", tmp_path / "B"
+    smooth = _smooth_images()
+    for k, image in enumerate(smooth):
+        _write((a if k < 3 else b) / f"s{k}.png", _bytes(image))
+    _write(b / "copy.png", (a / "s0.png").read_bytes())
+    out = tmp_path / "pairs.json"
+    assert overlap_main([str(a), str(b), "--json", str(out), "--quiet"]) == 1
+    report = json.loads(out.read_text())
+    assert [(p["a"], p["b"], p["kind"]) for p in report["pairs"]] == [("s0.png", "copy.png", "exact")]
+    assert len(report["a"]["exact_only"]) == 3 and len(report["b"]["exact_only"]) == len(smooth) - 3 + 1
+    assert "too flat or smooth for the perceptual hash (matched by their bytes only)" in capsys.readouterr().out
+
+
+def test_an_import_that_would_leave_val_or_test_empty_is_refused(tmp_path, capsys):
+    src, out = tmp_path / "src", tmp_path / "out"
+    _bursts(src / "a", (5000, 5001, 5002))  # every photo in a group of 5, more than a class's val or test (2)
+    _bursts(src / "b", (5010, 5011, 5012))
+    assert import_main([str(src), str(out), "--sizes", "16"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the import would leave val and test empty: ") and "duplicate groups" in err
+    assert "nothing was written" in err and "Traceback" not in err
+    with pytest.raises(DataError, match="would leave val and test empty"):
+        import_folders(src, out, sizes=[16], progress=False)
+    assert not out.exists()
+    conflicts = tmp_path / "conflicts"  # emptied by label conflicts alone: imported with warnings (fix the labels)
+    for name in ("a", "b"):
+        for k in range(4):
+            _write(conflicts / name / f"{k}.png", _bytes(_photo(5300 + k)))
+    report = import_folders(conflicts, out, sizes=[16], progress=False)
+    assert [sum(report.counts[s].values()) for s in ("train", "val", "test")] == [8, 0, 0]
+    assert report.warnings[-2:] == [f"{s} is empty: every photo that could go there is in a label conflict; fix the "
+                                    "labels in the source folders and import again" for s in ("val", "test")]
+
+
+def test_a_class_short_of_its_val_or_test_target_is_warned_about(tmp_path, capsys):
+    src, out = tmp_path / "src", tmp_path / "out"
+    for k in range(8):
+        _write(src / "a" / f"a{k}.png", _bytes(_photo(5100 + k)))
+    _bursts(src / "b", (5200, 5201), shots=4)  # two groups of 4: neither fits b's val or test target of 1
+    assert import_main([str(src), str(out), "--sizes", "16"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "import_report.json").read_text())
+    assert report["targets"] == {"val": {"a": 1, "b": 1}, "test": {"a": 1, "b": 1}}
+    assert report["counts"]["val"] == report["counts"]["test"] == {"a": 1, "b": 0}
+    warning = ("class 'b': val has 0 of its target 1 and test has 0 of its target 1 photo(s): duplicate groups "
+               "stay whole and did not fit (8 of its 8 photos are in groups, 0 of them in label conflicts")
+    assert [w[:len(warning)] for w in report["warnings"]] == [warning] and f"WARNING: {warning}" in printed
+
+
+def test_overlap_checks_its_json_file_before_the_work_and_writes_it_atomically(tmp_path, capsys, monkeypatch):
+    import training.near_duplicates as near
+
+    a, b = _two_folders(tmp_path)
+    (tmp_path / "a_file").write_text("x")
+    cases = [(tmp_path / "missing" / "p.json", "the folder " + str(tmp_path / "missing") + " does not exist"),
+             (tmp_path, "is a folder; name a file"), (tmp_path / "a_file" / "p.json", "is not a folder")]
+    if os.geteuid() != 0:  # root writes anywhere
+        (tmp_path / "locked").mkdir(mode=0o500)
+        cases.append((tmp_path / "locked" / "p.json", "cannot be written"))
+    with monkeypatch.context() as patched:
+        patched.setattr(near, "read_photos", lambda *args, **kwargs: pytest.fail("photos were read first"))
+        for path, message in cases:
+            assert overlap_main([str(a), str(b), "--json", str(path), "--quiet"]) == 2, path
+            err = capsys.readouterr().err
+            assert err.startswith(f"error: --json {path}") and message in err, err
+    assert not (tmp_path / "missing").exists()
+    out = tmp_path / "pairs.json"
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patched:  # a write that fails at the end: 2 (1 would mean pairs found)
+        patched.setattr(near, "write_text_atomic", full_disk)
+        assert overlap_main([str(a), str(b), "--json", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: cannot write --json {out}: [Errno 28] No space left on device" in err and not out.exists()
+    assert overlap_main([str(a), str(b), "--json", str(out), "--quiet"]) == 1
+    assert json.loads(out.read_text())["counts"]["pairs"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary file left
+
+
+def test_identical_hashes_are_grouped_without_a_pair_for_every_two_photos():
+    import tracemalloc
+
+    n = 3000  # e.g. 3,000 copies of one photo: 4.5 million pairs if every pair were listed
+    hashes = [perceptual_hash(_photo(1))] * n + [perceptual_hash(_photo(2))]
+    tracemalloc.start()
+    try:
+        found = find_duplicates(hashes, [f"file{k}" for k in range(n + 1)], DEFAULT_DISTANCE)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert found.groups == [list(range(n))] and found.exact == [False] and found.distance == [0]
+    assert peak < 20 * 2**20, f"{peak / 2**20:.0f} MB"
+
+
+def test_overlap_refuses_a_set_compared_with_itself_and_never_pairs_a_file_with_itself(tmp_path, capsys):
+    a, _ = _two_folders(tmp_path)
+    for argv in ([str(a), str(a)], [f"{a}/", str(a)], [str(a), str(tmp_path / "." / "A" / "sub" / "..")],
+                 [f"{tmp_path}/data:test", f"{tmp_path}/data/:test"]):
+        assert overlap_main([*argv, "--quiet"]) == 2, argv
+        assert "A and B are the same set" in capsys.readouterr().err
+    out = tmp_path / "pairs.json"  # a folder and a folder inside it: the files of both are not self-pairs
+    assert overlap_main([str(a), str(a / "sub"), "--json", str(out), "--quiet"]) == 0
+    report = json.loads(out.read_text())
+    assert report["pairs"] == [] and report["counts"]["files_in_both"] == 6
+    assert "6 file(s) are in both A and B" in capsys.readouterr().out
+
+
+def test_a_distance_above_sixteen_is_refused_with_the_reason(tmp_path, capsys):
+    assert parse_distance("16") == 16
+    for bad in ("17", "20", "32"):
+        with pytest.raises(ValueError, match=r"from 0 to 16, .*\(unrelated photos are about 32 of 64 bits apart"):
+            parse_distance(bad)
+    with pytest.raises(ValueError, match="max_distance must be a whole number from 0 to 16"):
+        close_pairs([1, 2], None, 20)
+    a, b = _two_folders(tmp_path)
+    assert overlap_main([str(a), str(b), "--near-duplicate-distance", "20", "--quiet"]) == 2
+    assert "--near-duplicate-distance must be a whole number from 0 to 16" in capsys.readouterr().err
+
+
+def test_overlap_given_a_data_folder_without_a_split_asks_for_one(tmp_path, capsys):
+    a, _ = _two_folders(tmp_path)
+    data = tmp_path / "data"
+    (data / "tfrecords-jpeg-16x16" / "train").mkdir(parents=True)
+    (data / "tfrecords-jpeg-16x16" / "train" / "00-16x16-4.tfrec").write_bytes(bytes(64))
+    (data / "classes.json").write_text('["a", "b"]')
+    assert overlap_main([str(a), str(data), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {data} is a data folder" in err and f"{data}:train, {data}:val or {data}:test" in err

@@ -9,7 +9,9 @@ A and B are each a folder of photos (searched recursively; every file Pillow ope
 folder in the competition layout, written `DATA_DIR:train`, `DATA_DIR:val` or `DATA_DIR:test` (the records
 of the largest stored image size are read). Every cross pair, a photo of A and a photo of B that are the
 same bytes ("exact") or whose perceptual hashes differ in at most N of 64 bits ("near"), is listed with
-its Hamming distance, then a summary. Exit status: 0 no pair, 1 pairs found, 2 bad arguments.
+its Hamming distance, then a summary. Exit status: 0 no pair, 1 pairs found, 2 bad arguments or a --json
+file that cannot be written. A and B must be two sets: the same folder or the same split twice is refused
+(every photo would match itself); a folder inside the other is compared, but no file with itself.
 
 The hash is a DCT pHash of the photo as displayed (EXIF orientation applied, the import's own loader):
 greyscale, resized to 32x32 with a Lanczos filter, 2-D DCT, the 8x8 lowest frequencies, each bit set when
@@ -17,7 +19,9 @@ its coefficient is above their median. It matches resized, recompressed, colour-
 copies (a percent or two off each side); not mirrored or rotated ones, nor crops of 5% a side or more.
 A folder photo compared with a data split is hashed whole and, when not square, also as its centre square,
 which is what `flower import --fit crop` (the default) stores; photos imported with `--fit pad` (black
-bars) are not recognised.
+bars) are not recognised. A flat or noise-free smooth image (one colour, a clean gradient) gets a hash with
+only a few bits set that matches every other such image; it is matched by its bytes only and counted as
+such. A distance above 16 is refused: unrelated photos are about 32 bits apart.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ import argparse
 import hashlib
 import io
 import json
+import os
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,9 +42,11 @@ from PIL import Image, UnidentifiedImageError
 
 from training.errors import DataError
 from training.pixels import to_rgb
+from training.writing import write_text_atomic
 
 DEFAULT_DISTANCE = 6  # chosen on 3,230 real photos: README.md, "Near duplicates and leaks"
-MAX_DISTANCE = 32
+MAX_DISTANCE = 16  # unrelated photos are about 32 bits apart; from 10 on, different photos pair up (README)
+MIN_BITS = 16  # a hash with fewer bits set (or more than 64 - MIN_BITS) carries no information (README)
 HASH_SIZE = 32  # the greyscale image the DCT is taken of
 LOW_FREQUENCIES = 8  # 8 x 8 = 64 bits
 CHUNK = 1 << 20  # candidate pairs verified at once (bounds the search's memory)
@@ -80,18 +88,25 @@ def popcount(values: np.ndarray) -> np.ndarray:
     return _BYTE_BITS[values.view(np.uint8)].reshape(*values.shape, 8).sum(axis=-1, dtype=np.int64)
 
 
+def informative(hashes: Sequence[int] | np.ndarray) -> np.ndarray:
+    """True for each hash with MIN_BITS..64 - MIN_BITS bits set; fewer (a flat or smooth image) say nothing."""
+    bits = popcount(np.asarray(hashes, dtype=np.uint64).ravel())
+    return (bits >= MIN_BITS) & (bits <= 64 - MIN_BITS)
+
+
 def check_distance(value: int | None, name: str = "near_duplicate_distance") -> int | None:
-    """A valid near-duplicate distance (0..32), or None for off (None or -1); ValueError naming the option."""
+    """A valid near-duplicate distance (0..16), or None for off (None or -1); ValueError naming the option."""
     if value is None or (not isinstance(value, bool) and isinstance(value, int | np.integer) and value == -1):
         return None
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or not 0 <= value <= MAX_DISTANCE:
         raise ValueError(f"{name} must be a whole number from 0 to {MAX_DISTANCE}, or -1 / off to disable it, "
-                         f"got {value!r}")
+                         f"got {value!r} (unrelated photos are about 32 of 64 bits apart: a larger distance "
+                         "pairs up different photos)")
     return int(value)
 
 
 def parse_distance(text: str) -> int | None:
-    """The --near-duplicate-distance option: a whole number 0..32, or 'off' / -1 (None: no near-duplicate search)."""
+    """The --near-duplicate-distance option: a whole number 0..16, or 'off' / -1 (None: no near-duplicate search)."""
     if text.strip().lower() in ("off", "none", "-1"):
         return None
     try:
@@ -134,6 +149,7 @@ def _candidates(lo: np.ndarray, hi: np.ndarray, sources: np.ndarray, order: np.n
 def close_pairs(left: Sequence[int] | np.ndarray, right: Sequence[int] | np.ndarray | None = None,
                 max_distance: int = DEFAULT_DISTANCE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Index pairs (i, j, distance) of hashes within max_distance bits: left x right, or i < j within left."""
+    # Every pair is listed (n equal hashes: n(n-1)/2 of them); find_duplicates and cross_pairs pass distinct ones.
     a = np.asarray(left, dtype=np.uint64).ravel()
     b = a if right is None else np.asarray(right, dtype=np.uint64).ravel()
     max_distance = check_distance(max_distance, "max_distance")
@@ -186,28 +202,49 @@ class Duplicates:
     groups: list[list[int]] = field(default_factory=list)
     exact: list[bool] = field(default_factory=list)  # the group's files are all the same bytes
     distance: list[int] = field(default_factory=list)  # the largest Hamming distance of a pair found in the group
+    exact_only: list[int] = field(default_factory=list)  # photos whose hash says nothing: grouped by bytes only
+
+
+def _near_edges(hashes: Sequence[int] | np.ndarray, n: int, max_distance: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, np.ndarray]:
+    """Graph edges (i, j, distance) linking near duplicates through one node per distinct informative hash.
+
+    Photo k (nodes 0..n-1) links to node n + u of its distinct hash u, and the nodes of distinct hashes within
+    max_distance link to each other: identical hashes cost one edge each, not a pair per two photos. Returns the
+    edges, the number of nodes and the photos left out (their hash carries no information)."""
+    h = np.asarray(hashes, dtype=np.uint64).ravel()
+    keep = informative(h)
+    unique, inverse = np.unique(h[keep], return_inverse=True)
+    near_i, near_j, near_d = close_pairs(unique, None, max_distance)
+    photos = np.flatnonzero(keep)
+    i = np.concatenate([photos, n + near_i])
+    j = np.concatenate([n + inverse.ravel(), n + near_j])
+    d = np.concatenate([np.zeros(len(photos), np.int64), near_d])
+    return i, j, d, n + len(unique), np.flatnonzero(~keep)
 
 
 def find_duplicates(hashes: Sequence[int] | np.ndarray, digests: Sequence[str],
                     max_distance: int | None = DEFAULT_DISTANCE) -> Duplicates:
-    """Group photos that are the same bytes or (max_distance not None) whose hashes are within max_distance bits."""
+    """Group photos that are the same bytes or (max_distance not None) whose informative hashes are close."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
     n = len(digests)
     i, j = exact_pairs(digests)
     d = np.zeros(len(i), np.int64)
+    nodes, exact_only = n, np.zeros(0, np.int64)
     if max_distance is not None and n:
-        near_i, near_j, near_d = close_pairs(hashes, None, max_distance)
+        near_i, near_j, near_d, nodes, exact_only = _near_edges(hashes, n, max_distance)
         i, j, d = np.concatenate([i, near_i]), np.concatenate([j, near_j]), np.concatenate([d, near_d])
-    graph = coo_matrix((np.ones(len(i), np.int8), (i, j)), shape=(n, n))
-    _, group_of = connected_components(graph, directed=False)
-    largest = np.zeros(n, np.int64)
-    np.maximum.at(largest, group_of[i], d)
+    graph = coo_matrix((np.ones(len(i), np.int8), (i, j)), shape=(nodes, nodes))
+    _, labels = connected_components(graph, directed=False)
+    largest = np.zeros(nodes, np.int64)
+    np.maximum.at(largest, labels[i], d)
+    group_of = labels[:n]
     members: dict[int, list[int]] = {}
     for k, g in enumerate(group_of.tolist()):
         members.setdefault(g, []).append(k)
-    result = Duplicates(group_of=np.asarray(group_of, np.int64))
+    result = Duplicates(group_of=np.asarray(group_of, np.int64), exact_only=exact_only.tolist())
     for g, group in sorted(members.items(), key=lambda item: item[1][0]):
         if len(group) > 1:
             result.groups.append(group)
@@ -230,8 +267,9 @@ class PhotoSet:
     hashes: list[int] = field(default_factory=list)
     owners: list[int] = field(default_factory=list)  # the photo each hash belongs to
     skipped: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)  # each photo's file, its folder resolved: not paired with itself
 
-    def add(self, name: str, data: bytes, squares_too: bool) -> None:
+    def add(self, name: str, data: bytes, squares_too: bool, file: str = "") -> None:
         """Hash one photo's bytes (whole, and as its centre square when asked and not square)."""
         image = load_rgb(data)
         variants = [image]
@@ -242,6 +280,14 @@ class PhotoSet:
             self.owners.append(len(self.names))
         self.names.append(name)
         self.digests.append(hashlib.sha256(data).hexdigest())
+        self.files.append(file or f"{self.spec}\0{name}")
+
+    def exact_only(self) -> list[str]:
+        """The photos none of whose hashes carries information (flat or smooth images): matched by bytes only."""
+        some = np.zeros(len(self.names), bool)
+        if self.hashes:
+            some[np.asarray(self.owners, dtype=np.int64)[informative(self.hashes)]] = True
+        return [name for name, ok in zip(self.names, some.tolist(), strict=True) if not ok]
 
 
 def split_spec(spec: str) -> tuple[str, str] | None:
@@ -254,6 +300,40 @@ def split_spec(spec: str) -> tuple[str, str] | None:
     return folder, split
 
 
+def same_set(a: str, b: str) -> bool:
+    """Whether two `flower overlap` arguments name one set: the same folder, or the same split of one data folder."""
+    split_a, split_b = split_spec(a), split_spec(b)
+    if split_a is None and split_b is None:
+        return Path(a).resolve() == Path(b).resolve()
+    return (split_a is not None and split_b is not None and split_a[1] == split_b[1]
+            and Path(split_a[0]).resolve() == Path(split_b[0]).resolve())
+
+
+def looks_like_data_folder(folder: str | Path) -> bool:
+    """Whether a folder holds classes.json and tfrecords-jpeg-* folders (one written by `flower import`)."""
+    root = Path(folder)
+    return (root / "classes.json").is_file() and any(p.is_dir() for p in root.glob("tfrecords-jpeg-*"))
+
+
+def check_output(path: str) -> Path:
+    """The --json file, checked before any work: a new or regular file in a folder that takes files."""
+    target = Path(path)
+    if target.is_dir():
+        raise DataError(f"--json {path} is a folder; name a file, e.g. {target / 'pairs.json'}")
+    if target.exists() and not target.is_file():
+        raise DataError(f"--json {path} exists and is not a regular file")
+    if not target.parent.is_dir():
+        what = "is not a folder" if target.parent.exists() else "does not exist"
+        raise DataError(f"--json {path}: the folder {target.parent} {what}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as err:
+        raise DataError(f"--json {path} cannot be written: {err.strerror or err}") from err
+    os.close(fd)
+    os.remove(probe)
+    return target
+
+
 def read_folder(spec: str, squares_too: bool, progress: bool = True) -> PhotoSet:
     """Every photo under a folder (recursively; files Pillow cannot open are skipped and counted)."""
     root = Path(spec)
@@ -262,10 +342,11 @@ def read_folder(spec: str, squares_too: bool, progress: bool = True) -> PhotoSet
                         f"DATA_DIR:val or DATA_DIR:test)")
     files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
     photos = PhotoSet(spec, "folder")
+    real = root.resolve()  # a file is itself in both sets when one folder holds the other (a link is another file)
     for k, path in enumerate(files):
         name = path.relative_to(root).as_posix()
         try:
-            photos.add(name, path.read_bytes(), squares_too)
+            photos.add(name, path.read_bytes(), squares_too, str(real / name))
         except UNREADABLE:
             photos.skipped.append(name)
         if progress and (k + 1) % 1000 == 0:
@@ -316,6 +397,10 @@ def read_photos(spec: str, other: str, progress: bool = True) -> PhotoSet:
     parsed = split_spec(spec)
     if parsed:
         photos = read_split(spec, *parsed, progress=progress)
+    elif looks_like_data_folder(spec):
+        name = spec.rstrip("/") or spec
+        raise DataError(f"{spec} is a data folder (classes.json and tfrecords-jpeg-* folders), not a folder of "
+                        f"photos: name one of its splits, {name}:train, {name}:val or {name}:test")
     else:  # a folder compared with a split is matched as a whole photo and as the centre square the import keeps
         photos = read_folder(spec, squares_too=split_spec(other) is not None, progress=progress)
     if not photos.names:
@@ -324,14 +409,28 @@ def read_photos(spec: str, other: str, progress: bool = True) -> PhotoSet:
     return photos
 
 
+def _by_hash(photos: PhotoSet) -> tuple[np.ndarray, list[list[int]]]:
+    """The distinct informative hashes of a set and the photos that have each (identical hashes searched once)."""
+    hashes = np.asarray(photos.hashes, dtype=np.uint64)
+    keep = informative(hashes)
+    unique, inverse = np.unique(hashes[keep], return_inverse=True)
+    owners: list[dict[int, None]] = [{} for _ in range(len(unique))]
+    for u, owner in zip(inverse.ravel().tolist(), np.asarray(photos.owners, np.int64)[keep].tolist(), strict=True):
+        owners[u][owner] = None  # a photo once per hash, though its whole and its square may share it
+    return unique, [list(o) for o in owners]
+
+
 def cross_pairs(a: PhotoSet, b: PhotoSet, max_distance: int | None) -> list[dict]:
-    """Every (photo of A, photo of B) that is the same bytes or within max_distance bits, closest first."""
+    """Every (photo of A, photo of B) that is the same bytes or within max_distance bits, closest first.
+
+    Only informative hashes are compared (a flat or smooth photo pairs by its bytes only), each distinct hash
+    once, and a file that is in both sets (one folder inside the other) is not paired with itself."""
     best: dict[tuple[int, int], int] = {}
     if max_distance is not None:
-        owners_a, owners_b = np.asarray(a.owners), np.asarray(b.owners)
-        for i, j, d in zip(*close_pairs(a.hashes, b.hashes, max_distance), strict=True):
-            key = (int(owners_a[i]), int(owners_b[j]))
-            best[key] = min(best.get(key, 64), int(d))
+        (hashes_a, owners_a), (hashes_b, owners_b) = _by_hash(a), _by_hash(b)
+        for i, j, d in zip(*(x.tolist() for x in close_pairs(hashes_a, hashes_b, max_distance)), strict=True):
+            for key in ((x, y) for x in owners_a[i] for y in owners_b[j]):
+                best[key] = min(best.get(key, 64), d)
     in_b: dict[str, list[int]] = {}
     for k, digest in enumerate(b.digests):
         in_b.setdefault(digest, []).append(k)
@@ -339,19 +438,21 @@ def cross_pairs(a: PhotoSet, b: PhotoSet, max_distance: int | None) -> list[dict
     for key in exact:
         best[key] = 0
     rows = [{"a": a.names[i], "b": b.names[j], "distance": d, "kind": "exact" if (i, j) in exact else "near"}
-            for (i, j), d in best.items()]
+            for (i, j), d in best.items() if a.files[i] != b.files[j]]
     return sorted(rows, key=lambda r: (r["distance"], r["kind"] != "exact", r["a"], r["b"]))
 
 
 def overlap_report(a: PhotoSet, b: PhotoSet, max_distance: int | None, pairs: list[dict]) -> dict:
     """The JSON document of `flower overlap --json`: both sides, the threshold, the counts and every pair."""
     def side(photos: PhotoSet) -> dict:
-        return {"spec": photos.spec, "kind": photos.kind, "images": len(photos.names), "skipped": photos.skipped}
+        return {"spec": photos.spec, "kind": photos.kind, "images": len(photos.names), "skipped": photos.skipped,
+                "exact_only": [] if max_distance is None else photos.exact_only()}
 
     return {"a": side(a), "b": side(b), "near_duplicate_distance": max_distance,
             "counts": {"pairs": len(pairs), "exact": sum(p["kind"] == "exact" for p in pairs),
                        "near": sum(p["kind"] == "near" for p in pairs),
-                       "photos_of_a": len({p["a"] for p in pairs}), "photos_of_b": len({p["b"] for p in pairs})},
+                       "photos_of_a": len({p["a"] for p in pairs}), "photos_of_b": len({p["b"] for p in pairs}),
+                       "files_in_both": len(set(a.files) & set(b.files))},
             "pairs": pairs}
 
 
@@ -362,7 +463,12 @@ def _summary(report: dict) -> str:
     rule = "same bytes only" if threshold is None else f"same bytes, or Hamming distance <= {threshold} of 64 bits"
     lines = [f"{letter}: {side['images']} image(s) in {side['spec']}"
              + (f", {len(side['skipped'])} unreadable file(s) skipped" if side["skipped"] else "")
+             + (f", {len(side['exact_only'])} too flat or smooth for the perceptual hash (matched by their bytes "
+                "only)" if side["exact_only"] else "")
              for letter, side in (("A", a), ("B", b))]
+    if counts["files_in_both"]:
+        lines.append(f"{counts['files_in_both']} file(s) are in both A and B (one folder holds the other): "
+                     "not paired with themselves")
     if counts["pairs"]:
         lines.append(f"OVERLAP: {counts['pairs']} cross pair(s) ({counts['exact']} exact, {counts['near']} near; "
                      f"{counts['photos_of_a']} photo(s) of A, {counts['photos_of_b']} of B), {rule}")
@@ -371,20 +477,31 @@ def _summary(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m training.near_duplicates") -> int:
-    """Command line entry point of `flower overlap`."""
+def _parser(prog: str) -> argparse.ArgumentParser:
+    """The command line of `flower overlap`."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("a", help="a folder of photos, or DATA_DIR:train|val|test (a split written by flower import)")
-    parser.add_argument("b", help="the other side: a folder of photos, or DATA_DIR:train|val|test")
+    parser.add_argument("b", help="the other side (another set): a folder of photos, or DATA_DIR:train|val|test")
     parser.add_argument("--near-duplicate-distance", default=str(DEFAULT_DISTANCE), metavar="N",
                         help=f"largest Hamming distance (of 64 hash bits) that counts as a near duplicate, 0.."
                              f"{MAX_DISTANCE}, or 'off' / -1 for exact copies only (default {DEFAULT_DISTANCE})")
-    parser.add_argument("--json", metavar="OUT", help="also write every pair and the counts to this JSON file")
+    parser.add_argument("--json", metavar="OUT", help="also write every pair and the counts to this JSON file (its "
+                                                      "folder must exist; checked before the photos are read)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr while reading")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m training.near_duplicates") -> int:
+    """Command line entry point of `flower overlap`."""
+    args = _parser(prog).parse_args(argv)
     try:
         max_distance = parse_distance(args.near_duplicate_distance)
+        if same_set(args.a, args.b):
+            raise DataError(f"A and B are the same set ({args.a} and {args.b}): every photo would match itself; "
+                            "compare two different sets")
+        if args.json:
+            check_output(args.json)
         a = read_photos(args.a, args.b, progress=not args.quiet)
         b = read_photos(args.b, args.a, progress=not args.quiet)
     except (DataError, ValueError, OSError) as err:
@@ -394,9 +511,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.near_dup
     report = overlap_report(a, b, max_distance, pairs)
     for pair in pairs:
         print(f"{pair['kind']:5s}  distance {pair['distance']:2d}  {pair['a']}  {pair['b']}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
     print(_summary(report))
+    if args.json:
+        try:
+            write_text_atomic(args.json, json.dumps(report, indent=1) + "\n")
+        except OSError as err:
+            print(f"error: cannot write --json {args.json}: {err}", file=sys.stderr)
+            return 2
     return 1 if pairs else 0
 
 

@@ -8,11 +8,15 @@
 The split is stratified by class and seeded. Duplicates stay together: files with the same bytes, and
 near duplicates (the same photo resized, recompressed, slightly edited or cropped: perceptual hashes at most
 --near-duplicate-distance bits apart of 64, 'off' for exact copies only) form a group, and each group goes
-whole to one split, so a photo in val or test never has a copy in train. Per-class counts stay as close to
-the fractions as the groups allow (exact when there are no duplicates). A group whose files sit in different
-class folders is a label conflict: it is imported (into train, so it is never scored) and reported as a
-warning; fix the labels in the source folders and import again. Groups and warnings are in
-`import_report.json` and on screen.
+whole to one split, so a photo in val or test never has a copy in train. The hash is taken of what is
+stored: the square (per --fit) at the largest size, as the JPEG written, so a wide photo and its square crop,
+or two wide shots with the same middle, are one group. A flat or noise-free smooth image (one colour, a clean
+gradient) has a hash with few bits set that says nothing; it is grouped by its bytes only and listed as such.
+Per-class counts stay as close to the fractions as the groups allow (exact when there are no duplicates); a
+class whose val or test falls short of its target is warned about, and an import that would leave a whole
+split empty is refused before anything is written. A group whose files sit in different class folders is a
+label conflict: it is imported (into train, so it is never scored) and reported as a warning; fix the labels
+in the source folders and import again. Groups and warnings are in `import_report.json` and on screen.
 
 Test records carry no label; their labels go to `test_answers.csv` (`id,label`) so a submission can be
 scored. Files that are not readable images are listed in the report and on screen, never dropped silently.
@@ -29,6 +33,7 @@ import io
 import json
 import shutil
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +44,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from training.errors import DataError
 from training.near_duplicates import (
     DEFAULT_DISTANCE,
+    MAX_DISTANCE,
     check_distance,
     find_duplicates,
     load_rgb,
@@ -61,7 +67,9 @@ class ImportReport:
     near_duplicate_distance: int | None = DEFAULT_DISTANCE  # None: exact copies only
     duplicates: dict[str, int] = field(default_factory=dict)  # counts of the groups below
     duplicate_groups: list[dict] = field(default_factory=list)  # files, classes, kind, distance, split
-    warnings: list[str] = field(default_factory=list)  # label conflicts
+    exact_only: list[str] = field(default_factory=list)  # files whose hash says nothing (flat): grouped by bytes
+    targets: dict[str, dict[str, int]] = field(default_factory=dict)  # val and test count each class aims at
+    warnings: list[str] = field(default_factory=list)  # label conflicts, classes short of a val/test target
 
 
 def fit_square(image: Image.Image, size: int, fit: str) -> Image.Image:
@@ -104,20 +112,25 @@ def stratified_split(
     units, conflicts = _class_units(labels, groups)
     out: dict[str, list[int]] = {"train": list(conflicts), "val": [], "test": []}
     for label in np.unique(labels):
-        total = int(np.sum(labels == label))
-        n_test = int(round(total * test_fraction))
-        n_val = int(round(total * val_fraction))
-        while n_test + n_val >= total and n_test + n_val > 0:  # keep one training image per class
-            if n_test >= n_val:
-                n_test -= 1
-            else:
-                n_val -= 1
+        n_val, n_test = split_targets(int(np.sum(labels == label)), val_fraction, test_fraction)
         order = rng.permutation(len(units[label]))
         placed = _place_units([units[label][k] for k in order], {"test": n_test, "val": n_val},
                               int(sum(labels[i] == label for i in conflicts)), rng)
         for split in ("test", "val", "train"):
             out[split] += [i for unit in placed[split] for i in unit]
     return {k: rng.permutation(v).tolist() for k, v in out.items()}
+
+
+def split_targets(total: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
+    """A class's (val, test) counts for `total` images: the rounded fractions, leaving one or more for train."""
+    n_test = int(round(total * test_fraction))
+    n_val = int(round(total * val_fraction))
+    while n_test + n_val >= total and n_test + n_val > 0:  # keep one training image per class
+        if n_test >= n_val:
+            n_test -= 1
+        else:
+            n_val -= 1
+    return n_val, n_test
 
 
 def _class_units(labels: np.ndarray, groups: Sequence[int] | None) -> tuple[dict[int, list[list[int]]], list[int]]:
@@ -264,6 +277,7 @@ def import_folders(
     taken: set[str] = set()
     ids = {i: image_id(str(files[i].relative_to(src)), taken) for i in kept}
     splits = _split_keeping_duplicates(src, files, labels, kept, prints, (val_fraction, test_fraction, seed), report)
+    _check_split_counts(report, splits, labels, (val_fraction, test_fraction))
     if progress and report.duplicate_groups:
         print(f"  kept {len(report.duplicate_groups)} group(s) of duplicates within one split each", flush=True)
     examples = {i: (images[i], ids[i], labels[i]) for i in kept}
@@ -278,16 +292,17 @@ def import_folders(
 
 def _read_squares(src: Path, files: list[Path], size: int, fit: str, report: ImportReport, progress: bool,
                   near: bool = True) -> tuple[dict[int, Image.Image], dict[int, tuple[str, int]]]:
-    """Open every file as an RGB square of the largest size, with its (sha256, perceptual hash or 0); unreadable
-    files go to the report."""
+    """Open every file as an RGB square of the largest size, with its (sha256 of the file, perceptual hash of the
+    square as stored or 0); unreadable files go to the report."""
     images: dict[int, Image.Image] = {}
     prints: dict[int, tuple[str, int]] = {}
     for i, path in enumerate(files):
         try:
             data = path.read_bytes()
-            photo = load_rgb(data)
-            images[i] = fit_square(photo, size, fit)  # keep only the largest square
-            prints[i] = (hashlib.sha256(data).hexdigest(), perceptual_hash(photo) if near else 0)
+            images[i] = fit_square(load_rgb(data), size, fit)  # keep only the largest square
+            # The hash of what the records hold (the JPEG of this square), as `flower overlap DATA:split` sees it.
+            stored = perceptual_hash(load_rgb(_encode(images[i], size))) if near else 0
+            prints[i] = (hashlib.sha256(data).hexdigest(), stored)
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
             reason = "not an image" if isinstance(err, UnidentifiedImageError) else f"unreadable image ({err})"
             report.skipped.append({"path": str(path.relative_to(src)), "reason": reason})
@@ -305,6 +320,7 @@ def _split_keeping_duplicates(src: Path, files: list[Path], labels: list[int], k
     duplicates = find_duplicates([prints[i][1] for i in kept], [prints[i][0] for i in kept],
                                  report.near_duplicate_distance)
     kept_labels = [labels[i] for i in kept]
+    report.exact_only = [str(files[kept[j]].relative_to(src)) for j in duplicates.exact_only]
     split_idx = stratified_split(kept_labels, *split_args, groups=duplicates.group_of)
     splits = {name: [kept[j] for j in idx] for name, idx in split_idx.items()}
     split_of = {i: name for name, members in splits.items() for i in members}
@@ -327,6 +343,51 @@ def _split_keeping_duplicates(src: Path, files: list[Path], labels: list[int], k
                          "near_groups": sum(g["kind"] == "near" for g in groups),
                          "label_conflicts": sum(g["label_conflict"] for g in groups)}
     return splits
+
+
+def _check_split_counts(report: ImportReport, splits: dict[str, list[int]], labels: list[int],
+                        fractions: tuple[float, float]) -> None:
+    """Record each class's val/test targets, warn for a class short of one, and refuse an empty val or test."""
+    per_split = {name: Counter(labels[i] for i in members) for name, members in splits.items()}
+    grouped, conflicts = Counter(), Counter()
+    for group in report.duplicate_groups:
+        for file in group["files"]:  # a file's path under the source starts with its class folder
+            (conflicts if group["label_conflict"] else grouped)[Path(file).parts[0]] += 1
+    report.targets = {"val": {}, "test": {}}
+    for c, name in enumerate(report.classes):
+        total = sum(counts[c] for counts in per_split.values())
+        report.targets["val"][name], report.targets["test"][name] = split_targets(total, *fractions)
+        short = [f"{s} has {per_split[s][c]} of its target {report.targets[s][name]}" for s in ("val", "test")
+                 if per_split[s][c] < report.targets[s][name]]
+        if short:
+            report.warnings.append(f"class {name!r}: {' and '.join(short)} photo(s): duplicate groups stay whole "
+                                   f"and did not fit ({grouped[name] + conflicts[name]} of its {total} photos are in "
+                                   f"groups, {conflicts[name]} of them in label conflicts, which go to train); its "
+                                   "val/test scores rest on fewer photos")
+    free = {name: sum(counts[c] for counts in per_split.values()) - conflicts[name]
+            for c, name in enumerate(report.classes)}
+    for split in (s for s in ("val", "test") if not splits[s]):
+        if any(free[name] for name, target in report.targets[split].items() if target):
+            raise DataError(_empty_split_message([s for s in ("val", "test") if not splits[s]], report))
+        # Only label conflicts (already warned about, kept in train) left it empty: fixing the labels fixes it.
+        report.warnings.append(f"{split} is empty: every photo that could go there is in a label conflict; fix "
+                               "the labels in the source folders and import again")
+
+
+def _empty_split_message(empty: list[str], report: ImportReport) -> str:
+    """Why an import would leave val and/or test empty (it is refused, nothing written)."""
+    wanted = {s: sum(report.targets[s].values()) for s in empty}
+    if not any(wanted.values()):
+        cause = ("no class has enough photos for the val/test fractions to give it one; add photos or raise "
+                 "the fractions")
+    else:
+        groups = report.duplicate_groups
+        cause = (f"{' and '.join(f'{s} should hold {n}' for s, n in wanted.items() if n)} photo(s), but the photos "
+                 f"that could go there are in duplicate groups ({sum(len(g['files']) for g in groups)} photos in "
+                 f"{len(groups)} groups, {sum(g['label_conflict'] for g in groups)} of them label conflicts), each "
+                 "kept whole and too large for its class's target; add photos that are not duplicates, or raise "
+                 "the val/test fractions so that whole groups fit")
+    return f"the import would leave {' and '.join(empty)} empty: {cause}; nothing was written"
 
 
 def _write_records(out: Path, staging_name: str, sizes: Sequence[int], splits: dict[str, list[int]],
@@ -392,8 +453,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.photos")
     parser.add_argument("--overwrite", action="store_true", help="replace records of the same size in OUT")
     parser.add_argument("--near-duplicate-distance", default=str(DEFAULT_DISTANCE), metavar="N",
                         help="photos whose 64-bit perceptual hashes differ in at most N bits are near duplicates and "
-                             "go to the same split, like files with the same bytes; 0..32, or 'off' / -1 to group "
-                             f"exact copies only (default {DEFAULT_DISTANCE})")
+                             f"go to the same split, like files with the same bytes; 0..{MAX_DISTANCE}, or 'off' / -1 "
+                             f"to group exact copies only (default {DEFAULT_DISTANCE})")
     args = parser.parse_args(argv)
     try:
         sizes = _parse_sizes(args.sizes)
@@ -418,9 +479,12 @@ def _summary(report: ImportReport, report_file: Path) -> str:
     lines.append(f"duplicates: {found.get('groups', 0)} group(s) of {found.get('files_in_groups', 0)} files "
                  f"({found.get('exact_groups', 0)} exact, {found.get('near_groups', 0)} near; {rule}), "
                  "each kept within one split")
+    if report.exact_only:
+        lines.append(f"{len(report.exact_only)} photo(s) too flat or smooth for the perceptual hash (a flat colour, "
+                     "a clean gradient): grouped by their bytes only")
     lines += [f"WARNING: {warning}" for warning in report.warnings]
-    lines.append(f"skipped {len(report.skipped)} file(s) (skipped files and duplicate groups are listed in "
-                 f"{report_file})")
+    lines.append(f"skipped {len(report.skipped)} file(s) (skipped files, duplicate groups and the photos grouped "
+                 f"by bytes only are listed in {report_file})")
     return "\n".join(lines)
 
 
