@@ -22,7 +22,6 @@ import csv
 import json
 import os
 import sys
-import warnings
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -42,15 +41,14 @@ def read_answers(data: Path) -> dict[str, int]:
 
 def run_model(run: Path, classes: int):
     """A run's config and its model with the best weights (the ones it exported)."""
+    from training.checkpoints import load_best_weights
     from training.config import config_from_dict
     from training.model import build_classifier
 
     config = config_from_dict(json.loads((run / "config.json").read_text()))
     model = build_classifier(config.model.backbone, config.data.image_size, classes, weights=None,
                              dropout=config.model.dropout)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Skipping variable loading for optimizer.*")
-        model.load_weights(run / "checkpoints" / "best.weights.h5")
+    load_best_weights(model, run / "checkpoints")
     return config, model
 
 

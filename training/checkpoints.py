@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,13 @@ def save_weights_atomic(model: keras.Model, path: Path) -> None:
     tmp = path.with_name(f".{path.name[: -len('.weights.h5')]}.tmp.weights.h5")
     model.save_weights(tmp)
     os.replace(tmp, path)
+
+
+def load_best_weights(model: keras.Model, checkpoints: Path) -> None:
+    """Load `best.weights.h5` into a model; the optimizer state in the file (of its phase) is not wanted."""
+    with warnings.catch_warnings():  # the best epoch may predate an unfreeze, or the model is not compiled
+        warnings.filterwarnings("ignore", message=".*Skipping variable loading for optimizer.*")
+        model.load_weights(checkpoints / "best.weights.h5")
 
 
 def latest_checkpoint(folder: Path) -> Path | None:

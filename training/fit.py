@@ -20,7 +20,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from training.checkpoints import check_resumable, load_checkpoint, save_checkpoint, save_weights_atomic, saved_epoch
+from training.checkpoints import (
+    check_resumable,
+    load_best_weights,
+    load_checkpoint,
+    save_checkpoint,
+    save_weights_atomic,
+    saved_epoch,
+)
 from training.config import RunConfig, check_unfreeze_reachable, trainable_at
 from training.dataset import SplitInfo, split_info, train_dataset
 from training.evaluation import classification_scores
@@ -299,9 +306,7 @@ def train_member(config: RunConfig, log: Log = print, after_epoch: AfterEpoch | 
     if config.data.train_on_val:  # validation rows were trained on: no honest "best" epoch, keep the last
         log("trained on train+val: exporting the last epoch's weights")
     else:
-        with warnings.catch_warnings():  # the best epoch may predate an unfreeze: its optimizer state is not wanted
-            warnings.filterwarnings("ignore", message=".*Skipping variable loading for optimizer.*")
-            run.model.load_weights(checkpoints / "best.weights.h5")
+        load_best_weights(run.model, checkpoints)
     params = parameter_counts(run.model)  # of the last phase, resumed or not
     facts = RunFacts(run.infos, run.classes, params, run.policy, run.replicas, run.steps * run.global_batch, stopped)
     return finish_run(config, run.model, facts, state["history"], log)

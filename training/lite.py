@@ -168,7 +168,7 @@ def assign_state_dict(model: keras.Model, sources: dict[str, str], state: dict[s
         layer.set_weights([a.astype(t.dtype) for a, t in zip(arrays.values(), targets, strict=True)])
         used.update(arrays)
     ignored = {k for k in state if k.endswith(".num_batches_tracked")}
-    if not any(layer == "predictions" for layer in sources):
+    if "predictions" not in sources:
         ignored |= {k for k in state if k.startswith("_fc.")}  # the ImageNet classifier, replaced by our head
     unused = sorted(set(state) - used - ignored)
     if unused:

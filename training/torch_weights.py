@@ -95,6 +95,16 @@ def _is_int(value) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
+def _last_element(ref: TensorRef) -> int:
+    """The storage index of a non-empty view's last element."""
+    return ref.offset + sum((n - 1) * s for n, s in zip(ref.size, ref.stride, strict=True))
+
+
+def _unreadable(source: str, err: Exception) -> CheckpointError:
+    """The error for data that fails to parse at all."""
+    return CheckpointError(f"{source}: not a readable PyTorch weights file ({type(err).__name__}: {str(err)[:200]})")
+
+
 def _tensor_ref(storage, offset, size, stride) -> TensorRef:
     """Check a tensor's view arguments and keep them: within its storage, no more elements than it holds."""
     if not isinstance(storage, StorageRef):
@@ -109,7 +119,7 @@ def _tensor_ref(storage, offset, size, stride) -> TensorRef:
                               f"size {ref.size}, stride {ref.stride}")
     if 0 in ref.size:
         return ref
-    last = ref.offset + sum((n - 1) * s for n, s in zip(ref.size, ref.stride, strict=True))
+    last = _last_element(ref)
     if last >= storage.numel:
         raise CheckpointError(f"a tensor of size {ref.size} (offset {ref.offset}, stride {ref.stride}) reads "
                               f"element {last} of a storage of {storage.numel}")
@@ -173,18 +183,22 @@ def _nesting_step(name: str, arg, stack: list[int], marks: list[int], memo: dict
         stack.append(0)  # a constant or a global
 
 
-def _check_opcodes(data: bytes, source: str) -> None:
-    """Refuse a pickle with an opcode a state dict never needs, or objects nested deeper than MAX_NESTING."""
+def _check_opcodes(stream: io.BytesIO, source: str) -> None:
+    """Read one pickle up to its STOP and refuse an opcode a state dict never needs, objects nested deeper
+    than MAX_NESTING, or a pickle larger than MAX_PICKLE_BYTES."""
+    start = stream.tell()
     stack: list[int] = []
     marks: list[int] = []
     memo: dict = {}
-    for opcode, arg, _ in pickletools.genops(data):
+    for opcode, arg, _ in pickletools.genops(stream):
         if opcode.name not in ALLOWED_OPCODES:
             raise CheckpointError(f"{source}: refused the pickle opcode {opcode.name}: a weights file does not need "
                                   "it, and it can build arbitrary objects (is it a trusted file?)")
         _nesting_step(opcode.name, arg, stack, marks, memo)
         if stack and stack[-1] > MAX_NESTING:
             raise CheckpointError(f"{source}: objects nested more than {MAX_NESTING} deep: not a state dict")
+        if stream.tell() - start > MAX_PICKLE_BYTES:
+            raise CheckpointError(f"{source}: a pickle of over {MAX_PICKLE_BYTES} bytes: not a state dict")
         if opcode.name == "STOP":
             return
 
@@ -226,32 +240,20 @@ class RestrictedUnpickler(pickle._Unpickler):  # the Python unpickler: its BUILD
     dispatch[pickle.BUILD[0]] = load_build
 
 
-def _unpickle(data: bytes, source: str):
-    """One restricted unpickle of a whole pickle; any failure becomes a CheckpointError naming the file."""
+def _unpickle(stream: io.BytesIO, source: str):
+    """Check, then restrictedly unpickle, the pickle at the stream's position (the stream ends after it).
+
+    Any failure becomes a CheckpointError naming the file.
+    """
+    start = stream.tell()
     try:
-        _check_opcodes(data, source)
-        return RestrictedUnpickler(io.BytesIO(data), source).load()
+        _check_opcodes(stream, source)
+        stream.seek(start)
+        return RestrictedUnpickler(stream, source).load()
     except CheckpointError as err:
         raise err if str(err).startswith(source) else CheckpointError(f"{source}: {err}") from None
     except Exception as err:  # truncated, corrupt or hostile data raise many types
-        raise CheckpointError(f"{source}: not a readable PyTorch weights file ({type(err).__name__}: "
-                              f"{str(err)[:200]})") from None
-
-
-def _next_pickle(stream: io.BytesIO, source: str):
-    """Unpickle the next pickle of a legacy file's stream (they follow one another)."""
-    start = stream.tell()
-    try:
-        for opcode, _, _ in pickletools.genops(stream):
-            if opcode.name == "STOP":
-                break
-    except Exception as err:
-        raise CheckpointError(f"{source}: not a readable PyTorch weights file ({type(err).__name__}: "
-                              f"{str(err)[:200]})") from None
-    end = stream.tell()
-    if end - start > MAX_PICKLE_BYTES:
-        raise CheckpointError(f"{source}: a pickle of {end - start} bytes: not a state dict")
-    return _unpickle(stream.getvalue()[start:end], source)
+        raise _unreadable(source, err) from None
 
 
 def _tensor_refs(obj, source: str, nested: bool = False) -> dict[str, TensorRef]:
@@ -291,8 +293,7 @@ def _materialise(refs: dict[str, TensorRef], storages: dict[str, np.ndarray], so
         if 0 in ref.size:
             array = np.zeros(ref.size, flat.dtype)
         else:
-            last = ref.offset + sum((n - 1) * s for n, s in zip(ref.size, ref.stride, strict=True))
-            if last >= flat.size or math.prod(ref.size) > flat.size:
+            if _last_element(ref) >= flat.size or math.prod(ref.size) > flat.size:
                 raise CheckpointError(f"{source}: tensor {name} reads outside its storage {ref.storage.key}")
             view = np.lib.stride_tricks.as_strided(flat[ref.offset:], shape=ref.size,
                                                    strides=[s * flat.itemsize for s in ref.stride], writeable=False)
@@ -326,14 +327,14 @@ def _storages_of(refs: dict[str, TensorRef], source: str) -> dict[str, StorageRe
 def _read_legacy(data: bytes, source: str) -> dict[str, np.ndarray]:
     """Read the legacy (non-zip) format."""
     stream = io.BytesIO(data)
-    if _next_pickle(stream, source) != LEGACY_MAGIC:
+    if _unpickle(stream, source) != LEGACY_MAGIC:
         raise CheckpointError(f"{source}: not a PyTorch weights file (wrong magic number)")
-    if _next_pickle(stream, source) != LEGACY_PROTOCOL:
+    if _unpickle(stream, source) != LEGACY_PROTOCOL:
         raise CheckpointError(f"{source}: unsupported PyTorch legacy protocol version")
-    info = _next_pickle(stream, source)
+    info = _unpickle(stream, source)
     little_endian = not isinstance(info, dict) or dict.get(info, "little_endian", True) is not False
-    refs = _tensor_refs(_next_pickle(stream, source), source)
-    keys = _next_pickle(stream, source)
+    refs = _tensor_refs(_unpickle(stream, source), source)
+    keys = _unpickle(stream, source)
     wanted = _storages_of(refs, source)
     if type(keys) is not list or sorted(keys, key=str) != sorted(wanted):
         raise CheckpointError(f"{source}: the storage key list does not name each storage the tensors use once")
@@ -377,7 +378,7 @@ def _read_zip(path: Path, source: str) -> dict[str, np.ndarray]:
             little_endian = order == b"little"
         if archive.getinfo(pickles[0]).file_size > MAX_PICKLE_BYTES:
             raise CheckpointError(f"{source}: {pickles[0]} is too large to be a state dict's pickle")
-        refs = _tensor_refs(_unpickle(archive.read(pickles[0]), source), source)
+        refs = _tensor_refs(_unpickle(io.BytesIO(archive.read(pickles[0])), source), source)
         storages = {}
         for key, ref in _storages_of(refs, source).items():
             member = f"{prefix}data/{key}"
@@ -401,5 +402,4 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     except CheckpointError:
         raise
     except Exception as err:  # corrupt zips, huge claims, odd structures raise many types
-        raise CheckpointError(f"{source}: not a readable PyTorch weights file ({type(err).__name__}: "
-                              f"{str(err)[:200]})") from None
+        raise _unreadable(source, err) from None
