@@ -714,6 +714,8 @@ def test_a_checkpoint_in_the_older_single_folder_layout_still_resumes(tmp_path):
 
 
 def test_steps_per_execution_trains_exactly_like_single_steps(tiny_data, tmp_path):
+    from training.fit import prepare_run
+
     runs = {}
     for per_execution in (1, 3):
         out = tmp_path / f"spe{per_execution}"
@@ -725,6 +727,12 @@ def test_steps_per_execution_trains_exactly_like_single_steps(tiny_data, tmp_pat
     assert runs[1].keys() == runs[3].keys()
     for name in runs[1]:
         np.testing.assert_allclose(runs[3][name], runs[1][name], rtol=1e-5, atol=1e-6, err_msg=name)
+    # ... and the model really runs 3 steps per execution (capped at the steps of an epoch).
+    settings = {"data.dir": str(tiny_data), "data.image_size": 32, "data.batch_size": 16,
+                "train.steps_per_execution": 3, "output": str(tmp_path / "never-written")}
+    assert prepare_run(load_config(None, settings), log=lambda _: None).model.steps_per_execution == 3
+    settings["train.steps_per_execution"] = 99
+    assert prepare_run(load_config(None, settings), log=lambda _: None).model.steps_per_execution == 3
 
 
 def test_the_time_budget_stops_after_the_last_epoch_that_fits_and_the_run_goes_on_when_rerun(tiny_data, tmp_path):
