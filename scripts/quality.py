@@ -4,6 +4,7 @@
     python scripts/quality.py members runs/a runs/b --data data/flowers5 [--tta 4]
     python scripts/quality.py service demo/ensemble --data data/flowers5 [--size 128] [--tolerance 0.01]
     python scripts/quality.py errors runs/a --data data/flowers5 --out errors.png [--count 40]
+    python scripts/quality.py probe ../shared/data/flowers5-128px [--backbone efficientnet-lite0] [--size 128]
 
 `members`: each run's validation and test macro F1 from its best weights, with one pass and with
 `--tta` passes (the same passes the run's predictions use), and its seconds per epoch; a Markdown
@@ -216,6 +217,30 @@ def errors(args: argparse.Namespace) -> int:
     return 0
 
 
+def probe(args: argparse.Namespace) -> int:
+    """Linear probe: 5-fold CV accuracy of a logistic regression on a backbone's frozen, pooled features."""
+    import keras
+    from PIL import Image
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+
+    from training.backbones import build_backbone
+
+    features = build_backbone(args.backbone, args.size, "imagenet")
+    classes = sorted(p.name for p in Path(args.photos).iterdir() if p.is_dir())
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        for path in sorted((Path(args.photos) / name).glob("*.jpg"))[: args.per_class]:
+            image = Image.open(path).convert("RGB").resize((args.size, args.size), Image.BICUBIC)
+            images.append(np.asarray(image, np.float32))
+            labels.append(label)
+    pooled = keras.layers.GlobalAveragePooling2D()(features.predict(np.stack(images), batch_size=50, verbose=0))
+    accuracy = cross_val_score(LogisticRegression(max_iter=2000), np.asarray(pooled), labels, cv=5).mean()
+    print(f"{args.backbone} ({args.size} px, ImageNet weights frozen): linear probe on {len(labels)} photos of "
+          f"{len(classes)} classes, 5-fold CV accuracy {accuracy:.4f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -234,8 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--data", required=True)
     e.add_argument("--out", required=True)
     e.add_argument("--count", type=int, default=40)
+    p = sub.add_parser("probe", help="linear-probe accuracy of a backbone's frozen ImageNet features on photos")
+    p.add_argument("photos", help="a folder with one sub-folder of JPEG photos per class")
+    p.add_argument("--backbone", default="efficientnet-lite0")
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--per-class", type=int, default=120, help="the first N photos of each class, by name")
     args = parser.parse_args(argv)
-    return {"members": members, "service": service, "errors": errors}[args.command](args)
+    return {"members": members, "service": service, "errors": errors, "probe": probe}[args.command](args)
 
 
 if __name__ == "__main__":
