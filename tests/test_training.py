@@ -323,12 +323,14 @@ class RecordingModel:
     def __init__(self):
         self.batches = []
 
-    def predict_on_batch(self, images):
-        images = np.asarray(images)
-        self.batches.append(images)
-        # A deliberately non-symmetric score, so flipped inputs change the output.
-        score = images[:, :, : images.shape[2] // 2].mean(axis=(1, 2, 3))
-        return np.stack([score, 255.0 - score], axis=1) / 255.0
+    def predict(self, dataset, verbose=0):
+        outputs = []
+        for images in dataset.as_numpy_iterator():
+            self.batches.append(images)
+            # A deliberately non-symmetric score, so flipped inputs change the output.
+            score = images[:, :, : images.shape[2] // 2].mean(axis=(1, 2, 3))
+            outputs.append(np.stack([score, 255.0 - score], axis=1) / 255.0)
+        return np.concatenate(outputs)
 
 
 def test_tta_feeds_really_augmented_images_and_changes_predictions(tiny_data):
@@ -339,7 +341,8 @@ def test_tta_feeds_really_augmented_images_and_changes_predictions(tiny_data):
     _, _, p1 = predict_split(plain, info, 32, 24, tta=1)
     _, _, p3 = predict_split(tta, info, 32, 24, tta=3)
     assert len(tta.batches) == 3 * len(plain.batches)
-    original, first_aug, second_aug = tta.batches[0], tta.batches[1], tta.batches[2]
+    passes = len(plain.batches)
+    original, first_aug, second_aug = tta.batches[0], tta.batches[passes], tta.batches[2 * passes]
     assert np.abs(first_aug - original).mean() > 1.0 and np.abs(second_aug - first_aug).mean() > 1.0
     assert np.abs(p3 - p1).max() > 1e-3
     assert TTA_AUGMENT.erase_prob == 0 and not TTA_AUGMENT.mixes_batches
@@ -419,6 +422,44 @@ def test_one_step_on_two_and_four_replicas_equals_one_replica_for_every_loss(tmp
                                        err_msg=f"{name} on {replicas} replicas")
             assert float(results[replicas][name + "_loss"]) == pytest.approx(float(results[1][name + "_loss"]),
                                                                              rel=1e-5)
+
+
+def test_two_epochs_on_two_and_four_replicas_equal_one_replica(tiny_data, tmp_path):
+    # The whole trainer, same global batch (16) and learning rate: per-replica batch 16/8/4, schedule.max
+    # divided by the replicas (the schedule scales it back up). Batch norm frozen and no dropout: those two
+    # are per-replica by design. Augmentation with MixUp, focal loss and class weights stay on: the
+    # pipeline augments the global batch before it is split, so every replica gets its own transforms.
+    same = ["--set", "model.batch_norm=frozen", "--set", "model.dropout=0", "--set", "train.loss=focal",
+            "--set", "train.class_weights=true", "--set", "augment.mixup_prob=0.5", "--set", "schedule.kind=constant",
+            "--set", "train.eval_batch_size=7"]  # several eval batches, uneven among 2 or 4 replicas, short last ones
+    runs = {}
+    for replicas in (1, 2, 4):
+        out = tmp_path / f"r{replicas}"
+        result = subprocess.run(
+            [sys.executable, "-m", "training.train", "--set", f"data.dir={tiny_data}", "--set", f"output={out}",
+             *TINY_RUN, *same, "--set", f"data.batch_size={16 // replicas}",
+             "--set", f"schedule.max={4e-3 / replicas}"],
+            cwd=REPO, capture_output=True, text=True, timeout=600,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "FLOWER_CPU_REPLICAS": str(replicas)})
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert f"{replicas} replica(s)" in result.stdout and "global batch 16," in result.stdout
+        runs[replicas] = out
+    history = {r: [[float(v) for v in row.split(",")[1:6]]
+                   for row in (out / "history.csv").read_text().splitlines()[1:]] for r, out in runs.items()}
+    weights = {r: _weights(out / "checkpoints" / "epoch-0002" / "weights.weights.h5") for r, out in runs.items()}
+    assert abs(history[1][1][1] - history[1][0][1]) > 1e-3  # it trained: the loss moved between the epochs
+    for replicas in (2, 4):
+        # learning rate, loss, val loss, val accuracy, val macro F1 per epoch
+        np.testing.assert_allclose(history[replicas], history[1], rtol=2e-4, atol=1e-5, err_msg=f"{replicas} replicas")
+        for name in weights[1]:
+            if "optimizer" not in name:
+                np.testing.assert_allclose(weights[replicas][name], weights[1][name], rtol=1e-3, atol=1e-5,
+                                           err_msg=f"{name} on {replicas} replicas")
+        for split in ("val", "test"):  # with predict.tta=2 on the uneven last batch (18 test images, 4 replicas)
+            with np.load(runs[replicas] / "predictions" / f"{split}.npz") as a, \
+                    np.load(runs[1] / "predictions" / f"{split}.npz") as b:
+                np.testing.assert_array_equal(a["ids"], b["ids"])
+                np.testing.assert_allclose(a["probs"], b["probs"], atol=1e-4, err_msg=f"{split} on {replicas} replicas")
 
 
 def test_a_bad_replica_setting_is_named(monkeypatch):

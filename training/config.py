@@ -35,6 +35,7 @@ class DataConfig:
     train_on_val: bool = False  # final fit on train+val (validation scores then flatter)
     shuffle_buffer: int = 2048
     deterministic: bool = False  # same batches in the same order for a seed and epoch (slower input; exact resume)
+    shard: str = "auto"  # several workers: auto (by file when every worker gets one, else by data) | file | data
     validation_from: str = ""  # with train_on_val: the run (on train only) whose val predictions stand in a blend
 
 
@@ -286,6 +287,8 @@ def validate(config: RunConfig) -> None:
     if not 0 <= config.model.dropout < 1 or not 0 <= config.train.label_smoothing < 1:
         raise ValueError("model.dropout and train.label_smoothing must be in [0, 1)")
     _validate_trainable(config)
+    if config.data.shard not in ("auto", "file", "data"):
+        raise ValueError(f"data.shard must be auto, file or data, got {config.data.shard!r}")
     if config.data.validation_from and not config.data.train_on_val:
         raise ValueError("data.validation_from is for a refit on train+val: set data.train_on_val = true too")
     if not config.data.dir.strip():

@@ -33,6 +33,16 @@ class SplitInfo:
     labelled: bool
 
 
+# How tf.distribute splits a training dataset among workers. With one worker it must be OFF: the
+# default (AUTO) rewrites the file-level shuffle even on a single machine with several replicas, so
+# that N replicas would train on another order of the images than one replica with the same seed.
+SHARD_POLICIES = {
+    "off": tf.data.experimental.AutoShardPolicy.OFF,
+    "file": tf.data.experimental.AutoShardPolicy.FILE,
+    "data": tf.data.experimental.AutoShardPolicy.DATA,
+}
+
+
 def split_info(data_dir: str, split: str, image_size: int, file_size: int | None = None) -> SplitInfo:
     """Locate a split's files (at the chosen record size), check the first record of each, count them."""
     size = choose_file_size(data_dir, image_size, file_size)
@@ -79,12 +89,16 @@ def train_dataset(
     shuffle_buffer: int = 2048,
     repeat: bool = True,
     deterministic: bool = False,
+    shard: str = "off",
 ) -> tf.data.Dataset:
     """Endless, shuffled, augmented batches (images [B,S,S,3] float32 0..255, one-hot labels [B,C]).
 
     `splits` are located already (`training_splits`). Files are read in parallel and unordered for
     speed; batches have fixed shapes (drop_remainder) as TPUs need. `deterministic=True` keeps the
     order fixed for a given seed (slower), so that a run can be repeated or resumed exactly.
+    `shard` is how a distribution strategy splits the batches among workers: 'off' (one worker: every
+    replica's share of a global batch is cut from the same batches one replica would see), 'file'
+    (each worker reads its own record files) or 'data' (each worker reads everything, keeps its share).
     """
     augment_config = augment if augment is not None else AugmentConfig()
     files = [f for info in splits for f in info.files]
@@ -92,14 +106,18 @@ def train_dataset(
     if any(info.file_size != size or not info.labelled for info in splits):
         raise ValueError("training splits must be labelled and share one record size")
 
-    file_ds = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=seed)
+    # reshuffle_each_iteration=False: the order is a function of the seed alone, however often the dataset
+    # is iterated (Keras under a distribution strategy opens it twice per fit, once to build the model;
+    # a reshuffling dataset would then train several replicas on another order than one replica).
+    # Each epoch gets a fresh dataset with its own seed (training.fit.epoch_seed), so epochs still differ.
+    file_ds = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=seed, reshuffle_each_iteration=False)
     if repeat:
         file_ds = file_ds.repeat()
     ds = file_ds.interleave(
         lambda path: tf.data.TFRecordDataset(path, buffer_size=8 << 20).map(lambda r: (r, path)),
         cycle_length=min(16, len(files)), num_parallel_calls=AUTOTUNE, deterministic=deterministic,
     )
-    ds = ds.shuffle(shuffle_buffer, seed=seed)
+    ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
 
     def load(serialized, source):
         image, label, _ = _parse_and_decode(serialized, source, None, True, size, num_classes)
@@ -114,10 +132,11 @@ def train_dataset(
     ds = ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     ds = ds.batch(batch_size, drop_remainder=True)
     # One seed per batch: augmentation parameters are sampled and applied batch-wise.
-    ds = tf.data.Dataset.zip((ds, tf.data.Dataset.random(seed=seed).batch(2)))
+    ds = tf.data.Dataset.zip((ds, tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=False).batch(2)))
     ds = ds.map(augment_and_mix, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     options = tf.data.Options()
     options.deterministic = deterministic
+    options.experimental_distribute.auto_shard_policy = SHARD_POLICIES[shard]
     return ds.with_options(options).prefetch(AUTOTUNE)
 
 

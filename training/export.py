@@ -15,7 +15,8 @@ import numpy as np
 import tensorflow as tf
 
 from training.augment import AugmentConfig, augment_batch
-from training.dataset import SplitInfo, eval_dataset, iterate_checked
+from training.dataset import SHARD_POLICIES, SplitInfo, eval_dataset, iterate_checked
+from training.strategy import worker_count
 from training.writing import write_npz_atomic
 
 # Test-time augmentation: flips and a mild affine transform, no colour, no erasing.
@@ -100,23 +101,37 @@ def predict_split(
     """Ids, labels (None for test) and probabilities of a split, rows in ascending id order.
 
     With tta > 1, the probabilities average the plain pass and tta-1 passes over flipped and mildly
-    transformed copies of the images.
+    transformed copies of the images. The passes go through `model.predict`, which splits each batch
+    among the replicas of the model's distribution strategy (`predict_on_batch` would hand every
+    replica the whole batch and return N copies of it).
     """
-    ids, labels, probs = [], [], []
-    for index, batch in enumerate(iterate_checked(eval_dataset(info, image_size, batch_size,
-                                                                    num_classes=num_classes), info)):
-        images = batch[0]
-        total = np.asarray(model.predict_on_batch(images), dtype=np.float64)
-        for k in range(1, tta):
-            seed_k = tf.constant([seed * 1_000_003 + k, index], tf.int64)
-            total += np.asarray(model.predict_on_batch(augment_batch(images, seed_k, TTA_AUGMENT, image_size)))
-        probs.append(total / tta)
+    ds = eval_dataset(info, image_size, batch_size, num_classes=num_classes)
+    ids, labels = [], []
+    for batch in iterate_checked(ds, info):  # reads every record once: a bad one is named before any pass
         ids.extend(i.decode() for i in batch[-1])
         if info.labelled:
             labels.append(batch[1])
+    options = tf.data.Options()
+    # Several workers: each predicts its share of every batch and Keras gathers them in order.
+    options.experimental_distribute.auto_shard_policy = SHARD_POLICIES["data" if worker_count() > 1 else "off"]
+    ds = ds.with_options(options)
+    total = np.zeros((len(ids), 0))
+    for k in range(tta):
+        if k == 0:
+            images = ds.map(lambda *batch: batch[0])
+        else:
+            def augmented(index, batch, k=k):
+                seed_k = tf.stack([tf.constant(seed * 1_000_003 + k, tf.int64), index])
+                return augment_batch(batch[0], seed_k, TTA_AUGMENT, image_size)
+            images = ds.enumerate().map(augmented)
+        probs = np.asarray(model.predict(images, verbose=0), dtype=np.float64)
+        if probs.shape[0] != len(ids):
+            raise RuntimeError(f"the model returned {probs.shape[0]} predictions for the {len(ids)} images of "
+                               f"split {info.split!r}")
+        total = probs if k == 0 else total + probs
     ids_array = np.array(ids, dtype=str)
     order = np.argsort(ids_array)
-    probs_array = np.concatenate(probs).astype(np.float32)[order]
+    probs_array = (total / tta).astype(np.float32)[order]
     probs_array /= probs_array.sum(axis=1, keepdims=True)
     labels_array = np.concatenate(labels).astype(np.int64)[order] if info.labelled else None
     return ids_array[order], labels_array, probs_array

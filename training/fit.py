@@ -36,7 +36,7 @@ from training.layout import load_classes
 from training.model import backbone_blocks, build_classifier, features_of, parameter_counts, set_trainable
 from training.outputs import RunFacts, finish_run, write_history
 from training.schedules import learning_rate, plot_schedule
-from training.strategy import detect_strategy, set_precision
+from training.strategy import detect_strategy, set_precision, shard_policy, worker_count
 from training.writing import write_text_atomic
 
 # Keras warns that shuffle=True is ignored for a tf.data.Dataset: the pipeline shuffles itself.
@@ -132,6 +132,7 @@ class Run:
     loss: Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
     trainable: str  # what trains now: model.trainable, or model.unfreeze after the switch
     steps_per_execution: int
+    shard: str  # off | file | data: how the training batches are split among workers
 
     def compile(self) -> None:
         """A fresh optimizer for the current trainable variables, and the model compiled with it."""
@@ -153,7 +154,7 @@ class Run:
         data = self.config.data
         return train_dataset(self.train_splits, data.image_size, self.global_batch, num_classes=len(self.classes),
                              augment=self.config.augment, seed=epoch_seed(self.config.train.seed, epoch),
-                             shuffle_buffer=data.shuffle_buffer, deterministic=data.deterministic)
+                             shuffle_buffer=data.shuffle_buffer, deterministic=data.deterministic, shard=self.shard)
 
 
 def prepare_run(config: RunConfig, log: Log = print, start_epoch: int = 0) -> Run:
@@ -177,6 +178,7 @@ def prepare_run(config: RunConfig, log: Log = print, start_epoch: int = 0) -> Ru
         f"val {infos['val'].count}, test {infos['test'].count}; fitting on {trained_on} "
         f"({sum(i.count for i in train_splits)} images); {len(classes)} classes; "
         f"global batch {global_batch}, {steps} steps/epoch, {per_execution} per execution")
+    shard = shard_policy(data.shard, worker_count(), sum(len(i.files) for i in train_splits), log)
     if data.deterministic:
         tf.config.experimental.enable_op_determinism()
     weights = None
@@ -189,7 +191,7 @@ def prepare_run(config: RunConfig, log: Log = print, start_epoch: int = 0) -> Ru
                                  batch_norm=config.model.batch_norm)
     _check_blocks(config, model)
     run = Run(config, infos, train_splits, classes, model, None, policy, replicas, global_batch, steps, weights,
-              strategy, make_loss(config, weights), trainable, per_execution)
+              strategy, make_loss(config, weights), trainable, per_execution, shard)
     run.compile()
     return run
 

@@ -39,6 +39,31 @@ def _cluster_size() -> int:
     return sum(len(tasks) for tasks in cluster.values())
 
 
+def worker_count() -> int:
+    """How many machines (processes) train together: the tasks TF_CONFIG names, or 1."""
+    return max(_cluster_size(), 1)
+
+
+def shard_policy(setting: str, workers: int, files: int, log: Callable[[str], None] = print) -> str:
+    """How the training data is split among workers (data.shard): 'off' for one worker, else 'file' or 'data'.
+
+    'auto' shards by file when every worker gets at least one record file, and otherwise falls back to
+    sharding by data (every worker reads every file and keeps its share: correct, but N times the reading).
+    """
+    if workers <= 1:
+        return "off"
+    if setting == "file" and files < workers:
+        raise ValueError(f"data.shard=file needs at least one record file per worker: {files} file(s) for "
+                         f"{workers} workers (use data.shard=data or auto, or write the records in more files)")
+    if setting == "auto":
+        setting = "file" if files >= workers else "data"
+        if setting == "data":
+            log(f"warning: {files} training record file(s) for {workers} workers, too few to give each worker "
+                "its own files: sharding by data instead (every worker reads all files)")
+    log(f"data sharding: by {setting} over {workers} workers ({files} training record files)")
+    return setting
+
+
 def cpu_replica_strategy(replicas: int) -> tf.distribute.Strategy:
     """MirroredStrategy over `replicas` logical CPU devices split from the first CPU (a test and debug aid)."""
     cpu = tf.config.list_physical_devices("CPU")[0]
