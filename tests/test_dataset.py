@@ -87,6 +87,20 @@ def test_training_batches_have_fixed_shapes_dtypes_and_one_hot_labels(tiny_data)
         assert set(np.unique(labels.numpy())) <= {0.0, 1.0}
 
 
+def test_the_training_order_depends_on_the_seed_alone_not_on_how_often_it_is_read(tiny_data):
+    # A distribution strategy may open the dataset more than once; every opening must give the same
+    # batches (and a different seed, i.e. another epoch, other batches).
+    def batches(seed: int) -> tf.data.Dataset:
+        return train_dataset(training_splits(str(tiny_data), 32), 32, batch_size=8, num_classes=6,
+                             augment=AugmentConfig(), seed=seed, deterministic=True)
+
+    ds = batches(5)
+    first, second = (np.concatenate([b[0] for b in ds.take(10).as_numpy_iterator()]) for _ in range(2))
+    np.testing.assert_array_equal(first, second)
+    np.testing.assert_array_equal(first, np.concatenate([b[0] for b in batches(5).take(10).as_numpy_iterator()]))
+    assert np.abs(first - np.concatenate([b[0] for b in batches(6).take(10).as_numpy_iterator()])).mean() > 1.0
+
+
 def test_train_plus_val_sees_validation_images(tiny_data):
     def seen(include_val: bool) -> int:
         splits = training_splits(str(tiny_data), 32, include_val=include_val)

@@ -424,42 +424,151 @@ def test_one_step_on_two_and_four_replicas_equals_one_replica_for_every_loss(tmp
                                                                              rel=1e-5)
 
 
-def test_two_epochs_on_two_and_four_replicas_equal_one_replica(tiny_data, tmp_path):
-    # The whole trainer, same global batch (16) and learning rate: per-replica batch 16/8/4, schedule.max
-    # divided by the replicas (the schedule scales it back up). Batch norm frozen and no dropout: those two
-    # are per-replica by design. Augmentation with MixUp, focal loss and class weights stay on: the
-    # pipeline augments the global batch before it is split, so every replica gets its own transforms.
-    same = ["--set", "model.batch_norm=frozen", "--set", "model.dropout=0", "--set", "train.loss=focal",
-            "--set", "train.class_weights=true", "--set", "augment.mixup_prob=0.5", "--set", "schedule.kind=constant",
-            "--set", "train.eval_batch_size=7"]  # several eval batches, uneven among 2 or 4 replicas, short last ones
-    runs = {}
-    for replicas in (1, 2, 4):
-        out = tmp_path / f"r{replicas}"
-        result = subprocess.run(
-            [sys.executable, "-m", "training.train", "--set", f"data.dir={tiny_data}", "--set", f"output={out}",
-             *TINY_RUN, *same, "--set", f"data.batch_size={16 // replicas}",
-             "--set", f"schedule.max={4e-3 / replicas}"],
-            cwd=REPO, capture_output=True, text=True, timeout=600,
-            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "FLOWER_CPU_REPLICAS": str(replicas)})
-        assert result.returncode == 0, result.stderr[-2000:]
-        assert f"{replicas} replica(s)" in result.stdout and "global batch 16," in result.stdout
-        runs[replicas] = out
-    history = {r: [[float(v) for v in row.split(",")[1:6]]
-                   for row in (out / "history.csv").read_text().splitlines()[1:]] for r, out in runs.items()}
-    weights = {r: _weights(out / "checkpoints" / "epoch-0002" / "weights.weights.h5") for r, out in runs.items()}
-    assert abs(history[1][1][1] - history[1][0][1]) > 1e-3  # it trained: the loss moved between the epochs
-    for replicas in (2, 4):
-        # learning rate, loss, val loss, val accuracy, val macro F1 per epoch
-        np.testing.assert_allclose(history[replicas], history[1], rtol=2e-4, atol=1e-5, err_msg=f"{replicas} replicas")
-        for name in weights[1]:
-            if "optimizer" not in name:
-                np.testing.assert_allclose(weights[replicas][name], weights[1][name], rtol=1e-3, atol=1e-5,
-                                           err_msg=f"{name} on {replicas} replicas")
-        for split in ("val", "test"):  # with predict.tta=2 on the uneven last batch (18 test images, 4 replicas)
-            with np.load(runs[replicas] / "predictions" / f"{split}.npz") as a, \
-                    np.load(runs[1] / "predictions" / f"{split}.npz") as b:
-                np.testing.assert_array_equal(a["ids"], b["ids"])
-                np.testing.assert_allclose(a["probs"], b["probs"], atol=1e-4, err_msg=f"{split} on {replicas} replicas")
+# The whole trainer with the same global batch (16) and learning rate however the work is split: the
+# per-replica batch is 16 / N and schedule.max is divided by N (the schedule scales it back up). Batch
+# norm frozen and no dropout: those two are per-replica by design. Augmentation with MixUp, focal loss
+# and class weights stay on: the pipeline augments the global batch before it is split, so every
+# replica gets its own transforms. Several eval batches, uneven among 2 or 4 replicas, short last ones.
+EQUIVALENT_RUN = ["--set", "model.batch_norm=frozen", "--set", "model.dropout=0", "--set", "train.loss=focal",
+                  "--set", "train.class_weights=true", "--set", "augment.mixup_prob=0.5",
+                  "--set", "schedule.kind=constant", "--set", "train.eval_batch_size=7", "--set", "data.shard=data"]
+
+
+def _split_command(data: Path, out: Path, replicas: int, *extra: str, killed_after: int | None = None) -> list[str]:
+    """The train command of EQUIVALENT_RUN for one of `replicas` equal shares of the global batch."""
+    overrides = ["--set", f"data.dir={data}", "--set", f"output={out}", *TINY_RUN, *EQUIVALENT_RUN,
+                 "--set", f"data.batch_size={16 // replicas}", "--set", f"schedule.max={4e-3 / replicas}", *extra]
+    if killed_after is not None:
+        return [sys.executable, "-c", KILLED_RUN, str(killed_after), *overrides]
+    return [sys.executable, "-m", "training.train", *overrides]
+
+
+@pytest.fixture(scope="module")
+def one_replica_run(tiny_data, tmp_path_factory) -> Path:
+    """EQUIVALENT_RUN on one replica: what several replicas or workers must reproduce."""
+    out = tmp_path_factory.mktemp("one_replica") / "run"
+    result = subprocess.run(_split_command(tiny_data, out, 1), cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    history = _history(out)
+    assert abs(history[1][1] - history[0][1]) > 1e-3  # it trained: the loss moved between the epochs
+    return out
+
+
+def _history(run: Path) -> list[list[float]]:
+    """Learning rate, loss, val loss, val accuracy and val macro F1 of each epoch."""
+    return [[float(v) for v in row.split(",")[1:6]] for row in (run / "history.csv").read_text().splitlines()[1:]]
+
+
+def _assert_same_training(run: Path, reference: Path, what: str) -> None:
+    """The same history, final weights and val/test predictions (with TTA) as the reference run."""
+    np.testing.assert_allclose(_history(run), _history(reference), rtol=2e-4, atol=1e-5, err_msg=what)
+    weights = _weights(run / "checkpoints" / "epoch-0002" / "weights.weights.h5")
+    expected = _weights(reference / "checkpoints" / "epoch-0002" / "weights.weights.h5")
+    assert weights.keys() == expected.keys()
+    for name in expected:
+        if "optimizer" not in name:
+            np.testing.assert_allclose(weights[name], expected[name], rtol=1e-3, atol=1e-5, err_msg=f"{name}: {what}")
+    for split in ("val", "test"):
+        with np.load(run / "predictions" / f"{split}.npz") as a, \
+                np.load(reference / "predictions" / f"{split}.npz") as b:
+            np.testing.assert_array_equal(a["ids"], b["ids"])
+            np.testing.assert_allclose(a["probs"], b["probs"], atol=1e-4, err_msg=f"{split}: {what}")
+
+
+@pytest.mark.parametrize("replicas", [2, 4])
+def test_two_epochs_on_several_replicas_equal_one_replica(tiny_data, one_replica_run, tmp_path, replicas):
+    out = tmp_path / "run"
+    result = subprocess.run(_split_command(tiny_data, out, replicas), cwd=REPO, capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
+                                              "FLOWER_CPU_REPLICAS": str(replicas)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"{replicas} replica(s)" in result.stdout and "global batch 16," in result.stdout
+    _assert_same_training(out, one_replica_run, f"{replicas} replicas")
+
+
+def _free_ports(count: int) -> list[int]:
+    """Ports on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def _start_workers(data: Path, out: Path, logs: Path, scratch: Path, killed: int | None = None) -> list:
+    """Two worker processes of one multi-worker run (TF_CONFIG on 127.0.0.1); worker `killed` dies after epoch 1."""
+    ports = _free_ports(2)
+    workers = []
+    for index in range(2):
+        tf_config = {"cluster": {"worker": [f"127.0.0.1:{port}" for port in ports]},
+                     "task": {"type": "worker", "index": index}}
+        log = open(logs / f"worker{index}.log", "w")  # noqa: SIM115 (closed when the process is reaped)
+        command = _split_command(data, out, 2, killed_after=1 if index == killed else None)
+        workers.append((subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={
+            **os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_CONFIG": json.dumps(tf_config), "TMPDIR": str(scratch)}),
+            log))
+    return workers
+
+
+def _wait(workers: list, timeout: float) -> list[int]:
+    """Exit codes of the workers; all are killed if they outlast `timeout` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    codes = []
+    for process, log in workers:
+        try:
+            codes.append(process.wait(timeout=max(deadline - time.monotonic(), 1)))
+        except subprocess.TimeoutExpired:
+            for other, _ in workers:
+                other.kill()
+            codes.append(process.wait())
+        log.close()
+    return codes
+
+
+def test_two_worker_processes_train_like_one_and_resume_after_a_kill(tiny_data, one_replica_run, tmp_path):
+    # Two MultiWorkerMirroredStrategy workers on 127.0.0.1, one replica each, data sharded by data.
+    logs, scratch = tmp_path / "logs", tmp_path / "scratch"
+    logs.mkdir()
+    scratch.mkdir()
+    out = tmp_path / "run"
+    codes = _wait(_start_workers(tiny_data, out, logs, scratch), 420)
+    assert codes == [0, 0], (logs / "worker0.log").read_text()[-3000:] + (logs / "worker1.log").read_text()[-3000:]
+    chief, other = ((logs / f"worker{i}.log").read_text() for i in range(2))
+    assert "Strategy (multi-worker), 2 replica(s)" in chief
+    assert "data sharding: by data over 2 workers" in chief and "global batch 16," in chief
+    assert "worker 1 (not the chief): writes go to" in other and "worker 0 (not the chief)" not in chief
+    assert list(scratch.iterdir()) == []  # the other worker removed its temporary folder
+    _assert_same_training(out, one_replica_run, "two workers")
+    reference = sorted(p.relative_to(one_replica_run) for p in one_replica_run.rglob("*"))
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == reference  # the chief wrote one run directory
+
+    # Worker 1 is killed right after epoch 1; the chief, stuck at the next collective step, is killed too.
+    resumed = tmp_path / "resumed"
+    workers = _start_workers(tiny_data, resumed, logs, scratch, killed=1)
+    assert workers[1][0].wait(timeout=420) == -9
+    state = resumed / "checkpoints" / "epoch-0001" / "state.json"
+    import time
+
+    deadline = time.monotonic() + 60
+    while not state.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert state.exists(), (logs / "worker0.log").read_text()[-3000:]
+    workers[0][0].kill()
+    _wait(workers, 60)
+    assert not (resumed / "member.json").exists()
+    assert _wait(_start_workers(tiny_data, resumed, logs, scratch), 420) == [0, 0], \
+        (logs / "worker0.log").read_text()[-3000:]
+    for index in range(2):
+        text = (logs / f"worker{index}.log").read_text()
+        assert "resuming after epoch 1" in text and "epoch 1/2:" not in text and "epoch 2/2:" in text
+    _assert_same_training(resumed, one_replica_run, "two workers, resumed after a kill")
 
 
 def test_a_bad_replica_setting_is_named(monkeypatch):

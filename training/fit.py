@@ -9,7 +9,10 @@ on (seed, epoch), so a resumed run sees what an uninterrupted one would have see
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -36,7 +39,7 @@ from training.layout import load_classes
 from training.model import backbone_blocks, build_classifier, features_of, parameter_counts, set_trainable
 from training.outputs import RunFacts, finish_run, write_history
 from training.schedules import learning_rate, plot_schedule
-from training.strategy import detect_strategy, set_precision, shard_policy, worker_count
+from training.strategy import any_worker, detect_strategy, set_precision, shard_policy, this_task, worker_count
 from training.writing import write_text_atomic
 
 # Keras warns that shuffle=True is ignored for a tf.data.Dataset: the pipeline shuffles itself.
@@ -139,6 +142,7 @@ class Run:
         with self.strategy.scope():
             self.optimizer = keras.optimizers.AdamW(learning_rate=1e-3, weight_decay=self.config.train.weight_decay)
             self.model.compile(optimizer=self.optimizer, loss=self.loss, steps_per_execution=self.steps_per_execution)
+            build_without_data(self.model, self.config.data.image_size, len(self.classes))
 
     def set_phase(self, trainable: str, log: Log) -> None:
         """Switch what trains (head-then-unfreeze fine-tuning); the optimizer starts afresh for the new set."""
@@ -155,6 +159,19 @@ class Run:
         return train_dataset(self.train_splits, data.image_size, self.global_batch, num_classes=len(self.classes),
                              augment=self.config.augment, seed=epoch_seed(self.config.train.seed, epoch),
                              shuffle_buffer=data.shuffle_buffer, deterministic=data.deterministic, shard=self.shard)
+
+
+def build_without_data(model: keras.Model, image_size: int, classes: int) -> None:
+    """Build a compiled model's loss, metric and optimizer state from shapes, inside the strategy's scope.
+
+    Under a distribution strategy Keras does this at every fit and predict from a batch it pulls
+    from the dataset and averages across replicas, which a multi-worker strategy cannot do (it fails
+    to reduce the per-replica batch) and which costs a batch of input work each time. Built here,
+    that pull is skipped.
+    """
+    images = keras.KerasTensor((None, image_size, image_size, 3), "float32")
+    model._symbolic_build(data_batch=(images, keras.KerasTensor((None, classes), "float32")))
+    model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
 
 
 def prepare_run(config: RunConfig, log: Log = print, start_epoch: int = 0) -> Run:
@@ -273,28 +290,48 @@ def train_member(config: RunConfig, log: Log = print, after_epoch: AfterEpoch | 
     `after_epoch(n)` is called once epoch n (1-based) is checkpointed: for progress reporting, or for
     tests that interrupt a run there.
     """
-    run_dir, checkpoints = config.run_dir, config.run_dir / "checkpoints"
     budget = Budget(config.train.time_budget_minutes * 60)  # counts from here: the session's clock is running
-    check_resumable(checkpoints, config.to_dict(), run_dir / "config.json")  # before anything is written
+    check_resumable(config.run_dir / "checkpoints", config.to_dict(), config.run_dir / "config.json")
     source = config.data.validation_from
     if source and not (Path(source) / "predictions" / "val.npz").is_file():
         raise ValueError(f"data.validation_from={source!r} has no predictions/val.npz: name the finished run this "
                          "one refits")
-    done = saved_epoch(checkpoints)
+    chief, task = this_task()
+    if chief:
+        return _train(config, config, budget, log, after_epoch)
+    # Another worker of a multi-worker run: it computes what the chief computes (every step is collective)
+    # but writes to a folder of its own, removed at the end; it resumes from the chief's checkpoints.
+    scratch = Path(tempfile.mkdtemp(prefix=f"flower-{task.replace(' ', '')}-"))
+    log(f"{task} (not the chief): writes go to {scratch}, removed at the end; {config.run_dir} is the chief's")
+    try:
+        _train(config, dataclasses.replace(config, output=str(scratch / "run")), budget, log, after_epoch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return config.run_dir
+
+
+def _train(config: RunConfig, writes: RunConfig, budget: Budget, log: Log, after_epoch: AfterEpoch | None) -> Path:
+    """The body of train_member: resume from config.run_dir, write to writes.run_dir (the same on the chief)."""
+    done = saved_epoch(config.run_dir / "checkpoints")
     check_unfreeze_reachable(config, done)
-    run = prepare_run(config, log, done)
+    run = prepare_run(writes, log, done)
     params = parameter_counts(run.model)
     log(f"model: {config.model.backbone} ({config.model.weights} weights), trainable {params['trainable']:,} "
         f"parameters, frozen {params['frozen']:,}")
-    state = load_checkpoint(checkpoints, run.model, run.optimizer, log) or {"epoch": 0, "best_f1": -1.0,
-                                                                            "history": []}
+    state = load_checkpoint(config.run_dir / "checkpoints", run.model, run.optimizer, log) or {
+        "epoch": 0, "best_f1": -1.0, "history": []}
+    run_dir, checkpoints = writes.run_dir, writes.run_dir / "checkpoints"
+    best = config.run_dir / "checkpoints" / "best.weights.h5"
+    if writes is not config and best.is_file():  # the best epoch so far, for the end (the chief writes only
+        checkpoints.mkdir(parents=True, exist_ok=True)  # after the next collective step, so it is stable now)
+        shutil.copyfile(best, checkpoints / "best.weights.h5")
     run_dir.mkdir(parents=True, exist_ok=True)
     plot_schedule(run_dir / "schedule.png", config.schedule, config.train.epochs, run.replicas,
                   config.model.unfreeze_epoch)
-    write_text_atomic(run_dir / "config.json", json.dumps(config.to_dict(), indent=1) + "\n")
+    write_text_atomic(run_dir / "config.json", json.dumps(writes.to_dict(), indent=1) + "\n")
     stopped = None
     for epoch in range(state["epoch"], config.train.epochs):
-        if budget.exhausted():
+        if any_worker(run.strategy, budget.exhausted()):  # every worker stops together, or none does
             stopped = {"reason": "time_budget", "epochs_trained": epoch, "epochs": config.train.epochs,
                        "budget_minutes": config.train.time_budget_minutes}
             log(f"stopping after epoch {epoch} of {config.train.epochs}: another epoch and the final predictions "
@@ -311,4 +348,4 @@ def train_member(config: RunConfig, log: Log = print, after_epoch: AfterEpoch | 
         load_best_weights(run.model, checkpoints)
     params = parameter_counts(run.model)  # of the last phase, resumed or not
     facts = RunFacts(run.infos, run.classes, params, run.policy, run.replicas, run.steps * run.global_batch, stopped)
-    return finish_run(config, run.model, facts, state["history"], log)
+    return finish_run(writes, run.model, facts, state["history"], log)

@@ -39,6 +39,28 @@ def _cluster_size() -> int:
     return sum(len(tasks) for tasks in cluster.values())
 
 
+def this_task() -> tuple[bool, str]:
+    """(whether this process is the chief, its name): the chief is task 'chief', else worker 0 (TF_CONFIG)."""
+    text = os.environ.get("TF_CONFIG", "").strip()
+    if _cluster_size() <= 1:
+        return True, "chief"
+    document = json.loads(text)
+    task = document.get("task", {})
+    kind, index = task.get("type"), task.get("index")
+    if kind not in ("chief", "worker") or not isinstance(index, int):
+        raise ValueError(f"TF_CONFIG 'task' must name type 'chief' or 'worker' and an integer index, got {task!r}")
+    has_chief = bool(document["cluster"].get("chief"))
+    return kind == "chief" or (kind == "worker" and index == 0 and not has_chief), f"{kind} {index}"
+
+
+def any_worker(strategy: tf.distribute.Strategy, flag: bool) -> bool:
+    """True if `flag` is true on any worker (a collective: every worker must call it at the same point)."""
+    if worker_count() <= 1:
+        return flag
+    votes = tf.function(lambda: strategy.reduce("SUM", strategy.run(lambda: tf.constant(float(flag))), axis=None))
+    return bool(votes().numpy() > 0)
+
+
 def worker_count() -> int:
     """How many machines (processes) train together: the tasks TF_CONFIG names, or 1."""
     return max(_cluster_size(), 1)
@@ -88,11 +110,43 @@ def _tpu_strategy() -> tf.distribute.Strategy | None:
         return None
 
 
+def _mend_keras_multi_worker_logs() -> None:
+    """Let Keras 3 `fit` run under a multi-worker strategy: reduce a step's scalar logs whole.
+
+    Keras 3 reduces every value a training step returns with `strategy.reduce("MEAN", v, axis=0)` when
+    the strategy spans several workers, which fails for the scalar loss and metrics ("Invalid
+    reduction dimension 0 for input with 0 dimensions", tensorflow/tensorflow#72388). Scalars are
+    reduced with axis=None instead; everything else goes to Keras unchanged. A no-op once Keras
+    changes the function this wraps.
+    """
+    try:
+        from keras.src.backend.tensorflow import trainer as keras_trainer
+    except ImportError:
+        return
+    original = getattr(keras_trainer, "reduce_per_replica", None)
+    multi_worker = getattr(keras_trainer, "_collective_all_reduce_multi_worker", None)
+    if original is None or multi_worker is None or getattr(original, "mended", False):
+        return
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction in ("auto", "mean") and multi_worker(strategy):
+            def whole(value):
+                if value is None or not hasattr(value, "shape") or value.shape.rank != 0:
+                    return original(value, strategy, reduction)
+                return strategy.reduce("MEAN", value, axis=None)
+            return tf.nest.map_structure(whole, values)
+        return original(values, strategy, reduction)
+
+    reduce_per_replica.mended = True
+    keras_trainer.reduce_per_replica = reduce_per_replica
+
+
 def detect_strategy(log: Callable[[str], None] = print) -> tuple[tf.distribute.Strategy, str]:
     """Multi-worker (TF_CONFIG), logical CPU replicas (FLOWER_CPU_REPLICAS), TPU, GPUs, or the default."""
     replicas = cpu_replicas_requested()
     if _cluster_size() > 1:
         strategy, kind = tf.distribute.MultiWorkerMirroredStrategy(), "multi-worker"
+        _mend_keras_multi_worker_logs()
     elif replicas > 1:
         strategy, kind = cpu_replica_strategy(replicas), "cpu"
     else:
