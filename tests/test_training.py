@@ -582,6 +582,61 @@ def test_a_bad_replica_setting_is_named(monkeypatch):
     assert cpu_replicas_requested() == 3
 
 
+def test_mixed_precision_auto_follows_the_device_and_is_logged():
+    from training.strategy import set_precision
+
+    cases = [("auto", "tpu", [], "mixed_bfloat16"), ("auto", "gpu", [(8, 0)], "mixed_bfloat16"),
+             ("auto", "gpu", [(9, 0), (7, 5)], "mixed_float16"),  # the oldest GPU decides
+             ("auto", "multi-worker", [(8, 6)], "mixed_bfloat16"), ("auto", "cpu", [], "float32"),
+             ("auto", "multi-worker", [], "float32"), ("float16", "gpu", [(8, 0)], "mixed_float16"),
+             ("bfloat16", "cpu", [], "float32"), ("off", "tpu", [], "float32")]
+    try:
+        for setting, kind, capabilities, expected in cases:
+            lines = []
+            assert set_precision(setting, kind, lines.append, capabilities) == expected, (setting, kind, capabilities)
+            assert keras.mixed_precision.global_policy().name == expected
+            assert lines[-1].startswith(f"precision policy: {expected} (")
+        lines = []
+        set_precision("auto", "gpu", lines.append, [(7, 0)])
+        assert "compute capability 7.0 < 8.0: float16 with loss scaling" in lines[-1]
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_data_sharding_among_workers_is_by_file_when_each_gets_one_else_by_data_with_a_warning():
+    from training.strategy import shard_policy
+
+    lines = []
+    assert shard_policy("auto", 1, 1, lines.append) == "off" and lines == []  # one worker: nothing to split
+    assert shard_policy("auto", 2, 4, lines.append) == "file" and "warning" not in " ".join(lines)
+    assert lines[-1] == "data sharding: by file over 2 workers (4 training record files)"
+    lines.clear()
+    assert shard_policy("auto", 4, 3, lines.append) == "data"
+    assert lines[0].startswith("warning: 3 training record file(s) for 4 workers, too few")
+    assert shard_policy("data", 2, 8, lines.append) == "data"
+    with pytest.raises(ValueError, match="data.shard=file needs at least one record file per worker: 1 file"):
+        shard_policy("file", 2, 1, lines.append)
+
+
+def test_the_chief_is_named_by_tf_config(monkeypatch):
+    from training.strategy import this_task, worker_count
+
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    assert this_task() == (True, "chief") and worker_count() == 1
+    cluster = {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}
+    for task, expected in [({"type": "worker", "index": 0}, True), ({"type": "worker", "index": 1}, False)]:
+        monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": task}))
+        assert this_task()[0] is expected and worker_count() == 2
+    with_chief = {**cluster, "chief": ["127.0.0.1:3"]}
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": with_chief, "task": {"type": "worker", "index": 0}}))
+    assert this_task() == (False, "worker 0") and worker_count() == 3
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": with_chief, "task": {"type": "chief", "index": 0}}))
+    assert this_task() == (True, "chief 0")
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": {"type": "ps"}}))
+    with pytest.raises(ValueError, match="TF_CONFIG 'task' must name type 'chief' or 'worker'"):
+        this_task()
+
+
 def test_a_checkpoint_of_another_model_is_refused_with_advice(tiny_data, tiny_run, tmp_path):
     import shutil
 

@@ -78,7 +78,7 @@ class TrainConfig:
     focal_gamma: float = 2.0
     class_weights: bool = False  # weight the loss by inverse class frequency
     weight_decay: float = 1e-4  # AdamW
-    mixed_precision: str = "auto"  # auto (bfloat16 on TPU, never on CPU) | float16 | bfloat16 | off
+    mixed_precision: str = "auto"  # auto (bf16: TPU, GPU >= 8.0; fp16: older GPU; CPU: none) | float16 | bfloat16 | off
     seed: int = 0
     eval_batch_size: int = 64
     steps_per_execution: int = 0  # training steps per host round trip; 0: auto (32 on a TPU, 1 elsewhere)

@@ -159,16 +159,46 @@ def detect_strategy(log: Callable[[str], None] = print) -> tuple[tf.distribute.S
     return strategy, kind
 
 
-def set_precision(setting: str, kind: str, log: Callable[[str], None] = print) -> str:
-    """Apply the mixed-precision policy: bfloat16 on TPU for 'auto', float16 on GPU only when asked, never on CPU."""
+def gpu_capabilities() -> list[tuple[int, int]]:
+    """The CUDA compute capability of each visible GPU ((0, 0) where the driver does not say)."""
+    found = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        details = tf.config.experimental.get_device_details(gpu)
+        found.append(tuple(details.get("compute_capability") or (0, 0)))
+    return found
+
+
+def auto_precision(device: str, capabilities: list[tuple[int, int]]) -> tuple[str, str]:
+    """The policy train.mixed_precision='auto' picks on a device (tpu | gpu | cpu), and why: bfloat16 on
+    TPUs and on GPUs of compute capability 8.0 and up, float16 (with loss scaling) on older GPUs, float32 on CPUs."""
+    if device == "tpu":
+        return "mixed_bfloat16", "TPU"
+    if device == "gpu" and capabilities:
+        major, minor = min(capabilities)
+        if (major, minor) >= (8, 0):
+            return "mixed_bfloat16", f"GPU compute capability {major}.{minor} >= 8.0"
+        return "mixed_float16", f"GPU compute capability {major}.{minor} < 8.0: float16 with loss scaling"
+    return "float32", "CPU"
+
+
+def set_precision(setting: str, kind: str, log: Callable[[str], None] = print,
+                  capabilities: list[tuple[int, int]] | None = None) -> str:
+    """Apply the mixed-precision policy (train.mixed_precision): auto by device, or as asked; never on CPU.
+
+    `kind` is detect_strategy's; `capabilities` (the GPUs' compute capabilities) are looked up when not given.
+    """
+    if capabilities is None:
+        capabilities = gpu_capabilities() if kind in ("gpu", "multi-worker") else []
+    device = "tpu" if kind == "tpu" else "gpu" if capabilities else "cpu"
     if setting == "auto":
-        policy = "mixed_bfloat16" if kind == "tpu" else "float32"
-    elif setting == "off" or kind == "cpu":
-        policy = "float32"
-        if setting != "off":
-            log(f"mixed precision {setting!r} ignored on CPU (slower there)")
+        policy, why = auto_precision(device, capabilities)
+    elif setting == "off":
+        policy, why = "float32", "asked"
+    elif device == "cpu":
+        policy, why = "float32", "CPU"
+        log(f"mixed precision {setting!r} ignored on CPU (slower there)")
     else:
-        policy = f"mixed_{setting}"
+        policy, why = f"mixed_{setting}", "asked"
     keras.mixed_precision.set_global_policy(policy)
-    log(f"precision policy: {policy}")
+    log(f"precision policy: {policy} ({why})")
     return policy
