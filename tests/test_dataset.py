@@ -101,6 +101,21 @@ def test_the_training_order_depends_on_the_seed_alone_not_on_how_often_it_is_rea
     assert np.abs(first - np.concatenate([b[0] for b in batches(6).take(10).as_numpy_iterator()])).mean() > 1.0
 
 
+def test_sharding_by_file_gives_each_worker_its_own_files(tiny_data):
+    splits = training_splits(str(tiny_data), 32)  # 60 images in 3 files of 20
+
+    def images(worker: tuple[int, int]) -> set[bytes]:
+        ds = train_dataset(splits, 32, 4, num_classes=6, augment=AugmentConfig.off(), repeat=False, shard="file",
+                           worker=worker)
+        return {image.tobytes() for batch, _ in ds.as_numpy_iterator() for image in batch}
+
+    first, second = images((0, 2)), images((1, 2))
+    assert not first & second and len(first) + len(second) == TINY_COUNTS["train"]
+    assert {len(first), len(second)} == {40, 20}  # two files and one file
+    with pytest.raises(ValueError, match="sharding by file needs a record file per worker: 3 for 4 workers"):
+        train_dataset(splits, 32, 4, num_classes=6, shard="file", worker=(0, 4))
+
+
 def test_train_plus_val_sees_validation_images(tiny_data):
     def seen(include_val: bool) -> int:
         splits = training_splits(str(tiny_data), 32, include_val=include_val)

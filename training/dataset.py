@@ -33,12 +33,12 @@ class SplitInfo:
     labelled: bool
 
 
-# How tf.distribute splits a training dataset among workers. With one worker it must be OFF: the
-# default (AUTO) rewrites the file-level shuffle even on a single machine with several replicas, so
-# that N replicas would train on another order of the images than one replica with the same seed.
+# How tf.distribute splits a dataset among workers. With one worker it must be OFF: the default
+# (AUTO) rewrites the file-level shuffle even on a single machine with several replicas, so that N
+# replicas would train on another order of the images than one replica with the same seed. Sharding
+# by file is done by train_dataset itself (then OFF here).
 SHARD_POLICIES = {
     "off": tf.data.experimental.AutoShardPolicy.OFF,
-    "file": tf.data.experimental.AutoShardPolicy.FILE,
     "data": tf.data.experimental.AutoShardPolicy.DATA,
 }
 
@@ -90,6 +90,7 @@ def train_dataset(
     repeat: bool = True,
     deterministic: bool = False,
     shard: str = "off",
+    worker: tuple[int, int] = (0, 1),
 ) -> tf.data.Dataset:
     """Endless, shuffled, augmented batches (images [B,S,S,3] float32 0..255, one-hot labels [B,C]).
 
@@ -98,7 +99,8 @@ def train_dataset(
     order fixed for a given seed (slower), so that a run can be repeated or resumed exactly.
     `shard` is how a distribution strategy splits the batches among workers: 'off' (one worker: every
     replica's share of a global batch is cut from the same batches one replica would see), 'file'
-    (each worker reads its own record files) or 'data' (each worker reads everything, keeps its share).
+    (each worker reads its own record files: `worker` is this worker's index and the count) or 'data'
+    (each worker reads everything and keeps its share of every batch).
     """
     augment_config = augment if augment is not None else AugmentConfig()
     files = [f for info in splits for f in info.files]
@@ -110,7 +112,13 @@ def train_dataset(
     # is iterated (Keras under a distribution strategy opens it twice per fit, once to build the model;
     # a reshuffling dataset would then train several replicas on another order than one replica).
     # Each epoch gets a fresh dataset with its own seed (training.fit.epoch_seed), so epochs still differ.
-    file_ds = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=seed, reshuffle_each_iteration=False)
+    file_ds = tf.data.Dataset.from_tensor_slices(files)
+    if shard == "file":  # done here: tf.distribute's own file sharding cannot see through the pipeline below
+        index, count = worker
+        if len(files) < count:
+            raise ValueError(f"sharding by file needs a record file per worker: {len(files)} for {count} workers")
+        file_ds = file_ds.shard(count, index)
+    file_ds = file_ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=False)
     if repeat:
         file_ds = file_ds.repeat()
     ds = file_ds.interleave(
@@ -136,7 +144,7 @@ def train_dataset(
     ds = ds.map(augment_and_mix, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     options = tf.data.Options()
     options.deterministic = deterministic
-    options.experimental_distribute.auto_shard_policy = SHARD_POLICIES[shard]
+    options.experimental_distribute.auto_shard_policy = SHARD_POLICIES["off" if shard == "file" else shard]
     return ds.with_options(options).prefetch(AUTOTUNE)
 
 

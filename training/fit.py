@@ -39,7 +39,15 @@ from training.layout import load_classes
 from training.model import backbone_blocks, build_classifier, features_of, parameter_counts, set_trainable
 from training.outputs import RunFacts, finish_run, write_history
 from training.schedules import learning_rate, plot_schedule
-from training.strategy import any_worker, detect_strategy, set_precision, shard_policy, this_task, worker_count
+from training.strategy import (
+    any_worker,
+    detect_strategy,
+    set_precision,
+    shard_policy,
+    this_task,
+    worker_count,
+    worker_index,
+)
 from training.writing import write_text_atomic
 
 # Keras warns that shuffle=True is ignored for a tf.data.Dataset: the pipeline shuffles itself.
@@ -158,7 +166,8 @@ class Run:
         data = self.config.data
         return train_dataset(self.train_splits, data.image_size, self.global_batch, num_classes=len(self.classes),
                              augment=self.config.augment, seed=epoch_seed(self.config.train.seed, epoch),
-                             shuffle_buffer=data.shuffle_buffer, deterministic=data.deterministic, shard=self.shard)
+                             shuffle_buffer=data.shuffle_buffer, deterministic=data.deterministic, shard=self.shard,
+                             worker=(worker_index(), worker_count()))
 
 
 def build_without_data(model: keras.Model, image_size: int, classes: int) -> None:

@@ -53,12 +53,31 @@ def this_task() -> tuple[bool, str]:
     return kind == "chief" or (kind == "worker" and index == 0 and not has_chief), f"{kind} {index}"
 
 
+def worker_index() -> int:
+    """This process's place among the workers (0 for the chief; TF_CONFIG's order: chief, then workers)."""
+    if _cluster_size() <= 1:
+        return 0
+    document = json.loads(os.environ["TF_CONFIG"])
+    kind, index = this_task()[1].split()
+    if kind == "chief":
+        return 0
+    return int(index) + (1 if document["cluster"].get("chief") else 0)
+
+
 def any_worker(strategy: tf.distribute.Strategy, flag: bool) -> bool:
     """True if `flag` is true on any worker (a collective: every worker must call it at the same point)."""
     if worker_count() <= 1:
         return flag
-    votes = tf.function(lambda: strategy.reduce("SUM", strategy.run(lambda: tf.constant(float(flag))), axis=None))
-    return bool(votes().numpy() > 0)
+
+    @tf.autograph.experimental.do_not_convert
+    def vote() -> tf.Tensor:
+        return tf.constant(1.0 if flag else 0.0)
+
+    @tf.function(autograph=False)
+    def count() -> tf.Tensor:
+        return strategy.reduce("SUM", strategy.run(vote), axis=None)
+
+    return bool(count().numpy() > 0)
 
 
 def worker_count() -> int:
