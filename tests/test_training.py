@@ -500,15 +500,18 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
-def _start_workers(data: Path, out: Path, logs: Path, scratch: Path, killed: int | None = None) -> list:
-    """Two worker processes of one multi-worker run (TF_CONFIG on 127.0.0.1); worker `killed` dies after epoch 1."""
+def _start_workers(data: Path, out: Path, logs: Path, scratch: Path, killed: int | None = None,
+                   extra: tuple[str, ...] = ()) -> list:
+    """Two worker processes of one multi-worker run (TF_CONFIG on 127.0.0.1); worker `killed` dies after epoch 1;
+    worker 1 gets the `extra` options too."""
     ports = _free_ports(2)
     workers = []
     for index in range(2):
         tf_config = {"cluster": {"worker": [f"127.0.0.1:{port}" for port in ports]},
                      "task": {"type": "worker", "index": index}}
         log = open(logs / f"worker{index}.log", "w")  # noqa: SIM115 (closed when the process is reaped)
-        command = _split_command(data, out, 2, killed_after=1 if index == killed else None)
+        command = _split_command(data, out, 2, *(extra if index == 1 else ()),
+                                 killed_after=1 if index == killed else None)
         workers.append((subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={
             **os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_CONFIG": json.dumps(tf_config), "TMPDIR": str(scratch)}),
             log))
@@ -544,7 +547,7 @@ def test_two_worker_processes_train_like_one_and_resume_after_a_kill(tiny_data, 
     assert "Strategy (multi-worker), 2 replica(s)" in chief
     assert "data sharding: by data over 2 workers" in chief and "global batch 16," in chief
     assert "worker 1 (not the chief): writes go to" in other and "worker 0 (not the chief)" not in chief
-    assert list(scratch.iterdir()) == []  # the other worker removed its temporary folder
+    assert [p for p in scratch.iterdir() if p.name.startswith("flower-")] == []  # the other worker removed its folder
     _assert_same_training(out, one_replica_run, "two workers")
     reference = sorted(p.relative_to(one_replica_run) for p in one_replica_run.rglob("*"))
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == reference  # the chief wrote one run directory
@@ -569,6 +572,19 @@ def test_two_worker_processes_train_like_one_and_resume_after_a_kill(tiny_data, 
         text = (logs / f"worker{index}.log").read_text()
         assert "resuming after epoch 1" in text and "epoch 1/2:" not in text and "epoch 2/2:" in text
     _assert_same_training(resumed, one_replica_run, "two workers, resumed after a kill")
+    assert [p for p in scratch.iterdir() if p.name.startswith("flower-")] == []  # cleared what the killed one left
+
+
+def test_workers_started_with_different_configs_refuse_together(tiny_data, tmp_path):
+    logs, scratch = tmp_path / "logs", tmp_path / "scratch"
+    logs.mkdir()
+    scratch.mkdir()
+    workers = _start_workers(tiny_data, tmp_path / "run", logs, scratch, extra=("--set", "train.seed=1"))
+    assert _wait(workers, 300) == [2, 2]  # both stop, neither hangs nor trains
+    for index in range(2):
+        text = (logs / f"worker{index}.log").read_text()
+        assert "error: the workers disagree on the config" in text and "epoch 1/2:" not in text
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_a_bad_replica_setting_is_named(monkeypatch):
@@ -603,38 +619,75 @@ def test_mixed_precision_auto_follows_the_device_and_is_logged():
         keras.mixed_precision.set_global_policy("float32")
 
 
-def test_data_sharding_among_workers_is_by_file_when_each_gets_one_else_by_data_with_a_warning():
+def test_data_sharding_among_workers_is_by_file_when_the_shares_are_even_else_by_data_with_a_warning():
     from training.strategy import shard_policy
 
     lines = []
-    assert shard_policy("auto", 1, 1, lines.append) == "off" and lines == []  # one worker: nothing to split
-    assert shard_policy("auto", 2, 4, lines.append) == "file" and "warning" not in " ".join(lines)
+    assert shard_policy("auto", 1, [20], lines.append) == "off" and lines == []  # one worker: nothing to split
+    assert shard_policy("auto", 2, [20, 20, 20, 19], lines.append) == "file" and "warning" not in " ".join(lines)
     assert lines[-1] == "data sharding: by file over 2 workers (4 training record files)"
     lines.clear()
-    assert shard_policy("auto", 4, 3, lines.append) == "data"
+    assert shard_policy("auto", 4, [20, 20, 20], lines.append) == "data"
     assert lines[0].startswith("warning: 3 training record file(s) for 4 workers, too few")
-    assert shard_policy("data", 2, 8, lines.append) == "data"
+    lines.clear()
+    assert shard_policy("auto", 2, [20, 20, 20], lines.append) == "data"  # 40 records for one worker, 20 for the other
+    assert lines[0].startswith("warning: the workers' shares of the training files would hold 20 to 40 records")
+    lines.clear()
+    assert shard_policy("file", 2, [20, 20, 20], lines.append) == "file"
+    assert lines[0].startswith("warning: data.shard=file gives the workers 20 to 40 records each")
+    assert shard_policy("data", 2, [8] * 8, lines.append) == "data"
     with pytest.raises(ValueError, match="data.shard=file needs at least one record file per worker: 1 file"):
-        shard_policy("file", 2, 1, lines.append)
+        shard_policy("file", 2, [20], lines.append)
+
+
+def test_a_resume_on_another_precision_is_refused_and_on_another_replica_count_warned():
+    from types import SimpleNamespace
+
+    from training.fit import check_resumed_setup
+
+    lines = []
+    state = {"epoch": 2, "precision": "mixed_float16", "replicas": 8}
+    with pytest.raises(ValueError, match="trained with precision policy mixed_float16 and this device picks float32.*"
+                                         "train.mixed_precision=float16"):
+        check_resumed_setup(dict(state), SimpleNamespace(policy="float32", replicas=8), lines.append)
+    resumed = dict(state)
+    check_resumed_setup(resumed, SimpleNamespace(policy="mixed_float16", replicas=2), lines.append)
+    assert lines == ["warning: the checkpoint was trained on 8 replica(s), this run has 2: the global batch, the "
+                     "steps per epoch and the learning rate scale change from here on"]
+    assert resumed["replicas"] == 2  # what the next checkpoint records
+    older = {"epoch": 1}  # a checkpoint from before these fields: resumes, and records them from now on
+    check_resumed_setup(older, SimpleNamespace(policy="float32", replicas=1), lines.append)
+    assert older == {"epoch": 1, "precision": "float32", "replicas": 1}
 
 
 def test_the_chief_is_named_by_tf_config(monkeypatch):
-    from training.strategy import this_task, worker_count
+    from training.strategy import this_task, worker_count, worker_index
 
     monkeypatch.delenv("TF_CONFIG", raising=False)
     assert this_task() == (True, "chief") and worker_count() == 1
     cluster = {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}
     for task, expected in [({"type": "worker", "index": 0}, True), ({"type": "worker", "index": 1}, False)]:
         monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": task}))
-        assert this_task()[0] is expected and worker_count() == 2
-    with_chief = {**cluster, "chief": ["127.0.0.1:3"]}
+        assert this_task()[0] is expected and worker_count() == 2 and worker_index() == task["index"]
+    with_chief = {**cluster, "chief": ["127.0.0.1:3"], "evaluator": ["127.0.0.1:4"], "ps": ["127.0.0.1:5"]}
     monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": with_chief, "task": {"type": "worker", "index": 0}}))
-    assert this_task() == (False, "worker 0") and worker_count() == 3
+    assert this_task() == (False, "worker 0") and worker_count() == 3 and worker_index() == 1  # evaluator, ps: no
     monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": with_chief, "task": {"type": "chief", "index": 0}}))
-    assert this_task() == (True, "chief 0")
-    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": {"type": "ps"}}))
-    with pytest.raises(ValueError, match="TF_CONFIG 'task' must name type 'chief' or 'worker'"):
-        this_task()
+    assert this_task() == (True, "chief 0") and worker_index() == 0
+    for task in ({"type": "ps", "index": 0}, {"type": "worker", "index": 2}, {"type": "worker", "index": True},
+                 {"type": "worker", "index": -1}, {"type": "worker"}, "worker"):
+        monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": task}))
+        with pytest.raises(ValueError, match="TF_CONFIG 'task' must name type 'chief' or 'worker' and an index"):
+            this_task()
+    for bad in ('{"cluster": ["127.0.0.1:1"]}', '{"cluster": {"worker": "127.0.0.1:1"}}', "not json", "[]"):
+        monkeypatch.setenv("TF_CONFIG", bad)
+        with pytest.raises(ValueError, match='TF_CONFIG must be a JSON object whose "cluster" maps task types'):
+            worker_count()
+
+
+def test_an_output_that_is_not_a_local_folder_is_refused():
+    with pytest.raises(ValueError, match="output must be a local folder .* got 'gs://bucket/run'"):
+        load_config(None, {"output": "gs://bucket/run"})
 
 
 def test_a_checkpoint_of_another_model_is_refused_with_advice(tiny_data, tiny_run, tmp_path):

@@ -291,6 +291,9 @@ def validate(config: RunConfig) -> None:
         raise ValueError(f"data.shard must be auto, file or data, got {config.data.shard!r}")
     if config.data.validation_from and not config.data.train_on_val:
         raise ValueError("data.validation_from is for a refit on train+val: set data.train_on_val = true too")
+    if "://" in config.output:
+        raise ValueError(f"output must be a local folder (or a mounted shared one), got {config.output!r}: "
+                         "run directories are written with local file operations")
     if not config.data.dir.strip():
         raise ValueError("data.dir must name the data folder")
 

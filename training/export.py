@@ -130,12 +130,12 @@ def predict_split(
     total = np.zeros((len(ids), 0))
     for k in range(tta):
         if k == 0:
-            images = ds.map(lambda *batch: pad(batch[0]))
+            images = ds.map(lambda *batch: pad(batch[0]), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         else:
             def augmented(index, batch, k=k):
                 seed_k = tf.stack([tf.constant(seed * 1_000_003 + k, tf.int64), index])
                 return pad(augment_batch(batch[0], seed_k, TTA_AUGMENT, image_size))
-            images = ds.enumerate().map(augmented)
+            images = ds.enumerate().map(augmented, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         with warnings.catch_warnings():  # several workers: Keras warns when a finite dataset ends, as it must
             warnings.filterwarnings("ignore", message="Your input ran out of data")
             probs = np.asarray(model.predict(images, verbose=0), dtype=np.float64)

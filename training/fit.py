@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import time
 import warnings
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,13 +36,14 @@ from training.config import RunConfig, check_unfreeze_reachable, trainable_at
 from training.dataset import SplitInfo, split_info, train_dataset
 from training.evaluation import classification_scores
 from training.export import predict_split
-from training.layout import load_classes
+from training.layout import count_records, load_classes
 from training.model import backbone_blocks, build_classifier, features_of, parameter_counts, set_trainable
 from training.outputs import RunFacts, finish_run, write_history
 from training.schedules import learning_rate, plot_schedule
 from training.strategy import (
     any_worker,
     detect_strategy,
+    same_on_every_worker,
     set_precision,
     shard_policy,
     this_task,
@@ -178,6 +180,8 @@ def build_without_data(model: keras.Model, image_size: int, classes: int) -> Non
     to reduce the per-replica batch) and which costs a batch of input work each time. Built here,
     that pull is skipped.
     """
+    if not hasattr(model, "_symbolic_build") or not hasattr(model, "_maybe_symbolic_build"):
+        return  # another Keras: it builds as it does (the multi-worker test says whether that still works)
     images = keras.KerasTensor((None, image_size, image_size, 3), "float32")
     model._symbolic_build(data_batch=(images, keras.KerasTensor((None, classes), "float32")))
     model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
@@ -204,7 +208,13 @@ def prepare_run(config: RunConfig, log: Log = print, start_epoch: int = 0) -> Ru
         f"val {infos['val'].count}, test {infos['test'].count}; fitting on {trained_on} "
         f"({sum(i.count for i in train_splits)} images); {len(classes)} classes; "
         f"global batch {global_batch}, {steps} steps/epoch, {per_execution} per execution")
-    shard = shard_policy(data.shard, worker_count(), sum(len(i.files) for i in train_splits), log)
+    hosts = getattr(strategy.extended, "num_hosts", 1) if kind == "tpu" else 1
+    if hosts > 1:  # a TPU pod: tf.distribute splits each batch among the input hosts
+        shard = "data"
+        log(f"data sharding: by data over {hosts} TPU hosts")
+    else:
+        files = [f for info in train_splits for f in info.files]
+        shard = shard_policy(data.shard, worker_count(), [count_records([f]) for f in files], log)
     if data.deterministic:
         tf.config.experimental.enable_op_determinism()
     weights = None
@@ -309,14 +319,49 @@ def train_member(config: RunConfig, log: Log = print, after_epoch: AfterEpoch | 
     if chief:
         return _train(config, config, budget, log, after_epoch)
     # Another worker of a multi-worker run: it computes what the chief computes (every step is collective)
-    # but writes to a folder of its own, removed at the end; it resumes from the chief's checkpoints.
-    scratch = Path(tempfile.mkdtemp(prefix=f"flower-{task.replace(' ', '')}-"))
+    # but writes to a folder of its own, removed at the end; it resumes from the chief's checkpoints. The
+    # folder is named by the task and the run, so a worker restarted after a kill clears its predecessor's.
+    key = zlib.crc32(str(config.run_dir.resolve()).encode())
+    scratch = Path(tempfile.gettempdir()) / f"flower-{task.replace(' ', '')}-{key:08x}"
+    shutil.rmtree(scratch, ignore_errors=True)
     log(f"{task} (not the chief): writes go to {scratch}, removed at the end; {config.run_dir} is the chief's")
     try:
         _train(config, dataclasses.replace(config, output=str(scratch / "run")), budget, log, after_epoch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return config.run_dir
+
+
+def check_resumed_setup(state: dict, run: Run, log: Log) -> None:
+    """A resumed run on another precision is refused (the optimizer state would not load); on another
+    replica count it goes on with a warning (the global batch, steps and learning rate change)."""
+    saved = state.get("precision")
+    if saved and saved != run.policy:
+        raise ValueError(f"the checkpoint was trained with precision policy {saved} and this device picks "
+                         f"{run.policy}: the optimizer state would not load; resume with --set "
+                         f"train.mixed_precision={saved.removeprefix('mixed_') if saved != 'float32' else 'off'}")
+    replicas = state.get("replicas")
+    if replicas and replicas != run.replicas:
+        log(f"warning: the checkpoint was trained on {replicas} replica(s), this run has {run.replicas}: the global "
+            f"batch, the steps per epoch and the learning rate scale change from here on")
+    state["precision"], state["replicas"] = run.policy, run.replicas
+
+
+def check_workers_agree(run: Run, config: RunConfig, state: dict) -> None:
+    """Refuse, on every worker at once, a multi-worker run whose workers resume from different epochs or
+    run different configs (a run directory not shared, another command line): gradients of different
+    models would be averaged. A collective: every worker calls it at the same point."""
+    document = config.to_dict()
+    for key in ("name", "output"):
+        document.pop(key, None)
+    document["data"].pop("dir", None)  # may be mounted at another path on each machine
+    digest = zlib.crc32(json.dumps([document, run.policy], sort_keys=True).encode()) & 0xFFFFF
+    same_epoch = same_on_every_worker(run.strategy, int(state["epoch"]))
+    same_config = same_on_every_worker(run.strategy, digest)
+    if not (same_epoch and same_config):
+        raise ValueError(f"the workers disagree on {'the epoch they resume after' if not same_epoch else 'the config'} "
+                         f"(this one: epoch {state['epoch']} from {config.run_dir}, config digest {digest:05x}): "
+                         "start every worker with the same command, its output on storage all of them share")
 
 
 def _train(config: RunConfig, writes: RunConfig, budget: Budget, log: Log, after_epoch: AfterEpoch | None) -> Path:
@@ -329,6 +374,9 @@ def _train(config: RunConfig, writes: RunConfig, budget: Budget, log: Log, after
         f"parameters, frozen {params['frozen']:,}")
     state = load_checkpoint(config.run_dir / "checkpoints", run.model, run.optimizer, log) or {
         "epoch": 0, "best_f1": -1.0, "history": []}
+    check_resumed_setup(state, run, log)
+    if worker_count() > 1:
+        check_workers_agree(run, config, state)
     run_dir, checkpoints = writes.run_dir, writes.run_dir / "checkpoints"
     best = config.run_dir / "checkpoints" / "best.weights.h5"
     if writes is not config and best.is_file():  # the best epoch so far, for the end (the chief writes only

@@ -27,41 +27,76 @@ def cpu_replicas_requested() -> int:
     return int(text)
 
 
-def _cluster_size() -> int:
-    """The number of tasks TF_CONFIG names (0 without TF_CONFIG); malformed TF_CONFIG is named."""
+def _tf_config() -> dict | None:
+    """TF_CONFIG as a checked document (None without it): a 'cluster' of task lists of "host:port" strings."""
     text = os.environ.get("TF_CONFIG", "").strip()
     if not text:
-        return 0
+        return None
     try:
-        cluster = json.loads(text).get("cluster", {})
-    except (json.JSONDecodeError, AttributeError):
-        raise ValueError(f"TF_CONFIG is not a JSON object with a 'cluster': {text[:200]!r}") from None
-    return sum(len(tasks) for tasks in cluster.values())
+        document = json.loads(text)
+    except json.JSONDecodeError:
+        document = None
+    cluster = document.get("cluster") if isinstance(document, dict) else None
+    if not isinstance(cluster, dict) or not all(
+            isinstance(tasks, list) and all(isinstance(t, str) for t in tasks) for tasks in cluster.values()):
+        raise ValueError('TF_CONFIG must be a JSON object whose "cluster" maps task types to lists of '
+                         f'"host:port" strings, got {text[:200]!r}')
+    return document
+
+
+def _training_tasks() -> int:
+    """The tasks of TF_CONFIG that train (chief and workers; not an evaluator or parameter server); 0 without it."""
+    document = _tf_config()
+    if document is None:
+        return 0
+    return sum(len(document["cluster"].get(kind, [])) for kind in ("chief", "worker"))
 
 
 def this_task() -> tuple[bool, str]:
     """(whether this process is the chief, its name): the chief is task 'chief', else worker 0 (TF_CONFIG)."""
-    text = os.environ.get("TF_CONFIG", "").strip()
-    if _cluster_size() <= 1:
+    if _training_tasks() <= 1:
         return True, "chief"
-    document = json.loads(text)
-    task = document.get("task", {})
-    kind, index = task.get("type"), task.get("index")
-    if kind not in ("chief", "worker") or not isinstance(index, int):
-        raise ValueError(f"TF_CONFIG 'task' must name type 'chief' or 'worker' and an integer index, got {task!r}")
+    document = _tf_config()
+    task = document.get("task")
+    kind, index = (task.get("type"), task.get("index")) if isinstance(task, dict) else (None, None)
+    tasks = document["cluster"].get(kind, []) if kind in ("chief", "worker") else []
+    if type(index) is not int or not 0 <= index < len(tasks):
+        raise ValueError("TF_CONFIG 'task' must name type 'chief' or 'worker' and an index into that list of the "
+                         f"cluster, got {task!r}")
     has_chief = bool(document["cluster"].get("chief"))
-    return kind == "chief" or (kind == "worker" and index == 0 and not has_chief), f"{kind} {index}"
+    return kind == "chief" or (index == 0 and not has_chief), f"{kind} {index}"
 
 
 def worker_index() -> int:
     """This process's place among the workers (0 for the chief; TF_CONFIG's order: chief, then workers)."""
-    if _cluster_size() <= 1:
+    if _training_tasks() <= 1:
         return 0
-    document = json.loads(os.environ["TF_CONFIG"])
     kind, index = this_task()[1].split()
     if kind == "chief":
         return 0
-    return int(index) + (1 if document["cluster"].get("chief") else 0)
+    return int(index) + (1 if _tf_config()["cluster"].get("chief") else 0)
+
+
+def same_on_every_worker(strategy: tf.distribute.Strategy, value: int) -> bool:
+    """Whether a whole number (0 <= value < 2**20) is the same on every worker (a collective, like any_worker)."""
+    if worker_count() <= 1:
+        return True
+
+    @tf.autograph.experimental.do_not_convert
+    def mine() -> tf.Tensor:
+        return tf.constant(float(value))
+
+    @tf.function(autograph=False)
+    def spread() -> tf.Tensor:
+        mean = strategy.reduce("MEAN", strategy.run(mine), axis=None)
+
+        @tf.autograph.experimental.do_not_convert
+        def squared_deviation() -> tf.Tensor:
+            return tf.square(mine() - mean)
+
+        return strategy.reduce("SUM", strategy.run(squared_deviation), axis=None)
+
+    return float(spread().numpy()) < 0.1  # whole numbers: any difference gives a spread >= 0.5
 
 
 def any_worker(strategy: tf.distribute.Strategy, flag: bool) -> bool:
@@ -82,25 +117,38 @@ def any_worker(strategy: tf.distribute.Strategy, flag: bool) -> bool:
 
 def worker_count() -> int:
     """How many machines (processes) train together: the tasks TF_CONFIG names, or 1."""
-    return max(_cluster_size(), 1)
+    return max(_training_tasks(), 1)
 
 
-def shard_policy(setting: str, workers: int, files: int, log: Callable[[str], None] = print) -> str:
+def shard_policy(setting: str, workers: int, counts: list[int], log: Callable[[str], None] = print) -> str:
     """How the training data is split among workers (data.shard): 'off' for one worker, else 'file' or 'data'.
 
-    'auto' shards by file when every worker gets at least one record file, and otherwise falls back to
-    sharding by data (every worker reads every file and keeps its share: correct, but N times the reading).
+    `counts` are the records of each training file, in the pipeline's file order (worker i reads files
+    i, i + workers, ...). Every worker takes the same number of images per step, so sharding by file is
+    only right when the workers' shares are about equal: 'auto' shards by file when they are within 10%
+    of each other, and otherwise falls back to sharding by data (every worker reads every file and
+    keeps its share of each batch: the same batches as one process, N times the reading).
     """
     if workers <= 1:
         return "off"
+    files = len(counts)
     if setting == "file" and files < workers:
         raise ValueError(f"data.shard=file needs at least one record file per worker: {files} file(s) for "
                          f"{workers} workers (use data.shard=data or auto, or write the records in more files)")
+    shares = [sum(counts[i::workers]) for i in range(workers)] if files >= workers else []
+    even = bool(shares) and max(shares) <= 1.1 * min(shares)
     if setting == "auto":
-        setting = "file" if files >= workers else "data"
-        if setting == "data":
+        setting = "file" if even else "data"
+        if not shares:
             log(f"warning: {files} training record file(s) for {workers} workers, too few to give each worker "
                 "its own files: sharding by data instead (every worker reads all files)")
+        elif not even:
+            log(f"warning: the workers' shares of the training files would hold {min(shares)} to {max(shares)} "
+                "records, and every worker takes the same number per step (images in a small share would be "
+                "seen more often): sharding by data instead (every worker reads all files)")
+    elif setting == "file" and not even:
+        log(f"warning: data.shard=file gives the workers {min(shares)} to {max(shares)} records each; every worker "
+            "takes the same number per step, so images in a small share are seen more often")
     log(f"data sharding: by {setting} over {workers} workers ({files} training record files)")
     return setting
 
@@ -150,7 +198,9 @@ def _mend_keras_multi_worker_logs() -> None:
     def reduce_per_replica(values, strategy, reduction):
         if reduction in ("auto", "mean") and multi_worker(strategy):
             def whole(value):
-                if value is None or not hasattr(value, "shape") or value.shape.rank != 0:
+                local = (strategy.experimental_local_results(value)[0]
+                         if isinstance(value, tf.distribute.DistributedValues) else value)
+                if getattr(getattr(local, "shape", None), "rank", None) != 0:
                     return original(value, strategy, reduction)
                 return strategy.reduce("MEAN", value, axis=None)
             return tf.nest.map_structure(whole, values)
@@ -163,7 +213,7 @@ def _mend_keras_multi_worker_logs() -> None:
 def detect_strategy(log: Callable[[str], None] = print) -> tuple[tf.distribute.Strategy, str]:
     """Multi-worker (TF_CONFIG), logical CPU replicas (FLOWER_CPU_REPLICAS), TPU, GPUs, or the default."""
     replicas = cpu_replicas_requested()
-    if _cluster_size() > 1:
+    if _training_tasks() > 1:
         strategy, kind = tf.distribute.MultiWorkerMirroredStrategy(), "multi-worker"
         _mend_keras_multi_worker_logs()
     elif replicas > 1:
