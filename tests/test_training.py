@@ -309,6 +309,83 @@ def test_a_killed_run_resumes_exactly_where_it_stopped(tiny_data, tiny_run, tmp_
             np.testing.assert_array_equal(a["probs"], b["probs"])
 
 
+NAN_RUN = textwrap.dedent("""
+    # The train command with a loss that turns NaN at epoch 2 (as a too-high learning rate would).
+    import sys
+    import tensorflow as tf
+    import training.fit as fit
+    from training.train import main
+    made = fit.make_loss
+    def make_loss(config, weights):
+        loss = made(config, weights)
+        step = tf.Variable(0.0)
+        def poisoned(y, p):
+            step.assign_add(1.0)
+            return loss(y, p) * tf.where(step > 3.0, float("nan"), 1.0)  # 3 steps per epoch
+        return poisoned
+    fit.make_loss = make_loss
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_a_loss_that_turns_nan_stops_the_run_and_keeps_the_last_good_epoch(tiny_data, tmp_path):
+    out = tmp_path / "nan"
+    result = subprocess.run([sys.executable, "-c", NAN_RUN, "--set", f"data.dir={tiny_data}", "--set", f"output={out}",
+                             *TINY_RUN], cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "error: epoch 2: the training loss is nan: stopping before this epoch is saved (the checkpoint of " \
+           "epoch 1 stands)" in result.stderr and "Traceback" not in result.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.weights.h5", "epoch-0001"]
+    assert not (out / "member.json").exists() and not (out / "saved_model").exists()
+    assert not (out / "predictions").exists()
+
+
+def test_a_truncated_training_file_is_named_not_a_graph_error(tiny_data, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    train_file = sorted((data / "tfrecords-jpeg-32x32" / "train").glob("*.tfrec"))[1]
+    raw = train_file.read_bytes()
+    train_file.write_bytes(raw[: len(raw) - 40])  # the last record loses its tail
+    result = _train(data, tmp_path / "out")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"error: {train_file}: record 19 is corrupt" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_weights_written_on_a_full_disk_leave_the_previous_file_and_no_partial_one(tmp_path):
+    import errno
+
+    from training.checkpoints import save_weights_atomic
+
+    model = build_classifier("small-cnn", 16, 3)
+    target = tmp_path / "best.weights.h5"
+    save_weights_atomic(model, target)
+    before = target.read_bytes()
+
+    class FullDisk:
+        def save_weights(self, path):
+            Path(path).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    with pytest.raises(OSError, match="No space left"):
+        save_weights_atomic(FullDisk(), target)
+    assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["best.weights.h5"]
+
+
+def test_written_files_honour_the_umask_like_a_plain_open(tmp_path):
+    from training.writing import write_text_atomic
+
+    old = os.umask(0o022)
+    try:
+        assert (write_text_atomic(tmp_path / "a.json", "{}").stat().st_mode & 0o777) == 0o644
+        os.umask(0o077)
+        assert (write_text_atomic(tmp_path / "b.json", "{}").stat().st_mode & 0o777) == 0o600
+    finally:
+        os.umask(old)
+
+
 def test_bad_data_fails_with_a_clear_message(tmp_path):
     result = _train(tmp_path / "nothing", tmp_path / "out")
     assert result.returncode == 2
@@ -882,6 +959,13 @@ def test_resuming_with_another_config_is_refused_before_anything_is_written(tiny
     ({"augment": 3, "augment.rotation": 1}, "'augment' is a single value here"),
     ({"name": 2024}, "quote text that looks like a number"),
     ({"data.dir": " "}, "data.dir must name the data folder"),
+    ({"augment.zoom": 1e30}, "augment.zoom must be <= 1, got 1e\\+30"),  # trained a NaN model before
+    ({"augment.rotation": 1000.0}, "augment.rotation must be <= 180"),
+    ({"augment.mixup_alpha": 1e9}, "augment.mixup_alpha must be <= 100"),
+    ({"augment.shift_reference_size": 0}, "augment.shift_reference_size must be between 1 and"),
+    ({"augment.erase_area": 5}, "augment.erase_area"),
+    ({"train.seed": -1}, "train.seed must be between 0 and"),
+    ({"predict.tta_seed": -2}, "predict.tta_seed must be between 0 and"),
 ])
 def test_out_of_range_and_odd_options_are_named_before_anything_runs(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -38,8 +38,12 @@ def save_weights_atomic(model: keras.Model, path: Path) -> None:
     """model.save_weights through a temporary name (Keras insists on the .weights.h5 suffix)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name[: -len('.weights.h5')]}.tmp.weights.h5")
-    model.save_weights(tmp)
-    os.replace(tmp, path)
+    try:
+        model.save_weights(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no partial file behind
+        raise
 
 
 def load_best_weights(model: keras.Model, checkpoints: Path) -> None:

@@ -85,6 +85,11 @@ class TrainConfig:
     time_budget_minutes: float = 0.0  # stop after the last epoch that fits, leaving time to predict and export
 
 
+# Upper bounds of the augmentation strengths (standard deviations of normal draws, or Beta parameters).
+AUGMENT_LIMITS = {"rotation": 180.0, "shear": 60.0, "zoom": 1.0, "shift": 4096.0, "mixup_alpha": 100.0,
+                  "cutmix_alpha": 100.0}
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
     """Every augmentation knob; a magnitude of 0 or a probability of 0 switches that transform off.
@@ -120,6 +125,9 @@ class AugmentConfig:
         for name in ("rotation", "shear", "zoom", "shift", "brightness", "contrast", "saturation", "hue"):
             if getattr(self, name) < 0:
                 raise ValueError(f"augment.{name} must be >= 0, got {getattr(self, name)}")
+        for name, limit in AUGMENT_LIMITS.items():  # beyond these the images are noise (or not finite)
+            if getattr(self, name) > limit:
+                raise ValueError(f"augment.{name} must be <= {limit:g}, got {getattr(self, name)}")
         for name in ("erase_prob", "cutmix_prob", "mixup_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"augment.{name} must be in [0, 1], got {getattr(self, name)}")
@@ -265,6 +273,7 @@ RANGES = {  # option: (lowest, highest), inclusive; None = unbounded
     "schedule.warmup_epochs": (0, 100_000), "schedule.unfreeze_scale": (0.0, 10.0),
     "model.unfreeze_epoch": (0, 100_000), "train.steps_per_execution": (0, 100_000),
     "train.time_budget_minutes": (0.0, 1e6), "augment.shift_reference_size": (1, 8192),
+    "train.seed": (0, 2**31 - 1), "predict.tta_seed": (0, 2**31 - 1),
 }
 
 

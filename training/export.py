@@ -143,6 +143,9 @@ def predict_split(
             raise RuntimeError(f"the model returned {probs.shape[0]} predictions for the {len(ids)} images of "
                                f"split {info.split!r} in {len(real)} batches of {padded}")
         total = probs[rows] if k == 0 else total + probs[rows]
+    if not np.isfinite(total).all():
+        raise ValueError(f"the model's predictions for split {info.split!r} are not finite (NaN or infinite weights): "
+                         "nothing is written from them")
     ids_array = np.array(ids, dtype=str)
     order = np.argsort(ids_array)
     probs_array = (total / tta).astype(np.float32)[order]

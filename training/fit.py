@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -34,11 +35,13 @@ from training.checkpoints import (
 )
 from training.config import RunConfig, check_unfreeze_reachable, trainable_at
 from training.dataset import SplitInfo, split_info, train_dataset
+from training.errors import DataError
 from training.evaluation import classification_scores
 from training.export import predict_split
 from training.layout import count_records, load_classes
 from training.model import backbone_blocks, build_classifier, features_of, parameter_counts, set_trainable
 from training.outputs import RunFacts, finish_run, write_history
+from training.records import find_bad_record
 from training.schedules import learning_rate, plot_schedule
 from training.strategy import (
     any_worker,
@@ -256,9 +259,21 @@ def run_epoch(run: Run, epoch: int, state: dict, log: Log) -> float:
     run.optimizer.learning_rate.assign(lr)
     reseed_layers(model, epoch_seed(config.train.seed, epoch))
     start = time.perf_counter()
-    fit = model.fit(run.epoch_data(epoch), initial_epoch=epoch, epochs=epoch + 1, steps_per_epoch=run.steps,
-                    verbose=0, callbacks=[StepProgress(epoch, epochs, run.steps, run.global_batch, log)])
+    try:
+        fit = model.fit(run.epoch_data(epoch), initial_epoch=epoch, epochs=epoch + 1, steps_per_epoch=run.steps,
+                        verbose=0, callbacks=[StepProgress(epoch, epochs, run.steps, run.global_batch, log)])
+    except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as err:  # a bad record, found in the graph
+        files = [f for info in run.train_splits for f in info.files]
+        culprit = find_bad_record(files, True, run.train_splits[0].file_size)
+        if culprit is not None:
+            raise culprit from None
+        raise DataError(f"epoch {epoch + 1}: training failed: {err.message.splitlines()[0]}") from None
     seconds = time.perf_counter() - start
+    loss = float(fit.history["loss"][-1])
+    if not math.isfinite(loss):
+        raise ValueError(f"epoch {epoch + 1}: the training loss is {loss}: stopping before this epoch is saved (the "
+                         f"checkpoint of epoch {epoch} stands); lower schedule.max (now {config.schedule.max:g}) or "
+                         "make the augment options milder, then rerun")
     _, val_labels, val_probs = predict_split(model, run.infos["val"], config.data.image_size,
                                              config.train.eval_batch_size, num_classes=len(run.classes))
     val_seconds = time.perf_counter() - start - seconds

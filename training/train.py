@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.train") 
     except (DataError, ValueError, FileNotFoundError, RuntimeError) as err:  # RuntimeError: e.g. weights offline
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk, a read-only or vanished folder: what the last checkpoint holds stands
+        print(f"error: {err.strerror or err} ({err.filename or 'while writing the run directory'})", file=sys.stderr)
+        return 2
     return 0
 
 

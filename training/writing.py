@@ -8,6 +8,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def _umask() -> int:
+    """The process's file-creation mask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: str | Path, write: Callable[[str], None]) -> Path:
     """Call `write(tmp_path)` and rename the result onto path, so readers never see a partial file."""
     path = Path(path)
@@ -16,6 +23,7 @@ def write_atomic(path: str | Path, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file owner-only; a plain open() honours the umask
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
