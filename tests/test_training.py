@@ -365,6 +365,8 @@ def test_weights_written_on_a_full_disk_leave_the_previous_file_and_no_partial_o
     before = target.read_bytes()
 
     class FullDisk:
+        weights: list = []
+
         def save_weights(self, path):
             Path(path).write_bytes(b"partial")
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
@@ -372,6 +374,20 @@ def test_weights_written_on_a_full_disk_leave_the_previous_file_and_no_partial_o
     with pytest.raises(OSError, match="No space left"):
         save_weights_atomic(FullDisk(), target)
     assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["best.weights.h5"]
+
+
+def test_a_disk_too_full_for_the_weights_is_refused_before_h5py_writes(tmp_path, monkeypatch):
+    # h5py crashes the whole process (segfault) when the disk fills in the middle of a weights file.
+    import collections
+    import shutil
+
+    from training.checkpoints import save_weights_atomic
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 << 20, 10 << 20, 200_000))
+    with pytest.raises(OSError, match="No space left on device: writing weights needs about .* 200,000 free"):
+        save_weights_atomic(build_classifier("small-cnn", 16, 3), tmp_path / "best.weights.h5")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_written_files_honour_the_umask_like_a_plain_open(tmp_path):

@@ -12,6 +12,7 @@ the data or the optimisation is refused, naming the options that differ.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -34,9 +35,20 @@ RESUMABLE_CHANGES = ("name", "output", "train.epochs", "train.eval_batch_size", 
                      "train.time_budget_minutes", "data.shard", "predict.tta", "predict.tta_seed")
 
 
+def ensure_room_for_weights(model: keras.Model, folder: Path) -> None:
+    """Refuse (OSError ENOSPC) a weights write that cannot fit: h5py crashes the process on a full disk."""
+    variables = list(model.weights) + list(getattr(getattr(model, "optimizer", None), "variables", []) or [])
+    needed = sum(int(np.prod(v.shape)) * np.dtype(str(v.dtype)).itemsize for v in variables) * 11 // 10 + (1 << 20)
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"No space left on device: writing weights needs about {needed:,} bytes, "
+                      f"{free:,} free", str(folder))
+
+
 def save_weights_atomic(model: keras.Model, path: Path) -> None:
     """model.save_weights through a temporary name (Keras insists on the .weights.h5 suffix)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_room_for_weights(model, path.parent)
     tmp = path.with_name(f".{path.name[: -len('.weights.h5')]}.tmp.weights.h5")
     try:
         model.save_weights(tmp)
@@ -90,7 +102,12 @@ def save_checkpoint(folder: Path, model: keras.Model, optimizer: keras.optimizer
     tmp.mkdir(parents=True)
     if not compiled_with(model, optimizer):
         raise ValueError("save_checkpoint needs the model compiled with this optimizer")
-    model.save_weights(tmp / "weights.weights.h5")
+    try:
+        ensure_room_for_weights(model, tmp)
+        model.save_weights(tmp / "weights.weights.h5")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     write_text_atomic(tmp / "config.json", json.dumps(config, indent=1))
     write_text_atomic(tmp / "state.json", json.dumps(state, indent=1))
     shutil.rmtree(final, ignore_errors=True)  # a rerun of this same epoch replaces it
