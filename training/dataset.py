@@ -78,6 +78,30 @@ def training_splits(data_dir: str, image_size: int, file_size: int | None = None
     return splits
 
 
+def _shuffled_records(files: list[str], seed: int, repeat: bool, deterministic: bool, shard: str,
+                      worker: tuple[int, int]) -> tf.data.Dataset:
+    """(serialized record, file path) of this worker's files, shuffled by file for the seed, interleaved.
+
+    reshuffle_each_iteration=False: the order is a function of the seed alone, however often the
+    dataset is iterated (Keras under a distribution strategy may open it more than once; a reshuffling
+    dataset would then train several replicas on another order than one replica). Each epoch gets a
+    fresh dataset with its own seed (training.fit.epoch_seed), so epochs still differ.
+    """
+    file_ds = tf.data.Dataset.from_tensor_slices(files)
+    if shard == "file":  # done here: tf.distribute's own file sharding cannot see through the pipeline
+        index, count = worker
+        if len(files) < count:
+            raise ValueError(f"sharding by file needs a record file per worker: {len(files)} for {count} workers")
+        file_ds = file_ds.shard(count, index)
+    file_ds = file_ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=False)
+    if repeat:
+        file_ds = file_ds.repeat()
+    return file_ds.interleave(
+        lambda path: tf.data.TFRecordDataset(path, buffer_size=8 << 20).map(lambda r: (r, path)),
+        cycle_length=min(16, len(files)), num_parallel_calls=AUTOTUNE, deterministic=deterministic,
+    )
+
+
 def train_dataset(
     splits: Sequence[SplitInfo],
     image_size: int,
@@ -108,23 +132,7 @@ def train_dataset(
     if any(info.file_size != size or not info.labelled for info in splits):
         raise ValueError("training splits must be labelled and share one record size")
 
-    # reshuffle_each_iteration=False: the order is a function of the seed alone, however often the dataset
-    # is iterated (Keras under a distribution strategy opens it twice per fit, once to build the model;
-    # a reshuffling dataset would then train several replicas on another order than one replica).
-    # Each epoch gets a fresh dataset with its own seed (training.fit.epoch_seed), so epochs still differ.
-    file_ds = tf.data.Dataset.from_tensor_slices(files)
-    if shard == "file":  # done here: tf.distribute's own file sharding cannot see through the pipeline below
-        index, count = worker
-        if len(files) < count:
-            raise ValueError(f"sharding by file needs a record file per worker: {len(files)} for {count} workers")
-        file_ds = file_ds.shard(count, index)
-    file_ds = file_ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=False)
-    if repeat:
-        file_ds = file_ds.repeat()
-    ds = file_ds.interleave(
-        lambda path: tf.data.TFRecordDataset(path, buffer_size=8 << 20).map(lambda r: (r, path)),
-        cycle_length=min(16, len(files)), num_parallel_calls=AUTOTUNE, deterministic=deterministic,
-    )
+    ds = _shuffled_records(files, seed, repeat, deterministic, shard, worker)
     ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
 
     def load(serialized, source):
