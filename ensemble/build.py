@@ -12,7 +12,15 @@ import numpy as np
 
 from ensemble.blend import Blender
 from ensemble.members import Aligned, load_members
-from ensemble.output import plot_scores, plot_weights, write_ensemble_json, write_report, write_submission
+from ensemble.output import (
+    check_out_dir,
+    plot_scores,
+    plot_weights,
+    publish_directory,
+    write_ensemble_json,
+    write_report,
+    write_submission,
+)
 from ensemble.spec import METHODS
 from ensemble.validation import choose_method, cross_validate, member_scores
 
@@ -39,10 +47,12 @@ def build_ensemble(
 
     `options` maps a method to its Blender keywords, e.g. {"weighted": {"power": True}}.
     `expected_test_ids` (e.g. the ids of the competition's sample submission) are the ids the
-    submission must hold; by default the test ids the members agree on.
+    submission must hold; by default the test ids the members agree on. The directory is replaced
+    as one unit (see ensemble.output.publish_directory): on any error it is left as it was.
     """
     if method not in (*METHODS, "auto"):
         raise ValueError(f"unknown method {method!r}; expected one of {(*METHODS, 'auto')}")
+    out_dir = check_out_dir(out_dir)
     options = options or {}
     start = time.perf_counter()
     aligned = load_members(runs)
@@ -53,17 +63,22 @@ def build_ensemble(
     blender = Blender(method, **options.get(method, {})).fit(aligned.val_probs, aligned.val_labels)
     test_blend = blender.predict_proba(aligned.test_probs)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     cv = {"folds": chosen["folds"], "seed": seed, "blend": chosen["scores"], "members": members_cv}
     if methods_cv:
         cv["methods"] = methods_cv
     expected = aligned.test_ids if expected_test_ids is None else expected_test_ids
-    write_submission(out_dir / "submission.csv", aligned.test_ids, test_blend, expected_ids=expected)
-    path = write_ensemble_json(out_dir, aligned, blender.spec_, cv, {"seconds": time.perf_counter() - start})
-    plot_weights(out_dir / "weights.png", aligned.names, blender.spec_)
-    plot_scores(out_dir / "scores.png", members_cv, chosen["scores"])
-    write_report(out_dir, aligned, method, chosen["scores"], members_cv, chosen["out_of_fold"], methods_cv)
+
+    def write(stage: Path) -> dict[str, Any]:
+        write_submission(stage / "submission.csv", aligned.test_ids, test_blend, expected_ids=expected)
+        path = write_ensemble_json(stage, aligned, blender.spec_, cv, {"seconds": time.perf_counter() - start},
+                                   final_dir=out_dir)
+        plot_weights(stage / "weights.png", aligned.names, blender.spec_)
+        plot_scores(stage / "scores.png", members_cv, chosen["scores"])
+        write_report(stage, aligned, method, chosen["scores"], members_cv, chosen["out_of_fold"], methods_cv)
+        return json.loads(path.read_text())
+
+    document = publish_directory(out_dir, write)
     best = max(members_cv.values(), key=lambda s: s["macro_f1"])["macro_f1"]
     progress(f"blend ({method}) CV macro F1 {chosen['scores']['macro_f1']:.4f} (best member {best:.4f}); "
              f"wrote {out_dir} in {time.perf_counter() - start:.1f} s")
-    return json.loads(path.read_text())
+    return document

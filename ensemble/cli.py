@@ -27,6 +27,7 @@ import numpy as np
 
 from ensemble.build import build_ensemble
 from ensemble.members import MemberError
+from ensemble.output import check_out_dir
 from ensemble.spec import METHODS, SpecError
 
 
@@ -34,6 +35,8 @@ def expand_runs(patterns: list[str]) -> list[Path]:
     """Run directories from paths or glob patterns, in the given order, without repeats."""
     runs: list[Path] = []
     for pattern in patterns:
+        if not pattern.strip():
+            raise MemberError("a run directory argument is empty")
         matches = sorted(glob.glob(pattern)) if any(ch in pattern for ch in "*?[") else [pattern]
         if not matches:
             raise MemberError(f"no run directory matches {pattern!r}")
@@ -45,15 +48,22 @@ def expand_runs(patterns: list[str]) -> list[Path]:
 
 
 def read_ids(path: Path) -> np.ndarray:
-    """The `id` column of a CSV file (a sample submission or an answers file)."""
+    """The `id` column of a CSV file (a sample submission or an answers file); a byte order mark is ignored."""
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.DictReader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise ValueError(f"cannot read ids from {path}: {err}") from None
+        raise ValueError(f"cannot read ids from {path}: {getattr(err, 'strerror', None) or err}") from None
     if not rows or "id" not in rows[0]:
         raise ValueError(f"{path} has no 'id' column (or no rows)")
-    return np.array([row["id"] for row in rows], dtype=str)
+    ids = np.array([row["id"] or "" for row in rows], dtype=str)
+    if (ids == "").any():
+        raise ValueError(f"{path}: {int((ids == '').sum())} rows have an empty id (the first is data row "
+                         f"{int(np.flatnonzero(ids == '')[0]) + 1})")
+    unique, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"{path} has duplicate ids, e.g. {unique[counts > 1][:3].tolist()}")
+    return ids
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m ensemble") -> int:
@@ -79,11 +89,21 @@ def main(argv: list[str] | None = None, prog: str = "python -m ensemble") -> int
         return 2
     options = {"weighted": {"power": args.power}, "stack": {"features": args.stack_features, "seed": args.seed}}
     try:
+        out = check_out_dir(args.out)  # before anything is loaded
+        if args.expect_ids is not None and not args.expect_ids.strip():
+            raise ValueError("--expect-ids is empty: name a CSV with an 'id' column, or leave the option out")
         expected = read_ids(Path(args.expect_ids)) if args.expect_ids else None
-        build_ensemble(expand_runs(args.runs), Path(args.out), args.method, args.folds, args.seed, options,
+        build_ensemble(expand_runs(args.runs), out, args.method, args.folds, args.seed, options,
                        progress=(lambda _: None) if args.quiet else print, expected_test_ids=expected)
     except (MemberError, SpecError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # anything not named closer to where it happened
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"error: interrupted; --out {args.out} was not left half-written", file=sys.stderr)
+        return 130
     return 0
 

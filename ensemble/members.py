@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,28 +49,45 @@ class Aligned:
         return [m.name for m in self.members]
 
 
+NPZ_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip's first entry, or an empty zip
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def _npz_magic(path: Path, member: str) -> None:
+    """Refuse a file that is not a zip before numpy guesses at it (it would try to unpickle it)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except OSError as err:
+        raise MemberError(f"member {member!r}: cannot read {path}: {err.strerror or err}") from None
+    if head.startswith(NPY_MAGIC):
+        raise MemberError(f"member {member!r}: {path.name} is a .npy array, not an .npz of named arrays: {path}")
+    if not head.startswith(NPZ_MAGIC):
+        raise MemberError(f"member {member!r}: {path.name} is not an .npz (corrupt or truncated): {path}")
+
+
 def _load_npz(path: Path, member: str, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
     """Load an .npz without pickle and check that the expected arrays are there."""
     if not path.is_file():
         raise MemberError(f"member {member!r}: {path} not found")
+    _npz_magic(path, member)
     try:
         with np.load(path, allow_pickle=False) as data:
             missing = [k for k in keys if k not in data.files]
             if missing:
                 raise MemberError(f"member {member!r}: {path.name} lacks {missing} (has {sorted(data.files)})")
             return {k: data[k] for k in keys}
+    except (zipfile.BadZipFile, zlib.error, EOFError):
+        raise MemberError(f"member {member!r}: {path.name} is not an .npz (corrupt or truncated): {path}") from None
     except ValueError as err:
         if "Object arrays" in str(err):
             raise MemberError(
                 f"member {member!r}: {path.name} holds object arrays that need pickle; "
                 "write ids as a unicode array (np.array(ids, dtype=str))"
             ) from None
-        raise MemberError(
-            f"member {member!r}: {path.name} is not a readable .npz of arrays (corrupt, or pickled data, which is "
-            f"refused: {err})"
-        ) from None
-    except (OSError, EOFError) as err:
-        raise MemberError(f"member {member!r}: {path.name} is not a readable .npz ({err})") from None
+        raise MemberError(f"member {member!r}: {path.name} holds a corrupt array ({err}): {path}") from None
+    except OSError as err:
+        raise MemberError(f"member {member!r}: cannot read {path}: {err.strerror or err}") from None
 
 
 def _check_probs(probs: np.ndarray, ids: np.ndarray, classes: int, member: str, where: str) -> np.ndarray:
@@ -113,16 +132,31 @@ def _check_ids(ids: np.ndarray, member: str, where: str) -> np.ndarray:
     return ids
 
 
+def _read_json(path: Path, what: str) -> object:
+    """A JSON file's content; unreadable, undecodable or invalid JSON is one MemberError naming the file."""
+    try:
+        return json.loads(path.read_bytes())
+    except OSError as err:
+        raise MemberError(f"{what}cannot read {path}: {err.strerror or err}") from None
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        reason = "nested too deeply" if isinstance(err, RecursionError) else err
+        raise MemberError(f"{what}{path.name} is not valid JSON ({reason}): {path}") from None
+
+
 def _member_json(run_dir: Path) -> dict:
-    """member.json as a dict ({} when absent); invalid JSON is named."""
+    """member.json as a dict ({} when absent); invalid JSON, or JSON that is not an object, is named."""
     meta = run_dir / "member.json"
     if not meta.is_file():
         return {}
-    try:
-        document = json.loads(meta.read_text())
-    except json.JSONDecodeError as err:
-        raise MemberError(f"{meta} is not valid JSON: {err}") from None
-    return document if isinstance(document, dict) else {}
+    document = _read_json(meta, "")
+    if not isinstance(document, dict):
+        raise MemberError(f"{meta} must be a JSON object, not a {type(document).__name__}")
+    config = document.get("config")
+    data = config.get("data") if isinstance(config, dict) else None
+    for key, value in (("config", config), ("config.data", data)):
+        if value is not None and not isinstance(value, dict):
+            raise MemberError(f"{meta}: {key} must be a JSON object, not a {type(value).__name__}")
+    return document
 
 
 def member_name(run_dir: Path) -> str:
@@ -140,7 +174,7 @@ def validation_source(run_dir: Path, name: str) -> Path:
     """
     document = _member_json(run_dir)
     data = (document.get("config") or {}).get("data") or {}
-    if not (isinstance(data, dict) and data.get("train_on_val") is True):
+    if data.get("train_on_val") is not True:
         return run_dir
     source = document.get("validation_from")
     if not isinstance(source, str) or not source:
@@ -152,7 +186,7 @@ def validation_source(run_dir: Path, name: str) -> Path:
         raise MemberError(f"member {name!r}: its validation predictions come from {source} "
                           f"(member.json validation_from), which is not a run directory ({original})")
     inner = (_member_json(original).get("config") or {}).get("data") or {}
-    if isinstance(inner, dict) and inner.get("train_on_val") is True:
+    if inner.get("train_on_val") is True:
         raise MemberError(f"member {name!r}: validation_from names {original}, which was trained on its "
                           "validation rows too")
     return original
@@ -163,10 +197,7 @@ def _read_classes(run_dir: Path, name: str) -> list[str]:
     classes_file = run_dir / "classes.json"
     if not classes_file.is_file():
         raise MemberError(f"member {name!r}: {classes_file} not found")
-    try:
-        classes = json.loads(classes_file.read_text())
-    except json.JSONDecodeError as err:
-        raise MemberError(f"member {name!r}: classes.json is not valid JSON ({err})") from None
+    classes = _read_json(classes_file, f"member {name!r}: ")
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         raise MemberError(f"member {name!r}: classes.json must be a non-empty list of class names")
     return classes

@@ -1,15 +1,27 @@
-"""Write the ensemble directory: ensemble.json, submission.csv, report.md and plots, each atomically."""
+"""Write the ensemble directory: ensemble.json, submission.csv, report.md and plots, as one unit.
+
+Every file is written into a fresh staging folder beside the ensemble directory, which then replaces
+the old directory (old set aside, new renamed in, old removed): readers and a blend killed at any point
+see the previous directory or the new one, whole, never a mix. The next blend removes what an
+interrupted one left (staging folders, a set-aside directory, temporary files) and puts a set-aside
+directory back when it was killed between the two renames.
+"""
 
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
+import re
+import secrets
+import shutil
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -17,20 +29,52 @@ from ensemble.members import Aligned
 from ensemble.scores import per_class_f1
 from ensemble.spec import BlendSpec
 
+try:
+    import fcntl
+except ImportError:  # Windows has no fcntl: staging folders are then not locked
+    fcntl = None
+
 FORMAT_VERSION = 1
+ENSEMBLE_FILES = ("ensemble.json", "submission.csv", "report.md", "weights.png", "scores.png")
+T = TypeVar("T")
+
+
+class OutputError(ValueError):
+    """The ensemble directory cannot be written; the message names the path and the reason."""
+
+
+def _umask() -> int:
+    """The process umask: from /proc where it is there, else by setting it and setting it back."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_atomic(path: Path, write: Callable[[str], None]) -> Path:
     """Write through a temporary file in the same folder, then rename it into place.
 
+    The file gets the mode a plain open() would give (0666 less the umask, not mkstemp's 0600) and is
+    flushed to disk before the rename. An OSError names `path`, not the temporary file.
     (training has its own copy: the parts share no code but the blend, see ARCHITECTURE.md.)
     """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        _fsync(tmp, os.O_RDONLY)
         os.replace(tmp, path)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -40,6 +84,237 @@ def write_atomic(path: Path, write: Callable[[str], None]) -> Path:
 def write_text(path: Path, text: str) -> Path:
     """Write a text file atomically."""
     return write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _fsync(path: str | Path, flags: int) -> None:
+    """Flush a file or folder to disk; a folder on a file system that cannot is skipped."""
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+# --- where the ensemble directory may go --------------------------------------------------------------
+
+def check_out_dir(out: str | Path) -> Path:
+    """The ensemble directory to write (a symlink: its target), or OutputError before anything is loaded.
+
+    Refused: an empty name, a file, a path under a file, a folder that holds anything but an ensemble
+    directory's files (it is replaced as a whole), and a place that cannot be written.
+    """
+    if not str(out).strip():
+        raise OutputError("--out is empty: name the ensemble directory to write")
+    path = Path(out)
+    try:
+        path = path.resolve() if path.is_symlink() else Path(os.path.abspath(path))
+    except (OSError, RuntimeError) as err:  # a symlink loop
+        raise OutputError(f"--out {out}: {err}") from None
+    if not path.name or path.parent == path:
+        raise OutputError(f"--out {out} names no folder of its own: name the ensemble directory to write")
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"--out {out} is a file, not an ensemble directory")
+    try:
+        entries = list(path.iterdir()) if path.is_dir() else []
+    except OSError as err:
+        raise OutputError(f"cannot read --out {out}: {err.strerror or err}") from None
+    strangers = sorted(p.name for p in entries if p.name not in ENSEMBLE_FILES and not _is_tmp(p))
+    if strangers:
+        raise OutputError(f"--out {out} is not an ensemble directory: it holds {strangers[:3]}, which a blend "
+                          "would delete (it replaces the directory as a whole); name a new or ensemble directory")
+    _check_writable(out, path.parent)
+    return path
+
+
+def _check_writable(out: str | Path, parent: Path) -> None:
+    """Refuse a parent that is a file (or under one) or that this process may not write into."""
+    existing = parent
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"--out {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        reason = os.strerror(errno.EROFS if _read_only(existing) else errno.EACCES)
+        raise OutputError(f"cannot write into {existing}: {reason}")
+
+
+def _read_only(path: Path) -> bool:
+    """Whether the file system of path is mounted read-only."""
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
+
+
+def _is_tmp(path: Path) -> bool:
+    """A temporary file of write_atomic (`.<name>.<random>.tmp`), left by a killed write."""
+    return path.name.startswith(".") and path.name.endswith(".tmp") and path.is_file()
+
+
+# --- one unit: staging, swap, leftovers -----------------------------------------------------------------
+
+def _leftover_pattern(out: Path) -> re.Pattern[str]:
+    return re.compile(rf"\.{re.escape(out.name)}\.(staging|old)-[0-9a-f]{{16}}")
+
+
+def _sibling(out: Path, kind: str) -> Path:
+    """A fresh name beside out for a staging folder or the set-aside old directory."""
+    return out.parent / f".{out.name}.{kind}-{secrets.token_hex(8)}"
+
+
+def _lock(folder: Path) -> int | None:
+    """Open folder and take an exclusive lock on it (None where locks are not supported).
+
+    BlockingIOError when another process holds it.
+    """
+    fd = os.open(folder, os.O_RDONLY)
+    if fcntl is None:
+        os.close(fd)
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise
+    except OSError:  # a file system without flock: the lock is only advisory anyway
+        pass
+    return fd
+
+
+def _remove_if_stale(folder: Path) -> None:
+    """Remove a staging folder unless a live blend holds its lock."""
+    try:
+        fd = _lock(folder)
+    except BlockingIOError:
+        return
+    except OSError:
+        fd = None
+    try:
+        shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def clean_leftovers(out: Path) -> None:
+    """Remove what interrupted blends into `out` left beside it; put back a set-aside directory when the
+    blend was killed between setting the old directory aside and renaming the new one in."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return
+    pattern = _leftover_pattern(out)
+    found = [p for p in out.parent.iterdir() if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
+    aside = sorted((p for p in found if ".old-" in p.name), key=lambda p: p.stat().st_mtime)
+    if aside and not out.exists():
+        try:
+            os.rename(aside.pop(), out)
+        except OSError:
+            pass
+    for folder in aside:
+        shutil.rmtree(folder, ignore_errors=True)
+    for folder in found:
+        if ".staging-" in folder.name:
+            _remove_if_stale(folder)
+    if out.is_dir():
+        for path in out.iterdir():
+            if _is_tmp(path):
+                try:
+                    path.unlink()
+                except OSError:  # best effort: the directory is replaced as a whole anyway
+                    pass
+
+
+def _set_aside(out: Path) -> Path | None:
+    """Rename the current ensemble directory to a fresh name beside it (None when there is none)."""
+    if not out.exists():
+        return None
+    aside = _sibling(out, "old")
+    os.rename(out, aside)
+    return aside
+
+
+def _move_in(stage: Path, out: Path) -> None:
+    """Rename the finished staging folder to the ensemble directory's name."""
+    os.rename(stage, out)
+
+
+def _swap(stage: Path, out: Path) -> None:
+    """Replace out by stage: old aside, new in, old removed; the old one is put back if the new cannot go in."""
+    _fsync(stage, os.O_RDONLY)
+    aside = _set_aside(out)
+    try:
+        _move_in(stage, out)
+    except BaseException:
+        if aside is not None and not out.exists():
+            try:
+                os.rename(aside, out)
+            except OSError:  # the next blend puts it back (clean_leftovers)
+                pass
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+    try:
+        _fsync(out.parent, os.O_RDONLY)
+    except OSError:  # the swap is done; only its durability across a power cut is not forced
+        pass
+
+
+def _make_stage(out: Path) -> tuple[Path, int | None]:
+    """A fresh, locked staging folder beside out, with out's mode if out exists (else 0777 less the umask)."""
+    if not out.parent.is_dir():
+        out.parent.mkdir(parents=True, exist_ok=True)
+    stage = _sibling(out, "staging")
+    os.mkdir(stage)
+    try:
+        if out.is_dir():
+            os.chmod(stage, stat.S_IMODE(out.stat().st_mode))
+        return stage, _lock(stage)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def _write_error(err: OSError, stage: Path | None, out: Path) -> OutputError:
+    """One line naming the file (as it will be named in out, not in the staging folder) and the reason."""
+    reason = err.strerror or str(err)
+    if err.filename is None:
+        return OutputError(f"cannot write {out}: {reason}")
+    shown = Path(os.path.abspath(err.filename))
+    try:  # a path in the staging folder (or the folder, or the set-aside directory) stands for one in out
+        first, *rest = shown.relative_to(out.parent).parts
+        if (stage is not None and first == stage.name) or _leftover_pattern(out).fullmatch(first):
+            shown = out.joinpath(*rest)
+    except ValueError:
+        pass
+    if shown == out or out in shown.parents:
+        return OutputError(f"cannot write {shown}: {reason}")
+    return OutputError(f"cannot write {out} ({shown}): {reason}")
+
+
+def publish_directory(out: Path, write: Callable[[Path], T]) -> T:
+    """Call `write(staging_folder)`, then make the staging folder the directory `out`, as one unit.
+
+    Leftovers of interrupted blends are removed first. On any error the staging folder is removed and
+    `out` is what it was; an OSError becomes an OutputError naming the path and the reason.
+    """
+    out = Path(os.path.abspath(out))
+    stage, lock = None, None
+    try:
+        clean_leftovers(out)
+        stage, lock = _make_stage(out)
+        result = write(stage)
+        _swap(stage, out)
+        return result
+    except OSError as err:
+        raise _write_error(err, stage, out) from None
+    finally:
+        if stage is not None and stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+        if lock is not None:
+            os.close(lock)
 
 
 def check_submission(ids: np.ndarray, labels: np.ndarray, num_classes: int, expected_ids: np.ndarray) -> None:
@@ -80,12 +355,17 @@ def write_submission(path: Path, ids: np.ndarray, probs: np.ndarray, expected_id
 
 
 def write_ensemble_json(
-    out_dir: Path, aligned: Aligned, spec: BlendSpec, cv: dict[str, Any], extra: dict[str, Any]
+    out_dir: Path, aligned: Aligned, spec: BlendSpec, cv: dict[str, Any], extra: dict[str, Any],
+    final_dir: Path | None = None,
 ) -> Path:
-    """Write ensemble.json: members (paths relative to it, weight or null for a stacker), blend spec, classes, CV."""
+    """Write ensemble.json: members (paths relative to it, weight or null for a stacker), blend spec, classes, CV.
+
+    `final_dir` is where the file will end up when out_dir is a staging folder: member paths are relative to it.
+    """
     weights = spec.weights if spec.weights is not None else (None,) * spec.member_count
+    home = (final_dir or out_dir).resolve()
     members = [
-        {"name": m.name, "path": os.path.relpath(m.path.resolve(), out_dir.resolve()), "weight": w}
+        {"name": m.name, "path": os.path.relpath(m.path.resolve(), home), "weight": w}
         for m, w in zip(aligned.members, weights, strict=True)
     ]
     document = {
@@ -101,8 +381,10 @@ def _save_figure(fig, path: Path) -> Path:
     """Save a matplotlib figure as PNG atomically and close it."""
     import matplotlib.pyplot as plt
 
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
-    plt.close(fig)
+    try:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
     return path
 
 
