@@ -100,13 +100,13 @@ def test_import_errors_name_the_problem(tmp_path, capsys):
 
 def test_an_existing_import_is_kept_unless_overwrite_is_asked(tmp_path):
     src = tmp_path / "src"
-    for name in ("a", "b"):
+    for c, name in enumerate(("a", "b")):  # no copy across the classes: that would be a label conflict
         for i in range(4):
-            _save(src / name / f"{i}.png", Image.new("RGB", (12, 12), (i * 40, 0, 0)), "PNG")
+            _save(src / name / f"{i}.png", Image.new("RGB", (12, 12), (i * 40, c * 100, 0)), "PNG")
     out = tmp_path / "out"
     import_folders(src, out, sizes=[16], progress=False)
     before = sorted(p.name for p in (out / "tfrecords-jpeg-16x16" / "train").iterdir())
-    with pytest.raises(DataError, match="already exists"):
+    with pytest.raises(DataError, match="already holds a data set"):
         import_folders(src, out, sizes=[16], progress=False)
     assert sorted(p.name for p in (out / "tfrecords-jpeg-16x16" / "train").iterdir()) == before
     import_folders(src, out, sizes=[16], overwrite=True, progress=False)

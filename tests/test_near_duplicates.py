@@ -463,14 +463,14 @@ def test_an_import_that_would_leave_val_or_test_empty_is_refused(tmp_path, capsy
     with pytest.raises(DataError, match="would leave val and test empty"):
         import_folders(src, out, sizes=[16], progress=False)
     assert not out.exists()
-    conflicts = tmp_path / "conflicts"  # emptied by label conflicts alone: imported with warnings (fix the labels)
+    conflicts = tmp_path / "conflicts"  # emptied by label conflicts alone: refused too (fix the labels)
     for name in ("a", "b"):
         for k in range(4):
             _write(conflicts / name / f"{k}.png", _bytes(_photo(5300 + k)))
-    report = import_folders(conflicts, out, sizes=[16], progress=False)
-    assert [sum(report.counts[s].values()) for s in ("train", "val", "test")] == [8, 0, 0]
-    assert report.warnings[-2:] == [f"{s} is empty: every photo that could go there is in a label conflict; fix the "
-                                    "labels in the source folders and import again" for s in ("val", "test")]
+    with pytest.raises(DataError, match="would leave val and test empty: every photo that could go there is in a "
+                                        "label conflict"):
+        import_folders(conflicts, out, sizes=[16], progress=False)
+    assert not out.exists()
 
 
 def test_a_class_short_of_its_val_or_test_target_is_warned_about(tmp_path, capsys):

@@ -22,17 +22,25 @@ which is what `flower import --fit crop` (the default) stores; photos imported w
 bars) are not recognised. A flat or noise-free smooth image (one colour, a clean gradient) gets a hash with
 only a few bits set that matches every other such image; it is matched by its bytes only and counted as
 such. A distance above 16 is refused: unrelated photos are about 32 bits apart.
+
+A folder is read recursively, following links to files and folders; broken links, link loops and files that
+are not regular files (pipes, devices) are counted as skipped, as are images of more than --max-pixels pixels
+(checked from the header, before decoding: a small file can hold a decompression bomb). Names that are not
+valid UTF-8 are shown with the odd bytes escaped (`bad\\xff.jpg`).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import io
 import json
 import os
+import stat
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,15 +59,99 @@ HASH_SIZE = 32  # the greyscale image the DCT is taken of
 LOW_FREQUENCIES = 8  # 8 x 8 = 64 bits
 CHUNK = 1 << 20  # candidate pairs verified at once (bounds the search's memory)
 SPLIT_NAMES = ("train", "val", "test")
+DEFAULT_MAX_PIXELS = 40_000_000  # width x height of the largest image decoded (a 40 MP photo; bombs are larger)
 UNREADABLE = (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError)
 _BYTE_BITS = np.array([bin(v).count("1") for v in range(256)], dtype=np.uint8)
 
 
-def load_rgb(source: str | Path | bytes) -> Image.Image:
-    """Open an image file (or bytes) as RGB: EXIF orientation applied, alpha composited on white."""
-    image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-    image.load()
-    return to_rgb(image)
+class TooManyPixels(ValueError):
+    """An image whose header declares more pixels than the limit: refused before it is decoded."""
+
+
+def load_rgb(source: str | Path | bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open an image file (or bytes) as RGB: EXIF orientation applied, alpha composited on white.
+
+    The size is read from the header first: more than max_pixels pixels (None: no limit but Pillow's own) raises
+    TooManyPixels before anything is decoded, so a small file that unpacks to gigabytes costs nothing."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit that counts is checked below
+        try:
+            image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        except Image.DecompressionBombError as err:
+            raise TooManyPixels(f"too many pixels: {err} (not decoded)") from None
+    with image:
+        width, height = image.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise TooManyPixels(f"too many pixels: {width}x{height} = {width * height} is over the limit of "
+                                f"{max_pixels} (--max-pixels {max_pixels}); not decoded (a decompression bomb?)")
+        image.load()
+        return to_rgb(image)
+
+
+def check_max_pixels(value: int, name: str = "max_pixels") -> int:
+    """A valid pixel limit: a whole number >= 1 (ValueError naming the option)."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+    return int(value)
+
+
+_CONTROL = {code: f"\\x{code:02x}" for code in (*range(32), 127)}
+
+
+def shown(text: str) -> str:
+    """A file name as it can be printed on one line and stored as UTF-8: bytes that are not UTF-8 and control
+    characters (a newline, say) escaped (`bad\\xff.jpg`)."""
+    try:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that does not stand for a byte
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text.translate(_CONTROL)
+
+
+def list_files(root: str | Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Every regular file under a folder, recursively and sorted (names starting with '.' left out), following
+    links to files and folders; what cannot be read comes back as (path, reason) instead: a broken link, a link
+    loop (a link to a folder that holds it), a pipe, device or socket, a folder that cannot be listed."""
+    files: list[Path] = []
+    problems: list[tuple[Path, str]] = []
+    stack = [(Path(root), (Path(os.path.realpath(root)),))]
+    while stack:
+        folder, chain = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as err:
+            problems.append((folder, f"folder cannot be read ({err.strerror or err})"))
+            continue
+        for entry in entries:
+            path, hidden = Path(entry.path), entry.name.startswith(".")
+            try:
+                mode = os.stat(entry.path).st_mode  # follows links
+            except OSError as err:
+                if not hidden:
+                    problems.append((path, entry_problem(entry, err)))
+                continue
+            if stat.S_ISDIR(mode):
+                real = Path(os.path.realpath(entry.path))
+                if any(inside == real or inside.is_relative_to(real) for inside in chain):
+                    problems.append((path, f"link loop: a link to {shown(str(real))}, a folder that holds it; "
+                                           "not followed"))
+                else:
+                    stack.append((path, (*chain, real)))
+            elif not hidden:
+                if stat.S_ISREG(mode):
+                    files.append(path)
+                else:
+                    problems.append((path, "not a regular file (a pipe, device or socket): not read"))
+    return sorted(files), sorted(problems)
+
+
+def entry_problem(entry: os.DirEntry, err: OSError) -> str:
+    """Why a folder entry cannot be opened: a broken link, a link loop, or the system's reason."""
+    if entry.is_symlink() and err.errno == errno.ELOOP:
+        return "link loop: the link leads back to itself"
+    if entry.is_symlink() and err.errno == errno.ENOENT:
+        return f"broken link: its target {shown(os.readlink(entry.path))} does not exist"
+    return f"cannot be read ({err.strerror or err})"
 
 
 def perceptual_hash(image: Image.Image) -> int:
@@ -269,9 +361,10 @@ class PhotoSet:
     skipped: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)  # each photo's file, its folder resolved: not paired with itself
 
-    def add(self, name: str, data: bytes, squares_too: bool, file: str = "") -> None:
+    def add(self, name: str, data: bytes, squares_too: bool, file: str = "",
+            max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
         """Hash one photo's bytes (whole, and as its centre square when asked and not square)."""
-        image = load_rgb(data)
+        image = load_rgb(data, max_pixels)
         variants = [image]
         if squares_too and image.size[0] != image.size[1]:
             variants.append(centre_square(image))
@@ -334,19 +427,23 @@ def check_output(path: str) -> Path:
     return target
 
 
-def read_folder(spec: str, squares_too: bool, progress: bool = True) -> PhotoSet:
-    """Every photo under a folder (recursively; files Pillow cannot open are skipped and counted)."""
+def read_folder(spec: str, squares_too: bool, progress: bool = True,
+                max_pixels: int | None = DEFAULT_MAX_PIXELS) -> PhotoSet:
+    """Every photo under a folder (recursively, links followed; files Pillow cannot open, images over max_pixels,
+    broken links and link loops are skipped and counted)."""
     root = Path(spec)
     if not root.is_dir():
         raise DataError(f"folder not found: {spec} (or, for a split of a data folder, write DATA_DIR:train, "
                         f"DATA_DIR:val or DATA_DIR:test)")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    files, problems = list_files(root)
     photos = PhotoSet(spec, "folder")
+    photos.skipped += [shown(path.relative_to(root).as_posix()) for path, _ in problems]
     real = root.resolve()  # a file is itself in both sets when one folder holds the other (a link is another file)
     for k, path in enumerate(files):
-        name = path.relative_to(root).as_posix()
+        relative = path.relative_to(root)
+        name = shown(relative.as_posix())
         try:
-            photos.add(name, path.read_bytes(), squares_too, str(real / name))
+            photos.add(name, path.read_bytes(), squares_too, str(real / relative), max_pixels)
         except UNREADABLE:
             photos.skipped.append(name)
         if progress and (k + 1) % 1000 == 0:
@@ -354,7 +451,8 @@ def read_folder(spec: str, squares_too: bool, progress: bool = True) -> PhotoSet
     return photos
 
 
-def read_split(spec: str, folder: str, split: str, progress: bool = True) -> PhotoSet:
+def read_split(spec: str, folder: str, split: str, progress: bool = True,
+               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> PhotoSet:
     """Every record of one split of a data folder, at its largest stored size (TensorFlow is imported here)."""
     if split not in SPLIT_NAMES:
         raise DataError(f"unknown split {split!r} in {spec}; expected DATA_DIR:train, DATA_DIR:val or DATA_DIR:test")
@@ -371,7 +469,7 @@ def read_split(spec: str, folder: str, split: str, progress: bool = True) -> Pho
         for index, raw in iter_records(path):
             image, record_id = _parse_example(raw)
             try:
-                photos.add(record_id or f"{stem}-{index}", image, squares_too=False)
+                photos.add(record_id or f"{stem}-{index}", image, squares_too=False, max_pixels=max_pixels)
             except UNREADABLE:
                 photos.skipped.append(f"{path}: record {index}")
         if progress:
@@ -392,17 +490,19 @@ def _parse_example(raw: bytes) -> tuple[bytes, str]:
     return (image[0] if image else b""), (ids[0].decode() if ids else "")
 
 
-def read_photos(spec: str, other: str, progress: bool = True) -> PhotoSet:
+def read_photos(spec: str, other: str, progress: bool = True,
+                max_pixels: int | None = DEFAULT_MAX_PIXELS) -> PhotoSet:
     """One side of `flower overlap`: a folder of photos or `DATA_DIR:split`; refuses a side without photos."""
     parsed = split_spec(spec)
     if parsed:
-        photos = read_split(spec, *parsed, progress=progress)
+        photos = read_split(spec, *parsed, progress=progress, max_pixels=max_pixels)
     elif looks_like_data_folder(spec):
         name = spec.rstrip("/") or spec
         raise DataError(f"{spec} is a data folder (classes.json and tfrecords-jpeg-* folders), not a folder of "
                         f"photos: name one of its splits, {name}:train, {name}:val or {name}:test")
     else:  # a folder compared with a split is matched as a whole photo and as the centre square the import keeps
-        photos = read_folder(spec, squares_too=split_spec(other) is not None, progress=progress)
+        photos = read_folder(spec, squares_too=split_spec(other) is not None, progress=progress,
+                             max_pixels=max_pixels)
     if not photos.names:
         raise DataError(f"no images in {spec}" + (f" ({len(photos.skipped)} unreadable file(s))"
                                                    if photos.skipped else ""))
@@ -488,6 +588,10 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                              f"{MAX_DISTANCE}, or 'off' / -1 for exact copies only (default {DEFAULT_DISTANCE})")
     parser.add_argument("--json", metavar="OUT", help="also write every pair and the counts to this JSON file (its "
                                                       "folder must exist; checked before the photos are read)")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                        help="skip (count as unreadable) images whose header declares more than N pixels (width x "
+                             "height), before decoding them: decompression bombs (default "
+                             f"{DEFAULT_MAX_PIXELS})")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr while reading")
     return parser
 
@@ -497,13 +601,14 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.near_dup
     args = _parser(prog).parse_args(argv)
     try:
         max_distance = parse_distance(args.near_duplicate_distance)
+        max_pixels = check_max_pixels(args.max_pixels, "--max-pixels")
         if same_set(args.a, args.b):
             raise DataError(f"A and B are the same set ({args.a} and {args.b}): every photo would match itself; "
                             "compare two different sets")
         if args.json:
             check_output(args.json)
-        a = read_photos(args.a, args.b, progress=not args.quiet)
-        b = read_photos(args.b, args.a, progress=not args.quiet)
+        a = read_photos(args.a, args.b, progress=not args.quiet, max_pixels=max_pixels)
+        b = read_photos(args.b, args.a, progress=not args.quiet, max_pixels=max_pixels)
     except (DataError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
