@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from service.batching import DynamicBatcher
 from service.deps import ServiceState
 from service.errors import register_error_handlers
+from service.limits import BodyGuard
 from service.predictor import EnsemblePredictor, load_ensemble, load_run
 from service.routes import ops, predict, tfserving
 from service.settings import Settings, get_settings
@@ -54,6 +55,7 @@ def create_app(settings: Settings | None = None, ensemble: Any = None) -> FastAP
 
     app = FastAPI(title="Flower ensemble classifier", version="1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.service = ServiceState(settings)
+    app.add_middleware(BodyGuard)  # body size and deadline, inside the metrics so that its answers are counted
     app.add_middleware(RequestMetrics)
     register_error_handlers(app)
     app.include_router(predict.router)

@@ -93,13 +93,19 @@ class DynamicBatcher:
                     batch.append(await asyncio.wait_for(self._queue.get(), timeout))
                 except asyncio.TimeoutError:
                     break
-            try:
-                results = await loop.run_in_executor(None, self._timed, [i.value for i in batch])
-            except Exception as err:  # every caller of the batch learns of the failure
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(err)
-                continue
-            for item, result in zip(batch, results, strict=True):
+            await self._run(batch)
+            del batch  # the decoded images are not kept alive while the loop waits for the next batch
+
+    async def _run(self, batch: list[_Item]) -> None:
+        """Run one batch in a thread and hand each caller its own result (or the batch's failure)."""
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(None, self._timed, [i.value for i in batch])
+        except Exception as err:  # every caller of the batch learns of the failure
+            for item in batch:
                 if not item.future.done():
-                    item.future.set_result(result)
+                    item.future.set_exception(err)
+            return
+        for item, result in zip(batch, results, strict=True):
+            if not item.future.done():
+                item.future.set_result(result)

@@ -5,16 +5,21 @@
 
 Every flag can also come from the environment: FLOWER_ENSEMBLE, FLOWER_RUN, FLOWER_HOST, FLOWER_PORT,
 FLOWER_WORKERS, FLOWER_BATCHING, FLOWER_MAX_BATCH_SIZE, FLOWER_MAX_WAIT_MS, FLOWER_MAX_IMAGE_BYTES,
-FLOWER_MAX_PIXELS, FLOWER_MAX_IMAGES, FLOWER_API_KEY, FLOWER_MODEL_NAME. Flags win over the environment;
---ensemble on the command line also sets aside FLOWER_RUN, and --run sets aside FLOWER_ENSEMBLE.
-Stop it with Ctrl-C.
+FLOWER_MAX_PIXELS, FLOWER_MAX_IMAGES, FLOWER_MAX_REQUEST_PIXELS, FLOWER_MAX_INFLIGHT_PIXELS,
+FLOWER_DOWNSCALE_PIXELS, FLOWER_BODY_TIMEOUT, FLOWER_KEEP_ALIVE_TIMEOUT, FLOWER_LIMIT_CONCURRENCY,
+FLOWER_API_KEY, FLOWER_MODEL_NAME. Flags win over the environment; --ensemble on the command line also
+sets aside FLOWER_RUN, and --run sets aside FLOWER_ENSEMBLE.
+The models are loaded and checked (a warm-up prediction each) before the address is printed; a model
+that cannot be served is one line 'error: ...' and a non-zero exit status. Stop it with Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -61,10 +66,93 @@ def _hand_to_workers(settings: Settings) -> None:
             os.environ[f"FLOWER_{name.upper()}"] = str(value)
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m service") -> int:
-    """Command line entry point: validate settings, then run uvicorn."""
+def listen(host: str, port: int) -> socket.socket:
+    """Bind the listening address now (a busy port fails before the models load); uvicorn starts listening."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def load_checked(settings: Settings) -> Any:
+    """The models, loaded and warmed up (a damaged or non-finite member raises, naming it).
+
+    With one worker they are loaded here and handed to the server. Workers are separate processes that
+    load their own, so then they are only checked, in a child process, and None is returned.
+    """
+    if settings.workers == 1:
+        from service.app import load_models
+
+        return load_models(settings)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        problem = pool.submit(_check_in_child, settings.model_dump()).result()
+    if problem:
+        raise ModelError(problem)
+    return None
+
+
+class ModelError(Exception):
+    """The models cannot be served; the message says which and why."""
+
+
+def _check_in_child(values: dict) -> str | None:
+    """Load and warm up the models in this (child) process; the problem as a line, or None."""
+    from service.app import load_models
+
+    try:
+        load_models(Settings(**values))
+    except Exception as err:  # noqa: BLE001 - every failure becomes the parent's error line
+        return _describe(err)
+    return None
+
+
+def _describe(err: Exception) -> str:
+    """An error line's text: an ArtifactError's own message (it names the file), else the type and message."""
+    from service.predictor import ArtifactError
+
+    return str(err) if isinstance(err, ArtifactError | ModelError) else f"{type(err).__name__}: {err}"
+
+
+def uvicorn_config(settings: Settings, app: Any) -> Any:
+    """uvicorn's configuration: the app (object, or import string for workers) and the slow-client limits."""
     import uvicorn
 
+    return uvicorn.Config(app, host=settings.host, port=settings.port, workers=settings.workers,
+                          log_level="warning", timeout_keep_alive=settings.keep_alive_timeout,
+                          limit_concurrency=settings.limit_concurrency)
+
+
+def serve(settings: Settings, ensemble: Any, sock: socket.socket) -> None:
+    """Run uvicorn on the bound socket until Ctrl-C: the loaded models, or workers that each load them."""
+    import uvicorn
+
+    if ensemble is not None:
+        from service.app import create_app
+
+        config = uvicorn_config(settings, create_app(settings, ensemble))
+        uvicorn.Server(config).run(sockets=[sock])
+    else:
+        from uvicorn.supervisors import Multiprocess
+
+        Multiprocess(uvicorn_config(settings, "service.server:app"), sockets=[sock]).run()
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m service") -> int:
+    """Command line entry point: validate settings, bind the port, load and check the models, then serve.
+
+    Every failure before serving is one line 'error: ...' on stderr and a non-zero exit status (2 for bad
+    settings, 1 for models that cannot be served or an address that cannot be bound); the address is
+    printed only once the models are loaded and the port is bound.
+    """
     try:
         settings = parse_settings(argv, prog)
     except ValidationError as err:
@@ -77,9 +165,22 @@ def main(argv: list[str] | None = None, prog: str = "python -m service") -> int:
     if not os.path.exists(target):
         print(f"error: {target} not found", file=sys.stderr)
         return 2
-    _hand_to_workers(settings)
-    print(f"serving {target} on http://{settings.host}:{settings.port}/  (page at /, API docs at /docs; "
-          f"Ctrl-C stops)", flush=True)
-    uvicorn.run("service.server:app", factory=False, host=settings.host, port=settings.port,
-                workers=settings.workers, log_level="warning")
+    try:
+        sock = listen(settings.host, settings.port)
+    except OSError as err:
+        print(f"error: cannot listen on {settings.host}:{settings.port}: {err.strerror or err}", file=sys.stderr)
+        return 1
+    try:
+        try:
+            ensemble = load_checked(settings)
+        except Exception as err:  # noqa: BLE001 - one line, no traceback: what failed and where
+            print(f"error: {_describe(err)}", file=sys.stderr)
+            return 1
+        _hand_to_workers(settings)
+        host = f"[{settings.host}]" if ":" in settings.host else settings.host
+        print(f"serving {target} on http://{host}:{settings.port}/  (page at /, API docs at /docs; "
+              f"Ctrl-C stops)", flush=True)
+        serve(settings, ensemble, sock)
+    finally:
+        sock.close()
     return 0

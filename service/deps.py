@@ -12,6 +12,7 @@ from fastapi import Depends, Request
 
 from service.batching import DynamicBatcher
 from service.errors import ClientError
+from service.limits import PixelBudget
 from service.settings import Settings
 from service.telemetry import Metrics
 
@@ -26,11 +27,21 @@ class ServiceState:
     batcher: DynamicBatcher | None = None
     warm_task: asyncio.Task | None = None
     warm_up_error: str | None = None  # "ExceptionType: message" when the warm-up failed
+    pixels: PixelBudget = field(init=False)  # decoded pixels held by the requests in flight
+
+    def __post_init__(self) -> None:
+        self.pixels = PixelBudget(self.settings.max_inflight_pixels)
 
     @property
     def ready(self) -> bool:
         """Models loaded and every member warmed up."""
         return self.ensemble is not None and self.ensemble.ready
+
+    @property
+    def decode_target(self) -> int:
+        """The largest member's input size: huge images are reduced to no less than this (0: never reduce)."""
+        sizes = [getattr(m, "image_size", 0) for m in self.ensemble.members] if self.ensemble is not None else []
+        return max(sizes, default=0)
 
     def run_batch(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         """The batch function: decoded images -> (blended probs, members' probs) per image."""

@@ -13,16 +13,18 @@ from service.telemetry import Metrics
 class ClientError(Exception):
     """A request the client got wrong: answered with `status` and {"error": {"kind", "message"}}."""
 
-    def __init__(self, status: int, kind: str, message: str) -> None:
+    def __init__(self, status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.kind, self.message = status, kind, message
+        self.headers = headers  # extra response headers, e.g. Retry-After or Connection: close
 
 
-def error_response(metrics: Metrics | None, status: int, kind: str, message: str) -> JSONResponse:
+def error_response(metrics: Metrics | None, status: int, kind: str, message: str,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
     """A JSON error body, counted by kind."""
     if metrics is not None:
         metrics.error(kind)
-    return JSONResponse({"error": {"kind": kind, "message": message}}, status_code=status)
+    return JSONResponse({"error": {"kind": kind, "message": message}}, status_code=status, headers=headers)
 
 
 def _metrics_of(request: Request) -> Metrics | None:
@@ -33,7 +35,7 @@ def _metrics_of(request: Request) -> Metrics | None:
 
 async def _client_error(request: Request, err: ClientError) -> JSONResponse:
     """A ClientError raised by a route or dependency."""
-    return error_response(_metrics_of(request), err.status, err.kind, err.message)
+    return error_response(_metrics_of(request), err.status, err.kind, err.message, err.headers)
 
 
 async def _invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:

@@ -1,5 +1,8 @@
 """The ensemble the service predicts with: load an ensemble directory (or one run directory) and predict.
 
+Loading ends with a warm-up prediction through every member and the blend; a member whose probabilities
+are not all finite (or a blend that makes them so) is refused with an ArtifactError naming it.
+
 Each member's SavedModel is loaded with plain `tf.saved_model.load` and called through its
 `serving_pixels` signature at its own image size; the blend is `ensemble.blend.apply_blend`, the same
 code that made the offline submission.
@@ -51,33 +54,64 @@ class EnsemblePredictor:
 
     def predict(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Decoded RGB images -> (blended probabilities [N, C], members' probabilities [M, N, C])."""
-        import tensorflow as tf
-
-        per_member = []
-        for member in self.members:
-            size = member.image_size
-            batch = np.stack([_resize(image, size) for image in images]).astype(np.float32)
-            probs = member.predict_pixels(images=tf.constant(batch))["probabilities"].numpy()
-            per_member.append(probs)
-        stacked = np.stack(per_member)
+        stacked = np.stack([self._member_predict(member, images) for member in self.members])
         return apply_blend(self.blend, stacked).astype(np.float32), stacked
 
+    @staticmethod
+    def _member_predict(member: MemberModel, images: list[np.ndarray]) -> np.ndarray:
+        """One member's probabilities [N, C] for decoded RGB images, each resized to its input size."""
+        import tensorflow as tf
+
+        batch = np.stack([_resize(image, member.image_size) for image in images]).astype(np.float32)
+        return member.predict_pixels(images=tf.constant(batch))["probabilities"].numpy()
+
     def warm_up(self) -> float:
-        """Run one prediction through every member; returns the seconds it took."""
+        """Run one prediction through every member and the blend; returns the seconds it took.
+
+        Raises ArtifactError naming the member whose probabilities are not all finite (NaN weights, an
+        overflow) or have the wrong shape, or naming the blend when it turns finite votes non-finite:
+        such an ensemble would answer NaN, so it is not served.
+        """
         start = time.perf_counter()
-        probe = np.full((max(m.image_size for m in self.members),) * 2 + (3,), 128, np.uint8)
-        self.predict([probe])
+        try:
+            self._check_outputs()
+        except BaseException:
+            self.warmed_up = set()  # not ready: /readyz says why
+            raise
         self.warmed_up = {m.name for m in self.members}
         return time.perf_counter() - start
 
+    def _check_outputs(self) -> None:
+        """A prediction of a grey probe through every member and the blend; ArtifactError when any is unusable."""
+        probe = np.full((max(m.image_size for m in self.members),) * 2 + (3,), 128, np.uint8)
+        votes = []
+        for member in self.members:
+            probs = self._member_predict(member, [probe])
+            if probs.shape != (1, len(self.classes)):
+                raise ArtifactError(f"member {member.name!r} ({member.path}) answers probabilities of shape "
+                                    f"{list(probs.shape)} for one image and {len(self.classes)} classes")
+            if not np.isfinite(probs).all():
+                raise ArtifactError(f"member {member.name!r} ({member.path}): its warm-up probabilities are not all "
+                                    f"finite ({int((~np.isfinite(probs)).sum())} of {probs.size} are NaN or "
+                                    f"infinite); its weights are damaged, so it cannot be served")
+            votes.append(probs)
+        blended = apply_blend(self.blend, np.stack(votes))
+        if not np.isfinite(blended).all():
+            raise ArtifactError(f"the {self.blend.method!r} blend turns the members' finite warm-up probabilities "
+                                f"into NaN or infinite values; check the blend in ensemble.json")
+
 
 def _resize(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize exactly as the training evaluation path does (bilinear, half-pixel centres), float32."""
+    """Resize exactly as the training evaluation path does (bilinear, half-pixel centres), float32.
+
+    The uint8 image goes to the resize as it is: the result is bit for bit that of resizing its float32 cast,
+    without a float32 copy of the full-size image (12 bytes a pixel).
+    """
     if image.shape[0] == size and image.shape[1] == size:
         return image.astype(np.float32)
     import tensorflow as tf
 
-    return tf.image.resize(tf.cast(image, tf.float32), [size, size], method="bilinear").numpy()
+    return tf.image.resize(image, [size, size], method="bilinear").numpy()
 
 
 def _read_json(path: Path) -> Any:
@@ -139,7 +173,9 @@ def load_run(run_dir: str | Path) -> EnsemblePredictor:
     if not run_dir.is_dir():
         raise ArtifactError(f"run directory not found: {run_dir}")
     member, classes = load_member_model(run_dir)
-    return EnsemblePredictor(classes, [member], BlendSpec("mean", weights=(1.0,)))
+    predictor = EnsemblePredictor(classes, [member], BlendSpec("mean", weights=(1.0,)))
+    predictor.warm_up()  # refuses a member whose outputs are not finite
+    return predictor
 
 
 @dataclass(frozen=True)
@@ -214,4 +250,6 @@ def load_ensemble(path: str | Path) -> EnsemblePredictor:
         if member_classes != classes:
             raise ArtifactError(f"member {member.name!r} ({run_dir}) has other classes than {file}")
         members.append(member)
-    return EnsemblePredictor(classes, members, blend)
+    predictor = EnsemblePredictor(classes, members, blend)
+    predictor.warm_up()  # refuses a member (or a blend) whose outputs are not finite
+    return predictor

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -26,8 +26,36 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1, description="largest accepted image file")
     max_pixels: int = Field(40_000_000, ge=1, description="largest accepted width x height (decompression bombs)")
     max_images: int = Field(16, ge=1, description="most images in one request")
+    max_request_pixels: int = Field(100_000_000, ge=1, description="most decoded pixels in one request, all its "
+                                    "images together (about 3 bytes each while it is served); more answers 413")
+    max_inflight_pixels: int = Field(200_000_000, ge=1, description="most decoded pixels of all requests being "
+                                     "served at once; a request that would exceed it answers 503 with Retry-After")
+    downscale_pixels: int = Field(4_000_000, ge=1, description="images of more pixels are reduced while decoding "
+                                  "(JPEG: DCT scaling; others: right after) to no less than the largest member's "
+                                  "input size; smaller ones decode exactly as in training")
+    body_timeout: float = Field(60.0, gt=0, description="seconds a client has to send a request's whole body; "
+                                "a slower upload is answered 408")
+    keep_alive_timeout: int = Field(5, ge=1, description="seconds an idle keep-alive connection stays open")
+    limit_concurrency: int = Field(128, ge=1, description="most connections and requests at once; more are "
+                                   "answered 503 by uvicorn")
     default_top_k: int = Field(5, ge=1)
     api_key: str | None = Field(None, description="when set, prediction routes need 'Authorization: Bearer <key>'")
+
+    @model_validator(mode="after")
+    def _budgets_agree(self) -> Settings:
+        """A request may not need more pixels than all requests together may hold."""
+        if self.max_request_pixels > self.max_inflight_pixels:
+            raise ValueError(f"max_request_pixels ({self.max_request_pixels}) must not exceed max_inflight_pixels "
+                             f"({self.max_inflight_pixels}), or such a request could never be served")
+        return self
+
+    def body_limit(self, path: str) -> int:
+        """The most bytes a request body to `path` may have: the images' bytes, base64 on the TF-Serving routes,
+        plus room for the multipart headers, the form fields or the JSON around them."""
+        images = self.max_images * self.max_image_bytes
+        if path.endswith(":predict"):
+            return images * 4 // 3 + 64 * 1024
+        return images + 64 * 1024
 
 
 @lru_cache

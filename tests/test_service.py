@@ -641,13 +641,19 @@ def test_after_a_failed_warm_up_the_prediction_routes_say_why():
 
 @pytest.fixture
 def served(monkeypatch):
-    """Run service.cli.main with uvicorn.run recorded instead of started; FLOWER_* restored afterwards."""
-    import uvicorn
+    """Run service.cli.main with binding the port, loading the models and serving recorded instead of done;
+    FLOWER_* restored afterwards."""
+    import socket
 
-    for name in Settings.model_fields:
-        monkeypatch.delenv(f"FLOWER_{name.upper()}", raising=False)
+    import service.cli
+
+    for name in Settings.model_fields:  # set, then removed: what main() hands to workers is undone afterwards
+        monkeypatch.setenv(f"FLOWER_{name.upper()}", "")
+        monkeypatch.delenv(f"FLOWER_{name.upper()}")
     calls = []
-    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(service.cli, "listen", lambda host, port: socket.socket())
+    monkeypatch.setattr(service.cli, "load_checked", lambda settings: None)
+    monkeypatch.setattr(service.cli, "serve", lambda settings, ensemble, sock: calls.append(settings))
     return calls
 
 

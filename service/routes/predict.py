@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException
-from starlette.formparsers import MultiPartException
+from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from service.deps import ServiceState, StateDep, require_api_key
 from service.errors import ClientError
-from service.images import ImageError, decode_image
+from service.images import ImageError, decode_image, decoded_pixels
+from service.limits import check_request_pixels
 from service.schemas import ClassScore, ErrorDetail, ErrorResponse, ImageResult, MemberVote, PredictResponse
 
 router = APIRouter(tags=["predict"])
+logger = logging.getLogger(__name__)
 INLINE_DECODE_BYTES = 48 * 1024  # about a 300 px JPEG: well under a millisecond to decode
+INLINE_DECODE_PIXELS = 120_000  # ... and no more pixels than that (a tiny PNG may hold 40 M pixels)
 FORM_FIELDS = {"files", "top_k", "include_probabilities", "include_members"}
 
 MULTIPART_BODY = {
@@ -35,9 +38,10 @@ MULTIPART_BODY = {
 }
 ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in (
     (400, "malformed request, no files, too many images, wrong field names"),
-    (401, "missing or wrong API key"), (413, "request larger than the limits"),
+    (401, "missing or wrong API key"), (408, "the body did not arrive within --body-timeout"),
+    (413, "request larger than the limits: bytes, or decoded pixels of all its images"),
     (415, "not multipart/form-data"), (422, "an option out of range"),
-    (503, "models not loaded yet, or their warm-up failed"))}
+    (503, "models not loaded yet, their warm-up failed, or the server is decoding too many pixels (Retry-After)"))}
 
 
 def _flag(value: object, name: str) -> bool:
@@ -65,25 +69,55 @@ def _top_k(value: object, default: int, classes: int) -> int:
     return k
 
 
-async def _read_form(request: Request, state: ServiceState) -> tuple[list[UploadFile], dict]:
-    """Parse the multipart body within the configured limits."""
+class _Parser(MultiPartParser):
+    """Starlette's multipart parser, noting whether the body reached its closing boundary ('--BOUNDARY--')."""
+
+    ended = False
+
+    def on_end(self) -> None:
+        self.ended = True
+        super().on_end()
+
+
+async def _read_form(request: Request, state: ServiceState) -> tuple[FormData, list[UploadFile], dict]:
+    """Parse the multipart body within the configured limits (the body's size and deadline: service.limits)."""
     settings = state.settings
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise ClientError(415, "unsupported_media_type", "send images as multipart/form-data with field 'files'")
-    limit = settings.max_images * settings.max_image_bytes + 64 * 1024
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > limit:
-        raise ClientError(413, "request_too_large", f"the request has {length} bytes, more than the limit of {limit}")
+    received = 0
+
+    async def stream():
+        nonlocal received
+        async for chunk in request.stream():
+            received += len(chunk)
+            yield chunk
+
+    parser = _Parser(request.headers, stream(), max_files=settings.max_images + 1, max_fields=len(FORM_FIELDS) + 4)
     try:
-        form = await request.form(max_files=settings.max_images + 1, max_fields=len(FORM_FIELDS) + 4)
-    except (MultiPartException, HTTPException) as err:  # Starlette re-raises parser errors as HTTP 400
-        message = getattr(err, "message", None) or str(getattr(err, "detail", err))
-        if "Too many files" in message:
+        form = await parser.parse()
+    except ClientError:  # the body broke its size limit or deadline while it streamed
+        raise
+    except MultiPartException as err:
+        if "Too many files" in err.message:
             raise ClientError(400, "too_many_images", f"more than {settings.max_images} images in one request") \
                 from None
-        raise ClientError(400, "malformed_multipart", f"the multipart body cannot be read: {message}") from None
+        raise ClientError(400, "malformed_multipart", f"the multipart body cannot be read: {err.message}") from None
     except Exception as err:  # noqa: BLE001 - any other parser failure is the client's malformed body
         raise ClientError(400, "malformed_multipart", f"the multipart body cannot be read: {err}") from None
+    try:
+        if received and not parser.ended:
+            boundary = request.headers["content-type"].partition("boundary=")[2].split(";")[0].strip().strip('"')
+            raise ClientError(400, "malformed_multipart", f"the multipart body ends before its closing boundary "
+                                                          f"'--{boundary}--' (a cut-off upload?)")
+        files, options = _check_form(form, settings.max_images)
+    except BaseException:
+        await form.close()
+        raise
+    return form, files, options
+
+
+def _check_form(form: FormData, max_images: int) -> tuple[list[UploadFile], dict]:
+    """The uploads and options of a parsed form, checked."""
     unknown = sorted(set(form.keys()) - FORM_FIELDS)
     if unknown:
         raise ClientError(400, "unknown_field", f"unknown form field(s) {unknown}; images go in field 'files', "
@@ -93,9 +127,8 @@ async def _read_form(request: Request, state: ServiceState) -> tuple[list[Upload
         raise ClientError(400, "no_files", "no images: send one or more files in the multipart field 'files'")
     if any(not isinstance(f, UploadFile) for f in files):
         raise ClientError(400, "not_a_file", "field 'files' must hold file uploads, not text values")
-    if len(files) > settings.max_images:
-        raise ClientError(400, "too_many_images",
-                          f"{len(files)} images in one request; the limit is {settings.max_images}")
+    if len(files) > max_images:
+        raise ClientError(400, "too_many_images", f"{len(files)} images in one request; the limit is {max_images}")
     options = {k: form.get(k) for k in FORM_FIELDS - {"files"}}
     if any(isinstance(v, UploadFile) for v in options.values()):
         raise ClientError(400, "unknown_field", "only field 'files' may hold files")
@@ -110,25 +143,52 @@ def _unready(state: ServiceState) -> ClientError:
     return ClientError(503, "not_ready", "the models are still loading or warming up; retry shortly")
 
 
-async def decode_uploads(files: list[UploadFile], state: ServiceState) -> list[np.ndarray | ImageError]:
-    """Read and decode every upload off the event loop; a bad one becomes its own ImageError."""
+async def _read_upload(upload: UploadFile, limit: int) -> bytes:
+    """An upload's bytes from the start; ImageError 'too_large' over `limit`."""
+    await upload.seek(0)
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise ImageError("too_large", f"the image is larger than the limit of {limit} bytes")
+    return data
+
+
+async def measure_uploads(files: list[UploadFile], state: ServiceState) -> list[int | ImageError]:
+    """Each upload's decoded pixels, from its header alone (or the ImageError that makes it unusable)."""
+    settings = state.settings
+    measured: list[int | ImageError] = []
+    for upload in files:
+        try:
+            data = await _read_upload(upload, settings.max_image_bytes)
+            measured.append(decoded_pixels(data, settings.max_pixels, state.decode_target, settings.downscale_pixels))
+        except ImageError as err:
+            measured.append(err)
+    return measured
+
+
+async def decode_uploads(files: list[UploadFile], measured: list[int | ImageError],
+                         state: ServiceState) -> list[np.ndarray | ImageError]:
+    """Decode the usable uploads, large ones off the event loop; a bad one becomes its own ImageError."""
     loop = asyncio.get_running_loop()
     settings = state.settings
     decoded: list[np.ndarray | ImageError] = []
-    for upload in files:
-        data = await upload.read(settings.max_image_bytes + 1)
-        if len(data) > settings.max_image_bytes:
-            decoded.append(ImageError("too_large", f"the image is larger than the limit of "
-                                                   f"{settings.max_image_bytes} bytes"))
+    for upload, pixels in zip(files, measured, strict=True):
+        if isinstance(pixels, ImageError):
+            decoded.append(pixels)
             continue
         try:
-            if len(data) <= INLINE_DECODE_BYTES:  # a small file decodes faster than a thread hand-off
-                decoded.append(decode_image(data, settings.max_pixels))
-            else:
-                decoded.append(await loop.run_in_executor(None, decode_image, data, settings.max_pixels))
+            data = await _read_upload(upload, settings.max_image_bytes)
+            args = (data, settings.max_pixels, state.decode_target, settings.downscale_pixels)
+            if len(data) <= INLINE_DECODE_BYTES and pixels <= INLINE_DECODE_PIXELS:  # faster than a thread hand-off
+                decoded.append(decode_image(*args))
+            else:  # a small file may still be a huge image: its pixels decide too
+                decoded.append(await loop.run_in_executor(None, decode_image, *args))
         except ImageError as err:
             decoded.append(err)
     return decoded
+
+
+NON_FINITE = ("the model's output for this image is not finite (NaN or infinity), so there is no answer for it; "
+              "the server log names the request")
 
 
 @router.post("/v1/predict", response_model=PredictResponse, response_model_exclude_none=True, responses=ERRORS,
@@ -138,23 +198,40 @@ async def predict(request: Request, state: StateDep) -> PredictResponse:
     """Top-k classes per image with blended probabilities; one bad image fails only its own entry."""
     if not state.ready:
         raise _unready(state)
-    files, options = await _read_form(request, state)
+    form, files, options = await _read_form(request, state)
+    try:
+        return await _predict(request, state, files, options)
+    finally:
+        await form.close()  # the uploads' temporary files
+
+
+async def _predict(request: Request, state: ServiceState, files: list[UploadFile], options: dict) -> PredictResponse:
+    """The prediction for parsed uploads, within the pixel budgets."""
     classes = state.ensemble.classes
     k = _top_k(options["top_k"] or request.query_params.get("top_k"), state.settings.default_top_k, len(classes))
     with_probs = _flag(options["include_probabilities"] or request.query_params.get("include_probabilities"),
                        "include_probabilities")
     with_members = _flag(options["include_members"] or request.query_params.get("include_members"),
                          "include_members")
-    decoded = await decode_uploads(files, state)
-    good = [i for i, d in enumerate(decoded) if not isinstance(d, ImageError)]
-    outputs = await state.batcher.submit_many([decoded[i] for i in good])
+    measured = await measure_uploads(files, state)
+    pixels = sum(p for p in measured if not isinstance(p, ImageError))
+    check_request_pixels(pixels, state.settings.max_request_pixels)
+    with state.pixels.hold(pixels):
+        decoded = await decode_uploads(files, measured, state)
+        good = [i for i, d in enumerate(decoded) if not isinstance(d, ImageError)]
+        outputs = await state.batcher.submit_many([decoded[i] for i in good])
+        errors = {i: d for i, d in enumerate(decoded) if isinstance(d, ImageError)}
+        del decoded  # the decoded images: released before the answer is built
     by_index = dict(zip(good, outputs, strict=True))
     results = []
     for i, upload in enumerate(files):
-        if i not in by_index:
-            state.metrics.error(decoded[i].kind)
+        if i in by_index and not all(np.isfinite(a).all() for a in by_index[i]):
+            logger.warning("the model's output is not finite for image %d (%r) of a request", i, upload.filename)
+            errors[i] = ImageError("non_finite_output", NON_FINITE)
+        if i in errors:
+            state.metrics.error(errors[i].kind)
             results.append(ImageResult(filename=upload.filename, ok=False,
-                                       error=ErrorDetail(kind=decoded[i].kind, message=decoded[i].message)))
+                                       error=ErrorDetail(kind=errors[i].kind, message=errors[i].message)))
             continue
         blended, members = by_index[i]
         order = np.argsort(-blended)[:k]

@@ -12,14 +12,19 @@ import asyncio
 import base64
 import binascii
 import json
+import logging
 
+import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from service.deps import ServiceState, StateDep, require_api_key
-from service.images import ImageError, decode_image
+from service.errors import ClientError
+from service.images import ImageError, decode_image, decoded_pixels
+from service.limits import check_request_pixels
 
 router = APIRouter(tags=["tensorflow-serving"])
+logger = logging.getLogger(__name__)
 
 PREDICT_BODY = {
     "required": True,
@@ -43,10 +48,16 @@ TF_ERROR = {"content": {"application/json": {"schema": {"type": "object", "prope
                                              "example": {"error": "instance 0: the data is not an image"}}}}
 
 
-def tf_error(state: ServiceState, status: int, kind: str, message: str) -> JSONResponse:
+def tf_error(state: ServiceState, status: int, kind: str, message: str,
+             headers: dict[str, str] | None = None) -> JSONResponse:
     """A TF-Serving style error body."""
     state.metrics.error(kind)
-    return JSONResponse({"error": message}, status_code=status)
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _from_client_error(state: ServiceState, err: ClientError) -> JSONResponse:
+    """A ClientError (body limits, pixel budgets) in TF Serving's error shape."""
+    return tf_error(state, err.status, err.kind, err.message, err.headers)
 
 
 def _b64_items(body: object) -> tuple[list, str]:
@@ -63,6 +74,10 @@ def _b64_items(body: object) -> tuple[list, str]:
         raise ValueError("the body must have 'instances' (row format) or 'inputs' (columnar format)")
     if not isinstance(items, list) or not items:
         raise ValueError("'instances'/'inputs' must be a non-empty list of {\"b64\": \"...\"} objects")
+    signature = body.get("signature_name", "")
+    if signature not in ("", "serving_default") or not isinstance(signature, str):
+        raise ValueError(f"signature_name {signature!r} is not served: this model serves only 'serving_default' "
+                         f"(or leave signature_name out)")
     return items, key
 
 
@@ -89,7 +104,7 @@ def _check_name(state: ServiceState, name: str) -> JSONResponse | None:
 @router.post("/v1/models/{name}:predict", dependencies=[Depends(require_api_key)],
              openapi_extra={"requestBody": PREDICT_BODY},
              responses={200: {"content": {"application/json": {"example": {"predictions": [[0.01, 0.93, 0.06]]}}}},
-                        400: TF_ERROR, 404: TF_ERROR, 413: TF_ERROR, 503: TF_ERROR},
+                        400: TF_ERROR, 404: TF_ERROR, 408: TF_ERROR, 413: TF_ERROR, 503: TF_ERROR},
              summary="Classify base64 images (TensorFlow Serving REST API)")
 async def tf_predict(name: str, request: Request, state: StateDep) -> JSONResponse:
     """Blended probabilities per instance, in TensorFlow Serving's request and response shapes."""
@@ -102,32 +117,60 @@ async def tf_predict(name: str, request: Request, state: StateDep) -> JSONRespon
     if not state.ready:
         return tf_error(state, 503, "not_ready", "the models are still loading or warming up")
     settings = state.settings
-    raw = await request.body()
-    limit = settings.max_images * settings.max_image_bytes * 4 // 3 + 64 * 1024
-    if len(raw) > limit:
-        return tf_error(state, 413, "request_too_large", f"the request has {len(raw)} bytes, more than {limit}")
+    try:
+        raw = await request.body()  # its size and deadline are enforced while it streams (service.limits)
+    except ClientError as err:
+        return _from_client_error(state, err)
     try:
         body = json.loads(raw)
+        del raw
         items, key = _b64_items(body)
         if len(items) > settings.max_images:
             return tf_error(state, 400, "too_many_images",
                             f"{len(items)} instances in one request; the limit is {settings.max_images}")
         blobs = [_decode_b64(item, i) for i, item in enumerate(items)]
+        del body, items
     except json.JSONDecodeError as err:
         return tf_error(state, 400, "malformed_json", f"the body is not valid JSON: {err}")
     except (ValueError, RecursionError) as err:
         return tf_error(state, 400, "malformed_request", str(err))
-    loop = asyncio.get_running_loop()
-    images = []
+    target = state.decode_target
+    pixels = 0
     for i, blob in enumerate(blobs):
         if len(blob) > settings.max_image_bytes:
             return tf_error(state, 400, "too_large", f"instance {i}: larger than {settings.max_image_bytes} bytes")
         try:
-            images.append(await loop.run_in_executor(None, decode_image, blob, settings.max_pixels))
+            pixels += decoded_pixels(blob, settings.max_pixels, target, settings.downscale_pixels)
         except ImageError as err:
             return tf_error(state, 400, err.kind, f"instance {i}: {err.message}")
-    outputs = await state.batcher.submit_many(images)
+    try:
+        check_request_pixels(pixels, settings.max_request_pixels)
+        with state.pixels.hold(pixels):
+            outputs = await _decode_and_predict(state, blobs)
+    except ClientError as err:
+        return _from_client_error(state, err)
+    except ImageError as err:
+        return tf_error(state, 400, err.kind, err.message)
+    for i, (blended, _) in enumerate(outputs):
+        if not np.isfinite(blended).all():
+            logger.warning("the model's output is not finite for instance %d of a TF-Serving request", i)
+            return tf_error(state, 503, "non_finite_output", f"instance {i}: the model's output is not finite "
+                                                             f"(NaN or infinity), so there is no answer for it")
     return JSONResponse({key: [[float(p) for p in blended] for blended, _ in outputs]})
+
+
+async def _decode_and_predict(state: ServiceState, blobs: list[bytes]) -> list:
+    """Decode every instance off the event loop and predict; ImageError names the instance that failed."""
+    loop = asyncio.get_running_loop()
+    settings = state.settings
+    images = []
+    for i, blob in enumerate(blobs):
+        try:
+            images.append(await loop.run_in_executor(None, decode_image, blob, settings.max_pixels,
+                                                     state.decode_target, settings.downscale_pixels))
+        except ImageError as err:
+            raise ImageError(err.kind, f"instance {i}: {err.message}") from None
+    return await state.batcher.submit_many(images)
 
 
 @router.get("/v1/models/{name}", responses={404: TF_ERROR}, summary="Model status (TensorFlow Serving REST API)")
