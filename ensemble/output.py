@@ -18,6 +18,7 @@ import re
 import secrets
 import shutil
 import stat
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -121,7 +122,9 @@ def check_out_dir(out: str | Path) -> Path:
         entries = list(path.iterdir()) if path.is_dir() else []
     except OSError as err:
         raise OutputError(f"cannot read --out {out}: {err.strerror or err}") from None
-    strangers = sorted(p.name for p in entries if p.name not in ENSEMBLE_FILES and not _is_tmp(p))
+    if str(out).startswith("~"):
+        raise OutputError(f"--out {out} starts with '~', which the shell did not expand: give the folder's path")
+    strangers = _strangers(entries)
     if strangers:
         raise OutputError(f"--out {out} is not an ensemble directory: it holds {strangers[:3]}, which a blend "
                           "would delete (it replaces the directory as a whole); name a new or ensemble directory")
@@ -147,6 +150,27 @@ def _read_only(path: Path) -> bool:
         return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
     except (OSError, AttributeError):
         return False
+
+
+def _strangers(entries: list[Path]) -> list[str]:
+    """Entries an ensemble directory does not hold: other names, and its names that are not plain files."""
+    return sorted(p.name for p in entries
+                  if not _is_tmp(p) and (p.name not in ENSEMBLE_FILES or not p.is_file()))
+
+
+def _remove_old(folder: Path) -> None:
+    """Remove a set-aside ensemble directory: its own files only; anything else found there is kept."""
+    for path in folder.iterdir():
+        if not _strangers([path]) or _is_tmp(path):
+            try:
+                path.unlink()
+            except OSError:
+                pass
+    try:
+        folder.rmdir()
+    except OSError:
+        print(f"warning: kept {folder}: it holds files a blend did not write (saved there during the blend?)",
+              file=sys.stderr)
 
 
 def _is_tmp(path: Path) -> bool:
@@ -214,7 +238,7 @@ def clean_leftovers(out: Path) -> None:
         except OSError:
             pass
     for folder in aside:
-        shutil.rmtree(folder, ignore_errors=True)
+        _remove_old(folder)
     for folder in found:
         if ".staging-" in folder.name:
             _remove_if_stale(folder)
@@ -244,6 +268,9 @@ def _move_in(stage: Path, out: Path) -> None:
 def _swap(stage: Path, out: Path) -> None:
     """Replace out by stage: old aside, new in, old removed; the old one is put back if the new cannot go in."""
     _fsync(stage, os.O_RDONLY)
+    if out.is_dir() and _strangers(list(out.iterdir())):  # saved into --out while this blend ran
+        raise OutputError(f"{out} now holds {_strangers(list(out.iterdir()))[:3]}, which this blend would "
+                          "replace: nothing was changed; move them away and blend again")
     aside = _set_aside(out)
     try:
         _move_in(stage, out)
@@ -255,7 +282,7 @@ def _swap(stage: Path, out: Path) -> None:
                 pass
         raise
     if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
+        _remove_old(aside)
     try:
         _fsync(out.parent, os.O_RDONLY)
     except OSError:  # the swap is done; only its durability across a power cut is not forced

@@ -181,6 +181,57 @@ def test_a_bad_out_is_refused_before_anything_is_loaded(tiny, tmp_path, monkeypa
     assert _snapshot(tmp_path) == before and (tmp_path / "afile").read_text() == "mine"
 
 
+def test_a_folder_named_like_an_ensemble_file_is_refused_not_deleted(tiny, tmp_path, capsys):
+    out = tmp_path / "ens"
+    (out / "report.md").mkdir(parents=True)
+    (out / "report.md" / "thesis.tex").write_text("years of work")
+    assert _blend(tiny, out) == 2
+    assert "report.md" in _one_line_error(capsys)
+    assert (out / "report.md" / "thesis.tex").read_text() == "years of work"
+
+
+def test_an_out_starting_with_an_unexpanded_tilde_is_refused(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert _blend(tiny, "~/ens") == 2
+    assert "'~'" in _one_line_error(capsys) and not (tmp_path / "~").exists()
+
+
+def test_a_file_saved_into_out_during_the_blend_is_kept_and_the_blend_refused(tiny, previous, monkeypatch, capsys):
+    out, before = previous
+
+    def user_saves_a_note(*args, **kwargs):
+        (out / "my_notes.txt").write_text("mine")
+
+    original = build.write_report
+
+    def writer(*args, **kwargs):
+        result = original(*args, **kwargs)
+        user_saves_a_note()
+        return result
+
+    monkeypatch.setattr(build, "write_report", writer)
+    assert _blend(tiny, out) == 2
+    assert "my_notes.txt" in _one_line_error(capsys)
+    assert (out / "my_notes.txt").read_text() == "mine"
+    assert {k: v for k, v in _snapshot(out).items() if k != "my_notes.txt"} == before and _leftovers(out) == []
+
+
+def test_a_set_aside_directory_keeps_what_the_blend_did_not_write(tmp_path, capsys):
+    from ensemble.output import _remove_old
+
+    aside = tmp_path / ".ens.old-0123456789abcdef"
+    aside.mkdir()
+    for name in FILES:
+        (aside / name).write_text("old")
+    (aside / "late.txt").write_text("saved during the swap")
+    _remove_old(aside)
+    assert sorted(p.name for p in aside.iterdir()) == ["late.txt"]
+    assert "kept" in capsys.readouterr().err
+    (aside / "late.txt").unlink()
+    _remove_old(aside)
+    assert not aside.exists()
+
+
 @pytest.mark.parametrize("stranger", ["notes.txt", "member.json", "sub/"])
 def test_an_out_that_holds_other_files_is_refused_not_replaced(tiny, tmp_path, capsys, stranger):
     out = tmp_path / "somewhere"

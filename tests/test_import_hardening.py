@@ -244,6 +244,16 @@ def test_leftovers_of_an_older_import_version_are_removed(tmp_path):
     assert not list(out.glob(".import*"))
 
 
+def test_a_users_file_that_merely_looks_like_a_leftover_is_kept(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    _classes(src, "ab")
+    out.mkdir()
+    (out / ".import-staging-notes").write_text("mine")
+    import_folders(src, out, sizes=[16], progress=False, near_duplicate_distance=None)
+    import_folders(src, out, sizes=[16], progress=False, near_duplicate_distance=None, overwrite=True)
+    assert (out / ".import-staging-notes").read_text() == "mine"
+
+
 # --- 2. links ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("target", ["source", "above"])

@@ -680,7 +680,8 @@ def _recover(out: Path, progress: bool) -> None:
     into OUT and the new data set is deleted. .import-old alone: killed after the commit, while the old data set
     was deleted: deleted. Each step can be killed and redone."""
     old, new, incoming = out / OLD, out / NEW, out / INCOMING
-    stagings = sorted(out.glob(".import-staging*"))  # also those of earlier versions (.import-staging-<seed>)
+    stagings = sorted(p for p in out.glob(".import-staging*")  # and those of earlier versions (-<seed>)
+                      if p.name == STAGING or re.fullmatch(r"\.import-staging-\d+", p.name))
     undone, finished = os.path.lexists(new) or os.path.lexists(incoming), os.path.lexists(old)
     for staging in stagings:
         _remove(staging)
