@@ -107,17 +107,17 @@ def predict_split(
     replica the whole batch and return N copies of it).
     """
     ds = eval_dataset(info, image_size, batch_size, num_classes=num_classes)
-    ids, labels, real = [], [], []
+    ids, labels, sizes = [], [], []
     for batch in iterate_checked(ds, info):  # reads every record once: a bad one is named before any pass
         ids.extend(i.decode() for i in batch[-1])
-        real.append(np.arange(len(batch[-1])))
+        sizes.append(len(batch[-1]))
         if info.labelled:
             labels.append(batch[1])
     # Every batch is padded to one size, a multiple of the replicas: a short last batch would leave
     # some replica an empty share (batch norm fails on it), and one shape is one compiled program.
     replicas = getattr(getattr(model, "distribute_strategy", None), "num_replicas_in_sync", 1)
     padded = -(-batch_size // replicas) * replicas
-    rows = np.concatenate([index * padded + r for index, r in enumerate(real)]) if real else np.zeros(0, int)
+    rows = np.concatenate([index * padded + np.arange(n) for index, n in enumerate(sizes)])  # the real rows
     options = tf.data.Options()
     # Several workers: each predicts its share of every batch and Keras gathers them in order.
     options.experimental_distribute.auto_shard_policy = SHARD_POLICIES["data" if worker_count() > 1 else "off"]
@@ -127,7 +127,7 @@ def predict_split(
         images = tf.pad(images, [[0, padded - tf.shape(images)[0]], [0, 0], [0, 0], [0, 0]])
         return tf.ensure_shape(images, [padded, image_size, image_size, 3])
 
-    total = np.zeros((len(ids), 0))
+    total = 0.0
     for k in range(tta):
         if k == 0:
             images = ds.map(lambda *batch: pad(batch[0]), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -139,10 +139,10 @@ def predict_split(
         with warnings.catch_warnings():  # several workers: Keras warns when a finite dataset ends, as it must
             warnings.filterwarnings("ignore", message="Your input ran out of data")
             probs = np.asarray(model.predict(images, verbose=0), dtype=np.float64)
-        if probs.shape[0] != len(real) * padded:
+        if probs.shape[0] != len(sizes) * padded:
             raise RuntimeError(f"the model returned {probs.shape[0]} predictions for the {len(ids)} images of "
-                               f"split {info.split!r} in {len(real)} batches of {padded}")
-        total = probs[rows] if k == 0 else total + probs[rows]
+                               f"split {info.split!r} in {len(sizes)} batches of {padded}")
+        total = total + probs[rows]
     if not np.isfinite(total).all():
         raise ValueError(f"the model's predictions for split {info.split!r} are not finite (NaN or infinite weights): "
                          "nothing is written from them")

@@ -52,10 +52,8 @@ def _training_tasks() -> int:
     return sum(len(document["cluster"].get(kind, [])) for kind in ("chief", "worker"))
 
 
-def this_task() -> tuple[bool, str]:
-    """(whether this process is the chief, its name): the chief is task 'chief', else worker 0 (TF_CONFIG)."""
-    if _training_tasks() <= 1:
-        return True, "chief"
+def _task() -> tuple[str, int]:
+    """This process's task in TF_CONFIG, checked: ('chief' or 'worker', its index in that list)."""
     document = _tf_config()
     task = document.get("task")
     kind, index = (task.get("type"), task.get("index")) if isinstance(task, dict) else (None, None)
@@ -63,7 +61,15 @@ def this_task() -> tuple[bool, str]:
     if type(index) is not int or not 0 <= index < len(tasks):
         raise ValueError("TF_CONFIG 'task' must name type 'chief' or 'worker' and an index into that list of the "
                          f"cluster, got {task!r}")
-    has_chief = bool(document["cluster"].get("chief"))
+    return kind, index
+
+
+def this_task() -> tuple[bool, str]:
+    """(whether this process is the chief, its name): the chief is task 'chief', else worker 0 (TF_CONFIG)."""
+    if _training_tasks() <= 1:
+        return True, "chief"
+    kind, index = _task()
+    has_chief = bool(_tf_config()["cluster"].get("chief"))
     return kind == "chief" or (index == 0 and not has_chief), f"{kind} {index}"
 
 
@@ -71,48 +77,39 @@ def worker_index() -> int:
     """This process's place among the workers (0 for the chief; TF_CONFIG's order: chief, then workers)."""
     if _training_tasks() <= 1:
         return 0
-    kind, index = this_task()[1].split()
+    kind, index = _task()
     if kind == "chief":
         return 0
-    return int(index) + (1 if _tf_config()["cluster"].get("chief") else 0)
+    return index + (1 if _tf_config()["cluster"].get("chief") else 0)
+
+
+def _over_workers(strategy: tf.distribute.Strategy, reduction: str, value: float) -> float:
+    """`value` reduced (SUM or MEAN) over every worker's replicas: a collective, every worker calls it alike."""
+
+    @tf.autograph.experimental.do_not_convert
+    def local() -> tf.Tensor:
+        return tf.constant(value, tf.float32)
+
+    @tf.function(autograph=False)
+    def reduce() -> tf.Tensor:
+        return strategy.reduce(reduction, strategy.run(local), axis=None)
+
+    return float(reduce().numpy())
 
 
 def same_on_every_worker(strategy: tf.distribute.Strategy, value: int) -> bool:
     """Whether a whole number (0 <= value < 2**20) is the same on every worker (a collective, like any_worker)."""
     if worker_count() <= 1:
         return True
-
-    @tf.autograph.experimental.do_not_convert
-    def mine() -> tf.Tensor:
-        return tf.constant(float(value))
-
-    @tf.function(autograph=False)
-    def spread() -> tf.Tensor:
-        mean = strategy.reduce("MEAN", strategy.run(mine), axis=None)
-
-        @tf.autograph.experimental.do_not_convert
-        def squared_deviation() -> tf.Tensor:
-            return tf.square(mine() - mean)
-
-        return strategy.reduce("SUM", strategy.run(squared_deviation), axis=None)
-
-    return float(spread().numpy()) < 0.1  # whole numbers: any difference gives a spread >= 0.5
+    mean = _over_workers(strategy, "MEAN", float(value))
+    return _over_workers(strategy, "SUM", (value - mean) ** 2) < 0.1  # whole numbers: a difference gives >= 0.5
 
 
 def any_worker(strategy: tf.distribute.Strategy, flag: bool) -> bool:
     """True if `flag` is true on any worker (a collective: every worker must call it at the same point)."""
     if worker_count() <= 1:
         return flag
-
-    @tf.autograph.experimental.do_not_convert
-    def vote() -> tf.Tensor:
-        return tf.constant(1.0 if flag else 0.0)
-
-    @tf.function(autograph=False)
-    def count() -> tf.Tensor:
-        return strategy.reduce("SUM", strategy.run(vote), axis=None)
-
-    return bool(count().numpy() > 0)
+    return _over_workers(strategy, "SUM", 1.0 if flag else 0.0) > 0
 
 
 def worker_count() -> int:
