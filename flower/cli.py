@@ -32,6 +32,8 @@ COMMANDS = {
     "augment-grid": Command("training.show_augment", "write a PNG grid of augmented training samples"),
     "blend": Command("ensemble.cli", "blend run directories, cross-validate, write the Kaggle submission"),
     "serve": Command("service.cli", "serve an ensemble (or one run) over HTTP"),
+    "predict": Command("service.scoring", "score image files, folders or a data split with an ensemble (or one "
+                                          "run) into a CSV"),
 }
 
 

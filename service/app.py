@@ -9,16 +9,19 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
 
 from service.batching import DynamicBatcher
-from service.deps import ServiceState
+from service.deps import ServiceState, batch_function
 from service.errors import register_error_handlers
 from service.limits import BodyGuard
-from service.predictor import EnsemblePredictor, load_ensemble, load_run
-from service.routes import ops, predict, tfserving
+from service.predictor import load_ensemble, load_run, load_version
+from service.repository import ModelRepository, Version
+from service.routes import ops, predict, tfserving, v2
 from service.settings import Settings, get_settings
 from service.telemetry import RequestMetrics
 
@@ -29,40 +32,101 @@ DESCRIPTION = ("Classifies photos with a blended ensemble of image classifiers. 
                "with base64 images.")
 
 
-def load_models(settings: Settings) -> EnsemblePredictor:
-    """Load what the settings name: an ensemble directory or a single run directory."""
-    if bool(settings.ensemble) == bool(settings.run):
-        raise ValueError("give exactly one of --ensemble or --run (FLOWER_ENSEMBLE / FLOWER_RUN)")
-    return load_ensemble(settings.ensemble) if settings.ensemble else load_run(settings.run)
+def load_models(settings: Settings) -> ModelRepository:
+    """Load what the settings name, checked and warmed up: every version of a model repository (a version that
+    fails is kept with its reason), or the one ensemble or run directory as version 1 (a failure raises)."""
+    given = [name for name in ("ensemble", "run", "model_repository") if getattr(settings, name)]
+    if len(given) != 1:
+        raise ValueError("give exactly one of --ensemble, --run or --model-repository (FLOWER_ENSEMBLE / FLOWER_RUN "
+                         "/ FLOWER_MODEL_REPOSITORY)")
+    loader = partial(load_version, tta=settings.tta)
+    if settings.model_repository:
+        repository = ModelRepository(Path(settings.model_repository), loader, _unstarted)
+        repository.preload()
+        return repository
+    predictor = load_ensemble(settings.ensemble, settings.tta) if settings.ensemble else load_run(settings.run,
+                                                                                                   settings.tta)
+    repository = ModelRepository(None, loader, _unstarted)
+    repository.add(settings.model_name, 1, Path(settings.ensemble or settings.run), predictor)
+    return repository
 
 
-def create_app(settings: Settings | None = None, ensemble: Any = None) -> FastAPI:
-    """Build the app. `ensemble` may be given already loaded (tests); else the lifespan loads it."""
+def _unstarted(predictor: Any) -> None:
+    """The batcher factory until the app's own is set (the app makes every batcher on its event loop)."""
+    raise RuntimeError("the repository's batchers are made by the app")
+
+
+def create_app(settings: Settings | None = None, ensemble: Any = None,
+               repository: ModelRepository | None = None) -> FastAPI:
+    """Build the app. The models may come loaded: a repository (the command line), or one predictor (tests,
+    warmed up in the background); else the lifespan loads them off the event loop."""
     settings = settings or get_settings()
+    handed = []  # a predictor handed in is warmed up (again) in the background: /readyz waits for it
+    if ensemble is not None:
+        repository = ModelRepository(None, partial(load_version, tta=settings.tta), _unstarted)
+        handed.append(repository.add(settings.model_name, 1, Path(settings.ensemble or settings.run or "."),
+                                     ensemble))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state: ServiceState = app.state.service
         loop = asyncio.get_running_loop()
-        state.ensemble = ensemble if ensemble is not None else await loop.run_in_executor(None, load_models, settings)
-        state.batcher = DynamicBatcher(state.run_batch, settings.max_batch_size, settings.max_wait_ms,
-                                       settings.batching, on_batch=state.metrics.batch)
-        await state.batcher.start()
-        state.warm_task = asyncio.create_task(warm_up(state))
+        state.repository = repository or await loop.run_in_executor(None, load_models, settings)
+        state.repository.make_batcher = partial(_make_batcher, state)
+        state.repository.on_change = partial(_note_change, state)
+        for versions in state.repository.models.values():  # the versions loaded before the metrics were wired
+            for version in versions.values():
+                _note_change(state, version.model, version.number, "failed" if version.error else "loaded",
+                             version.error)
+        await state.repository.start()
+        state.warm_task = asyncio.create_task(warm_up(handed))
+        if state.repository.root is not None and settings.poll_seconds > 0:
+            state.poll_task = asyncio.create_task(poll_forever(state))
         yield
-        state.warm_task.cancel()
-        await state.batcher.stop()
+        for task in (state.warm_task, state.poll_task):
+            if task is not None:
+                task.cancel()
+        await state.repository.close()
+        state.metrics.close()
 
     app = FastAPI(title="Flower ensemble classifier", version="1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.service = ServiceState(settings)
     app.add_middleware(BodyGuard)  # body size and deadline, inside the metrics so that its answers are counted
     app.add_middleware(RequestMetrics)
     register_error_handlers(app)
-    app.include_router(predict.router)
-    app.include_router(tfserving.router)
-    app.include_router(ops.router)
-    _document_model_name(app, settings.model_name)
+    for router in (predict.router, tfserving.router, v2.router, ops.router):
+        app.include_router(router)
+    if not settings.model_repository:
+        _document_model_name(app, settings.model_name)
     return app
+
+
+def _make_batcher(state: ServiceState, predictor: Any) -> DynamicBatcher:
+    """A version's batcher (started by the repository), and its members' timings into the metrics."""
+    settings = state.settings
+    if hasattr(predictor, "on_member"):  # the predictor reports each member's inference time
+        predictor.on_member = state.metrics.member
+    return DynamicBatcher(batch_function(predictor), settings.max_batch_size, settings.max_wait_ms,
+                          settings.batching, max_queue=settings.max_queue, timeout_ms=settings.request_timeout_ms,
+                          metrics=state.metrics)
+
+
+def _note_change(state: ServiceState, model: str, version: int, outcome: str, error: str | None) -> None:
+    """Count a version's load, failure or unload in the metrics."""
+    if outcome == "unloaded":
+        state.metrics.model_unload(model, str(version))
+    else:
+        state.metrics.model_load(model, str(version), outcome)
+
+
+async def poll_forever(state: ServiceState) -> None:
+    """Check the repository every --poll-seconds for new, changed and removed versions (hot reload)."""
+    while True:
+        await asyncio.sleep(state.settings.poll_seconds)
+        try:
+            await state.repository.poll()
+        except Exception:  # noqa: BLE001 - a poll that fails (the folder vanished) is logged; serving goes on
+            logger.exception("checking the model repository failed; the versions loaded keep serving")
 
 
 def _document_model_name(app: FastAPI, model_name: str) -> None:
@@ -83,14 +147,15 @@ def _document_model_name(app: FastAPI, model_name: str) -> None:
     app.openapi = openapi
 
 
-async def warm_up(state: ServiceState) -> None:
-    """Run a warm-up prediction for every member off the event loop; /readyz turns true after it.
-
-    A failure is logged with its traceback and kept in `state.warm_up_error`, which /readyz reports.
-    """
+async def warm_up(versions: list[Version]) -> None:
+    """Run a warm-up prediction off the event loop for each version handed in loaded (the repository's own are
+    warmed up as they load); /readyz turns true after it. A failure is logged with its traceback and becomes
+    the version's error, which /readyz and the status routes report."""
     loop = asyncio.get_running_loop()
-    try:
-        await loop.run_in_executor(None, state.ensemble.warm_up)
-    except Exception as err:  # noqa: BLE001 - any failure leaves the service unready; say why
-        state.warm_up_error = f"{type(err).__name__}: {err}"
-        logger.exception("the warm-up prediction failed; the service stays unready (/readyz answers 503)")
+    for version in versions:
+        try:
+            await loop.run_in_executor(None, version.predictor.warm_up)
+        except Exception as err:  # noqa: BLE001 - any failure leaves the version unready; say why
+            version.error = f"the warm-up prediction failed: {type(err).__name__}: {err}"
+            version.error_kind = "warm_up_failed"
+            logger.exception("the warm-up prediction failed; the service stays unready (/readyz answers 503)")

@@ -2,15 +2,20 @@
 
     flower serve --ensemble demo/ensemble [--host 127.0.0.1] [--port 8000] [--workers 1]
     flower serve --run demo/runs/demo-cnn-64
+    flower serve --model-repository models/ [--poll-seconds 10]   # models/<name>/<version>/, hot reload
 
-Every flag can also come from the environment: FLOWER_ENSEMBLE, FLOWER_RUN, FLOWER_HOST, FLOWER_PORT,
-FLOWER_WORKERS, FLOWER_BATCHING, FLOWER_MAX_BATCH_SIZE, FLOWER_MAX_WAIT_MS, FLOWER_MAX_IMAGE_BYTES,
+Every flag can also come from the environment: FLOWER_ENSEMBLE, FLOWER_RUN, FLOWER_MODEL_REPOSITORY,
+FLOWER_POLL_SECONDS, FLOWER_TTA, FLOWER_HOST, FLOWER_PORT,
+FLOWER_WORKERS, FLOWER_BATCHING, FLOWER_MAX_BATCH_SIZE, FLOWER_MAX_WAIT_MS, FLOWER_MAX_QUEUE,
+FLOWER_REQUEST_TIMEOUT_MS, FLOWER_MAX_IMAGE_BYTES,
 FLOWER_MAX_PIXELS, FLOWER_MAX_IMAGES, FLOWER_MAX_REQUEST_PIXELS, FLOWER_MAX_INFLIGHT_PIXELS,
 FLOWER_DOWNSCALE_PIXELS, FLOWER_BODY_TIMEOUT, FLOWER_KEEP_ALIVE_TIMEOUT, FLOWER_LIMIT_CONCURRENCY,
-FLOWER_API_KEY, FLOWER_MODEL_NAME. Flags win over the environment; --ensemble on the command line also
-sets aside FLOWER_RUN, and --run sets aside FLOWER_ENSEMBLE.
+FLOWER_API_KEY, FLOWER_MODEL_NAME. Flags win over the environment; --ensemble, --run or --model-repository on
+the command line also sets aside the other two from the environment.
 The models are loaded and checked (a warm-up prediction each) before the address is printed; a model
 that cannot be served is one line 'error: ...' and a non-zero exit status. Stop it with Ctrl-C.
+With --workers N > 1 the workers' Prometheus metrics go to a fresh temporary PROMETHEUS_MULTIPROC_DIR
+(removed at exit), and /metrics adds up every worker's, whichever worker answers it.
 """
 
 from __future__ import annotations
@@ -19,11 +24,17 @@ import argparse
 import os
 import socket
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from pydantic import ValidationError
 
 from service.settings import Settings
+
+SOURCES = ("ensemble", "run", "model_repository")  # what to serve: exactly one
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # as service.telemetry reads it (not imported: --help stays light)
 
 
 def parse_settings(argv: list[str] | None = None, prog: str = "python -m service") -> Settings:
@@ -41,9 +52,10 @@ def parse_settings(argv: list[str] | None = None, prog: str = "python -m service
             parser.add_argument(flag, dest=name, type=kind, default=None, help=help_text)
     args = parser.parse_args(argv)
     given = {k: v for k, v in vars(args).items() if v is not None}
-    for chosen, other in (("ensemble", "run"), ("run", "ensemble")):
-        if chosen in given and other not in given:
-            given[other] = None  # a flag naming what to serve also overrides the other one from the environment
+    for chosen in SOURCES:
+        for other in set(SOURCES) - {chosen}:
+            if chosen in given and other not in given:
+                given[other] = None  # a flag naming what to serve also overrides the others from the environment
     return Settings(**given)
 
 
@@ -89,7 +101,11 @@ def load_checked(settings: Settings) -> Any:
     if settings.workers == 1:
         from service.app import load_models
 
-        return load_models(settings)
+        repository = load_models(settings)
+        problem = repository_problem(repository, settings)
+        if problem:
+            raise ModelError(problem)
+        return repository
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -109,9 +125,24 @@ def _check_in_child(values: dict) -> str | None:
     from service.app import load_models
 
     try:
-        load_models(Settings(**values))
+        settings = Settings(**values)
+        return repository_problem(load_models(settings), settings)
     except Exception as err:  # noqa: BLE001 - every failure becomes the parent's error line
         return _describe(err)
+
+
+def repository_problem(repository: Any, settings: Settings) -> str | None:
+    """Why a loaded repository cannot serve at all (no version folder, or none loads), else None; versions that
+    failed beside ones that load are warned about on stderr, and their status routes say why."""
+    if not repository.models:
+        return (f"model repository {settings.model_repository} holds no model version folders "
+                f"(<model name>/<version number>/, each an ensemble or run directory)")
+    failed = [f"{v.model} version {v.number}: {v.error}" for vs in repository.models.values() for v in vs.values()
+              if v.error]
+    if all(repository.latest(name) is None for name in repository.models):
+        return "no version of any model could be loaded: " + "; ".join(failed)
+    for line in failed:
+        print(f"warning: {line} (not served)", file=sys.stderr)
     return None
 
 
@@ -131,19 +162,39 @@ def uvicorn_config(settings: Settings, app: Any) -> Any:
                           limit_concurrency=settings.limit_concurrency)
 
 
-def serve(settings: Settings, ensemble: Any, sock: socket.socket) -> None:
+def serve(settings: Settings, repository: Any, sock: socket.socket) -> None:
     """Run uvicorn on the bound socket until Ctrl-C: the loaded models, or workers that each load them."""
     import uvicorn
 
-    if ensemble is not None:
+    if repository is not None:
         from service.app import create_app
 
-        config = uvicorn_config(settings, create_app(settings, ensemble))
+        config = uvicorn_config(settings, create_app(settings, repository=repository))
         uvicorn.Server(config).run(sockets=[sock])
     else:
         from uvicorn.supervisors import Multiprocess
 
-        Multiprocess(uvicorn_config(settings, "service.server:app"), sockets=[sock]).run()
+        with metrics_dir():
+            Multiprocess(uvicorn_config(settings, "service.server:app"), sockets=[sock]).run()
+
+
+@contextmanager
+def metrics_dir() -> Iterator[str]:
+    """A fresh temporary PROMETHEUS_MULTIPROC_DIR while workers serve (prometheus_client's multiprocess mode:
+    each worker writes its metrics there, /metrics adds them up); removed, and the variable restored, at exit.
+
+    It must be set before the workers start: prometheus_client chooses its mode when a process imports it.
+    """
+    previous = os.environ.get(MULTIPROC_ENV)
+    with tempfile.TemporaryDirectory(prefix="flower-metrics-") as path:
+        os.environ[MULTIPROC_ENV] = path
+        try:
+            yield path
+        finally:
+            if previous is None:
+                os.environ.pop(MULTIPROC_ENV, None)
+            else:
+                os.environ[MULTIPROC_ENV] = previous
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m service") -> int:
@@ -158,10 +209,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m service") -> int:
     except ValidationError as err:
         print("\n".join(_problems(err)), file=sys.stderr)
         return 2
-    if bool(settings.ensemble) == bool(settings.run):
-        print("error: give exactly one of --ensemble or --run", file=sys.stderr)
+    if sum(bool(getattr(settings, name)) for name in SOURCES) != 1:
+        print("error: give exactly one of --ensemble, --run or --model-repository", file=sys.stderr)
         return 2
-    target = settings.ensemble or settings.run
+    target = settings.ensemble or settings.run or settings.model_repository
     if not os.path.exists(target):
         print(f"error: {target} not found", file=sys.stderr)
         return 2

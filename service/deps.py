@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -13,40 +15,106 @@ from fastapi import Depends, Request
 from service.batching import DynamicBatcher
 from service.errors import ClientError
 from service.limits import PixelBudget
+from service.repository import ModelRepository, NotServed, Version
 from service.settings import Settings
 from service.telemetry import Metrics
 
 
 @dataclass
 class ServiceState:
-    """What the routes share: settings, the loaded ensemble, the batcher and the metrics."""
+    """What the routes share: settings, the model repository (every served model and version) and the metrics.
+
+    `ensemble`, `batcher` and `warm_up_error` are those of the default model's version: the latest available
+    one (or, before any is, the first loaded); the routes that name a model or version use `use(...)`.
+    """
 
     settings: Settings
     metrics: Metrics = field(default_factory=Metrics)
-    ensemble: Any = None  # an EnsemblePredictor (service/predictor.py) or a stand-in with the same methods
-    batcher: DynamicBatcher | None = None
+    repository: ModelRepository | None = None
     warm_task: asyncio.Task | None = None
-    warm_up_error: str | None = None  # "ExceptionType: message" when the warm-up failed
+    poll_task: asyncio.Task | None = None
     pixels: PixelBudget = field(init=False)  # decoded pixels held by the requests in flight
 
     def __post_init__(self) -> None:
         self.pixels = PixelBudget(self.settings.max_inflight_pixels)
 
     @property
+    def default_model(self) -> str:
+        """The model a request that names none gets: the model name setting, or the repository's only model."""
+        names = self.repository.names if self.repository is not None else []
+        if self.settings.model_name in names or len(names) != 1:
+            return self.settings.model_name
+        return names[0]
+
+    def default_version(self) -> Version | None:
+        """The default model's latest available version, else its first version (loading or failed), else None."""
+        if self.repository is None:
+            return None
+        latest = self.repository.latest(self.default_model)
+        versions = self.repository.models.get(self.default_model, {})
+        return latest or (versions[min(versions)] if versions else None)
+
+    @property
+    def ensemble(self) -> Any:
+        """The default version's predictor (service/predictor.py, or a stand-in with the same methods)."""
+        version = self.default_version()
+        return version.predictor if version is not None else None
+
+    @property
+    def batcher(self) -> DynamicBatcher | None:
+        """The default version's batcher."""
+        version = self.default_version()
+        return version.batcher if version is not None else None
+
+    @property
+    def warm_up_error(self) -> str | None:
+        """Why the default version cannot serve ("ExceptionType: message"), else None."""
+        version = self.default_version()
+        return version.error if version is not None else None
+
+    @property
     def ready(self) -> bool:
-        """Models loaded and every member warmed up."""
-        return self.ensemble is not None and self.ensemble.ready
+        """Every model has an available version: loaded and warmed up."""
+        return self.repository is not None and self.repository.ready
 
     @property
     def decode_target(self) -> int:
-        """The largest member's input size: huge images are reduced to no less than this (0: never reduce)."""
-        sizes = [getattr(m, "image_size", 0) for m in self.ensemble.members] if self.ensemble is not None else []
-        return max(sizes, default=0)
+        """The default version's largest member input size (huge images are reduced to no less than twice it)."""
+        return decode_target(self.ensemble)
 
-    def run_batch(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """The batch function: decoded images -> (blended probs, members' probs) per image."""
-        blended, members = self.ensemble.predict(images)
+    @contextmanager
+    def use(self, name: str | None = None, version: int | str | None = None,
+            label: str | None = None) -> Iterator[Version]:
+        """The version a request is for, held while the request uses it (a swap or unload waits for it).
+
+        Raises ClientError 404 (unknown model, version or label) or 503 (none available, or it failed to load)."""
+        if self.repository is None:
+            raise ClientError(503, "not_ready", "the models are still loading")
+        try:
+            chosen = self.repository.resolve(name or self.default_model, version, label)
+        except NotServed as err:
+            raise ClientError(err.status, err.kind, err.message) from None
+        chosen.enter()
+        try:
+            yield chosen
+        finally:
+            chosen.leave()
+
+
+def decode_target(predictor: Any) -> int:
+    """A predictor's largest member input size (0: never reduce)."""
+    sizes = [getattr(m, "image_size", 0) for m in predictor.members] if predictor is not None else []
+    return max(sizes, default=0)
+
+
+def batch_function(predictor: Any) -> Callable[[list[np.ndarray]], list[tuple[np.ndarray, np.ndarray]]]:
+    """The batch function of a version: decoded images -> (blended probs, members' probs) per image."""
+
+    def run_batch(images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        blended, members = predictor.predict(images)
         return [(blended[i], members[:, i]) for i in range(len(images))]
+
+    return run_batch
 
 
 def get_state(request: Request) -> ServiceState:

@@ -2,12 +2,13 @@
 
 JPEG, PNG, GIF (first frame), BMP and WebP. Grayscale, palette, CMYK, 16-bit and alpha images become RGB
 and EXIF orientation is applied by `training.pixels.to_rgb`, exactly as in the import tool. A plain RGB
-or grayscale JPEG with no rotation is decoded by TensorFlow's decoder, exactly as training and the
-SavedModel do, so the service sees the same pixels.
+or grayscale JPEG with no rotation is decoded by TensorFlow's decoder with the IDCT training and the
+SavedModel use (`training.records.JPEG_DCT`), whose pixels are PIL's: the service, the import tool and
+training see the same pixels.
 
 Huge images (more than `downscale_pixels`, e.g. a 6000 x 6000 photo or a tiny PNG of one colour) are
-reduced to no less than the largest member's input size: a JPEG while it decodes (1/2, 1/4 or 1/8 scale),
-other formats right after decoding. `decoded_pixels` says from the header alone how many pixels decoding
+reduced to no less than twice the largest member's input size (KEEP): a JPEG while it decodes (1/2, 1/4
+or 1/8 scale), other formats right after decoding. `decoded_pixels` says from the header alone how many pixels decoding
 will produce, for the service's pixel budgets.
 """
 
@@ -25,6 +26,10 @@ from training.pixels import to_rgb
 FORMATS = {"JPEG", "PNG", "GIF", "BMP", "WEBP", "MPO"}
 DRAFTABLE = {"JPEG", "MPO"}  # formats whose decoder can scale down while decoding (PIL's Image.draft)
 EXIF_ORIENTATION = 0x0112
+# A reduced image keeps at least this many times the largest member's input size on each side, so that the
+# antialiased resize to the input (training.geometry) does the final filtering, as at import: DCT scaling
+# straight down to the input size moved a phone photo's pixels by 1.4 grey levels, to twice it by 0.3.
+KEEP = 2
 
 
 @dataclass
@@ -81,18 +86,19 @@ def _plan(image: Image.Image, target: int, downscale_pixels: int) -> int:
 
 def decoded_pixels(data: bytes, max_pixels: int, target: int = 0, downscale_pixels: int = 0) -> int:
     """How many pixels `decode_image` with the same arguments decodes at most (reads the header only)."""
-    return _plan(_open(data, max_pixels), target, downscale_pixels)
+    return _plan(_open(data, max_pixels), target * KEEP, downscale_pixels)
 
 
 def decode_image(data: bytes, max_pixels: int, target: int = 0, downscale_pixels: int = 0) -> np.ndarray:
     """Decode image bytes into an RGB uint8 array [H, W, 3]; raise ImageError on anything unusable.
 
-    An image of more than `downscale_pixels` pixels and at least twice `target` on each side is reduced to
-    no less than `target` on each side: a JPEG by DCT scaling while it decodes, other formats by averaging
+    An image of more than `downscale_pixels` pixels and at least 2 KEEP `target` on each side is reduced to
+    no less than KEEP `target` on each side: a JPEG by DCT scaling while it decodes, other formats by averaging
     boxes of pixels right after (the full-size image is released at once). Other images (and all of them
     when `target` is 0) decode at full size; a plain RGB or grayscale JPEG then by TensorFlow's decoder.
     """
     image = _open(data, max_pixels)
+    target *= KEEP
     width, height = image.size
     reduce = _reduction(width, height, target, downscale_pixels) >= 2
     if not reduce and image.format == "JPEG" and image.mode in ("RGB", "L") and _orientation(image) in (0, 1):
@@ -121,11 +127,13 @@ def _orientation(image: Image.Image) -> int:
 
 
 def _decode_jpeg_like_training(data: bytes) -> np.ndarray:
-    """TensorFlow's JPEG decoder, as in the training pipeline and the SavedModel signature."""
+    """TensorFlow's JPEG decoder with the training pipeline's IDCT (the same pixels as PIL's, the import tool's)."""
     import tensorflow as tf
 
+    from training.records import JPEG_DCT
+
     try:
-        return tf.io.decode_jpeg(data, channels=3).numpy()
+        return tf.io.decode_jpeg(data, channels=3, dct_method=JPEG_DCT).numpy()
     except tf.errors.InvalidArgumentError as err:
         raise ImageError("corrupt", f"the JPEG is truncated or corrupt ({err.message.splitlines()[0]})") from None
 

@@ -21,6 +21,9 @@ import numpy as np
 
 from ensemble.blend import apply_blend
 from ensemble.spec import WEIGHT_TOLERANCE, BlendSpec, SpecError
+from training.geometry import DEFAULT_FIT, fit_square_tf, member_geometry
+
+SERVE_TTA_SEED = 1  # the TTA passes' augmentation is seeded by the pass alone: an image always gets the same answer
 
 
 class ArtifactError(ValueError):
@@ -36,6 +39,46 @@ class MemberModel:
     image_size: int
     predict_pixels: Any  # concrete function: images [N,S,S,3] float32 -> {"probabilities": [N,C]}
     saved_model: Any = None  # the loaded object; keeps the signature's variables alive
+    fit: str = DEFAULT_FIT  # how a photo becomes its square input (member.json "geometry", training.geometry)
+    record_size: int = 0  # the size of the records it trained on (member.json "data".file_size), 0: image_size
+    _square: dict = field(default_factory=dict, repr=False)  # fit_square_tf compiled for its size and fit, by dtype
+    _augment: Any = field(default=None, repr=False)  # the TTA passes' augmentation, compiled for its size
+
+    def square(self, image: np.ndarray) -> np.ndarray:
+        """A decoded RGB image (uint8, or float32 0..255) as this member's float32 input [S, S, 3], made as its
+        training images were."""
+        if image.shape[0] == image.shape[1] == self.image_size and self.record_size in (0, self.image_size):
+            return image.astype(np.float32)
+        dtype = "float32" if image.dtype == np.float32 else "uint8"
+        if dtype not in self._square:
+            import tensorflow as tf
+
+            self._square[dtype] = tf.function(lambda im: fit_square_tf(im, self.image_size, self.fit, self.record_size),
+                                              input_signature=[tf.TensorSpec([None, None, 3], dtype)])
+        return self._square[dtype](image.astype(dtype, copy=False)).numpy()
+
+    def probabilities(self, images: list[np.ndarray], tta: int = 1) -> np.ndarray:
+        """Probabilities [N, C] for decoded RGB images: the plain pass, averaged with tta-1 augmented passes."""
+        import tensorflow as tf
+
+        batch = tf.constant(np.stack([self.square(image) for image in images]))
+        total = self.predict_pixels(images=batch)["probabilities"].numpy().astype(np.float64)
+        for k in range(1, tta):
+            total += self.predict_pixels(images=self._augmented(batch, k))["probabilities"].numpy()
+        return (total / tta).astype(np.float32)
+
+    def _augmented(self, batch: Any, k: int) -> Any:
+        """TTA pass k of a batch: the offline TTA's flips and mild affine transform, seeded by k alone."""
+        import tensorflow as tf
+
+        from training.augment import TTA_AUGMENT, augment_batch
+
+        if self._augment is None:
+            size = self.image_size
+            self._augment = tf.function(lambda images, seed: augment_batch(images, seed, TTA_AUGMENT, size),
+                                        input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32),
+                                                         tf.TensorSpec([2], tf.int64)])
+        return self._augment(batch, tf.constant([SERVE_TTA_SEED + k, 0], tf.int64))
 
 
 @dataclass
@@ -46,6 +89,8 @@ class EnsemblePredictor:
     members: list[MemberModel]
     blend: BlendSpec
     warmed_up: set[str] = field(default_factory=set)
+    tta: int = 1  # passes per member: the plain one and tta-1 augmented ones (as the offline predictions)
+    on_member: Any = None  # called with (member name, seconds) after each member's part of a batch (metrics)
 
     @property
     def ready(self) -> bool:
@@ -54,16 +99,18 @@ class EnsemblePredictor:
 
     def predict(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Decoded RGB images -> (blended probabilities [N, C], members' probabilities [M, N, C])."""
-        stacked = np.stack([self._member_predict(member, images) for member in self.members])
+        votes = []
+        for member in self.members:
+            start = time.perf_counter()
+            votes.append(self._member_predict(member, images))
+            if self.on_member is not None:
+                self.on_member(member.name, time.perf_counter() - start)
+        stacked = np.stack(votes)
         return apply_blend(self.blend, stacked).astype(np.float32), stacked
 
-    @staticmethod
-    def _member_predict(member: MemberModel, images: list[np.ndarray]) -> np.ndarray:
-        """One member's probabilities [N, C] for decoded RGB images, each resized to its input size."""
-        import tensorflow as tf
-
-        batch = np.stack([_resize(image, member.image_size) for image in images]).astype(np.float32)
-        return member.predict_pixels(images=tf.constant(batch))["probabilities"].numpy()
+    def _member_predict(self, member: MemberModel, images: list[np.ndarray]) -> np.ndarray:
+        """One member's probabilities [N, C] for decoded RGB images, each made its square input (with TTA)."""
+        return member.probabilities(images, self.tta)
 
     def warm_up(self) -> float:
         """Run one prediction through every member and the blend; returns the seconds it took.
@@ -101,17 +148,17 @@ class EnsemblePredictor:
                                 f"into NaN or infinite values; check the blend in ensemble.json")
 
 
-def _resize(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize exactly as the training evaluation path does (bilinear, half-pixel centres), float32.
-
-    The uint8 image goes to the resize as it is: the result is bit for bit that of resizing its float32 cast,
-    without a float32 copy of the full-size image (12 bytes a pixel).
-    """
-    if image.shape[0] == size and image.shape[1] == size:
-        return image.astype(np.float32)
-    import tensorflow as tf
-
-    return tf.image.resize(image, [size, size], method="bilinear").numpy()
+def served_model_info(predictor: Any) -> dict[str, Any]:
+    """What a served model is made of, for the metadata routes and the page: members (image size, fit, blend
+    weight), the blend method, the serve-time TTA passes and the classes."""
+    if predictor is None:
+        return {}
+    weights = getattr(predictor.blend, "weights", None)
+    members = [{"name": m.name, "image_size": m.image_size, "fit": getattr(m, "fit", DEFAULT_FIT),
+                "record_size": getattr(m, "record_size", 0) or m.image_size,
+                "weight": None if weights is None else float(weights[i])} for i, m in enumerate(predictor.members)]
+    return {"members": members, "blend": predictor.blend.method, "tta": getattr(predictor, "tta", 1),
+            "classes": list(predictor.classes)}
 
 
 def _read_json(path: Path) -> Any:
@@ -164,18 +211,29 @@ def load_member_model(run_dir: Path) -> tuple[MemberModel, list[str]]:
     name = member.get("name") or run_dir.name
     if not isinstance(name, str):
         raise ArtifactError(f"{run_dir / 'member.json'}: 'name' must be a string, got {name!r}")
-    return MemberModel(name, run_dir, size, pixels, model), [c.strip() for c in classes]
+    try:
+        fit, record_size = member_geometry(member, str(run_dir / "member.json"))
+    except ValueError as err:
+        raise ArtifactError(str(err)) from None
+    return MemberModel(name, run_dir, size, pixels, model, fit, record_size), [c.strip() for c in classes]
 
 
-def load_run(run_dir: str | Path) -> EnsemblePredictor:
-    """Serve a single run directory (a blend of one)."""
+def load_run(run_dir: str | Path, tta: int = 1) -> EnsemblePredictor:
+    """Serve a single run directory (a blend of one), with `tta` passes per image."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ArtifactError(f"run directory not found: {run_dir}")
     member, classes = load_member_model(run_dir)
-    predictor = EnsemblePredictor(classes, [member], BlendSpec("mean", weights=(1.0,)))
+    predictor = EnsemblePredictor(classes, [member], BlendSpec("mean", weights=(1.0,)), tta=_check_tta(tta))
     predictor.warm_up()  # refuses a member whose outputs are not finite
     return predictor
+
+
+def _check_tta(tta: int) -> int:
+    """TTA passes are a whole number of at least 1."""
+    if isinstance(tta, bool) or not isinstance(tta, int) or tta < 1:
+        raise ValueError(f"tta must be a whole number of passes >= 1, got {tta!r}")
+    return tta
 
 
 @dataclass(frozen=True)
@@ -233,8 +291,8 @@ def _check_document(file: Path, document: Any) -> tuple[list[str], BlendSpec, li
     return [c.strip() for c in classes], blend, entries
 
 
-def load_ensemble(path: str | Path) -> EnsemblePredictor:
-    """Load ensemble.json (a file or its folder) and every member it names."""
+def load_ensemble(path: str | Path, tta: int = 1) -> EnsemblePredictor:
+    """Load ensemble.json (a file or its folder) and every member it names; `tta` passes per image and member."""
     path = Path(path)
     file = path / "ensemble.json" if path.is_dir() else path
     classes, blend, entries = _check_document(file, _read_json(file))
@@ -250,6 +308,17 @@ def load_ensemble(path: str | Path) -> EnsemblePredictor:
         if member_classes != classes:
             raise ArtifactError(f"member {member.name!r} ({run_dir}) has other classes than {file}")
         members.append(member)
-    predictor = EnsemblePredictor(classes, members, blend)
+    predictor = EnsemblePredictor(classes, members, blend, tta=_check_tta(tta))
     predictor.warm_up()  # refuses a member (or a blend) whose outputs are not finite
     return predictor
+
+
+def load_version(path: str | Path, tta: int = 1) -> EnsemblePredictor:
+    """Load a model repository's version folder: an ensemble directory (ensemble.json) or a run directory."""
+    path = Path(path)
+    if (path / "ensemble.json").is_file():
+        return load_ensemble(path, tta)
+    if (path / "member.json").is_file():
+        return load_run(path, tta)
+    raise ArtifactError(f"{path} is neither an ensemble directory (no ensemble.json) nor a run directory "
+                        f"(no member.json)")

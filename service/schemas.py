@@ -50,6 +50,7 @@ class PredictResponse(BaseModel):
     """One result per uploaded image, in upload order."""
 
     model: str = Field(examples=["flowers"])
+    version: int = Field(1, examples=[1], description="the model version that answered")
     classes: int = Field(examples=[104])
     results: list[ImageResult]
 
@@ -79,3 +80,6 @@ class ReadyResponse(BaseModel):
     warmed_up: list[str]
     error: str | None = Field(None, description="why the service is not ready, when the warm-up failed",
                               examples=["RuntimeError: the SavedModel cannot run on this device"])
+    models: dict[str, dict[str, str]] = Field(default_factory=dict, description="every model's versions and their "
+                                              "state (AVAILABLE, LOADING, END)",
+                                              examples=[{"flowers": {"1": "AVAILABLE", "2": "END"}}])

@@ -15,7 +15,14 @@ class Settings(BaseSettings):
 
     ensemble: str | None = Field(None, description="ensemble directory or ensemble.json to serve")
     run: str | None = Field(None, description="a single run directory to serve (instead of an ensemble)")
-    model_name: str = Field("flowers", description="name of the model in the TensorFlow-Serving routes")
+    model_repository: str | None = Field(None, description="a model repository to serve instead: "
+                                         "DIR/<model name>/<version number>/ (each an ensemble or run directory)")
+    poll_seconds: float = Field(10.0, ge=0, le=86400, description="how often the model repository is checked for "
+                                "new, changed and removed versions (0: only at start)")
+    model_name: str = Field("flowers", description="the model's name in the routes for --ensemble/--run; with a "
+                            "repository, the model that requests naming none get (when there are several)")
+    tta: int = Field(1, ge=1, le=32, description="test-time augmentation passes per image and member (1: none); "
+                     "the offline predictions' passes, which the blend weights were learned on")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on")
     workers: int = Field(1, ge=1, description="uvicorn worker processes (each loads the models)")
@@ -23,6 +30,11 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1, le=1024)
     max_wait_ms: float = Field(0.0, ge=0, le=1000, description="how long a batch waits for more images "
                                "(0: greedy, take what is queued when the model is free)")
+    max_queue: int = Field(256, ge=1, description="most images waiting for the model (with --no-batching: being "
+                           "served); a request that would pass it answers 503 'overloaded' with Retry-After at once")
+    request_timeout_ms: float = Field(30_000.0, ge=0, description="a request's deadline from queueing its decoded "
+                                      "images until the model answers them (0: none); later it answers 504 "
+                                      "'timeout' and its images still waiting are dropped")
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1, description="largest accepted image file")
     max_pixels: int = Field(40_000_000, ge=1, description="largest accepted width x height (decompression bombs)")
     max_images: int = Field(16, ge=1, description="most images in one request")
@@ -53,7 +65,7 @@ class Settings(BaseSettings):
         """The most bytes a request body to `path` may have: the images' bytes, base64 on the TF-Serving routes,
         plus room for the multipart headers, the form fields or the JSON around them."""
         images = self.max_images * self.max_image_bytes
-        if path.endswith(":predict"):
+        if path.endswith(":predict") or path.endswith("/infer"):  # base64 in JSON (or binary tensors)
             return images * 4 // 3 + 64 * 1024
         return images + 64 * 1024
 

@@ -1,100 +1,142 @@
-"""Telemetry: a small Prometheus text-format registry (request counts and latencies, batch sizes, errors by
-kind) and the ASGI middleware that counts every request into it."""
+"""Telemetry: the service's Prometheus metrics (with `prometheus_client`) and the ASGI middleware that counts
+every request into them.
+
+Each `Metrics` has its own `CollectorRegistry`, so that many apps can live in one process (tests). Under
+`--workers N` the command sets PROMETHEUS_MULTIPROC_DIR to a fresh directory before the workers start
+(service/cli.py): prometheus_client then keeps every worker's values in files there, and `render()` adds up
+all workers' files, so /metrics answers the same totals whichever worker serves the scrape.
+"""
 
 from __future__ import annotations
 
-import threading
+import os
 import time
-from collections import defaultdict
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # what generate_latest writes
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+WAIT_BUCKETS = (0.0005, 0.001, 0.0025, *LATENCY_BUCKETS)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+LOADED = "loaded"  # the outcome of a model load that serves the version
+
+disable_created_metrics()  # no *_created series: they double the exposition and Prometheus does not need them
 
 
-class Histogram:
-    """Cumulative-bucket histogram with sum and count."""
-
-    def __init__(self, buckets: tuple[float, ...]) -> None:
-        self.buckets = buckets
-        self.counts = [0] * len(buckets)
-        self.total = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        """Add one observation."""
-        for i, bound in enumerate(self.buckets):
-            if value <= bound:
-                self.counts[i] += 1
-        self.total += value
-        self.count += 1
-
-    def lines(self, name: str, labels: str = "") -> list[str]:
-        """Prometheus exposition lines."""
-        sep = "," if labels else ""
-        out = [f'{name}_bucket{{{labels}{sep}le="{b:g}"}} {c}' for b, c in zip(self.buckets, self.counts, strict=True)]
-        out.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.count}')
-        suffix = f"{{{labels}}}" if labels else ""
-        out += [f"{name}_sum{suffix} {self.total}", f"{name}_count{suffix} {self.count}"]
-        return out
+def multiprocess_dir() -> str | None:
+    """The directory of prometheus_client's multiprocess mode, when this process runs in it (else None)."""
+    return os.environ.get(MULTIPROC_ENV) or None
 
 
 class Metrics:
-    """Thread-safe counters and histograms of the service."""
+    """The service's counters, gauges and histograms (thread-safe: prometheus_client locks each value)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.requests: dict[tuple[str, str, int], int] = defaultdict(int)
-        self.latency: dict[str, Histogram] = {}
-        self.errors: dict[str, int] = defaultdict(int)
-        self.batch_sizes = Histogram(BATCH_BUCKETS)
-        self.batch_seconds = Histogram(LATENCY_BUCKETS)
-        self.images = 0
+        self.registry = CollectorRegistry()
+        self.multiprocess = multiprocess_dir()
+        self._requests = self._counter("flower_requests_total", "HTTP requests by method, route and status.",
+                                       "method", "route", "status")
+        self._latency = Histogram("flower_request_duration_seconds", "HTTP request latency by route.", ["route"],
+                                  buckets=LATENCY_BUCKETS, registry=self.registry)
+        self._errors = self._counter("flower_errors_total", "Client and server errors by kind.", "kind")
+        self._rejected = self._counter("flower_rejected_requests_total", "Requests refused by the batcher: "
+                                       "'overloaded' (queue full, 503) or 'timeout' (deadline passed, 504).", "reason")
+        self._batch_size = Histogram("flower_batch_size_images", "Images per model batch.", buckets=BATCH_BUCKETS,
+                                     registry=self.registry)
+        self._batch_seconds = Histogram("flower_batch_duration_seconds", "Seconds per model batch.",
+                                        buckets=LATENCY_BUCKETS, registry=self.registry)
+        self._queue_wait = Histogram("flower_queue_wait_seconds", "Seconds from an image's submission until the "
+                                     "model batch holding it starts.", buckets=WAIT_BUCKETS, registry=self.registry)
+        self._member = Histogram("flower_member_inference_seconds", "Seconds per model batch of one member.",
+                                 ["member"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self._queue_depth = self._gauge("flower_queue_depth_images", "Images waiting for the model (with batching "
+                                        "off: images being served).", "livesum")
+        self._inflight = self._gauge("flower_inflight_requests", "HTTP requests being served (a scrape counts "
+                                     "itself).", "livesum")
+        self._images = self._counter("flower_images_total", "Images run through the model.")
+        self._loads = self._counter("flower_model_loads_total", "Model loads by model, version and outcome.",
+                                    "model", "version", "outcome")
+        self._loaded = self._gauge("flower_model_version_loaded", "1 while the model version is loaded and "
+                                   "served, else 0.", "livemax", "model", "version")
+
+    def _counter(self, name: str, documentation: str, *labels: str) -> Counter:
+        """A counter in this registry."""
+        return Counter(name, documentation, list(labels), registry=self.registry)
+
+    def _gauge(self, name: str, documentation: str, mode: str, *labels: str) -> Gauge:
+        """A gauge in this registry; `mode` says how workers' values combine under multiprocess mode."""
+        return Gauge(name, documentation, list(labels), registry=self.registry, multiprocess_mode=mode)
 
     def request(self, method: str, route: str, status: int, seconds: float) -> None:
         """Count one finished request."""
-        with self._lock:
-            self.requests[(method, route, status)] += 1
-            self.latency.setdefault(route, Histogram(LATENCY_BUCKETS)).observe(seconds)
+        self._requests.labels(method, route, str(status)).inc()
+        self._latency.labels(route).observe(seconds)
+
+    def inflight(self, delta: int) -> None:
+        """A request started (+1) or finished (-1)."""
+        self._inflight.inc(delta)
 
     def error(self, kind: str) -> None:
         """Count one error by kind."""
-        with self._lock:
-            self.errors[kind] += 1
+        self._errors.labels(kind).inc()
+
+    def rejected(self, reason: str) -> None:
+        """Count one request the batcher refused: 'overloaded' or 'timeout'."""
+        self._rejected.labels(reason).inc()
 
     def batch(self, size: int, seconds: float) -> None:
         """Record one model batch."""
-        with self._lock:
-            self.batch_sizes.observe(size)
-            self.batch_seconds.observe(seconds)
-            self.images += size
+        self._batch_size.observe(size)
+        self._batch_seconds.observe(seconds)
+        self._images.inc(size)
+
+    def queue_wait(self, seconds: float) -> None:
+        """Record how long one image waited for its model batch to start."""
+        self._queue_wait.observe(seconds)
+
+    def queue_depth(self, images: int) -> None:
+        """Set the number of images waiting for the model."""
+        self._queue_depth.set(images)
+
+    def member(self, name: str, seconds: float) -> None:
+        """Record one member's inference time for one batch."""
+        self._member.labels(name).observe(seconds)
+
+    def model_load(self, model: str, version: str, outcome: str) -> None:
+        """Count one load of a model version; outcome 'loaded' marks the version loaded (any other, e.g. 'failed',
+        is only counted)."""
+        self._loads.labels(model, str(version), outcome).inc()
+        if outcome == LOADED:
+            self._loaded.labels(model, str(version)).set(1)
+
+    def model_unload(self, model: str, version: str) -> None:
+        """Mark a model version no longer loaded."""
+        self._loaded.labels(model, str(version)).set(0)
 
     def render(self) -> str:
-        """The Prometheus text exposition."""
-        with self._lock:
-            lines = ["# HELP flower_requests_total HTTP requests by method, route and status.",
-                     "# TYPE flower_requests_total counter"]
-            lines += [f'flower_requests_total{{method="{m}",route="{r}",status="{s}"}} {n}'
-                      for (m, r, s), n in sorted(self.requests.items())]
-            lines += ["# HELP flower_request_seconds Request latency by route.",
-                      "# TYPE flower_request_seconds histogram"]
-            for route, hist in sorted(self.latency.items()):
-                lines += hist.lines("flower_request_seconds", f'route="{route}"')
-            lines += ["# HELP flower_errors_total Client and server errors by kind.",
-                      "# TYPE flower_errors_total counter"]
-            lines += [f'flower_errors_total{{kind="{k}"}} {n}' for k, n in sorted(self.errors.items())]
-            lines += ["# HELP flower_batch_size Images per model batch.", "# TYPE flower_batch_size histogram"]
-            lines += self.batch_sizes.lines("flower_batch_size")
-            lines += ["# HELP flower_batch_seconds Seconds per model batch.", "# TYPE flower_batch_seconds histogram"]
-            lines += self.batch_seconds.lines("flower_batch_seconds")
-            lines += ["# HELP flower_images_total Images classified.", "# TYPE flower_images_total counter",
-                      f"flower_images_total {self.images}"]
-            return "\n".join(lines) + "\n"
+        """The Prometheus text exposition (version 0.0.4): of this process, or of every worker in multiprocess mode."""
+        if self.multiprocess is None:
+            return generate_latest(self.registry).decode()
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=self.multiprocess)
+        return generate_latest(registry).decode()
+
+    def close(self) -> None:
+        """This process stops serving: in multiprocess mode its live gauges (queue depth, in flight, loaded
+        versions) no longer count."""
+        if self.multiprocess is not None and os.path.isdir(self.multiprocess):
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(os.getpid(), self.multiprocess)
 
 
 class RequestMetrics:
-    """Pure ASGI middleware counting requests by method, route template and status, with latency.
+    """Pure ASGI middleware counting requests by method, route template and status, with latency and the number
+    in flight.
 
     (A pure ASGI middleware costs a fraction of what @app.middleware("http") adds per request.) It counts
     into `app.state.service.metrics` of the application that received the request.
@@ -110,14 +152,17 @@ class RequestMetrics:
             return
         start = time.perf_counter()
         status = [500]
+        metrics: Metrics = scope["app"].state.service.metrics
 
         async def send_and_note(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
             await send(message)
 
+        metrics.inflight(1)
         try:
             await self.app(scope, receive, send_and_note)
         finally:
+            metrics.inflight(-1)
             route = getattr(scope.get("route"), "path", "unmatched")
-            scope["app"].state.service.metrics.request(scope["method"], route, status[0], time.perf_counter() - start)
+            metrics.request(scope["method"], route, status[0], time.perf_counter() - start)

@@ -19,24 +19,25 @@ from pathlib import Path
 from typing import IO
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 
 CLASSES = ["red five-petal", "yellow ray flower", "purple four-star", "white eight-petal"]
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding this `service` package
 
 
 def make_run(root: Path, name: str, size: int, seed: int = 0, sharpness: float = 60.0,
-             backbone: str = "small-cnn", classes: list[str] | None = None) -> Path:
+             backbone: str = "small-cnn", classes: list[str] | None = None, fit: str = "crop") -> Path:
     """A run directory `root/name` with a randomly initialised classifier exported as the contract says.
 
     The output layer's weights are scaled by `sharpness`, so that the probabilities move visibly when
     the pixels do (a plain random network answers almost uniformly whatever it is shown, and then a
     parity check between two pixel paths cannot fail). Benchmarks pass `sharpness=1.0` (weights do not
-    change speed). `classes` defaults to the four CLASSES.
+    change speed). `classes` defaults to the four CLASSES; `fit` is how its training photos were made square.
     """
     import keras
 
     from training.export import export_saved_model
+    from training.geometry import geometry_record
     from training.model import build_classifier
 
     classes = list(classes or CLASSES)
@@ -46,10 +47,11 @@ def make_run(root: Path, name: str, size: int, seed: int = 0, sharpness: float =
     head.kernel.assign(head.kernel * sharpness)
     run = root / name
     run.mkdir(parents=True, exist_ok=True)
-    export_saved_model(model, size, run / "saved_model")
+    export_saved_model(model, size, run / "saved_model", fit)
     (run / "classes.json").write_text(json.dumps(classes))
     (run / "member.json").write_text(json.dumps({"version": 1, "name": name, "backbone": backbone,
-                                                 "image_size": size, "num_classes": len(classes)}))
+                                                 "image_size": size, "num_classes": len(classes),
+                                                 "geometry": geometry_record(fit, "test")}))
     return run
 
 
@@ -86,6 +88,25 @@ def image_bytes(fmt: str = "JPEG", size: tuple[int, int] = (64, 48), seed: int =
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **save)
     return buffer.getvalue()
+
+
+def photo(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A photo-like RGB image: smooth colour fields, a few discs with crisp edges (they alias when downscaled without
+    a filter) and mild sensor noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32) / max(width, height)
+    fields = []
+    for _ in range(3):
+        fx, fy, px, py = rng.uniform(2, 9), rng.uniform(2, 9), rng.uniform(0, 6.3), rng.uniform(0, 6.3)
+        fields.append(128 + 70 * np.sin(fx * 6.28 * x + px) * np.cos(fy * 6.28 * y + py))
+    image = np.stack(fields, -1)
+    del fields
+    for _ in range(6):
+        cx, cy, radius = rng.uniform(0, 1), rng.uniform(0, height / max(width, height)), rng.uniform(0.03, 0.2)
+        image[(x - cx) ** 2 + (y - cy) ** 2 < radius ** 2] = rng.integers(0, 256, 3)
+    image += rng.normal(0, 4, image.shape).astype(np.float32)
+    sharp = Image.fromarray(image.clip(0, 255).astype(np.uint8), "RGB")
+    return sharp.filter(ImageFilter.GaussianBlur(max(width, height) / 2000))  # a lens: edges over a pixel or two
 
 
 def flower_jpeg(size: int) -> bytes:

@@ -203,7 +203,7 @@ def test_health_metrics_and_page(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     text = client.get("/metrics").text
     assert 'flower_requests_total{method="POST",route="/v1/predict"' in text
-    assert "flower_batch_size_bucket" in text and 'flower_errors_total{kind="not_an_image"}' in text
+    assert "flower_batch_size_images_bucket" in text and 'flower_errors_total{kind="not_an_image"}' in text
     page = client.get("/")
     assert page.status_code == 200 and "v1/predict" in page.text and 'type="file"' in page.text
 
@@ -252,7 +252,8 @@ def test_not_ready_until_every_member_has_warmed_up():
         assert c.get("/v1/models/flowers").json()["model_version_status"][0]["state"] == "LOADING"
         slow.release.set()
         _wait_ready(c)
-        assert c.get("/readyz").json() == {"ready": True, "members": ["slow"], "warmed_up": ["slow"]}
+        assert c.get("/readyz").json() == {"ready": True, "members": ["slow"], "warmed_up": ["slow"],
+                                           "models": {"flowers": {"1": "AVAILABLE"}}}
 
 
 class FailingEnsemble(SlowEnsemble):
@@ -272,7 +273,8 @@ def test_a_failed_warm_up_is_logged_and_readyz_says_why(caplog):
         response = c.get("/readyz")
         assert response.status_code == 503
         assert response.json() == {"ready": False, "members": ["slow"], "warmed_up": [],
-                                   "error": "RuntimeError: the SavedModel cannot run on this device"}
+                                   "error": "the warm-up prediction failed: RuntimeError: the SavedModel cannot run "
+                                            "on this device", "models": {"flowers": {"1": "END"}}}
         assert c.get("/healthz").status_code == 200
     logged = [r for r in caplog.records if r.name.startswith("service") and r.exc_info]
     assert len(logged) == 1 and logged[0].levelno == logging.ERROR
@@ -358,9 +360,9 @@ def test_concurrent_requests_are_batched_but_each_gets_its_own_answer(server):
         np.testing.assert_allclose(a["results"][0]["probabilities"], b["results"][0]["probabilities"], atol=1e-5)
     metrics = httpx.get(f"{server}/metrics").text
     singles = float(next(line.split()[-1] for line in metrics.splitlines()
-                         if line.startswith('flower_batch_size_bucket{le="1"}')))
+                         if line.startswith('flower_batch_size_images_bucket{le="1.0"}')))
     batches = float(next(line.split()[-1] for line in metrics.splitlines()
-                         if line.startswith("flower_batch_size_count")))
+                         if line.startswith("flower_batch_size_images_count")))
     assert batches < 24  # 12 alone + fewer than 12 for the concurrent ones: some were gathered
     assert singles < batches
 
@@ -408,10 +410,15 @@ def test_a_request_cannot_name_a_file_on_the_server(client):
 # --- the exact pixels the service decodes ----------------------------------------------------------
 
 @pytest.mark.parametrize("size,quality", [((64, 48), 95), ((90, 70), 70), ((33, 17), 50)])
-def test_a_plain_jpeg_decodes_to_tensorflows_exact_pixels(size, quality):
+def test_a_plain_jpeg_decodes_to_the_training_pipelines_and_pils_exact_pixels(size, quality):
+    from training.records import decode_jpeg
+
     for mode in ("RGB", "L"):
         blob = image_bytes("JPEG", size=size, seed=size[0], mode=mode, quality=quality)
-        np.testing.assert_array_equal(decode_image(blob, 10_000_000), tf.io.decode_jpeg(blob, channels=3).numpy())
+        decoded = decode_image(blob, 10_000_000)
+        np.testing.assert_array_equal(decoded, decode_jpeg(blob, size[::-1]).numpy() if size[0] == size[1] else
+                                      tf.io.decode_jpeg(blob, channels=3, dct_method="INTEGER_ACCURATE").numpy())
+        np.testing.assert_array_equal(decoded, np.asarray(Image.open(io.BytesIO(blob)).convert("RGB")))
 
 
 def _encode(image: Image.Image, fmt: str, **save) -> bytes:
@@ -455,12 +462,9 @@ def test_each_image_gets_its_own_member_votes(client, ensemble_dir):
     served = client.post("/v1/predict", files=_files(*blobs), data={"include_members": "true",
                                                                    "include_probabilities": "true"}).json()
     document = json.loads((ensemble_dir / "ensemble.json").read_text())
-    pixels = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB"), np.float32) for b in blobs])
     for m, entry in enumerate(document["members"]):
         model = tf.saved_model.load(str((ensemble_dir / entry["path"] / "saved_model").resolve()))
-        size = int(model.signatures["serving_pixels"].structured_input_signature[1]["images"].shape[1])
-        probs = model.signatures["serving_pixels"](images=tf.image.resize(pixels, [size, size]))["probabilities"]
-        probs = probs.numpy()
+        probs = model.signatures["serving_default"](image_bytes=tf.constant(blobs))["probabilities"].numpy()
         votes = [r["members"][m] for r in served["results"]]
         assert [v["member"] for v in votes] == [entry["name"]] * 3
         assert [v["index"] for v in votes] == probs.argmax(1).tolist()

@@ -138,7 +138,8 @@ def test_good_models_are_handed_to_the_server_loaded_and_the_address_printed(ens
     assert main(["--ensemble", str(ensemble_dir), "--port", str(port)]) == 0
     out = capsys.readouterr().out
     assert f"on http://127.0.0.1:{port}/" in out
-    (settings, ensemble), = serve_calls
+    (settings, repository), = serve_calls
+    ensemble = repository.latest(settings.model_name).predictor
     assert ensemble.ready and [m.name for m in ensemble.members] == ["m32", "m48"]
 
 
@@ -403,13 +404,13 @@ def test_a_huge_jpeg_is_reduced_while_decoding_to_no_less_than_the_members_need(
     blob = _big("JPEG", 6320)
     assert len(blob) < 1_000_000
     array = decode_image(blob, 40_000_000, target=300, downscale_pixels=4_000_000)
-    assert array.shape == (395, 395, 3)  # DCT scaling by 1/8, then a box reduction by 2: still >= 300
+    assert array.shape == (790, 790, 3)  # DCT scaling by 1/8: still >= 2 x 300 (images.KEEP), for the resize
     assert np.abs(array.astype(int) - (40, 160, 90)).max() < 6
 
 
 def test_a_huge_png_is_reduced_right_after_decoding():
     array = decode_image(_big("PNG", 6320), 40_000_000, target=300, downscale_pixels=4_000_000)
-    assert array.shape == (301, 301, 3) and (array == (40, 160, 90)).all()  # 6320 // 21 = 300.9...
+    assert array.shape == (632, 632, 3) and (array == (40, 160, 90)).all()  # by 6320 // 600 = 10: >= 2 x 300
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
@@ -417,12 +418,12 @@ def test_an_image_that_needs_no_reduction_decodes_exactly_as_before(fmt):
     blob = image_bytes(fmt, size=(90, 70), seed=9)
     plain = decode_image(blob, 10_000_000)
     if fmt == "JPEG":
-        np.testing.assert_array_equal(plain, tf.io.decode_jpeg(blob, channels=3).numpy())
-    under_threshold = decode_image(blob, 10_000_000, target=32, downscale_pixels=10_000)
-    not_twice_the_target = decode_image(blob, 10_000_000, target=36, downscale_pixels=1_000)  # 70 // 36 == 1
+        np.testing.assert_array_equal(plain, tf.io.decode_jpeg(blob, channels=3, dct_method="INTEGER_ACCURATE").numpy())
+    under_threshold = decode_image(blob, 10_000_000, target=16, downscale_pixels=10_000)
+    not_four_times_the_target = decode_image(blob, 10_000_000, target=18, downscale_pixels=1_000)  # 70 // 36 == 1
     np.testing.assert_array_equal(under_threshold, plain)
-    np.testing.assert_array_equal(not_twice_the_target, plain)
-    assert decode_image(blob, 10_000_000, target=32, downscale_pixels=1_000).shape == (35, 45, 3)
+    np.testing.assert_array_equal(not_four_times_the_target, plain)
+    assert decode_image(blob, 10_000_000, target=16, downscale_pixels=1_000).shape == (35, 45, 3)
 
 
 MEASURE = """
@@ -441,8 +442,8 @@ print(array.shape, peak_mb() - before)
 
 
 @pytest.mark.parametrize("fmt,shape,most_mb", [
-    ("JPEG", "(790, 790, 3", 30),  # DCT scaling: the full size is never decoded (120 MB as RGB)
-    ("PNG", "(527, 527, 3", 200),  # 6320 // 12: only PIL's full-size buffer (160 MB), no RGB copies
+    ("JPEG", "(1580, 1580, 3", 45),  # DCT scaling by 1/4 (>= 2 x 512): the full size (120 MB as RGB) never decoded
+    ("PNG", "(1054, 1054, 3", 200),  # reduce(6), rounding up: only PIL's full-size buffer (160 MB), no RGB copies
 ])
 def test_decoding_a_huge_small_file_image_takes_bounded_memory(tmp_path, fmt, shape, most_mb):
     path = tmp_path / "huge.img"

@@ -239,8 +239,9 @@ PARITY_SCRIPT = textwrap.dedent("""
         ex = tf.io.parse_single_example(raw, spec)
         images.append(ex["image"]); ids.append(ex["id"].numpy().decode())
     by_bytes = model.signatures["serving_default"](image_bytes=tf.stack(images))["probabilities"].numpy()
-    pixels = tf.stack([tf.image.resize(tf.cast(tf.io.decode_jpeg(b, channels=3), tf.float32), [32, 32])
-                       for b in images])
+    # The contract's JPEG decode: the accurate integer IDCT (training.records.JPEG_DCT).
+    decoded = [tf.io.decode_jpeg(b, channels=3, dct_method="INTEGER_ACCURATE") for b in images]
+    pixels = tf.stack([tf.image.resize(tf.cast(d, tf.float32), [32, 32]) for d in decoded])
     by_pixels = model.signatures["serving_pixels"](images=pixels)["probabilities"].numpy()
     order = np.argsort(ids)
     np.savez(run + "/parity.npz", ids=np.array(ids)[order], by_bytes=by_bytes[order], by_pixels=by_pixels[order])

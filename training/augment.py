@@ -287,3 +287,8 @@ def mix_batch(
     mix_weight = tf.where(use_mixup, 1.0 - _beta(s[3], config.mixup_alpha, batch), 0.0)
     mixer = _mix_pixels_compiled if config.jit_compile else _mix_pixels
     return mixer(tf.cast(images, tf.float32), labels, boxes, mix_weight)
+
+
+# Test-time augmentation (offline predictions and the service's --tta): flips and a mild affine transform,
+# no colour, no erasing.
+TTA_AUGMENT = AugmentConfig(rotation=5.0, shear=2.0, zoom=0.05, shift=6.0)

@@ -32,7 +32,7 @@ Log = Callable[[str], None]
 EPOCH_FOLDER = re.compile(r"^epoch-(\d+)$")
 # Options that may change between a run and its resume: how long it runs and what it writes at the end.
 RESUMABLE_CHANGES = ("name", "output", "train.epochs", "train.eval_batch_size", "train.steps_per_execution",
-                     "train.time_budget_minutes", "data.shard", "predict.tta", "predict.tta_seed")
+                     "train.time_budget_minutes", "data.shard", "data.fit", "predict.tta", "predict.tta_seed")
 
 
 def ensure_room_for_weights(model: keras.Model, folder: Path) -> None:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from training.geometry import FIT_MODES
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -36,6 +38,7 @@ class DataConfig:
     shuffle_buffer: int = 2048
     deterministic: bool = False  # same batches in the same order for a seed and epoch (slower input; exact resume)
     shard: str = "auto"  # several workers: auto (by file when every worker gets one, else by data) | file | data
+    fit: str = "auto"  # photo to square at serve time: auto (from import_report.json) | crop | pad | stretch
     validation_from: str = ""  # with train_on_val: the run (on train only) whose val predictions stand in a blend
 
 
@@ -298,6 +301,8 @@ def validate(config: RunConfig) -> None:
     _validate_trainable(config)
     if config.data.shard not in ("auto", "file", "data"):
         raise ValueError(f"data.shard must be auto, file or data, got {config.data.shard!r}")
+    if config.data.fit not in ("auto", *FIT_MODES):
+        raise ValueError(f"data.fit must be auto, {', '.join(FIT_MODES)}, got {config.data.fit!r}")
     if config.data.validation_from and not config.data.train_on_val:
         raise ValueError("data.validation_from is for a refit on train+val: set data.train_on_val = true too")
     if "://" in config.output:

@@ -15,13 +15,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from training.augment import AugmentConfig, augment_batch
+from training.augment import TTA_AUGMENT, augment_batch
 from training.dataset import SHARD_POLICIES, SplitInfo, eval_dataset, iterate_checked
+from training.geometry import DEFAULT_FIT, fit_square_tf
+from training.records import JPEG_DCT
 from training.strategy import worker_count
 from training.writing import write_npz_atomic
-
-# Test-time augmentation: flips and a mild affine transform, no colour, no erasing.
-TTA_AUGMENT = AugmentConfig(rotation=5.0, shear=2.0, zoom=0.05, shift=6.0)
 
 
 def _tf_variable(variable) -> tf.Variable:
@@ -33,7 +32,7 @@ def _tf_variable(variable) -> tf.Variable:
 class ServingModule(tf.Module):
     """What the SavedModel holds: the variables once, and the two signatures of the contract."""
 
-    def __init__(self, model: keras.Model, image_size: int) -> None:
+    def __init__(self, model: keras.Model, image_size: int, fit: str = DEFAULT_FIT, record_size: int = 0) -> None:
         super().__init__(name="classifier")
         self.model_variables = [_tf_variable(v) for v in model.weights]
         size = image_size
@@ -42,16 +41,11 @@ class ServingModule(tf.Module):
         def forward(images):
             return tf.cast(model(images, training=False), tf.float32)
 
-        def decode(image_bytes):
-            image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
-            image = tf.cast(image, tf.float32)
-            shape = tf.shape(image)
-            image = tf.cond(
-                (shape[0] == size) & (shape[1] == size),
-                lambda: image,
-                lambda: tf.image.resize(image, [size, size], method="bilinear"),  # the evaluation path's resize
-            )
-            return tf.ensure_shape(image, [size, size, 3])
+        def decode(image_bytes):  # a photo of any shape becomes a square as the import tool made training images
+            image = tf.cond(tf.io.is_jpeg(image_bytes),
+                            lambda: tf.io.decode_jpeg(image_bytes, channels=3, dct_method=JPEG_DCT),
+                            lambda: tf.io.decode_image(image_bytes, channels=3, expand_animations=False))
+            return fit_square_tf(image, size, fit, record_size)
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
         def serving_default(image_bytes):
@@ -67,9 +61,12 @@ class ServingModule(tf.Module):
         self.serving_pixels = serving_pixels
 
 
-def export_saved_model(model: keras.Model, image_size: int, path: Path) -> Path:
-    """Write the SavedModel to path atomically (a temporary folder renamed into place)."""
-    module = ServingModule(model, image_size)
+def export_saved_model(model: keras.Model, image_size: int, path: Path, fit: str = DEFAULT_FIT,
+                       record_size: int = 0) -> Path:
+    """Write the SavedModel to path atomically (a temporary folder renamed into place); `serving_default` makes
+    any photo a square by `fit` at `record_size` and then image_size (training.geometry), `serving_pixels` takes
+    squares of image_size."""
+    module = ServingModule(model, image_size, fit, record_size)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tf.saved_model.save(

@@ -38,6 +38,7 @@ from training.dataset import SplitInfo, split_info, train_dataset
 from training.errors import DataError
 from training.evaluation import classification_scores
 from training.export import predict_split
+from training.geometry import data_fit
 from training.layout import count_records, load_classes
 from training.model import backbone_blocks, build_classifier, features_of, parameter_counts, set_trainable
 from training.outputs import RunFacts, finish_run, write_history
@@ -211,6 +212,8 @@ def prepare_run(config: RunConfig, log: Log = print, start_epoch: int = 0) -> Ru
         f"val {infos['val'].count}, test {infos['test'].count}; fitting on {trained_on} "
         f"({sum(i.count for i in train_splits)} images); {len(classes)} classes; "
         f"global batch {global_batch}, {steps} steps/epoch, {per_execution} per execution")
+    geometry = data_fit(data.dir, data.fit)  # read now: a bad import_report.json is refused before training
+    log(f"photos become squares by {geometry['fit']} (from {geometry['from']}), as the service will make them")
     hosts = getattr(strategy.extended, "num_hosts", 1) if kind == "tpu" else 1
     if hosts > 1:  # a TPU pod: tf.distribute splits each batch among the input hosts
         shard = "data"

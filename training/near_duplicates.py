@@ -49,6 +49,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from training.errors import DataError
+from training.names import shown  # noqa: F401 - shown here too, for the import tool
 from training.pixels import to_rgb
 from training.writing import write_text_atomic
 
@@ -95,17 +96,6 @@ def check_max_pixels(value: int, name: str = "max_pixels") -> int:
     return int(value)
 
 
-_CONTROL = {code: f"\\x{code:02x}" for code in (*range(32), 127)}
-
-
-def shown(text: str) -> str:
-    """A file name as it can be printed on one line and stored as UTF-8: bytes that are not UTF-8 and control
-    characters (a newline, say) escaped (`bad\\xff.jpg`)."""
-    try:
-        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # a surrogate that does not stand for a byte
-        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text.translate(_CONTROL)
 
 
 def list_files(root: str | Path) -> tuple[list[Path], list[tuple[Path, str]]]:

@@ -59,6 +59,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from training.errors import DataError
+from training.geometry import FIT_MODES
 from training.near_duplicates import (
     DEFAULT_DISTANCE,
     DEFAULT_MAX_PIXELS,
@@ -81,7 +82,6 @@ try:
 except ImportError:  # not POSIX: no lock against two imports at once
     fcntl = None
 
-FIT_MODES = ("crop", "stretch", "pad")
 MAX_SIZE = 4096  # the largest square written (each photo is held in memory at the largest size)
 OUTPUT_FILES = ("classes.json", "test_answers.csv", "import_report.json")
 SIZE_FOLDER = re.compile(r"tfrecords-jpeg-\d+x\d+$")
@@ -103,6 +103,8 @@ class ImportReport:
     targets: dict[str, dict[str, int]] = field(default_factory=dict)  # val and test count each class aims at
     warnings: list[str] = field(default_factory=list)  # label conflicts, classes short of a val/test target
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images were skipped without being decoded
+    fit: str = "crop"  # how each photo became a square (training.geometry: runs and the service read it)
+    filter: str = "lanczos"  # the antialiased resize filter (PIL); the service uses TensorFlow's lanczos3
 
 
 def fit_square(image: Image.Image, size: int, fit: str) -> Image.Image:
@@ -393,7 +395,8 @@ def import_folders(
             _recover(out, progress)
             _refuse_existing(out, overwrite, scan.classes, sizes)
     report = ImportReport(classes=scan.classes, sizes=list(sizes), near_duplicate_distance=near_duplicate_distance,
-                          skipped=list(scan.skipped), warnings=list(scan.warnings), max_pixels=max_pixels)
+                          skipped=list(scan.skipped), warnings=list(scan.warnings), max_pixels=max_pixels,
+                          fit=fit)
     if progress:
         for entry in scan.skipped:
             print(f"  skipped {entry['path']}: {entry['reason']}", flush=True)
@@ -740,9 +743,10 @@ def _write_reports(folder: Path, src: Path, report: ImportReport, answers: list[
 
 
 def _encode(square: Image.Image, size: int) -> bytes:
-    """Resize a square image to `size` and encode it as JPEG (quality 95)."""
+    """Resize a square image to `size` and encode it as JPEG (quality 95, colour at full resolution: 4:2:0 chroma
+    subsampling alone moved a 64 px flower photo's pixels by 2.2 grey levels on average, 4:4:4 by 1.7)."""
     buffer = io.BytesIO()
-    fit_square(square, size, "stretch").save(buffer, format="JPEG", quality=95)
+    fit_square(square, size, "stretch").save(buffer, format="JPEG", quality=95, subsampling=0)
     return buffer.getvalue()
 
 

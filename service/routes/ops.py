@@ -9,6 +9,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 
 from service.deps import StateDep
 from service.schemas import HealthResponse, ReadyResponse
+from service.telemetry import CONTENT_TYPE
 
 router = APIRouter(tags=["operations"])
 PAGE = (Path(__file__).resolve().parents[1] / "page.html").read_text()
@@ -22,18 +23,22 @@ async def healthz() -> HealthResponse:
 
 @router.get("/readyz", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}}, summary="Readiness")
 async def readyz(state: StateDep) -> JSONResponse:
-    """200 once the models are loaded and every member has run a warm-up prediction, else 503 (with the
-    warm-up's error, when it failed)."""
+    """200 once every model has a version loaded and warmed up, else 503 (with the default model's error, when it
+    failed); `members` are the default model's, `models` every model's versions and their states."""
     members = [m.name for m in state.ensemble.members] if state.ensemble is not None else []
-    warmed = sorted(state.ensemble.warmed_up) if state.ensemble is not None else []
-    body = ReadyResponse(ready=state.ready, members=members, warmed_up=warmed, error=state.warm_up_error)
+    warmed = sorted(getattr(state.ensemble, "warmed_up", members)) if state.ensemble is not None else []
+    models = {name: {str(n): v.state for n, v in sorted(versions.items())}
+              for name, versions in (state.repository.models.items() if state.repository is not None else [])}
+    body = ReadyResponse(ready=state.ready, members=members, warmed_up=warmed, error=state.warm_up_error,
+                         models=models)
     return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if state.ready else 503)
 
 
 @router.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
 async def metrics(state: StateDep) -> PlainTextResponse:
-    """Requests, latencies, batch sizes and errors by kind, in Prometheus text format."""
-    return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
+    """Requests, latencies, batches, queue, refusals and errors by kind, in Prometheus text format (every
+    worker's, added up, under --workers N)."""
+    return PlainTextResponse(state.metrics.render(), media_type=CONTENT_TYPE)
 
 
 @router.get("/", response_class=HTMLResponse, summary="Web page", include_in_schema=True)

@@ -10,10 +10,11 @@ from fastapi import APIRouter, Depends, Request
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from service.deps import ServiceState, StateDep, require_api_key
+from service.deps import ServiceState, StateDep, decode_target, require_api_key
 from service.errors import ClientError
 from service.images import ImageError, decode_image, decoded_pixels
 from service.limits import check_request_pixels
+from service.repository import Version
 from service.schemas import ClassScore, ErrorDetail, ErrorResponse, ImageResult, MemberVote, PredictResponse
 
 router = APIRouter(tags=["predict"])
@@ -33,6 +34,7 @@ MULTIPART_BODY = {
             "top_k": {"type": "integer", "minimum": 1, "description": "how many top classes per image (default 5)"},
             "include_probabilities": {"type": "boolean", "description": "also return every class's probability"},
             "include_members": {"type": "boolean", "description": "also return each member's top class"},
+
         },
     }}},
 }
@@ -135,14 +137,6 @@ def _check_form(form: FormData, max_images: int) -> tuple[list[UploadFile], dict
     return files, options
 
 
-def _unready(state: ServiceState) -> ClientError:
-    """The 503 while not ready: the warm-up's error once it failed, else 'still loading'."""
-    if state.warm_up_error:
-        return ClientError(503, "warm_up_failed", f"the warm-up prediction failed, so the service cannot predict "
-                                                  f"(see /readyz and the server log): {state.warm_up_error}")
-    return ClientError(503, "not_ready", "the models are still loading or warming up; retry shortly")
-
-
 async def _read_upload(upload: UploadFile, limit: int) -> bytes:
     """An upload's bytes from the start; ImageError 'too_large' over `limit`."""
     await upload.seek(0)
@@ -152,21 +146,21 @@ async def _read_upload(upload: UploadFile, limit: int) -> bytes:
     return data
 
 
-async def measure_uploads(files: list[UploadFile], state: ServiceState) -> list[int | ImageError]:
+async def measure_uploads(files: list[UploadFile], state: ServiceState, target: int) -> list[int | ImageError]:
     """Each upload's decoded pixels, from its header alone (or the ImageError that makes it unusable)."""
     settings = state.settings
     measured: list[int | ImageError] = []
     for upload in files:
         try:
             data = await _read_upload(upload, settings.max_image_bytes)
-            measured.append(decoded_pixels(data, settings.max_pixels, state.decode_target, settings.downscale_pixels))
+            measured.append(decoded_pixels(data, settings.max_pixels, target, settings.downscale_pixels))
         except ImageError as err:
             measured.append(err)
     return measured
 
 
 async def decode_uploads(files: list[UploadFile], measured: list[int | ImageError],
-                         state: ServiceState) -> list[np.ndarray | ImageError]:
+                         state: ServiceState, target: int) -> list[np.ndarray | ImageError]:
     """Decode the usable uploads, large ones off the event loop; a bad one becomes its own ImageError."""
     loop = asyncio.get_running_loop()
     settings = state.settings
@@ -177,7 +171,7 @@ async def decode_uploads(files: list[UploadFile], measured: list[int | ImageErro
             continue
         try:
             data = await _read_upload(upload, settings.max_image_bytes)
-            args = (data, settings.max_pixels, state.decode_target, settings.downscale_pixels)
+            args = (data, settings.max_pixels, target, settings.downscale_pixels)
             if len(data) <= INLINE_DECODE_BYTES and pixels <= INLINE_DECODE_PIXELS:  # faster than a thread hand-off
                 decoded.append(decode_image(*args))
             else:  # a small file may still be a huge image: its pixels decide too
@@ -196,30 +190,31 @@ NON_FINITE = ("the model's output for this image is not finite (NaN or infinity)
              openapi_extra={"requestBody": MULTIPART_BODY}, summary="Classify one or more images")
 async def predict(request: Request, state: StateDep) -> PredictResponse:
     """Top-k classes per image with blended probabilities; one bad image fails only its own entry."""
-    if not state.ready:
-        raise _unready(state)
-    form, files, options = await _read_form(request, state)
-    try:
-        return await _predict(request, state, files, options)
-    finally:
-        await form.close()  # the uploads' temporary files
+    with state.use(request.query_params.get("model"), request.query_params.get("version")) as served:
+        form, files, options = await _read_form(request, state)
+        try:
+            return await _predict(request, state, served, files, options)
+        finally:
+            await form.close()  # the uploads' temporary files
 
 
-async def _predict(request: Request, state: ServiceState, files: list[UploadFile], options: dict) -> PredictResponse:
-    """The prediction for parsed uploads, within the pixel budgets."""
-    classes = state.ensemble.classes
+async def _predict(request: Request, state: ServiceState, served: Version, files: list[UploadFile],
+                   options: dict) -> PredictResponse:
+    """The prediction for parsed uploads by one version, within the pixel budgets."""
+    classes = served.predictor.classes
     k = _top_k(options["top_k"] or request.query_params.get("top_k"), state.settings.default_top_k, len(classes))
     with_probs = _flag(options["include_probabilities"] or request.query_params.get("include_probabilities"),
                        "include_probabilities")
     with_members = _flag(options["include_members"] or request.query_params.get("include_members"),
                          "include_members")
-    measured = await measure_uploads(files, state)
+    target = decode_target(served.predictor)
+    measured = await measure_uploads(files, state, target)
     pixels = sum(p for p in measured if not isinstance(p, ImageError))
     check_request_pixels(pixels, state.settings.max_request_pixels)
     with state.pixels.hold(pixels):
-        decoded = await decode_uploads(files, measured, state)
+        decoded = await decode_uploads(files, measured, state, target)
         good = [i for i, d in enumerate(decoded) if not isinstance(d, ImageError)]
-        outputs = await state.batcher.submit_many([decoded[i] for i in good])
+        outputs = await served.batcher.submit_many([decoded[i] for i in good])
         errors = {i: d for i, d in enumerate(decoded) if isinstance(d, ImageError)}
         del decoded  # the decoded images: released before the answer is built
     by_index = dict(zip(good, outputs, strict=True))
@@ -243,6 +238,6 @@ async def _predict(request: Request, state: ServiceState, files: list[UploadFile
         if with_members:
             result.members = [MemberVote(member=m.name, index=int(p.argmax()), name=classes[int(p.argmax())],
                                          probability=float(p.max()))
-                              for m, p in zip(state.ensemble.members, members, strict=True)]
+                              for m, p in zip(served.predictor.members, members, strict=True)]
         results.append(result)
-    return PredictResponse(model=state.settings.model_name, classes=len(classes), results=results)
+    return PredictResponse(model=served.model, version=served.number, classes=len(classes), results=results)

@@ -18,10 +18,12 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from service.deps import ServiceState, StateDep, require_api_key
+from service.deps import ServiceState, StateDep, decode_target, require_api_key
 from service.errors import ClientError
 from service.images import ImageError, decode_image, decoded_pixels
 from service.limits import check_request_pixels
+from service.predictor import served_model_info
+from service.repository import Version
 
 router = APIRouter(tags=["tensorflow-serving"])
 logger = logging.getLogger(__name__)
@@ -93,34 +95,48 @@ def _decode_b64(item: object, index: int) -> bytes:
         raise ValueError(f"instance {index}: 'b64' is not valid base64") from None
 
 
-def _check_name(state: ServiceState, name: str) -> JSONResponse | None:
-    """404 for a model name this server does not serve."""
-    if name != state.settings.model_name:
-        return tf_error(state, 404, "unknown_model", f"Servable not found for request: Latest({name}); this server "
-                                                      f"serves {state.settings.model_name!r}")
-    return None
+PREDICT_RESPONSES = {200: {"content": {"application/json": {"example": {"predictions": [[0.01, 0.93, 0.06]]}}}},
+                     400: TF_ERROR, 404: TF_ERROR, 408: TF_ERROR, 413: TF_ERROR, 503: TF_ERROR, 504: TF_ERROR}
 
 
 @router.post("/v1/models/{name}:predict", dependencies=[Depends(require_api_key)],
-             openapi_extra={"requestBody": PREDICT_BODY},
-             responses={200: {"content": {"application/json": {"example": {"predictions": [[0.01, 0.93, 0.06]]}}}},
-                        400: TF_ERROR, 404: TF_ERROR, 408: TF_ERROR, 413: TF_ERROR, 503: TF_ERROR},
-             summary="Classify base64 images (TensorFlow Serving REST API)")
+             openapi_extra={"requestBody": PREDICT_BODY}, responses=PREDICT_RESPONSES,
+             summary="Classify base64 images with the latest version (TensorFlow Serving REST API)")
 async def tf_predict(name: str, request: Request, state: StateDep) -> JSONResponse:
     """Blended probabilities per instance, in TensorFlow Serving's request and response shapes."""
-    missing = _check_name(state, name)
-    if missing:
-        return missing
-    if not state.ready and state.warm_up_error:
-        return tf_error(state, 503, "warm_up_failed", f"the warm-up prediction failed, so the service cannot "
-                                                      f"predict: {state.warm_up_error}")
-    if not state.ready:
-        return tf_error(state, 503, "not_ready", "the models are still loading or warming up")
-    settings = state.settings
+    return await _tf_predict(request, state, name)
+
+
+@router.post("/v1/models/{name}/versions/{version}:predict", dependencies=[Depends(require_api_key)],
+             openapi_extra={"requestBody": PREDICT_BODY}, responses=PREDICT_RESPONSES,
+             summary="Classify base64 images with one version (TensorFlow Serving REST API)")
+async def tf_predict_version(name: str, version: str, request: Request, state: StateDep) -> JSONResponse:
+    """As :predict, by the given version of the model."""
+    return await _tf_predict(request, state, name, version=version)
+
+
+@router.post("/v1/models/{name}/labels/{label}:predict", dependencies=[Depends(require_api_key)],
+             openapi_extra={"requestBody": PREDICT_BODY}, responses=PREDICT_RESPONSES,
+             summary="Classify base64 images with the version a label names (TensorFlow Serving REST API)")
+async def tf_predict_label(name: str, label: str, request: Request, state: StateDep) -> JSONResponse:
+    """As :predict, by the version the model's labels.json gives this label (e.g. stable, canary)."""
+    return await _tf_predict(request, state, name, label=label)
+
+
+async def _tf_predict(request: Request, state: ServiceState, name: str, version: str | None = None,
+                      label: str | None = None) -> JSONResponse:
+    """Resolve the version, read and check the body, decode, predict; every failure in TF Serving's error shape."""
     try:
-        raw = await request.body()  # its size and deadline are enforced while it streams (service.limits)
+        with state.use(name, version, label) as served:
+            return await _predict_with(request, state, served)
     except ClientError as err:
         return _from_client_error(state, err)
+
+
+async def _predict_with(request: Request, state: ServiceState, served: Version) -> JSONResponse:
+    """The prediction of one version for a TF-Serving request body."""
+    settings = state.settings
+    raw = await request.body()  # its size and deadline are enforced while it streams (service.limits)
     try:
         body = json.loads(raw)
         del raw
@@ -134,21 +150,8 @@ async def tf_predict(name: str, request: Request, state: StateDep) -> JSONRespon
         return tf_error(state, 400, "malformed_json", f"the body is not valid JSON: {err}")
     except (ValueError, RecursionError) as err:
         return tf_error(state, 400, "malformed_request", str(err))
-    target = state.decode_target
-    pixels = 0
-    for i, blob in enumerate(blobs):
-        if len(blob) > settings.max_image_bytes:
-            return tf_error(state, 400, "too_large", f"instance {i}: larger than {settings.max_image_bytes} bytes")
-        try:
-            pixels += decoded_pixels(blob, settings.max_pixels, target, settings.downscale_pixels)
-        except ImageError as err:
-            return tf_error(state, 400, err.kind, f"instance {i}: {err.message}")
     try:
-        check_request_pixels(pixels, settings.max_request_pixels)
-        with state.pixels.hold(pixels):
-            outputs = await _decode_and_predict(state, blobs)
-    except ClientError as err:
-        return _from_client_error(state, err)
+        outputs = await predict_blobs(state, served, blobs, "instance")
     except ImageError as err:
         return tf_error(state, 400, err.kind, err.message)
     for i, (blended, _) in enumerate(outputs):
@@ -159,45 +162,72 @@ async def tf_predict(name: str, request: Request, state: StateDep) -> JSONRespon
     return JSONResponse({key: [[float(p) for p in blended] for blended, _ in outputs]})
 
 
-async def _decode_and_predict(state: ServiceState, blobs: list[bytes]) -> list:
-    """Decode every instance off the event loop and predict; ImageError names the instance that failed."""
-    loop = asyncio.get_running_loop()
+async def predict_blobs(state: ServiceState, served: Version, blobs: list[bytes], what: str = "instance") -> list:
+    """Encoded images -> (blended, members' probabilities) each, by one version: sizes and pixel budgets checked
+    from the headers, decoded off the event loop, batched. ImageError (naming `what` i) or ClientError."""
     settings = state.settings
-    images = []
+    target = decode_target(served.predictor)
+    pixels = 0
     for i, blob in enumerate(blobs):
+        if len(blob) > settings.max_image_bytes:
+            raise ImageError("too_large", f"{what} {i}: larger than {settings.max_image_bytes} bytes")
         try:
-            images.append(await loop.run_in_executor(None, decode_image, blob, settings.max_pixels,
-                                                     state.decode_target, settings.downscale_pixels))
+            pixels += decoded_pixels(blob, settings.max_pixels, target, settings.downscale_pixels)
         except ImageError as err:
-            raise ImageError(err.kind, f"instance {i}: {err.message}") from None
-    return await state.batcher.submit_many(images)
+            raise ImageError(err.kind, f"{what} {i}: {err.message}") from None
+    check_request_pixels(pixels, settings.max_request_pixels)
+    loop = asyncio.get_running_loop()
+    with state.pixels.hold(pixels):
+        images = []
+        for i, blob in enumerate(blobs):
+            try:
+                images.append(await loop.run_in_executor(None, decode_image, blob, settings.max_pixels, target,
+                                                         settings.downscale_pixels))
+            except ImageError as err:
+                raise ImageError(err.kind, f"{what} {i}: {err.message}") from None
+        return await served.batcher.submit_many(images)
+
+
+def _version_status(version: Version) -> dict:
+    """One entry of TF Serving's model_version_status."""
+    code, message = ("OK", "") if version.error is None else ("UNKNOWN", version.error)
+    return {"version": str(version.number), "state": version.state,
+            "status": {"error_code": code, "error_message": message}}
 
 
 @router.get("/v1/models/{name}", responses={404: TF_ERROR}, summary="Model status (TensorFlow Serving REST API)")
 async def tf_status(name: str, state: StateDep) -> JSONResponse:
-    """AVAILABLE once warmed up, LOADING before; END with error_code UNKNOWN and the error when the warm-up failed
-    (as TF Serving reports a version that failed to load)."""
-    missing = _check_name(state, name)
-    if missing:
-        return missing
-    if state.ready:
-        status, code, message = "AVAILABLE", "OK", ""
-    elif state.warm_up_error:
-        status, code, message = "END", "UNKNOWN", f"the warm-up prediction failed: {state.warm_up_error}"
-    else:
-        status, code, message = "LOADING", "OK", ""
-    return JSONResponse({"model_version_status": [
-        {"version": "1", "state": status, "status": {"error_code": code, "error_message": message}}]})
+    """Every version's state: AVAILABLE once warmed up, LOADING before; END with error_code UNKNOWN and the
+    reason when it failed to load or warm up (as TF Serving reports a version that failed to load)."""
+    versions = state.repository.models.get(name) if state.repository is not None else None
+    if not versions:
+        return _unknown(state, name)
+    return JSONResponse({"model_version_status": [_version_status(v) for _, v in sorted(versions.items(),
+                                                                                         reverse=True)]})
 
 
-@router.get("/v1/models/{name}/metadata", responses={404: TF_ERROR},
-            summary="Signature metadata (TensorFlow Serving REST API)")
-async def tf_metadata(name: str, state: StateDep) -> JSONResponse:
-    """The serving_default signature: image_bytes (string) -> probabilities (float, classes wide)."""
-    missing = _check_name(state, name)
-    if missing:
-        return missing
-    classes = len(state.ensemble.classes) if state.ensemble is not None else -1
+@router.get("/v1/models/{name}/versions/{version}", responses={404: TF_ERROR},
+            summary="One version's status (TensorFlow Serving REST API)")
+async def tf_version_status(name: str, version: str, state: StateDep) -> JSONResponse:
+    """The version's state, as in the model status."""
+    versions = state.repository.models.get(name, {}) if state.repository is not None else {}
+    chosen = versions.get(int(version)) if version.isdigit() else None
+    if chosen is None:
+        return _unknown(state, name, version)
+    return JSONResponse({"model_version_status": [_version_status(chosen)]})
+
+
+def _unknown(state: ServiceState, name: str, version: str | None = None) -> JSONResponse:
+    """TF Serving's 404 for a model (or version) this server does not serve."""
+    names = state.repository.names if state.repository is not None else []
+    what = f"Specific({name}, {version})" if version else f"Latest({name})"
+    return tf_error(state, 404, "unknown_model", f"Servable not found for request: {what}; this server serves "
+                                                 f"{', '.join(map(repr, names)) or 'no model yet'}")
+
+
+def _metadata(state: ServiceState, served: Version) -> JSONResponse:
+    """The serving_default signature (image_bytes -> probabilities) and what the version is made of."""
+    classes = len(served.predictor.classes)
     signature = {
         "inputs": {"image_bytes": {"dtype": "DT_STRING", "tensor_shape": {"dim": [{"size": "-1", "name": ""}],
                                                                           "unknown_rank": False},
@@ -209,5 +239,32 @@ async def tf_metadata(name: str, state: StateDep) -> JSONResponse:
                                       "name": "StatefulPartitionedCall:0"}},
         "method_name": "tensorflow/serving/predict",
     }
-    return JSONResponse({"model_spec": {"name": name, "signature_name": "", "version": "1"},
-                         "metadata": {"signature_def": {"signature_def": {"serving_default": signature}}}})
+    labels = sorted(k for k, v in state.repository.labels.get(served.model, {}).items() if v == served.number)
+    return JSONResponse({"model_spec": {"name": served.model, "signature_name": "", "version": str(served.number)},
+                         "metadata": {"signature_def": {"signature_def": {"serving_default": signature}}},
+                         "flower": {**served_model_info(served.predictor), "labels": labels,
+                                    "path": str(served.path), "loaded_at": served.loaded_at}})
+
+
+@router.get("/v1/models/{name}/metadata", responses={404: TF_ERROR, 503: TF_ERROR},
+            summary="Signature metadata of the latest version (TensorFlow Serving REST API)")
+async def tf_metadata(name: str, state: StateDep) -> JSONResponse:
+    """The serving_default signature: image_bytes (string) -> probabilities (float, classes wide); under "flower",
+    the members (image size, fit, blend weight), blend, serve-time TTA passes, classes and labels."""
+    return _metadata_of(state, name)
+
+
+@router.get("/v1/models/{name}/versions/{version}/metadata", responses={404: TF_ERROR, 503: TF_ERROR},
+            summary="Signature metadata of one version (TensorFlow Serving REST API)")
+async def tf_version_metadata(name: str, version: str, state: StateDep) -> JSONResponse:
+    """As /metadata, for the given version."""
+    return _metadata_of(state, name, version)
+
+
+def _metadata_of(state: ServiceState, name: str, version: str | None = None) -> JSONResponse:
+    """Metadata of a resolved version, or the TF-Serving error saying why there is none."""
+    try:
+        with state.use(name, version) as served:
+            return _metadata(state, served)
+    except ClientError as err:
+        return _from_client_error(state, err)

@@ -1,0 +1,358 @@
+"""A model repository: several models, each with numbered versions, loaded, swapped and unloaded while serving.
+
+    DIR/<model name>/<version number>/     an ensemble directory (ensemble.json) or a run directory (member.json)
+    DIR/<model name>/labels.json           optional: {"stable": 1, "canary": 2}
+
+As in TensorFlow Serving, a request names a model and optionally a version or a label; without either it
+gets the model's latest (highest-numbered) version that is available. `--ensemble`/`--run` serve a
+repository of one model with one version (the model name setting, version 1).
+
+Hot reload: `poll` compares the folders with what is served. A new version (or one whose files changed) is
+loaded and warmed up off the event loop and then swapped in with one assignment; requests already holding a
+version finish on it. A version that fails to load keeps the version before it serving, and its status says
+why (it is tried again when its files change). A removed version leaves the routing table at once and is
+unloaded when its last request has finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+VERSION_FOLDER = re.compile(r"^[0-9]{1,18}$")
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+LABELS_FILE = "labels.json"
+LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class RepositoryError(ValueError):
+    """The repository folder or its labels do not match the layout; the message names the path."""
+
+
+class NotServed(LookupError):
+    """A request names a model, version or label that is not available; `status` is 404 or 503, `kind` the error
+    code (unknown_model, not_ready, load_failed, warm_up_failed)."""
+
+    def __init__(self, status: int, message: str, kind: str = "unknown_model") -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.kind = kind
+
+
+@dataclass
+class Version:
+    """One loaded (or failed) version of a model: its predictor and batcher, and the requests using it."""
+
+    model: str
+    number: int
+    path: Path
+    fingerprint: tuple
+    predictor: Any = None
+    batcher: Any = None
+    error: str | None = None  # why it failed to load (state END), else None
+    error_kind: str = "load_failed"  # or warm_up_failed: a predictor handed in whose warm-up failed
+    loaded_at: float = 0.0
+    in_flight: int = 0
+    _idle: asyncio.Event | None = field(default=None, repr=False)
+
+    @property
+    def available(self) -> bool:
+        """Loaded, warmed up and not failed."""
+        return self.predictor is not None and self.error is None and getattr(self.predictor, "ready", True)
+
+    @property
+    def state(self) -> str:
+        """TF Serving's version state: AVAILABLE, LOADING (warming up), or END (failed to load, or unloaded)."""
+        if self.available:
+            return "AVAILABLE"
+        return "LOADING" if self.predictor is not None and self.error is None else "END"
+
+    def enter(self) -> None:
+        """A request starts using this version."""
+        self.in_flight += 1
+        if self._idle is not None:
+            self._idle.clear()
+
+    def leave(self) -> None:
+        """A request has finished with this version."""
+        self.in_flight -= 1
+        if self.in_flight == 0 and self._idle is not None:
+            self._idle.set()
+
+    async def drained(self) -> None:
+        """Wait until no request uses this version."""
+        if self.in_flight == 0:
+            return
+        self._idle = self._idle or asyncio.Event()
+        if self.in_flight:
+            await self._idle.wait()
+
+
+def fingerprint(path: Path) -> tuple:
+    """The names, sizes and modification times of every file under a version folder (what a reload compares)."""
+    entries = []
+    for file in sorted(path.rglob("*")):
+        try:
+            info = file.stat()
+        except OSError:  # removed while we look: the next poll sees the rest
+            continue
+        if file.is_file():
+            entries.append((str(file.relative_to(path)), info.st_size, info.st_mtime_ns))
+    return tuple(entries)
+
+
+def scan(root: Path) -> dict[str, dict[int, Path]]:
+    """The repository's models and their version folders: {name: {version: path}} (other entries ignored)."""
+    if not root.is_dir():
+        raise RepositoryError(f"model repository {root} is not a folder")
+    models: dict[str, dict[int, Path]] = {}
+    for model in sorted(root.iterdir()):
+        if not model.is_dir() or not MODEL_NAME.match(model.name):
+            continue
+        versions = {int(v.name): v for v in model.iterdir() if v.is_dir() and VERSION_FOLDER.match(v.name)}
+        if versions:
+            models[model.name] = versions
+    return models
+
+
+def read_labels(model_dir: Path) -> dict[str, int]:
+    """A model's labels.json: {label: version}; RepositoryError naming the file when it is malformed."""
+    file = model_dir / LABELS_FILE
+    if not file.is_file():
+        return {}
+    try:
+        labels = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RepositoryError(f"{file} cannot be read as JSON: {err}") from None
+    if not isinstance(labels, dict):
+        raise RepositoryError(f"{file} must be an object {{\"label\": version number}}")
+    for label, version in labels.items():
+        if not LABEL.match(label) or label.isdigit():
+            raise RepositoryError(f"{file}: label {label!r} must be letters, digits, '_', '.', '-' and not a number")
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise RepositoryError(f"{file}: label {label!r} must name a version number, got {version!r}")
+    return labels
+
+
+Loader = Callable[[Path], Any]  # a version folder -> its predictor, loaded and warmed up (raises on failure)
+BatcherFactory = Callable[[Any], Any]  # a predictor -> its started DynamicBatcher (async start done by caller)
+Listener = Callable[[str, int, str, str | None], None]  # model, version, outcome (loaded|failed|unloaded), error
+
+
+@dataclass
+class ModelRepository:
+    """The models served: {name: {version: Version}}, their labels, and the polling that keeps them current."""
+
+    root: Path | None
+    loader: Loader
+    make_batcher: BatcherFactory
+    on_change: Listener | None = None
+    models: dict[str, dict[int, Version]] = field(default_factory=dict)
+    labels: dict[str, dict[str, int]] = field(default_factory=dict)
+    label_errors: dict[str, str] = field(default_factory=dict)
+    polls: int = 0
+
+    @property
+    def names(self) -> list[str]:
+        """The models with at least one version (loaded or failed)."""
+        return sorted(self.models)
+
+    def latest(self, name: str) -> Version | None:
+        """The model's highest-numbered available version, or None."""
+        available = [v for v in self.models.get(name, {}).values() if v.available]
+        return max(available, key=lambda v: v.number) if available else None
+
+    @property
+    def ready(self) -> bool:
+        """Every model has an available version (and there is at least one model)."""
+        return bool(self.models) and all(self.latest(name) is not None for name in self.models)
+
+    def resolve(self, name: str, version: int | str | None = None, label: str | None = None) -> Version:
+        """The version a request is for (NotServed naming what is missing); the caller calls enter()/leave()."""
+        versions = self.models.get(name)
+        if versions is None:
+            raise NotServed(404, f"Servable not found for request: model {name!r} is not served (models: "
+                                 f"{', '.join(self.names) or 'none'})")
+        if label is not None:
+            if label not in self.labels.get(name, {}):
+                known = sorted(self.labels.get(name, {}))
+                raise NotServed(404, f"model {name!r} has no version labelled {label!r} (labels: "
+                                     f"{', '.join(known) or 'none'}; set them in {name}/{LABELS_FILE})")
+            version = self.labels[name][label]
+        if version is None:
+            chosen = self.latest(name)
+            if chosen is None:
+                failed = [v for v in versions.values() if v.error]
+                kind = failed[-1].error_kind if failed and len(failed) == len(versions) else "not_ready"
+                raise NotServed(503, f"model {name!r} has no available version: {self._failures(name)}", kind)
+            return chosen
+        number = _version_number(version)
+        chosen = versions.get(number)
+        if chosen is None:
+            raise NotServed(404, f"Servable not found for request: model {name!r} has no version {number} "
+                                 f"(versions: {', '.join(map(str, sorted(versions)))})")
+        if not chosen.available:
+            if chosen.error is None:
+                raise NotServed(503, f"model {name!r} version {number} is still loading or warming up", "not_ready")
+            raise NotServed(503, f"model {name!r} version {number} cannot serve: {chosen.error}", chosen.error_kind)
+        return chosen
+
+    def _failures(self, name: str) -> str:
+        """Why each version of a model failed, for an error message."""
+        failed = [f"version {v.number}: {v.error}" for v in self.models.get(name, {}).values() if v.error]
+        return "; ".join(failed) or "still loading or warming up; retry shortly"
+
+    def add(self, name: str, number: int, path: Path, predictor: Any) -> Version:
+        """Serve an already loaded predictor as a version (the --ensemble/--run case); `start` makes its batcher."""
+        version = Version(name, number, path, (), predictor, loaded_at=time.time())
+        self.models = {**self.models, name: {**self.models.get(name, {}), number: version}}
+        return version
+
+    def preload(self) -> list[tuple[str, int, str]]:
+        """Load every version of the repository now, in this thread (before serving): (model, version, outcome)
+        per version; a failed one is kept with its reason. `start` then makes the batchers on the server's loop."""
+        found = _scan_with_prints(self.root)
+        outcomes = []
+        for name, versions in found.items():
+            for number, (path, prints) in sorted(versions.items()):
+                try:
+                    version = Version(name, number, path, prints, self.loader(path), loaded_at=time.time())
+                except Exception as err:  # noqa: BLE001 - the version's status says why; others serve
+                    version = Version(name, number, path, prints, error=_reason(err), loaded_at=time.time())
+                self.models = {**self.models, name: {**self.models.get(name, {}), number: version}}
+                outcomes.append((name, number, "loaded" if version.error is None else "failed"))
+                self._notify(name, number, outcomes[-1][2], version.error)
+        self._read_all_labels(found)
+        return outcomes
+
+    async def start(self) -> None:
+        """Make and start the batcher of every loaded version that has none (on the server's event loop)."""
+        for versions in self.models.values():
+            for version in versions.values():
+                if version.predictor is not None and version.batcher is None:
+                    version.batcher = self.make_batcher(version.predictor)
+                    await version.batcher.start()
+
+    async def poll(self) -> list[tuple[str, int, str]]:
+        """Bring the served versions in line with the folders; returns what changed as (model, version, outcome)."""
+        if self.root is None:
+            return []
+        self.polls += 1
+        loop = asyncio.get_running_loop()
+        found = await loop.run_in_executor(None, _scan_with_prints, self.root)
+        changes = []
+        for name, versions in found.items():
+            for number, (path, prints) in sorted(versions.items()):
+                current = self.models.get(name, {}).get(number)
+                if current is not None and current.fingerprint == prints:
+                    continue
+                changes.append(await self._load(name, number, path, prints))
+        for name in list(self.models):
+            for number in list(self.models[name]):
+                if number not in found.get(name, {}):
+                    changes.append(await self._unload(name, number))
+        self._read_all_labels(found)
+        return changes
+
+    def _read_all_labels(self, found: dict) -> None:
+        """Labels of every model; a malformed labels.json keeps the model's previous labels and is reported."""
+        for name in found:
+            try:
+                self.labels[name] = read_labels(self.root / name)
+                self.label_errors.pop(name, None)
+            except RepositoryError as err:
+                if self.label_errors.get(name) != str(err):
+                    logger.error("%s (the labels before it stay in use)", err)
+                self.label_errors[name] = str(err)
+        for name in set(self.labels) - set(found):
+            self.labels.pop(name, None)
+
+    async def _load(self, name: str, number: int, path: Path, prints: tuple) -> tuple[str, int, str]:
+        """Load a version off the event loop and swap it in; on failure keep what served before, with the reason."""
+        loop = asyncio.get_running_loop()
+        try:
+            predictor = await loop.run_in_executor(None, self.loader, path)
+        except Exception as err:  # noqa: BLE001 - any failure is this version's status; others keep serving
+            reason = _reason(err)
+            logger.error("model %r version %d (%s) failed to load: %s", name, number, path, reason)
+            old = self.models.get(name, {}).get(number)
+            if old is not None and old.available:  # changed files that do not load: the loaded copy keeps serving
+                old.error, old.fingerprint = None, prints
+                self._notify(name, number, "failed", reason)
+                return name, number, "failed"
+            versions = dict(self.models.get(name, {}))
+            versions[number] = Version(name, number, path, prints, error=reason, loaded_at=time.time())
+            self.models = {**self.models, name: versions}
+            self._notify(name, number, "failed", reason)
+            return name, number, "failed"
+        version = Version(name, number, path, prints, predictor, self.make_batcher(predictor), loaded_at=time.time())
+        await version.batcher.start()
+        old = self.models.get(name, {}).get(number)
+        self.models = {**self.models, name: {**self.models.get(name, {}), number: version}}  # the swap
+        if old is not None and old.available:
+            asyncio.get_running_loop().create_task(self._retire(old))
+        logger.warning("model %r version %d loaded from %s", name, number, path)
+        self._notify(name, number, "loaded", None)
+        return name, number, "loaded"
+
+    async def _unload(self, name: str, number: int) -> tuple[str, int, str]:
+        """Take a removed version out of routing now; free it once its requests have finished."""
+        versions = dict(self.models.get(name, {}))
+        old = versions.pop(number)
+        self.models = {**self.models, name: versions} if versions else {k: v for k, v in self.models.items()
+                                                                         if k != name}
+        if old.available:
+            asyncio.get_running_loop().create_task(self._retire(old))
+        logger.warning("model %r version %d removed: unloading it", name, number)
+        self._notify(name, number, "unloaded", None)
+        return name, number, "unloaded"
+
+    async def _retire(self, version: Version) -> None:
+        """Wait for a replaced or removed version's requests, then stop its batcher and drop its models."""
+        await version.drained()
+        if version.batcher is not None:
+            await version.batcher.stop()
+        version.predictor = None
+        version.batcher = None
+
+    def _notify(self, name: str, number: int, outcome: str, error: str | None) -> None:
+        """Tell the listener (metrics) of a load, failure or unload."""
+        if self.on_change is not None:
+            self.on_change(name, number, outcome, error)
+
+    async def close(self) -> None:
+        """Stop every version's batcher."""
+        for versions in self.models.values():
+            for version in versions.values():
+                if version.batcher is not None:
+                    await version.batcher.stop()
+
+
+def _reason(err: Exception) -> str:
+    """Why a version failed to load: an artifact error's own message (it names the file), else type and message."""
+    return str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
+
+
+def _version_number(version: int | str) -> int:
+    """A version as a number; NotServed 404 for text that is not one."""
+    if isinstance(version, int) and not isinstance(version, bool):
+        return version
+    if isinstance(version, str) and VERSION_FOLDER.match(version):
+        return int(version)
+    raise NotServed(404, f"version {version!r} is not a version number")
+
+
+def _scan_with_prints(root: Path) -> dict[str, dict[int, tuple[Path, tuple]]]:
+    """scan() with each version folder's fingerprint (run in a thread: it walks the files)."""
+    return {name: {number: (path, fingerprint(path)) for number, path in versions.items()}
+            for name, versions in scan(root).items()}

@@ -1,0 +1,555 @@
+"""Score many images offline with the service's own decoding and prediction, into a CSV (`flower predict`).
+
+    flower predict demo/ensemble photos/ extra.jpg --out predictions.csv
+    flower predict demo/runs/demo-cnn-64 demo/data:test --out test.csv --probabilities
+
+ENSEMBLE_OR_RUN is an ensemble directory (or its ensemble.json) or a run directory (member.json and
+saved_model/); it is loaded, checked and warmed up as `flower serve` does. IMAGES are files, folders
+(walked recursively in name order: .jpg .jpeg .png .gif .bmp .webp in any case; other files and names
+starting with '.' are ignored and counted) and data splits written DATA:SPLIT (e.g. data/mine:test): the
+split's records at the record size the largest member would train on (the smallest >= its input size,
+else the largest), each a row whose path is DATA:SPLIT#<record id>. A file named on the command line is
+scored whatever its extension.
+
+Each image is decoded exactly as the service decodes an upload (the service's default --max-image-bytes,
+--max-pixels and --downscale-pixels) and predicted with the same code, so the probabilities are the
+service's. The CSV has one row per image, in input order: path, ok (true/false), error ('<kind>: <message>'
+when ok is false: not_an_image, corrupt, too_many_pixels, too_large, unreadable, broken_link, ...), then
+top1, top1_probability ... topK, topK_probability, and with --probabilities one column per class (its
+name) of blended probabilities. A bad image is a row with ok=false; it never stops the run. The CSV is
+written to a temporary file beside --out and renamed into place when complete.
+
+Exit status: 0 every image scored; 1 the CSV is written but some rows failed (their count is on stderr),
+or the models cannot be loaded; 2 nothing written: bad options, an input that does not exist, no images
+at all, or --out that exists (without --overwrite) or whose folder does not exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import os
+import re
+import stat
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+
+from service.images import ImageError, decode_image
+from service.predictor import ArtifactError, EnsemblePredictor, load_ensemble, load_run
+from service.settings import Settings
+from training.names import shown
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp"})
+SIZE_FOLDER = re.compile(r"tfrecords-jpeg-(\d+)x(\d+)$")
+COUNT_IN_NAME = re.compile(r"-(\d+)\.tfrec$")
+SPLIT_NAME = re.compile(r"[A-Za-z0-9_.-]+$")
+DEFAULT_TOP_K = 5
+DEFAULT_BATCH_SIZE = 32
+PROGRESS_SECONDS = 2.0
+
+
+class InputError(Exception):
+    """The run cannot start or finish as asked (an input not found, no images, --out refused); nothing written."""
+
+
+# --- inputs: files, folders, DATA:SPLIT -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileInput:
+    """One image file: its path as shown in the CSV, and why it cannot be read when that is known already."""
+
+    shown: str
+    path: Path
+    problem: ImageError | None = None
+
+
+@dataclass(frozen=True)
+class SplitInput:
+    """A data directory's split: the spec as written, and its .tfrec files at each record size that holds it."""
+
+    spec: str
+    files: dict[int, list[str]]
+
+    def size_for(self, image_size: int) -> int:
+        """The record size to read for a model of `image_size`: the smallest >= it, else the largest (as training)."""
+        larger = [s for s in sorted(self.files) if s >= image_size]
+        return larger[0] if larger else max(self.files)
+
+
+@dataclass
+class Inputs:
+    """Everything to score, in order, and what the walk left out."""
+
+    sources: list[FileInput | SplitInput] = field(default_factory=list)
+    ignored: int = 0  # files that are not images by extension, and hidden names
+    notes: list[str] = field(default_factory=list)  # link loops not followed
+
+
+def is_image_name(name: str) -> bool:
+    """True for a file name with an image extension (case-insensitive)."""
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def collect_inputs(specs: list[str]) -> Inputs:
+    """Files, folders (walked) and DATA:SPLIT specs -> the inputs in order; InputError naming one that is not there."""
+    if not specs:
+        raise InputError("no images given: name files, folders or DATA:SPLIT (e.g. data/mine:test)")
+    inputs = Inputs()
+    for spec in specs:
+        if os.path.lexists(spec):
+            path = Path(spec)
+            if path.is_dir():
+                _walk(path, (Path(os.path.realpath(path)),), inputs)
+            else:
+                inputs.sources.append(_file_input(path))
+            continue
+        split = _split_input(spec)
+        if split is None:
+            raise InputError(f"{shown(spec)} not found (not a file, a folder, or DATA:SPLIT of a data directory)")
+        inputs.sources.append(split)
+    if not inputs.sources:
+        ignored = f"; {inputs.ignored} other file(s) ignored" if inputs.ignored else ""
+        raise InputError(f"no images in {', '.join(shown(s) for s in specs)}: no file ends in "
+                         f"{', '.join(sorted(IMAGE_EXTENSIONS))}{ignored}")
+    return inputs
+
+
+def _file_input(path: Path) -> FileInput:
+    """A file named on the command line or found in a folder; a broken link, a loop or a pipe as its problem."""
+    try:
+        mode = os.stat(path).st_mode  # follows links
+    except OSError as err:
+        return FileInput(shown(str(path)), path, _stat_problem(path, err))
+    if not stat.S_ISREG(mode):
+        return FileInput(shown(str(path)), path, ImageError("unreadable", "not a regular file (a pipe, device, socket "
+                                                                          "or folder)"))
+    return FileInput(shown(str(path)), path)
+
+
+def _stat_problem(path: Path, err: OSError) -> ImageError:
+    """Why a path cannot be opened: a broken link, a link loop, or the system's reason."""
+    if path.is_symlink():
+        if not os.path.exists(os.path.realpath(path)):
+            return ImageError("broken_link", f"the link's target {shown(os.readlink(path))} does not exist")
+        return ImageError("broken_link", f"the link cannot be followed ({err.strerror or err})")
+    return ImageError("unreadable", f"the file cannot be read ({err.strerror or err})")
+
+
+def _walk(folder: Path, chain: tuple[Path, ...], inputs: Inputs) -> None:
+    """Add a folder's image files, recursively in name order, following links (a link loop is noted, not followed)."""
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as err:
+        inputs.sources.append(FileInput(shown(str(folder)), folder,
+                                        ImageError("unreadable", f"the folder cannot be read ({err.strerror or err})")))
+        return
+    for entry in entries:
+        path = Path(entry.path)
+        if entry.name.startswith("."):
+            inputs.ignored += 1
+            continue
+        try:
+            is_folder = stat.S_ISDIR(os.stat(entry.path).st_mode)
+        except OSError:
+            is_folder = False  # a broken link or a loop: a row when it is named like an image
+        if is_folder:
+            real = Path(os.path.realpath(entry.path))
+            if any(inside == real or inside.is_relative_to(real) for inside in chain):
+                inputs.notes.append(f"{shown(entry.path)} is a link to {shown(str(real))}, a folder that holds it: "
+                                    "not followed")
+            else:
+                _walk(path, (*chain, real), inputs)
+        elif is_image_name(entry.name):
+            inputs.sources.append(_file_input(path))
+        else:
+            inputs.ignored += 1
+
+
+def _split_input(spec: str) -> SplitInput | None:
+    """DATA:SPLIT as a split's record files per size; None when DATA is no folder, InputError when the split is not
+    in it."""
+    data, sep, split = spec.rpartition(":")
+    if not sep or not data or not SPLIT_NAME.match(split) or not os.path.isdir(data):
+        return None
+    sizes = sorted((int(m.group(1)), name) for name in os.listdir(data)
+                   if (m := SIZE_FOLDER.match(name)) and m.group(1) == m.group(2) and os.path.isdir(Path(data, name)))
+    if not sizes:
+        raise InputError(f"{shown(spec)}: {shown(data)} holds no tfrecords-jpeg-<S>x<S> folder (not a data directory "
+                         "in the competition layout)")
+    files = {}
+    for size, name in sizes:
+        folder = Path(data, name, split)
+        found = sorted(str(p) for p in folder.glob("*.tfrec")) if folder.is_dir() else []
+        if found:
+            files[size] = found
+    if not files:
+        there = sorted({p.name for _, name in sizes for p in Path(data, name).iterdir() if p.is_dir()})
+        raise InputError(f"{shown(spec)}: no .tfrec files of split {split!r} in {shown(data)} (splits there: "
+                         f"{', '.join(there) or 'none'})")
+    return SplitInput(spec, files)
+
+
+def count_images(inputs: Inputs, image_size: int) -> int:
+    """How many rows the inputs give (records counted from the `-<count>.tfrec` names, else by reading)."""
+    total = 0
+    for source in inputs.sources:
+        if isinstance(source, FileInput):
+            total += 1
+            continue
+        for path in source.files[source.size_for(image_size)]:
+            match = COUNT_IN_NAME.search(path)
+            total += int(match.group(1)) if match else _count_records(path)
+    return total
+
+
+def _count_records(path: str) -> int:
+    """The records of one .tfrec file, by reading it (those before a damaged one)."""
+    import tensorflow as tf
+
+    count = 0
+    try:
+        for _ in tf.data.TFRecordDataset(path):
+            count += 1
+    except tf.errors.OpError:
+        pass
+    return count
+
+
+# --- reading: (path shown, bytes or the problem) in order ---------------------------------------------------
+
+
+def iter_images(inputs: Inputs, image_size: int, max_bytes: int) -> Iterator[tuple[str, bytes | ImageError]]:
+    """Every input's row path and its encoded bytes (or why there are none), in order, read lazily."""
+    for source in inputs.sources:
+        if isinstance(source, FileInput):
+            yield source.shown, _read_file(source, max_bytes)
+        else:
+            yield from _iter_split(source, source.size_for(image_size), max_bytes)
+
+
+def _read_file(source: FileInput, max_bytes: int) -> bytes | ImageError:
+    """A file's bytes, at most `max_bytes` of them (else ImageError 'too_large', as the service answers)."""
+    if source.problem is not None:
+        return source.problem
+    try:
+        with open(source.path, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except OSError as err:
+        return _stat_problem(source.path, err)
+    if len(data) > max_bytes:
+        return ImageError("too_large", f"the image is larger than the limit of {max_bytes} bytes")
+    return data
+
+
+def _iter_split(source: SplitInput, size: int, max_bytes: int) -> Iterator[tuple[str, bytes | ImageError]]:
+    """A split's records at one size: DATA:SPLIT#<id> and the image bytes; a damaged file ends in one error row."""
+    import tensorflow as tf
+
+    for path in source.files[size]:
+        stem = re.sub(r"\.tfrec$", "", os.path.basename(path))
+        index = 0
+        try:
+            for raw in tf.data.TFRecordDataset(path):
+                record_id, data = _parse_record(raw.numpy(), f"{stem}-{index}")
+                if isinstance(data, bytes) and len(data) > max_bytes:
+                    data = ImageError("too_large", f"the image is larger than the limit of {max_bytes} bytes")
+                yield f"{source.spec}#{record_id}", data
+                index += 1
+        except tf.errors.OpError as err:
+            yield (f"{source.spec}#{stem}-{index}",
+                   ImageError("corrupt_record", f"{shown(path)}: record {index} and those after it cannot be read "
+                                                f"({err.message.splitlines()[0]})"))
+
+
+def _parse_record(raw: bytes, fallback_id: str) -> tuple[str, bytes | ImageError]:
+    """A serialized tf.train.Example's id (`fallback_id` when it has none, as training does) and image bytes."""
+    import tensorflow as tf
+
+    try:
+        feature = tf.train.Example.FromString(raw).features.feature
+    except Exception:  # noqa: BLE001 - protobuf raises its own DecodeError type
+        return fallback_id, ImageError("corrupt_record", "the record is not a tf.train.Example")
+    ids = feature["id"].bytes_list.value if "id" in feature else []
+    record_id = ids[0].decode("utf-8", "backslashreplace") if ids and ids[0] else fallback_id
+    images = feature["image"].bytes_list.value if "image" in feature else []
+    if not images:
+        return record_id, ImageError("no_image", f"the record has no 'image' feature (features: {sorted(feature)})")
+    return record_id, images[0]
+
+
+# --- scoring ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Options:
+    """How to score: the CSV's columns, the batch size, and the service's decoding limits."""
+
+    top_k: int = DEFAULT_TOP_K
+    probabilities: bool = False
+    batch_size: int = DEFAULT_BATCH_SIZE
+    max_image_bytes: int = Settings.model_fields["max_image_bytes"].default
+    max_pixels: int = Settings.model_fields["max_pixels"].default
+    downscale_pixels: int = Settings.model_fields["downscale_pixels"].default
+
+
+@dataclass
+class Summary:
+    """What a run scored: rows, failed rows by error kind, seconds."""
+
+    rows: int = 0
+    failed: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    @property
+    def failures(self) -> int:
+        """How many rows have ok=false."""
+        return sum(self.failed.values())
+
+
+def header(classes: list[str], top_k: int, probabilities: bool) -> list[str]:
+    """The CSV's columns: path, ok, error, topN and topN_probability for N = 1..k, then the classes if asked."""
+    columns = ["path", "ok", "error"]
+    for n in range(1, top_k + 1):
+        columns += [f"top{n}", f"top{n}_probability"]
+    return columns + (list(classes) if probabilities else [])
+
+
+def _number(value: float) -> str:
+    """A probability as the shortest text that reads back as the same float32."""
+    return str(np.float32(value))
+
+
+NON_FINITE = ImageError("non_finite_output", "the model's output for this image is not finite (NaN or infinity), "
+                                             "so there is no answer for it")
+
+
+def score_batch(predictor: EnsemblePredictor, batch: list[tuple[str, bytes | ImageError]], options: Options,
+                top_k: int) -> list[list[str]]:
+    """CSV rows for a batch: each image decoded as the service does, the good ones predicted in one call."""
+    target = max(m.image_size for m in predictor.members)
+    decoded: list[np.ndarray | ImageError] = []
+    for _, data in batch:
+        try:
+            decoded.append(data if isinstance(data, ImageError) else
+                           decode_image(data, options.max_pixels, target, options.downscale_pixels))
+        except ImageError as err:
+            decoded.append(err)
+    good = [i for i, d in enumerate(decoded) if not isinstance(d, ImageError)]
+    errors = {i: d for i, d in enumerate(decoded) if isinstance(d, ImageError)}
+    outputs = {}
+    if good:
+        blended, members = predictor.predict([decoded[i] for i in good])
+        outputs = {i: (blended[j], members[:, j]) for j, i in enumerate(good)}
+    del decoded  # the decoded images: released before the rows are built
+    classes, blank = predictor.classes, [""] * (2 * top_k + (len(predictor.classes) if options.probabilities else 0))
+    rows = []
+    for i, (path, _) in enumerate(batch):
+        if i in outputs and not all(np.isfinite(a).all() for a in outputs[i]):
+            errors[i] = NON_FINITE
+        if i in errors:
+            rows.append([path, "false", f"{errors[i].kind}: {errors[i].message}"] + blank)
+            continue
+        probs = outputs[i][0]
+        row = [path, "true", ""]
+        for c in np.argsort(-probs)[:top_k]:  # the service's order, ties included
+            row += [classes[int(c)], _number(probs[c])]
+        rows.append(row + ([_number(p) for p in probs] if options.probabilities else []))
+    return rows
+
+
+class Progress:
+    """A line on stderr every few seconds while scoring: count/total, failures, images per second."""
+
+    def __init__(self, total: int, quiet: bool, stream: TextIO | None = None) -> None:
+        """Start the clock."""
+        self.total, self.quiet, self.stream = total, quiet, stream or sys.stderr
+        self.start = self.last = time.perf_counter()
+
+    def update(self, done: int, failed: int) -> None:
+        """Report `done` images so far, at most every PROGRESS_SECONDS (the summary line ends the run)."""
+        now = time.perf_counter()
+        if self.quiet or now - self.last < PROGRESS_SECONDS:
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        print(f"  {done}/{self.total} images, {failed} failed, {rate:.1f} images/s", file=self.stream, flush=True)
+
+
+def score(predictor: EnsemblePredictor, inputs: Inputs, out: str | Path, options: Options, overwrite: bool = False,
+          quiet: bool = True) -> Summary:
+    """Score every input into the CSV `out` (temporary file beside it, renamed into place when complete)."""
+    out = Path(out)
+    check_out(out, overwrite)
+    size = max(m.image_size for m in predictor.members)
+    top_k = min(options.top_k, len(predictor.classes))
+    summary, progress = Summary(), Progress(count_images(inputs, size), quiet)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(header(predictor.classes, top_k, options.probabilities))
+            for batch in _batches(iter_images(inputs, size, options.max_image_bytes), options.batch_size):
+                for row in score_batch(predictor, batch, options, top_k):
+                    writer.writerow(row)
+                    summary.rows += 1
+                    if row[1] == "false":
+                        summary.failed[row[2].partition(":")[0]] += 1
+                progress.update(summary.rows, summary.failures)
+            f.flush()
+            os.fsync(f.fileno())
+        _publish(tmp, out, overwrite)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        raise
+    summary.seconds = time.perf_counter() - progress.start
+    return summary
+
+
+def _batches(items: Iterable, size: int) -> Iterator[list]:
+    """Consecutive lists of `size` items (the last one shorter)."""
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an --out that exists (unless overwrite), is a folder, or whose folder does not exist."""
+    if out.is_dir():
+        raise InputError(f"--out {shown(str(out))} is a folder; name the CSV file to write")
+    if os.path.lexists(out) and not overwrite:
+        raise InputError(f"--out {shown(str(out))} exists; pass --overwrite to replace it")
+    parent = out.parent
+    if not parent.is_dir():
+        raise InputError(f"the folder of --out, {shown(str(parent))}, does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"the folder of --out, {shown(str(parent))}, is not writable")
+
+
+def _umask() -> int:
+    """The process's file-creation mask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _publish(tmp: str, out: Path, overwrite: bool) -> None:
+    """Rename the complete CSV onto `out`; without overwrite, never over a file that appeared meanwhile."""
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; a plain open() honours the umask
+    if overwrite:
+        os.replace(tmp, out)
+        return
+    try:
+        os.link(tmp, out)  # fails when out exists: no check-then-rename race
+    except FileExistsError:
+        raise InputError(f"--out {shown(str(out))} appeared while scoring; it was left as it is (pass --overwrite "
+                         "to replace it)") from None
+    except OSError:  # a file system without hard links
+        if os.path.lexists(out):
+            raise InputError(f"--out {shown(str(out))} appeared while scoring; it was left as it is") from None
+        os.replace(tmp, out)
+        return
+    os.remove(tmp)
+
+
+# --- the command --------------------------------------------------------------------------------------------
+
+
+def model_kind(path: str) -> str:
+    """'ensemble' or 'run' for what ENSEMBLE_OR_RUN names; InputError when it is neither or not there."""
+    target = Path(path)
+    if not os.path.lexists(target):
+        raise InputError(f"{shown(path)} not found")
+    if target.is_file() or (target / "ensemble.json").is_file():
+        return "ensemble"
+    if (target / "member.json").is_file():
+        return "run"
+    raise InputError(f"{shown(path)} is neither an ensemble directory (ensemble.json) nor a run directory "
+                     "(member.json and saved_model/)")
+
+
+def load_predictor(path: str) -> EnsemblePredictor:
+    """Load, check and warm up an ensemble (directory or ensemble.json) or a run directory."""
+    return load_ensemble(path) if model_kind(path) == "ensemble" else load_run(path)
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    """The command line of `flower predict`."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", metavar="ENSEMBLE_OR_RUN",
+                        help="ensemble directory, its ensemble.json, or a run directory")
+    parser.add_argument("images", metavar="IMAGES", nargs="*",
+                        help="image files, folders (walked recursively) and DATA:SPLIT (e.g. data/mine:test)")
+    parser.add_argument("--out", required=True, help="the CSV file to write (its folder must exist)")
+    parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K,
+                        help=f"top classes per row, capped at the number of classes (default {DEFAULT_TOP_K})")
+    parser.add_argument("--probabilities", action="store_true",
+                        help="also write one column per class (its name) with the blended probability")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                        help=f"images decoded and predicted together (default {DEFAULT_BATCH_SIZE})")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out when it exists (else refused)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines and no summary on stderr")
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m service.scoring") -> int:
+    """Command line entry point of `flower predict`; returns the exit status (see the module's docstring)."""
+    args = _parser(prog).parse_args(argv)
+    try:
+        if args.top_k < 1 or args.batch_size < 1:
+            raise InputError(f"--top-k and --batch-size must be >= 1, got {args.top_k} and {args.batch_size}")
+        check_out(Path(args.out), args.overwrite)
+        model_kind(args.model)
+        inputs = collect_inputs(args.images)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        predictor = load_predictor(args.model)
+    except ArtifactError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    options = Options(top_k=args.top_k, probabilities=args.probabilities, batch_size=args.batch_size)
+    size = max(m.image_size for m in predictor.members)
+    for split in (s for s in inputs.sources if isinstance(s, SplitInput) and not args.quiet):
+        print(f"reading {shown(split.spec)} at {split.size_for(size)}x{split.size_for(size)} (records of sizes "
+              f"{', '.join(map(str, sorted(split.files)))} there; the largest member takes {size})", file=sys.stderr)
+    try:
+        summary = score(predictor, inputs, args.out, options, args.overwrite, args.quiet)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        print(_summary_line(summary, inputs, args.out), file=sys.stderr)
+    if summary.failures:
+        kinds = ", ".join(f"{kind} {n}" for kind, n in summary.failed.most_common())
+        print(f"{summary.failures} of {summary.rows} image(s) failed ({kinds}): see the error column of "
+              f"{shown(args.out)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _summary_line(summary: Summary, inputs: Inputs, out: str) -> str:
+    """What the command says at the end: rows written, what was ignored, time and speed."""
+    lines = [f"wrote {shown(out)}: {summary.rows} row(s), {summary.rows - summary.failures} scored, "
+             f"{summary.failures} failed, in {summary.seconds:.1f} s "
+             f"({summary.rows / max(summary.seconds, 1e-9):.1f} images/s)"]
+    if inputs.ignored:
+        lines.append(f"ignored {inputs.ignored} file(s) in the folders that are not images by extension or are hidden")
+    return "\n".join(lines + [f"note: {note}" for note in inputs.notes])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,15 @@
+"""How a file name is shown: on one line and as valid UTF-8, whatever bytes it holds (TensorFlow-free)."""
+
+from __future__ import annotations
+
+_CONTROL = {code: f"\\x{code:02x}" for code in (*range(32), 127)}
+
+
+def shown(text: str) -> str:
+    """A file name as it can be printed on one line and stored as UTF-8: bytes that are not UTF-8 and control
+    characters (a newline, say) escaped (`bad\\xff.jpg`)."""
+    try:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that does not stand for a byte
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text.translate(_CONTROL)
