@@ -31,7 +31,7 @@ COMMANDS = {
     "compare": Command("training.compare", "compare run directories side by side"),
     "augment-grid": Command("training.show_augment", "write a PNG grid of augmented training samples"),
     "blend": Command("ensemble.cli", "blend run directories, cross-validate, write the Kaggle submission"),
-    "serve": Command("service.cli", "serve an ensemble (or one run) over HTTP"),
+    "serve": Command("service.cli", "serve an ensemble, one run or a model repository over HTTP"),
     "predict": Command("service.scoring", "score image files, folders or a data split with an ensemble (or one "
                                           "run) into a CSV"),
 }

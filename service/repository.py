@@ -61,6 +61,7 @@ class Version:
     batcher: Any = None
     error: str | None = None  # why it failed to load (state END), else None
     error_kind: str = "load_failed"  # or warm_up_failed: a predictor handed in whose warm-up failed
+    reload_error: str | None = None  # its folder changed and the new files failed to load: this copy serves on
     loaded_at: float = 0.0
     in_flight: int = 0
     _idle: asyncio.Event | None = field(default=None, repr=False)
@@ -287,7 +288,7 @@ class ModelRepository:
             logger.error("model %r version %d (%s) failed to load: %s", name, number, path, reason)
             old = self.models.get(name, {}).get(number)
             if old is not None and old.available:  # changed files that do not load: the loaded copy keeps serving
-                old.error, old.fingerprint = None, prints
+                old.reload_error, old.fingerprint = reason, prints
                 self._notify(name, number, "failed", reason)
                 return name, number, "failed"
             versions = dict(self.models.get(name, {}))

@@ -241,3 +241,18 @@ def test_hot_reload_under_load_swaps_fails_and_unloads_without_a_failed_request(
     loads = {(s.labels["version"], s.labels["outcome"]): s.value
              for s in _families(metrics)["flower_model_loads"].samples if s.name.endswith("_total")}
     assert loads[("1", "loaded")] == 1 and loads[("2", "loaded")] >= 1 and loads[("3", "failed")] >= 1
+
+
+def test_changed_files_that_fail_to_load_leave_the_loaded_copy_serving_and_say_why(tmp_path):
+    (tmp_path / "m" / "1").mkdir(parents=True)
+    repo = ModelRepository(tmp_path, _stub_loader, StubBatcher)
+
+    async def scenario() -> None:
+        await repo.poll()
+        serving = repo.resolve("m")
+        (tmp_path / "m" / "1" / "broken").write_text("")
+        assert await repo.poll() == [("m", 1, "failed")]
+        assert repo.resolve("m") is serving and "broken on purpose" in serving.reload_error
+        assert await repo.poll() == []  # the same broken files are not tried again
+
+    asyncio.run(scenario())

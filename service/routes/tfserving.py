@@ -191,6 +191,9 @@ async def predict_blobs(state: ServiceState, served: Version, blobs: list[bytes]
 def _version_status(version: Version) -> dict:
     """One entry of TF Serving's model_version_status."""
     code, message = ("OK", "") if version.error is None else ("UNKNOWN", version.error)
+    if version.reload_error is not None and version.error is None:
+        code, message = "UNKNOWN", (f"its files changed and failed to load ({version.reload_error}); the copy "
+                                    f"loaded before serves on")
     return {"version": str(version.number), "state": version.state,
             "status": {"error_code": code, "error_message": message}}
 

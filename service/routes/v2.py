@@ -251,7 +251,10 @@ def _bytes_elements(raw: bytes | None, data: Any, shape: list[int]) -> list[byte
                 raise ProtocolError(f"element {len(blobs) - 1} claims {length} bytes past the end of the data")
             offset += 4 + length
     else:
-        flat = np.asarray(data, dtype=object).reshape(-1).tolist() if isinstance(data, list) else None
+        try:
+            flat = np.asarray(data, dtype=object).reshape(-1).tolist() if isinstance(data, list) else None
+        except ValueError:  # ragged nesting
+            flat = None
         if flat is None or not all(isinstance(e, str) for e in flat):
             raise ProtocolError("input 'image_bytes': 'data' must be a list of base64 strings")
         try:
@@ -301,8 +304,10 @@ def _outputs(document: dict) -> list[dict]:
                                 f"'top_classes'")
         options = output.get("parameters") if isinstance(output.get("parameters"), dict) else {}
         k = options.get("classification", options.get("top_k", 5 if output["name"] == "top_classes" else 0))
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise ProtocolError(f"output {output['name']!r}: classification must be a whole number of classes")
+        least = 1 if output["name"] == "top_classes" else 0
+        if isinstance(k, bool) or not isinstance(k, int) or k < least:
+            raise ProtocolError(f"output {output['name']!r}: classification must be a whole number of classes "
+                                f">= {least}")
         chosen.append({"name": output["name"], "binary": bool(options.get("binary_data", binary_default)),
                        "classification": k})
     return chosen
