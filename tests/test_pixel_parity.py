@@ -138,3 +138,20 @@ def test_serve_time_tta_averages_the_plain_pass_and_the_offline_kind_of_augmente
     with client:
         metadata = client.get("/v1/models/flowers/metadata").json()
     assert metadata["flower"]["tta"] == 3
+
+
+def test_a_member_trained_on_larger_records_gets_a_record_as_the_training_pipeline_resized_it(photos, tmp_path):
+    src, _ = photos
+    import_folders(src, tmp_path / "data", sizes=[96], val_fraction=0.25, test_fraction=0.25, progress=False,
+                   near_duplicate_distance=None)
+    member = MemberModel("m", tmp_path, 64, predict_pixels=None, fit="crop", record_size=96)  # 96 px records
+    for file in sorted((tmp_path / "data").glob("tfrecords-jpeg-96x96/*/*.tfrec"))[:2]:
+        for raw in tf.data.TFRecordDataset(str(file)):
+            blob = tf.train.Example.FromString(raw.numpy()).features.feature["image"].bytes_list.value[0]
+            pipeline = tf.image.resize(tf.cast(tf.io.decode_jpeg(blob, dct_method="INTEGER_ACCURATE"), tf.float32),
+                                       [64, 64], method="bilinear").numpy()  # training.augment.resize_image
+            np.testing.assert_allclose(_served(member, blob), pipeline, atol=1e-3)
+    # A photo is made square at the record size first, then resized as a record: close to a 64 px import.
+    wide = src / "daisy" / "wide.jpg"
+    square = np.asarray(fit_square(load_rgb(wide), 64, "crop"), dtype=np.float32)
+    assert np.abs(_served(member, wide.read_bytes()) - square).mean() < 1.5

@@ -854,33 +854,30 @@ def test_every_epoch_sees_its_own_data_and_dropout_seeds():
     assert not np.array_equal(first[0], first[1]) and not np.array_equal(first, other)
 
 
-def test_the_saved_models_bytes_signature_resizes_larger_records_like_training(tiny_run, tiny_data):
+def test_the_saved_models_bytes_signature_treats_a_larger_record_as_a_photo(tiny_run, tiny_data):
+    # A 48 px image sent to a member trained on 32 px records is a photo: made square at the record size with the
+    # import tool's antialiased filter (training.geometry), not the pipeline's bilinear resize of a record.
     import tensorflow as tf
 
     from training.dataset import split_info
-    from training.records import iter_records
+    from training.geometry import fit_square_tf
+    from training.records import decode_jpeg, iter_records
 
-    model = build_classifier("small-cnn", 32, 6)
-    model.load_weights(tiny_run / "checkpoints" / "best.weights.h5")
+    member = json.loads((tiny_run / "member.json").read_text())
+    assert member["data"]["file_size"] == 32 and member["geometry"]["fit"] == "crop"
     info = split_info(str(tiny_data), "val", 32, file_size=48)  # 48 px records, a 32 px model
-    assert info.file_size == 48
-    ids, _, expected = predict_split(model, info, 32, 32, tta=1)
     saved = tf.saved_model.load(str(tiny_run / "saved_model"))
-    blobs, blob_ids = [], []
-    for path in info.files:
-        for _, raw in iter_records(path):
-            feature = tf.train.Example.FromString(raw).features.feature
-            blobs.append(feature["image"].bytes_list.value[0])
-            blob_ids.append(feature["id"].bytes_list.value[0].decode())
+    blobs = [tf.train.Example.FromString(raw).features.feature["image"].bytes_list.value[0]
+             for path in info.files for _, raw in iter_records(path)]
     got = saved.signatures["serving_default"](image_bytes=tf.constant(blobs))["probabilities"].numpy()
-    order = np.argsort(blob_ids)
-    assert list(np.array(blob_ids)[order]) == list(ids)
-    assert np.abs(got[order] - expected).max() < 1e-5
-    # The check can fail: an unresized (cropped) or nearest-neighbour input gives other probabilities.
-    pixels = tf.stack([tf.cast(tf.io.decode_jpeg(b, channels=3), tf.float32) for b in blobs])
-    nearest = tf.image.resize(pixels, [32, 32], method="nearest")
-    other = saved.signatures["serving_pixels"](images=nearest)["probabilities"].numpy()
-    assert np.abs(other[order] - expected).max() > 2e-4
+    pixels = [decode_jpeg(b, 48) for b in blobs]
+    as_photos = tf.stack([fit_square_tf(p, 32, "crop") for p in pixels])
+    expected = saved.signatures["serving_pixels"](images=as_photos)["probabilities"].numpy()
+    assert np.abs(got - expected).max() < 1e-5
+    # The check can fail: the pipeline's bilinear resize of the same images gives other probabilities.
+    bilinear = tf.image.resize(tf.cast(tf.stack(pixels), tf.float32), [32, 32], method="bilinear")
+    other = saved.signatures["serving_pixels"](images=bilinear)["probabilities"].numpy()
+    assert np.abs(other - expected).max() > 1e-4
 
 
 def test_class_weights_count_every_split_the_run_trains_on(tmp_path):
