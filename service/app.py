@@ -20,7 +20,7 @@ from service.deps import ServiceState, batch_function
 from service.errors import register_error_handlers
 from service.limits import BodyGuard
 from service.predictor import load_ensemble, load_run, load_version
-from service.repository import ModelRepository, Version
+from service.repository import ModelRepository, RepositoryError, Version
 from service.routes import ops, predict, tfserving, v2
 from service.settings import Settings, get_settings
 from service.telemetry import RequestMetrics
@@ -121,11 +121,17 @@ def _note_change(state: ServiceState, model: str, version: int, outcome: str, er
 
 async def poll_forever(state: ServiceState) -> None:
     """Check the repository every --poll-seconds for new, changed and removed versions (hot reload)."""
+    said = None
     while True:
         await asyncio.sleep(state.settings.poll_seconds)
         try:
             await state.repository.poll()
-        except Exception:  # noqa: BLE001 - a poll that fails (the folder vanished) is logged; serving goes on
+            said = None
+        except RepositoryError as err:  # the folder vanished: said once, until it is back
+            if str(err) != said:
+                logger.error("%s; the versions loaded keep serving", err)
+            said = str(err)
+        except Exception:  # noqa: BLE001 - any other failure of a poll is logged; serving goes on
             logger.exception("checking the model repository failed; the versions loaded keep serving")
 
 

@@ -77,7 +77,8 @@ class DynamicBatcher:
         self._worker = asyncio.create_task(self._loop())
 
     async def stop(self) -> None:
-        """Stop the batching task."""
+        """Stop the batching task (its queue depth leaves the gauge)."""
+        self._set_depth(0)
         if self._worker:
             self._worker.cancel()
             try:
@@ -152,7 +153,7 @@ class DynamicBatcher:
         """Note the queue depth."""
         self.depth = depth
         if self.metrics:
-            self.metrics.queue_depth(depth)
+            self.metrics.queue_depth(depth, self)
 
     async def _direct(self, values: list[Any]) -> list[Any]:
         """Batching off: the request is its own batch, run in a thread; counted in the depth until answered.

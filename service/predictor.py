@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,6 +93,10 @@ class EnsemblePredictor:
     warmed_up: set[str] = field(default_factory=set)
     tta: int = 1  # passes per member: the plain one and tta-1 augmented ones (as the offline predictions)
     on_member: Any = None  # called with (member name, seconds) after each member's part of a batch (metrics)
+    cv: dict | None = None  # ensemble.json's cross-validated scores ("cv": folds, blend, members); None for a run
+    concurrent_members: bool = True  # members of a batch run at once, a thread each (docs/BENCHMARKS.md: faster)
+    _pool: Any = field(default=None, init=False, repr=False, compare=False)  # made by the first concurrent batch
+    _pool_lock: Any = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     @property
     def ready(self) -> bool:
@@ -99,14 +105,29 @@ class EnsemblePredictor:
 
     def predict(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Decoded RGB images -> (blended probabilities [N, C], members' probabilities [M, N, C])."""
-        votes = []
-        for member in self.members:
+
+        def timed(member: MemberModel) -> np.ndarray:
             start = time.perf_counter()
-            votes.append(self._member_predict(member, images))
+            probs = self._member_predict(member, images)
             if self.on_member is not None:
                 self.on_member(member.name, time.perf_counter() - start)
+            return probs
+
+        if self.concurrent_members and len(self.members) > 1:
+            futures = [self._executor().submit(timed, member) for member in self.members]
+            wait(futures)  # every member finishes before the batch answers, even when one of them fails
+            votes = [future.result() for future in futures]  # the first failing member's exception, in order
+        else:
+            votes = [timed(member) for member in self.members]
         stacked = np.stack(votes)
         return apply_blend(self.blend, stacked).astype(np.float32), stacked
+
+    def _executor(self) -> ThreadPoolExecutor:
+        """The predictor's own thread per member, made once; its idle threads end when the predictor is collected."""
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(len(self.members), thread_name_prefix="member")
+            return self._pool
 
     def _member_predict(self, member: MemberModel, images: list[np.ndarray]) -> np.ndarray:
         """One member's probabilities [N, C] for decoded RGB images, each made its square input (with TTA)."""
@@ -150,15 +171,35 @@ class EnsemblePredictor:
 
 def served_model_info(predictor: Any) -> dict[str, Any]:
     """What a served model is made of, for the metadata routes and the page: members (image size, fit, blend
-    weight), the blend method, the serve-time TTA passes and the classes."""
+    weight, member.json's validation macro F1), the blend method, ensemble.json's cross-validated scores ("cv",
+    None for a run served alone), the serve-time TTA passes and the classes."""
     if predictor is None:
         return {}
     weights = getattr(predictor.blend, "weights", None)
     members = [{"name": m.name, "image_size": m.image_size, "fit": getattr(m, "fit", DEFAULT_FIT),
                 "record_size": getattr(m, "record_size", 0) or m.image_size,
-                "weight": None if weights is None else float(weights[i])} for i, m in enumerate(predictor.members)]
+                "weight": None if weights is None else float(weights[i]),
+                "val_macro_f1": _member_val_f1(getattr(m, "path", None))} for i, m in enumerate(predictor.members)]
     return {"members": members, "blend": predictor.blend.method, "tta": getattr(predictor, "tta", 1),
-            "classes": list(predictor.classes)}
+            "cv": getattr(predictor, "cv", None), "classes": list(predictor.classes)}
+
+
+def _member_val_f1(run_dir: Path | None) -> float | None:
+    """A run directory's validation macro F1 (member.json "metrics"), None when it has none."""
+    try:
+        f1 = json.loads((Path(run_dir) / "member.json").read_text())["metrics"]["val_macro_f1"]
+    except (TypeError, OSError, ValueError, KeyError):
+        return None
+    return float(f1) if isinstance(f1, int | float) and not isinstance(f1, bool) and math.isfinite(f1) else None
+
+
+def _finite(value: Any) -> Any:
+    """JSON data with every NaN or infinite number made null (a JSON answer cannot carry them)."""
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _read_json(path: Path) -> Any:
@@ -295,7 +336,8 @@ def load_ensemble(path: str | Path, tta: int = 1) -> EnsemblePredictor:
     """Load ensemble.json (a file or its folder) and every member it names; `tta` passes per image and member."""
     path = Path(path)
     file = path / "ensemble.json" if path.is_dir() else path
-    classes, blend, entries = _check_document(file, _read_json(file))
+    document = _read_json(file)
+    classes, blend, entries = _check_document(file, document)
     members = []
     for entry in entries:
         run_dir = (file.parent / entry.path).resolve()
@@ -308,7 +350,9 @@ def load_ensemble(path: str | Path, tta: int = 1) -> EnsemblePredictor:
         if member_classes != classes:
             raise ArtifactError(f"member {member.name!r} ({run_dir}) has other classes than {file}")
         members.append(member)
-    predictor = EnsemblePredictor(classes, members, blend, tta=_check_tta(tta))
+    cv = document.get("cv")  # the blend's cross-validated scores, shown by the metadata routes and the page
+    predictor = EnsemblePredictor(classes, members, blend, tta=_check_tta(tta),
+                                  cv=_finite(cv) if isinstance(cv, dict) else None)
     predictor.warm_up()  # refuses a member (or a blend) whose outputs are not finite
     return predictor
 

@@ -28,10 +28,10 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-VERSION_FOLDER = re.compile(r"^[0-9]{1,18}$")
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+VERSION_FOLDER = re.compile(r"0|[1-9][0-9]{0,17}")  # fullmatch: a number without leading zeros
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 LABELS_FILE = "labels.json"
-LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 class RepositoryError(ValueError):
@@ -118,9 +118,9 @@ def scan(root: Path) -> dict[str, dict[int, Path]]:
         raise RepositoryError(f"model repository {root} is not a folder")
     models: dict[str, dict[int, Path]] = {}
     for model in sorted(root.iterdir()):
-        if not model.is_dir() or not MODEL_NAME.match(model.name):
+        if not model.is_dir() or not MODEL_NAME.fullmatch(model.name):
             continue
-        versions = {int(v.name): v for v in model.iterdir() if v.is_dir() and VERSION_FOLDER.match(v.name)}
+        versions = {int(v.name): v for v in model.iterdir() if v.is_dir() and VERSION_FOLDER.fullmatch(v.name)}
         if versions:
             models[model.name] = versions
     return models
@@ -138,7 +138,7 @@ def read_labels(model_dir: Path) -> dict[str, int]:
     if not isinstance(labels, dict):
         raise RepositoryError(f"{file} must be an object {{\"label\": version number}}")
     for label, version in labels.items():
-        if not LABEL.match(label) or label.isdigit():
+        if not LABEL.fullmatch(label) or label.isdigit():
             raise RepositoryError(f"{file}: label {label!r} must be letters, digits, '_', '.', '-' and not a number")
         if isinstance(version, bool) or not isinstance(version, int) or version < 0:
             raise RepositoryError(f"{file}: label {label!r} must name a version number, got {version!r}")
@@ -161,6 +161,7 @@ class ModelRepository:
     models: dict[str, dict[int, Version]] = field(default_factory=dict)
     labels: dict[str, dict[str, int]] = field(default_factory=dict)
     label_errors: dict[str, str] = field(default_factory=dict)
+    served_once: set[str] = field(default_factory=set)  # models that had an available version (readiness)
     polls: int = 0
 
     @property
@@ -175,8 +176,17 @@ class ModelRepository:
 
     @property
     def ready(self) -> bool:
-        """Every model has an available version (and there is at least one model)."""
-        return bool(self.models) and all(self.latest(name) is not None for name in self.models)
+        """Some model can serve, and so can every model that has served since start: a new model whose every
+        version fails (or is still loading) does not take the others out of service, as at start."""
+        serving = {name for name in self.models if self.latest(name) is not None}
+        self.served_once |= serving
+        return bool(serving) and self.served_once & set(self.models) <= serving
+
+    def problems(self) -> list[str]:
+        """Every version that failed, and every labels.json that cannot be read, one line each."""
+        failed = [f"model {v.model!r} version {v.number}: {v.error or v.reload_error}"
+                  for versions in self.models.values() for v in versions.values() if v.error or v.reload_error]
+        return failed + list(self.label_errors.values())
 
     def resolve(self, name: str, version: int | str | None = None, label: str | None = None) -> Version:
         """The version a request is for (NotServed naming what is missing); the caller calls enter()/leave()."""
@@ -190,6 +200,9 @@ class ModelRepository:
                 raise NotServed(404, f"model {name!r} has no version labelled {label!r} (labels: "
                                      f"{', '.join(known) or 'none'}; set them in {name}/{LABELS_FILE})")
             version = self.labels[name][label]
+            if version not in versions:
+                raise NotServed(404, f"model {name!r}: label {label!r} names version {version} ({name}/{LABELS_FILE}), "
+                                     f"which is not served (versions: {', '.join(map(str, sorted(versions)))})")
         if version is None:
             chosen = self.latest(name)
             if chosen is None:
@@ -348,7 +361,7 @@ def _version_number(version: int | str) -> int:
     """A version as a number; NotServed 404 for text that is not one."""
     if isinstance(version, int) and not isinstance(version, bool):
         return version
-    if isinstance(version, str) and VERSION_FOLDER.match(version):
+    if isinstance(version, str) and VERSION_FOLDER.fullmatch(version):
         return int(version)
     raise NotServed(404, f"version {version!r} is not a version number")
 

@@ -83,3 +83,5 @@ class ReadyResponse(BaseModel):
     models: dict[str, dict[str, str]] = Field(default_factory=dict, description="every model's versions and their "
                                               "state (AVAILABLE, LOADING, END)",
                                               examples=[{"flowers": {"1": "AVAILABLE", "2": "END"}}])
+    default_model: str = Field("", description="the model a request that names none gets (the page shows it first)",
+                               examples=["flowers"])

@@ -31,6 +31,7 @@ import csv
 import itertools
 import os
 import re
+import signal
 import stat
 import sys
 import tempfile
@@ -181,7 +182,11 @@ def _split_input(spec: str) -> SplitInput | None:
     data, sep, split = spec.rpartition(":")
     if not sep or not data or not SPLIT_NAME.match(split) or not os.path.isdir(data):
         return None
-    sizes = sorted((int(m.group(1)), name) for name in os.listdir(data)
+    try:
+        names = os.listdir(data)
+    except OSError as err:
+        raise InputError(f"{shown(spec)}: {shown(data)} cannot be read ({err.strerror or err})") from None
+    sizes = sorted((int(m.group(1)), name) for name in names
                    if (m := SIZE_FOLDER.match(name)) and m.group(1) == m.group(2) and os.path.isdir(Path(data, name)))
     if not sizes:
         raise InputError(f"{shown(spec)}: {shown(data)} holds no tfrecords-jpeg-<S>x<S> folder (not a data directory "
@@ -512,10 +517,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m service.scoring")
         check_out(Path(args.out), args.overwrite)
         model_kind(args.model)
         inputs = collect_inputs(args.images)
+        _check_out_is_no_input(Path(args.out), inputs)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    signal.signal(signal.SIGTERM, _stop)  # a terminated run removes its partial CSV, as Ctrl-C does
     try:
         predictor = load_predictor(args.model)
     except ArtifactError as err:
@@ -539,6 +546,24 @@ def main(argv: list[str] | None = None, prog: str = "python -m service.scoring")
               f"{shown(args.out)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _stop(signum: int, frame: object) -> None:
+    """SIGTERM: leave as Ctrl-C does, through the clean-up that removes the partial CSV."""
+    raise SystemExit(128 + signum)
+
+
+def _check_out_is_no_input(out: Path, inputs: Inputs) -> None:
+    """Refuse an --out that is one of the images to score (--overwrite would replace the photo by the CSV)."""
+    if not os.path.lexists(out):
+        return
+    for source in inputs.sources:
+        try:
+            same = isinstance(source, FileInput) and os.path.samefile(source.path, out)
+        except OSError:  # a broken link or an unreadable file: not the CSV
+            same = False
+        if same:
+            raise InputError(f"--out {shown(str(out))} is one of the images to score; name another file")
 
 
 def _summary_line(summary: Summary, inputs: Inputs, out: str) -> str:

@@ -10,6 +10,7 @@ all workers' files, so /metrics answers the same totals whichever worker serves 
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
@@ -36,6 +37,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.multiprocess = multiprocess_dir()
+        self._depths: dict[int, int] = {}  # images waiting at each batcher (one per model version)
+        self._depth_lock = threading.Lock()
         self._requests = self._counter("flower_requests_total", "HTTP requests by method, route and status.",
                                        "method", "route", "status")
         self._latency = Histogram("flower_request_duration_seconds", "HTTP request latency by route.", ["route"],
@@ -96,9 +99,14 @@ class Metrics:
         """Record how long one image waited for its model batch to start."""
         self._queue_wait.observe(seconds)
 
-    def queue_depth(self, images: int) -> None:
-        """Set the number of images waiting for the model."""
-        self._queue_depth.set(images)
+    def queue_depth(self, images: int, source: object = None) -> None:
+        """Set the images waiting at one batcher (`source`; each model version has its own); the gauge is their sum."""
+        with self._depth_lock:
+            if images:
+                self._depths[id(source)] = images
+            else:
+                self._depths.pop(id(source), None)
+            self._queue_depth.set(sum(self._depths.values()))
 
     def member(self, name: str, seconds: float) -> None:
         """Record one member's inference time for one batch."""

@@ -200,3 +200,47 @@ def test_flower_predict_end_to_end_with_an_ensemble_and_with_one_run(models, tmp
     err = capsys.readouterr().err
     assert "1 of 2 image(s) failed (not_an_image 1)" in err and "wrote" not in err
     assert [r["ok"] for r in _rows(single)] == ["true", "false"]
+
+
+def test_the_out_file_may_not_be_an_image_being_scored(models, tmp_path, capsys):
+    ensemble_dir, _ = models
+    photo = tmp_path / "p.jpg"
+    photo.write_bytes(image_bytes())
+    assert main([str(ensemble_dir), str(photo), "--out", str(photo), "--overwrite"]) == 2
+    assert "is one of the images to score" in capsys.readouterr().err
+    assert photo.read_bytes() == image_bytes()
+
+
+def test_an_unreadable_data_folder_is_an_error_naming_it(models, tmp_path, capsys, monkeypatch):
+    ensemble_dir, _ = models
+    data = tmp_path / "data"
+    data.mkdir()
+    listdir = os.listdir
+
+    def refused(path):  # what a folder without read permission does (the tests may run as root, who reads all)
+        if os.path.realpath(path) == os.path.realpath(data):
+            raise PermissionError(13, "Permission denied")
+        return listdir(path)
+
+    monkeypatch.setattr(os, "listdir", refused)
+    assert main([str(ensemble_dir), f"{data}:test", "--out", str(tmp_path / "x.csv")]) == 2
+    assert f"{data} cannot be read (Permission denied)" in capsys.readouterr().err
+
+
+def test_a_run_stopped_midway_leaves_no_partial_csv(models, tmp_path, monkeypatch):
+    import service.scoring as scoring
+
+    ensemble_dir, predictor = models
+    for i in range(3):
+        (tmp_path / "in" / f"{i}.jpg").parent.mkdir(exist_ok=True)
+        (tmp_path / "in" / f"{i}.jpg").write_bytes(image_bytes(seed=i))
+    real = scoring.score_batch
+
+    def stopped(*args, **kwargs):
+        yield from real(*args, **kwargs)
+        scoring._stop(15, None)  # what SIGTERM does once main() has installed it
+
+    monkeypatch.setattr(scoring, "score_batch", stopped)
+    with pytest.raises(SystemExit) as stop:
+        score(predictor, collect_inputs([str(tmp_path / "in")]), tmp_path / "out.csv", Options(batch_size=1))
+    assert stop.value.code == 143 and sorted(p.name for p in tmp_path.iterdir()) == ["in"]

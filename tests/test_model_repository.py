@@ -256,3 +256,52 @@ def test_changed_files_that_fail_to_load_leave_the_loaded_copy_serving_and_say_w
         assert await repo.poll() == []  # the same broken files are not tried again
 
     asyncio.run(scenario())
+
+
+def test_a_broken_new_model_does_not_take_the_served_ones_out_of_readiness(tmp_path):
+    (tmp_path / "m" / "1").mkdir(parents=True)
+    repo = ModelRepository(tmp_path, _stub_loader, StubBatcher)
+
+    async def scenario() -> None:
+        await repo.poll()
+        assert repo.ready
+        (tmp_path / "newbie" / "1").mkdir(parents=True)
+        (tmp_path / "newbie" / "1" / "broken").write_text("")
+        await repo.poll()
+        assert repo.ready and any("'newbie' version 1" in p for p in repo.problems())
+        shutil.rmtree(tmp_path / "m" / "1")  # a model that served loses its last version: not ready
+        (tmp_path / "m" / "2").mkdir()
+        (tmp_path / "m" / "2" / "broken").write_text("")
+        await repo.poll()
+        assert not repo.ready
+
+    asyncio.run(scenario())
+
+
+def test_a_label_naming_a_version_that_is_not_there_says_so(tmp_path):
+    (tmp_path / "m" / "1").mkdir(parents=True)
+    (tmp_path / "m" / "labels.json").write_text('{"canary": 9}')
+    (tmp_path / "m" / "007").mkdir()  # not a version folder: numbers have no leading zeros
+    repo = ModelRepository(tmp_path, _stub_loader, StubBatcher)
+
+    async def scenario() -> None:
+        await repo.poll()
+        assert sorted(repo.models["m"]) == [1]
+        with pytest.raises(NotServed, match="label 'canary' names version 9 .*labels.json.*not served"):
+            repo.resolve("m", label="canary")
+        for odd in ("1\n", "007", "٣", "-1"):
+            with pytest.raises(NotServed, match="not a version number"):
+                repo.resolve("m", odd)
+
+    asyncio.run(scenario())
+
+
+def test_the_queue_depth_gauge_adds_up_every_versions_batcher():
+    from service.telemetry import Metrics
+
+    metrics, first, second = Metrics(), object(), object()
+    metrics.queue_depth(5, first)
+    metrics.queue_depth(3, second)
+    metrics.queue_depth(0, second)  # a new or idle batcher does not hide the other's queue
+    depth = _families(metrics.render())["flower_queue_depth_images"].samples[0].value
+    assert depth == 5

@@ -111,15 +111,46 @@ def test_tritonclient_sees_the_protocols_errors(client):
     ({"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [2], "data": ["AAAA"]}]}, "1 elements"),
     ({"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 2, 2, 3], "data": [300.0] * 12}]}, "0..255"),
     ({"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 2, 2], "data": [1.0] * 4}]}, "[N, H, W, 3]"),
-    ({"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 1, 1, 3], "data": ["a", "b", "c"]}]}, "numbers"),
+    ({"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 1, 1, 3], "data": ["a", "b", "c"]}]}, "strings"),
     ({"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], "data": ["AAAA"]}],
       "outputs": [{"name": "logits"}]}, "unexpected inference output"),
     ([1, 2], "JSON object"),
+    ({"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 1, 1, 3], "data": [10 ** 400, 1, 1]}]},
+     "not pixel values"),
+    ({"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 1, 1, 3], "data": [True, 1, 1]}]}, "booleans"),
+    ({"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 1, 1, 3], "data": [[1], [1, 2], 3]}]},
+     "ragged lists"),
+    ({"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], "data": ["AAAA"]}],
+      "outputs": [{"name": "probabilities", "parameters": {"binary_data": "false"}}]}, "true or false"),
+    ({"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], "data": [["AAAA"], "B"]}]},
+     "base64 strings"),
 ])
 def test_malformed_infer_requests_get_400_naming_the_problem(ensemble_dir, body, text):
     with TestClient(create_app(Settings(ensemble=str(ensemble_dir)))) as c:
         response = c.post("/v2/models/flowers/infer", json=body)
     assert response.status_code == 400 and text in response.json()["error"], response.text
+
+
+def test_bodies_that_would_crash_or_cost_too_much_are_refused_with_their_reason(ensemble_dir):
+    with TestClient(create_app(Settings(ensemble=str(ensemble_dir)))) as c:
+        huge = c.post("/v2/models/flowers/infer", content=b'{"inputs": [{"data": [' + b"9" * 5000 + b']}]}')
+        assert huge.status_code == 400 and "cannot be read" in huge.json()["error"]
+        empty = c.post("/v2/models/flowers/infer", content=b"")
+        assert empty.status_code == 400 and empty.json()["error"].startswith("the body is empty")
+        head = b'{"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 2, 2, 3], ' \
+               b'"parameters": {"binary_data_size": 40}}]}'
+        short = c.post("/v2/models/flowers/infer", content=head + b"\x00" * 40,
+                       headers={"Inference-Header-Content-Length": str(len(head))})
+        assert short.status_code == 400 and "40 bytes of binary data for shape [1, 2, 2, 3] (48 expected)" in \
+            short.json()["error"]
+        # FP32 pixels as JSON numbers cost ~10x their text once parsed: over 16 MiB of JSON they are refused unread.
+        numbers = b'{"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 1500, 1500, 3], "data": [' + \
+                  b"100.5," * (3 * 1500 * 1500 - 1) + b'100.5]}]}'
+        refused = c.post("/v2/models/flowers/infer", content=numbers)
+        assert refused.status_code == 413 and "send them as binary data" in refused.json()["error"]
+        for odd in ("%C2%B2", "1%0A", "007"):
+            assert c.get(f"/v1/models/flowers/versions/{odd}").status_code == 404, odd
+            assert c.get(f"/v2/models/flowers/versions/{odd}/ready").status_code == 404, odd
 
 
 def test_json_base64_images_and_a_cut_binary_body_in_plain_http(ensemble_dir, expected):

@@ -2,23 +2,42 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+from pathlib import Path
 
 import pytest
 
-from service.testing import CLASSES, free_port, image_bytes, make_ensemble, start_server
+from service.testing import CLASSES, free_port, image_bytes, make_ensemble, make_run, start_server
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(
     not (CHROMIUM and CHROMEDRIVER),
     reason="headless browser test needs Debian's chromium and chromium-driver (.ci/run installs them)",
 )
+TRICKY = ["<b>bold</b> & co", "plain rose", "lily", "tulip"]  # a class name that is markup if not escaped
+CV = {"folds": 5, "seed": 0, "blend": {"macro_f1": 0.8419, "macro_f1_std": 0.0315, "accuracy": 0.84, "log_loss": 0.55},
+      "members": {"m32": {"macro_f1": 0.8070, "macro_f1_std": 0.03}, "m48": {"macro_f1": 0.7606, "macro_f1_std": 0.01}}}
+
+
+def _repository(root: Path) -> Path:
+    """flowers/1: the test ensemble (m32, m48) with a CV score; tricky/3: one run whose classes include markup."""
+    ensemble = json.loads((make_ensemble(root / "artifacts") / "ensemble.json").read_text())
+    for member in ensemble["members"]:
+        member["path"] = str(root / "artifacts" / "runs" / member["name"])
+    (root / "repo" / "flowers" / "1").mkdir(parents=True)
+    (root / "repo" / "flowers" / "1" / "ensemble.json").write_text(json.dumps({**ensemble, "cv": CV}))
+    run = make_run(root / "repo" / "tricky", "3", 32, seed=4, classes=TRICKY)
+    member = json.loads((run / "member.json").read_text())
+    (run / "member.json").write_text(json.dumps({**member, "name": "odd", "metrics": {"val_macro_f1": 0.6543}}))
+    return root / "repo"
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     port = free_port()
-    process = start_server(["--ensemble", str(make_ensemble(tmp_path_factory.mktemp("page")))], port)
+    repository = _repository(tmp_path_factory.mktemp("page"))
+    process = start_server(["--model-repository", str(repository), "--poll-seconds", "0"], port)
     yield f"http://127.0.0.1:{port}"
     process.terminate()
     process.wait(10)
@@ -73,3 +92,53 @@ def test_a_file_that_is_not_an_image_shows_the_error(server, browser, tmp_path):
     WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "error").text)
     assert "not an image" in browser.find_element(By.ID, "error").text
     assert browser.find_elements(By.CSS_SELECTOR, "#bars .row") == []
+
+
+def _texts(browser, css: str) -> list[str]:
+    """The text content of every element matching `css` (hidden or cut off, as the DOM holds it)."""
+    from selenium.webdriver.common.by import By
+
+    return [e.get_attribute("textContent") for e in browser.find_elements(By.CSS_SELECTOR, css)]
+
+
+def test_before_any_upload_the_page_shows_the_served_model(server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(server + "/")
+    WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#member-table tr.member"))
+    assert browser.find_element(By.ID, "model-title").text == "Model flowers, version 1"
+    members = [[td.text for td in row.find_elements(By.TAG_NAME, "td")]
+               for row in browser.find_elements(By.CSS_SELECTOR, "#member-table tr.member")]
+    assert members == [["m32", "32 px", "crop", "0.30", "0.807 (CV)"], ["m48", "48 px", "crop", "0.70", "0.761 (CV)"]]
+    assert browser.find_element(By.ID, "score").text == "Cross-validated macro F1: 0.842 ± 0.032 (5 folds)"
+    assert "blend: weighted" in browser.find_element(By.ID, "serving").text
+    assert "none (1 pass)" in browser.find_element(By.ID, "serving").text
+    classes = browser.find_elements(By.CSS_SELECTOR, "#class-list li")
+    assert [c.text for c in classes] == CLASSES and classes[0].is_displayed()  # a short list starts open
+    assert browser.find_element(By.ID, "picker").is_displayed()  # two models: the user picks one
+    assert browser.find_elements(By.CSS_SELECTOR, "#bars .row") == []
+
+
+def test_a_picked_model_is_shown_escaped_and_answers_the_predictions(server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    browser.get(server + "/")
+    WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#member-table tr.member"))
+    assert [o.text for o in Select(browser.find_element(By.ID, "model-select")).options] == ["flowers", "tricky"]
+    Select(browser.find_element(By.ID, "model-select")).select_by_value("tricky")
+    WebDriverWait(browser, 10).until(lambda d: "tricky" in d.find_element(By.ID, "model-title").text)
+    assert browser.find_element(By.ID, "model-title").text == "Model tricky, version 3"
+    assert browser.find_element(By.ID, "score").text == "Validation macro F1: 0.654 (one run, no cross-validated score)"
+    assert _texts(browser, "#member-table tr.member td")[:2] == ["odd", "32 px"]
+    assert _texts(browser, "#class-list li") == TRICKY
+    assert browser.find_elements(By.CSS_SELECTOR, "#served b") == []  # the class name is text, not markup
+    photo = tmp_path / "flower.png"
+    photo.write_bytes(image_bytes("PNG", size=(40, 40), seed=3))
+    browser.find_element(By.ID, "file").send_keys(str(photo))
+    WebDriverWait(browser, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#bars .row")) == len(TRICKY))
+    assert browser.find_element(By.ID, "status").text == "answered by model tricky, version 3"
+    assert sorted(_texts(browser, "#bars .name")) == sorted(TRICKY)
+    assert [v.split(":")[0] for v in _texts(browser, "#members li")] == ["odd"]
+    assert browser.find_elements(By.CSS_SELECTOR, "#bars b, #members b") == []

@@ -253,7 +253,7 @@ def test_not_ready_until_every_member_has_warmed_up():
         slow.release.set()
         _wait_ready(c)
         assert c.get("/readyz").json() == {"ready": True, "members": ["slow"], "warmed_up": ["slow"],
-                                           "models": {"flowers": {"1": "AVAILABLE"}}}
+                                           "models": {"flowers": {"1": "AVAILABLE"}}, "default_model": "flowers"}
 
 
 class FailingEnsemble(SlowEnsemble):
@@ -274,7 +274,8 @@ def test_a_failed_warm_up_is_logged_and_readyz_says_why(caplog):
         assert response.status_code == 503
         assert response.json() == {"ready": False, "members": ["slow"], "warmed_up": [],
                                    "error": "the warm-up prediction failed: RuntimeError: the SavedModel cannot run "
-                                            "on this device", "models": {"flowers": {"1": "END"}}}
+                                            "on this device", "models": {"flowers": {"1": "END"}},
+                                   "default_model": "flowers"}
         assert c.get("/healthz").status_code == 200
     logged = [r for r in caplog.records if r.name.startswith("service") and r.exc_info]
     assert len(logged) == 1 and logged[0].levelno == logging.ERROR

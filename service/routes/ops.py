@@ -29,9 +29,16 @@ async def readyz(state: StateDep) -> JSONResponse:
     warmed = sorted(getattr(state.ensemble, "warmed_up", members)) if state.ensemble is not None else []
     models = {name: {str(n): v.state for n, v in sorted(versions.items())}
               for name, versions in (state.repository.models.items() if state.repository is not None else [])}
-    body = ReadyResponse(ready=state.ready, members=members, warmed_up=warmed, error=state.warm_up_error,
-                         models=models)
+    error = state.warm_up_error or _problems(state)
+    body = ReadyResponse(ready=state.ready, members=members, warmed_up=warmed, error=error, models=models,
+                         default_model=state.default_model)
     return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if state.ready else 503)
+
+
+def _problems(state) -> str | None:
+    """The repository's failed versions and unreadable labels files, one clause each, else None."""
+    problems = state.repository.problems() if state.repository is not None else []
+    return "; ".join(problems) or None
 
 
 @router.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")

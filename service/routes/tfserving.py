@@ -23,7 +23,7 @@ from service.errors import ClientError
 from service.images import ImageError, decode_image, decoded_pixels
 from service.limits import check_request_pixels
 from service.predictor import served_model_info
-from service.repository import Version
+from service.repository import VERSION_FOLDER, Version
 
 router = APIRouter(tags=["tensorflow-serving"])
 logger = logging.getLogger(__name__)
@@ -214,7 +214,7 @@ async def tf_status(name: str, state: StateDep) -> JSONResponse:
 async def tf_version_status(name: str, version: str, state: StateDep) -> JSONResponse:
     """The version's state, as in the model status."""
     versions = state.repository.models.get(name, {}) if state.repository is not None else {}
-    chosen = versions.get(int(version)) if version.isdigit() else None
+    chosen = versions.get(int(version)) if VERSION_FOLDER.fullmatch(version) else None
     if chosen is None:
         return _unknown(state, name, version)
     return JSONResponse({"model_version_status": [_version_status(chosen)]})

@@ -35,6 +35,9 @@ from service.routes.tfserving import predict_blobs
 
 router = APIRouter(tags=["open-inference-protocol"])
 HEADER_LENGTH = "inference-header-content-length"
+# JSON numbers cost ~10 times their text in memory once parsed (a Python float each, then the array): FP32
+# pixels in JSON are refused above this much JSON; binary data (or encoded images as BYTES) has no such cost.
+JSON_PIXELS_BYTES = 16 * 1024 * 1024
 V2_ERROR = {"content": {"application/json": {"schema": {"type": "object", "properties": {"error": {"type": "string"}}},
                                              "example": {"error": "unexpected inference input 'x'"}}}}
 TENSOR = {"name": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}},
@@ -193,15 +196,22 @@ async def _infer(request: Request, state: ServiceState, name: str, version: str 
 
 def _split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
     """The JSON document and the binary part after it (the binary data extension)."""
+    if not body:
+        raise ProtocolError("the body is empty: send a JSON object with 'inputs'")
     try:
         length = len(body) if header_length is None else int(header_length)
     except ValueError:
         raise ProtocolError(f"Inference-Header-Content-Length must be a number, got {header_length!r}") from None
     if not 0 < length <= len(body):
         raise ProtocolError(f"Inference-Header-Content-Length {length} does not fit the body of {len(body)} bytes")
+    if length > JSON_PIXELS_BYTES and b'"FP32"' in body[:length]:
+        raise ClientError(413, "request_too_large", f"FP32 pixels as JSON numbers are limited to "
+                                                    f"{JSON_PIXELS_BYTES // 2**20} MiB of JSON ({length} bytes sent): "
+                                                    "send them as binary data (Inference-Header-Content-Length) or "
+                                                    "the encoded images as BYTES")
     try:
         document = json.loads(body[:length])
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:  # incl. integers too long to convert
         raise ProtocolError(f"the request's JSON cannot be read: {err}") from None
     if not isinstance(document, dict):
         raise ProtocolError("the request must be a JSON object with 'inputs'")
@@ -221,7 +231,7 @@ def _parse_request(document: dict, binary: bytes, max_images: int) -> tuple[tupl
         raise ClientError(400, "too_many_images", f"{shape[0]} images in one request; the limit is {max_images}")
     size = (tensor.get("parameters") or {}).get("binary_data_size") if isinstance(tensor.get("parameters"),
                                                                                  dict) else None
-    if size is not None and (not isinstance(size, int) or size != len(binary)):
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size != len(binary)):
         raise ProtocolError(f"input {name!r}: binary_data_size {size!r} does not match the {len(binary)} bytes "
                             f"after the JSON")
     raw = binary if size is not None else None
@@ -270,17 +280,21 @@ def _pixels(raw: bytes | None, data: Any, shape: list[int]) -> np.ndarray:
     """The RGB pixels of an FP32 tensor [N,H,W,3]: little-endian binary, or numbers in JSON."""
     if len(shape) != 4 or shape[3] != 3 or min(shape[1:3]) < 1:
         raise ProtocolError(f"input 'images' must have shape [N, H, W, 3] with H, W >= 1, got {shape}")
-    count = int(np.prod(shape))
-    try:
-        if raw is not None:
-            if len(raw) != 4 * count:
-                raise ProtocolError(f"input 'images': {len(raw)} bytes of binary data for shape {shape} "
-                                    f"({4 * count} expected)")
-            values = np.frombuffer(raw, dtype="<f4")
-        else:
-            values = np.asarray(data, dtype=np.float32).reshape(-1)
-    except (ValueError, TypeError):
-        raise ProtocolError("input 'images': 'data' must be numbers") from None
+    count = int(np.prod(shape, dtype=object))
+    if raw is not None:
+        if len(raw) != 4 * count:
+            raise ProtocolError(f"input 'images': {len(raw)} bytes of binary data for shape {shape} "
+                                f"({4 * count} expected)")
+        values = np.frombuffer(raw, dtype="<f4")
+    else:
+        flat = np.asarray(data, dtype=object).reshape(-1)  # ragged nesting leaves lists among the elements
+        if not all(type(v) in (int, float) for v in flat):  # noqa: E721 - bool is an int subclass, and refused
+            raise ProtocolError("input 'images': 'data' must be a (nested) list of numbers: no strings, booleans "
+                                "or ragged lists")
+        try:
+            values = flat.astype(np.float64).astype(np.float32)
+        except OverflowError:
+            raise ProtocolError("input 'images': 'data' holds huge integers, not pixel values") from None
     if values.size != count:
         raise ProtocolError(f"input 'images' has {values.size} values for shape {shape}")
     if not np.isfinite(values).all() or values.min(initial=0) < 0 or values.max(initial=0) > 255:
@@ -292,7 +306,9 @@ def _outputs(document: dict) -> list[dict]:
     """The outputs asked for (default: probabilities), each {name, binary, classification}."""
     asked = document.get("outputs")
     parameters = document.get("parameters") if isinstance(document.get("parameters"), dict) else {}
-    binary_default = bool(parameters.get("binary_data_output", False))
+    binary_default = parameters.get("binary_data_output", False)
+    if not isinstance(binary_default, bool):
+        raise ProtocolError(f"binary_data_output must be true or false, got {binary_default!r}")
     if asked is None:
         return [{"name": "probabilities", "binary": binary_default, "classification": 0}]
     if not isinstance(asked, list) or not asked:
@@ -308,7 +324,10 @@ def _outputs(document: dict) -> list[dict]:
         if isinstance(k, bool) or not isinstance(k, int) or k < least:
             raise ProtocolError(f"output {output['name']!r}: classification must be a whole number of classes "
                                 f">= {least}")
-        chosen.append({"name": output["name"], "binary": bool(options.get("binary_data", binary_default)),
+        binary = options.get("binary_data", binary_default)
+        if not isinstance(binary, bool):
+            raise ProtocolError(f"output {output['name']!r}: binary_data must be true or false, got {binary!r}")
+        chosen.append({"name": output["name"], "binary": binary,
                        "classification": k})
     return chosen
 
@@ -319,7 +338,7 @@ async def _predict_tensor(state: ServiceState, served: Version, tensor: tuple[st
     if kind == "image_bytes":
         outputs = await predict_blobs(state, served, value, "element")
     else:
-        pixels = int(np.prod(value.shape[:3]))
+        pixels = int(np.prod(value.shape[:3])) * 4  # float32: 12 bytes a pixel, 4 times a decoded image's 3
         check_request_pixels(pixels, state.settings.max_request_pixels)
         with state.pixels.hold(pixels):
             outputs = await served.batcher.submit_many(list(value))
