@@ -43,6 +43,7 @@ class MemberModel:
     saved_model: Any = None  # the loaded object; keeps the signature's variables alive
     fit: str = DEFAULT_FIT  # how a photo becomes its square input (member.json "geometry", training.geometry)
     record_size: int = 0  # the size of the records it trained on (member.json "data".file_size), 0: image_size
+    val_macro_f1: float | None = None  # member.json's validation macro F1 (shown by the metadata routes)
     _square: dict = field(default_factory=dict, repr=False)  # fit_square_tf compiled for its size and fit, by dtype
     _augment: Any = field(default=None, repr=False)  # the TTA passes' augmentation, compiled for its size
 
@@ -179,17 +180,15 @@ def served_model_info(predictor: Any) -> dict[str, Any]:
     members = [{"name": m.name, "image_size": m.image_size, "fit": getattr(m, "fit", DEFAULT_FIT),
                 "record_size": getattr(m, "record_size", 0) or m.image_size,
                 "weight": None if weights is None else float(weights[i]),
-                "val_macro_f1": _member_val_f1(getattr(m, "path", None))} for i, m in enumerate(predictor.members)]
+                "val_macro_f1": getattr(m, "val_macro_f1", None)} for i, m in enumerate(predictor.members)]
     return {"members": members, "blend": predictor.blend.method, "tta": getattr(predictor, "tta", 1),
             "cv": getattr(predictor, "cv", None), "classes": list(predictor.classes)}
 
 
-def _member_val_f1(run_dir: Path | None) -> float | None:
-    """A run directory's validation macro F1 (member.json "metrics"), None when it has none."""
-    try:
-        f1 = json.loads((Path(run_dir) / "member.json").read_text())["metrics"]["val_macro_f1"]
-    except (TypeError, OSError, ValueError, KeyError):
-        return None
+def _member_val_f1(member: dict) -> float | None:
+    """A run's validation macro F1 from its member.json ("metrics"), None when it has none."""
+    metrics = member.get("metrics")
+    f1 = metrics.get("val_macro_f1") if isinstance(metrics, dict) else None
     return float(f1) if isinstance(f1, int | float) and not isinstance(f1, bool) and math.isfinite(f1) else None
 
 
@@ -256,7 +255,8 @@ def load_member_model(run_dir: Path) -> tuple[MemberModel, list[str]]:
         fit, record_size = member_geometry(member, str(run_dir / "member.json"))
     except ValueError as err:
         raise ArtifactError(str(err)) from None
-    return MemberModel(name, run_dir, size, pixels, model, fit, record_size), [c.strip() for c in classes]
+    member_model = MemberModel(name, run_dir, size, pixels, model, fit, record_size, _member_val_f1(member))
+    return member_model, [c.strip() for c in classes]
 
 
 def load_run(run_dir: str | Path, tta: int = 1) -> EnsemblePredictor:
