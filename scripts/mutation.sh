@@ -35,11 +35,19 @@ module_spec() {
       LIMIT=3600 ;;
     export)  # SavedModel export and the prediction files
       FILES=(training/export.py)
-      TESTS=(tests/test_training.py -k "tta_")
+      TESTS=(tests/test_training.py -k "tta_ or predict_split")
+      LIMIT=3600 ;;
+    geometry)  # a photo to the model's square: fit modes, antialiased resize, the record size
+      FILES=(training/geometry.py)
+      TESTS=(tests/test_pixel_parity.py)
       LIMIT=3600 ;;
     service)  # decoding, resizing, batching, result assembly
       FILES=(service/images.py service/predictor.py service/batching.py service/routes/predict.py)
-      TESTS=(tests/test_service.py -k "not concurrent_requests_are_batched and not stays_responsive and not command_refuses")
+      TESTS=(tests/test_service.py tests/test_service_overload.py -k "not concurrent_requests_are_batched and not stays_responsive and not command_refuses and not workers")
+      LIMIT=3600 ;;
+    serving)  # the model repository and the Open Inference Protocol routes
+      FILES=(service/repository.py service/routes/v2.py service/routes/tfserving.py)
+      TESTS=(tests/test_model_repository.py tests/test_open_inference.py -k "not hot_reload and not tritonclient")
       LIMIT=3600 ;;
     augment)  # augmentation geometry and colour
       FILES=(training/augment.py)
@@ -52,7 +60,7 @@ module_spec() {
     *) return 1 ;;
   esac
 }
-MODULES=(ensemble fit export service augment import)
+MODULES=(ensemble fit export geometry service serving augment import)
 
 usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; echo "modules: ${MODULES[*]}"; exit 2; }
 [ $# -ge 1 ] || usage

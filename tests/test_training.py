@@ -451,6 +451,53 @@ def test_tta_is_reproducible(tiny_data):
     np.testing.assert_array_equal(a, b)
 
 
+class BrokenModel(RecordingModel):
+    """A RecordingModel whose answer is damaged: NaN in one row, or one row too few."""
+
+    def __init__(self, damage: str):
+        super().__init__()
+        self.damage = damage
+
+    def predict(self, dataset, verbose=0):
+        probs = super().predict(dataset, verbose)
+        if self.damage == "nan":
+            probs[1, 0] = np.nan
+            return probs
+        return probs[:-1]
+
+
+def test_predict_split_pads_every_batch_and_returns_each_image_once_in_id_order(tiny_data):
+    import tensorflow as tf
+
+    from training.dataset import split_info
+    from training.records import decode_jpeg, iter_records
+
+    info = split_info(str(tiny_data), "val", 32)
+    model = RecordingModel()
+    ids, labels, probs = predict_split(model, info, 32, 7, tta=1)  # batches of 7: the last one is short
+    assert all(batch.shape[0] == 7 for batch in model.batches)  # one shape: padded to the batch size
+    assert len(ids) == info.count == len(probs) == len(labels) and list(ids) == sorted(ids)
+    assert len(set(ids)) == len(ids)
+    # Each row belongs to its own image: the model's score of that image, renormalised.
+    by_id = {}
+    for path in info.files:
+        for _, raw in iter_records(path):
+            feature = tf.train.Example.FromString(raw).features.feature
+            pixels = decode_jpeg(feature["image"].bytes_list.value[0], 32).numpy().astype(np.float32)
+            by_id[feature["id"].bytes_list.value[0].decode()] = pixels[:, :16].mean() / 255.0
+    np.testing.assert_allclose(probs[:, 0], [by_id[i] for i in ids], atol=1e-5)
+
+
+@pytest.mark.parametrize("damage,error,text", [("nan", ValueError, "not finite"),
+                                               ("short", RuntimeError, "returned")])
+def test_predict_split_refuses_a_damaged_answer(tiny_data, damage, error, text):
+    from training.dataset import split_info
+
+    info = split_info(str(tiny_data), "val", 32)
+    with pytest.raises(error, match=text):
+        predict_split(BrokenModel(damage), info, 32, 7, tta=1)
+
+
 # --- losses --------------------------------------------------------------------------------------
 
 def test_focal_loss_discounts_easy_examples_and_class_weights_scale_the_loss():
