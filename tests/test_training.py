@@ -488,14 +488,45 @@ def test_predict_split_pads_every_batch_and_returns_each_image_once_in_id_order(
     np.testing.assert_allclose(probs[:, 0], [by_id[i] for i in ids], atol=1e-5)
 
 
-@pytest.mark.parametrize("damage,error,text", [("nan", ValueError, "not finite"),
-                                               ("short", RuntimeError, "returned")])
+@pytest.mark.parametrize("damage,error,text", [
+    ("nan", ValueError, "predictions for split 'val' are not finite .*: nothing is written from them"),
+    ("short", RuntimeError, "the model returned {n} predictions for the {m} images of split 'val'")])
 def test_predict_split_refuses_a_damaged_answer(tiny_data, damage, error, text):
     from training.dataset import split_info
 
     info = split_info(str(tiny_data), "val", 32)
-    with pytest.raises(error, match=text):
+    padded = -(-info.count // 7) * 7  # every batch is padded to 7 rows
+    with pytest.raises(error, match=text.format(n=padded - 1, m=info.count)):
         predict_split(BrokenModel(damage), info, 32, 7, tta=1)
+
+
+class UnnormalisedModel(RecordingModel):
+    """Rows that do not sum to 1 (twice a distribution), as a float16 model's may not."""
+
+    def predict(self, dataset, verbose=0):
+        return 2.0 * super().predict(dataset, verbose)
+
+
+def test_predict_split_defaults_normalises_rows_and_reads_unlabelled_splits(tiny_data):
+    from training.dataset import split_info
+
+    info = split_info(str(tiny_data), "val", 32)
+    model = RecordingModel()
+    ids, labels, probs = predict_split(model, info, 32, 7)  # default: one pass
+    assert len(model.batches) == -(-info.count // 7) and probs.dtype == np.float32
+    np.testing.assert_allclose(predict_split(UnnormalisedModel(), info, 32, 7)[2], probs, atol=1e-6)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-6)
+    # The TTA passes' default seed is 1.
+    np.testing.assert_array_equal(predict_split(RecordingModel(), info, 32, 7, tta=2)[2],
+                                  predict_split(RecordingModel(), info, 32, 7, tta=2, seed=1)[2])
+    assert np.abs(predict_split(RecordingModel(), info, 32, 7, tta=2, seed=2)[2]
+                  - predict_split(RecordingModel(), info, 32, 7, tta=2)[2]).max() > 1e-6
+    test = split_info(str(tiny_data), "test", 32)
+    test_ids, test_labels, test_probs = predict_split(RecordingModel(), test, 32, 7)
+    assert test_labels is None and len(test_ids) == test.count == len(test_probs)
+    # With the number of classes given, a label out of range is named, not predicted on.
+    with pytest.raises(Exception, match="class label out of range"):
+        predict_split(RecordingModel(), info, 32, 7, num_classes=1)
 
 
 # --- losses --------------------------------------------------------------------------------------
