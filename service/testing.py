@@ -26,13 +26,15 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding this `s
 
 
 def make_run(root: Path, name: str, size: int, seed: int = 0, sharpness: float = 60.0,
-             backbone: str = "small-cnn", classes: list[str] | None = None, fit: str = "crop") -> Path:
+             backbone: str = "small-cnn", classes: list[str] | None = None, fit: str = "crop",
+             record_size: int = 0) -> Path:
     """A run directory `root/name` with a randomly initialised classifier exported as the contract says.
 
     The output layer's weights are scaled by `sharpness`, so that the probabilities move visibly when
     the pixels do (a plain random network answers almost uniformly whatever it is shown, and then a
     parity check between two pixel paths cannot fail). Benchmarks pass `sharpness=1.0` (weights do not
-    change speed). `classes` defaults to the four CLASSES; `fit` is how its training photos were made square.
+    change speed). `classes` defaults to the four CLASSES; `fit` is how its training photos were made square, and
+    `record_size` (0: `size`) the size of the records it was trained on.
     """
     import keras
 
@@ -47,11 +49,12 @@ def make_run(root: Path, name: str, size: int, seed: int = 0, sharpness: float =
     head.kernel.assign(head.kernel * sharpness)
     run = root / name
     run.mkdir(parents=True, exist_ok=True)
-    export_saved_model(model, size, run / "saved_model", fit)
+    export_saved_model(model, size, run / "saved_model", fit, record_size)
     (run / "classes.json").write_text(json.dumps(classes))
     (run / "member.json").write_text(json.dumps({"version": 1, "name": name, "backbone": backbone,
                                                  "image_size": size, "num_classes": len(classes),
-                                                 "geometry": geometry_record(fit, "test")}))
+                                                 "geometry": geometry_record(fit, "test"),
+                                                 "data": {"file_size": record_size or size}}))
     return run
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from service.app import create_app
 from service.images import decode_image
@@ -155,3 +156,29 @@ def test_a_member_trained_on_larger_records_gets_a_record_as_the_training_pipeli
     wide = src / "daisy" / "wide.jpg"
     square = np.asarray(fit_square(load_rgb(wide), 64, "crop"), dtype=np.float32)
     assert np.abs(_served(member, wide.read_bytes()) - square).mean() < 1.5
+
+
+def _encoded(image: Image.Image, fmt: str, **save) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save)
+    return buffer.getvalue()
+
+
+def test_the_bytes_signature_reads_every_format_and_makes_squares_at_the_record_size(tmp_path):
+    # A member trained on 48 px records at 32 px: the photo is made square at 48, then resized as a record.
+    predictor = load_run(make_run(tmp_path, "m", 32, fit="crop", record_size=48))
+    signature = predictor.members[0].saved_model.signatures["serving_default"]
+    rgb = photo(120, 80, seed=3)
+    frames = [photo(60, 40, seed=4).convert("P"), photo(60, 40, seed=5).convert("P")]
+    blobs = {"grey JPEG": _encoded(rgb.convert("L"), "JPEG", quality=90),
+             "opaque RGBA PNG": _encoded(rgb.convert("RGBA"), "PNG"),
+             "animated GIF (first frame)": _encoded(frames[0], "GIF", save_all=True, append_images=frames[1:]),
+             "BMP": _encoded(rgb, "BMP"), "RGB JPEG": _encoded(rgb, "JPEG", quality=90)}
+    for kind, blob in blobs.items():
+        served = predictor.predict([decode_image(blob, DEFAULTS.max_pixels, 32, DEFAULTS.max_pixels)])[0][0]
+        own = signature(image_bytes=tf.constant([blob]))["probabilities"].numpy()[0]
+        np.testing.assert_allclose(served, own, atol=2e-5, err_msg=kind)
+    # ... and the record step is taken: the same photo made square at 32 directly gives other probabilities.
+    direct = load_run(make_run(tmp_path, "direct", 32, fit="crop"))
+    rgb_blob = [decode_image(blobs["RGB JPEG"], DEFAULTS.max_pixels, 32)]
+    assert np.abs(direct.predict(rgb_blob)[0] - predictor.predict(rgb_blob)[0]).max() > 1e-4
