@@ -1212,3 +1212,22 @@ def test_a_refit_trains_on_train_and_val_for_the_best_epoch_count_and_blends_on_
     refused = subprocess.run([sys.executable, "-m", "training.train", "--refit-of", str(refit)], cwd=REPO,
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "refit a run trained on train only" in refused.stderr
+
+
+def test_prediction_files_hold_the_contracts_arrays_and_load_without_pickle(tmp_path):
+    from training.export import folder_bytes, weights_bytes, write_predictions
+
+    ids, probs = np.array(["b7", "a1"]), np.array([[0.25, 0.75], [0.5, 0.5]])
+    path = write_predictions(tmp_path / "predictions" / "val.npz", ids, probs, np.array([1, 0]))
+    test = write_predictions(tmp_path / "predictions" / "test.npz", ids, probs)
+    with np.load(path, allow_pickle=False) as saved:
+        assert saved["ids"].dtype.kind == "U" and list(saved["ids"]) == ["b7", "a1"]
+        assert saved["probs"].dtype == np.float32 and saved["labels"].dtype == np.int64
+        np.testing.assert_array_equal(saved["labels"], [1, 0])
+        np.testing.assert_allclose(saved["probs"], probs)
+    with np.load(test, allow_pickle=False) as saved:
+        assert sorted(saved.files) == ["ids", "probs"]  # a test split has no labels
+    assert sorted(p.name for p in (tmp_path / "predictions").iterdir()) == ["test.npz", "val.npz"]
+    assert folder_bytes(tmp_path) == path.stat().st_size + test.stat().st_size
+    model = build_classifier("small-cnn", 32, 3)
+    assert weights_bytes(model) == sum(int(np.prod(w.shape)) * 4 for w in model.weights)
