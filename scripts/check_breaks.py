@@ -73,7 +73,7 @@ BREAKS = [
           "return lambda y_true, y_pred: tf.reduce_mean(base(y_true, y_pred))\n",
           ("tests/test_training.py", "-k", "replicas_equals_one_replica")),
     Break("a resume does not compare configs", "training/checkpoints.py",
-          "    changes = config_changes(saved, config)\n", "    changes = []\n",
+          "    changes = config_changes(saved, config, RunConfig().to_dict())\n", "    changes = []\n",
           ("tests/test_training.py", "-k", "another_config")),
     Break("the API key check uses 'and'", "service/deps.py", 'scheme.lower() != "bearer" or not',
           'scheme.lower() != "bearer" and not', ("tests/test_service.py", "-k", "api_key")),
