@@ -35,7 +35,7 @@ module_spec() {
       LIMIT=3600 ;;
     export)  # SavedModel export and the prediction files
       FILES=(training/export.py)
-      TESTS=(tests/test_training.py tests/test_pixel_parity.py -k "tta_ or predict_split or saved_models_bytes_signature_agrees or every_format or prediction_files_hold")
+      TESTS=(tests/test_training.py tests/test_pixel_parity.py -k "tta_ or predict_split or saved_models_bytes_signature_agrees or every_format or prediction_files_hold or second_export")
       LIMIT=3600 ;;
     geometry)  # a photo to the model's square: fit modes, antialiased resize, the record size
       FILES=(training/geometry.py)

@@ -1231,3 +1231,25 @@ def test_prediction_files_hold_the_contracts_arrays_and_load_without_pickle(tmp_
     assert folder_bytes(tmp_path) == path.stat().st_size + test.stat().st_size
     model = build_classifier("small-cnn", 32, 3)
     assert weights_bytes(model) == sum(int(np.prod(w.shape)) * 4 for w in model.weights)
+
+
+def test_a_second_export_replaces_the_saved_model_whole_and_leaves_nothing_beside_it(tmp_path):
+    import keras
+    import tensorflow as tf
+
+    from training.export import export_saved_model
+
+    path = tmp_path / "saved_model"
+    (tmp_path / "saved_model.tmp").mkdir()  # left by an export that was killed
+    (tmp_path / "saved_model.tmp" / "junk").write_text("half-written")
+    images = tf.constant(np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)), tf.float32)
+    answers = []
+    for seed in (1, 2):  # a rerun (or a refit) exports over the first SavedModel
+        keras.utils.set_random_seed(seed)
+        model = build_classifier("small-cnn", 32, 3)
+        export_saved_model(model, 32, path)
+        answers.append(model(images, training=False).numpy())
+        loaded = tf.saved_model.load(str(path)).signatures["serving_pixels"](images=images)["probabilities"]
+        np.testing.assert_allclose(loaded.numpy(), answers[-1], atol=1e-6)
+    assert np.abs(answers[0] - answers[1]).max() > 1e-4  # the second export really replaced the first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved_model"]
