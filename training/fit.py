@@ -150,6 +150,7 @@ class Run:
     trainable: str  # what trains now: model.trainable, or model.unfreeze after the switch
     steps_per_execution: int
     shard: str  # off | file | data: how the training batches are split among workers
+    geometry: dict  # training.geometry.data_fit: read once, written to member.json and the SavedModel
 
     def compile(self) -> None:
         """A fresh optimizer for the current trainable variables, and the model compiled with it."""
@@ -233,7 +234,7 @@ def prepare_run(config: RunConfig, log: Log = print, start_epoch: int = 0) -> Ru
                                  batch_norm=config.model.batch_norm)
     _check_blocks(config, model)
     run = Run(config, infos, train_splits, classes, model, None, policy, replicas, global_batch, steps, weights,
-              strategy, make_loss(config, weights), trainable, per_execution, shard)
+              strategy, make_loss(config, weights), trainable, per_execution, shard, geometry)
     run.compile()
     return run
 
@@ -422,5 +423,6 @@ def _train(config: RunConfig, writes: RunConfig, budget: Budget, log: Log, after
     else:
         load_best_weights(run.model, checkpoints)
     params = parameter_counts(run.model)  # of the last phase, resumed or not
-    facts = RunFacts(run.infos, run.classes, params, run.policy, run.replicas, run.steps * run.global_batch, stopped)
+    facts = RunFacts(run.infos, run.classes, params, run.policy, run.replicas, run.steps * run.global_batch,
+                     run.geometry, stopped)
     return finish_run(writes, run.model, facts, state["history"], log)

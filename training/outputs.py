@@ -19,7 +19,6 @@ from training.config import RunConfig
 from training.dataset import SplitInfo
 from training.evaluation import classification_scores
 from training.export import export_saved_model, folder_bytes, predict_split, weights_bytes, write_predictions
-from training.geometry import data_fit
 from training.writing import write_atomic, write_text_atomic
 
 Log = Callable[[str], None]
@@ -77,6 +76,7 @@ class RunFacts:
     policy: str
     replicas: int
     images_per_epoch: int
+    geometry: dict[str, str]  # member.json "geometry": how a photo becomes the model's square (training.geometry)
     stopped: dict | None = None  # why training ended before train.epochs (the time budget), else None
 
 
@@ -100,7 +100,7 @@ def member_document(config: RunConfig, facts: RunFacts, final: dict[str, float],
         "validation_from": (os.path.relpath(Path(config.data.validation_from).resolve(), config.run_dir.resolve())
                             if config.data.validation_from else None),
         "stopped": facts.stopped,
-        "geometry": data_fit(config.data.dir, config.data.fit),
+        "geometry": facts.geometry,
     }
 
 
@@ -115,8 +115,7 @@ def finish_run(config: RunConfig, model: keras.Model, facts: RunFacts, history: 
                                             p.tta_seed, len(classes))
     write_predictions(run_dir / "predictions" / "val.npz", val_ids, val_probs, val_labels)
     write_predictions(run_dir / "predictions" / "test.npz", test_ids, test_probs)
-    export_saved_model(model, size, run_dir / "saved_model", data_fit(config.data.dir, config.data.fit)["fit"],
-                       infos["train"].file_size)
+    export_saved_model(model, size, run_dir / "saved_model", facts.geometry["fit"], infos["train"].file_size)
     write_text_atomic(run_dir / "classes.json", json.dumps(classes, indent=1) + "\n")
     final = classification_scores(val_labels, val_probs)
     saved_model = {"bytes": folder_bytes(run_dir / "saved_model"), "weights_bytes": weights_bytes(model)}
