@@ -43,7 +43,9 @@ module_spec() {
       LIMIT=3600 ;;
     service)  # decoding, resizing, batching, result assembly
       FILES=(service/images.py service/predictor.py service/batching.py service/routes/predict.py)
-      TESTS=(tests/test_service.py tests/test_service_overload.py -k "not concurrent_requests_are_batched and not stays_responsive and not command_refuses and not workers")
+      TESTS=(tests/test_service.py tests/test_service_overload.py tests/test_service_hardening.py tests/test_page_info.py
+             tests/test_member_concurrency.py tests/test_pixel_parity.py
+             -k "not concurrent_requests_are_batched and not stays_responsive and not command_refuses and not workers and not python_m_service and not 300_mb and not gigabyte and not byte_by_byte and not bounded_memory and not trickles")
       LIMIT=3600 ;;
     serving)  # the model repository and the Open Inference Protocol routes
       FILES=(service/repository.py service/routes/v2.py service/routes/tfserving.py)
@@ -78,6 +80,8 @@ WORK="$REPO/.mutation/$MODULE"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}" CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES-}"
 # mutmut runs one test process per core; BLAS threads on top of that make the ensemble's tests several times slower.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" OPENBLAS_NUM_THREADS="${OPENBLAS_NUM_THREADS:-1}"
+# Every mutant's test process is forked from one that imported TensorFlow (tests/conftest.py): ~5 s less per mutant.
+export FLOWER_PRELOAD_TENSORFLOW="${FLOWER_PRELOAD_TENSORFLOW:-1}"
 mutmut() { (cd "$WORK" && timeout -k 30 "${MUTATION_TIMEOUT:-$LIMIT}" "$REPO/.venv/bin/mutmut" "$@"); }
 
 summary() {  # per-file counts from mutmut's verdicts, then every mutant that was not killed

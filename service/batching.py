@@ -8,7 +8,8 @@ Overload: at most `max_queue` images wait for the model; a request that would pa
 with 503 `overloaded` and a Retry-After (nothing of it is queued). A request not answered within
 `timeout_ms` gets 504 `timeout`, and its images still waiting are dropped: the model never runs them and
 they no longer count against `max_queue`. Images already in a running model batch cannot be interrupted:
-that batch finishes, and the late answers are discarded.
+that batch finishes, and the late answers are discarded. When a model batch fails, each of its callers gets
+the error, and the rest of their requests' images leave the queue unrun.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class _Item:
     future: asyncio.Future
     submitted: float  # time.perf_counter() when it was queued
     waiting: bool = True  # counted in the queue depth until its batch starts or it is abandoned
+    request: list[_Item] | None = None  # every item of the request it came with
 
 
 class DynamicBatcher:
@@ -100,6 +102,8 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         items = [_Item(v, loop.create_future(), now) for v in values]
+        for item in items:
+            item.request = items
         self._queue.extend(items)
         self._set_depth(self.depth + len(items))
         self._arrived.set()
@@ -246,10 +250,12 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         try:
             results = await loop.run_in_executor(None, self._timed, values)
-        except Exception as err:  # every caller of the batch learns of the failure
+        except Exception as err:  # every caller of the batch learns of the failure ...
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(err)
+            for request in {id(item.request): item.request for item in batch}.values():
+                self._abandon(request)  # ... and its other images leave the queue before the next batch is taken
             return
         for item, result in zip(batch, results, strict=True):
             if not item.future.done():

@@ -13,7 +13,8 @@ from service.settings import Settings
 from service.testing import CLASSES, make_ensemble
 
 CV = {"folds": 5, "seed": 0, "blend": {"macro_f1": 0.8419, "macro_f1_std": 0.0315, "log_loss": float("nan")},
-      "members": {"m32": {"macro_f1": 0.807, "macro_f1_std": 0.03}, "m48": {"macro_f1": 0.7606, "macro_f1_std": 0.01}}}
+      "members": {"m32": {"macro_f1": 0.807, "macro_f1_std": 0.03}, "m48": {"macro_f1": 0.7606, "macro_f1_std": 0.01}},
+      "fold_macro_f1": [0.81, float("nan"), 0.86]}  # a list (none is written today): its numbers pass, NaN is null
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +38,7 @@ def test_the_metadata_carries_the_cross_validated_f1_and_readyz_the_default_mode
     assert info["cv"]["blend"]["macro_f1"] == 0.8419 and info["cv"]["blend"]["macro_f1_std"] == 0.0315
     assert info["cv"]["blend"]["log_loss"] is None  # not a number: null, so that the answer is valid JSON
     assert info["cv"]["folds"] == 5 and info["cv"]["members"]["m48"]["macro_f1"] == 0.7606
+    assert info["cv"]["fold_macro_f1"] == [0.81, None, 0.86]
     assert [(m["name"], m["image_size"], m["weight"]) for m in info["members"]] == [("m32", 32, 0.3), ("m48", 48, 0.7)]
     assert info["blend"] == "weighted" and info["tta"] == 1 and info["classes"] == CLASSES
 

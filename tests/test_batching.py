@@ -1,0 +1,116 @@
+"""The dynamic batcher on its own (no model, no HTTP): which images reach the model, Retry-After, and what a
+request with batching off records and answers."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+from prometheus_client import generate_latest
+
+from service import batching
+from service.batching import DynamicBatcher
+from service.errors import ClientError
+from service.telemetry import Metrics
+
+
+class Clock:
+    """A stand-in for time.perf_counter that only moves when a batch says so."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _sample(metrics: Metrics, name: str) -> float:
+    """One sample's value from the metrics' Prometheus text."""
+    for line in generate_latest(metrics.registry).decode().splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in the metrics")
+
+
+def test_retry_after_is_the_queued_batches_times_the_moving_average_of_a_batch(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(batching.time, "perf_counter", clock)
+    gate, durations, calls = threading.Event(), [1.5, 2.5], []
+
+    def run(values):
+        calls.append(list(values))
+        if len(calls) == 3:
+            assert gate.wait(10)
+        clock.now += durations[len(calls) - 1] if len(calls) <= len(durations) else 0.0
+        return values
+
+    async def main():
+        batcher = DynamicBatcher(run, max_batch_size=4, max_queue=12)
+        await batcher.start()
+        assert await batcher.submit_many(["a"]) == ["a"]  # a batch of 1.5 s
+        assert batcher.retry_after() == 1  # nothing queued: at least 1 s, never 0
+        assert await batcher.submit_many(["b"]) == ["b"]  # 2.5 s: the average is 0.8 * 1.5 + 0.2 * 2.5 = 1.7 s
+        held = asyncio.ensure_future(batcher.submit_many(["c"]))  # the model holds this one
+        while len(calls) < 3:
+            await asyncio.sleep(0.005)
+        queued = asyncio.ensure_future(batcher.submit_many(list("defghijklm")))  # 10 images wait: 3 batches of 4
+        await asyncio.sleep(0.01)
+        assert batcher.depth == 10 and batcher.retry_after() == 6  # ceil(3 batches * 1.7 s) = ceil(5.1)
+        with pytest.raises(ClientError) as refused:
+            await batcher.submit_many(["n", "o", "p"])  # 10 + 3 > 12
+        assert refused.value.status == 503 and refused.value.headers == {"Retry-After": "6"}
+        gate.set()
+        assert await held == ["c"] and await queued == list("defghijklm")
+        await batcher.stop()
+
+    asyncio.run(main())
+
+
+def test_a_failed_batch_drops_the_rest_of_its_request_and_the_model_never_sees_them():
+    calls: list[list] = []
+
+    def run(values):
+        calls.append(list(values))
+        if values == ["a1"]:
+            raise RuntimeError("the model failed")
+        return [v.upper() for v in values]
+
+    async def main():
+        batcher = DynamicBatcher(run, max_batch_size=1)
+        await batcher.start()
+        with pytest.raises(RuntimeError, match="the model failed"):
+            await batcher.submit_many(["a1", "a2", "a3"])  # a1 fails; a2 and a3 still wait in the queue
+        assert batcher.depth == 0  # they left the queue with their request
+        assert await batcher.submit_many(["b"]) == ["B"]  # queued after a2 and a3: they would have run by now
+        await batcher.stop()
+
+    asyncio.run(main())
+    assert calls == [["a1"], ["b"]]
+
+
+def test_with_batching_off_each_image_records_its_wait_and_a_late_request_gets_504_naming_its_images():
+    gate = threading.Event()
+    metrics = Metrics()
+
+    def run(values):
+        if values == ["slow", "slow"]:
+            gate.wait(10)
+        return values
+
+    async def main():
+        batcher = DynamicBatcher(run, enabled=False, timeout_ms=200, metrics=metrics)
+        await batcher.start()
+        assert await batcher.submit_many(["x", "y", "z"]) == ["x", "y", "z"]
+        assert _sample(metrics, "flower_queue_wait_seconds_count") == 3  # one wait per image
+        assert _sample(metrics, "flower_batch_size_images_sum") == 3
+        with pytest.raises(ClientError) as late:
+            await batcher.submit_many(["slow", "slow"])
+        gate.set()
+        assert late.value.status == 504 and late.value.kind == "timeout"
+        assert "this request's 2 image(s) within --request-timeout-ms 200 ms" in late.value.message
+        assert batcher.depth == 0
+        await batcher.stop()
+
+    asyncio.run(main())
+    assert _sample(metrics, 'flower_rejected_requests_total') == 1
