@@ -43,7 +43,7 @@ module_spec() {
       LIMIT=3600 ;;
     service)  # decoding, resizing, batching, result assembly
       FILES=(service/images.py service/predictor.py service/batching.py service/routes/predict.py)
-      TESTS=(tests/test_service.py tests/test_service_overload.py tests/test_service_hardening.py tests/test_page_info.py
+      TESTS=(tests/test_batching.py tests/test_service.py tests/test_service_overload.py tests/test_service_hardening.py tests/test_page_info.py
              tests/test_member_concurrency.py tests/test_pixel_parity.py
              -k "not concurrent_requests_are_batched and not stays_responsive and not command_refuses and not workers and not python_m_service and not 300_mb and not gigabyte and not byte_by_byte and not bounded_memory and not trickles")
       LIMIT=3600 ;;

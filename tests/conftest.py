@@ -20,6 +20,26 @@ REAL_PHOTOS = REPO.parent / "shared" / "data" / "flowers5-128px"
 TINY_COUNTS = {"train": 60, "val": 24, "test": 18}
 
 
+@pytest.fixture(autouse=True)
+def _run_tf_functions_eagerly_while_mutmut_maps_tests():
+    """While mutmut maps tests to the functions they reach (MUTANT_UNDER_TEST=stats), run every tf.function eagerly.
+
+    A tf.function runs its Python only when it traces; a test that reuses another test's trace (the augmentation's
+    compiled pixel pass, MixUp/CutMix) would not be seen reaching the functions inside it, and would never be run
+    against their mutants. Mutants themselves run compiled, as in training.
+    """
+    if os.environ.get("MUTANT_UNDER_TEST") != "stats":
+        yield
+        return
+    import tensorflow as tf
+
+    tf.config.run_functions_eagerly(True)
+    try:
+        yield
+    finally:
+        tf.config.run_functions_eagerly(False)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """Demo data at 32 and 48 px: 60 train / 24 val / 18 test images in files of 20 records."""

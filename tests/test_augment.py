@@ -291,3 +291,94 @@ def test_the_grid_command_refuses_sizes_rows_and_copies_below_one(tiny_data, tmp
     assert show_augment_main(["--data", str(tiny_data), "--size", "32", "--out", str(out), *args]) == 2
     assert capsys.readouterr().err == message + "\n"
     assert not out.exists()
+
+
+def test_resize_image_makes_any_rectangle_the_square_of_the_size():
+    tall, wide = _image(48)[:, :32], _image(48)[:32]  # 48x32 and 32x48
+    for image in (tall, wide, tf.stack([tall, tall])):
+        out = resize_image(image, 32)
+        assert out.shape[-3:] == (32, 32, 3)
+        np.testing.assert_allclose(out, tf.image.resize(image, [32, 32], method="bilinear"), atol=1e-4)
+
+
+@pytest.mark.parametrize("out_size", [16, 40])
+def test_without_geometry_the_pixel_pass_resizes_on_the_evaluation_grid(out_size):
+    # Geometry off but the pixel pass on (an erase probability that never fires): its resize-only affine maps
+    # must sample exactly where `resize_image` does.
+    config = AugmentConfig(**NO_GEOMETRY, **NO_COLOUR, erase_prob=1e-9)
+    images = tf.stack([_image(24, s) for s in range(3)])
+    out = augment_batch(images, _seed(), config, out_size)
+    np.testing.assert_allclose(out, resize_image(images, out_size), atol=1e-3)
+
+
+def test_box_masks_cover_exactly_their_rows_and_columns():
+    from training.augment import _box_mask
+
+    boxes = tf.constant([[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 8.0, 8.0], [5.0, 5.0, 0.0, 3.0]])  # top, left, height, width
+    mask = _box_mask(8, boxes).numpy()[..., 0]
+    expected = np.zeros((3, 8, 8))
+    expected[0, 1:4, 2:6] = 1.0
+    expected[1] = 1.0  # the whole image; the third box has no height: nothing
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_erased_boxes_hold_uniform_noise_over_the_whole_pixel_range():
+    config = AugmentConfig(**NO_GEOMETRY, **NO_COLOUR, erase_prob=1.0, erase_area=(0.5, 0.5))
+    images = tf.fill([16, 32, 32, 3], 100.0)
+    out = augment_batch(images, _seed(), config, 32).numpy()
+    noise = out[out != 100.0]
+    assert noise.size > 0.4 * out.size  # about half of every image is erased
+    assert abs(noise.mean() - 127.5) < 2.0 and noise.min() < 5.0 and noise.max() > 250.0
+
+
+@pytest.mark.parametrize("alpha", [0.4, 2.0])
+def test_mixup_weights_follow_beta_alpha_alpha(alpha):
+    # MixUp's partner weight is 1 - Beta(alpha, alpha): mean 1/2, variance 1 / (4 (2 alpha + 1)).
+    count = 4000
+    images = tf.constant(np.arange(count, dtype=np.float32)[:, None, None, None] * np.ones((1, 2, 2, 3)), tf.float32)
+    labels = tf.one_hot(np.arange(count) % 2, 2)
+    mixed, _ = mix_batch(images, labels, _seed(), AugmentConfig(mixup_prob=1.0, mixup_alpha=alpha))
+    own, partner = np.arange(count), (np.arange(count) - 1) % count
+    weights = (mixed.numpy()[:, 0, 0, 0] - own) / (partner - own)
+    assert abs(weights.mean() - 0.5) < 0.02
+    assert abs(weights.var() - 1 / (4 * (2 * alpha + 1))) < 0.1 / (4 * (2 * alpha + 1))
+
+
+def test_cutmix_and_mixup_take_their_share_of_images_and_leave_the_rest_untouched():
+    count = 4000
+    images, labels = _flat_batch(count, size=8)
+    config = AugmentConfig(cutmix_prob=0.3, mixup_prob=0.4, mixup_alpha=2.0)  # MixUp weights rarely near 0 or 1
+    mixed, soft = mix_batch(images, labels, _seed(), config)
+    pixels, own = mixed.numpy()[..., 0], np.arange(count)[:, None, None]
+    is_own, is_partner = pixels == own, pixels == (own - 1) % count
+    untouched = is_own.all(axis=(1, 2))
+    cut = ~untouched & (is_own | is_partner).all(axis=(1, 2))  # whole pixels of the image or of its partner
+    blended = ~(is_own | is_partner).all(axis=(1, 2))
+    # A CutMix box rounds to nothing for about 1.5 % of its images (lam within 1/64 of 1): they count as untouched.
+    assert abs(cut.mean() - 0.3) < 0.03 and abs(blended.mean() - 0.4) < 0.03 and abs(untouched.mean() - 0.3) < 0.03
+    np.testing.assert_array_equal(soft.numpy()[untouched], labels.numpy()[untouched])
+
+
+def test_cutmix_pastes_one_rectangle_of_about_one_minus_lambda_centred_anywhere():
+    # With alpha 100, lam is 1/2 (std 0.035): every box has side size * sqrt(1/2), centred uniformly, clipped to the
+    # image. Per axis the clipped length is min(c + a, 1) - max(c - a, 0) for c ~ U(0, 1), a = sqrt(1/2) / 2,
+    # whose mean is 2a - a^2; the two axes are independent, so the mean pasted share is (2a - a^2)^2 = 0.339.
+    count, size = 1000, 64
+    images, labels = _flat_batch(count, size)
+    mixed, _ = mix_batch(images, labels, _seed(), AugmentConfig(cutmix_prob=1.0, cutmix_alpha=100.0))
+    pasted = mixed.numpy()[..., 0] != np.arange(count)[:, None, None]
+    rows, cols = pasted.any(axis=2), pasted.any(axis=1)
+    np.testing.assert_array_equal(pasted, rows[:, :, None] & cols[:, None, :])  # one axis-aligned rectangle each
+    a = np.sqrt(0.5) / 2
+    assert abs(pasted.mean() - (2 * a - a * a) ** 2) < 0.01
+    inner = ~rows[:, 0] & ~rows[:, -1] & ~cols[:, 0] & ~cols[:, -1]  # boxes that no edge clipped
+    side = size * np.sqrt(0.5)
+    assert inner.sum() > 40  # expected (1 - 2a)^2 = 8.6 %
+    heights, widths = rows[inner].sum(1), cols[inner].sum(1)
+    assert (np.abs(heights - widths) <= 1).all()  # squares
+    assert abs(heights.mean() - side) < 1.0 and (np.abs(heights - side) <= 6).all()  # lam's spread: side +- 1.6
+    for edge in (rows[:, 0], rows[:, -1], cols[:, 0], cols[:, -1]):
+        assert 0.25 < edge.mean() < 0.45  # a box reaches each edge when its centre is within a of it: 35 %
+    frequency = pasted.mean(axis=0)
+    assert abs(frequency[: size // 2].mean() - frequency[size // 2:].mean()) < 0.04  # centred anywhere: symmetric
+    assert abs(frequency[:, : size // 2].mean() - frequency[:, size // 2:].mean()) < 0.04

@@ -114,3 +114,33 @@ def test_with_batching_off_each_image_records_its_wait_and_a_late_request_gets_5
 
     asyncio.run(main())
     assert _sample(metrics, 'flower_rejected_requests_total') == 1
+
+
+def test_batches_take_at_most_max_batch_size_images_in_order_and_each_image_waits_from_its_submission(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(batching.time, "perf_counter", clock)
+    gate, calls, metrics = threading.Event(), [], Metrics()
+
+    def run(values):
+        calls.append(list(values))
+        if len(calls) == 1:
+            assert gate.wait(10)
+            clock.now += 2.0  # the queued images waited 2 s for this batch to end
+        return values
+
+    async def main():
+        batcher = DynamicBatcher(run, max_batch_size=2, metrics=metrics)
+        await batcher.start()
+        held = asyncio.ensure_future(batcher.submit_many(["a"]))
+        while not calls:
+            await asyncio.sleep(0.005)
+        queued = asyncio.ensure_future(batcher.submit_many(list("bcdef")))
+        await asyncio.sleep(0.01)
+        gate.set()
+        assert await held == ["a"] and await queued == list("bcdef")
+        await batcher.stop()
+
+    asyncio.run(main())
+    assert calls == [["a"], ["b", "c"], ["d", "e"], ["f"]]
+    assert _sample(metrics, "flower_queue_wait_seconds_count") == 6
+    assert _sample(metrics, "flower_queue_wait_seconds_sum") == 5 * 2.0  # "a" waited 0 s, the five others 2 s
