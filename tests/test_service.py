@@ -73,6 +73,17 @@ def test_predict_answers_top_classes_per_image(client):
         assert [m["member"] for m in result["members"]] == ["m32", "m48"]
 
 
+def test_without_options_an_answer_has_five_top_classes_and_no_probabilities_or_members(client):
+    response = client.post("/v1/predict", files=_files(image_bytes()))
+    assert response.status_code == 200
+    result = response.json()["results"][0]
+    assert result["ok"] and len(result["top"]) == 4  # the default top_k (5), capped at the 4 classes
+    assert "probabilities" not in result and "members" not in result
+    flags = {"include_probabilities": "false", "include_members": "off"}
+    result = client.post("/v1/predict", files=_files(image_bytes()), data=flags).json()["results"][0]
+    assert "probabilities" not in result and "members" not in result
+
+
 def test_one_bad_image_fails_only_its_own_entry(client):
     response = client.post("/v1/predict", files=_files(image_bytes(), b"not an image", image_bytes("GIF")))
     assert response.status_code == 200
