@@ -382,3 +382,48 @@ def test_cutmix_pastes_one_rectangle_of_about_one_minus_lambda_centred_anywhere(
     frequency = pasted.mean(axis=0)
     assert abs(frequency[: size // 2].mean() - frequency[size // 2:].mean()) < 0.04  # centred anywhere: symmetric
     assert abs(frequency[:, : size // 2].mean() - frequency[:, size // 2:].mean()) < 0.04
+
+
+def _forward_parameters(affine: np.ndarray, size: int) -> dict[str, np.ndarray]:
+    """Rotation, shear (degrees), zooms, flips and shifts read back from inverse maps [B, 2, 3] of a size->size
+    transform: the forward map is q = R(rotation) Shear(shear) Zoom Flip p + t on centred coordinates, so its
+    first column is zoom_x flip_x (cos r, sin r) and its second zoom_y flip_y (-sin(r + s), cos(r + s))."""
+    forward = np.linalg.inv(affine[:, :, :2].astype(np.float64))
+    col0, col1 = forward[:, :, 0], forward[:, :, 1]
+    rotation = np.degrees(np.arctan(col0[:, 1] / col0[:, 0]))
+    centre = (size - 1) / 2.0
+    out = np.einsum("bij,bj->bi", forward, centre - affine[:, :, 2]) - centre  # where the input centre goes
+    return {"rotation": rotation, "shear": np.degrees(np.arctan(-col1[:, 0] / col1[:, 1])) - rotation,
+            "zoom_x": np.linalg.norm(col0, axis=1), "zoom_y": np.linalg.norm(col1, axis=1),
+            "flip_x": np.sign(col0[:, 0]), "flip_y": np.sign(col1[:, 1]), "shift_x": out[:, 0], "shift_y": out[:, 1]}
+
+
+def test_the_affine_parameters_have_their_documented_spreads_and_are_independent():
+    from training.augment import _seeds, sample_affine
+
+    config = AugmentConfig(flip_up_down=True, rotation=10.0, shear=5.0, zoom=0.1, shift=16.0, shift_reference_size=192)
+    affine = sample_affine(_seeds(_seed(4, 4), 4)[0], 4000, config, 32, 32).numpy()
+    p = _forward_parameters(affine, 32)
+    spreads = {"rotation": 10.0, "shear": 5.0, "zoom_x": 0.1, "zoom_y": 0.1, "shift_x": 16.0 * 32 / 192,
+               "shift_y": 16.0 * 32 / 192, "flip_x": 1.0, "flip_y": 1.0}  # flips: -1 or 1 with even odds
+    for name, spread in spreads.items():
+        assert abs(p[name].std() / spread - 1) < 0.08, name
+    assert abs(p["zoom_x"].mean() - 1) < 0.01 and abs(p["flip_x"].mean()) < 0.08 and abs(p["flip_y"].mean()) < 0.08
+    correlations = np.corrcoef(np.stack([p[name] for name in spreads]))
+    assert np.abs(correlations - np.eye(len(spreads))).max() < 0.1  # each drawn on its own
+
+
+def test_rotation_with_zoom_keeps_right_angles():
+    from training.augment import _seeds, sample_affine
+
+    config = AugmentConfig(**(NO_GEOMETRY | {"rotation": 20.0, "zoom": 0.2}))
+    forward = np.linalg.inv(sample_affine(_seeds(_seed(3, 1), 4)[0], 256, config, 24, 24).numpy()[:, :, :2])
+    cosine = np.einsum("bi,bi->b", forward[:, :, 0], forward[:, :, 1])
+    cosine /= np.linalg.norm(forward[:, :, 0], axis=1) * np.linalg.norm(forward[:, :, 1], axis=1)
+    assert np.abs(cosine).max() < 1e-5  # R(angle) Zoom: no shear appears
+
+
+def test_darkening_clips_at_black():
+    config = AugmentConfig(**NO_GEOMETRY, brightness=0.3)
+    out = augment_batch(tf.fill([8, 8, 8, 3], 10.0), _seed(), config, 8).numpy()
+    assert out.min() == 0.0 and (out.reshape(8, -1) == 0.0).all(axis=1).any()  # some images are pushed to black
