@@ -716,3 +716,43 @@ def test_a_flag_naming_what_to_serve_sets_aside_the_other_from_the_environment(t
     monkeypatch.setenv("FLOWER_ENSEMBLE", str(ensemble))
     assert main([]) == 2  # both from the environment
     assert "exactly one" in capsys.readouterr().err and len(served) == 1
+
+
+@pytest.mark.parametrize("value,expected", [
+    (None, False), ("1", True), ("true", True), ("Yes", True), (" ON ", True),
+    ("0", False), ("FALSE", False), ("no", False), ("Off", False), ("", False),
+])
+def test_boolean_options_take_the_documented_spellings(value, expected):
+    from service.routes.predict import _flag
+
+    assert _flag(value, "include_members") is expected
+
+
+def test_a_boolean_option_spelled_otherwise_is_refused_naming_it():
+    from service.errors import ClientError
+    from service.routes.predict import _flag
+
+    with pytest.raises(ClientError) as refused:
+        _flag("maybe", "include_members")
+    assert refused.value.status == 422 and refused.value.message == "include_members must be true or false, got 'maybe'"
+
+
+def test_top_k_takes_one_to_the_class_count_and_names_a_bad_value():
+    from service.errors import ClientError
+    from service.routes.predict import _top_k
+
+    assert (_top_k(None, 5, 4), _top_k(None, 3, 4), _top_k("1", 5, 4), _top_k(" 4", 5, 4)) == (4, 3, 1, 4)
+    for value, message in (("0", "top_k must be between 1 and 4, got 0"), ("5", "top_k must be between 1 and 4, got 5"),
+                           ("two", "top_k must be an integer, got 'two'")):
+        with pytest.raises(ClientError) as refused:
+            _top_k(value, 5, 4)
+        assert refused.value.status == 422 and refused.value.message == message
+
+
+def test_an_image_of_exactly_the_byte_limit_is_accepted_and_one_byte_more_is_not(client):
+    limit = 200_000  # the module client's max_image_bytes
+    blob = image_bytes("PNG", size=(64, 48))
+    padded = blob + b"\0" * (limit - len(blob))  # PNG ignores bytes after its end chunk
+    assert client.post("/v1/predict", files=_files(padded)).json()["results"][0]["ok"]
+    result = client.post("/v1/predict", files=_files(padded + b"\0")).json()["results"][0]
+    assert not result["ok"] and result["error"]["kind"] == "too_large"

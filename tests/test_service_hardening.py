@@ -395,6 +395,25 @@ def test_the_in_flight_pixel_budget_answers_503_with_retry_after(ensemble_dir):
         assert budget.used == 0  # released after each request
 
 
+def test_a_huge_jpeg_is_budgeted_at_its_reduced_size_and_answered_like_its_reduced_decode(ensemble_dir):
+    from service.testing import photo
+
+    buffer = io.BytesIO()
+    photo(3000, 2000, seed=4).save(buffer, format="JPEG", quality=90)
+    blob = buffer.getvalue()  # 6 M pixels: decoded at 1/8 (375 x 250 = 93 750 pixels), then halved (>= 2 x 48 a side)
+    assert len(blob) > 48 * 1024  # decoded off the event loop
+    settings = Settings(ensemble=str(ensemble_dir), max_request_pixels=200_000, max_inflight_pixels=200_000,
+                        max_images=2, max_image_bytes=5_000_000)
+    with TestClient(create_app(settings)) as c:
+        _wait_ready(c)
+        response = c.post("/v1/predict", files=_files(blob), data={"include_probabilities": "true"})
+    assert response.status_code == 200, response.text  # counted at its full 6 M pixels it would be refused
+    reduced = decode_image(blob, settings.max_pixels, 48, settings.downscale_pixels)
+    assert reduced.shape == (125, 188, 3)
+    expected = load_ensemble(ensemble_dir).predict([reduced])[0][0]
+    np.testing.assert_allclose(response.json()["results"][0]["probabilities"], expected, atol=1e-5)
+
+
 def test_the_request_budget_may_not_exceed_the_in_flight_budget():
     with pytest.raises(ValueError, match="max_inflight_pixels"):
         Settings(run="x", max_request_pixels=10, max_inflight_pixels=5)
