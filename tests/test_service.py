@@ -756,3 +756,14 @@ def test_an_image_of_exactly_the_byte_limit_is_accepted_and_one_byte_more_is_not
     assert client.post("/v1/predict", files=_files(padded)).json()["results"][0]["ok"]
     result = client.post("/v1/predict", files=_files(padded + b"\0")).json()["results"][0]
     assert not result["ok"] and result["error"]["kind"] == "too_large"
+
+
+def test_options_may_come_as_query_parameters_and_a_bad_one_is_named(client):
+    query = "top_k=2&include_probabilities=yes&include_members=1"
+    response = client.post(f"/v1/predict?{query}", files=_files(image_bytes()))
+    result = response.json()["results"][0]
+    assert len(result["top"]) == 2 and len(result["probabilities"]) == 4 and len(result["members"]) == 2
+    for name in ("include_probabilities", "include_members"):
+        response = client.post(f"/v1/predict?{name}=maybe", files=_files(image_bytes()))
+        assert response.status_code == 422
+        assert response.json()["error"]["message"] == f"{name} must be true or false, got 'maybe'"
