@@ -427,3 +427,22 @@ def test_darkening_clips_at_black():
     config = AugmentConfig(**NO_GEOMETRY, brightness=0.3)
     out = augment_batch(tf.fill([8, 8, 8, 3], 10.0), _seed(), config, 8).numpy()
     assert out.min() == 0.0 and (out.reshape(8, -1) == 0.0).all(axis=1).any()  # some images are pushed to black
+
+
+@pytest.mark.parametrize("fill_mode,right,left", [
+    # A ramp of columns 10, 20, ..., 160 moved by 5 columns each way: what the 5 uncovered columns show.
+    ("nearest", [160] * 5, [10] * 5),
+    ("wrap", [10, 20, 30, 40, 50], [120, 130, 140, 150, 160]),
+    ("reflect", [160, 150, 140, 130, 120], [50, 40, 30, 20, 10]),  # mirrored about the edge, the edge repeated
+    ("constant", [0] * 5, [0] * 5),
+])
+def test_each_fill_mode_fills_the_uncovered_columns_with_its_own_pixels(fill_mode, right, left):
+    from training.augment import _resample
+
+    ramp = np.tile((np.arange(16, dtype=np.float32) + 1)[None, :, None] * 10, [16, 1, 3])[None]
+    for shift, edge, expected in ((5.0, slice(11, 16), right), (-5.0, slice(0, 5), left)):
+        affine = tf.constant([[[1.0, 0.0, shift], [0.0, 1.0, 0.0]]])  # output column j samples input column j + shift
+        out = _resample(tf.constant(ramp), affine, 16, fill_mode).numpy()[0, :, :, 0]
+        np.testing.assert_array_equal(out[:, edge], np.tile(np.array(expected, np.float32), (16, 1)))
+        covered = np.arange(11) if shift > 0 else np.arange(5, 16)
+        np.testing.assert_array_equal(out[:, covered], ramp[0][:, covered + int(shift), 0])
