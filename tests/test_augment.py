@@ -446,3 +446,13 @@ def test_each_fill_mode_fills_the_uncovered_columns_with_its_own_pixels(fill_mod
         np.testing.assert_array_equal(out[:, edge], np.tile(np.array(expected, np.float32), (16, 1)))
         covered = np.arange(11) if shift > 0 else np.arange(5, 16)
         np.testing.assert_array_equal(out[:, covered], ramp[0][:, covered + int(shift), 0])
+
+
+def test_rotation_with_shear_keeps_lengths_and_turns_the_second_axis_by_the_shear():
+    from training.augment import _seeds, sample_affine
+
+    config = AugmentConfig(**(NO_GEOMETRY | {"rotation": 20.0, "shear": 20.0}))
+    forward = np.linalg.inv(sample_affine(_seeds(_seed(6, 1), 4)[0], 256, config, 24, 24).numpy()[:, :, :2])
+    np.testing.assert_allclose(np.linalg.norm(forward, axis=1), 1.0, atol=1e-5)  # no zoom: both axes keep length
+    shear = np.degrees(np.arcsin(-np.einsum("bi,bi->b", forward[:, :, 0], forward[:, :, 1])))  # axes at 90 + shear
+    assert 15 < shear.std() < 25
