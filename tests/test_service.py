@@ -76,6 +76,8 @@ def test_predict_answers_top_classes_per_image(client):
 def test_without_options_an_answer_has_five_top_classes_and_no_probabilities_or_members(client):
     response = client.post("/v1/predict", files=_files(image_bytes()))
     assert response.status_code == 200
+    assert {k: v for k, v in response.json().items() if k != "results"} == {"model": "flowers", "version": 1,
+                                                                             "classes": 4}
     result = response.json()["results"][0]
     assert result["ok"] and len(result["top"]) == 4  # the default top_k (5), capped at the 4 classes
     assert "probabilities" not in result and "members" not in result
