@@ -99,7 +99,7 @@ def test_with_batching_off_each_image_records_its_wait_and_a_late_request_gets_5
         return values
 
     async def main():
-        batcher = DynamicBatcher(run, enabled=False, timeout_ms=200, metrics=metrics)
+        batcher = DynamicBatcher(run, enabled=False, timeout_ms=1000, metrics=metrics)
         await batcher.start()
         assert await batcher.submit_many(["x", "y", "z"]) == ["x", "y", "z"]
         assert _sample(metrics, "flower_queue_wait_seconds_count") == 3  # one wait per image
@@ -108,7 +108,7 @@ def test_with_batching_off_each_image_records_its_wait_and_a_late_request_gets_5
             await batcher.submit_many(["slow", "slow"])
         gate.set()
         assert late.value.status == 504 and late.value.kind == "timeout"
-        assert "this request's 2 image(s) within --request-timeout-ms 200 ms" in late.value.message
+        assert "this request's 2 image(s) within --request-timeout-ms 1000 ms" in late.value.message
         assert batcher.depth == 0
         await batcher.stop()
 
