@@ -60,6 +60,8 @@ def test_retry_after_is_the_queued_batches_times_the_moving_average_of_a_batch(m
         with pytest.raises(ClientError) as refused:
             await batcher.submit_many(["n", "o", "p"])  # 10 + 3 > 12
         assert refused.value.status == 503 and refused.value.headers == {"Retry-After": "6"}
+        assert refused.value.message == ("the server is overloaded: 10 images are waiting for the model, and this "
+                                         "request's 3 would pass --max-queue 12; retry after 6 s")
         gate.set()
         assert await held == ["c"] and await queued == list("defghijklm")
         await batcher.stop()
@@ -99,13 +101,20 @@ def test_with_batching_off_each_image_records_its_wait_and_a_late_request_gets_5
         return values
 
     async def main():
-        batcher = DynamicBatcher(run, enabled=False, timeout_ms=1000, metrics=metrics)
+        batcher = DynamicBatcher(run, enabled=False, timeout_ms=1000, metrics=metrics, max_queue=2)
         await batcher.start()
-        assert await batcher.submit_many(["x", "y", "z"]) == ["x", "y", "z"]
+        assert await batcher.submit_many(["x", "y", "z"]) == ["x", "y", "z"]  # more than max_queue: nothing else runs
         assert _sample(metrics, "flower_queue_wait_seconds_count") == 3  # one wait per image
+        assert 0 <= _sample(metrics, "flower_queue_wait_seconds_sum") < 1.0
         assert _sample(metrics, "flower_batch_size_images_sum") == 3
+        slow = asyncio.ensure_future(batcher.submit_many(["slow", "slow"]))
+        await asyncio.sleep(0.05)
+        with pytest.raises(ClientError) as refused:
+            await batcher.submit_many(["z"])
+        assert refused.value.message.startswith("the server is overloaded: 2 images are being served by the model, "
+                                                "and this request's 1 would pass --max-queue 2")
         with pytest.raises(ClientError) as late:
-            await batcher.submit_many(["slow", "slow"])
+            await slow
         gate.set()
         assert late.value.status == 504 and late.value.kind == "timeout"
         assert "this request's 2 image(s) within --request-timeout-ms 1000 ms" in late.value.message
@@ -113,7 +122,7 @@ def test_with_batching_off_each_image_records_its_wait_and_a_late_request_gets_5
         await batcher.stop()
 
     asyncio.run(main())
-    assert _sample(metrics, 'flower_rejected_requests_total') == 1
+    assert _sample(metrics, 'flower_rejected_requests_total{reason="timeout"}') == 1
 
 
 def test_batches_take_at_most_max_batch_size_images_in_order_and_each_image_waits_from_its_submission(monkeypatch):
@@ -138,9 +147,39 @@ def test_batches_take_at_most_max_batch_size_images_in_order_and_each_image_wait
         await asyncio.sleep(0.01)
         gate.set()
         assert await held == ["a"] and await queued == list("bcdef")
+        assert _sample(metrics, "flower_queue_depth_images") == 0
         await batcher.stop()
+        assert _sample(metrics, "flower_queue_depth_images") == 0
 
     asyncio.run(main())
     assert calls == [["a"], ["b", "c"], ["d", "e"], ["f"]]
     assert _sample(metrics, "flower_queue_wait_seconds_count") == 6
     assert _sample(metrics, "flower_queue_wait_seconds_sum") == 5 * 2.0  # "a" waited 0 s, the five others 2 s
+
+
+def test_a_late_request_gets_504_naming_its_images_and_a_wrong_batch_function_is_named():
+    gate, sizes = threading.Event(), []
+
+    def run(values):
+        if values[0] == "held":
+            assert gate.wait(10)
+        return values if values[0] != "short" else values[:1]
+
+    async def main():
+        batcher = DynamicBatcher(run, max_batch_size=4, timeout_ms=300, on_batch=lambda n, s: sizes.append((n, s)))
+        await batcher.start()
+        held = asyncio.ensure_future(batcher.submit_many(["held"]))
+        await asyncio.sleep(0.05)
+        with pytest.raises(ClientError) as late:
+            await batcher.submit_many(["a", "b"])  # waits behind the held batch past its deadline
+        assert late.value.status == 504
+        assert "this request's 2 image(s) within --request-timeout-ms 300 ms" in late.value.message
+        gate.set()
+        with pytest.raises(ClientError):
+            await held  # its own deadline passed too
+        with pytest.raises(RuntimeError, match="^batch function returned 1 results for 2 inputs$"):
+            await batcher.submit_many(["short", "x"])
+        await batcher.stop()
+
+    asyncio.run(main())
+    assert [n for n, _ in sizes] == [1] and sizes[0][1] > 0.2  # on_batch: each answered batch's size and seconds
