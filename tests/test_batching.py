@@ -183,3 +183,22 @@ def test_a_late_request_gets_504_naming_its_images_and_a_wrong_batch_function_is
 
     asyncio.run(main())
     assert [n for n, _ in sizes] == [1] and sizes[0][1] > 0.2  # on_batch: each answered batch's size and seconds
+
+
+def test_the_batchers_bounds_are_checked_and_a_one_millisecond_deadline_holds():
+    with pytest.raises(ValueError, match="^max_batch_size must be >= 1, got 0$"):
+        DynamicBatcher(lambda values: values, max_batch_size=0)
+    with pytest.raises(ValueError, match="^max_queue must be >= 1, got 0$"):
+        DynamicBatcher(lambda values: values, max_queue=0)
+    gate = threading.Event()
+
+    async def main():
+        batcher = DynamicBatcher(lambda values: gate.wait(10) and values, max_queue=1, timeout_ms=1)
+        await batcher.start()
+        with pytest.raises(ClientError) as late:
+            await batcher.submit_many(["a"])
+        gate.set()
+        await batcher.stop()
+        return late.value.status
+
+    assert asyncio.run(main()) == 504
