@@ -769,3 +769,14 @@ def test_options_may_come_as_query_parameters_and_a_bad_one_is_named(client):
         response = client.post(f"/v1/predict?{name}=maybe", files=_files(image_bytes()))
         assert response.status_code == 422
         assert response.json()["error"]["message"] == f"{name} must be true or false, got 'maybe'"
+
+
+def test_a_jpeg_with_an_exif_rotation_is_decoded_upright_as_the_import_tool_does():
+    from training.pixels import to_rgb
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    blob = image_bytes("JPEG", size=(64, 48), exif=exif.tobytes())
+    decoded = decode_image(blob, 10_000_000)
+    assert decoded.shape == (64, 48, 3)  # upright: the 64 x 48 photo stands 64 high
+    np.testing.assert_array_equal(decoded, np.asarray(to_rgb(Image.open(io.BytesIO(blob)))))
