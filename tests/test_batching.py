@@ -13,6 +13,7 @@ from service import batching
 from service.batching import DynamicBatcher
 from service.errors import ClientError
 from service.telemetry import Metrics
+from tests.metrics_text import metric_samples, metric_value
 
 
 class Clock:
@@ -25,12 +26,9 @@ class Clock:
         return self.now
 
 
-def _sample(metrics: Metrics, name: str) -> float:
-    """One sample's value from the metrics' Prometheus text."""
-    for line in generate_latest(metrics.registry).decode().splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not in the metrics")
+def _sample(metrics: Metrics, name: str, **labels: str) -> float:
+    """One sample's value from the metrics' Prometheus text (it must be there)."""
+    return metric_value(metric_samples(generate_latest(metrics.registry).decode()), name, required=True, **labels)
 
 
 def test_retry_after_is_the_queued_batches_times_the_moving_average_of_a_batch(monkeypatch):
@@ -122,7 +120,7 @@ def test_with_batching_off_each_image_records_its_wait_and_a_late_request_gets_5
         await batcher.stop()
 
     asyncio.run(main())
-    assert _sample(metrics, 'flower_rejected_requests_total{reason="timeout"}') == 1
+    assert _sample(metrics, "flower_rejected_requests_total", reason="timeout") == 1
 
 
 def test_batches_take_at_most_max_batch_size_images_in_order_and_each_image_waits_from_its_submission(monkeypatch):

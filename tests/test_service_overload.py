@@ -16,7 +16,6 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.multiprocess import MultiProcessCollector
-from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
 from service.app import create_app
@@ -24,6 +23,7 @@ from service.cli import metrics_dir, parse_settings
 from service.settings import Settings
 from service.telemetry import Metrics
 from service.testing import CLASSES, free_port, image_bytes, make_run, start_server
+from tests.metrics_text import metric_samples, metric_value
 
 
 class GatedEnsemble:
@@ -81,16 +81,6 @@ def _until(condition, timeout: float = 5.0) -> None:
         time.sleep(0.005)
 
 
-def _samples(text: str) -> dict[tuple[str, frozenset], float]:
-    """Every sample of a Prometheus exposition by (name, labels)."""
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def _value(samples: dict, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
-
-
 def _answered_as(response: httpx.Response, *classes: int) -> bool:
     return response.status_code == 200 and [r["top"][0]["index"] for r in response.json()["results"]] == list(classes)
 
@@ -108,28 +98,28 @@ def test_past_max_queue_requests_get_503_at_once_and_the_admitted_ones_their_ans
         for ask in (lambda: _post(c, 1), lambda: _tf_post(c, 2), lambda: _post(c, 0, 1, 2)):
             start = time.perf_counter()
             refused.append((ask(), time.perf_counter() - start))
-        held = _samples(c.get("/metrics").text)
+        held = metric_samples(c.get("/metrics").text)
         assert not model.gate.is_set() and batcher.depth == 3  # answered while the model was busy; nothing queued
         model.gate.set()
         answers = [first.result(10), *(f.result(10) for f in queued)]
         assert _answered_as(answers[0], 1) and _answered_as(answers[1], 2) and _answered_as(answers[2], 3, 0)
         assert _answered_as(_post(c, 2, 3), 2, 3)  # and it keeps serving
-        metrics = _samples(c.get("/metrics").text)
+        metrics = metric_samples(c.get("/metrics").text)
     for response, seconds in refused:
         assert response.status_code == 503 and seconds < 0.5, seconds  # the model was held all along
         assert int(response.headers["retry-after"]) >= 1
     assert refused[0][0].json()["error"]["kind"] == "overloaded" and "--max-queue" in refused[1][0].json()["error"]
     assert sum(model.calls) == 6 and model.calls[0] == 1  # 1 + 3 admitted + 2: the refused never reached it
-    assert _value(held, "flower_queue_depth_images") == 3 and _value(held, "flower_inflight_requests") == 4
-    assert _value(metrics, "flower_queue_depth_images") == 0
-    assert _value(metrics, "flower_rejected_requests_total", reason="overloaded") == 3
-    assert _value(metrics, "flower_errors_total", kind="overloaded") == 3
-    assert _value(metrics, "flower_batch_size_images_count") == len(model.calls)
-    assert _value(metrics, "flower_batch_size_images_sum") == 6 == _value(metrics, "flower_images_total")
-    assert _value(metrics, "flower_queue_wait_seconds_count") == 6
-    assert _value(metrics, "flower_member_inference_seconds_count", member="gated") == len(model.calls)
-    assert _value(metrics, "flower_requests_total", method="POST", route="/v1/predict", status="503") == 2
-    assert _value(metrics, "flower_requests_total", method="POST", route="/v1/models/{name}:predict",
+    assert metric_value(held, "flower_queue_depth_images") == 3 and metric_value(held, "flower_inflight_requests") == 4
+    assert metric_value(metrics, "flower_queue_depth_images", required=True) == 0
+    assert metric_value(metrics, "flower_rejected_requests_total", reason="overloaded") == 3
+    assert metric_value(metrics, "flower_errors_total", kind="overloaded") == 3
+    assert metric_value(metrics, "flower_batch_size_images_count") == len(model.calls)
+    assert metric_value(metrics, "flower_batch_size_images_sum") == 6 == metric_value(metrics, "flower_images_total")
+    assert metric_value(metrics, "flower_queue_wait_seconds_count") == 6
+    assert metric_value(metrics, "flower_member_inference_seconds_count", member="gated") == len(model.calls)
+    assert metric_value(metrics, "flower_requests_total", method="POST", route="/v1/predict", status="503") == 2
+    assert metric_value(metrics, "flower_requests_total", method="POST", route="/v1/models/{name}:predict",
                   status="503") == 1
 
 
@@ -149,14 +139,14 @@ def test_a_request_past_its_deadline_gets_504_and_its_images_never_reach_the_mod
         running = running.result(10)  # its image is in the running batch: not interrupted, but answered 504
         model.gate.set()
         assert _answered_as(_post(c, 2, 3, 0), 2, 3, 0)
-        metrics = _samples(c.get("/metrics").text)
+        metrics = metric_samples(c.get("/metrics").text)
     assert [r.status_code for r in (*late, running)] == [504, 504, 504] and waited < 2
     assert late[0].json()["error"]["kind"] == "timeout" and "--request-timeout-ms 500 ms" in late[1].json()["error"]
     assert model.calls == [1, 3]  # the running image, then the last request: the late requests' 3 never ran
-    assert _value(metrics, "flower_rejected_requests_total", reason="timeout") == 3
-    assert _value(metrics, "flower_rejected_requests_total", reason="overloaded") == 0
-    assert _value(metrics, "flower_queue_depth_images") == 0
-    assert _value(metrics, "flower_batch_size_images_sum") == 4 == _value(metrics, "flower_images_total")
+    assert metric_value(metrics, "flower_rejected_requests_total", reason="timeout") == 3
+    assert metric_value(metrics, "flower_rejected_requests_total", reason="overloaded") == 0
+    assert metric_value(metrics, "flower_queue_depth_images", required=True) == 0
+    assert metric_value(metrics, "flower_batch_size_images_sum") == 4 == metric_value(metrics, "flower_images_total")
 
 
 def test_with_batching_off_max_queue_bounds_the_images_being_served():
@@ -174,10 +164,10 @@ def test_with_batching_off_max_queue_bounds_the_images_being_served():
         assert batcher.depth == 0
         model.gate.set()
         assert _answered_as(_post(c, 3), 3)
-        metrics = _samples(c.get("/metrics").text)
-    assert _value(metrics, "flower_rejected_requests_total", reason="overloaded") == 1
-    assert _value(metrics, "flower_rejected_requests_total", reason="timeout") == 2
-    assert _value(metrics, "flower_queue_depth_images") == 0
+        metrics = metric_samples(c.get("/metrics").text)
+    assert metric_value(metrics, "flower_rejected_requests_total", reason="overloaded") == 1
+    assert metric_value(metrics, "flower_rejected_requests_total", reason="timeout") == 2
+    assert metric_value(metrics, "flower_queue_depth_images", required=True) == 0
 
 
 def test_model_loads_and_member_times_are_exposed():
@@ -188,15 +178,15 @@ def test_model_loads_and_member_times_are_exposed():
     metrics.model_unload("flowers", "1")
     metrics.member("m32", 0.02)
     metrics.member("m32", 0.04)
-    samples = _samples(metrics.render())
-    assert _value(samples, "flower_model_loads_total", model="flowers", version="2", outcome="failed") == 1
-    assert _value(samples, "flower_model_loads_total", model="flowers", version="3", outcome="loaded") == 1
-    assert _value(samples, "flower_model_version_loaded", model="flowers", version="1") == 0
-    assert _value(samples, "flower_model_version_loaded", model="flowers", version="3") == 1
+    samples = metric_samples(metrics.render())
+    assert metric_value(samples, "flower_model_loads_total", model="flowers", version="2", outcome="failed") == 1
+    assert metric_value(samples, "flower_model_loads_total", model="flowers", version="3", outcome="loaded") == 1
+    assert metric_value(samples, "flower_model_version_loaded", model="flowers", version="1") == 0
+    assert metric_value(samples, "flower_model_version_loaded", model="flowers", version="3") == 1
     assert ("flower_model_version_loaded", frozenset({("model", "flowers"), ("version", "2")})) not in samples
-    assert _value(samples, "flower_member_inference_seconds_count", member="m32") == 2
-    assert _value(samples, "flower_member_inference_seconds_sum", member="m32") == pytest.approx(0.06)
-    assert _value(samples, "flower_member_inference_seconds_bucket", member="m32", le="0.025") == 1
+    assert metric_value(samples, "flower_member_inference_seconds_count", member="m32") == 2
+    assert metric_value(samples, "flower_member_inference_seconds_sum", member="m32") == pytest.approx(0.06)
+    assert metric_value(samples, "flower_member_inference_seconds_bucket", member="m32", le="0.025") == 1
 
 
 def test_the_new_settings_come_from_flags_or_the_environment(monkeypatch):
@@ -246,7 +236,7 @@ def test_two_workers_report_one_sum_whichever_answers_the_scrape(tmp_path_factor
         assert len(_served_by_pid(directory, "/v1/predict")) == 2, "one worker served every request"
         totals = []
         for _ in range(40):
-            samples = _samples(httpx.get(f"{url}/metrics", headers={"connection": "close"}).text)
+            samples = metric_samples(httpx.get(f"{url}/metrics", headers={"connection": "close"}).text)
             totals.append(sum(v for (name, labels), v in samples.items()
                               if name == "flower_requests_total" and ("route", "/v1/predict") in labels))
             if len(totals) >= 6 and len(_served_by_pid(directory, "/metrics")) == 2:

@@ -1,0 +1,159 @@
+"""Checkpoint files on their own (no training): where each file goes, what a rerun or a leftover does, the refusals.
+
+The resume-equals-uninterrupted and kill tests in tests/test_training.py train; these pin the file-level rules that
+a resume relies on, each found missing by mutation testing (docs/TESTING.md, `training/checkpoints.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import keras
+import numpy as np
+import pytest
+
+from training.checkpoints import (
+    RESUMABLE_CHANGES,
+    check_resumable,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    save_weights_atomic,
+)
+from training.config import load_config
+from training.model import build_classifier
+
+
+def _compiled(classes: int = 3, seed: int = 0) -> tuple[keras.Model, keras.optimizers.Optimizer]:
+    """A tiny compiled classifier with a built optimizer."""
+    keras.utils.set_random_seed(seed)
+    model = build_classifier("small-cnn", 16, classes, dropout=0.0)
+    optimizer = keras.optimizers.AdamW(1e-3)
+    model.compile(optimizer=optimizer, loss="categorical_crossentropy")
+    optimizer.build(model.trainable_variables)
+    return model, optimizer
+
+
+def _state(epoch: int) -> dict:
+    return {"epoch": epoch, "best_f1": epoch / 10, "history": []}
+
+
+def _bias(model: keras.Model) -> np.ndarray:
+    return model.get_layer("probabilities").bias.numpy()
+
+
+def test_the_first_checkpoint_creates_its_folders_and_a_rerun_of_an_epoch_replaces_it(tmp_path):
+    model, optimizer = _compiled()
+    folder = tmp_path / "run" / "checkpoints"  # neither exists yet: the first epoch of a fresh run
+    save_checkpoint(folder, model, optimizer, _state(2), {"a": 1})
+    model.get_layer("probabilities").bias.assign([1.0, 2.0, 3.0])
+    optimizer.iterations.assign(11)
+    save_checkpoint(folder, model, optimizer, _state(2), {"a": 1})  # the same epoch again (a rerun after a kill)
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch-0002"]
+    fresh, fresh_optimizer = _compiled(seed=1)
+    assert load_checkpoint(folder, fresh, fresh_optimizer, log=lambda _: None) == _state(2)
+    np.testing.assert_array_equal(_bias(fresh), [1.0, 2.0, 3.0])
+    assert int(fresh_optimizer.iterations.numpy()) == 11
+
+
+def test_a_checkpoint_remembers_its_config_and_refuses_another_naming_every_change(tmp_path):
+    folder = tmp_path / "run" / "checkpoints"
+    model, optimizer = _compiled()
+    saved = load_config(None, {}).to_dict()
+    save_checkpoint(folder, model, optimizer, _state(1), saved)
+    assert json.loads((folder / "epoch-0001" / "config.json").read_text()) == json.loads(json.dumps(saved))
+    assert json.loads((folder / "epoch-0001" / "state.json").read_text()) == _state(1)
+    check_resumable(folder, load_config(None, {"train.epochs": 99}).to_dict())  # a safe change
+    other = load_config(None, {"data.image_size": 96, "model.dropout": 0.5}).to_dict()
+    with pytest.raises(ValueError) as refused:
+        check_resumable(folder, other)
+    assert str(refused.value) == (
+        f"{tmp_path / 'run'} holds a run made with another config (data.image_size: 64 -> 96; model.dropout: "
+        f"0.2 -> 0.5); resume with the same config (only {', '.join(RESUMABLE_CHANGES)} may change), or write to "
+        f"another output folder, or remove {folder} to start over")
+    assert "only name, output, train.epochs, " in str(refused.value)
+
+
+def test_the_checkpoints_own_config_outranks_the_runs_config_file(tmp_path):
+    # The run's config.json stands in only for a legacy checkpoint that has none of its own.
+    folder = tmp_path / "run" / "checkpoints"
+    model, optimizer = _compiled()
+    saved = load_config(None, {}).to_dict()
+    save_checkpoint(folder, model, optimizer, _state(1), saved)
+    run_file = tmp_path / "run" / "config.json"
+    run_file.write_text(json.dumps(load_config(None, {"data.image_size": 96}).to_dict()))
+    check_resumable(folder, saved, run_file)  # the checkpoint says 64, so a 64 px resume goes on
+    with pytest.raises(ValueError, match="data.image_size: 64 -> 96"):
+        check_resumable(folder, load_config(None, {"data.image_size": 96}).to_dict(), run_file)
+    (folder / "epoch-0001" / "config.json").unlink()
+    with pytest.raises(ValueError, match="data.image_size: 96 -> 64"):  # now the run's file speaks for it
+        check_resumable(folder, saved, run_file)
+    check_resumable(folder, saved, None)  # neither says anything: nothing to refuse
+
+
+def test_leftovers_of_killed_writes_and_older_epochs_go_but_a_stubborn_one_does_not_fail_the_save(tmp_path):
+    folder = tmp_path / "checkpoints"
+    model, optimizer = _compiled()
+    save_checkpoint(folder, model, optimizer, _state(1), {})
+    (folder / ".epoch-0005.tmp").mkdir()  # a kill while another epoch was being written
+    (folder / ".epoch-0005.tmp" / "weights.weights.h5").write_bytes(b"partial")
+    (folder / "notes").mkdir()  # not ours: kept
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (folder / "epoch-0000").symlink_to(elsewhere)  # rmtree refuses a link: it stays, and the save goes on
+    save_checkpoint(folder, model, optimizer, _state(2), {})
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch-0000", "epoch-0002", "notes"]
+    assert elsewhere.is_dir()
+
+
+def test_a_new_layout_checkpoint_ignores_an_optimizer_file_left_from_the_legacy_layout(tmp_path):
+    # A kill right after the first new-layout save (before the legacy files are removed) leaves both.
+    folder = tmp_path / "checkpoints"
+    model, optimizer = _compiled()
+    optimizer.iterations.assign(5)
+    save_checkpoint(folder, model, optimizer, _state(1), {})
+    np.savez(folder / "optimizer.npz", **{f"v{i}": np.zeros(v.shape) + 99 for i, v in enumerate(optimizer.variables)})
+    fresh, fresh_optimizer = _compiled(seed=1)
+    load_checkpoint(folder, fresh, fresh_optimizer, log=lambda _: None)
+    assert int(fresh_optimizer.iterations.numpy()) == 5
+    for a, b in zip(optimizer.variables, fresh_optimizer.variables, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+
+
+def test_an_unreadable_or_misfitting_checkpoint_is_refused_with_the_folder_to_remove(tmp_path, monkeypatch):
+    folder = tmp_path / "checkpoints"
+    model, optimizer = _compiled()
+    save_checkpoint(folder, model, optimizer, _state(1), {})
+    state_file = folder / "epoch-0001" / "state.json"
+    state_file.write_text("{half")
+    with pytest.raises(ValueError) as broken:
+        load_checkpoint(folder, model, optimizer, log=lambda _: None)
+    assert str(broken.value).startswith(f"{state_file} is not valid JSON (")
+    assert str(broken.value).endswith(f"); remove {folder} to start over")
+    state_file.write_text(json.dumps(_state(1)))
+
+    def misfit(self, path):
+        raise ValueError("Layer 'probabilities' expected 2 variables " + "x" * 300 + "\nsecond line of detail")
+
+    monkeypatch.setattr(keras.Model, "load_weights", misfit)
+    with pytest.raises(RuntimeError) as refused:
+        load_checkpoint(folder, model, optimizer, log=lambda _: None)
+    found = re.fullmatch(r"the checkpoint in (.+) does not fit this model \((.*)\); it belongs to another config: "
+                         r"remove (.+) to start over", str(refused.value))
+    assert found, str(refused.value)
+    assert found[1] == str(folder / "epoch-0001") and found[3] == str(folder)
+    assert found[2] == ("Layer 'probabilities' expected 2 variables " + "x" * 300)[:200]
+
+
+def test_weights_saved_atomically_create_deep_folders_and_replace_an_older_file(tmp_path):
+    model, _ = _compiled()
+    path = tmp_path / "a" / "b" / "best.weights.h5"
+    save_weights_atomic(model, path)
+    model.get_layer("probabilities").bias.assign([4.0, 5.0, 6.0])
+    save_weights_atomic(model, path)  # the next best epoch overwrites it
+    assert sorted(p.name for p in path.parent.iterdir()) == ["best.weights.h5"]
+    loaded, _ = _compiled(seed=3)
+    loaded.load_weights(path)
+    np.testing.assert_array_equal(_bias(loaded), [4.0, 5.0, 6.0])
+    assert latest_checkpoint(tmp_path / "a") is None  # weights alone are not a checkpoint
