@@ -456,3 +456,109 @@ def test_rotation_with_shear_keeps_lengths_and_turns_the_second_axis_by_the_shea
     np.testing.assert_allclose(np.linalg.norm(forward, axis=1), 1.0, atol=1e-5)  # no zoom: both axes keep length
     shear = np.degrees(np.arcsin(-np.einsum("bi,bi->b", forward[:, :, 0], forward[:, :, 1])))  # axes at 90 + shear
     assert 15 < shear.std() < 25
+
+
+def _reference_resample(images: np.ndarray, affine: np.ndarray, out_size: int, fill_mode: str) -> np.ndarray:
+    """Bilinear sampling written out pixel by pixel in float64: the definition `_resample` must meet."""
+    batch, n = images.shape[0], images.shape[1]
+    out = np.zeros((batch, out_size, out_size, 3))
+
+    def fold(i: int) -> tuple[int, bool]:
+        inside = 0 <= i < n
+        if fill_mode == "wrap":
+            return i % n, inside
+        if fill_mode == "reflect":
+            m = i % (2 * n)
+            return (2 * n - 1 - m if m >= n else m), inside
+        return min(max(i, 0), n - 1), inside
+
+    for b in range(batch):
+        for row in range(out_size):
+            for col in range(out_size):
+                x = affine[b, 0, 0] * col + affine[b, 0, 1] * row + affine[b, 0, 2]
+                y = affine[b, 1, 0] * col + affine[b, 1, 1] * row + affine[b, 1, 2]
+                if fill_mode == "nearest":
+                    x, y = min(max(x, 0.0), n - 1.0), min(max(y, 0.0), n - 1.0)
+                x0, y0 = int(np.floor(x)), int(np.floor(y))
+                value = np.zeros(3)
+                for dy, wy in ((0, 1 - (y - y0)), (1, y - y0)):
+                    for dx, wx in ((0, 1 - (x - x0)), (1, x - x0)):
+                        (fy, iny), (fx, inx) = fold(y0 + dy), fold(x0 + dx)
+                        keep = 1.0 if fill_mode != "constant" or (iny and inx) else 0.0
+                        value += wy * wx * keep * images[b, fy, fx].astype(np.float64)
+                out[b, row, col] = value
+    return out
+
+
+@pytest.mark.parametrize("fill_mode", ["nearest", "reflect", "wrap", "constant"])
+def test_resampling_equals_bilinear_sampling_written_out_for_each_fill_mode(fill_mode):
+    # Three images, each with its own turned, sheared, scaled and shifted grid reaching well outside the image.
+    from training.augment import _resample
+
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, (3, 9, 9, 3), dtype=np.uint8)
+    affine = np.stack([np.array([[1.3, -0.4, -4.2], [0.35, 0.9, 3.7]]),
+                       np.array([[-0.8, 0.6, 11.3], [-0.5, -1.1, 12.1]]),
+                       np.array([[0.45, 0.1, 2.6], [-0.2, 0.55, -1.4]])]).astype(np.float32)
+    expected = _reference_resample(images, affine.astype(np.float64), 11, fill_mode)
+    got = _resample(tf.constant(images), tf.constant(affine), 11, fill_mode)
+    assert got.dtype == tf.float32 and got.shape == (3, 11, 11, 3)
+    np.testing.assert_allclose(got.numpy(), expected, atol=0.02)
+    floats = _resample(tf.constant(images, tf.float32), tf.constant(affine), 11, fill_mode)  # any input dtype
+    np.testing.assert_allclose(floats.numpy(), expected, atol=0.02)
+
+
+def _colour_parameters(colour_map: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Saturation and hue angle back from colour maps H(hue) @ S(saturation), S = s*I + (1 - s)*luma."""
+    from training.augment import LUMA, RGB_TO_YIQ, YIQ_TO_RGB
+
+    to_yiq, to_rgb, luma = np.array(RGB_TO_YIQ), np.array(YIQ_TO_RGB), np.array(LUMA)[:, None] @ np.ones((1, 3))
+    saturation = np.sqrt(np.linalg.det(colour_map) / np.linalg.det(to_yiq @ to_rgb))  # det S = s^2, det R = 1
+    hue = []
+    for m, s in zip(colour_map, saturation, strict=True):
+        rotation = np.linalg.inv(to_yiq) @ m @ np.linalg.inv(s * np.eye(3) + (1 - s) * luma) @ np.linalg.inv(to_rgb)
+        hue.append(np.arctan2(rotation[1, 2], rotation[1, 1]))
+    return saturation, np.array(hue)
+
+
+def test_colour_parameters_fill_their_documented_ranges_and_are_drawn_independently():
+    from training.augment import _seeds, sample_colour
+
+    config = AugmentConfig(brightness=0.2, contrast=0.3, saturation=0.4, hue=0.05)
+    colour_map, contrast, brightness = (t.numpy() for t in sample_colour(_seeds(_seed(7, 7), 4)[1], 20000, config))
+    saturation, hue = _colour_parameters(colour_map.astype(np.float64))
+    drawn = {"brightness": (brightness, 0.2 * 255), "contrast": (contrast - 1, 0.3),
+             "saturation": (saturation - 1, 0.4), "hue": (hue, 0.05 * 2 * np.pi)}
+    for name, (values, half_width) in drawn.items():  # uniform over [-half_width, half_width]
+        assert np.abs(values).max() <= half_width * (1 + 1e-4), name
+        assert values.min() < -0.995 * half_width and values.max() > 0.995 * half_width, name
+        assert abs(values.mean()) < 0.02 * half_width, name
+        assert abs(values.std() / (half_width / np.sqrt(3)) - 1) < 0.02, name
+    correlations = np.corrcoef(np.stack([values for values, _ in drawn.values()]))
+    assert np.abs(correlations - np.eye(4)).max() < 0.05  # each drawn on its own
+
+
+def test_erase_boxes_follow_the_probability_area_and_aspect_ranges_and_reach_every_edge():
+    from training.augment import _seeds, sample_erase
+
+    size, lo, hi = 32, 0.05, 0.3
+    config = AugmentConfig(erase_prob=0.4, erase_area=(lo, hi))
+    boxes = sample_erase(_seeds(_seed(8, 8), 4)[2], 20000, config, size).numpy()
+    top, left, height, width = boxes.T
+    erased = height > 0
+    assert abs(erased.mean() - 0.4) < 0.015
+    top, left, height, width = top[erased], left[erased], height[erased], width[erased]
+    assert np.array_equal(top, np.floor(top)) and np.array_equal(height, np.round(height))  # whole pixels
+    assert top.min() == 0 and left.min() == 0 and (top + height).max() == size and (left + width).max() == size
+    assert (top + height).max() <= size and (left + width).max() <= size
+    area = height * width / size**2
+    assert lo - 0.02 < area.min() < lo + 0.005 and hi - 0.005 < area.max() < hi + 0.03  # rounding to pixels
+    assert abs(np.median(area) - (lo + hi) / 2) < 0.01
+    aspect = np.log(height / width)
+    assert np.log(0.3) - 0.2 < aspect.min() < np.log(0.3) + 0.05
+    assert np.log(3.3) - 0.05 < aspect.max() < np.log(3.3) + 0.2
+    assert abs(np.median(aspect) - (np.log(0.3) + np.log(3.3)) / 2) < 0.05  # log-uniform
+    down, across = top / np.maximum(size - height, 1), left / np.maximum(size - width, 1)  # uniform over the room left
+    assert abs(down.mean() - 0.5) < 0.02 and abs(across.mean() - 0.5) < 0.02
+    assert abs(np.corrcoef(area, aspect)[0, 1]) < 0.05 and abs(np.corrcoef(down, across)[0, 1]) < 0.05
+    assert abs(np.corrcoef(down, aspect)[0, 1]) < 0.05 and abs(np.corrcoef(across, area)[0, 1]) < 0.05
