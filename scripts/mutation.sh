@@ -39,7 +39,7 @@ module_spec() {
       LIMIT=3600 ;;
     geometry)  # a photo to the model's square: fit modes, antialiased resize, the record size
       FILES=(training/geometry.py)
-      TESTS=(tests/test_pixel_parity.py)
+      TESTS=(tests/test_geometry.py tests/test_pixel_parity.py)
       LIMIT=3600 ;;
     service)  # decoding, resizing, batching, result assembly
       FILES=(service/images.py service/predictor.py service/batching.py service/routes/predict.py)
