@@ -14,6 +14,7 @@
 # The [tool.mutmut] settings in pyproject.toml are used as they are, except that only_mutate and the test
 # selection are replaced by the module's, below. Every run is bounded by `timeout` (MUTATION_TIMEOUT seconds,
 # else the module's default); --max-children N passes through to mutmut (default: one per CPU).
+# MUTATION_TIMEOUT_MULTIPLIER=N stops a hanging mutant after about N times its tests' time (mutmut's default 15).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -47,6 +48,11 @@ module_spec() {
              tests/test_member_concurrency.py tests/test_pixel_parity.py
              -k "not concurrent_requests_are_batched and not stays_responsive and not command_refuses and not workers and not python_m_service and not 300_mb and not gigabyte and not byte_by_byte and not bounded_memory and not trickles")
       LIMIT=3600 ;;
+    decoding)  # the service's decoding, reduction and squares: the image tests only, so a survivor costs seconds
+      FILES=(service/images.py service/predictor.py)
+      TESTS=(tests/test_service.py tests/test_service_hardening.py tests/test_pixel_parity.py tests/test_member_concurrency.py
+             -k "becomes_rgb or first_frame or exif or bad_images_are_named or plain_jpeg or alpha_cmyk or member_votes or 16_bit or no_reduction or reduced or budget or test_pixel_parity or test_member_concurrency")
+      LIMIT=3600 ;;
     serving)  # the model repository and the Open Inference Protocol routes
       FILES=(service/repository.py service/routes/v2.py service/routes/tfserving.py)
       TESTS=(tests/test_model_repository.py tests/test_open_inference.py -k "not hot_reload and not tritonclient")
@@ -62,7 +68,7 @@ module_spec() {
     *) return 1 ;;
   esac
 }
-MODULES=(ensemble fit export geometry service serving augment import)
+MODULES=(ensemble fit export geometry service decoding serving augment import)
 
 usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; echo "modules: ${MODULES[*]}"; exit 2; }
 [ $# -ge 1 ] || usage
@@ -119,7 +125,7 @@ fi
 # Snapshot the working tree (tracked and untracked-but-not-ignored files, with their mtimes, so mutmut only
 # regenerates the mutants of files that changed) and write the module's pyproject.toml.
 "$PY" - "$WORK" "$FRESH" "${#FILES[@]}" "${FILES[@]}" "${TESTS[@]}" <<'EOF'
-import json, re, shutil, subprocess, sys, tomllib
+import json, os, re, shutil, subprocess, sys, tomllib
 from pathlib import Path
 
 work, fresh, count = Path(sys.argv[1]), sys.argv[2] == "1", int(sys.argv[3])
@@ -146,6 +152,8 @@ for name in listed:
 text = Path("pyproject.toml").read_text()
 settings = tomllib.loads(text).get("tool", {}).get("mutmut", {})
 settings.update(only_mutate=present, pytest_add_cli_args_test_selection=tests)
+if os.environ.get("MUTATION_TIMEOUT_MULTIPLIER"):  # a mutant that hangs is stopped after this many times its tests' time
+    settings["timeout_multiplier"] = float(os.environ["MUTATION_TIMEOUT_MULTIPLIER"])
 text = re.sub(r"(?ms)^\[tool\.mutmut\]\n.*?(?=^\[|\Z)", "", text)
 text += "\n[tool.mutmut]\n" + "".join(f"{key} = {json.dumps(value)}\n" for key, value in settings.items())
 (work / "pyproject.toml").write_text(text)
