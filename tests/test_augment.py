@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -562,3 +564,25 @@ def test_erase_boxes_follow_the_probability_area_and_aspect_ranges_and_reach_eve
     assert abs(down.mean() - 0.5) < 0.02 and abs(across.mean() - 0.5) < 0.02
     assert abs(np.corrcoef(area, aspect)[0, 1]) < 0.05 and abs(np.corrcoef(down, across)[0, 1]) < 0.05
     assert abs(np.corrcoef(down, aspect)[0, 1]) < 0.05 and abs(np.corrcoef(across, area)[0, 1]) < 0.05
+
+
+@pytest.mark.parametrize("fill_mode", ["nearest", "reflect", "wrap", "constant"])
+def test_the_batch_pass_applies_the_sampled_geometry_colour_and_erasing_with_the_configs_fill_mode(fill_mode):
+    # augment_batch = the pixel pass of parameters drawn from the batch seed's four parts (geometry, colour, erase
+    # boxes, erase noise), resampled with the config's own fill mode; the modes give different borders.
+    from training.augment import _compiled_apply, _seeds, sample_affine, sample_colour, sample_erase
+
+    images = tf.constant(np.tile((np.arange(16, dtype=np.float32)[None, :, None] + 1) * 10, [3, 16, 1, 3]))
+    images = tf.reshape(images, [3, 16, 16, 3])
+    config = AugmentConfig(**NO_GEOMETRY | {"shift": 300.0, "rotation": 10.0, "fill_mode": fill_mode},
+                           shift_reference_size=192, brightness=0.1, saturation=0.3, erase_prob=0.7)
+    seed = _seed(9, 4)
+    got = augment_batch(images, seed, config, 16).numpy()
+    s = _seeds(seed, 4)
+    parameters = (sample_affine(s[0], 3, config, 16, 16), *sample_colour(s[1], 3, config),
+                  sample_erase(s[2], 3, config, 16), s[3])
+    # The compiled pass, as training runs it (XLA draws the erase noise differently from an eager run).
+    np.testing.assert_allclose(got, _compiled_apply(config, 16)(images, *parameters).numpy(), atol=1e-3)
+    for other in {"nearest", "reflect", "wrap", "constant"} - {fill_mode}:
+        elsewhere = _compiled_apply(dataclasses.replace(config, fill_mode=other), 16)(images, *parameters).numpy()
+        assert np.abs(got - elsewhere).max() > 5, other
