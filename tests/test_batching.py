@@ -200,3 +200,66 @@ def test_the_batchers_bounds_are_checked_and_a_one_millisecond_deadline_holds():
         return late.value.status
 
     assert asyncio.run(main()) == 504
+
+
+def test_max_wait_gathers_what_arrives_in_its_window_and_greedy_batching_never_waits():
+    calls: list[list] = []
+
+    def run(values):
+        calls.append(list(values))
+        return values
+
+    async def requests(batcher, *timed):
+        """Submit each (delay in s, values) after its delay from the start; return every answer."""
+        async def one(delay, values):
+            await asyncio.sleep(delay)
+            return await batcher.submit_many(values)
+        await batcher.start()
+        answers = await asyncio.gather(*(one(d, v) for d, v in timed))
+        await batcher.stop()
+        return answers
+
+    # A 400 ms window: "b" and "cd" arrive in it and join "a"; "e" at 1.5 s starts a batch of its own; a full
+    # batch (size 4) goes at once, and what is left waits for the next.
+    windowed = DynamicBatcher(run, max_batch_size=4, max_wait_ms=400)
+    answers = asyncio.run(requests(windowed, (0, ["a"]), (0.05, ["b"]), (0.1, ["c", "d"]), (1.5, ["e"])))
+    assert answers == [["a"], ["b"], ["c", "d"], ["e"]]
+    assert calls == [["a", "b", "c", "d"], ["e"]]
+    calls.clear()
+    asyncio.run(requests(windowed, (0, ["a"]), (0.05, list("bcdef"))))
+    assert calls == [["a", "b", "c", "d"], ["e", "f"]]
+    # Greedy (the default): a lone request goes at once, one 200 ms later is a batch of its own.
+    calls.clear()
+    asyncio.run(requests(DynamicBatcher(run, max_batch_size=4), (0, ["a"]), (0.2, ["b"])))
+    assert calls == [["a"], ["b"]]
+
+
+def test_images_of_a_request_that_gave_up_are_skipped_and_leave_the_queue_depth():
+    gate, calls = threading.Event(), []
+
+    def run(values):
+        calls.append(list(values))
+        if values == ["held"]:
+            assert gate.wait(10)
+        return values
+
+    async def main():
+        batcher = DynamicBatcher(run, max_batch_size=8)
+        await batcher.start()
+        held = asyncio.ensure_future(batcher.submit_many(["held"]))
+        while not calls:
+            await asyncio.sleep(0.005)
+        gone = asyncio.ensure_future(batcher.submit_many(["x1", "x2"]))
+        kept = asyncio.ensure_future(batcher.submit_many(["k"]))
+        await asyncio.sleep(0.02)
+        assert batcher.depth == 3
+        gone.cancel()  # the client went away while its images waited
+        await asyncio.sleep(0.02)
+        assert batcher.depth == 1
+        gate.set()
+        assert await held == ["held"] and await kept == ["k"]
+        assert batcher.depth == 0
+        await batcher.stop()
+
+    asyncio.run(main())
+    assert calls == [["held"], ["k"]]
