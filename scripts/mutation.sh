@@ -50,8 +50,9 @@ module_spec() {
       LIMIT=3600 ;;
     decoding)  # the service's decoding, reduction and squares: the image tests only, so a survivor costs seconds
       FILES=(service/images.py service/predictor.py)
-      TESTS=(tests/test_service.py tests/test_service_hardening.py tests/test_pixel_parity.py tests/test_member_concurrency.py
-             -k "becomes_rgb or first_frame or exif or bad_images_are_named or plain_jpeg or alpha_cmyk or member_votes or 16_bit or no_reduction or reduced or budget or test_pixel_parity or test_member_concurrency")
+      TESTS=(tests/test_member_inputs.py tests/test_service.py tests/test_service_hardening.py tests/test_pixel_parity.py
+             tests/test_member_concurrency.py
+             -k "test_member_inputs or becomes_rgb or first_frame or exif or bad_images_are_named or plain_jpeg or alpha_cmyk or member_votes or 16_bit or no_reduction or reduced or budget or test_pixel_parity or test_member_concurrency")
       LIMIT=3600 ;;
     serving)  # the model repository and the Open Inference Protocol routes
       FILES=(service/repository.py service/routes/v2.py service/routes/tfserving.py)

@@ -1,0 +1,92 @@
+"""A served member's inputs without a SavedModel: the square each decoded image becomes, and the votes of a batch
+(every image its own row, TTA passes averaged), with a stand-in model whose output follows every pixel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from ensemble.spec import BlendSpec
+from service.predictor import SERVE_TTA_SEED, EnsemblePredictor, MemberModel
+from training.augment import TTA_AUGMENT, augment_batch
+from training.geometry import fit_square_tf
+
+SIZE = 12
+
+
+class PixelModel:
+    """A stand-in pixel signature: softmax of each image's channel means (any change of any pixel shows)."""
+
+    def __init__(self) -> None:
+        self.batches: list[np.ndarray] = []
+
+    def __call__(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
+        self.batches.append(images.numpy())
+        weights = tf.constant(np.linspace(0.5, 1.5, SIZE * SIZE * 3).reshape(1, SIZE, SIZE, 3), tf.float32)
+        return {"probabilities": tf.nn.softmax(tf.reduce_mean(images * weights, [1, 2]) / 20.0)}
+
+
+def _member(fit: str = "crop", record_size: int = 0) -> MemberModel:
+    return MemberModel("m", Path("."), SIZE, predict_pixels=PixelModel(), fit=fit, record_size=record_size)
+
+
+def _image(height: int, width: int, seed: int, dtype=np.uint8) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3)).astype(dtype)
+
+
+@pytest.mark.parametrize("fit", ["crop", "stretch", "pad"])
+def test_a_decoded_image_becomes_the_members_square_by_its_fit_and_record_size(fit):
+    member = _member(fit)
+    for image in (_image(17, 30, 1), _image(30, 17, 2), _image(5, 7, 3), _image(17, 30, 4, np.float32)):
+        square = member.square(image)
+        assert square.dtype == np.float32 and square.shape == (SIZE, SIZE, 3)
+        np.testing.assert_allclose(square, fit_square_tf(image, SIZE, fit).numpy(), atol=1e-3)
+    exact = _image(SIZE, SIZE, 5)
+    np.testing.assert_array_equal(member.square(exact), exact.astype(np.float32))  # already its input: as it is
+    # A member trained on 20 px records: even a 12 px image goes through the record's square and its resize.
+    on_records = _member(fit, record_size=20)
+    for image in (_image(17, 30, 6), exact):
+        np.testing.assert_allclose(on_records.square(image), fit_square_tf(image, SIZE, fit, 20).numpy(), atol=1e-3)
+    assert np.abs(on_records.square(exact) - exact).mean() > 1  # the record road changes the pixels
+    np.testing.assert_array_equal(_member(fit, record_size=SIZE).square(exact), exact.astype(np.float32))
+
+
+def test_each_image_gets_its_own_row_and_tta_averages_the_plain_and_seeded_passes():
+    member = _member()
+    images = [_image(17, 30, 7), _image(SIZE, SIZE, 8), _image(40, 25, 9)]
+    plain = member.probabilities(images)
+    assert plain.dtype == np.float32 and plain.shape == (3, 3)
+    singles = np.concatenate([member.probabilities([image]) for image in images])
+    np.testing.assert_allclose(plain, singles, atol=1e-6)  # each row is its own image's
+    assert np.abs(plain[0] - plain[1]).max() > 1e-3
+    batch = tf.constant(np.stack([member.square(image) for image in images]))
+    model = member.predict_pixels
+    passes = [model(batch)["probabilities"].numpy()]
+    for k in (1, 2, 3):
+        augmented = augment_batch(batch, tf.constant([SERVE_TTA_SEED + k, 0], tf.int64), TTA_AUGMENT, SIZE)
+        passes.append(model(augmented)["probabilities"].numpy())
+    model.batches.clear()
+    with_tta = member.probabilities(images, tta=4)
+    assert len(model.batches) == 4  # the plain pass and three augmented ones
+    np.testing.assert_array_equal(model.batches[0], batch.numpy())
+    np.testing.assert_allclose(with_tta, np.mean(passes, axis=0), atol=1e-6)
+    assert np.abs(with_tta - plain).max() > 1e-4
+    np.testing.assert_allclose(member.probabilities(images, tta=4), with_tta, atol=1e-7)  # the same every time
+
+
+@pytest.mark.parametrize("concurrent", [False, True])
+def test_the_predictor_blends_the_members_votes_image_by_image(concurrent):
+    members = [_member("crop"), _member("pad"), _member("stretch")]
+    blend = BlendSpec("weighted", weights=(0.5, 0.3, 0.2))
+    for i, m in enumerate(members):
+        m.name = f"m{i + 1}"
+    predictor = EnsemblePredictor(["a", "b", "c"], members, blend, concurrent_members=concurrent)
+    images = [_image(17, 30, 10), _image(30, 17, 11)]
+    blended, votes = predictor.predict(images)
+    assert votes.shape == (3, 2, 3) and blended.shape == (2, 3) and blended.dtype == np.float32
+    for m, member in enumerate(members):
+        np.testing.assert_allclose(votes[m], member.probabilities(images), atol=1e-6)
+    np.testing.assert_allclose(blended, np.tensordot([0.5, 0.3, 0.2], votes, axes=1), atol=1e-6)
