@@ -71,16 +71,17 @@ class MemberModel:
         return (total / tta).astype(np.float32)
 
     def _augmented(self, batch: Any, k: int) -> Any:
-        """TTA pass k of a batch: the offline TTA's flips and mild affine transform, seeded by k alone."""
+        """TTA pass k of a batch: the offline TTA's flips and mild affine transform, seeded by k alone and the same
+        for every image of the batch (an image's answer does not depend on what it was batched with)."""
         import tensorflow as tf
 
         from training.augment import TTA_AUGMENT, augment_batch
 
         if self._augment is None:
             size = self.image_size
-            self._augment = tf.function(lambda images, seed: augment_batch(images, seed, TTA_AUGMENT, size),
-                                        input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32),
-                                                         tf.TensorSpec([2], tf.int64)])
+            self._augment = tf.function(
+                lambda images, seed: augment_batch(images, seed, TTA_AUGMENT, size, shared=True),
+                input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32), tf.TensorSpec([2], tf.int64)])
         return self._augment(batch, tf.constant([SERVE_TTA_SEED + k, 0], tf.int64))
 
 

@@ -586,3 +586,17 @@ def test_the_batch_pass_applies_the_sampled_geometry_colour_and_erasing_with_the
     for other in {"nearest", "reflect", "wrap", "constant"} - {fill_mode}:
         elsewhere = _compiled_apply(dataclasses.replace(config, fill_mode=other), 16)(images, *parameters).numpy()
         assert np.abs(got - elsewhere).max() > 5, other
+
+
+def test_shared_draws_give_every_image_of_a_batch_what_it_would_get_alone():
+    config = AugmentConfig(rotation=20.0, shift=40.0, zoom=0.2, brightness=0.2, saturation=0.3, erase_prob=1.0)
+    images = tf.stack([_image(24, seed) for seed in range(4)])
+    seed = _seed(6, 2)
+    shared = augment_batch(images, seed, config, 16, shared=True).numpy()
+    for i in range(4):
+        alone = augment_batch(images[i:i + 1], seed, config, 16, shared=True).numpy()[0]
+        np.testing.assert_allclose(shared[i], alone, atol=1e-3)  # the transform, colours, box and its noise
+    same = augment_batch(tf.stack([images[0]] * 3), seed, config, 16, shared=True).numpy()
+    np.testing.assert_allclose(same[1:], same[:1].repeat(2, axis=0), atol=1e-3)
+    own = augment_batch(tf.stack([images[0]] * 3), seed, config, 16).numpy()  # by default each its own draw
+    assert np.abs(own[1] - own[0]).max() > 10 and np.abs(own[2] - own[1]).max() > 10

@@ -34,13 +34,19 @@ def _member(fit: str = "crop", record_size: int = 0) -> MemberModel:
 
 
 def _image(height: int, width: int, seed: int, dtype=np.uint8) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (height, width, 3)).astype(dtype)
+    """Random pixels; float32 ones are fractional (a float image must not be rounded on its way)."""
+    rng = np.random.default_rng(seed)
+    if dtype == np.float32:
+        return rng.uniform(0, 255, (height, width, 3)).astype(np.float32)
+    return rng.integers(0, 256, (height, width, 3)).astype(dtype)
 
 
 @pytest.mark.parametrize("fit", ["crop", "stretch", "pad"])
 def test_a_decoded_image_becomes_the_members_square_by_its_fit_and_record_size(fit):
     member = _member(fit)
-    for image in (_image(17, 30, 1), _image(30, 17, 2), _image(5, 7, 3), _image(17, 30, 4, np.float32)):
+    # Wide, tall, smaller than the input, one side the input's (not a square: not the shortcut), fractional floats.
+    for image in (_image(17, 30, 1), _image(30, 17, 2), _image(5, 7, 3), _image(SIZE, 30, 12), _image(30, SIZE, 13),
+                  _image(17, 30, 4, np.float32)):
         square = member.square(image)
         assert square.dtype == np.float32 and square.shape == (SIZE, SIZE, 3)
         np.testing.assert_allclose(square, fit_square_tf(image, SIZE, fit).numpy(), atol=1e-3)
@@ -55,6 +61,8 @@ def test_a_decoded_image_becomes_the_members_square_by_its_fit_and_record_size(f
 
 
 def test_each_image_gets_its_own_row_and_tta_averages_the_plain_and_seeded_passes():
+    # Pass k applies the one draw of seed (1 + k, 0) to every image: an image's answer never depends on what the
+    # dynamic batcher put beside it (each image's own draw by its batch position did: 0.01-0.03 apart).
     member = _member()
     images = [_image(17, 30, 7), _image(SIZE, SIZE, 8), _image(40, 25, 9)]
     plain = member.probabilities(images)
@@ -65,9 +73,11 @@ def test_each_image_gets_its_own_row_and_tta_averages_the_plain_and_seeded_passe
     batch = tf.constant(np.stack([member.square(image) for image in images]))
     model = member.predict_pixels
     passes = [model(batch)["probabilities"].numpy()]
+    assert SERVE_TTA_SEED == 1  # answers stay the same from one version of the service to the next
     for k in (1, 2, 3):
-        augmented = augment_batch(batch, tf.constant([SERVE_TTA_SEED + k, 0], tf.int64), TTA_AUGMENT, SIZE)
-        passes.append(model(augmented)["probabilities"].numpy())
+        one_draw = [augment_batch(square[None], tf.constant([1 + k, 0], tf.int64), TTA_AUGMENT, SIZE)[0]
+                    for square in batch]  # each image as a batch of one
+        passes.append(model(tf.stack(one_draw))["probabilities"].numpy())
     model.batches.clear()
     with_tta = member.probabilities(images, tta=4)
     assert len(model.batches) == 4  # the plain pass and three augmented ones
@@ -75,6 +85,9 @@ def test_each_image_gets_its_own_row_and_tta_averages_the_plain_and_seeded_passe
     np.testing.assert_allclose(with_tta, np.mean(passes, axis=0), atol=1e-6)
     assert np.abs(with_tta - plain).max() > 1e-4
     np.testing.assert_allclose(member.probabilities(images, tta=4), with_tta, atol=1e-7)  # the same every time
+    alone = np.concatenate([member.probabilities([image], tta=4) for image in images])
+    np.testing.assert_allclose(with_tta, alone, atol=1e-6)  # batched or alone, in any position
+    np.testing.assert_allclose(member.probabilities(images[::-1], tta=4), with_tta[::-1], atol=1e-6)
 
 
 @pytest.mark.parametrize("concurrent", [False, True])

@@ -184,54 +184,61 @@ def _recolour(images, source, colour_map, contrast, brightness) -> tf.Tensor:
     return tf.clip_by_value(out, 0.0, 255.0)
 
 
-def _erase(images: tf.Tensor, boxes: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """Replace each image's box with uniform noise."""
+def _erase(images: tf.Tensor, boxes: tf.Tensor, seed: tf.Tensor, shared: bool = False) -> tf.Tensor:
+    """Replace each image's box with uniform noise (with `shared`, the same noise in every image)."""
     mask = _box_mask(images.shape[1], boxes)
-    noise = tf.random.stateless_uniform(tf.shape(images), seed, 0.0, 255.0, alg="philox")
+    shape = tf.concat([[1], tf.shape(images)[1:]], 0) if shared else tf.shape(images)
+    noise = tf.random.stateless_uniform(shape, seed, 0.0, 255.0, alg="philox")
     return images + (noise - images) * mask
 
 
-def _apply(images, affine, colour_map, contrast, brightness, erase_boxes, erase_seed, *, config, out_size):
+def _apply(images, affine, colour_map, contrast, brightness, erase_boxes, erase_seed, *, config, out_size,
+           shared=False):
     """All pixel work of one batch (the function XLA compiles)."""
     out = _resample(images, affine, out_size, config.fill_mode if config.enabled else "nearest")
     if config.enabled and config.colour:
         out = _recolour(out, images, colour_map, contrast, brightness)
     if config.enabled and config.erase_prob > 0:
-        out = _erase(out, erase_boxes, erase_seed)
+        out = _erase(out, erase_boxes, erase_seed, shared)
     return out
 
 
 _COMPILED: dict = {}
 
 
-def _compiled_apply(config: AugmentConfig, out_size: int):
-    """The XLA-compiled pixel pass for one config and output size (cached)."""
-    key = (config, out_size)
+def _compiled_apply(config: AugmentConfig, out_size: int, shared: bool = False):
+    """The XLA-compiled pixel pass for one config, output size and sharing of draws (cached)."""
+    key = (config, out_size, shared)
     if key not in _COMPILED:
         _COMPILED[key] = tf.function(
-            functools.partial(_apply, config=config, out_size=out_size), jit_compile=config.jit_compile
+            functools.partial(_apply, config=config, out_size=out_size, shared=shared), jit_compile=config.jit_compile
         )
     return _COMPILED[key]
 
 
-def augment_batch(images: tf.Tensor, seed: tf.Tensor, config: AugmentConfig, out_size: int) -> tf.Tensor:
-    """Augment a batch [B, S, S, 3] (uint8 or float 0..255) into float32 [B, out_size, out_size, 3] in 0..255."""
+def augment_batch(images: tf.Tensor, seed: tf.Tensor, config: AugmentConfig, out_size: int,
+                  shared: bool = False) -> tf.Tensor:
+    """Augment a batch [B, S, S, 3] (uint8 or float 0..255) into float32 [B, out_size, out_size, 3] in 0..255.
+
+    Each image gets its own draw of the parameters; with `shared`, every image gets the one draw a batch of one
+    would (the service's TTA passes: an image's answer must not depend on the batch it arrived in).
+    """
     in_size = images.shape[1]
     if not config.enabled:
         return resize_image(images, out_size)
     batch = tf.shape(images)[0]
+    draws = 1 if shared else batch
     s = _seeds(seed, 4)
     if config.geometric:
-        affine = sample_affine(s[0], batch, config, in_size, out_size)
+        affine = sample_affine(s[0], draws, config, in_size, out_size)
     elif in_size == out_size and not (config.colour or config.erase_prob > 0):
         return tf.cast(images, tf.float32)
     else:
-        affine = resize_affine(batch, in_size, out_size)
-    colour_map, contrast, brightness = sample_colour(s[1], batch, config)
-    erase_boxes = sample_erase(s[2], batch, config, out_size)
-    return _compiled_apply(config, out_size)(
-        images, affine, colour_map, contrast, brightness, erase_boxes, s[3]
-    )
+        affine = resize_affine(draws, in_size, out_size)
+    parameters = (affine, *sample_colour(s[1], draws, config), sample_erase(s[2], draws, config, out_size))
+    if shared:
+        parameters = tuple(tf.repeat(p, batch, axis=0) for p in parameters)
+    return _compiled_apply(config, out_size, shared)(images, *parameters, s[3])
 
 
 def augment_image(image: tf.Tensor, seed: tf.Tensor, config: AugmentConfig, out_size: int) -> tf.Tensor:
