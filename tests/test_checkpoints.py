@@ -64,7 +64,11 @@ def test_a_checkpoint_remembers_its_config_and_refuses_another_naming_every_chan
     save_checkpoint(folder, model, optimizer, _state(1), saved)
     assert json.loads((folder / "epoch-0001" / "config.json").read_text()) == json.loads(json.dumps(saved))
     assert json.loads((folder / "epoch-0001" / "state.json").read_text()) == _state(1)
-    check_resumable(folder, load_config(None, {"train.epochs": 99}).to_dict())  # a safe change
+    safe = {"name": "renamed", "output": str(tmp_path / "elsewhere"), "train.epochs": 99, "train.eval_batch_size": 7,
+            "train.steps_per_execution": 4, "train.time_budget_minutes": 30.0, "data.shard": "file", "data.fit": "pad",
+            "predict.tta": 3, "predict.tta_seed": 5}
+    assert sorted(safe) == sorted(RESUMABLE_CHANGES)
+    check_resumable(folder, load_config(None, safe).to_dict())  # every change a resume may make, all at once
     other = load_config(None, {"data.image_size": 96, "model.dropout": 0.5}).to_dict()
     with pytest.raises(ValueError) as refused:
         check_resumable(folder, other)
@@ -132,6 +136,13 @@ def test_an_unreadable_or_misfitting_checkpoint_is_refused_with_the_folder_to_re
     assert str(broken.value).startswith(f"{state_file} is not valid JSON (")
     assert str(broken.value).endswith(f"); remove {folder} to start over")
     state_file.write_text(json.dumps(_state(1)))
+
+    weights = folder / "epoch-0001" / "weights.weights.h5"
+    intact = weights.read_bytes()
+    weights.write_bytes(intact[: len(intact) // 3])  # cut short (a copy that stopped half-way)
+    with pytest.raises(RuntimeError, match=f"does not fit this model .*remove {re.escape(str(folder))} to start over"):
+        load_checkpoint(folder, model, optimizer, log=lambda _: None)
+    weights.write_bytes(intact)
 
     def misfit(self, path):
         raise ValueError("Layer 'probabilities' expected 2 variables " + "x" * 300 + "\nsecond line of detail")

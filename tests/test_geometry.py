@@ -21,9 +21,10 @@ from training.geometry import (
 )
 from training.photos import fit_square
 
-# (height, width): wide and tall with an odd difference (the crop starts half-way into a pixel), one that pads to a
-# rounded bar, one smaller than the square (upscaled) and one already square at another size.
-SHAPES = [(23, 37), (41, 18), (30, 7), (9, 12), (29, 29)]
+# (height, width) for a 16 px square: wide and tall, one side already 16 (not a square: it is resized all the same),
+# thin strips (padded to a line of one pixel, not lost), bars of an odd total (11 px: 5.5 rounds to 6 as PIL does), one
+# smaller than the square with an odd difference (its crop starts half-way into a pixel) and a square of another size.
+SHAPES = [(23, 37), (41, 18), (16, 27), (27, 16), (1, 60), (32, 1), (32, 10), (30, 7), (9, 12), (29, 29)]
 
 
 def _picture(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -90,6 +91,17 @@ def test_values_stay_within_the_pixel_range():
             assert square.max() == 255.0 and square.min() == 0.0, (fit, size)
 
 
+def test_a_padded_panorama_keeps_a_one_pixel_line_at_import_and_in_tensorflow():
+    # Thinner than 1:32 at 16 px, PIL's ImageOps.pad scaled the short side to 0 px: an all-black training image.
+    for shape, line in (((1, 60), np.s_[8, :]), ((32, 1), np.s_[:, 8]), ((2, 64), np.s_[8, :])):
+        image = np.full(shape + (3,), 200, np.uint8)
+        imported = np.asarray(fit_square(Image.fromarray(image), 16, "pad"), np.float32)
+        served = fit_square_tf(tf.constant(image), 16, "pad").numpy()
+        for square in (imported, served):
+            np.testing.assert_allclose(square[line], 200, atol=1)
+            assert (square > 0).sum() == 16 * 3, shape  # that line only
+
+
 def test_an_unknown_fit_mode_is_refused_by_name():
     for call in (lambda: fit_square_tf(tf.zeros([4, 4, 3]), 4, "squash"), lambda: geometry_record("squash", "x")):
         with pytest.raises(ValueError) as refused:
@@ -121,6 +133,7 @@ def test_a_member_says_its_fit_and_record_size_or_gets_the_defaults():
     assert member_geometry({}, "m") == ("crop", 0)  # an older member: crop, no record size
     assert member_geometry({"data": "odd"}, "m") == ("crop", 0)
     assert member_geometry({"data": {"file_size": 0}}, "m") == ("crop", 0)
+    assert member_geometry({"data": {}}, "m") == ("crop", 0)  # no record size: none between photo and input
     for member, message in (
         ({"geometry": "crop"}, "m/member.json: 'geometry' must be an object whose 'fit' is one of"),
         ({"geometry": {"fit": "squash"}}, "'fit' is one of \\('crop', 'stretch', 'pad'\\), got \\{'fit': 'squash'\\}"),

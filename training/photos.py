@@ -112,6 +112,13 @@ def fit_square(image: Image.Image, size: int, fit: str) -> Image.Image:
     if fit == "crop":
         return ImageOps.fit(image, (size, size), Image.Resampling.LANCZOS)
     if fit == "pad":
+        width, height = image.size
+        if min(width, height) * size * 2 <= max(width, height):  # PIL would scale the short side to 0 px: all black
+            strip = (size, 1) if width > height else (1, size)  # keep a one-pixel strip, as training.geometry does
+            out = Image.new(image.mode, (size, size), (0, 0, 0))
+            out.paste(image.resize(strip, Image.Resampling.LANCZOS), (0, round((size - 1) / 2)) if width > height
+                      else (round((size - 1) / 2), 0))
+            return out
         return ImageOps.pad(image, (size, size), Image.Resampling.LANCZOS, color=(0, 0, 0))
     if fit == "stretch":
         return image.resize((size, size), Image.Resampling.LANCZOS)
