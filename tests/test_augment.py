@@ -586,6 +586,12 @@ def test_the_batch_pass_applies_the_sampled_geometry_colour_and_erasing_with_the
     for other in {"nearest", "reflect", "wrap", "constant"} - {fill_mode}:
         elsewhere = _compiled_apply(dataclasses.replace(config, fill_mode=other), 16)(images, *parameters).numpy()
         assert np.abs(got - elsewhere).max() > 5, other
+    # Records larger than the model: the geometry maps 24 px to 16 px and the erase boxes are drawn at 16 px.
+    large = tf.image.resize(images, [24, 24])
+    got = augment_batch(large, seed, config, 16).numpy()
+    parameters = (sample_affine(s[0], 3, config, 24, 16), *sample_colour(s[1], 3, config),
+                  sample_erase(s[2], 3, config, 16), s[3])
+    np.testing.assert_allclose(got, _compiled_apply(config, 16)(large, *parameters).numpy(), atol=1e-3)
 
 
 def test_shared_draws_give_every_image_of_a_batch_what_it_would_get_alone():

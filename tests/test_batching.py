@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 from prometheus_client import generate_latest
@@ -228,6 +229,17 @@ def test_max_wait_gathers_what_arrives_in_its_window_and_greedy_batching_never_w
     calls.clear()
     asyncio.run(requests(windowed, (0, ["a"]), (0.05, list("bcdef"))))
     assert calls == [["a", "b", "c", "d"], ["e", "f"]]
+    # The window counts from the batch's first image and does not slide: "c" at 0.6 s is past a's 400 ms.
+    calls.clear()
+    asyncio.run(requests(windowed, (0, ["a"]), (0.3, ["b"]), (0.6, ["c"])))
+    assert calls == [["a", "b"], ["c"]]
+    # A full batch goes at once, without waiting out its window.
+    started = []
+    full = DynamicBatcher(lambda values: started.append(time.perf_counter()) or values, max_batch_size=2,
+                          max_wait_ms=3000)
+    begin = time.perf_counter()
+    asyncio.run(requests(full, (0, ["a", "b"])))
+    assert started and started[0] - begin < 1.0
     # Greedy (the default): a lone request goes at once, one 200 ms later is a batch of its own.
     calls.clear()
     asyncio.run(requests(DynamicBatcher(run, max_batch_size=4), (0, ["a"]), (0.2, ["b"])))
@@ -244,22 +256,22 @@ def test_images_of_a_request_that_gave_up_are_skipped_and_leave_the_queue_depth(
         return values
 
     async def main():
-        batcher = DynamicBatcher(run, max_batch_size=8)
+        batcher = DynamicBatcher(run, max_batch_size=2)
         await batcher.start()
         held = asyncio.ensure_future(batcher.submit_many(["held"]))
         while not calls:
             await asyncio.sleep(0.005)
         gone = asyncio.ensure_future(batcher.submit_many(["x1", "x2"]))
-        kept = asyncio.ensure_future(batcher.submit_many(["k"]))
+        kept = asyncio.ensure_future(batcher.submit_many(["k1", "k2"]))
         await asyncio.sleep(0.02)
-        assert batcher.depth == 3
+        assert batcher.depth == 4
         gone.cancel()  # the client went away while its images waited
         await asyncio.sleep(0.02)
-        assert batcher.depth == 1
+        assert batcher.depth == 2
         gate.set()
-        assert await held == ["held"] and await kept == ["k"]
+        assert await held == ["held"] and await kept == ["k1", "k2"]
         assert batcher.depth == 0
         await batcher.stop()
 
     asyncio.run(main())
-    assert calls == [["held"], ["k"]]
+    assert calls == [["held"], ["k1", "k2"]]  # the gone images take no place in a batch

@@ -181,7 +181,7 @@ def test_model_loads_and_member_times_are_exposed():
     samples = metric_samples(metrics.render())
     assert metric_value(samples, "flower_model_loads_total", model="flowers", version="2", outcome="failed") == 1
     assert metric_value(samples, "flower_model_loads_total", model="flowers", version="3", outcome="loaded") == 1
-    assert metric_value(samples, "flower_model_version_loaded", model="flowers", version="1") == 0
+    assert metric_value(samples, "flower_model_version_loaded", required=True, model="flowers", version="1") == 0
     assert metric_value(samples, "flower_model_version_loaded", model="flowers", version="3") == 1
     assert ("flower_model_version_loaded", frozenset({("model", "flowers"), ("version", "2")})) not in samples
     assert metric_value(samples, "flower_member_inference_seconds_count", member="m32") == 2
