@@ -44,6 +44,9 @@ def test_switched_off_is_the_identity_or_the_plain_resize():
     np.testing.assert_array_equal(augment_image(image, _seed(), AugmentConfig.off(), 16), resize_image(image, 16))
     zero = AugmentConfig(**NO_GEOMETRY, **NO_COLOUR)
     np.testing.assert_array_equal(augment_image(image, _seed(), zero, 24), image)
+    # On, but nothing for the pixels (e.g. only MixUp, done later on the batch): still resized to the model's size.
+    resized = augment_image(image, _seed(), dataclasses.replace(zero, mixup_prob=0.5), 16)
+    np.testing.assert_allclose(resized, resize_image(image, 16), atol=1e-3)
 
 
 @pytest.mark.parametrize("out_size", [16, 40])
