@@ -168,3 +168,41 @@ def test_weights_saved_atomically_create_deep_folders_and_replace_an_older_file(
     loaded.load_weights(path)
     np.testing.assert_array_equal(_bias(loaded), [4.0, 5.0, 6.0])
     assert latest_checkpoint(tmp_path / "a") is None  # weights alone are not a checkpoint
+
+
+def test_the_saved_epoch_is_read_from_the_newest_checkpoint_and_a_damaged_state_is_named(tmp_path):
+    from training.checkpoints import saved_epoch
+
+    folder = tmp_path / "checkpoints"
+    assert saved_epoch(folder) == 0  # a fresh run
+    model, optimizer = _compiled()
+    save_checkpoint(folder, model, optimizer, _state(3), {})
+    assert saved_epoch(folder) == 3
+    state_file = folder / "epoch-0003" / "state.json"
+    for text in ("{half", '{"best_f1": 0.3}', '{"epoch": "three"}', '{"epoch": null}', "[3]"):
+        state_file.write_text(text)
+        with pytest.raises(ValueError) as damaged:
+            saved_epoch(folder)
+        assert str(damaged.value).startswith(f"{state_file} is unreadable (")
+        assert str(damaged.value).endswith(f"); remove {folder} to start over")
+
+
+def test_the_best_weights_load_into_a_model_of_another_phase_without_an_optimizer_warning(tmp_path):
+    import warnings
+
+    from training.checkpoints import load_best_weights
+
+    trained, optimizer = _compiled(seed=4)
+    optimizer.iterations.assign(9)  # the file holds optimizer variables too
+    save_weights_atomic(trained, tmp_path / "best.weights.h5")
+    keras.utils.set_random_seed(5)
+    later = build_classifier("small-cnn", 16, 3, dropout=0.0)  # compiled afresh (after an unfreeze): Keras would
+    later.compile(optimizer=keras.optimizers.SGD(1e-3), loss="categorical_crossentropy")  # warn it skips them
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_best_weights(later, tmp_path)
+    assert not [w for w in caught if "optimizer" in str(w.message)], [str(w.message) for w in caught]
+    for a, b in zip(trained.weights, later.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    with pytest.raises(FileNotFoundError):
+        load_best_weights(later, tmp_path / "nowhere")
