@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 
 import keras
 import numpy as np
@@ -188,8 +189,6 @@ def test_the_saved_epoch_is_read_from_the_newest_checkpoint_and_a_damaged_state_
 
 
 def test_the_best_weights_load_into_a_model_of_another_phase_without_an_optimizer_warning(tmp_path):
-    import warnings
-
     from training.checkpoints import load_best_weights
 
     trained, optimizer = _compiled(seed=4)
@@ -206,3 +205,91 @@ def test_the_best_weights_load_into_a_model_of_another_phase_without_an_optimize
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
     with pytest.raises(FileNotFoundError):
         load_best_weights(later, tmp_path / "nowhere")
+
+
+def test_room_for_the_weights_and_the_optimizer_is_checked_before_writing(tmp_path, monkeypatch):
+    import errno
+    import shutil
+
+    from training.checkpoints import ensure_room_for_weights
+
+    model, optimizer = _compiled()
+    sizes = [int(np.prod(v.shape)) * np.dtype(str(v.dtype)).itemsize for v in [*model.weights, *optimizer.variables]]
+    needed = sum(sizes) * 11 // 10 + (1 << 20)
+    free = {"bytes": needed}
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 0, free["bytes"]))
+    ensure_room_for_weights(model, tmp_path)  # exactly enough: the optimizer's moments counted with the weights
+    free["bytes"] = needed - 1
+    with pytest.raises(OSError) as full:
+        ensure_room_for_weights(model, tmp_path)
+    assert full.value.errno == errno.ENOSPC and f"needs about {needed:,} bytes, {needed - 1:,} free" in str(full.value)
+    with pytest.raises(OSError):  # refused before any file is made
+        save_checkpoint(tmp_path / "checkpoints", model, optimizer, _state(1), {})
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+def test_a_failed_weights_write_raises_its_own_error_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    model, optimizer = _compiled()
+
+    def disk_full(self, path, *args, **kwargs):  # fails before it creates the file
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(keras.Model, "save_weights", disk_full)
+    for attempt in (lambda: save_weights_atomic(model, tmp_path / "best.weights.h5"),
+                    lambda: save_checkpoint(tmp_path / "checkpoints", model, optimizer, _state(1), {})):
+        with pytest.raises(OSError) as failed:
+            attempt()
+        assert failed.value.errno == errno.ENOSPC  # not a FileNotFoundError from the clean-up
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]
+    assert list((tmp_path / "checkpoints").iterdir()) == []  # no .epoch-0001.tmp left
+
+
+def test_a_float16_model_whose_optimizer_keras_wrapped_for_loss_scaling_checkpoints_and_resumes(tmp_path):
+    try:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+        model, optimizer = _compiled()
+        assert model.optimizer is not optimizer  # Keras wrapped it: a LossScaleOptimizer around ours
+        optimizer.iterations.assign(3)
+        save_checkpoint(tmp_path, model, optimizer, _state(1), {})
+        fresh, fresh_optimizer = _compiled(seed=1)
+        assert load_checkpoint(tmp_path, fresh, fresh_optimizer, log=lambda _: None) == _state(1)
+        assert int(fresh_optimizer.iterations.numpy()) == 3
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    with pytest.raises(ValueError, match="^save_checkpoint needs the model compiled with this optimizer$"):
+        save_checkpoint(tmp_path, model, keras.optimizers.AdamW(), _state(2), {})
+    with pytest.raises(ValueError, match="^load_checkpoint needs the model compiled with this optimizer$"):
+        load_checkpoint(tmp_path, model, keras.optimizers.AdamW(), log=lambda _: None)
+
+
+def test_an_option_newer_than_the_checkpoint_counts_as_its_default(tmp_path):
+    folder = tmp_path / "checkpoints"
+    model, optimizer = _compiled()
+    older = load_config(None, {}).to_dict()
+    del older["augment"]["erase_area"], older["model"]["dropout"]  # options added after this checkpoint was made
+    save_checkpoint(folder, model, optimizer, _state(1), older)
+    check_resumable(folder, load_config(None, {}).to_dict())  # today's defaults: nothing changed
+    with pytest.raises(ValueError, match=r"another config \(model.dropout: 0.2 -> 0.5\)"):
+        check_resumable(folder, load_config(None, {"model.dropout": 0.5}).to_dict())
+
+
+def test_a_legacy_checkpoint_gets_its_optimizer_state_from_its_own_file(tmp_path):
+    # Earlier versions kept the optimizer's variables apart, in optimizer.npz beside last.weights.h5 (weights only).
+    model, optimizer = _compiled()
+    optimizer.iterations.assign(7)
+    keras.utils.set_random_seed(0)
+    bare = build_classifier("small-cnn", 16, 3, dropout=0.0)
+    bare.set_weights(model.get_weights())
+    bare.save_weights(tmp_path / "last.weights.h5")  # not compiled: no optimizer variables in the file
+    np.savez(tmp_path / "optimizer.npz", **{f"v{i}": v.numpy() for i, v in enumerate(optimizer.variables)})
+    (tmp_path / "state.json").write_text(json.dumps(_state(1)))
+    fresh, fresh_optimizer = _compiled(seed=1)
+    with warnings.catch_warnings(record=True) as caught:  # the file has no optimizer variables, as expected
+        warnings.simplefilter("always")
+        assert load_checkpoint(tmp_path, fresh, fresh_optimizer, log=lambda _: None) == _state(1)
+    assert not [w for w in caught if "optimizer" in str(w.message)], [str(w.message) for w in caught]
+    assert int(fresh_optimizer.iterations.numpy()) == 7
+    for a, b in zip(optimizer.variables, fresh_optimizer.variables, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)

@@ -185,7 +185,10 @@ def load_checkpoint(
     weights = checkpoint / ("weights.weights.h5" if checkpoint != folder else "last.weights.h5")
     optimizer.build(model.trainable_variables)  # built, the optimizer's variables load from the weights file too
     try:
-        model.load_weights(weights)
+        with warnings.catch_warnings():  # a legacy weights file has none: they come from optimizer.npz below
+            if checkpoint == folder:
+                warnings.filterwarnings("ignore", message=".*Skipping variable loading for optimizer.*")
+            model.load_weights(weights)
     except (ValueError, OSError) as err:
         raise RuntimeError(f"the checkpoint in {checkpoint} does not fit this model "
                            f"({str(err).splitlines()[0][:200]}); it belongs to another config: remove {folder} "
