@@ -223,6 +223,7 @@ def test_room_for_the_weights_and_the_optimizer_is_checked_before_writing(tmp_pa
     with pytest.raises(OSError) as full:
         ensure_room_for_weights(model, tmp_path)
     assert full.value.errno == errno.ENOSPC and f"needs about {needed:,} bytes, {needed - 1:,} free" in str(full.value)
+    assert full.value.filename == str(tmp_path)  # the folder that has no room
     with pytest.raises(OSError):  # refused before any file is made
         save_checkpoint(tmp_path / "checkpoints", model, optimizer, _state(1), {})
     assert list((tmp_path / "checkpoints").iterdir()) == []
