@@ -32,7 +32,8 @@ module_spec() {
       LIMIT=1800 ;;
     fit)  # checkpoint save/restore and the epoch loop
       FILES=(training/fit.py training/checkpoints.py)
-      TESTS=(tests/test_checkpoints.py tests/test_training.py -k "test_checkpoints or checkpoint_restores or kill_while or every_epoch_sees or focal_loss or class_weights_count or replica_setting or config_changes_name or temporary_name or single_folder_layout")
+      TESTS=(tests/test_checkpoints.py tests/test_epoch_loop.py tests/test_training.py
+             -k "test_checkpoints or test_epoch_loop or checkpoint_restores or kill_while or every_epoch_sees or focal_loss or class_weights_count or replica_setting or config_changes_name or temporary_name or single_folder_layout")
       LIMIT=3600 ;;
     export)  # SavedModel export and the prediction files
       FILES=(training/export.py)
@@ -40,7 +41,7 @@ module_spec() {
       LIMIT=3600 ;;
     geometry)  # a photo to the model's square: fit modes, antialiased resize, the record size
       FILES=(training/geometry.py)
-      TESTS=(tests/test_geometry.py tests/test_pixel_parity.py)
+      TESTS=(tests/test_geometry.py)  # against PIL directly; tests/test_pixel_parity.py rebuilds photos and SavedModels per mutant
       LIMIT=3600 ;;
     service)  # decoding, resizing, batching, result assembly
       FILES=(service/images.py service/predictor.py service/batching.py service/routes/predict.py)
