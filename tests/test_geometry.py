@@ -53,6 +53,18 @@ def test_the_tensorflow_square_is_the_import_tools_square(fit, shape):
 
 
 @pytest.mark.parametrize("fit", FIT_MODES)
+def test_fine_detail_is_filtered_away_not_aliased(fit):
+    # One white column in three, shrunk about 4x: the antialiased filter gives an even grey (as PIL does); without
+    # antialiasing the lines alias into stripes of 0..255.
+    lines = np.repeat(((np.arange(77) % 3 == 0) * 255).astype(np.uint8)[None, :, None], 61, axis=0).repeat(3, axis=2)
+    got = fit_square_tf(tf.constant(lines), 16, fit).numpy()
+    expected = np.asarray(fit_square(Image.fromarray(lines), 16, fit), np.float32)
+    assert np.abs(got - expected).max() < 6
+    content = got[expected.max(axis=(1, 2)) > 0]  # the rows that are not a pad's bars
+    assert np.abs(content - 85).max() < 20, (content.min(), content.max())
+
+
+@pytest.mark.parametrize("fit", FIT_MODES)
 def test_the_square_is_graph_safe_for_images_of_unknown_shape(fit):
     squared = tf.function(lambda image: fit_square_tf(image, 16, fit),
                           input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
