@@ -365,6 +365,28 @@ def _big(fmt: str, side: int) -> bytes:
     return buffer.getvalue()
 
 
+def test_the_header_count_is_what_decoding_produces_for_reduced_and_full_size_images():
+    # decoded_pixels (the pixel budgets' count, from the header alone) plans the same DCT scale as decode_image:
+    # a 6000 x 700 panorama for a 48 px input decodes at 1/4 (1500 x 175, each side >= 2 x 48), not at 1/8.
+    from service.images import decoded_pixels
+
+    for fmt, size, target in (("JPEG", (6000, 700), 48), ("JPEG", (3000, 2000), 48), ("JPEG", (3000, 2000), 160),
+                              ("JPEG", (640, 427), 48), ("PNG", (2100, 2100), 48)):
+        buffer = io.BytesIO()
+        Image.new("RGB", size, (40, 160, 90)).save(buffer, format=fmt)
+        blob = buffer.getvalue()
+        counted = decoded_pixels(blob, 40_000_000, target, 4_000_000)
+        height, width, _ = decode_image(blob, 40_000_000, target, 4_000_000).shape
+        assert counted >= height * width, (size, target)  # never less than what is decoded
+        if fmt == "PNG":
+            assert counted == size[0] * size[1]  # decoded at full size, reduced afterwards
+    panorama = io.BytesIO()
+    Image.new("RGB", (6000, 700), (40, 160, 90)).save(panorama, format="JPEG")
+    assert decoded_pixels(panorama.getvalue(), 40_000_000, 48, 4_000_000) == 1500 * 175
+    assert decode_image(panorama.getvalue(), 40_000_000, 48, 4_000_000).shape == (175, 1500, 3)
+    assert decoded_pixels(blob, 40_000_000) == 2100 * 2100  # no target: no reduction
+
+
 def test_images_that_decode_to_more_pixels_than_the_request_budget_get_413(ensemble_dir):
     settings = Settings(ensemble=str(ensemble_dir), max_request_pixels=100_000, **SMALL)
     with TestClient(create_app(settings)) as c:
