@@ -15,6 +15,7 @@ will produce, for the service's pixel budgets.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -135,5 +136,6 @@ def _decode_jpeg_like_training(data: bytes) -> np.ndarray:
     try:
         return tf.io.decode_jpeg(data, channels=3, dct_method=JPEG_DCT).numpy()
     except tf.errors.InvalidArgumentError as err:
-        raise ImageError("corrupt", f"the JPEG is truncated or corrupt ({err.message.splitlines()[0]})") from None
+        reason = re.sub(r"\{\{[^}]*\}\}|\[Op:\w+\]", "", err.message.splitlines()[0]).strip()  # TensorFlow's node names
+        raise ImageError("corrupt", f"the JPEG is truncated or corrupt ({reason})") from None
 

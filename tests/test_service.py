@@ -129,6 +129,16 @@ def test_bad_images_are_named(blob, kind):
     assert err.value.kind == kind
 
 
+def test_bad_images_are_named_a_jpeg_cut_short_after_its_header_too():
+    # Its header reads (PIL), so TensorFlow's decoder meets the damage: a plain "corrupt", without its node names.
+    blob = _encode(Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3)).astype(np.uint8)), "JPEG")
+    with pytest.raises(ImageError) as err:
+        decode_image(blob[: len(blob) * 2 // 3], 10_000_000)
+    assert err.value.kind == "corrupt"
+    assert err.value.message == ("the JPEG is truncated or corrupt "
+                                 "(jpeg::Uncompress failed. Invalid JPEG data or crop window.)")
+
+
 @pytest.mark.parametrize("request_kwargs,status,kind", [
     ({"content": b"", "headers": {"content-type": "multipart/form-data; boundary=x"}}, 400, "no_files"),
     ({"content": b"--x\r\nContent-Type: text/plain\r\n\r\nabc\r\n--x--\r\n",
