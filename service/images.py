@@ -15,13 +15,13 @@ will produce, for the service's pixel budgets.
 from __future__ import annotations
 
 import io
-import re
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from training.errors import tf_reason
 from training.pixels import to_rgb
 
 FORMATS = {"JPEG", "PNG", "GIF", "BMP", "WEBP", "MPO"}
@@ -136,6 +136,5 @@ def _decode_jpeg_like_training(data: bytes) -> np.ndarray:
     try:
         return tf.io.decode_jpeg(data, channels=3, dct_method=JPEG_DCT).numpy()
     except tf.errors.InvalidArgumentError as err:
-        reason = re.sub(r"\{\{[^}]*\}\}|\[Op:\w+\]", "", err.message.splitlines()[0]).strip()  # TensorFlow's node names
-        raise ImageError("corrupt", f"the JPEG is truncated or corrupt ({reason})") from None
+        raise ImageError("corrupt", f"the JPEG is truncated or corrupt ({tf_reason(err)})") from None
 

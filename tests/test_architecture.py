@@ -203,7 +203,7 @@ def test_flower_help_shows_the_overview_or_one_commands_help():
 
 
 SERVICE_MAY_IMPORT = {"ensemble.blend", "ensemble.spec", "training.pixels", "training.geometry", "training.records",
-                      "training.augment", "training.names"}
+                      "training.augment", "training.names", "training.errors"}
 
 
 def test_the_service_imports_only_the_blend_the_spec_and_the_pixel_conversion_from_other_parts():

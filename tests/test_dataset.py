@@ -169,8 +169,20 @@ def test_a_corrupt_jpeg_deep_in_a_file_is_named_with_its_record(tmp_path):
     records[5] = Record(b"\xff\xd8\xff not really a jpeg", "r5", 0)
     files = _make_layout(tmp_path, "val", records, per_file=6)
     info = split_info(str(tmp_path), "val", 16)  # the first record is fine: the cheap check passes
-    with pytest.raises(DataError, match=f"{files[0]}: record 5: image is not a valid JPEG"):
+    with pytest.raises(DataError, match=f"{files[0]}: record 5: image is not a valid JPEG") as bad:
         list(iterate_checked(eval_dataset(split_info(str(tmp_path), "val", 16), 16, 2), info))
+    assert "{{" not in str(bad.value) and "[Op:" not in str(bad.value)  # TensorFlow's node names left out
+
+
+def test_tensorflow_errors_are_shown_without_their_graph_node_names():
+    from training.errors import tf_reason
+
+    with pytest.raises(tf.errors.InvalidArgumentError) as err:
+        tf.io.decode_jpeg(b"\xff\xd8\xff not a jpeg")
+    assert "{{function_node" in err.value.message or "[Op:" in err.value.message  # what TensorFlow says
+    reason = tf_reason(err.value)
+    assert reason and "{{" not in reason and "[Op:" not in reason and "\n" not in reason
+    assert tf_reason(ValueError("first line\nsecond")) == "first line" and tf_reason(ValueError("")) == ""
 
 
 def test_a_truncated_file_is_named(tmp_path):

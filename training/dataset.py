@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import tensorflow as tf
 
 from training.augment import AugmentConfig, augment_batch, mix_batch, resize_image
-from training.errors import DataError
+from training.errors import DataError, tf_reason
 from training.layout import choose_file_size, count_records, split_files
 from training.records import (
     check_first_records,
@@ -178,4 +178,4 @@ def iterate_checked(ds: tf.data.Dataset, info: SplitInfo) -> Iterator:
         culprit = find_bad_record(list(info.files), info.labelled, info.file_size)
         if culprit is not None:
             raise culprit from None
-        raise DataError(f"reading split {info.split!r} failed: {err.message.splitlines()[0]}") from None
+        raise DataError(f"reading split {info.split!r} failed: {tf_reason(err)}") from None

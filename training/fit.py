@@ -35,7 +35,7 @@ from training.checkpoints import (
 )
 from training.config import RunConfig, check_unfreeze_reachable, trainable_at
 from training.dataset import SplitInfo, split_info, train_dataset
-from training.errors import DataError
+from training.errors import DataError, tf_reason
 from training.evaluation import classification_scores
 from training.export import predict_split
 from training.geometry import data_fit
@@ -271,7 +271,7 @@ def run_epoch(run: Run, epoch: int, state: dict, log: Log) -> float:
         culprit = find_bad_record(files, True, run.train_splits[0].file_size)
         if culprit is not None:
             raise culprit from None
-        raise DataError(f"epoch {epoch + 1}: training failed: {err.message.splitlines()[0]}") from None
+        raise DataError(f"epoch {epoch + 1}: training failed: {tf_reason(err)}") from None
     seconds = time.perf_counter() - start
     loss = float(fit.history["loss"][-1])
     if not math.isfinite(loss):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from training.errors import DataError
+from training.errors import DataError, tf_reason
 
 SPLITS = ("train", "val", "test")
 SIZE_FOLDER = re.compile(r"tfrecords-jpeg-(\d+)x(\d+)$")
@@ -82,7 +82,7 @@ def count_records(files: list[str]) -> int:
         try:
             total += int(tf.data.TFRecordDataset(path).reduce(0, lambda n, _: n + 1))
         except tf.errors.OpError as err:
-            raise DataError(f"cannot read records of {path}: {err.message.splitlines()[0]}") from None
+            raise DataError(f"cannot read records of {path}: {tf_reason(err)}") from None
     return total
 
 

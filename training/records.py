@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import tensorflow as tf
 
-from training.errors import DataError
+from training.errors import DataError, tf_reason
 from training.layout import join
 
 MISSING_CLASS = -1
@@ -110,7 +110,7 @@ def iter_records(path: str) -> Iterator[tuple[int, bytes]]:
             yield index, raw.numpy()
             index += 1
     except tf.errors.OpError as err:
-        raise DataError(f"{path}: record {index} is corrupt ({err.message.splitlines()[0]})") from None
+        raise DataError(f"{path}: record {index} is corrupt ({tf_reason(err)})") from None
 
 
 def check_record(raw: bytes, path: str, index: int, labelled: bool, size: int | None) -> None:
@@ -128,7 +128,7 @@ def check_record(raw: bytes, path: str, index: int, labelled: bool, size: int | 
     try:
         shape = tf.io.decode_jpeg(feature["image"].bytes_list.value[0], channels=3).shape
     except tf.errors.OpError as err:
-        raise DataError(f"{where}: image is not a valid JPEG ({err.message.splitlines()[0]})") from None
+        raise DataError(f"{where}: image is not a valid JPEG ({tf_reason(err)})") from None
     if size is not None and tuple(shape[:2]) != (size, size):
         raise DataError(f"{where}: image is {shape[1]}x{shape[0]}, expected {size}x{size}")
 
