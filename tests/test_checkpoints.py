@@ -294,3 +294,8 @@ def test_a_legacy_checkpoint_gets_its_optimizer_state_from_its_own_file(tmp_path
     assert int(fresh_optimizer.iterations.numpy()) == 7
     for a, b in zip(optimizer.variables, fresh_optimizer.variables, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+
+    np.savez(tmp_path / "optimizer.npz", v0=np.zeros(3))  # another optimizer's state (or a damaged file)
+    with pytest.raises(RuntimeError, match=f"optimizer.npz does not fit this model .*remove {re.escape(str(tmp_path))} "
+                                           "to start over"):
+        load_checkpoint(tmp_path, *_compiled(seed=2), log=lambda _: None)

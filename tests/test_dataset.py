@@ -185,6 +185,29 @@ def test_tensorflow_errors_are_shown_without_their_graph_node_names():
     assert tf_reason(ValueError("first line\nsecond")) == "first line" and tf_reason(ValueError("")) == ""
 
 
+JPEG_FAILED = "jpeg::Uncompress failed. Invalid JPEG data or crop window."
+SHORT_READ = "truncated record at 1396' failed with Read less bytes than requested"
+MISSING = "/data/{{x}}/a.tfrec; No such file or directory"
+
+
+@pytest.mark.parametrize("message,reason", [
+    ("{{function_node __wrapped__DecodeJpeg_device_/job:localhost/replica:0/task:0/device:CPU:0}} "
+     f"{JPEG_FAILED} [Op:DecodeJpeg]", JPEG_FAILED),
+    (f"{SHORT_READ} [Op:IteratorGetNext] name: ", SHORT_READ),
+    ("Graph execution error:\n\nDetected at node DecodeJpeg defined at (most recent call last):\n"
+     f"<stack traces unavailable>\n{JPEG_FAILED}\n\t [[{{{{node DecodeJpeg}}}}]]\n\t [[IteratorGetNext]]"
+     " [Op:__inference_f]",
+     JPEG_FAILED),  # inside model.fit: the reason is not the first line
+    (f"{MISSING} [Op:IteratorGetNext] name: ", MISSING),
+    ("/data[Op:x]/a.tfrec; No such file or directory", "/data[Op:x]/a.tfrec; No such file or directory"),  # a path kept
+])
+def test_the_reason_of_a_tensorflow_error_is_its_telling_line_without_decoration(message, reason):
+    from training.errors import tf_reason
+
+    error = tf.errors.InvalidArgumentError(None, None, message)
+    assert tf_reason(error) == reason
+
+
 def test_a_truncated_file_is_named(tmp_path):
     files = _make_layout(tmp_path, "val", [Record(_jpeg(5), f"r{i}", 0) for i in range(4)])
     data = open(files[0], "rb").read()

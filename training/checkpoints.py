@@ -194,8 +194,12 @@ def load_checkpoint(
                            f"({str(err).splitlines()[0][:200]}); it belongs to another config: remove {folder} "
                            "to start over") from None
     if checkpoint == folder and (folder / "optimizer.npz").is_file():  # the legacy layout kept them apart
-        with np.load(folder / "optimizer.npz") as saved:
-            for i, variable in enumerate(optimizer.variables):
-                variable.assign(saved[f"v{i}"])
+        try:
+            with np.load(folder / "optimizer.npz") as saved:
+                for i, variable in enumerate(optimizer.variables):
+                    variable.assign(saved[f"v{i}"])
+        except (ValueError, KeyError, OSError) as err:
+            raise RuntimeError(f"the optimizer state in {folder / 'optimizer.npz'} does not fit this model ({err}); "
+                               f"it belongs to another config: remove {folder} to start over") from None
     log(f"resuming after epoch {state['epoch']} (best validation macro F1 so far {state['best_f1']:.4f})")
     return state

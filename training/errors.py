@@ -10,7 +10,15 @@ class DataError(ValueError):
 
 
 def tf_reason(err: Exception) -> str:
-    """The first line of a TensorFlow error's message without its graph node names ({{function_node ...}}, [Op:...])."""
+    """The line of a TensorFlow error's message that says what went wrong, without TensorFlow's own decoration.
+
+    A graph error starts with "Graph execution error:" and where it was detected; the reason is the first line
+    that is neither a heading (ending in ":") nor a node or stack line. TensorFlow's `{{function_node ...}}`
+    prefix and `[Op:...] name: ...` suffix are removed; a path that merely contains braces or brackets is kept.
+    """
     text = str(getattr(err, "message", None) or err)
-    first = (text.splitlines() or [""])[0]
-    return re.sub(r"\{\{[^}]*\}\}|\[Op:\w+\]", "", first).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reasons = [line for line in lines if not line.endswith(":") and not line.startswith(("[[", "Detected at", "<"))]
+    line = (reasons or lines or [""])[0]
+    line = re.sub(r"^(\{\{function_node [^}]*\}\}\s*)+", "", line)
+    return re.sub(r"\s*\[Op:\w+\](\s*name:.*)?$", "", line).strip()
