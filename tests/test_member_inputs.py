@@ -96,10 +96,14 @@ def test_the_predictor_blends_the_members_votes_image_by_image(concurrent):
     blend = BlendSpec("weighted", weights=(0.5, 0.3, 0.2))
     for i, m in enumerate(members):
         m.name = f"m{i + 1}"
-    predictor = EnsemblePredictor(["a", "b", "c"], members, blend, concurrent_members=concurrent)
+    timings: list[tuple[str, float]] = []
+    predictor = EnsemblePredictor(["a", "b", "c"], members, blend, concurrent_members=concurrent, tta=2,
+                                  on_member=lambda name, seconds: timings.append((name, seconds)))
     images = [_image(17, 30, 10), _image(30, 17, 11)]
     blended, votes = predictor.predict(images)
     assert votes.shape == (3, 2, 3) and blended.shape == (2, 3) and blended.dtype == np.float32
     for m, member in enumerate(members):
-        np.testing.assert_allclose(votes[m], member.probabilities(images), atol=1e-6)
+        np.testing.assert_allclose(votes[m], member.probabilities(images, tta=2), atol=1e-6)  # the predictor's TTA
     np.testing.assert_allclose(blended, np.tensordot([0.5, 0.3, 0.2], votes, axes=1), atol=1e-6)
+    assert sorted(name for name, _ in timings) == ["m1", "m2", "m3"]
+    assert all(0 < seconds < 60 for _, seconds in timings), timings  # each member's own time

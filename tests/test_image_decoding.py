@@ -1,0 +1,69 @@
+"""The service's image decoding on its own: the refusals' exact texts, decompression bombs named by their header,
+and where reduction starts (the pixel threshold, the DCT scale of a JPEG, a disabled target)."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.images import ImageError, decode_image, decoded_pixels
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A tiny valid PNG whose header claims width x height (PIL reads only the header when it opens it)."""
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    start = data.index(b"IHDR")
+    data[start + 4:start + 12] = struct.pack(">II", width, height)
+    data[start + 17:start + 21] = struct.pack(">I", zlib.crc32(bytes(data[start:start + 17])))
+    return bytes(data)
+
+
+def _jpeg(width: int, height: int) -> bytes:
+    rng = np.random.default_rng(width * 7 + height)
+    pixels = rng.integers(0, 256, (height // 8 + 1, width // 8 + 1, 3)).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).resize((width, height)).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def test_the_refusals_say_exactly_what_is_wrong():
+    for blob, kind, message in (
+        (b"", "empty", "the image is empty (0 bytes)"),
+        (b"plain text", "not_an_image", "the data is not an image in a supported format (JPEG, PNG, GIF, BMP, WebP)"),
+    ):
+        with pytest.raises(ImageError) as refused:
+            decode_image(blob, 10_000_000)
+        assert (refused.value.kind, refused.value.message, str(refused.value)) == (kind, message, message)
+
+
+@pytest.mark.parametrize("width,height", [(10_000, 10_000), (20_000, 20_000)])  # PIL's warning, then its error
+def test_a_decompression_bomb_is_refused_from_its_header_whatever_the_pixel_limit(width, height):
+    blob = _png_claiming(width, height)
+    for call in (lambda: decode_image(blob, 10**12), lambda: decoded_pixels(blob, 10**12)):
+        with pytest.raises(ImageError) as refused:
+            call()
+        assert refused.value.kind == "too_many_pixels"
+        expected = f"the image is too large to decode safely (Image size ({width * height} pixels) exceeds limit of"
+        assert refused.value.message.startswith(expected)
+
+
+def test_reduction_starts_above_the_pixel_threshold_and_can_be_set_to_one_pixel():
+    blob = _jpeg(1000, 400)  # 400 000 pixels; a 48 px input keeps at least 96 px a side
+    assert decode_image(blob, 10**8, 48, 400_000).shape == (400, 1000, 3)  # exactly at the threshold: kept
+    assert decode_image(blob, 10**8, 48, 399_999).shape == (100, 250, 3)  # one pixel over: 1/4 while decoding
+    assert decode_image(blob, 10**8, 48, 1).shape == (100, 250, 3)  # --downscale-pixels 1: every image
+    assert decode_image(blob, 10**8, 0, 1).shape == (400, 1000, 3)  # no target: nothing to reduce to
+
+
+def test_a_jpeg_twice_the_kept_size_is_scaled_while_decoding_not_after():
+    blob = _jpeg(1000, 200)  # short side 200 = 2 x 96 (twice the 48 px input): a 1/2 DCT scale
+    assert decoded_pixels(blob, 10**8, 48, 100_000) == 500 * 100  # the decoder's own output, not 1000 x 200
+    assert decode_image(blob, 10**8, 48, 100_000).shape == (100, 500, 3)
+    assert decoded_pixels(_jpeg(1000, 191), 10**8, 48, 100_000) == 1000 * 191  # under twice: full size
