@@ -67,3 +67,32 @@ def test_a_jpeg_twice_the_kept_size_is_scaled_while_decoding_not_after():
     assert decoded_pixels(blob, 10**8, 48, 100_000) == 500 * 100  # the decoder's own output, not 1000 x 200
     assert decode_image(blob, 10**8, 48, 100_000).shape == (100, 500, 3)
     assert decoded_pixels(_jpeg(1000, 191), 10**8, 48, 100_000) == 1000 * 191  # under twice: full size
+
+
+def test_a_large_image_with_alpha_is_composited_on_white_before_it_is_reduced():
+    # Opaque red and fully transparent (stored black) columns in turn: on white, each 2 x 2 box is half red, half white.
+    pixels = np.zeros((200, 400, 4), np.uint8)
+    pixels[:, ::2] = [255, 0, 0, 255]
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "RGBA").save(buffer, format="PNG")
+    reduced = decode_image(buffer.getvalue(), 10**8, 48, 50_000)  # 80 000 pixels; short side 200 = 2 x 96
+    assert reduced.shape == (100, 200, 3)
+    np.testing.assert_allclose(reduced.reshape(-1, 3).mean(0), [255, 127.5, 127.5], atol=1)
+    assert np.ptp(reduced[..., 1]) <= 1
+    palette = io.BytesIO()
+    Image.fromarray(pixels[..., :3]).convert("P").save(palette, format="PNG")  # converted to RGB, then reduced
+    reduced = decode_image(palette.getvalue(), 10**8, 48, 50_000)
+    assert reduced.shape == (100, 200, 3)
+    np.testing.assert_allclose(reduced.reshape(-1, 3).mean(0), [127.5, 0, 0], atol=2)
+
+
+def test_a_mirrored_jpeg_is_decoded_as_the_viewer_shows_it():
+    image = Image.new("RGB", (32, 16), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 8, 16))  # red on the left as stored
+    exif = Image.Exif()
+    exif[0x0112] = 2  # orientation 2: mirrored left to right
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=95, exif=exif)
+    decoded = decode_image(buffer.getvalue(), 10**8)
+    assert decoded.shape == (16, 32, 3)
+    assert decoded[8, 28, 0] > 200 and decoded[8, 2, 2] > 200  # red on the right, blue on the left
