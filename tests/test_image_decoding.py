@@ -43,6 +43,16 @@ def test_the_refusals_say_exactly_what_is_wrong():
         assert (refused.value.kind, refused.value.message, str(refused.value)) == (kind, message, message)
 
 
+def test_a_png_cut_short_after_its_header_is_named_corrupt():
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3)).astype(np.uint8)).save(buffer, format="PNG")
+    with pytest.raises(ImageError) as refused:
+        decode_image(buffer.getvalue()[:2000], 10_000_000)
+    assert refused.value.kind == "corrupt"
+    message = refused.value.message
+    assert message.startswith("the image is truncated or corrupt (") and message.endswith(")") and len(message) > 40
+
+
 @pytest.mark.parametrize("width,height", [(10_000, 10_000), (20_000, 20_000)])  # PIL's warning, then its error
 def test_a_decompression_bomb_is_refused_from_its_header_whatever_the_pixel_limit(width, height):
     blob = _png_claiming(width, height)
