@@ -33,14 +33,26 @@ def _jpeg(width: int, height: int) -> bytes:
     return buffer.getvalue()
 
 
+def _encoded(fmt: str, size: tuple[int, int] = (100, 50)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (10, 20, 30)).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
 def test_the_refusals_say_exactly_what_is_wrong():
-    for blob, kind, message in (
-        (b"", "empty", "the image is empty (0 bytes)"),
-        (b"plain text", "not_an_image", "the data is not an image in a supported format (JPEG, PNG, GIF, BMP, WebP)"),
+    for blob, limit, kind, message in (
+        (b"", 10**7, "empty", "the image is empty (0 bytes)"),
+        (b"plain text", 10**7, "not_an_image",
+         "the data is not an image in a supported format (JPEG, PNG, GIF, BMP, WebP)"),
+        (_encoded("PNG")[:20], 10**7, "corrupt", "the image header cannot be read (Truncated File Read)"),
+        (_encoded("TIFF"), 10**7, "unsupported_format",
+         "image format TIFF is not supported; use JPEG, PNG, GIF, BMP or WebP"),
+        (_encoded("PNG"), 4999, "too_many_pixels", "the image has 100x50 = 5000 pixels, more than the limit of 4999"),
     ):
         with pytest.raises(ImageError) as refused:
-            decode_image(blob, 10_000_000)
+            decode_image(blob, limit)
         assert (refused.value.kind, refused.value.message, str(refused.value)) == (kind, message, message)
+    assert decode_image(_encoded("PNG"), 5000).shape == (50, 100, 3)  # exactly the limit: decoded
 
 
 def test_a_png_cut_short_after_its_header_is_named_corrupt():
@@ -48,7 +60,7 @@ def test_a_png_cut_short_after_its_header_is_named_corrupt():
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3)).astype(np.uint8)).save(buffer, format="PNG")
     with pytest.raises(ImageError) as refused:
         decode_image(buffer.getvalue()[:2000], 10_000_000)
-    assert refused.value.kind == "corrupt"
+    assert refused.value.kind == "corrupt"  # the exact code clients match on
     message = refused.value.message
     assert message.startswith("the image is truncated or corrupt (") and message.endswith(")") and len(message) > 40
 
@@ -59,7 +71,7 @@ def test_a_decompression_bomb_is_refused_from_its_header_whatever_the_pixel_limi
     for call in (lambda: decode_image(blob, 10**12), lambda: decoded_pixels(blob, 10**12)):
         with pytest.raises(ImageError) as refused:
             call()
-        assert refused.value.kind == "too_many_pixels"
+        assert refused.value.kind == "too_many_pixels"  # not "too_many_pixels" in another case or spelling
         expected = f"the image is too large to decode safely (Image size ({width * height} pixels) exceeds limit of"
         assert refused.value.message.startswith(expected)
 
