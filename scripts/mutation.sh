@@ -14,7 +14,8 @@
 # The [tool.mutmut] settings in pyproject.toml are used as they are, except that only_mutate and the test
 # selection are replaced by the module's, below. Every run is bounded by `timeout` (MUTATION_TIMEOUT seconds,
 # else the module's default); --max-children N passes through to mutmut (default: one per CPU).
-# MUTATION_TIMEOUT_MULTIPLIER=N stops a hanging mutant after about N times its tests' time (mutmut's default 15).
+# MUTATION_TIMEOUT_MULTIPLIER=N stops a hanging mutant after about N times its tests' time (mutmut's default 15;
+# its estimates come from a run with tf.functions eager, so a low N turns compiling survivors into false timeouts).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -52,8 +53,9 @@ module_spec() {
     decoding)  # the service's decoding, reduction and squares: the image tests only, so a survivor costs seconds
       # (tests/test_pixel_parity.py is left out: it rebuilds photos and SavedModels in every mutant's process)
       FILES=(service/images.py service/predictor.py)
-      TESTS=(tests/test_member_inputs.py tests/test_service.py tests/test_service_hardening.py tests/test_member_concurrency.py
-             -k "test_member_inputs or becomes_rgb or first_frame or exif or bad_images_are_named or plain_jpeg or alpha_cmyk or member_votes or 16_bit or no_reduction or reduced or budget or header_count or test_member_concurrency")
+      TESTS=(tests/test_image_decoding.py tests/test_member_inputs.py tests/test_service.py tests/test_service_hardening.py
+             tests/test_member_concurrency.py
+             -k "test_image_decoding or test_member_inputs or becomes_rgb or first_frame or exif or bad_images_are_named or plain_jpeg or alpha_cmyk or member_votes or 16_bit or no_reduction or reduced or budget or header_count or test_member_concurrency")
       LIMIT=3600 ;;
     serving)  # the model repository and the Open Inference Protocol routes
       FILES=(service/repository.py service/routes/v2.py service/routes/tfserving.py)
