@@ -114,11 +114,11 @@ def fit_square(image: Image.Image, size: int, fit: str) -> Image.Image:
     if fit == "pad":
         width, height = image.size
         if min(width, height) * size * 2 <= max(width, height):  # PIL would scale the short side to 0 px: all black
-            strip = (size, 1) if width > height else (1, size)  # keep a one-pixel strip, as training.geometry does
+            middle = round((size - 1) / 2)  # keep a one-pixel strip, centred as training.geometry does
+            strip, corner = ((size, 1), (0, middle)) if width > height else ((1, size), (middle, 0))
             image = image if image.mode in ("RGB", "L") else image.convert("RGB")  # a palette is not pasted along
             out = Image.new(image.mode, (size, size), 0)
-            out.paste(image.resize(strip, Image.Resampling.LANCZOS), (0, round((size - 1) / 2)) if width > height
-                      else (round((size - 1) / 2), 0))
+            out.paste(image.resize(strip, Image.Resampling.LANCZOS), corner)
             return out
         return ImageOps.pad(image, (size, size), Image.Resampling.LANCZOS, color=(0, 0, 0))
     if fit == "stretch":
