@@ -50,6 +50,12 @@ module_spec() {
              tests/test_member_concurrency.py tests/test_pixel_parity.py
              -k "not concurrent_requests_are_batched and not stays_responsive and not command_refuses and not workers and not python_m_service and not 300_mb and not gigabyte and not byte_by_byte and not bounded_memory and not trickles")
       LIMIT=3600 ;;
+    batching)  # the dynamic batcher alone: its own tests and the overload tests with a stand-in model, so a mutant
+      # that makes the batch loop spin is stopped after seconds (in the `service` selection it ran minutes)
+      FILES=(service/batching.py)
+      TESTS=(tests/test_batching.py tests/test_service_overload.py
+             -k "test_batching or past_max_queue or past_its_deadline or batching_off_max_queue")
+      LIMIT=3600 ;;
     decoding)  # the service's decoding, reduction and squares: the image tests only, so a survivor costs seconds
       # (tests/test_pixel_parity.py is left out: it rebuilds photos and SavedModels in every mutant's process)
       FILES=(service/images.py service/predictor.py)
@@ -72,7 +78,7 @@ module_spec() {
     *) return 1 ;;
   esac
 }
-MODULES=(ensemble fit export geometry service decoding serving augment import)
+MODULES=(ensemble fit export geometry service batching decoding serving augment import)
 
 usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; echo "modules: ${MODULES[*]}"; exit 2; }
 [ $# -ge 1 ] || usage
