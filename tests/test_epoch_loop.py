@@ -98,3 +98,31 @@ def test_the_time_budget_reserves_the_longest_epoch_and_the_final_predictions(mo
     now["t"] += 1.0
     assert budget.exhausted()
     assert not Budget(0.0, epochs=[1e9]).exhausted()  # no budget: never exhausted
+
+
+def _progress_lines(monkeypatch, steps: int, calls: list[int], logs=None) -> list[str]:
+    """What StepProgress prints for epoch 3 of 5 (batch 8) when Keras reports after the given 0-based steps,
+    each half a second after the last."""
+    import training.fit as fit
+
+    now = {"t": 50.0}
+    monkeypatch.setattr(fit.time, "perf_counter", lambda: now["t"])
+    lines: list[str] = []
+    progress = fit.StepProgress(2, 5, steps, 8, lines.append)
+    progress.on_epoch_begin(2)
+    for i, batch in enumerate(calls):
+        now["t"] = 50.0 + 0.5 * (i + 1)
+        progress.on_train_batch_end(batch, {"loss": 1.0 / (batch + 1)} if logs is None else logs)
+    return lines
+
+
+def test_progress_is_printed_about_ten_times_an_epoch_with_its_running_loss_and_rate(monkeypatch):
+    lines = _progress_lines(monkeypatch, 25, list(range(25)))  # every 2nd step, and the last
+    steps = [*range(2, 25, 2), 25]
+    assert lines == [f"  epoch 3/5 step {s}/25 loss {1.0 / s:.4f} ({s * 8 / (0.5 * s):.0f} img/s)" for s in steps]
+    assert _progress_lines(monkeypatch, 3, [0, 1, 2])[0] == "  epoch 3/5 step 1/3 loss 1.0000 (16 img/s)"
+    assert len(_progress_lines(monkeypatch, 3, [0, 1, 2])) == 3  # fewer than ten steps: every step
+    # With steps_per_execution 4 Keras reports every 4th step: a line whenever a tenth of the epoch was crossed.
+    lines = _progress_lines(monkeypatch, 100, [*range(3, 100, 4)])
+    assert [int(line.split()[3].split("/")[0]) for line in lines] == [12, 20, 32, 40, 52, 60, 72, 80, 92, 100]
+    assert _progress_lines(monkeypatch, 1, [0], logs={}) == ["  epoch 3/5 step 1/1 loss nan (16 img/s)"]

@@ -984,6 +984,9 @@ def test_class_weights_count_every_split_the_run_trains_on(tmp_path):
     assert [i.split for i in both.train_splits] == ["train", "val"] and both.steps == 3
     np.testing.assert_array_equal(class_counts(both.train_splits, 2), [6, 6])
     np.testing.assert_allclose(both.class_weights, [1.0, 1.0])
+    # A class the splits never show counts 0 and weighs 0; a class seen once weighs n / C.
+    np.testing.assert_array_equal(class_counts(alone.train_splits, 3), [6, 2, 0])
+    np.testing.assert_allclose(inverse_frequency_weights(np.array([6, 1, 0])), [7 / 18, 7 / 3, 0.0])
     np.testing.assert_allclose(inverse_frequency_weights(np.array([2, 2, 0])), [2 / 3, 2 / 3, 0.0])
     assert not (tmp_path / "never-written").exists()
 
