@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
+import time
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from training.checkpoints import latest_checkpoint
 from training.config import load_config
+from training.errors import DataError
 from training.evaluation import classification_scores
 from training.export import predict_split
 from training.fit import Budget, prepare_run, run_epoch
@@ -25,14 +29,18 @@ def _config(tiny_data, out, **settings):
                               "predict.tta": 1, "data.deterministic": True, **settings})
 
 
-def test_an_epoch_trains_scores_the_whole_validation_split_checkpoints_and_logs(tiny_data, tmp_path):
+def test_an_epoch_trains_scores_the_whole_validation_split_checkpoints_and_logs(tiny_data, tmp_path, capsys):
     config = _config(tiny_data, tmp_path / "run", **{"schedule.warmup_epochs": 1})
     lines: list[str] = []
     run = prepare_run(config, lines.append)
     state = {"epoch": 0, "best_f1": -1.0, "history": []}
     before = [w.numpy().copy() for w in run.model.trainable_weights]
+    capsys.readouterr()
     val_seconds = run_epoch(run, 0, state, lines.append)
+    assert capsys.readouterr().out == ""  # the log is the only output: no Keras progress bar beside it
     assert val_seconds > 0
+    assert int(run.optimizer.iterations.numpy()) == run.steps  # one epoch of steps, not more
+    assert f"  epoch 1/2 step {run.steps}/{run.steps} loss {state['history'][0]['loss']:.4f} (" in "\n".join(lines)
     assert any(np.abs(a - b.numpy()).max() > 0 for a, b in zip(before, run.model.trainable_weights, strict=True))
     row = state["history"][0]
     lr = learning_rate(config.schedule, 0, 2, run.replicas, config.model.unfreeze_epoch)
@@ -63,6 +71,9 @@ def test_an_epoch_trains_scores_the_whole_validation_split_checkpoints_and_logs(
     state["best_f1"] = 2.0  # nothing can beat it
     run_epoch(run, 1, state, lines.append)
     assert state["epoch"] == 2 and len(state["history"]) == 2 and state["best_f1"] == 2.0
+    assert int(run.optimizer.iterations.numpy()) == 2 * run.steps  # the second epoch trained once, from where it was
+    second = learning_rate(config.schedule, 1, 2, run.replicas, config.model.unfreeze_epoch)
+    assert state["history"][1]["learning_rate"] == second != lr  # after the warm-up epoch the schedule moves on
     assert (checkpoints / "best.weights.h5").read_bytes() == best
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best.weights.h5", "epoch-0002"]
     assert "(best)" not in next(line for line in lines if line.startswith("epoch 2/2: "))
@@ -98,6 +109,13 @@ def test_the_time_budget_reserves_the_longest_epoch_and_the_final_predictions(mo
     now["t"] += 1.0
     assert budget.exhausted()
     assert not Budget(0.0, epochs=[1e9]).exhausted()  # no budget: never exhausted
+    exact = Budget(600.0, started=0.0, epochs=[150.0], finish=80.0)
+    now["t"] = 370.0
+    assert not exact.exhausted()  # the next epoch and the finish end exactly at the budget: still fits
+    one = Budget(600.0)
+    one.record(10.0, 4.0, SimpleNamespace(infos={"val": SimpleNamespace(count=1), "test": SimpleNamespace(count=3)},
+                                          config=SimpleNamespace(predict=SimpleNamespace(tta=1))))
+    assert one.finish == 4.0 * (1 + 3) + 30.0  # a validation split of one image: the test split is 3 of its passes
 
 
 def _progress_lines(monkeypatch, steps: int, calls: list[int], logs=None) -> list[str]:
@@ -126,3 +144,124 @@ def test_progress_is_printed_about_ten_times_an_epoch_with_its_running_loss_and_
     lines = _progress_lines(monkeypatch, 100, [*range(3, 100, 4)])
     assert [int(line.split()[3].split("/")[0]) for line in lines] == [12, 20, 32, 40, 52, 60, 72, 80, 92, 100]
     assert _progress_lines(monkeypatch, 1, [0], logs={}) == ["  epoch 3/5 step 1/1 loss nan (16 img/s)"]
+
+
+class FakeClock:
+    """training.fit's `time` module with a perf_counter that moves only when told to."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.monotonic = time.monotonic
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def _stub_epoch(monkeypatch, run, clock: FakeClock, fit_seconds: float = 12.3456, val_seconds: float = 3.25,
+                loss: float = 0.25) -> list[dict]:
+    """Replace the model's fit and the validation predictions by stand-ins that take the given (fake) seconds;
+    the stand-in predictions are right for every image. Returns the keyword arguments of each fit call."""
+    import training.fit as fit
+
+    monkeypatch.setattr(fit, "time", clock)
+    calls: list[dict] = []
+
+    def fake_fit(data, **kwargs):
+        calls.append(kwargs)
+        clock.now += fit_seconds
+        return SimpleNamespace(history={"loss": [loss]})
+
+    def fake_predict(model, info, size, batch, num_classes):
+        clock.now += val_seconds
+        labels = np.arange(info.count) % num_classes
+        return np.array([str(i) for i in labels]), labels, np.eye(num_classes, dtype=np.float32)[labels]
+
+    run.model.fit = fake_fit
+    monkeypatch.setattr(fit, "predict_split", fake_predict)
+    return calls
+
+
+def test_an_epochs_time_and_its_validation_time_are_measured_apart(tiny_data, tmp_path, monkeypatch):
+    lines: list[str] = []
+    run = prepare_run(_config(tiny_data, tmp_path / "run"), lines.append)
+    calls = _stub_epoch(monkeypatch, run, FakeClock())
+    state = {"epoch": 0, "best_f1": -1.0, "history": []}
+    assert run_epoch(run, 0, state, lines.append) == pytest.approx(3.25)  # what the time budget reserves per pass
+    assert [(c["initial_epoch"], c["epochs"], c["steps_per_epoch"]) for c in calls] == [(0, 1, run.steps)]
+    row = state["history"][0]
+    assert row["seconds"] == 12.35 and row["loss"] == 0.25 and row["val_macro_f1"] == 1.0
+    rate = run.steps * run.global_batch / 12.3456
+    assert lines[-1].endswith(f"val_macro_f1 1.0000 (best) [12.3 s, {rate:.0f} img/s]")
+    state["best_f1"] = 1.0  # equalled, not beaten: the best weights stay those of the earlier epoch
+    (tmp_path / "run" / "checkpoints" / "best.weights.h5").unlink()
+    run_epoch(run, 1, state, lines.append)
+    assert not (tmp_path / "run" / "checkpoints" / "best.weights.h5").exists() and "(best)" not in lines[-1]
+
+
+def test_the_epoch_at_model_unfreeze_epoch_switches_what_trains_with_a_fresh_optimizer(tiny_data, tmp_path,
+                                                                                        monkeypatch):
+    from training.model import parameter_counts
+
+    config = _config(tiny_data, tmp_path / "run", **{"model.trainable": "head", "model.unfreeze_epoch": 1,
+                                                       "train.epochs": 3})
+    lines: list[str] = []
+    run = prepare_run(config, lines.append)
+    _stub_epoch(monkeypatch, run, FakeClock())
+    state = {"epoch": 0, "best_f1": -1.0, "history": []}
+    head = parameter_counts(run.model)
+    first = run.optimizer
+    run_epoch(run, 0, state, lines.append)
+    assert run.trainable == "head" and run.optimizer is first and not any("now training" in line for line in lines)
+    run_epoch(run, 1, state, lines.append)
+    counts = parameter_counts(run.model)
+    assert run.trainable == "all" and run.optimizer is not first and counts["trainable"] > head["trainable"]
+    assert f"now training all: {counts['trainable']:,} trainable parameters, frozen {counts['frozen']:,}" in lines
+    scaled = learning_rate(config.schedule, 1, 3, run.replicas, 1)  # from the unfreeze epoch on: x unfreeze_scale
+    assert state["history"][1]["learning_rate"] == scaled == pytest.approx(
+        learning_rate(config.schedule, 1, 3, run.replicas, 0) * config.schedule.unfreeze_scale)
+    assert float(run.optimizer.learning_rate.numpy()) == pytest.approx(scaled)
+
+
+def test_a_corrupt_training_record_found_inside_fit_is_named_and_nothing_is_saved(tiny_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    train_file = sorted((data / "tfrecords-jpeg-32x32" / "train").glob("*.tfrec"))[1]
+    raw = train_file.read_bytes()
+    train_file.write_bytes(raw[: len(raw) - 40])  # the last record loses its tail
+    run = prepare_run(_config(data, tmp_path / "run"), lambda _: None)
+    state = {"epoch": 0, "best_f1": -1.0, "history": []}
+    with pytest.raises(DataError) as found:
+        run_epoch(run, 0, state, lambda _: None)
+    assert str(found.value).startswith(f"{train_file}: record 19 is corrupt")
+    assert state == {"epoch": 0, "best_f1": -1.0, "history": []} and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_graph_error_that_no_record_explains_is_reported_with_its_reason(tiny_data, tmp_path):
+    run = prepare_run(_config(tiny_data, tmp_path / "run"), lambda _: None)
+
+    def failing_fit(*args, **kwargs):
+        raise tf.errors.InvalidArgumentError(None, None, "Graph execution error:\n\nlogits and labels must match")
+
+    run.model.fit = failing_fit
+    with pytest.raises(DataError) as failed:
+        run_epoch(run, 1, {"epoch": 1, "best_f1": -1.0, "history": []}, lambda _: None)
+    assert str(failed.value) == "epoch 2: training failed: logits and labels must match"
+
+
+def test_each_epochs_batches_come_from_the_runs_data_settings_and_the_epochs_seed(monkeypatch):
+    import training.fit as fit
+    from training.config import AugmentConfig
+
+    seen: list[tuple] = []
+    monkeypatch.setattr(fit, "train_dataset", lambda *args, **kwargs: seen.append((args, kwargs)) or "batches")
+    monkeypatch.setattr(fit, "worker_index", lambda: 2)
+    monkeypatch.setattr(fit, "worker_count", lambda: 3)
+    data = SimpleNamespace(image_size=24, shuffle_buffer=17, deterministic=True)
+    augment = AugmentConfig()
+    config = SimpleNamespace(data=data, augment=augment, train=SimpleNamespace(seed=5))
+    run = SimpleNamespace(config=config, train_splits=["train", "val"], global_batch=12, classes=list("abcd"),
+                          shard="file")
+    assert fit.Run.epoch_data(run, 3) == "batches"
+    assert seen == [((["train", "val"], 24, 12), {
+        "num_classes": 4, "augment": augment, "seed": fit.epoch_seed(5, 3), "shuffle_buffer": 17,
+        "deterministic": True, "shard": "file", "worker": (2, 3)})]
