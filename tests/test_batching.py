@@ -275,3 +275,34 @@ def test_images_of_a_request_that_gave_up_are_skipped_and_leave_the_queue_depth(
 
     asyncio.run(main())
     assert calls == [["held"], ["k1", "k2"]]  # the gone images take no place in a batch
+
+
+def test_with_batching_off_retry_after_reckons_one_model_call_per_image_being_served(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(batching.time, "perf_counter", clock)
+    gate, calls = threading.Event(), []
+
+    def run(values):
+        calls.append(list(values))
+        if len(calls) == 1:
+            clock.now += 1.5  # the first request takes 1.5 s
+        else:
+            assert gate.wait(10)
+        return values
+
+    async def main():
+        batcher = DynamicBatcher(run, max_batch_size=8, enabled=False, max_queue=2)
+        await batcher.start()
+        assert await batcher.submit_many(["a"]) == ["a"]
+        held = asyncio.ensure_future(batcher.submit_many(["b", "c"]))
+        while len(calls) < 2:
+            await asyncio.sleep(0.005)
+        assert batcher.depth == 2 and batcher.retry_after() == 3  # 2 images, a call of 1.5 s each (a cautious bound)
+        with pytest.raises(ClientError) as refused:
+            await batcher.submit_many(["d"])
+        assert refused.value.headers == {"Retry-After": "3"}
+        gate.set()
+        assert await held == ["b", "c"]
+        await batcher.stop()
+
+    asyncio.run(main())
