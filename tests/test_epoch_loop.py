@@ -265,3 +265,28 @@ def test_each_epochs_batches_come_from_the_runs_data_settings_and_the_epochs_see
     assert seen == [((["train", "val"], 24, 12), {
         "num_classes": 4, "augment": augment, "seed": fit.epoch_seed(5, 3), "shuffle_buffer": 17,
         "deterministic": True, "shard": "file", "worker": (2, 3)})]
+
+
+def test_a_run_is_prepared_from_its_data_and_settings_and_says_what_it_found(tiny_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    (data / "import_report.json").write_text(json.dumps({"fit": "pad"}))
+    settings = {"train.weight_decay": 0.03, "train.steps_per_execution": 2}
+    lines: list[str] = []
+    run = prepare_run(_config(data, tmp_path / "run", **settings), lines.append)
+    assert run.policy == "float32" and any(line.startswith("precision policy: float32 (") for line in lines)
+    assert (f"data: {data} records 32px -> model 32px; train 60, val 24, test 18; fitting on train (60 images); "
+            f"6 classes; global batch 16, 3 steps/epoch, 2 per execution") in lines
+    assert (run.geometry["fit"], run.geometry["from"]) == ("pad", str(data / "import_report.json"))
+    assert f"photos become squares by pad (from {data / 'import_report.json'}), as the service will make them" in lines
+    assert run.optimizer.weight_decay == pytest.approx(0.03) and run.model.steps_per_execution == 2
+    # Defaults: one step per execution off a TPU; data.fit, when set, wins over the report; train+val.
+    lines.clear()
+    both = prepare_run(_config(data, tmp_path / "run", **{"data.fit": "stretch", "data.train_on_val": True}),
+                       lines.append)
+    assert (f"data: {data} records 32px -> model 32px; train 60, val 24, test 18; fitting on train+val (84 images); "
+            f"6 classes; global batch 16, 5 steps/epoch, 1 per execution") in lines
+    assert (both.geometry["fit"], both.geometry["from"]) == ("stretch", "data.fit")
+    assert both.model.steps_per_execution == 1
+    # Fewer images than one global batch: still one step an epoch.
+    assert prepare_run(_config(data, tmp_path / "run", **{"data.batch_size": 128}), lines.append).steps == 1
