@@ -220,6 +220,9 @@ def test_the_epoch_at_model_unfreeze_epoch_switches_what_trains_with_a_fresh_opt
     assert state["history"][1]["learning_rate"] == scaled == pytest.approx(
         learning_rate(config.schedule, 1, 3, run.replicas, 0) * config.schedule.unfreeze_scale)
     assert float(run.optimizer.learning_rate.numpy()) == pytest.approx(scaled)
+    # A resumed run is built in its checkpoint's phase: epoch 1's in the first, epoch 2's in the second.
+    assert prepare_run(config, lines.append, start_epoch=1).trainable == "head"
+    assert prepare_run(config, lines.append, start_epoch=2).trainable == "all"
 
 
 def test_a_corrupt_training_record_found_inside_fit_is_named_and_nothing_is_saved(tiny_data, tmp_path):
