@@ -9,6 +9,7 @@ import shutil
 import time
 from types import SimpleNamespace
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -291,5 +292,23 @@ def test_a_run_is_prepared_from_its_data_and_settings_and_says_what_it_found(tin
             f"6 classes; global batch 16, 5 steps/epoch, 1 per execution") in lines
     assert (both.geometry["fit"], both.geometry["from"]) == ("stretch", "data.fit")
     assert both.model.steps_per_execution == 1
+    # The model follows model.*: the record size as its input, the dropout, the batch norm mode, a weights file.
+    from training.backbones import build_backbone
+    from training.model import features_of
+
+    saved = next(layer for layer in build_backbone("small-cnn", 32).layers if isinstance(layer, keras.Model))
+    for i, weight in enumerate(saved.weights):  # values no initializer draws
+        weight.assign(np.full(weight.shape, 0.01 * (i + 1), "float32"))
+    saved.save_weights(tmp_path / "backbone.weights.h5")  # the backbone's own weights, as a downloaded file holds
+    model = prepare_run(_config(data, tmp_path / "run", **{
+        "model.weights": str(tmp_path / "backbone.weights.h5"), "model.dropout": 0.37,
+        "model.batch_norm": "frozen"}), lines.append).model
+    assert model.input_shape == (None, 32, 32, 3)
+    assert [layer.rate for layer in model.layers if isinstance(layer, keras.layers.Dropout)] == [0.37]
+    core = next(layer for layer in features_of(model).layers if isinstance(layer, keras.Model))
+    for got, want in zip(core.weights, saved.weights, strict=True):
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
+    norms = [layer for layer in core.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert norms and not any(layer.trainable for layer in norms)
     # Fewer images than one global batch: still one step an epoch.
     assert prepare_run(_config(data, tmp_path / "run", **{"data.batch_size": 128}), lines.append).steps == 1
