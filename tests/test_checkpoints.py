@@ -263,6 +263,9 @@ def test_a_float16_model_whose_optimizer_keras_wrapped_for_loss_scaling_checkpoi
         save_checkpoint(tmp_path, model, keras.optimizers.AdamW(), _state(2), {})
     with pytest.raises(ValueError, match="^load_checkpoint needs the model compiled with this optimizer$"):
         load_checkpoint(tmp_path, model, keras.optimizers.AdamW(), log=lambda _: None)
+    plain, _ = _compiled()
+    with pytest.raises(ValueError, match="^save_checkpoint needs the model compiled with this optimizer$"):
+        save_checkpoint(tmp_path, plain, None, _state(2), {})  # no optimizer is not the model's optimizer
 
 
 def test_an_option_newer_than_the_checkpoint_counts_as_its_default(tmp_path):

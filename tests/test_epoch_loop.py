@@ -196,7 +196,8 @@ def test_an_epochs_time_and_its_validation_time_are_measured_apart(tiny_data, tm
     state["best_f1"] = 1.0  # equalled, not beaten: the best weights stay those of the earlier epoch
     (tmp_path / "run" / "checkpoints" / "best.weights.h5").unlink()
     run_epoch(run, 1, state, lines.append)
-    assert not (tmp_path / "run" / "checkpoints" / "best.weights.h5").exists() and "(best)" not in lines[-1]
+    assert not (tmp_path / "run" / "checkpoints" / "best.weights.h5").exists()
+    assert lines[-1].endswith(f"val_macro_f1 1.0000 [12.3 s, {rate:.0f} img/s]")
 
 
 def test_the_epoch_at_model_unfreeze_epoch_switches_what_trains_with_a_fresh_optimizer(tiny_data, tmp_path,
@@ -312,3 +313,18 @@ def test_a_run_is_prepared_from_its_data_and_settings_and_says_what_it_found(tin
     assert norms and not any(layer.trainable for layer in norms)
     # Fewer images than one global batch: still one step an epoch.
     assert prepare_run(_config(data, tmp_path / "run", **{"data.batch_size": 128}), lines.append).steps == 1
+
+
+def test_last_n_blocks_must_exist_in_the_backbone(tiny_data, tmp_path):
+    config = _config(tiny_data, tmp_path / "run", **{"model.trainable": "last:4"})
+    assert prepare_run(config, lambda _: None).trainable == "last:4"  # small-cnn has 4 blocks: all of them
+    with pytest.raises(ValueError) as refused:
+        prepare_run(_config(tiny_data, tmp_path / "run", **{"model.trainable": "last:5"}), lambda _: None)
+    assert str(refused.value) == "model.trainable='last:5' but the backbone has only 4 blocks"
+    unfreeze = {"model.trainable": "head", "model.unfreeze": "last:12", "model.unfreeze_epoch": 1}
+    with pytest.raises(ValueError) as refused:
+        prepare_run(_config(tiny_data, tmp_path / "run", **unfreeze), lambda _: None)
+    assert str(refused.value) == "model.unfreeze='last:12' but small-cnn has only 4 blocks"
+    last_4 = {**unfreeze, "model.unfreeze": "last:4"}
+    assert prepare_run(_config(tiny_data, tmp_path / "run", **last_4), lambda _: None).trainable == "head"
+    assert not (tmp_path / "run").exists()

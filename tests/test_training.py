@@ -544,6 +544,16 @@ def test_focal_loss_discounts_easy_examples_and_class_weights_scale_the_loss():
     assert np.all(np.asarray(focal(y, easy)) < 0.1 * np.asarray(cce(y, easy)))
     weighted = make_loss(RunConfig(train=TrainConfig(loss="cce", label_smoothing=0.0)), np.array([3.0, 1.0]))
     np.testing.assert_allclose(weighted(y, easy), [3 * -np.log(0.95), -np.log(0.9)], rtol=1e-5)
+    # Label smoothing 0.2 over 2 classes aims at 0.9 / 0.1; focal loss is (1 - p)^gamma times cross-entropy.
+    smooth = make_loss(RunConfig(train=TrainConfig(loss="cce", label_smoothing=0.2)), None)
+    np.testing.assert_allclose(smooth(y, easy), [-(0.9 * np.log(0.95) + 0.1 * np.log(0.05)),
+                                                 -(0.1 * np.log(0.1) + 0.9 * np.log(0.9))], rtol=1e-5)
+    gamma_1 = make_loss(RunConfig(train=TrainConfig(loss="focal", focal_gamma=1.0, label_smoothing=0.0)), None)
+    focal_values = np.asarray(gamma_1(y, easy))
+    assert focal_values.shape == (2,)  # per example, like the cross-entropy
+    np.testing.assert_allclose(focal_values, 0.25 * np.array([0.05 * -np.log(0.95), 0.1 * -np.log(0.9)]), rtol=1e-4)
+    smooth_focal = make_loss(RunConfig(train=TrainConfig(loss="focal", focal_gamma=1.0, label_smoothing=0.2)), None)
+    assert not np.allclose(smooth_focal(y, easy), focal_values)
 
 
 REPLICA_STEP = textwrap.dedent("""
@@ -980,6 +990,8 @@ def test_class_weights_count_every_split_the_run_trains_on(tmp_path):
                 "output": str(tmp_path / "never-written")}
     alone = prepare_run(load_config(None, settings), log=lambda _: None)
     np.testing.assert_allclose(alone.class_weights, [8 / 12, 8 / 4])
+    uniform, labels = np.full((2, 2), 0.5, np.float32), np.eye(2, dtype=np.float32)
+    np.testing.assert_allclose(alone.loss(labels, uniform), np.log(2) * np.array([8 / 12, 8 / 4]), rtol=1e-5)
     both = prepare_run(load_config(None, {**settings, "data.train_on_val": True}), log=lambda _: None)
     assert [i.split for i in both.train_splits] == ["train", "val"] and both.steps == 3
     np.testing.assert_array_equal(class_counts(both.train_splits, 2), [6, 6])

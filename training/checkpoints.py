@@ -76,6 +76,8 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 def compiled_with(model: keras.Model, optimizer: keras.optimizers.Optimizer) -> bool:
     """Whether the model was compiled with this optimizer (under float16, Keras wraps it for loss scaling)."""
+    if optimizer is None:
+        return False
     return model.optimizer is optimizer or getattr(model.optimizer, "inner_optimizer", None) is optimizer
 
 

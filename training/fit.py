@@ -240,14 +240,14 @@ def prepare_run(config: RunConfig, log: Log = print, start_epoch: int = 0) -> Ru
 
 
 def _check_blocks(config: RunConfig, model: keras.Model) -> None:
-    """model.trainable and model.unfreeze of the form last:N fit the backbone's block count (before epoch 1)."""
+    """model.unfreeze of the form last:N fits the backbone's block count, before epoch 1 (model.trainable is
+    checked as the model is built)."""
+    value = config.model.unfreeze
+    if not config.model.unfreeze_epoch or not value.startswith("last:"):
+        return
     blocks = len(backbone_blocks(features_of(model)))
-    options = [("model.trainable", config.model.trainable)]
-    if config.model.unfreeze_epoch:
-        options.append(("model.unfreeze", config.model.unfreeze))
-    for option, value in options:
-        if value.startswith("last:") and int(value[5:]) > blocks:
-            raise ValueError(f"{option}={value!r} but {config.model.backbone} has only {blocks} blocks")
+    if int(value[5:]) > blocks:
+        raise ValueError(f"model.unfreeze={value!r} but {config.model.backbone} has only {blocks} blocks")
 
 
 def run_epoch(run: Run, epoch: int, state: dict, log: Log) -> float:
