@@ -306,3 +306,28 @@ def test_with_batching_off_retry_after_reckons_one_model_call_per_image_being_se
         await batcher.stop()
 
     asyncio.run(main())
+
+
+def test_the_queue_depth_gauge_is_the_sum_over_every_batcher_sharing_the_metrics():
+    gate, metrics = threading.Event(), Metrics()
+
+    def run(values):
+        assert gate.wait(10)
+        return values
+
+    async def main():
+        first = DynamicBatcher(run, max_batch_size=1, metrics=metrics)  # e.g. two versions of a model
+        second = DynamicBatcher(run, max_batch_size=1, metrics=metrics)
+        await first.start()
+        await second.start()
+        requests = [asyncio.ensure_future(first.submit_many(["a1", "a2", "a3"])),
+                    asyncio.ensure_future(second.submit_many(["b1", "b2"]))]
+        await asyncio.sleep(0.05)  # each runs its first image; the others wait
+        assert (first.depth, second.depth) == (2, 1) and _sample(metrics, "flower_queue_depth_images") == 3
+        gate.set()
+        assert await asyncio.gather(*requests) == [["a1", "a2", "a3"], ["b1", "b2"]]
+        assert _sample(metrics, "flower_queue_depth_images") == 0
+        await first.stop()
+        await second.stop()
+
+    asyncio.run(main())
