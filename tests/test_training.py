@@ -1233,7 +1233,8 @@ def test_prediction_files_hold_the_contracts_arrays_and_load_without_pickle(tmp_
     from training.export import folder_bytes, weights_bytes, write_predictions
 
     ids, probs = np.array(["b7", "a1"]), np.array([[0.25, 0.75], [0.5, 0.5]])
-    path = write_predictions(tmp_path / "predictions" / "val.npz", ids, probs, np.array([1, 0]))
+    # ids as tf.data yields them (bytes) and 32-bit labels still become the contract's unicode ids and int64 labels
+    path = write_predictions(tmp_path / "predictions" / "val.npz", [b"b7", b"a1"], probs, np.array([1, 0], np.int32))
     test = write_predictions(tmp_path / "predictions" / "test.npz", ids, probs)
     with np.load(path, allow_pickle=False) as saved:
         assert saved["ids"].dtype.kind == "U" and list(saved["ids"]) == ["b7", "a1"]
