@@ -34,7 +34,7 @@ module_spec() {
     fit)  # checkpoint save/restore and the epoch loop
       FILES=(training/fit.py training/checkpoints.py)
       TESTS=(tests/test_checkpoints.py tests/test_epoch_loop.py tests/test_training.py
-             -k "test_checkpoints or test_epoch_loop or checkpoint_restores or kill_while or every_epoch_sees or focal_loss or class_weights_count or replica_setting or config_changes_name or temporary_name or single_folder_layout")
+             -k "test_checkpoints or test_epoch_loop or checkpoint_restores or kill_while or every_epoch_sees or focal_loss or class_weights_count or replica_setting or config_changes_name or temporary_name or single_folder_layout or resume_on_another")
       LIMIT=3600 ;;
     export)  # SavedModel export and the prediction files
       FILES=(training/export.py)

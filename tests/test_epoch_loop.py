@@ -328,3 +328,40 @@ def test_last_n_blocks_must_exist_in_the_backbone(tiny_data, tmp_path):
     last_4 = {**unfreeze, "model.unfreeze": "last:4"}
     assert prepare_run(_config(tiny_data, tmp_path / "run", **last_4), lambda _: None).trainable == "head"
     assert not (tmp_path / "run").exists()
+
+
+def test_workers_compare_their_resume_epoch_and_their_config_less_its_paths(monkeypatch):
+    import training.fit as fit
+
+    compared: list[int] = []
+    differs: set[int] = set()
+    monkeypatch.setattr(fit, "same_on_every_worker",
+                        lambda strategy, value: compared.append(value) or value not in differs)
+
+    def digest_of(settings: dict) -> int:
+        compared.clear()
+        config = load_config(None, {"data.dir": "/data", "output": "/out", "name": "a", **settings})
+        fit.check_workers_agree(SimpleNamespace(strategy=None, policy="float32"), config, {"epoch": 3})
+        assert compared[0] == 3  # the epoch each worker resumes after
+        return compared[1]
+
+    same = digest_of({})
+    assert 0 <= same < 2 ** 20  # what same_on_every_worker can compare
+    # The name, the output folder and the data folder may differ between machines; anything else may not.
+    assert digest_of({"name": "b", "output": "/mnt/out", "data.dir": "/mnt/data"}) == same
+    assert digest_of({"train.epochs": 7}) != same and digest_of({"data.image_size": 96}) != same
+    run = SimpleNamespace(strategy=None, policy="float32")
+    config = load_config(None, {"data.dir": "/data", "output": "/out", "name": "a"})
+    differs.add(same)
+    with pytest.raises(ValueError) as refused:
+        fit.check_workers_agree(run, config, {"epoch": 3})
+    assert str(refused.value) == (f"the workers disagree on the config (this one: epoch 3 from {config.run_dir}, "
+                                  f"config digest {same:05x}): start every worker with the same command, its output "
+                                  "on storage all of them share")
+    differs.clear()
+    differs.add(3)
+    with pytest.raises(ValueError, match=r"^the workers disagree on the epoch they resume after \(this one: epoch 3 "):
+        fit.check_workers_agree(run, config, {"epoch": 3})
+    differs.clear()
+    fit.check_workers_agree(SimpleNamespace(strategy=None, policy="mixed_bfloat16"), config, {"epoch": 3})
+    assert compared[1] != same  # another precision policy is another setup
