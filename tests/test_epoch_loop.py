@@ -31,7 +31,7 @@ def _config(tiny_data, out, **settings):
 
 
 def test_an_epoch_trains_scores_the_whole_validation_split_checkpoints_and_logs(tiny_data, tmp_path, capsys):
-    config = _config(tiny_data, tmp_path / "run", **{"schedule.warmup_epochs": 1})
+    config = _config(tiny_data, tmp_path / "run", **{"schedule.kind": "cosine", "schedule.warmup_epochs": 1})
     lines: list[str] = []
     run = prepare_run(config, lines.append)
     state = {"epoch": 0, "best_f1": -1.0, "history": []}
