@@ -475,6 +475,7 @@ def test_predict_split_pads_every_batch_and_returns_each_image_once_in_id_order(
     info = split_info(str(tiny_data), "val", 32)
     model = RecordingModel()
     ids, labels, probs = predict_split(model, info, 32, 7, tta=1)  # batches of 7: the last one is short
+    assert labels.dtype == np.int64 and probs.dtype == np.float32
     assert all(batch.shape[0] == 7 for batch in model.batches)  # one shape: padded to the batch size
     assert len(ids) == info.count == len(probs) == len(labels) and list(ids) == sorted(ids)
     assert len(set(ids)) == len(ids)
@@ -1267,5 +1268,9 @@ def test_a_second_export_replaces_the_saved_model_whole_and_leaves_nothing_besid
         answers.append(model(images, training=False).numpy())
         loaded = tf.saved_model.load(str(path)).signatures["serving_pixels"](images=images)["probabilities"]
         np.testing.assert_allclose(loaded.numpy(), answers[-1], atol=1e-6)
+        assert not (path / "junk").exists()  # the killed export's half-written folder was cleared, not reused
+        if seed == 1:  # an export killed just after its swap leaves the model before it beside the new one
+            (tmp_path / "saved_model.old").mkdir()
+            (tmp_path / "saved_model.old" / "junk").write_text("the model before")
     assert np.abs(answers[0] - answers[1]).max() > 1e-4  # the second export really replaced the first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["saved_model"]
