@@ -202,10 +202,10 @@ def test_an_epochs_time_and_its_validation_time_are_measured_apart(tiny_data, tm
 
 def test_the_epoch_at_model_unfreeze_epoch_switches_what_trains_with_a_fresh_optimizer(tiny_data, tmp_path,
                                                                                         monkeypatch):
-    from training.model import parameter_counts
+    from training.model import _layers_of, features_of, parameter_counts
 
     config = _config(tiny_data, tmp_path / "run", **{"model.trainable": "head", "model.unfreeze_epoch": 1,
-                                                       "train.epochs": 3})
+                                                       "train.epochs": 3, "model.batch_norm": "frozen"})
     lines: list[str] = []
     run = prepare_run(config, lines.append)
     _stub_epoch(monkeypatch, run, FakeClock())
@@ -218,6 +218,10 @@ def test_the_epoch_at_model_unfreeze_epoch_switches_what_trains_with_a_fresh_opt
     counts = parameter_counts(run.model)
     assert run.trainable == "all" and run.optimizer is not first and counts["trainable"] > head["trainable"]
     assert f"now training all: {counts['trainable']:,} trainable parameters, frozen {counts['frozen']:,}" in lines
+    layers = _layers_of(features_of(run.model))
+    norms = [layer for layer in layers if isinstance(layer, keras.layers.BatchNormalization)]
+    convs = [layer for layer in layers if isinstance(layer, keras.layers.Conv2D)]
+    assert norms and convs and all(c.trainable for c in convs) and not any(n.trainable for n in norms)  # batch_norm
     scaled = learning_rate(config.schedule, 1, 3, run.replicas, 1)  # from the unfreeze epoch on: x unfreeze_scale
     assert state["history"][1]["learning_rate"] == scaled == pytest.approx(
         learning_rate(config.schedule, 1, 3, run.replicas, 0) * config.schedule.unfreeze_scale)

@@ -162,7 +162,7 @@ class Run:
     def set_phase(self, trainable: str, log: Log) -> None:
         """Switch what trains (head-then-unfreeze fine-tuning); the optimizer starts afresh for the new set."""
         with self.strategy.scope():
-            set_trainable(self.model, features_of(self.model), trainable, self.config.model.batch_norm)
+            set_trainable(features_of(self.model), trainable, self.config.model.batch_norm)
         self.trainable = trainable
         self.compile()
         params = parameter_counts(self.model)

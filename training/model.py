@@ -21,7 +21,7 @@ def build_classifier(
     x = keras.layers.Dropout(dropout, name="dropout")(x)
     outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
     model = keras.Model(inputs, outputs, name=f"{backbone.replace('-', '_')}_classifier")
-    set_trainable(model, features, trainable, batch_norm)
+    set_trainable(features, trainable, batch_norm)
     return model
 
 
@@ -59,7 +59,7 @@ def backbone_blocks(features: keras.Model) -> list[list[keras.layers.Layer]]:
     return blocks
 
 
-def set_trainable(model: keras.Model, features: keras.Model, trainable: str, batch_norm: str = "train") -> None:
+def set_trainable(features: keras.Model, trainable: str, batch_norm: str = "train") -> None:
     """Train 'all', only the 'head', or the head and the 'last:N' backbone blocks.
 
     Frozen batch-norm layers run in inference mode (Keras 3 does that for trainable=False). With
