@@ -339,13 +339,19 @@ def test_workers_compare_their_resume_epoch_and_their_config_less_its_paths(monk
 
     compared: list[int] = []
     differs: set[int] = set()
-    monkeypatch.setattr(fit, "same_on_every_worker",
-                        lambda strategy, value: compared.append(value) or value not in differs)
+    strategy = object()  # the run's strategy: the collective runs over its workers
+
+    def same_on_every_worker(over, value):
+        assert over is strategy
+        compared.append(value)
+        return value not in differs
+
+    monkeypatch.setattr(fit, "same_on_every_worker", same_on_every_worker)
 
     def digest_of(settings: dict) -> int:
         compared.clear()
         config = load_config(None, {"data.dir": "/data", "output": "/out", "name": "a", **settings})
-        fit.check_workers_agree(SimpleNamespace(strategy=None, policy="float32"), config, {"epoch": 3})
+        fit.check_workers_agree(SimpleNamespace(strategy=strategy, policy="float32"), config, {"epoch": 3})
         assert compared[0] == 3  # the epoch each worker resumes after
         return compared[1]
 
@@ -354,7 +360,7 @@ def test_workers_compare_their_resume_epoch_and_their_config_less_its_paths(monk
     # The name, the output folder and the data folder may differ between machines; anything else may not.
     assert digest_of({"name": "b", "output": "/mnt/out", "data.dir": "/mnt/data"}) == same
     assert digest_of({"train.epochs": 7}) != same and digest_of({"data.image_size": 96}) != same
-    run = SimpleNamespace(strategy=None, policy="float32")
+    run = SimpleNamespace(strategy=strategy, policy="float32")
     config = load_config(None, {"data.dir": "/data", "output": "/out", "name": "a"})
     differs.add(same)
     with pytest.raises(ValueError) as refused:
@@ -367,5 +373,5 @@ def test_workers_compare_their_resume_epoch_and_their_config_less_its_paths(monk
     with pytest.raises(ValueError, match=r"^the workers disagree on the epoch they resume after \(this one: epoch 3 "):
         fit.check_workers_agree(run, config, {"epoch": 3})
     differs.clear()
-    fit.check_workers_agree(SimpleNamespace(strategy=None, policy="mixed_bfloat16"), config, {"epoch": 3})
+    fit.check_workers_agree(SimpleNamespace(strategy=strategy, policy="mixed_bfloat16"), config, {"epoch": 3})
     assert compared[1] != same  # another precision policy is another setup

@@ -838,6 +838,14 @@ def test_a_resume_on_another_precision_is_refused_and_on_another_replica_count_w
     assert lines == ["warning: the checkpoint was trained on 8 replica(s), this run has 2: the global batch, the "
                      "steps per epoch and the learning rate scale change from here on"]
     assert resumed["replicas"] == 2  # what the next checkpoint records
+    same = dict(state)
+    check_resumed_setup(same, SimpleNamespace(policy="mixed_float16", replicas=8), lines.append)
+    assert len(lines) == 1  # the same precision and replica count: nothing to say
+    with pytest.raises(ValueError, match="trained with precision policy float32 and this device picks mixed_bfloat16: "
+                                         "the optimizer state would not load; resume with --set "
+                                         "train.mixed_precision=off$"):
+        check_resumed_setup({"epoch": 1, "precision": "float32"}, SimpleNamespace(policy="mixed_bfloat16", replicas=1),
+                            lines.append)
     older = {"epoch": 1}  # a checkpoint from before these fields: resumes, and records them from now on
     check_resumed_setup(older, SimpleNamespace(policy="float32", replicas=1), lines.append)
     assert older == {"epoch": 1, "precision": "float32", "replicas": 1}
