@@ -315,6 +315,11 @@ def test_a_run_is_prepared_from_its_data_and_settings_and_says_what_it_found(tin
         np.testing.assert_array_equal(got.numpy(), want.numpy())
     norms = [layer for layer in core.layers if isinstance(layer, keras.layers.BatchNormalization)]
     assert norms and not any(layer.trainable for layer in norms)
+    # data.file_size picks the records of another size; one worker on one host reads every batch itself.
+    lines.clear()
+    bigger = prepare_run(_config(data, tmp_path / "run", **{"data.file_size": 48}), lines.append)
+    assert any(line.startswith(f"data: {data} records 48px -> model 32px; ") for line in lines)
+    assert bigger.shard == "off" and not any("TPU hosts" in line for line in lines)
     # Fewer images than one global batch: still one step an epoch.
     assert prepare_run(_config(data, tmp_path / "run", **{"data.batch_size": 128}), lines.append).steps == 1
 
