@@ -295,7 +295,9 @@ def test_with_batching_off_retry_after_reckons_one_model_call_per_image_being_se
         await batcher.start()
         assert await batcher.submit_many(["a"]) == ["a"]
         held = asyncio.ensure_future(batcher.submit_many(["b", "c"]))
+        deadline = time.monotonic() + 5
         while len(calls) < 2:
+            assert not held.done() and time.monotonic() < deadline, "the held request never reached the model"
             await asyncio.sleep(0.005)
         assert batcher.depth == 2 and batcher.retry_after() == 3  # 2 images, a call of 1.5 s each (a cautious bound)
         with pytest.raises(ClientError) as refused:
@@ -322,8 +324,11 @@ def test_the_queue_depth_gauge_is_the_sum_over_every_batcher_sharing_the_metrics
         await second.start()
         requests = [asyncio.ensure_future(first.submit_many(["a1", "a2", "a3"])),
                     asyncio.ensure_future(second.submit_many(["b1", "b2"]))]
-        await asyncio.sleep(0.05)  # each runs its first image; the others wait
-        assert (first.depth, second.depth) == (2, 1) and _sample(metrics, "flower_queue_depth_images") == 3
+        deadline = time.monotonic() + 5
+        while (first.depth, second.depth) != (2, 1):  # each runs its first image; the others wait
+            assert time.monotonic() < deadline, (first.depth, second.depth)
+            await asyncio.sleep(0.005)
+        assert _sample(metrics, "flower_queue_depth_images") == 3
         gate.set()
         assert await asyncio.gather(*requests) == [["a1", "a2", "a3"], ["b1", "b2"]]
         assert _sample(metrics, "flower_queue_depth_images") == 0

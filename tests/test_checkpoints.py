@@ -265,7 +265,8 @@ def test_a_float16_model_whose_optimizer_keras_wrapped_for_loss_scaling_checkpoi
         load_checkpoint(tmp_path, model, keras.optimizers.AdamW(), log=lambda _: None)
     plain, _ = _compiled()
     with pytest.raises(ValueError, match="^save_checkpoint needs the model compiled with this optimizer$"):
-        save_checkpoint(tmp_path, plain, None, _state(2), {})  # no optimizer is not the model's optimizer
+        save_checkpoint(tmp_path / "refused", plain, None, _state(2), {})  # no optimizer is not the model's optimizer
+    assert not (tmp_path / "refused").exists()  # refused before anything was written
 
 
 def test_an_option_newer_than_the_checkpoint_counts_as_its_default(tmp_path):

@@ -98,12 +98,12 @@ def save_checkpoint(folder: Path, model: keras.Model, optimizer: keras.optimizer
 
     A compiled model's weights file holds its optimizer's variables too (moments, iteration count).
     """
+    if not compiled_with(model, optimizer):  # refused before anything is written
+        raise ValueError("save_checkpoint needs the model compiled with this optimizer")
     name = f"epoch-{state['epoch']:04d}"
     tmp, final = folder / f".{name}.tmp", folder / name
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    if not compiled_with(model, optimizer):
-        raise ValueError("save_checkpoint needs the model compiled with this optimizer")
     try:
         ensure_room_for_weights(model, tmp)
         model.save_weights(tmp / "weights.weights.h5")
