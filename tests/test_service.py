@@ -94,6 +94,16 @@ def test_one_bad_image_fails_only_its_own_entry(client):
     assert results[1]["error"]["kind"] == "not_an_image"
 
 
+def test_an_image_whose_header_reads_but_whose_data_is_cut_fails_only_its_own_entry(client):
+    # The header passes the pixel count; the damage is met while decoding, after the request was admitted.
+    blob = _encode(Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3)).astype(np.uint8)), "JPEG")
+    response = client.post("/v1/predict", files=_files(image_bytes(), blob[: len(blob) * 2 // 3], image_bytes()))
+    assert response.status_code == 200
+    results = response.json()["results"]
+    assert [r["ok"] for r in results] == [True, False, True]
+    assert results[1]["error"]["kind"] == "corrupt" and "truncated or corrupt" in results[1]["error"]["message"]
+
+
 @pytest.mark.parametrize("fmt,mode,extra", [
     ("JPEG", "RGB", {}), ("JPEG", "L", {}), ("JPEG", "CMYK", {}), ("PNG", "RGBA", {}), ("PNG", "P", {}),
     ("PNG", "I;16", {}), ("GIF", "P", {}), ("BMP", "RGB", {}), ("WEBP", "RGB", {}), ("PNG", "LA", {}),
