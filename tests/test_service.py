@@ -92,6 +92,7 @@ def test_one_bad_image_fails_only_its_own_entry(client):
     results = response.json()["results"]
     assert [r["ok"] for r in results] == [True, False, True]
     assert results[1]["error"]["kind"] == "not_an_image"
+    assert [r["filename"] for r in results] == ["image0.bin", "image1.bin", "image2.bin"]  # failed entries too
 
 
 def test_an_image_whose_header_reads_but_whose_data_is_cut_fails_only_its_own_entry(client):
