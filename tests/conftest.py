@@ -51,6 +51,20 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def data_with_a_cut_record(tiny_data, tmp_path) -> tuple[Path, Path]:
+    """A copy of the tiny data whose second training file lost the tail of its last record (record 19): the
+    copy's folder and that file."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    train_file = sorted((data / "tfrecords-jpeg-32x32" / "train").glob("*.tfrec"))[1]
+    raw = train_file.read_bytes()
+    train_file.write_bytes(raw[: len(raw) - 40])
+    return data, train_file
+
+
+@pytest.fixture
 def real_photos() -> Path:
     """The shared real flower photos; the test is skipped where that folder is absent."""
     if not (REAL_PHOTOS / "manifest.csv").exists():
