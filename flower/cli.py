@@ -23,10 +23,10 @@ class Command:
 
 
 COMMANDS = {
-    "import": Command("training.photos", "import folders of photos (one per class) into the competition layout"),
-    "overlap": Command("training.near_duplicates", "list photos of one set (folder or data split) found again in "
+    "import": Command("training.data.photos", "import folders of photos (one per class) into the competition layout"),
+    "overlap": Command("training.data.near_duplicates", "list photos of one set (folder or data split) found again in "
                                                    "another: a leak check"),
-    "demo-data": Command("training.demo_data", "write the synthetic demo flower data set"),
+    "demo-data": Command("training.data.demo_data", "write the synthetic demo flower data set"),
     "train": Command("training.train", "train one ensemble member from a TOML config (resumes when rerun)"),
     "compare": Command("training.compare", "compare run directories side by side"),
     "augment-grid": Command("training.show_augment", "write a PNG grid of augmented training samples"),

@@ -30,10 +30,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import tensorflow as tf
 
-from training.config import AugmentConfig
-from training.dataset import train_dataset, training_splits
-from training.demo_data import KINDS, draw_flower, jpeg_bytes
-from training.records import Record, write_split
+from imaging.augment_config import AugmentConfig
+from imaging.records import Record, write_split
+from training.data.dataset import train_dataset, training_splits
+from training.data.demo_data import KINDS, draw_flower, jpeg_bytes
 
 BATCH = 64
 COLOUR = AugmentConfig(brightness=0.1, contrast=0.1, saturation=0.1, hue=0.02)

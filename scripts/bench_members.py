@@ -48,7 +48,7 @@ def parse_members(text: str) -> list[tuple[str, int]]:
 def make_benchmark_ensemble(root: Path, specs: list[tuple[str, int]]) -> Path:
     """Runs `root/runs/BACKBONE-SIZE` (random weights, the 104 classes) and `root/ens/ensemble.json` blending them
     with equal weights; returns the ensemble directory."""
-    from training.layout import competition_classes
+    from core.contract import competition_classes
 
     classes = competition_classes()
     runs = [make_run(root / "runs", f"{backbone}-{size}", size, seed=i, sharpness=1.0, backbone=backbone,

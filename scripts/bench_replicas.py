@@ -34,8 +34,8 @@ def child(backbone: str, size: int, batch: int, steps: int, repeats: int, per_ex
     import numpy as np
     import tensorflow as tf
 
-    from training.model import build_classifier
-    from training.strategy import detect_strategy
+    from training.fit.strategy import detect_strategy
+    from training.models.model import build_classifier
 
     strategy, _ = detect_strategy(lambda _: None)
     rng = np.random.default_rng(0)

@@ -5,7 +5,7 @@
                                      [--steps 8] [--rounds 2] [--precision off|float16|bfloat16]
 
 For each backbone, in one process on the same records: model.fit steps fed by
-training.dataset.train_dataset (read, decode, augment with the defaults, batch) against the same
+training.data.dataset.train_dataset (read, decode, augment with the defaults, batch) against the same
 steps fed one fixed batch from memory, back to back in each round. The ratio is the share of model
 speed the pipeline keeps (goal for EfficientNet-B0 at 192 px: >= 0.95), from the best round of each.
 """
@@ -25,11 +25,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from training.config import AugmentConfig
-from training.dataset import train_dataset, training_splits
-from training.demo_data import KINDS, draw_flower, jpeg_bytes
-from training.model import build_classifier
-from training.records import Record, write_split
+from imaging.augment_config import AugmentConfig
+from imaging.records import Record, write_split
+from training.data.dataset import train_dataset, training_splits
+from training.data.demo_data import KINDS, draw_flower, jpeg_bytes
+from training.models.model import build_classifier
 
 
 def make_records(root: Path, size: int, count: int) -> None:

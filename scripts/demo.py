@@ -45,8 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     start = time.time()
 
-    from training.demo_data import make_demo_data
-    from training.layout import SPLITS, available_sizes, count_records, load_classes, split_files
+    from core.contract import SPLITS
+    from training.data.demo_data import make_demo_data
+    from training.data.layout import available_sizes, count_records, load_classes, split_files
     from training.show_augment import main as show_augment
 
     print(f"[1/4] making the demo data set in {out / 'data'}", flush=True)

@@ -32,16 +32,16 @@ module_spec() {
       TESTS=(tests/test_ensemble.py -k "not without_tensorflow and not identical_seeds")
       LIMIT=1800 ;;
     fit)  # checkpoint save/restore and the epoch loop
-      FILES=(training/fit.py training/checkpoints.py)
+      FILES=(training/fit/loop.py training/fit/checkpoints.py)
       TESTS=(tests/test_checkpoints.py tests/test_epoch_loop.py tests/test_training.py
              -k "test_checkpoints or test_epoch_loop or checkpoint_restores or kill_while or every_epoch_sees or focal_loss or class_weights_count or replica_setting or config_changes_name or temporary_name or single_folder_layout or resume_on_another")
       LIMIT=3600 ;;
     export)  # SavedModel export and the prediction files
-      FILES=(training/export.py)
+      FILES=(training/fit/export.py)
       TESTS=(tests/test_training.py tests/test_pixel_parity.py -k "tta_ or predict_split or saved_models_bytes_signature_agrees or every_format or prediction_files_hold or second_export")
       LIMIT=3600 ;;
     geometry)  # a photo to the model's square: fit modes, antialiased resize, the record size
-      FILES=(training/geometry.py)
+      FILES=(imaging/geometry.py)
       TESTS=(tests/test_geometry.py)  # against PIL directly; tests/test_pixel_parity.py rebuilds photos and SavedModels per mutant
       LIMIT=3600 ;;
     service)  # decoding, resizing, batching, result assembly
@@ -68,11 +68,11 @@ module_spec() {
       TESTS=(tests/test_model_repository.py tests/test_open_inference.py -k "not hot_reload and not tritonclient")
       LIMIT=3600 ;;
     augment)  # augmentation geometry and colour
-      FILES=(training/augment.py)
+      FILES=(imaging/augment.py)
       TESTS=(tests/test_augment.py -k "not grid_command")
       LIMIT=3600 ;;
     import)  # the import tool: decoding, squaring, the stratified split
-      FILES=(training/photos.py training/near_duplicates.py)
+      FILES=(training/data/photos.py training/data/near_duplicates.py)
       TESTS=(tests/test_import_and_demo.py tests/test_near_duplicates.py -k "not demo_data")
       LIMIT=1800 ;;
     *) return 1 ;;

@@ -42,9 +42,9 @@ def read_answers(data: Path) -> dict[str, int]:
 
 def run_model(run: Path, classes: int):
     """A run's config and its model with the best weights (the ones it exported)."""
-    from training.checkpoints import load_best_weights
     from training.config import config_from_dict
-    from training.model import build_classifier
+    from training.fit.checkpoints import load_best_weights
+    from training.models.model import build_classifier
 
     config = config_from_dict(json.loads((run / "config.json").read_text()))
     model = build_classifier(config.model.backbone, config.data.image_size, classes, weights=None,
@@ -57,8 +57,8 @@ def member_scores(run: Path, data: Path, passes: int) -> dict[str, float | str]:
     """Validation/test macro F1 of a run's best weights with 1 and `passes` TTA passes."""
     import keras
 
-    from training.dataset import split_info
-    from training.export import predict_split
+    from training.data.dataset import split_info
+    from training.fit.export import predict_split
 
     answers = read_answers(data)
     classes = len(json.loads((data / "classes.json").read_text()))
@@ -96,7 +96,7 @@ def split_images(data: Path, size: int, split: str = "test") -> list[tuple[str, 
     """(id, JPEG bytes) of every record of a split at one size."""
     import tensorflow as tf
 
-    from training.layout import split_files
+    from training.data.layout import split_files
 
     spec = {"id": tf.io.FixedLenFeature([], tf.string), "image": tf.io.FixedLenFeature([], tf.string)}
     out = []
@@ -135,8 +135,8 @@ def served_labels(ensemble: Path, images: list[tuple[str, bytes]], batch: int = 
 def offline_one_pass(ensemble: Path, data: Path, ids: list[str]) -> dict[str, int]:
     """The ensemble's blend of its members' one-pass (no TTA) test predictions: id -> class."""
     from ensemble.blend import apply_blend
-    from training.dataset import split_info
-    from training.export import predict_split
+    from training.data.dataset import split_info
+    from training.fit.export import predict_split
 
     document = json.loads((ensemble / "ensemble.json").read_text())
     stacked = []
@@ -224,7 +224,7 @@ def probe(args: argparse.Namespace) -> int:
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import cross_val_score
 
-    from training.backbones import build_backbone
+    from training.models.backbones import build_backbone
 
     features = build_backbone(args.backbone, args.size, "imagenet")
     classes = sorted(p.name for p in Path(args.photos).iterdir() if p.is_dir())

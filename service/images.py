@@ -1,9 +1,9 @@
 """Decode uploaded images once into RGB uint8 arrays, safely.
 
 JPEG, PNG, GIF (first frame), BMP and WebP. Grayscale, palette, CMYK, 16-bit and alpha images become RGB
-and EXIF orientation is applied by `training.pixels.to_rgb`, exactly as in the import tool. A plain RGB
+and EXIF orientation is applied by `core.photos.to_rgb`, exactly as in the import tool. A plain RGB
 or grayscale JPEG with no rotation is decoded by TensorFlow's decoder with the IDCT training and the
-SavedModel use (`training.records.JPEG_DCT`), whose pixels are PIL's: the service, the import tool and
+SavedModel use (`core.contract.JPEG_DCT`), whose pixels are PIL's: the service, the import tool and
 training see the same pixels.
 
 Huge images (more than `downscale_pixels`, e.g. a 6000 x 6000 photo or a tiny PNG of one colour) are
@@ -21,14 +21,14 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from training.errors import tf_reason
-from training.pixels import to_rgb
+from core.errors import tf_reason
+from core.photos import to_rgb
 
 FORMATS = {"JPEG", "PNG", "GIF", "BMP", "WEBP", "MPO"}
 DRAFTABLE = {"JPEG", "MPO"}  # formats whose decoder can scale down while decoding (PIL's Image.draft)
 EXIF_ORIENTATION = 0x0112
 # A reduced image keeps at least this many times the largest member's input size on each side, so that the
-# antialiased resize to the input (training.geometry) does the final filtering, as at import: DCT scaling
+# antialiased resize to the input (imaging.geometry) does the final filtering, as at import: DCT scaling
 # straight down to the input size moved a phone photo's pixels by 1.4 grey levels, to twice it by 0.3.
 KEEP = 2
 
@@ -131,7 +131,7 @@ def _decode_jpeg_like_training(data: bytes) -> np.ndarray:
     """TensorFlow's JPEG decoder with the training pipeline's IDCT (the same pixels as PIL's, the import tool's)."""
     import tensorflow as tf
 
-    from training.records import JPEG_DCT
+    from core.contract import JPEG_DCT
 
     try:
         return tf.io.decode_jpeg(data, channels=3, dct_method=JPEG_DCT).numpy()

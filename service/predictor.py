@@ -23,7 +23,7 @@ import numpy as np
 
 from ensemble.blend import apply_blend
 from ensemble.spec import WEIGHT_TOLERANCE, BlendSpec, SpecError
-from training.geometry import DEFAULT_FIT, fit_square_tf, member_geometry
+from imaging.geometry import DEFAULT_FIT, fit_square_tf, member_geometry
 
 SERVE_TTA_SEED = 1  # the TTA passes' augmentation is seeded by the pass alone: an image always gets the same answer
 
@@ -41,7 +41,7 @@ class MemberModel:
     image_size: int
     predict_pixels: Any  # concrete function: images [N,S,S,3] float32 -> {"probabilities": [N,C]}
     saved_model: Any = None  # the loaded object; keeps the signature's variables alive
-    fit: str = DEFAULT_FIT  # how a photo becomes its square input (member.json "geometry", training.geometry)
+    fit: str = DEFAULT_FIT  # how a photo becomes its square input (member.json "geometry", imaging.geometry)
     record_size: int = 0  # the size of the records it trained on (member.json "data".file_size), 0: image_size
     val_macro_f1: float | None = None  # member.json's validation macro F1 (shown by the metadata routes)
     _square: dict = field(default_factory=dict, repr=False)  # fit_square_tf compiled for its size and fit, by dtype
@@ -75,7 +75,7 @@ class MemberModel:
         for every image of the batch (an image's answer does not depend on what it was batched with)."""
         import tensorflow as tf
 
-        from training.augment import TTA_AUGMENT, augment_batch
+        from imaging.augment import TTA_AUGMENT, augment_batch
 
         if self._augment is None:
             size = self.image_size

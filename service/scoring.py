@@ -44,10 +44,10 @@ from typing import TextIO
 
 import numpy as np
 
+from core.names import shown
 from service.images import ImageError, decode_image
 from service.predictor import ArtifactError, EnsemblePredictor, load_ensemble, load_run
 from service.settings import Settings
-from training.names import shown
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp"})
 SIZE_FOLDER = re.compile(r"tfrecords-jpeg-(\d+)x(\d+)$")

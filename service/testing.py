@@ -38,9 +38,9 @@ def make_run(root: Path, name: str, size: int, seed: int = 0, sharpness: float =
     """
     import keras
 
-    from training.export import export_saved_model
-    from training.geometry import geometry_record
-    from training.model import build_classifier
+    from imaging.geometry import geometry_record
+    from training.fit.export import export_saved_model
+    from training.models.model import build_classifier
 
     classes = list(classes or CLASSES)
     keras.utils.set_random_seed(seed)
@@ -60,7 +60,7 @@ def make_run(root: Path, name: str, size: int, seed: int = 0, sharpness: float =
 
 def make_benchmark_run(root: Path, backbone: str = "efficientnet-b0", size: int = 224) -> Path:
     """A run directory `root/BACKBONE-SIZE` with random weights (they do not change speed) and the 104 classes."""
-    from training.layout import competition_classes
+    from core.contract import competition_classes
 
     return make_run(root, f"{backbone}-{size}", size, sharpness=1.0, backbone=backbone,
                     classes=competition_classes())
@@ -114,7 +114,7 @@ def photo(width: int, height: int, seed: int = 0) -> Image.Image:
 
 def flower_jpeg(size: int) -> bytes:
     """A JPEG of a demo flower at `size` px (a photo-like image for benchmarks)."""
-    from training.demo_data import KINDS, draw_flower, jpeg_bytes
+    from training.data.demo_data import KINDS, draw_flower, jpeg_bytes
 
     return jpeg_bytes(draw_flower(KINDS[0], np.random.default_rng(0), size), size)
 

@@ -43,7 +43,7 @@ def _run_tf_functions_eagerly_while_mutmut_maps_tests():
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """Demo data at 32 and 48 px: 60 train / 24 val / 18 test images in files of 20 records."""
-    from training.demo_data import make_demo_data
+    from training.data.demo_data import make_demo_data
 
     out = tmp_path_factory.mktemp("tiny_data")
     make_demo_data(out, sizes=(32, 48), counts=dict(TINY_COUNTS), seed=3, records_per_file=20, progress=False)

@@ -13,7 +13,7 @@ import pytest
 from flower.cli import COMMANDS, main
 from tests.conftest import REPO
 
-PACKAGES = ("training", "ensemble", "service", "flower")
+PACKAGES = ("core", "imaging", "training", "ensemble", "service", "flower")
 MAX_FUNCTION_LINES = 60
 
 
@@ -72,8 +72,8 @@ def test_there_is_no_import_cycle_not_even_inside_a_function():
 
 def test_the_cycle_check_finds_a_cycle_hidden_in_a_function(tmp_path):
     path = tmp_path / "a.py"
-    path.write_text("def f():\n    from training.fit import train_member\n")
-    assert "training.fit" in _imports(path, "training.something", _modules())
+    path.write_text("def f():\n    from training.fit.loop import train_member\n")
+    assert "training.fit.loop" in _imports(path, "training.something", _modules())
 
 
 def test_no_function_is_longer_than_sixty_lines():
@@ -85,13 +85,6 @@ def test_no_function_is_longer_than_sixty_lines():
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{name}.{node.name}: {lines} lines")
     assert not long, long
-
-
-def test_the_ensemble_imports_nothing_of_training_or_service():
-    modules = _modules()
-    for name, path in modules.items():
-        if name.startswith("ensemble"):
-            assert not {m for m in _imports(path, name, modules) if not m.startswith("ensemble")}, name
 
 
 # --- the flower command -------------------------------------------------------------------------------
@@ -181,8 +174,8 @@ def test_train_help_print_config_and_config_errors_never_load_tensorflow():
     assert "Traceback" not in bad.stderr
 
 
-@pytest.mark.parametrize("module", ["training.train", "training.compare", "training.show_augment", "training.photos",
-                                    "training.demo_data", "ensemble", "service"])
+@pytest.mark.parametrize("module", ["training.train", "training.compare", "training.show_augment",
+                                    "training.data.photos", "training.data.demo_data", "ensemble", "service"])
 def test_the_old_python_m_forms_still_work(module):
     result = subprocess.run([sys.executable, "-c", NO_TENSORFLOW + f"import runpy, sys; sys.argv = ['x', '--help']; "
                              f"runpy.run_module({module!r}, run_name='__main__')"], cwd=REPO, capture_output=True,
@@ -202,23 +195,65 @@ def test_flower_help_shows_the_overview_or_one_commands_help():
     assert _flower("help", "train", "blend").returncode == 2
 
 
-SERVICE_MAY_IMPORT = {"ensemble.blend", "ensemble.spec", "training.pixels", "training.geometry", "training.records",
-                      "training.augment", "training.names", "training.errors"}
+# The house: each part may import the floors under it and nothing else (`flower`, the commands, may import all).
+MAY_IMPORT = {
+    "core": set(),  # the ground floor: the contract, files, photos, errors; no TensorFlow
+    "imaging": {"core"},  # the TensorFlow pixels that training and serving share: records, decode, square, TTA
+    "ensemble": {"core"},  # no TensorFlow
+    "training": {"core", "imaging"},
+    "service": {"core", "imaging", "ensemble"},
+    "flower": set(PACKAGES),
+}
+SERVICE_USES_OF_ENSEMBLE = {"ensemble.blend", "ensemble.spec"}  # the blend: one function offline and online
+NEVER_TENSORFLOW = ("core", "ensemble")
 
 
-def test_the_service_imports_only_the_blend_the_spec_and_the_pixel_conversion_from_other_parts():
+def _part(module: str) -> str:
+    return module.partition(".")[0]
+
+
+def _forbidden(name: str, imported: set[str]) -> set[str]:
+    """The project modules a module imports that its part may not."""
+    part = _part(name)
+    bad = {m for m in imported if _part(m) != part and _part(m) not in MAY_IMPORT[part]}
+    if part == "service":
+        bad |= {m for m in imported if _part(m) == "ensemble" and m not in SERVICE_USES_OF_ENSEMBLE}
+    return bad
+
+
+def test_each_part_imports_only_the_floors_under_it():
     modules = _modules()
     outside = {}
     for name, path in modules.items():
-        if name.partition(".")[0] != "service" or name == "service.testing":  # testing makes artifacts with training
+        if name == "service.testing":  # makes artifacts for tests with training's builder (moving to a test kit)
             continue
-        others = {m for m in _imports(path, name, modules) if m.partition(".")[0] != "service"}
-        if others - SERVICE_MAY_IMPORT:
-            outside[name] = sorted(others - SERVICE_MAY_IMPORT)
+        bad = _forbidden(name, _imports(path, name, modules))
+        if bad:
+            outside[name] = sorted(bad)
     assert not outside, outside
 
 
-def test_the_service_import_check_sees_a_forbidden_import_inside_a_function(tmp_path):
+def _third_party(path: Path) -> set[str]:
+    """The top-level names of every module a file imports, anywhere in it."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.partition(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.partition(".")[0])
+    return found
+
+
+def test_the_ground_floor_and_the_ensemble_never_import_tensorflow():
+    for name, path in _modules().items():
+        if _part(name) in NEVER_TENSORFLOW:
+            assert not _third_party(path) & {"tensorflow", "keras", "tf_keras"}, name
+
+
+def test_the_import_check_sees_a_forbidden_import_inside_a_function(tmp_path):
     path = tmp_path / "predictor.py"
-    path.write_text("from ensemble.spec import BlendSpec\ndef f():\n    from training.model import build_classifier\n")
-    assert _imports(path, "service.predictor", _modules()) - SERVICE_MAY_IMPORT == {"training.model"}
+    path.write_text("from ensemble.spec import BlendSpec\ndef f():\n"
+                    "    from training.models.model import build_classifier\n")
+    assert _forbidden("service.predictor", _imports(path, "service.predictor", _modules())) == {"training.models.model"}
+    path.write_text("def f():\n    from training.data.layout import join\n")
+    assert _forbidden("core.contract", _imports(path, "core.contract", _modules())) == {"training.data.layout"}

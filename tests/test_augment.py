@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from training.augment import AugmentConfig, augment_batch, augment_image, mix_batch, resize_image
+from imaging.augment import AugmentConfig, augment_batch, augment_image, mix_batch, resize_image
 from training.show_augment import main as show_augment_main
 
 NO_GEOMETRY = dict(flip_left_right=False, rotation=0.0, shear=0.0, zoom=0.0, shift=0.0)
@@ -242,7 +242,7 @@ def test_the_grid_command_writes_a_png(tiny_data, tmp_path, capsys):
 
 
 def test_rotation_turns_a_marked_spot_about_the_centre_by_the_sampled_angle():
-    from training.augment import _seeds, sample_affine
+    from imaging.augment import _seeds, sample_affine
 
     size, centre = 33, 16.0
     image = np.zeros((size, size, 3), np.float32)
@@ -267,7 +267,7 @@ def test_rotation_turns_a_marked_spot_about_the_centre_by_the_sampled_angle():
 
 
 def test_zoom_and_shear_change_the_shape_and_shift_moves_without_turning():
-    from training.augment import _seeds, sample_affine
+    from imaging.augment import _seeds, sample_affine
 
     seed = _seeds(_seed(2, 2), 4)[0]
     zoom = sample_affine(seed, 64, AugmentConfig(**(NO_GEOMETRY | {"zoom": 0.2})), 32, 32).numpy()
@@ -317,7 +317,7 @@ def test_without_geometry_the_pixel_pass_resizes_on_the_evaluation_grid(out_size
 
 
 def test_box_masks_cover_exactly_their_rows_and_columns():
-    from training.augment import _box_mask
+    from imaging.augment import _box_mask
 
     boxes = tf.constant([[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 8.0, 8.0], [5.0, 5.0, 0.0, 3.0]])  # top, left, height, width
     mask = _box_mask(8, boxes).numpy()[..., 0]
@@ -404,7 +404,7 @@ def _forward_parameters(affine: np.ndarray, size: int) -> dict[str, np.ndarray]:
 
 
 def test_the_affine_parameters_have_their_documented_spreads_and_are_independent():
-    from training.augment import _seeds, sample_affine
+    from imaging.augment import _seeds, sample_affine
 
     config = AugmentConfig(flip_up_down=True, rotation=10.0, shear=5.0, zoom=0.1, shift=16.0, shift_reference_size=192)
     affine = sample_affine(_seeds(_seed(4, 4), 4)[0], 4000, config, 32, 32).numpy()
@@ -419,7 +419,7 @@ def test_the_affine_parameters_have_their_documented_spreads_and_are_independent
 
 
 def test_rotation_with_zoom_keeps_right_angles():
-    from training.augment import _seeds, sample_affine
+    from imaging.augment import _seeds, sample_affine
 
     config = AugmentConfig(**(NO_GEOMETRY | {"rotation": 20.0, "zoom": 0.2}))
     forward = np.linalg.inv(sample_affine(_seeds(_seed(3, 1), 4)[0], 256, config, 24, 24).numpy()[:, :, :2])
@@ -442,7 +442,7 @@ def test_darkening_clips_at_black():
     ("constant", [0] * 5, [0] * 5),
 ])
 def test_each_fill_mode_fills_the_uncovered_columns_with_its_own_pixels(fill_mode, right, left):
-    from training.augment import _resample
+    from imaging.augment import _resample
 
     ramp = np.tile((np.arange(16, dtype=np.float32) + 1)[None, :, None] * 10, [16, 1, 3])[None]
     for shift, edge, expected in ((5.0, slice(11, 16), right), (-5.0, slice(0, 5), left)):
@@ -454,7 +454,7 @@ def test_each_fill_mode_fills_the_uncovered_columns_with_its_own_pixels(fill_mod
 
 
 def test_rotation_with_shear_keeps_lengths_and_turns_the_second_axis_by_the_shear():
-    from training.augment import _seeds, sample_affine
+    from imaging.augment import _seeds, sample_affine
 
     config = AugmentConfig(**(NO_GEOMETRY | {"rotation": 20.0, "shear": 20.0}))
     forward = np.linalg.inv(sample_affine(_seeds(_seed(6, 1), 4)[0], 256, config, 24, 24).numpy()[:, :, :2])
@@ -498,7 +498,7 @@ def _reference_resample(images: np.ndarray, affine: np.ndarray, out_size: int, f
 @pytest.mark.parametrize("fill_mode", ["nearest", "reflect", "wrap", "constant"])
 def test_resampling_equals_bilinear_sampling_written_out_for_each_fill_mode(fill_mode):
     # Three images, each with its own turned, sheared, scaled and shifted grid reaching well outside the image.
-    from training.augment import _resample
+    from imaging.augment import _resample
 
     rng = np.random.default_rng(5)
     images = rng.integers(0, 256, (3, 9, 9, 3), dtype=np.uint8)
@@ -515,7 +515,7 @@ def test_resampling_equals_bilinear_sampling_written_out_for_each_fill_mode(fill
 
 def _colour_parameters(colour_map: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Saturation and hue angle back from colour maps H(hue) @ S(saturation), S = s*I + (1 - s)*luma."""
-    from training.augment import LUMA, RGB_TO_YIQ, YIQ_TO_RGB
+    from imaging.augment import LUMA, RGB_TO_YIQ, YIQ_TO_RGB
 
     to_yiq, to_rgb, luma = np.array(RGB_TO_YIQ), np.array(YIQ_TO_RGB), np.array(LUMA)[:, None] @ np.ones((1, 3))
     saturation = np.sqrt(np.linalg.det(colour_map) / np.linalg.det(to_yiq @ to_rgb))  # det S = s^2, det R = 1
@@ -527,7 +527,7 @@ def _colour_parameters(colour_map: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_colour_parameters_fill_their_documented_ranges_and_are_drawn_independently():
-    from training.augment import _seeds, sample_colour
+    from imaging.augment import _seeds, sample_colour
 
     config = AugmentConfig(brightness=0.2, contrast=0.3, saturation=0.4, hue=0.05)
     colour_map, contrast, brightness = (t.numpy() for t in sample_colour(_seeds(_seed(7, 7), 4)[1], 20000, config))
@@ -544,7 +544,7 @@ def test_colour_parameters_fill_their_documented_ranges_and_are_drawn_independen
 
 
 def test_erase_boxes_follow_the_probability_area_and_aspect_ranges_and_reach_every_edge():
-    from training.augment import _seeds, sample_erase
+    from imaging.augment import _seeds, sample_erase
 
     size, lo, hi = 32, 0.05, 0.3
     config = AugmentConfig(erase_prob=0.4, erase_area=(lo, hi))
@@ -573,7 +573,7 @@ def test_erase_boxes_follow_the_probability_area_and_aspect_ranges_and_reach_eve
 def test_the_batch_pass_applies_the_sampled_geometry_colour_and_erasing_with_the_configs_fill_mode(fill_mode):
     # augment_batch = the pixel pass of parameters drawn from the batch seed's four parts (geometry, colour, erase
     # boxes, erase noise), resampled with the config's own fill mode; the modes give different borders.
-    from training.augment import _compiled_apply, _seeds, sample_affine, sample_colour, sample_erase
+    from imaging.augment import _compiled_apply, _seeds, sample_affine, sample_colour, sample_erase
 
     images = tf.constant(np.tile((np.arange(16, dtype=np.float32)[None, :, None] + 1) * 10, [3, 16, 1, 3]))
     images = tf.reshape(images, [3, 16, 16, 3])

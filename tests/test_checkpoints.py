@@ -1,7 +1,7 @@
 """Checkpoint files on their own (no training): where each file goes, what a rerun or a leftover does, the refusals.
 
 The resume-equals-uninterrupted and kill tests in tests/test_training.py train; these pin the file-level rules that
-a resume relies on, each found missing by mutation testing (docs/TESTING.md, `training/checkpoints.py`).
+a resume relies on, each found missing by mutation testing (docs/TESTING.md, `training/fit/checkpoints.py`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import keras
 import numpy as np
 import pytest
 
-from training.checkpoints import (
+from training.config import load_config
+from training.fit.checkpoints import (
     RESUMABLE_CHANGES,
     check_resumable,
     latest_checkpoint,
@@ -22,8 +23,7 @@ from training.checkpoints import (
     save_checkpoint,
     save_weights_atomic,
 )
-from training.config import load_config
-from training.model import build_classifier
+from training.models.model import build_classifier
 
 
 def _compiled(classes: int = 3, seed: int = 0) -> tuple[keras.Model, keras.optimizers.Optimizer]:
@@ -172,7 +172,7 @@ def test_weights_saved_atomically_create_deep_folders_and_replace_an_older_file(
 
 
 def test_the_saved_epoch_is_read_from_the_newest_checkpoint_and_a_damaged_state_is_named(tmp_path):
-    from training.checkpoints import saved_epoch
+    from training.fit.checkpoints import saved_epoch
 
     folder = tmp_path / "checkpoints"
     assert saved_epoch(folder) == 0  # a fresh run
@@ -189,7 +189,7 @@ def test_the_saved_epoch_is_read_from_the_newest_checkpoint_and_a_damaged_state_
 
 
 def test_the_best_weights_load_into_a_model_of_another_phase_without_an_optimizer_warning(tmp_path):
-    from training.checkpoints import load_best_weights
+    from training.fit.checkpoints import load_best_weights
 
     trained, optimizer = _compiled(seed=4)
     optimizer.iterations.assign(9)  # the file holds optimizer variables too
@@ -211,7 +211,7 @@ def test_room_for_the_weights_and_the_optimizer_is_checked_before_writing(tmp_pa
     import errno
     import shutil
 
-    from training.checkpoints import ensure_room_for_weights
+    from training.fit.checkpoints import ensure_room_for_weights
 
     model, optimizer = _compiled()
     sizes = [int(np.prod(v.shape)) * np.dtype(str(v.dtype)).itemsize for v in [*model.weights, *optimizer.variables]]

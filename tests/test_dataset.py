@@ -9,19 +9,19 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from core.contract import competition_classes
+from core.errors import DataError
+from imaging.augment import AugmentConfig
+from imaging.records import Record, serialize, write_split
 from tests.conftest import TINY_COUNTS
-from training.augment import AugmentConfig
-from training.dataset import eval_dataset, iterate_checked, split_info, train_dataset, training_splits
-from training.errors import DataError
-from training.layout import (
+from training.data.dataset import eval_dataset, iterate_checked, split_info, train_dataset, training_splits
+from training.data.layout import (
     available_sizes,
     choose_file_size,
-    competition_classes,
     count_records,
     load_classes,
     split_files,
 )
-from training.records import Record, serialize, write_split
 
 
 def _jpeg(value: int, size: int = 16) -> bytes:
@@ -175,7 +175,7 @@ def test_a_corrupt_jpeg_deep_in_a_file_is_named_with_its_record(tmp_path):
 
 
 def test_tensorflow_errors_are_shown_without_their_graph_node_names():
-    from training.errors import tf_reason
+    from core.errors import tf_reason
 
     with pytest.raises(tf.errors.InvalidArgumentError) as err:
         tf.io.decode_jpeg(b"\xff\xd8\xff not a jpeg")
@@ -202,7 +202,7 @@ MISSING = "/data/{{x}}/a.tfrec; No such file or directory"
     ("/data[Op:x]/a.tfrec; No such file or directory", "/data[Op:x]/a.tfrec; No such file or directory"),  # a path kept
 ])
 def test_the_reason_of_a_tensorflow_error_is_its_telling_line_without_decoration(message, reason):
-    from training.errors import tf_reason
+    from core.errors import tf_reason
 
     error = tf.errors.InvalidArgumentError(None, None, message)
     assert tf_reason(error) == reason

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from training.checkpoints import latest_checkpoint
+from core.errors import DataError
 from training.config import load_config
-from training.errors import DataError
-from training.evaluation import classification_scores
-from training.export import predict_split
-from training.fit import Budget, prepare_run, run_epoch
-from training.schedules import learning_rate
+from training.fit.checkpoints import latest_checkpoint
+from training.fit.evaluation import classification_scores
+from training.fit.export import predict_split
+from training.fit.loop import Budget, prepare_run, run_epoch
+from training.fit.schedules import learning_rate
 
 
 def _config(tiny_data, out, **settings):
@@ -94,7 +94,7 @@ def test_a_non_finite_loss_stops_before_the_epoch_is_saved_and_says_what_to_chan
 
 
 def test_the_time_budget_reserves_the_longest_epoch_and_the_final_predictions(monkeypatch):
-    import training.fit as fit
+    import training.fit.loop as fit
 
     now = {"t": 1000.0}
     monkeypatch.setattr(fit.time, "monotonic", lambda: now["t"])
@@ -122,7 +122,7 @@ def test_the_time_budget_reserves_the_longest_epoch_and_the_final_predictions(mo
 def _progress_lines(monkeypatch, steps: int, calls: list[int], logs=None) -> list[str]:
     """What StepProgress prints for epoch 3 of 5 (batch 8) when Keras reports after the given 0-based steps,
     each half a second after the last."""
-    import training.fit as fit
+    import training.fit.loop as fit
 
     now = {"t": 50.0}
     monkeypatch.setattr(fit.time, "perf_counter", lambda: now["t"])
@@ -148,7 +148,7 @@ def test_progress_is_printed_about_ten_times_an_epoch_with_its_running_loss_and_
 
 
 class FakeClock:
-    """training.fit's `time` module with a perf_counter that moves only when told to."""
+    """training.fit.loop's `time` module with a perf_counter that moves only when told to."""
 
     def __init__(self) -> None:
         self.now = 100.0
@@ -162,7 +162,7 @@ def _stub_epoch(monkeypatch, run, clock: FakeClock, fit_seconds: float = 12.3456
                 loss: float = 0.25) -> list[dict]:
     """Replace the model's fit and the validation predictions by stand-ins that take the given (fake) seconds;
     the stand-in predictions are right for every image. Returns the keyword arguments of each fit call."""
-    import training.fit as fit
+    import training.fit.loop as fit
 
     monkeypatch.setattr(fit, "time", clock)
     calls: list[dict] = []
@@ -202,7 +202,7 @@ def test_an_epochs_time_and_its_validation_time_are_measured_apart(tiny_data, tm
 
 def test_the_epoch_at_model_unfreeze_epoch_switches_what_trains_with_a_fresh_optimizer(tiny_data, tmp_path,
                                                                                         monkeypatch):
-    from training.model import _layers_of, features_of, parameter_counts
+    from training.models.model import _layers_of, features_of, parameter_counts
 
     config = _config(tiny_data, tmp_path / "run", **{"model.trainable": "head", "model.unfreeze_epoch": 1,
                                                        "train.epochs": 3, "model.batch_norm": "frozen"})
@@ -254,8 +254,8 @@ def test_a_graph_error_that_no_record_explains_is_reported_with_its_reason(tiny_
 
 
 def test_each_epochs_batches_come_from_the_runs_data_settings_and_the_epochs_seed(monkeypatch):
-    import training.fit as fit
-    from training.config import AugmentConfig
+    import training.fit.loop as fit
+    from imaging.augment_config import AugmentConfig
 
     seen: list[tuple] = []
     monkeypatch.setattr(fit, "train_dataset", lambda *args, **kwargs: seen.append((args, kwargs)) or "batches")
@@ -294,8 +294,8 @@ def test_a_run_is_prepared_from_its_data_and_settings_and_says_what_it_found(tin
     assert (both.geometry["fit"], both.geometry["from"]) == ("stretch", "data.fit")
     assert both.model.steps_per_execution == 1
     # The model follows model.*: the record size as its input, the dropout, the batch norm mode, a weights file.
-    from training.backbones import build_backbone
-    from training.model import features_of
+    from training.models.backbones import build_backbone
+    from training.models.model import features_of
 
     saved = next(layer for layer in build_backbone("small-cnn", 32).layers if isinstance(layer, keras.Model))
     for i, weight in enumerate(saved.weights):  # values no initializer draws
@@ -336,7 +336,7 @@ def test_last_n_blocks_must_exist_in_the_backbone(tiny_data, tmp_path):
 
 
 def test_workers_compare_their_resume_epoch_and_their_config_less_its_paths(monkeypatch):
-    import training.fit as fit
+    import training.fit.loop as fit
 
     compared: list[int] = []
     differs: set[int] = set()

@@ -1,4 +1,4 @@
-"""training/geometry.py on its own: where a run's fit mode comes from, and TensorFlow's square against the import
+"""imaging/geometry.py on its own: where a run's fit mode comes from, and TensorFlow's square against the import
 tool's (PIL) square on small odd-sized images of every shape, eagerly and in a graph of unknown shape."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from training.geometry import (
+from imaging.geometry import (
     DEFAULT_FIT,
     FILTER,
     FIT_MODES,
@@ -19,7 +19,7 @@ from training.geometry import (
     geometry_record,
     member_geometry,
 )
-from training.photos import fit_square
+from training.data.photos import fit_square
 
 # (height, width) for a 16 px square: wide and tall, one side already 16 (not a square: it is resized all the same),
 # thin strips (padded to a line of one pixel, not lost), bars of an odd total (11 px: 5.5 rounds to 6 as PIL does), one

@@ -11,13 +11,13 @@ import pytest
 import tensorflow as tf
 from PIL import Image, ImageOps
 
-from training.dataset import eval_dataset, split_info
-from training.demo_data import KINDS, demo_examples
-from training.errors import DataError
-from training.layout import count_records, split_files
-from training.photos import import_folders, stratified_split
-from training.photos import main as import_main
-from training.records import iter_records
+from core.errors import DataError
+from imaging.records import iter_records
+from training.data.dataset import eval_dataset, split_info
+from training.data.demo_data import KINDS, demo_examples
+from training.data.layout import count_records, split_files
+from training.data.photos import import_folders, stratified_split
+from training.data.photos import main as import_main
 
 
 def _save(path, image: Image.Image, fmt: str, **kwargs) -> None:
@@ -82,7 +82,7 @@ def test_exif_orientation_is_applied(tmp_path):
     exif[0x0112] = 6  # rotate 90 degrees clockwise on display
     _save(src / "a" / "phone.jpg", wide, "JPEG", exif=exif)
     _save(src / "b" / "x.jpg", wide, "JPEG")
-    from training.photos import load_rgb
+    from training.data.photos import load_rgb
 
     assert load_rgb(src / "a" / "phone.jpg").size == (20, 40)
     assert load_rgb(src / "b" / "x.jpg").size == (40, 20)
@@ -170,11 +170,11 @@ def _two_class_photos(src) -> None:
     (["--val", "0.5", "--test", "0.5"], "error: --val + --test must be below 1 to leave training images"),
 ])
 def test_import_options_are_checked_before_anything_is_read_or_written(tmp_path, capsys, monkeypatch, args, message):
-    import training.photos
+    import training.data.photos
 
     src, out = tmp_path / "src", tmp_path / "out"
     _two_class_photos(src)
-    monkeypatch.setattr(training.photos, "_scan", lambda *a: pytest.fail("photos were read"))
+    monkeypatch.setattr(training.data.photos, "_scan", lambda *a: pytest.fail("photos were read"))
     assert import_main([str(src), str(out), *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and len(err.splitlines()) == 1, err
@@ -217,7 +217,7 @@ def test_an_import_into_a_file_is_a_clear_error(tmp_path, capsys, where):
     (["--test", "-5"], "error: --test must be at least 1"),
 ])
 def test_demo_data_options_are_checked_before_anything_is_written(tmp_path, capsys, args, message):
-    from training.demo_data import main as demo_main
+    from training.data.demo_data import main as demo_main
 
     out = tmp_path / "demo"
     assert demo_main([str(out), "--sizes", "8", "--train", "6", "--val", "6", "--test", "6", *args]) == 2
@@ -227,7 +227,7 @@ def test_demo_data_options_are_checked_before_anything_is_written(tmp_path, caps
 
 
 def test_make_demo_data_refuses_tiny_sizes_and_empty_splits(tmp_path):
-    from training.demo_data import make_demo_data
+    from training.data.demo_data import make_demo_data
 
     with pytest.raises(ValueError, match=r"sizes must be whole numbers >= 8, got \[0\]"):
         make_demo_data(tmp_path / "a", sizes=[0], counts={"train": 6}, progress=False)
@@ -238,7 +238,7 @@ def test_make_demo_data_refuses_tiny_sizes_and_empty_splits(tmp_path):
 
 DEMO_IN_A_PROCESS = """
 import sys
-from training.demo_data import make_demo_data
+from training.data.demo_data import make_demo_data
 make_demo_data(sys.argv[1], sizes=(8,), counts={"train": 6, "val": 6, "test": 12}, seed=7, progress=False)
 """
 
@@ -293,7 +293,7 @@ def test_the_split_depends_on_the_seed_only():
 
 
 def test_squares_are_cropped_padded_or_stretched_with_a_lanczos_filter():
-    from training.photos import fit_square
+    from training.data.photos import fit_square
 
     wide = np.zeros((20, 40, 3), np.uint8)
     wide[:, :10] = (255, 0, 0)  # red left quarter, green middle half, blue right quarter
@@ -323,7 +323,7 @@ def test_squares_are_cropped_padded_or_stretched_with_a_lanczos_filter():
 def test_ids_are_nine_hex_digits_and_longer_only_on_a_clash():
     import hashlib
 
-    from training.photos import image_id
+    from training.data.photos import image_id
 
     taken: set[str] = set()
     first = image_id("daisy/a.jpg", taken)

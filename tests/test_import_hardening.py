@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-import training.photos as photos
-from training.errors import DataError
-from training.near_duplicates import load_rgb, read_folder
-from training.near_duplicates import main as overlap_main
-from training.photos import import_folders
-from training.photos import main as import_main
+import training.data.photos as photos
+from core.errors import DataError
+from training.data.near_duplicates import load_rgb, read_folder
+from training.data.near_duplicates import main as overlap_main
+from training.data.photos import import_folders
+from training.data.photos import main as import_main
 
 
 def _noise(seed: int, size: int = 12) -> Image.Image:
@@ -441,7 +441,7 @@ def test_max_pixels_is_an_option_and_is_checked(tmp_path, capsys):
 
 
 def test_every_reader_of_user_images_honours_the_pixel_limit(tmp_path, monkeypatch, capsys):
-    from training.near_duplicates import TooManyPixels
+    from training.data.near_duplicates import TooManyPixels
 
     folder = tmp_path / "photos"
     _png_bomb(folder / "bomb.png")

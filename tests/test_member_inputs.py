@@ -10,9 +10,9 @@ import pytest
 import tensorflow as tf
 
 from ensemble.spec import BlendSpec
+from imaging.augment import TTA_AUGMENT, augment_batch
+from imaging.geometry import fit_square_tf
 from service.predictor import SERVE_TTA_SEED, EnsemblePredictor, MemberModel
-from training.augment import TTA_AUGMENT, augment_batch
-from training.geometry import fit_square_tf
 
 SIZE = 12
 

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from core.errors import DataError
 from tests.conftest import REPO
-from training.errors import DataError
-from training.near_duplicates import (
+from training.data.near_duplicates import (
     _BYTE_BITS,
     DEFAULT_DISTANCE,
     bands,
@@ -30,9 +30,9 @@ from training.near_duplicates import (
     popcount,
     read_split,
 )
-from training.near_duplicates import main as overlap_main
-from training.photos import import_folders, stratified_split
-from training.photos import main as import_main
+from training.data.near_duplicates import main as overlap_main
+from training.data.photos import import_folders, stratified_split
+from training.data.photos import main as import_main
 
 
 def _photo(seed: int, size: tuple[int, int] = (200, 150)) -> Image.Image:
@@ -419,7 +419,7 @@ def test_flat_and_smooth_images_are_grouped_by_their_bytes_only(tmp_path, capsys
     assert f"{len(smooth)} photo(s) too flat or smooth for the perceptual hash" in printed
     for split in ("val", "test"):
         assert report["counts"][split] == report["targets"][split] == {"a": 3, "b": 3}
-    from training.near_duplicates import MIN_BITS, informative
+    from training.data.near_duplicates import MIN_BITS, informative
 
     hashes = [perceptual_hash(image) for image in smooth]
     assert perceptual_hash(smooth[0]) == 0 and perceptual_hash(smooth[1]) == 1 << 63
@@ -431,7 +431,7 @@ def test_flat_and_smooth_images_are_grouped_by_their_bytes_only(tmp_path, capsys
 
 
 def test_the_real_photos_all_have_hashes_with_32_bits_set(real_photos):
-    from training.near_duplicates import informative
+    from training.data.near_duplicates import informative
 
     files = sorted(real_photos.rglob("*.jpg"))[::10]
     hashes = [perceptual_hash(load_rgb(path)) for path in files]
@@ -489,7 +489,7 @@ def test_a_class_short_of_its_val_or_test_target_is_warned_about(tmp_path, capsy
 
 
 def test_overlap_checks_its_json_file_before_the_work_and_writes_it_atomically(tmp_path, capsys, monkeypatch):
-    import training.near_duplicates as near
+    import training.data.near_duplicates as near
 
     a, b = _two_folders(tmp_path)
     (tmp_path / "a_file").write_text("x")

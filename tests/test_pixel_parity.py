@@ -13,14 +13,14 @@ import tensorflow as tf
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from imaging.geometry import FIT_MODES
 from service.app import create_app
 from service.images import decode_image
 from service.predictor import MemberModel, load_run
 from service.settings import Settings
 from service.testing import make_run, photo
-from training.geometry import FIT_MODES
-from training.near_duplicates import load_rgb
-from training.photos import fit_square, import_folders
+from training.data.near_duplicates import load_rgb
+from training.data.photos import fit_square, import_folders
 
 SIZE = 160  # at 64 px the records' own JPEG encoding (quality 95) moves the pixels by 2 grey levels on its own
 # (width, height): landscape and portrait phone photos, one over the service's 4 M pixel draft threshold
@@ -119,7 +119,7 @@ def test_a_run_without_a_recorded_geometry_is_served_with_a_centre_crop(tmp_path
 
 
 def test_serve_time_tta_averages_the_plain_pass_and_the_offline_kind_of_augmented_passes(photos, tmp_path):
-    from training.augment import TTA_AUGMENT, augment_batch
+    from imaging.augment import TTA_AUGMENT, augment_batch
 
     _, files = photos
     run = make_run(tmp_path, "tta", SIZE)
@@ -150,7 +150,7 @@ def test_a_member_trained_on_larger_records_gets_a_record_as_the_training_pipeli
         for raw in tf.data.TFRecordDataset(str(file)):
             blob = tf.train.Example.FromString(raw.numpy()).features.feature["image"].bytes_list.value[0]
             pipeline = tf.image.resize(tf.cast(tf.io.decode_jpeg(blob, dct_method="INTEGER_ACCURATE"), tf.float32),
-                                       [64, 64], method="bilinear").numpy()  # training.augment.resize_image
+                                       [64, 64], method="bilinear").numpy()  # imaging.augment.resize_image
             np.testing.assert_allclose(_served(member, blob), pipeline, atol=1e-3)
     # A photo is made square at the record size first, then resized as a record: close to a 64 px import.
     wide = src / "daisy" / "wide.jpg"

@@ -21,13 +21,13 @@ from PIL import Image
 
 from tests.conftest import REAL_PHOTOS
 from tests.test_training import _train, _weights
-from training.backbones import build_backbone, get_backbone, preprocessing_layers
-from training.checkpoints import config_changes
 from training.config import RunConfig, check_unfreeze_reachable, load_config, trainable_at
-from training.lite import build_lite, imagenet_weights_file, lite_backbone, stage_plan
-from training.model import backbone_blocks, build_classifier, features_of, parameter_counts
-from training.schedules import learning_rate
-from training.torch_weights import LEGACY_MAGIC, CheckpointError, read_state_dict
+from training.fit.checkpoints import config_changes
+from training.fit.schedules import learning_rate
+from training.models.backbones import build_backbone, get_backbone, preprocessing_layers
+from training.models.lite import build_lite, imagenet_weights_file, lite_backbone, stage_plan
+from training.models.model import backbone_blocks, build_classifier, features_of, parameter_counts
+from training.models.torch_weights import LEGACY_MAGIC, CheckpointError, read_state_dict
 
 DAISY = REAL_PHOTOS / "daisy" / "134409839_71069a95d1_m.jpg"  # a close-up daisy
 BUILDINGS = {698: "palace", 663: "monastery", 442: "bell cote", 449: "boathouse", 483: "castle", 975: "lakeside"}

@@ -17,13 +17,13 @@ import tensorflow as tf
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from core.photos import to_rgb
 from service.app import create_app
 from service.images import ImageError, decode_image
 from service.predictor import ArtifactError, load_ensemble, load_run
 from service.settings import Settings
 from service.testing import CLASSES, free_port, image_bytes, make_ensemble, start_server
-from training.photos import load_rgb
-from training.pixels import to_rgb
+from training.data.photos import load_rgb
 
 
 @pytest.fixture(scope="module")
@@ -446,7 +446,7 @@ def test_a_request_cannot_name_a_file_on_the_server(client):
 
 @pytest.mark.parametrize("size,quality", [((64, 48), 95), ((90, 70), 70), ((33, 17), 50)])
 def test_a_plain_jpeg_decodes_to_the_training_pipelines_and_pils_exact_pixels(size, quality):
-    from training.records import decode_jpeg
+    from imaging.records import decode_jpeg
 
     for mode in ("RGB", "L"):
         blob = image_bytes("JPEG", size=size, seed=size[0], mode=mode, quality=quality)
@@ -793,7 +793,7 @@ def test_options_may_come_as_query_parameters_and_a_bad_one_is_named(client):
 
 
 def test_a_jpeg_with_an_exif_rotation_is_decoded_upright_as_the_import_tool_does():
-    from training.pixels import to_rgb
+    from core.photos import to_rgb
 
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"

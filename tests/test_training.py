@@ -15,12 +15,12 @@ import pytest
 from sklearn.metrics import f1_score
 
 from tests.conftest import REPO, TINY_COUNTS
-from training.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone, get_backbone, list_backbones
 from training.config import ScheduleConfig, load_config
-from training.evaluation import classification_scores
-from training.export import TTA_AUGMENT, predict_split
-from training.model import build_classifier, parameter_counts
-from training.schedules import learning_rate
+from training.fit.evaluation import classification_scores
+from training.fit.export import TTA_AUGMENT, predict_split
+from training.fit.schedules import learning_rate
+from training.models.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone, get_backbone, list_backbones
+from training.models.model import build_classifier, parameter_counts
 
 TINY_RUN = [
     "--set", "data.image_size=32", "--set", "data.batch_size=16", "--set", "train.epochs=2",
@@ -33,7 +33,7 @@ KILLED_RUN = textwrap.dedent("""
     import os, signal, sys
     from training.config import load_config
     from training.config_values import parse_assignments
-    from training.fit import train_member
+    from training.fit.loop import train_member
     kill_after, overrides = int(sys.argv[1]), sys.argv[2:]
     config = load_config(None, parse_assignments([a for a in overrides if a != "--set"]))
     train_member(config, after_epoch=lambda n: os.kill(os.getpid(), signal.SIGKILL) if n == kill_after else None)
@@ -131,7 +131,7 @@ def test_asking_for_downloaded_weights_offline_says_how_to_pass_a_file(monkeypat
 
     monkeypatch.setattr(urllib.request, "urlretrieve", offline)
     monkeypatch.setattr(urllib.request, "urlopen", offline)
-    from training.backbones import WeightsUnavailable
+    from training.models.backbones import WeightsUnavailable
 
     with pytest.raises(WeightsUnavailable, match="local file: --set model.weights="):
         build_classifier("efficientnet-b0", 32, 5, weights="noisy-student")
@@ -239,7 +239,7 @@ PARITY_SCRIPT = textwrap.dedent("""
         ex = tf.io.parse_single_example(raw, spec)
         images.append(ex["image"]); ids.append(ex["id"].numpy().decode())
     by_bytes = model.signatures["serving_default"](image_bytes=tf.stack(images))["probabilities"].numpy()
-    # The contract's JPEG decode: the accurate integer IDCT (training.records.JPEG_DCT).
+    # The contract's JPEG decode: the accurate integer IDCT (core.contract.JPEG_DCT).
     decoded = [tf.io.decode_jpeg(b, channels=3, dct_method="INTEGER_ACCURATE") for b in images]
     pixels = tf.stack([tf.image.resize(tf.cast(d, tf.float32), [32, 32]) for d in decoded])
     by_pixels = model.signatures["serving_pixels"](images=pixels)["probabilities"].numpy()
@@ -250,7 +250,7 @@ PARITY_SCRIPT = textwrap.dedent("""
 
 def test_the_saved_model_alone_reproduces_training_evaluation(tiny_run, tiny_data, tmp_path):
     # Evaluation inside training, without TTA, on the test images (stored at 32 px in the tiny data).
-    from training.dataset import split_info
+    from training.data.dataset import split_info
 
     model = build_classifier("small-cnn", 32, 6)
     model.load_weights(tiny_run / "checkpoints" / "best.weights.h5")
@@ -314,7 +314,7 @@ NAN_RUN = textwrap.dedent("""
     # The train command with a loss that turns NaN at epoch 2 (as a too-high learning rate would).
     import sys
     import tensorflow as tf
-    import training.fit as fit
+    import training.fit.loop as fit
     from training.train import main
     made = fit.make_loss
     def make_loss(config, weights):
@@ -352,7 +352,7 @@ def test_a_truncated_training_file_is_named_not_a_graph_error(data_with_a_cut_re
 def test_weights_written_on_a_full_disk_leave_the_previous_file_and_no_partial_one(tmp_path):
     import errno
 
-    from training.checkpoints import save_weights_atomic
+    from training.fit.checkpoints import save_weights_atomic
 
     model = build_classifier("small-cnn", 16, 3)
     target = tmp_path / "best.weights.h5"
@@ -376,7 +376,7 @@ def test_a_disk_too_full_for_the_weights_is_refused_before_h5py_writes(tmp_path,
     import collections
     import shutil
 
-    from training.checkpoints import save_weights_atomic
+    from training.fit.checkpoints import save_weights_atomic
 
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 << 20, 10 << 20, 200_000))
@@ -386,7 +386,7 @@ def test_a_disk_too_full_for_the_weights_is_refused_before_h5py_writes(tmp_path,
 
 
 def test_written_files_honour_the_umask_like_a_plain_open(tmp_path):
-    from training.writing import write_text_atomic
+    from core.files import write_text_atomic
 
     old = os.umask(0o022)
     try:
@@ -422,7 +422,7 @@ class RecordingModel:
 
 
 def test_tta_feeds_really_augmented_images_and_changes_predictions(tiny_data):
-    from training.dataset import split_info
+    from training.data.dataset import split_info
 
     info = split_info(str(tiny_data), "val", 32)
     plain, tta = RecordingModel(), RecordingModel()
@@ -437,7 +437,7 @@ def test_tta_feeds_really_augmented_images_and_changes_predictions(tiny_data):
 
 
 def test_tta_is_reproducible(tiny_data):
-    from training.dataset import split_info
+    from training.data.dataset import split_info
 
     info = split_info(str(tiny_data), "val", 32)
     a = predict_split(RecordingModel(), info, 32, 24, tta=3)[2]
@@ -463,8 +463,8 @@ class BrokenModel(RecordingModel):
 def test_predict_split_pads_every_batch_and_returns_each_image_once_in_id_order(tiny_data):
     import tensorflow as tf
 
-    from training.dataset import split_info
-    from training.records import decode_jpeg, iter_records
+    from imaging.records import decode_jpeg, iter_records
+    from training.data.dataset import split_info
 
     info = split_info(str(tiny_data), "val", 32)
     model = RecordingModel()
@@ -487,7 +487,7 @@ def test_predict_split_pads_every_batch_and_returns_each_image_once_in_id_order(
     ("nan", ValueError, "predictions for split 'val' are not finite .*: nothing is written from them"),
     ("short", RuntimeError, "the model returned {n} predictions for the {m} images of split 'val'")])
 def test_predict_split_refuses_a_damaged_answer(tiny_data, damage, error, text):
-    from training.dataset import split_info
+    from training.data.dataset import split_info
 
     info = split_info(str(tiny_data), "val", 32)
     padded = -(-info.count // 7) * 7  # every batch is padded to 7 rows
@@ -503,7 +503,7 @@ class UnnormalisedModel(RecordingModel):
 
 
 def test_predict_split_defaults_normalises_rows_and_reads_unlabelled_splits(tiny_data):
-    from training.dataset import split_info
+    from training.data.dataset import split_info
 
     info = split_info(str(tiny_data), "val", 32)
     model = RecordingModel()
@@ -528,7 +528,7 @@ def test_predict_split_defaults_normalises_rows_and_reads_unlabelled_splits(tiny
 
 def test_focal_loss_discounts_easy_examples_and_class_weights_scale_the_loss():
     from training.config import RunConfig, TrainConfig
-    from training.fit import make_loss
+    from training.fit.loop import make_loss
 
     y = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
     easy = np.array([[0.95, 0.05], [0.1, 0.9]], np.float32)
@@ -557,9 +557,9 @@ REPLICA_STEP = textwrap.dedent("""
     import os, sys, numpy as np
     import keras, tensorflow as tf
     from training.config import RunConfig, TrainConfig
-    from training.fit import make_loss
-    from training.model import build_classifier
-    from training.strategy import detect_strategy
+    from training.fit.loop import make_loss
+    from training.models.model import build_classifier
+    from training.fit.strategy import detect_strategy
     strategy, _ = detect_strategy(lambda _: None)
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 255, (16, 16, 16, 3)).astype(np.float32)
@@ -765,7 +765,7 @@ def test_workers_started_with_different_configs_refuse_together(tiny_data, tmp_p
 
 
 def test_a_bad_replica_setting_is_named(monkeypatch):
-    from training.strategy import cpu_replicas_requested
+    from training.fit.strategy import cpu_replicas_requested
 
     for value in ("two", "-1", "0", "100"):
         monkeypatch.setenv("FLOWER_CPU_REPLICAS", value)
@@ -776,7 +776,7 @@ def test_a_bad_replica_setting_is_named(monkeypatch):
 
 
 def test_mixed_precision_auto_follows_the_device_and_is_logged():
-    from training.strategy import set_precision
+    from training.fit.strategy import set_precision
 
     cases = [("auto", "tpu", [], "mixed_bfloat16"), ("auto", "gpu", [(8, 0)], "mixed_bfloat16"),
              ("auto", "gpu", [(9, 0), (7, 5)], "mixed_float16"),  # the oldest GPU decides
@@ -797,7 +797,7 @@ def test_mixed_precision_auto_follows_the_device_and_is_logged():
 
 
 def test_data_sharding_among_workers_is_by_file_when_the_shares_are_even_else_by_data_with_a_warning():
-    from training.strategy import shard_policy
+    from training.fit.strategy import shard_policy
 
     lines = []
     assert shard_policy("auto", 1, [20], lines.append) == "off" and lines == []  # one worker: nothing to split
@@ -820,7 +820,7 @@ def test_data_sharding_among_workers_is_by_file_when_the_shares_are_even_else_by
 def test_a_resume_on_another_precision_is_refused_and_on_another_replica_count_warned():
     from types import SimpleNamespace
 
-    from training.fit import check_resumed_setup
+    from training.fit.loop import check_resumed_setup
 
     lines = []
     state = {"epoch": 2, "precision": "mixed_float16", "replicas": 8}
@@ -846,7 +846,7 @@ def test_a_resume_on_another_precision_is_refused_and_on_another_replica_count_w
 
 
 def test_the_chief_is_named_by_tf_config(monkeypatch):
-    from training.strategy import this_task, worker_count, worker_index
+    from training.fit.strategy import this_task, worker_count, worker_index
 
     monkeypatch.delenv("TF_CONFIG", raising=False)
     assert this_task() == (True, "chief") and worker_count() == 1
@@ -890,7 +890,7 @@ def test_a_checkpoint_of_another_model_is_refused_with_advice(tiny_data, tiny_ru
 
 
 def test_a_checkpoint_restores_weights_optimizer_state_and_the_epoch(tmp_path):
-    from training.fit import load_checkpoint, save_checkpoint
+    from training.fit.loop import load_checkpoint, save_checkpoint
 
     def model_and_optimizer(seed):
         keras.utils.set_random_seed(seed)
@@ -925,7 +925,7 @@ def test_a_checkpoint_restores_weights_optimizer_state_and_the_epoch(tmp_path):
 
 
 def test_every_epoch_sees_its_own_data_and_dropout_seeds():
-    from training.fit import epoch_seed, reseed_layers
+    from training.fit.loop import epoch_seed, reseed_layers
 
     seeds = {epoch_seed(0, e) for e in range(50)} | {epoch_seed(1, e) for e in range(50)}
     assert len(seeds) == 100 and epoch_seed(3, 7) == epoch_seed(3, 7)
@@ -947,12 +947,12 @@ def test_every_epoch_sees_its_own_data_and_dropout_seeds():
 
 def test_the_saved_models_bytes_signature_treats_a_larger_record_as_a_photo(tiny_run, tiny_data):
     # A 48 px image sent to a member trained on 32 px records is a photo: made square at the record size with the
-    # import tool's antialiased filter (training.geometry), not the pipeline's bilinear resize of a record.
+    # import tool's antialiased filter (imaging.geometry), not the pipeline's bilinear resize of a record.
     import tensorflow as tf
 
-    from training.dataset import split_info
-    from training.geometry import fit_square_tf
-    from training.records import decode_jpeg, iter_records
+    from imaging.geometry import fit_square_tf
+    from imaging.records import decode_jpeg, iter_records
+    from training.data.dataset import split_info
 
     member = json.loads((tiny_run / "member.json").read_text())
     assert member["data"]["file_size"] == 32 and member["geometry"]["fit"] == "crop"
@@ -976,8 +976,8 @@ def test_class_weights_count_every_split_the_run_trains_on(tmp_path):
 
     from PIL import Image
 
-    from training.fit import class_counts, inverse_frequency_weights, prepare_run
-    from training.records import Record, write_split
+    from imaging.records import Record, write_split
+    from training.fit.loop import class_counts, inverse_frequency_weights, prepare_run
 
     def jpeg(value):
         buffer = _io.BytesIO()
@@ -1007,7 +1007,7 @@ def test_class_weights_count_every_split_the_run_trains_on(tmp_path):
 
 
 def test_a_kill_while_a_checkpoint_is_written_leaves_the_previous_epoch_whole(tmp_path, monkeypatch):
-    import training.checkpoints as checkpoints
+    import training.fit.checkpoints as checkpoints
 
     keras.utils.set_random_seed(0)
     model = build_classifier("small-cnn", 16, 3, dropout=0.0)
@@ -1089,7 +1089,7 @@ def test_a_member_is_named_after_its_run_folder_unless_named():
 
 
 def test_config_changes_name_every_option_that_matters_and_ignore_the_safe_ones(tmp_path):
-    from training.checkpoints import check_resumable, config_changes, latest_checkpoint
+    from training.fit.checkpoints import check_resumable, config_changes, latest_checkpoint
 
     base = load_config(None, {"output": str(tmp_path / "run")}).to_dict()
     changed = load_config(None, {"output": str(tmp_path / "elsewhere"), "name": "renamed", "train.epochs": 20,
@@ -1120,7 +1120,7 @@ def test_config_changes_name_every_option_that_matters_and_ignore_the_safe_ones(
 
 
 def test_weights_are_saved_through_a_temporary_name(tmp_path):
-    from training.checkpoints import save_weights_atomic
+    from training.fit.checkpoints import save_weights_atomic
 
     model = build_classifier("small-cnn", 16, 3)
     path = tmp_path / "deep" / "best.weights.h5"
@@ -1133,7 +1133,7 @@ def test_weights_are_saved_through_a_temporary_name(tmp_path):
 
 
 def test_a_checkpoint_in_the_older_single_folder_layout_still_resumes(tmp_path):
-    from training.checkpoints import check_resumable, latest_checkpoint, load_checkpoint, save_checkpoint
+    from training.fit.checkpoints import check_resumable, latest_checkpoint, load_checkpoint, save_checkpoint
 
     keras.utils.set_random_seed(0)
     model = build_classifier("small-cnn", 16, 3, dropout=0.0)
@@ -1166,7 +1166,7 @@ def test_a_checkpoint_in_the_older_single_folder_layout_still_resumes(tmp_path):
 
 
 def test_steps_per_execution_trains_exactly_like_single_steps(tiny_data, tmp_path):
-    from training.fit import prepare_run
+    from training.fit.loop import prepare_run
 
     runs = {}
     for per_execution in (1, 3):
@@ -1233,7 +1233,7 @@ def test_a_refit_trains_on_train_and_val_for_the_best_epoch_count_and_blends_on_
 
 
 def test_prediction_files_hold_the_contracts_arrays_and_load_without_pickle(tmp_path):
-    from training.export import folder_bytes, weights_bytes, write_predictions
+    from training.fit.export import folder_bytes, weights_bytes, write_predictions
 
     ids, probs = np.array(["b7", "a1"]), np.array([[0.25, 0.75], [0.5, 0.5]])
     # ids as tf.data yields them (bytes) and 32-bit labels still become the contract's unicode ids and int64 labels
@@ -1256,7 +1256,7 @@ def test_a_second_export_replaces_the_saved_model_whole_and_leaves_nothing_besid
     import keras
     import tensorflow as tf
 
-    from training.export import export_saved_model
+    from training.fit.export import export_saved_model
 
     path = tmp_path / "saved_model"
     (tmp_path / "saved_model.tmp").mkdir()  # left by an export that was killed

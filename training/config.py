@@ -15,15 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from training.geometry import FIT_MODES
+from core.sections import section_from_dict
+from imaging.augment_config import AugmentConfig
+from imaging.geometry import FIT_MODES
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
-
-
-FILL_MODES = ("nearest", "reflect", "wrap", "constant")
 
 
 @dataclass(frozen=True)
@@ -46,7 +45,7 @@ class DataConfig:
 class ModelConfig:
     """The network."""
 
-    backbone: str = "small-cnn"  # see training.backbones.list_backbones()
+    backbone: str = "small-cnn"  # see training.models.backbones.list_backbones()
     weights: str = "none"  # imagenet | noisy-student | none | a local weights file
     dropout: float = 0.2
     trainable: str = "all"  # all | head | last:N (backbone blocks); with unfreeze_epoch, the first phase
@@ -88,94 +87,6 @@ class TrainConfig:
     time_budget_minutes: float = 0.0  # stop after the last epoch that fits, leaving time to predict and export
 
 
-# Upper bounds of the augmentation strengths (standard deviations of normal draws, or Beta parameters).
-AUGMENT_LIMITS = {"rotation": 180.0, "shear": 60.0, "zoom": 1.0, "shift": 4096.0, "mixup_alpha": 100.0,
-                  "cutmix_alpha": 100.0}
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Every augmentation knob; a magnitude of 0 or a probability of 0 switches that transform off.
-
-    Defaults follow the public flower notebooks: rotation 15*N(0,1) degrees, shear 5*N(0,1) degrees,
-    zoom 1+N(0,1)/10 per axis, shift 16*N(0,1) px at 192 px (scaled with the output size).
-    Colour jitter is off by default, as in those notebooks (colour is a strong cue between flower
-    classes); brightness/contrast/saturation are fractions (0.1 = +-10%), hue a fraction of the circle.
-    """
-
-    enabled: bool = True  # false: no augmentation at all (only the resize)
-    flip_left_right: bool = True  # random horizontal flip
-    flip_up_down: bool = False  # random vertical flip
-    rotation: float = 15.0  # degrees, times N(0,1)
-    shear: float = 5.0  # degrees, times N(0,1)
-    zoom: float = 0.1  # per axis: 1 + zoom * N(0,1)
-    shift: float = 16.0  # pixels at shift_reference_size, times N(0,1)
-    shift_reference_size: int = 192  # image size at which `shift` is given
-    fill_mode: str = "nearest"  # outside the image: nearest | reflect | wrap | constant (black)
-    brightness: float = 0.0  # max shift as a fraction of 255
-    contrast: float = 0.0  # factor in 1 +- contrast
-    saturation: float = 0.0  # factor in 1 +- saturation
-    hue: float = 0.0  # rotation, fraction of the colour circle
-    erase_prob: float = 0.0  # probability of random erasing per image
-    erase_area: tuple[float, float] = (0.02, 0.2)  # erased area range, fraction of the image
-    cutmix_prob: float = 0.0  # probability of CutMix per image (soft labels)
-    cutmix_alpha: float = 1.0  # Beta(alpha, alpha) of the kept area
-    mixup_prob: float = 0.0  # probability of MixUp per image (soft labels)
-    mixup_alpha: float = 0.2  # Beta(alpha, alpha) of the mixing weight
-    jit_compile: bool = True  # compile the pixel pass with XLA (false: same graph, slower)
-
-    def __post_init__(self) -> None:
-        for name in ("rotation", "shear", "zoom", "shift", "brightness", "contrast", "saturation", "hue"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"augment.{name} must be >= 0, got {getattr(self, name)}")
-        for name, limit in AUGMENT_LIMITS.items():  # beyond these the images are noise (or not finite)
-            if getattr(self, name) > limit:
-                raise ValueError(f"augment.{name} must be <= {limit:g}, got {getattr(self, name)}")
-        for name in ("erase_prob", "cutmix_prob", "mixup_prob"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"augment.{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.cutmix_prob + self.mixup_prob > 1.0:
-            raise ValueError(
-                f"augment.cutmix_prob + augment.mixup_prob must be <= 1, got {self.cutmix_prob + self.mixup_prob}"
-            )
-        lo, hi = self.erase_area
-        if not 0.0 < lo <= hi < 1.0:
-            raise ValueError(f"augment.erase_area must be (low, high) with 0 < low <= high < 1, got {self.erase_area}")
-        if self.fill_mode not in FILL_MODES:
-            raise ValueError(f"augment.fill_mode must be one of {FILL_MODES}, got {self.fill_mode!r}")
-        if self.brightness > 1 or self.contrast > 1 or self.saturation > 1 or self.hue > 0.5:
-            raise ValueError("augment.brightness/contrast/saturation must be <= 1 and augment.hue <= 0.5")
-        if self.mixup_alpha <= 0 or self.cutmix_alpha <= 0:
-            raise ValueError("augment.mixup_alpha and augment.cutmix_alpha must be > 0")
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> AugmentConfig:
-        """Build from a mapping (a TOML table), typed like every section; unknown keys are named."""
-        return section_from_dict(cls, values, "augment")
-
-    @classmethod
-    def off(cls) -> AugmentConfig:
-        """A config with augmentation switched off (only the resize to the model size remains)."""
-        return cls(enabled=False)
-
-    @property
-    def geometric(self) -> bool:
-        """Whether any flip or affine transform is on."""
-        return self.flip_left_right or self.flip_up_down or any(
-            (self.rotation, self.shear, self.zoom, self.shift)
-        )
-
-    @property
-    def colour(self) -> bool:
-        """Whether any colour jitter is on."""
-        return any((self.brightness, self.contrast, self.saturation, self.hue))
-
-    @property
-    def mixes_batches(self) -> bool:
-        """Whether CutMix or MixUp is on."""
-        return self.enabled and (self.cutmix_prob > 0 or self.mixup_prob > 0)
-
-
 @dataclass(frozen=True)
 class PredictConfig:
     """Predictions written after training."""
@@ -214,39 +125,6 @@ class RunConfig:
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "schedule": ScheduleConfig, "train": TrainConfig,
             "augment": AugmentConfig, "predict": PredictConfig}
-
-
-TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool}
-
-
-def _coerce(expected: str, value: Any, where: str) -> Any:
-    """Check a value against a field's annotation (ints are accepted for floats, lists for tuples)."""
-    pair = re.fullmatch(r"tuple\[(\w+), (\w+)\]", expected)
-    if pair:
-        if not isinstance(value, list | tuple) or len(value) != 2:
-            raise ValueError(f"{where}: expected a pair [{pair.group(1)}, {pair.group(2)}], got {value!r}")
-        return tuple(_coerce(pair.group(i + 1), v, f"{where}[{i}]") for i, v in enumerate(value))
-    kind = TYPES.get(expected)
-    if kind is None:
-        raise TypeError(f"{where}: no coercion for type {expected}")  # a new field type needs a rule here
-    if isinstance(value, bool) and expected != "bool" or not isinstance(value, kind):
-        hint = " (quote text that looks like a number: --set 'name=\"2024\"')" if expected == "str" else ""
-        raise ValueError(f"{where}: expected {expected}, got {value!r}{hint}")
-    if expected == "float" and not math.isfinite(value):
-        raise ValueError(f"{where}: expected a finite number, got {value!r}")
-    return float(value) if expected == "float" else value
-
-
-def section_from_dict(cls: type, values: Any, section: str) -> Any:
-    """Build one config section from a table: unknown keys and wrong types name the option."""
-    if not isinstance(values, dict):
-        raise ValueError(f"[{section}] must be a table, got {values!r}")
-    fields = {f.name: str(f.type) for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ValueError(f"unknown option(s) {[f'{section}.{u}' for u in unknown]}; [{section}] knows "
-                         f"{sorted(fields)}")
-    return cls(**{k: _coerce(fields[k], v, f"{section}.{k}") for k, v in values.items()})
 
 
 def config_from_dict(values: dict[str, Any]) -> RunConfig:

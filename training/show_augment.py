@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from training.config import AugmentConfig
+from core.errors import DataError
+from imaging.augment_config import AugmentConfig
 from training.config_values import parse_assignments
-from training.errors import DataError
 
 
 def augmented_grid(
@@ -25,9 +25,9 @@ def augmented_grid(
     """Return originals [rows,S,S,3], augmented copies [rows,copies,S,S,3] (uint8) and the row titles."""
     import tensorflow as tf
 
-    from training.augment import augment_image, resize_image
-    from training.dataset import eval_dataset, split_info
-    from training.layout import load_classes
+    from imaging.augment import augment_image, resize_image
+    from training.data.dataset import eval_dataset, split_info
+    from training.data.layout import load_classes
 
     classes = load_classes(data_dir)
     info = split_info(data_dir, split, image_size)
@@ -49,8 +49,8 @@ def mixed_batches(
     data_dir: str, image_size: int, count: int, config: AugmentConfig, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """One training batch with CutMix/MixUp applied: images uint8 and soft labels."""
-    from training.dataset import train_dataset, training_splits
-    from training.layout import load_classes
+    from training.data.dataset import train_dataset, training_splits
+    from training.data.layout import load_classes
 
     splits = training_splits(data_dir, image_size)
     ds = train_dataset(splits, image_size, count, num_classes=len(load_classes(data_dir)), augment=config, seed=seed,
@@ -69,7 +69,7 @@ def write_grid_png(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from training.writing import write_atomic
+    from core.files import write_atomic
 
     rows, ncopies = copies.shape[:2]
     mixed_rows = 0 if mixed is None else int(np.ceil(len(mixed) / (ncopies + 1)))
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.show_aug
         )
         mixed = mixed_labels = classes = None
         if config.mixes_batches and args.split != "test":
-            from training.layout import load_classes
+            from training.data.layout import load_classes
 
             classes = load_classes(args.data)
             mixed, mixed_labels = mixed_batches(args.data, args.size, args.copies + 1, config, args.seed)

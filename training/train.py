@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from core.errors import DataError
 from training.config import describe_options, load_config, refit_config
 from training.config_values import parse_assignments
-from training.errors import DataError
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m training.train") -> int:
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.train") 
 
             print(json.dumps(config.to_dict(), indent=1))
             return 0
-        from training.fit import train_member  # TensorFlow is imported only when training
+        from training.fit.loop import train_member  # TensorFlow is imported only when training
 
         train_member(config)
     except (DataError, ValueError, FileNotFoundError, RuntimeError) as err:  # RuntimeError: e.g. weights offline

@@ -22,7 +22,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from training.torch_weights import CheckpointError, read_state_dict
+from training.models.torch_weights import CheckpointError, read_state_dict
 
 # name: (width multiplier, depth multiplier, native resolution, dropout)
 VARIANTS = {

@@ -1,10 +1,10 @@
 """Fit one ensemble member: the epoch loop, from a config to a finished run directory (see ARCHITECTURE.md).
 
 Resumable: after every epoch the model weights, the optimizer state and the history are saved under
-`checkpoints/` (training/checkpoints.py); the same command run again after a kill or a TPU preemption
+`checkpoints/` (training/fit/checkpoints.py); the same command run again after a kill or a TPU preemption
 continues from the last finished epoch. Each epoch's data order, augmentation and dropout depend only
 on (seed, epoch), so a resumed run sees what an uninterrupted one would have seen (exactly, with
-`data.deterministic`). The best weights by validation macro F1 are exported (training/outputs.py).
+`data.deterministic`). The best weights by validation macro F1 are exported (training/fit/outputs.py).
 """
 
 from __future__ import annotations
@@ -25,7 +25,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from training.checkpoints import (
+from core.errors import DataError, tf_reason
+from core.files import write_text_atomic
+from imaging.geometry import data_fit
+from imaging.records import find_bad_record
+from training.config import RunConfig, check_unfreeze_reachable, trainable_at
+from training.data.dataset import SplitInfo, split_info, train_dataset
+from training.data.layout import count_records, load_classes
+from training.fit.checkpoints import (
     check_resumable,
     load_best_weights,
     load_checkpoint,
@@ -33,18 +40,11 @@ from training.checkpoints import (
     save_weights_atomic,
     saved_epoch,
 )
-from training.config import RunConfig, check_unfreeze_reachable, trainable_at
-from training.dataset import SplitInfo, split_info, train_dataset
-from training.errors import DataError, tf_reason
-from training.evaluation import classification_scores
-from training.export import predict_split
-from training.geometry import data_fit
-from training.layout import count_records, load_classes
-from training.model import backbone_blocks, build_classifier, features_of, parameter_counts, set_trainable
-from training.outputs import RunFacts, finish_run, write_history
-from training.records import find_bad_record
-from training.schedules import learning_rate, plot_schedule
-from training.strategy import (
+from training.fit.evaluation import classification_scores
+from training.fit.export import predict_split
+from training.fit.outputs import RunFacts, finish_run, write_history
+from training.fit.schedules import learning_rate, plot_schedule
+from training.fit.strategy import (
     any_worker,
     detect_strategy,
     same_on_every_worker,
@@ -54,7 +54,7 @@ from training.strategy import (
     worker_count,
     worker_index,
 )
-from training.writing import write_text_atomic
+from training.models.model import backbone_blocks, build_classifier, features_of, parameter_counts, set_trainable
 
 # Keras warns that shuffle=True is ignored for a tf.data.Dataset: the pipeline shuffles itself.
 warnings.filterwarnings("ignore", message=".*`shuffle=True` was passed.*")
@@ -150,7 +150,7 @@ class Run:
     trainable: str  # what trains now: model.trainable, or model.unfreeze after the switch
     steps_per_execution: int
     shard: str  # off | file | data: how the training batches are split among workers
-    geometry: dict  # training.geometry.data_fit: read once, written to member.json and the SavedModel
+    geometry: dict  # imaging.geometry.data_fit: read once, written to member.json and the SavedModel
 
     def compile(self) -> None:
         """A fresh optimizer for the current trainable variables, and the model compiled with it."""

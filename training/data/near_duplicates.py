@@ -48,10 +48,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from training.errors import DataError
-from training.names import shown  # noqa: F401 - shown here too, for the import tool
-from training.pixels import to_rgb
-from training.writing import write_text_atomic
+from core.errors import DataError
+from core.files import write_text_atomic
+from core.names import shown  # noqa: F401 - shown here too, for the import tool
+from core.photos import to_rgb
 
 DEFAULT_DISTANCE = 6  # chosen on 3,230 real photos: README.md, "Near duplicates and leaks"
 MAX_DISTANCE = 16  # unrelated photos are about 32 bits apart; from 10 on, different photos pair up (README)
@@ -446,8 +446,8 @@ def read_split(spec: str, folder: str, split: str, progress: bool = True,
     """Every record of one split of a data folder, at its largest stored size (TensorFlow is imported here)."""
     if split not in SPLIT_NAMES:
         raise DataError(f"unknown split {split!r} in {spec}; expected DATA_DIR:train, DATA_DIR:val or DATA_DIR:test")
-    from training.layout import available_sizes, split_files
-    from training.records import iter_records
+    from imaging.records import iter_records
+    from training.data.layout import available_sizes, split_files
 
     sizes = available_sizes(folder)
     if not sizes:
@@ -586,7 +586,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m training.near_duplicates") -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m training.data.near_duplicates") -> int:
     """Command line entry point of `flower overlap`."""
     args = _parser(prog).parse_args(argv)
     try:

@@ -6,27 +6,25 @@ Works on local folders and on `gs://` paths (everything goes through `tf.io.gfil
 from __future__ import annotations
 
 import json
-import re
-from pathlib import Path
 
 import tensorflow as tf
 
-from training.errors import DataError, tf_reason
-
-SPLITS = ("train", "val", "test")
-SIZE_FOLDER = re.compile(r"tfrecords-jpeg-(\d+)x(\d+)$")
-COUNT_IN_NAME = re.compile(r"-(\d+)\.tfrec$")
-COMPETITION_CLASSES_FILE = "competition_classes.json"
-
-
-def join(*parts: str) -> str:
-    """Join path parts for local paths and `gs://` URLs alike."""
-    return "/".join(p.rstrip("/") for p in parts if p)
+from core.contract import (
+    CLASSES_FILE,
+    SPLITS,
+    choose_size,
+    competition_classes,
+    count_in_name,
+    folder_size,
+    join,
+    size_folder_name,
+)
+from core.errors import DataError, tf_reason
 
 
 def size_folder(data_dir: str, size: int) -> str:
     """Return the folder that holds the records of one image size."""
-    return join(str(data_dir), f"tfrecords-jpeg-{size}x{size}")
+    return join(str(data_dir), size_folder_name(size))
 
 
 def available_sizes(data_dir: str) -> list[int]:
@@ -36,9 +34,9 @@ def available_sizes(data_dir: str) -> list[int]:
         raise DataError(f"data folder not found: {data_dir}")
     sizes = []
     for name in tf.io.gfile.listdir(data_dir):
-        match = SIZE_FOLDER.match(name.rstrip("/"))
-        if match and match.group(1) == match.group(2):
-            sizes.append(int(match.group(1)))
+        size = folder_size(name)
+        if size is not None:
+            sizes.append(size)
     return sorted(sizes)
 
 
@@ -54,8 +52,7 @@ def choose_file_size(data_dir: str, image_size: int, file_size: int | None = Non
         if file_size not in sizes:
             raise DataError(f"no records of size {file_size} in {data_dir}; sizes present: {sizes}")
         return file_size
-    larger = [s for s in sizes if s >= image_size]
-    return larger[0] if larger else sizes[-1]
+    return choose_size(sizes, image_size)
 
 
 def split_files(data_dir: str, size: int, split: str) -> list[str]:
@@ -75,9 +72,9 @@ def count_records(files: list[str]) -> int:
     """Count the records of files: from the `-<count>.tfrec` name, else by reading the file."""
     total = 0
     for path in files:
-        match = COUNT_IN_NAME.search(path)
-        if match:
-            total += int(match.group(1))
+        stated = count_in_name(path)
+        if stated is not None:
+            total += stated
             continue
         try:
             total += int(tf.data.TFRecordDataset(path).reduce(0, lambda n, _: n + 1))
@@ -88,7 +85,7 @@ def count_records(files: list[str]) -> int:
 
 def load_classes(data_dir: str) -> list[str]:
     """Class names in label order: `<data>/classes.json`, else the 104 competition classes."""
-    path = join(str(data_dir), "classes.json")
+    path = join(str(data_dir), CLASSES_FILE)
     if tf.io.gfile.exists(path):
         with tf.io.gfile.GFile(path) as f:
             try:
@@ -100,8 +97,3 @@ def load_classes(data_dir: str) -> list[str]:
         return [n.strip() for n in names]
     return competition_classes()
 
-
-def competition_classes() -> list[str]:
-    """The 104 'Petals to the Metal' class names in label order, stripped."""
-    path = Path(__file__).with_name(COMPETITION_CLASSES_FILE)
-    return [n.strip() for n in json.loads(path.read_text())]

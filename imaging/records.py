@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import tensorflow as tf
 
-from training.errors import DataError, tf_reason
-from training.layout import join
+from core.contract import JPEG_DCT, join
+from core.errors import DataError, tf_reason
 
 MISSING_CLASS = -1
 
@@ -80,12 +80,6 @@ def parse_record(serialized: tf.Tensor, source: tf.Tensor, labelled: bool) -> di
         checks.append(require(parsed["class"] >= 0, message, source))
     with tf.control_dependencies(checks):
         return {k: tf.identity(v) for k, v in parsed.items()}
-
-
-# Every JPEG decode of the project (records in training, photos in the service and the SavedModel) uses the
-# accurate integer IDCT: it gives PIL's pixels (the import tool's decoder) exactly, where TensorFlow's default
-# (INTEGER_FAST) is 1 grey level off on average, and it is no slower.
-JPEG_DCT = "INTEGER_ACCURATE"
 
 
 def decode_jpeg(image_bytes: tf.Tensor, size: int) -> tf.Tensor:

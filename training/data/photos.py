@@ -58,9 +58,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from training.errors import DataError
-from training.geometry import FIT_MODES
-from training.near_duplicates import (
+from core.errors import DataError
+from core.files import write_text_atomic
+from imaging.geometry import FIT_MODES
+from training.data.near_duplicates import (
     DEFAULT_DISTANCE,
     DEFAULT_MAX_PIXELS,
     MAX_DISTANCE,
@@ -75,7 +76,6 @@ from training.near_duplicates import (
     perceptual_hash,
     shown,
 )
-from training.writing import write_text_atomic
 
 try:
     import fcntl
@@ -103,7 +103,7 @@ class ImportReport:
     targets: dict[str, dict[str, int]] = field(default_factory=dict)  # val and test count each class aims at
     warnings: list[str] = field(default_factory=list)  # label conflicts, classes short of a val/test target
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images were skipped without being decoded
-    fit: str = "crop"  # how each photo became a square (training.geometry: runs and the service read it)
+    fit: str = "crop"  # how each photo became a square (imaging.geometry: runs and the service read it)
     filter: str = "lanczos"  # the antialiased resize filter (PIL); the service uses TensorFlow's lanczos3
 
 
@@ -114,7 +114,7 @@ def fit_square(image: Image.Image, size: int, fit: str) -> Image.Image:
     if fit == "pad":
         width, height = image.size
         if min(width, height) * size * 2 <= max(width, height):  # PIL would scale the short side to 0 px: all black
-            middle = round((size - 1) / 2)  # keep a one-pixel strip, centred as training.geometry does
+            middle = round((size - 1) / 2)  # keep a one-pixel strip, centred as imaging.geometry does
             strip, corner = ((size, 1), (0, middle)) if width > height else ((1, size), (middle, 0))
             image = image if image.mode in ("RGB", "L") else image.convert("RGB")  # a palette is not pasted along
             out = Image.new(image.mode, (size, size), 0)
@@ -726,7 +726,7 @@ def _remove(path: Path) -> None:
 def _write_records(folder: Path, sizes: Sequence[int], splits: dict[str, list[int]],
                    examples: dict[int, tuple[Image.Image, str, int]], records_per_file: int, progress: bool) -> None:
     """Write every size's records into folder (the staging folder)."""
-    from training.records import Record, write_split
+    from imaging.records import Record, write_split
 
     for size in sizes:
         for split, members in splits.items():
@@ -758,7 +758,7 @@ def _encode(square: Image.Image, size: int) -> bytes:
     return buffer.getvalue()
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m training.photos") -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m training.data.photos") -> int:
     """Command line entry point of `flower import`."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

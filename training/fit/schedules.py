@@ -46,7 +46,7 @@ def plot_schedule(path: Path, config: ScheduleConfig, epochs: int, replicas: int
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from training.writing import write_atomic
+    from core.files import write_atomic
 
     values = [learning_rate(config, e, epochs, replicas, unfreeze_epoch) for e in range(epochs)]
     fig, ax = plt.subplots(figsize=(5, 3))

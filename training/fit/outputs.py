@@ -15,11 +15,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from core.files import write_atomic, write_text_atomic
 from training.config import RunConfig
-from training.dataset import SplitInfo
-from training.evaluation import classification_scores
-from training.export import export_saved_model, folder_bytes, predict_split, weights_bytes, write_predictions
-from training.writing import write_atomic, write_text_atomic
+from training.data.dataset import SplitInfo
+from training.fit.evaluation import classification_scores
+from training.fit.export import export_saved_model, folder_bytes, predict_split, weights_bytes, write_predictions
 
 Log = Callable[[str], None]
 HISTORY_FIELDS = ("epoch", "learning_rate", "loss", "val_loss", "val_accuracy", "val_macro_f1", "seconds")
@@ -76,7 +76,7 @@ class RunFacts:
     policy: str
     replicas: int
     images_per_epoch: int
-    geometry: dict[str, str]  # member.json "geometry": how a photo becomes the model's square (training.geometry)
+    geometry: dict[str, str]  # member.json "geometry": how a photo becomes the model's square (imaging.geometry)
     stopped: dict | None = None  # why training ended before train.epochs (the time budget), else None
 
 

@@ -15,7 +15,7 @@ import math
 
 import tensorflow as tf
 
-from training.config import AugmentConfig
+from imaging.augment_config import AugmentConfig
 
 # ITU-R BT.601 luma and the YIQ basis used to rotate hue with one linear map.
 LUMA = (0.299, 0.587, 0.114)

@@ -25,8 +25,8 @@ from typing import Any
 import keras
 import numpy as np
 
+from core.files import write_text_atomic
 from training.config import RunConfig
-from training.writing import write_text_atomic
 
 Log = Callable[[str], None]
 EPOCH_FOLDER = re.compile(r"^epoch-(\d+)$")

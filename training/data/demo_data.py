@@ -141,8 +141,8 @@ def make_demo_data(
     progress: bool = True,
 ) -> dict[str, int]:
     """Write the demo data set (all sizes, train/val/test, classes.json, test_answers.csv); return counts."""
-    from training.records import Record, write_split  # TensorFlow only when writing records
-    from training.writing import write_text_atomic
+    from core.files import write_text_atomic
+    from imaging.records import Record, write_split  # TensorFlow only when writing records
 
     counts = counts or {"train": 720, "val": 240, "test": 240}
     _check_demo_options(sizes, counts)
@@ -170,7 +170,7 @@ def make_demo_data(
     return dict(counts)
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m training.demo_data") -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m training.data.demo_data") -> int:
     """Command line entry point of `flower demo-data`."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -7,10 +7,9 @@ from dataclasses import dataclass
 
 import tensorflow as tf
 
-from training.augment import AugmentConfig, augment_batch, mix_batch, resize_image
-from training.errors import DataError, tf_reason
-from training.layout import choose_file_size, count_records, split_files
-from training.records import (
+from core.errors import DataError, tf_reason
+from imaging.augment import AugmentConfig, augment_batch, mix_batch, resize_image
+from imaging.records import (
     check_first_records,
     decode_jpeg,
     find_bad_record,
@@ -18,6 +17,7 @@ from training.records import (
     records_with_source,
     require,
 )
+from training.data.layout import choose_file_size, count_records, split_files
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -85,7 +85,7 @@ def _shuffled_records(files: list[str], seed: int, repeat: bool, deterministic: 
     reshuffle_each_iteration=False: the order is a function of the seed alone, however often the
     dataset is iterated (Keras under a distribution strategy may open it more than once; a reshuffling
     dataset would then train several replicas on another order than one replica). Each epoch gets a
-    fresh dataset with its own seed (training.fit.epoch_seed), so epochs still differ.
+    fresh dataset with its own seed (training.fit.loop.epoch_seed), so epochs still differ.
     """
     file_ds = tf.data.Dataset.from_tensor_slices(files)
     if shard == "file":  # done here: tf.distribute's own file sharding cannot see through the pipeline

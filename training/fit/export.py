@@ -15,12 +15,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from training.augment import TTA_AUGMENT, augment_batch
-from training.dataset import SHARD_POLICIES, SplitInfo, eval_dataset, iterate_checked
-from training.geometry import DEFAULT_FIT, fit_square_tf
-from training.records import JPEG_DCT
-from training.strategy import worker_count
-from training.writing import write_npz_atomic
+from core.contract import JPEG_DCT
+from core.files import write_npz_atomic
+from imaging.augment import TTA_AUGMENT, augment_batch
+from imaging.geometry import DEFAULT_FIT, fit_square_tf
+from training.data.dataset import SHARD_POLICIES, SplitInfo, eval_dataset, iterate_checked
+from training.fit.strategy import worker_count
 
 
 def _tf_variable(variable) -> tf.Variable:
@@ -64,7 +64,7 @@ class ServingModule(tf.Module):
 def export_saved_model(model: keras.Model, image_size: int, path: Path, fit: str = DEFAULT_FIT,
                        record_size: int = 0) -> Path:
     """Write the SavedModel to path atomically (a temporary folder renamed into place); `serving_default` makes
-    any photo a square by `fit` at `record_size` and then image_size (training.geometry), `serving_pixels` takes
+    any photo a square by `fit` at `record_size` and then image_size (imaging.geometry), `serving_pixels` takes
     squares of image_size."""
     module = ServingModule(model, image_size, fit, record_size)
     tmp = path.with_name(path.name + ".tmp")

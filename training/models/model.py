@@ -6,7 +6,7 @@ import re
 
 import keras
 
-from training.backbones import build_backbone
+from training.models.backbones import build_backbone
 
 
 def build_classifier(
