@@ -1,12 +1,44 @@
-"""Errors of the training part that name the culprit; importable without TensorFlow."""
+"""One base error for what a user can act on, with a kind; importable without TensorFlow.
+
+A `FlowerError` is a bad input (a file, a record, a config, a request, an option) whose message names the
+problem and the culprit. The commands show it as one line and exit with status 2; the service answers it
+with the HTTP status of its kind (one table, service/errors.py). Any other exception is a bug and is shown
+as one, with its traceback.
+"""
 
 from __future__ import annotations
 
 import re
+from enum import Enum
 
 
-class DataError(ValueError):
+class Kind(str, Enum):
+    """What went wrong, in words a command's exit and an HTTP status can be chosen by."""
+
+    INVALID = "invalid"  # the input is wrong: a value, a file's content, a config, a request
+    NOT_FOUND = "not_found"  # a named file, folder, model or version is not there
+    CONFLICT = "conflict"  # the target exists or is in use (an output folder that holds other files, a lock)
+    TOO_LARGE = "too_large"  # over a documented limit (pixels, bytes, images)
+    UNAVAILABLE = "unavailable"  # cannot be had now or here (weights offline, a model not ready)
+
+
+class FlowerError(Exception):
+    """An error a user can act on: one line naming the problem and the culprit, and its kind."""
+
+    kind: Kind = Kind.INVALID
+
+    def __init__(self, message: str, kind: Kind | None = None) -> None:
+        super().__init__(message)
+        if kind is not None:
+            self.kind = kind
+
+
+class DataError(FlowerError, ValueError):
     """Bad input data: the message names the problem and the file or folder at fault."""
+
+
+class ConfigError(FlowerError, ValueError):
+    """A bad option, config value or argument: the message names the option and the value received."""
 
 
 def tf_reason(err: Exception) -> str:
