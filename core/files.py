@@ -1,35 +1,91 @@
-"""Atomic file writing: write to a temporary name beside the target, then rename into place."""
+"""Writing files and folders so that readers, and a process killed at any point, never see half of one.
+
+- `write_atomic`: a file written under a temporary name beside it, flushed to disk, renamed into place.
+- `publish_folder`: a folder written as a staging folder beside it and swapped in as one unit.
+- `folder_lock`: an exclusive flock on a folder, released when the process ends, even when it is killed.
+- `umask`: the process's file-creation mask, so files get the mode a plain open() gives.
+TensorFlow-free; every part writes through here.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+import secrets
+import shutil
+import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
+
+try:
+    import fcntl
+except ImportError:  # Windows has no fcntl: folders are then not locked
+    fcntl = None
+
+T = TypeVar("T")
 
 
-def _umask() -> int:
-    """The process's file-creation mask (read by setting and restoring it)."""
+def umask() -> int:
+    """The process umask: from /proc where it is there, else by setting it and setting it back."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
 
+def fsync_path(path: str | Path) -> None:
+    """Flush a file or folder to disk; a folder on a file system that cannot is skipped."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def is_tmp(path: Path) -> bool:
+    """A temporary file of write_atomic (`.<name>.<random>.tmp`), left by a killed write."""
+    return path.name.startswith(".") and path.name.endswith(".tmp") and path.is_file()
+
+
 def write_atomic(path: str | Path, write: Callable[[str], None]) -> Path:
-    """Call `write(tmp_path)` and rename the result onto path, so readers never see a partial file."""
+    """Call `write(tmp_path)` and rename the result onto path, so readers never see a partial file.
+
+    The file gets the mode a plain open() would give (0666 less the umask, not mkstemp's 0600) and is
+    flushed to disk before the rename. An OSError names `path`, not the temporary file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file owner-only; a plain open() honours the umask
+        os.chmod(tmp, 0o666 & ~umask())
+        fsync_path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except OSError as err:
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from None
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
     return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write a text file atomically."""
+    return write_atomic(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def write_npz_atomic(path: str | Path, arrays: dict) -> Path:
@@ -43,6 +99,219 @@ def write_npz_atomic(path: str | Path, arrays: dict) -> Path:
     return write_atomic(path, write)
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write a text file atomically."""
-    return write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+def publish_file(tmp: str | Path, out: Path, overwrite: bool) -> bool:
+    """Give a complete temporary file the umask's mode and rename it onto out; False (tmp kept) when out
+    appeared meanwhile and overwrite is off: no check-then-rename race where hard links exist."""
+    os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes it owner-only; a plain open() honours the umask
+    if overwrite:
+        os.replace(tmp, out)
+        return True
+    try:
+        os.link(tmp, out)  # fails when out exists
+    except FileExistsError:
+        return False
+    except OSError:  # a file system without hard links
+        if os.path.lexists(out):
+            return False
+        os.replace(tmp, out)
+        return True
+    os.remove(tmp)
+    return True
+
+
+# --- locks ------------------------------------------------------------------------------------------------
+
+
+def lock_folder(folder: Path) -> int | None:
+    """Open folder and take an exclusive lock on it; the open descriptor (None where locks are not supported).
+
+    BlockingIOError when another process holds it; a file system without flock goes on unlocked."""
+    fd = os.open(folder, os.O_RDONLY)
+    if fcntl is None:
+        os.close(fd)
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise
+    except OSError:  # a file system without flock: the lock is only advisory anyway
+        pass
+    return fd
+
+
+@contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Hold folder's lock for the block (BlockingIOError when another process holds it)."""
+    fd = lock_folder(folder)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+# --- a folder as one unit: staging, swap, leftovers -------------------------------------------------------
+
+
+def _leftover_pattern(out: Path) -> re.Pattern[str]:
+    return re.compile(rf"\.{re.escape(out.name)}\.(staging|old)-[0-9a-f]{{16}}")
+
+
+def _sibling(out: Path, kind: str) -> Path:
+    """A fresh name beside out for a staging folder or the set-aside old folder."""
+    return out.parent / f".{out.name}.{kind}-{secrets.token_hex(8)}"
+
+
+def set_aside(out: Path) -> Path | None:
+    """Rename the current folder to a fresh name beside it (None when there is none)."""
+    if not out.exists():
+        return None
+    aside = _sibling(out, "old")
+    os.rename(out, aside)
+    return aside
+
+
+def move_in(stage: Path, out: Path) -> None:
+    """Rename a finished staging folder to the folder's own name."""
+    os.rename(stage, out)
+
+
+def _remove_if_stale(folder: Path) -> None:
+    """Remove a staging folder unless a live writer holds its lock."""
+    try:
+        fd = lock_folder(folder)
+    except BlockingIOError:
+        return
+    except OSError:
+        fd = None
+    try:
+        shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+class Unit:
+    """A folder replaced as a whole: which entries are its own (`owns`), and what to say of others."""
+
+    def __init__(self, owns: Callable[[Path], bool], what: str = "folder") -> None:
+        self.owns, self.what = owns, what
+
+    def strangers(self, entries: list[Path]) -> list[str]:
+        """Entries the folder does not own (temporary files of killed writes are its own)."""
+        return sorted(p.name for p in entries if not is_tmp(p) and not self.owns(p))
+
+    def remove_old(self, folder: Path) -> None:
+        """Remove a set-aside folder: its own files only; anything else found there is kept, with a warning."""
+        for path in folder.iterdir():
+            if not self.strangers([path]):
+                try:
+                    path.unlink()
+                except OSError:
+                    pass
+        try:
+            folder.rmdir()
+        except OSError:
+            import sys
+
+            print(f"warning: kept {folder}: it holds files this {self.what} did not write (saved there meanwhile?)",
+                  file=sys.stderr)
+
+    def clean_leftovers(self, out: Path) -> None:
+        """Remove what interrupted writes of `out` left beside it; put back a set-aside folder when the writer
+        was killed between setting the old folder aside and renaming the new one in."""
+        out = Path(out)
+        if not out.parent.is_dir():
+            return
+        pattern = _leftover_pattern(out)
+        found = [p for p in out.parent.iterdir() if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
+        aside = sorted((p for p in found if ".old-" in p.name), key=lambda p: p.stat().st_mtime)
+        if aside and not out.exists():
+            try:
+                os.rename(aside.pop(), out)
+            except OSError:
+                pass
+        for folder in aside:
+            self.remove_old(folder)
+        for folder in found:
+            if ".staging-" in folder.name:
+                _remove_if_stale(folder)
+        if out.is_dir():
+            for path in out.iterdir():
+                if is_tmp(path):
+                    try:
+                        path.unlink()
+                    except OSError:  # best effort: the folder is replaced as a whole anyway
+                        pass
+
+    def swap(self, stage: Path, out: Path, refuse: Callable[[list[str]], Exception]) -> None:
+        """Replace out by stage: old aside, new in, old removed; the old one is put back if the new cannot go
+        in. `refuse(strangers)` is raised, nothing changed, when out gained files it does not own meanwhile."""
+        fsync_path(stage)
+        if out.is_dir() and self.strangers(list(out.iterdir())):
+            raise refuse(self.strangers(list(out.iterdir())))
+        aside = set_aside(out)
+        try:
+            move_in(stage, out)
+        except BaseException:
+            if aside is not None and not out.exists():
+                try:
+                    os.rename(aside, out)
+                except OSError:  # the next write puts it back (clean_leftovers)
+                    pass
+            raise
+        if aside is not None:
+            self.remove_old(aside)
+        try:
+            fsync_path(out.parent)
+        except OSError:  # the swap is done; only its durability across a power cut is not forced
+            pass
+
+    def publish(self, out: Path, write: Callable[[Path], T], refuse: Callable[[list[str]], Exception]) -> T:
+        """Call `write(staging_folder)`, then make the staging folder the folder `out`, as one unit.
+
+        Leftovers of interrupted writes are removed first. On any error the staging folder is removed and
+        `out` is what it was. An OSError names the file as it is named in out, not in the staging folder."""
+        stage, lock = None, None
+        try:
+            self.clean_leftovers(out)
+            stage, lock = _make_stage(out)
+            result = write(stage)
+            self.swap(stage, out, refuse)
+            return result
+        except OSError as err:
+            if err.filename is None:
+                raise
+            raise OSError(err.errno, err.strerror or str(err), str(self.names_in(err.filename, out, stage))) from None
+        finally:
+            if stage is not None and stage.exists():
+                shutil.rmtree(stage, ignore_errors=True)
+            if lock is not None:
+                os.close(lock)
+
+    def names_in(self, path: str | Path, out: Path, stage: Path | None) -> Path:
+        """A path in the staging or a set-aside folder as the path it stands for in out."""
+        shown = Path(os.path.abspath(path))
+        try:
+            first, *rest = shown.relative_to(out.parent).parts
+            if (stage is not None and first == stage.name) or _leftover_pattern(out).fullmatch(first):
+                return out.joinpath(*rest)
+        except ValueError:
+            pass
+        return shown
+
+
+def _make_stage(out: Path) -> tuple[Path, int | None]:
+    """A fresh, locked staging folder beside out, with out's mode if out exists (else 0777 less the umask)."""
+    if not out.parent.is_dir():
+        out.parent.mkdir(parents=True, exist_ok=True)
+    stage = _sibling(out, "staging")
+    os.mkdir(stage)
+    try:
+        if out.is_dir():
+            os.chmod(stage, stat.S_IMODE(out.stat().st_mode))
+        return stage, lock_folder(stage)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise

@@ -14,89 +14,26 @@ import errno
 import io
 import json
 import os
-import re
-import secrets
-import shutil
-import stat
-import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 
+from core.contract import ENSEMBLE_FILE
+from core.files import Unit, write_atomic, write_text_atomic
 from ensemble.members import Aligned
 from ensemble.scores import per_class_f1
 from ensemble.spec import BlendSpec
 
-try:
-    import fcntl
-except ImportError:  # Windows has no fcntl: staging folders are then not locked
-    fcntl = None
-
 FORMAT_VERSION = 1
-ENSEMBLE_FILES = ("ensemble.json", "submission.csv", "report.md", "weights.png", "scores.png")
+ENSEMBLE_FILES = (ENSEMBLE_FILE, "submission.csv", "report.md", "weights.png", "scores.png")
+ENSEMBLE_DIRECTORY = Unit(lambda p: p.name in ENSEMBLE_FILES and p.is_file(), "blend")
 T = TypeVar("T")
 
 
 class OutputError(ValueError):
     """The ensemble directory cannot be written; the message names the path and the reason."""
-
-
-def _umask() -> int:
-    """The process umask: from /proc where it is there, else by setting it and setting it back."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def write_atomic(path: Path, write: Callable[[str], None]) -> Path:
-    """Write through a temporary file in the same folder, then rename it into place.
-
-    The file gets the mode a plain open() would give (0666 less the umask, not mkstemp's 0600) and is
-    flushed to disk before the rename. An OSError names `path`, not the temporary file.
-    (training has its own copy: the parts share no code but the blend, see ARCHITECTURE.md.)
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        _fsync(tmp, os.O_RDONLY)
-        os.replace(tmp, path)
-    except OSError as err:
-        raise OSError(err.errno, err.strerror or str(err), str(path)) from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
-def write_text(path: Path, text: str) -> Path:
-    """Write a text file atomically."""
-    return write_atomic(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def _fsync(path: str | Path, flags: int) -> None:
-    """Flush a file or folder to disk; a folder on a file system that cannot is skipped."""
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    except OSError as err:
-        if err.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
-            raise
-    finally:
-        os.close(fd)
 
 
 # --- where the ensemble directory may go --------------------------------------------------------------
@@ -154,171 +91,29 @@ def _read_only(path: Path) -> bool:
 
 def _strangers(entries: list[Path]) -> list[str]:
     """Entries an ensemble directory does not hold: other names, and its names that are not plain files."""
-    return sorted(p.name for p in entries
-                  if not _is_tmp(p) and (p.name not in ENSEMBLE_FILES or not p.is_file()))
+    return ENSEMBLE_DIRECTORY.strangers(entries)
 
 
-def _remove_old(folder: Path) -> None:
-    """Remove a set-aside ensemble directory: its own files only; anything else found there is kept."""
-    for path in folder.iterdir():
-        if not _strangers([path]) or _is_tmp(path):
-            try:
-                path.unlink()
-            except OSError:
-                pass
-    try:
-        folder.rmdir()
-    except OSError:
-        print(f"warning: kept {folder}: it holds files a blend did not write (saved there during the blend?)",
-              file=sys.stderr)
+def _refusal(out: Path) -> Callable[[list[str]], OutputError]:
+    """The error for files saved into out while this blend ran (out is left as it is)."""
+    return lambda strangers: OutputError(f"{out} now holds {strangers[:3]}, which this blend would replace: "
+                                         "nothing was changed; move them away and blend again")
 
 
-def _is_tmp(path: Path) -> bool:
-    """A temporary file of write_atomic (`.<name>.<random>.tmp`), left by a killed write."""
-    return path.name.startswith(".") and path.name.endswith(".tmp") and path.is_file()
-
-
-# --- one unit: staging, swap, leftovers -----------------------------------------------------------------
-
-def _leftover_pattern(out: Path) -> re.Pattern[str]:
-    return re.compile(rf"\.{re.escape(out.name)}\.(staging|old)-[0-9a-f]{{16}}")
-
-
-def _sibling(out: Path, kind: str) -> Path:
-    """A fresh name beside out for a staging folder or the set-aside old directory."""
-    return out.parent / f".{out.name}.{kind}-{secrets.token_hex(8)}"
-
-
-def _lock(folder: Path) -> int | None:
-    """Open folder and take an exclusive lock on it (None where locks are not supported).
-
-    BlockingIOError when another process holds it.
-    """
-    fd = os.open(folder, os.O_RDONLY)
-    if fcntl is None:
-        os.close(fd)
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise
-    except OSError:  # a file system without flock: the lock is only advisory anyway
-        pass
-    return fd
-
-
-def _remove_if_stale(folder: Path) -> None:
-    """Remove a staging folder unless a live blend holds its lock."""
-    try:
-        fd = _lock(folder)
-    except BlockingIOError:
-        return
-    except OSError:
-        fd = None
-    try:
-        shutil.rmtree(folder, ignore_errors=True)
-    finally:
-        if fd is not None:
-            os.close(fd)
-
-
-def clean_leftovers(out: Path) -> None:
-    """Remove what interrupted blends into `out` left beside it; put back a set-aside directory when the
-    blend was killed between setting the old directory aside and renaming the new one in."""
-    out = Path(out)
-    if not out.parent.is_dir():
-        return
-    pattern = _leftover_pattern(out)
-    found = [p for p in out.parent.iterdir() if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
-    aside = sorted((p for p in found if ".old-" in p.name), key=lambda p: p.stat().st_mtime)
-    if aside and not out.exists():
-        try:
-            os.rename(aside.pop(), out)
-        except OSError:
-            pass
-    for folder in aside:
-        _remove_old(folder)
-    for folder in found:
-        if ".staging-" in folder.name:
-            _remove_if_stale(folder)
-    if out.is_dir():
-        for path in out.iterdir():
-            if _is_tmp(path):
-                try:
-                    path.unlink()
-                except OSError:  # best effort: the directory is replaced as a whole anyway
-                    pass
-
-
-def _set_aside(out: Path) -> Path | None:
-    """Rename the current ensemble directory to a fresh name beside it (None when there is none)."""
-    if not out.exists():
-        return None
-    aside = _sibling(out, "old")
-    os.rename(out, aside)
-    return aside
-
-
-def _move_in(stage: Path, out: Path) -> None:
-    """Rename the finished staging folder to the ensemble directory's name."""
-    os.rename(stage, out)
-
-
-def _swap(stage: Path, out: Path) -> None:
-    """Replace out by stage: old aside, new in, old removed; the old one is put back if the new cannot go in."""
-    _fsync(stage, os.O_RDONLY)
-    if out.is_dir() and _strangers(list(out.iterdir())):  # saved into --out while this blend ran
-        raise OutputError(f"{out} now holds {_strangers(list(out.iterdir()))[:3]}, which this blend would "
-                          "replace: nothing was changed; move them away and blend again")
-    aside = _set_aside(out)
-    try:
-        _move_in(stage, out)
-    except BaseException:
-        if aside is not None and not out.exists():
-            try:
-                os.rename(aside, out)
-            except OSError:  # the next blend puts it back (clean_leftovers)
-                pass
-        raise
-    if aside is not None:
-        _remove_old(aside)
-    try:
-        _fsync(out.parent, os.O_RDONLY)
-    except OSError:  # the swap is done; only its durability across a power cut is not forced
-        pass
-
-
-def _make_stage(out: Path) -> tuple[Path, int | None]:
-    """A fresh, locked staging folder beside out, with out's mode if out exists (else 0777 less the umask)."""
-    if not out.parent.is_dir():
-        out.parent.mkdir(parents=True, exist_ok=True)
-    stage = _sibling(out, "staging")
-    os.mkdir(stage)
-    try:
-        if out.is_dir():
-            os.chmod(stage, stat.S_IMODE(out.stat().st_mode))
-        return stage, _lock(stage)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-
-
-def _write_error(err: OSError, stage: Path | None, out: Path) -> OutputError:
-    """One line naming the file (as it will be named in out, not in the staging folder) and the reason."""
+def _write_error(err: OSError, out: Path) -> OutputError:
+    """One line naming the file (as named in out) and the reason."""
     reason = err.strerror or str(err)
     if err.filename is None:
         return OutputError(f"cannot write {out}: {reason}")
     shown = Path(os.path.abspath(err.filename))
-    try:  # a path in the staging folder (or the folder, or the set-aside directory) stands for one in out
-        first, *rest = shown.relative_to(out.parent).parts
-        if (stage is not None and first == stage.name) or _leftover_pattern(out).fullmatch(first):
-            shown = out.joinpath(*rest)
-    except ValueError:
-        pass
     if shown == out or out in shown.parents:
         return OutputError(f"cannot write {shown}: {reason}")
     return OutputError(f"cannot write {out} ({shown}): {reason}")
+
+
+def clean_leftovers(out: Path) -> None:
+    """Remove what interrupted blends into `out` left beside it, putting back a set-aside directory."""
+    ENSEMBLE_DIRECTORY.clean_leftovers(Path(out))
 
 
 def publish_directory(out: Path, write: Callable[[Path], T]) -> T:
@@ -328,20 +123,10 @@ def publish_directory(out: Path, write: Callable[[Path], T]) -> T:
     `out` is what it was; an OSError becomes an OutputError naming the path and the reason.
     """
     out = Path(os.path.abspath(out))
-    stage, lock = None, None
     try:
-        clean_leftovers(out)
-        stage, lock = _make_stage(out)
-        result = write(stage)
-        _swap(stage, out)
-        return result
+        return ENSEMBLE_DIRECTORY.publish(out, write, _refusal(out))
     except OSError as err:
-        raise _write_error(err, stage, out) from None
-    finally:
-        if stage is not None and stage.exists():
-            shutil.rmtree(stage, ignore_errors=True)
-        if lock is not None:
-            os.close(lock)
+        raise _write_error(err, out) from None
 
 
 def check_submission(ids: np.ndarray, labels: np.ndarray, num_classes: int, expected_ids: np.ndarray) -> None:
@@ -378,7 +163,7 @@ def write_submission(path: Path, ids: np.ndarray, probs: np.ndarray, expected_id
     written_ids = np.array([row[0] for row in rows[1:]], dtype=str)
     written_labels = np.array([int(row[1]) for row in rows[1:]], dtype=np.int64)
     check_submission(written_ids, written_labels, probs.shape[1], np.asarray(expected_ids, dtype=str))
-    return write_text(path, text)
+    return write_text_atomic(path, text)
 
 
 def write_ensemble_json(
@@ -401,7 +186,7 @@ def write_ensemble_json(
         "test_rows": int(len(aligned.test_ids)),
         **extra,
     }
-    return write_text(out_dir / "ensemble.json", json.dumps(document, indent=1) + "\n")
+    return write_text_atomic(out_dir / "ensemble.json", json.dumps(document, indent=1) + "\n")
 
 
 def _save_figure(fig, path: Path) -> Path:
@@ -477,4 +262,4 @@ def write_report(
               "|---|---|---|"]
     lines += [f"| {i}: {aligned.classes[i]} | {f1[i]:.3f} | {support[i]} |" for i in order]
     lines += ["", "![weights](weights.png)", "", "![scores](scores.png)", ""]
-    return write_text(out_dir / "report.md", "\n".join(lines))
+    return write_text_atomic(out_dir / "report.md", "\n".join(lines))

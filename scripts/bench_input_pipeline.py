@@ -30,6 +30,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import tensorflow as tf
 
+from core.contract import size_folder_name
 from imaging.augment_config import AugmentConfig
 from imaging.records import Record, write_split
 from training.data.dataset import train_dataset, training_splits
@@ -46,7 +47,7 @@ def make_records(root: Path, size: int, count: int) -> None:
         Record(jpeg_bytes(draw_flower(KINDS[i % len(KINDS)], rng, size), size), f"{i:06d}", i % len(KINDS))
         for i in range(count)
     )
-    write_split(str(root / f"tfrecords-jpeg-{size}x{size}" / "train"), size, records, records_per_file=32)
+    write_split(str(root / size_folder_name(size) / "train"), size, records, records_per_file=32)
 
 
 def reference_transform(image: tf.Tensor, size: int) -> tf.Tensor:
@@ -82,7 +83,7 @@ def reference_transform(image: tf.Tensor, size: int) -> tf.Tensor:
 
 def reference_dataset(data_dir: Path, size: int) -> tf.data.Dataset:
     """The notebooks' training pipeline with their per-image augmentation, batch 64."""
-    files = sorted(tf.io.gfile.glob(str(data_dir / f"tfrecords-jpeg-{size}x{size}" / "train" / "*.tfrec")))
+    files = sorted(tf.io.gfile.glob(str(data_dir / size_folder_name(size) / "train" / "*.tfrec")))
     spec = {"image": tf.io.FixedLenFeature([], tf.string), "class": tf.io.FixedLenFeature([], tf.int64)}
 
     def load(raw):

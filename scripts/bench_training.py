@@ -25,6 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from core.contract import size_folder_name
 from imaging.augment_config import AugmentConfig
 from imaging.records import Record, write_split
 from training.data.dataset import train_dataset, training_splits
@@ -38,7 +39,7 @@ def make_records(root: Path, size: int, count: int) -> None:
     records = [Record(jpeg_bytes(draw_flower(KINDS[i % len(KINDS)], rng, size), size), f"{i:06d}", i % len(KINDS))
                for i in range(count)]
     for split in ("train", "val"):
-        write_split(str(root / f"tfrecords-jpeg-{size}x{size}" / split), size, records, records_per_file=64)
+        write_split(str(root / size_folder_name(size) / split), size, records, records_per_file=64)
 
 
 def images_per_second(model: keras.Model, ds: tf.data.Dataset, steps: int, batch: int) -> float:

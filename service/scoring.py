@@ -44,6 +44,7 @@ from typing import TextIO
 
 import numpy as np
 
+from core.files import publish_file
 from core.names import shown
 from service.images import ImageError, decode_image
 from service.predictor import ArtifactError, EnsemblePredictor, load_ensemble, load_run
@@ -441,30 +442,11 @@ def check_out(out: Path, overwrite: bool) -> None:
         raise InputError(f"the folder of --out, {shown(str(parent))}, is not writable")
 
 
-def _umask() -> int:
-    """The process's file-creation mask (read by setting and restoring it)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _publish(tmp: str, out: Path, overwrite: bool) -> None:
     """Rename the complete CSV onto `out`; without overwrite, never over a file that appeared meanwhile."""
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; a plain open() honours the umask
-    if overwrite:
-        os.replace(tmp, out)
-        return
-    try:
-        os.link(tmp, out)  # fails when out exists: no check-then-rename race
-    except FileExistsError:
+    if not publish_file(tmp, out, overwrite):
         raise InputError(f"--out {shown(str(out))} appeared while scoring; it was left as it is (pass --overwrite "
-                         "to replace it)") from None
-    except OSError:  # a file system without hard links
-        if os.path.lexists(out):
-            raise InputError(f"--out {shown(str(out))} appeared while scoring; it was left as it is") from None
-        os.replace(tmp, out)
-        return
-    os.remove(tmp)
+                         "to replace it)")
 
 
 # --- the command --------------------------------------------------------------------------------------------

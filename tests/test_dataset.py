@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from core.contract import competition_classes
+from core.contract import competition_classes, size_folder_name
 from core.errors import DataError
 from imaging.augment import AugmentConfig
 from imaging.records import Record, serialize, write_split
@@ -31,7 +31,7 @@ def _jpeg(value: int, size: int = 16) -> bytes:
 
 def _make_layout(root, split: str, records: list[Record], size: int = 16, per_file: int = 4) -> list[str]:
     """Write records into the competition layout under root and return the file paths."""
-    return write_split(str(root / f"tfrecords-jpeg-{size}x{size}" / split), size, records, per_file)
+    return write_split(str(root / size_folder_name(size) / split), size, records, per_file)
 
 
 def test_records_round_trip_keeps_ids_labels_and_order(tmp_path):

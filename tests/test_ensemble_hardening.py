@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import core.files as files
 import ensemble.build as build
 import ensemble.output as output
 from ensemble.build import build_ensemble
@@ -96,10 +97,10 @@ def test_a_first_blend_that_fails_creates_no_directory(tiny, tmp_path, monkeypat
 
 def _killed_blend(runs, out, where: str) -> None:
     """Run the blender in a subprocess that is killed with SIGKILL at `where` (build's writer or output's step)."""
-    module, name = where.split(".")
+    module, _, name = where.rpartition(".")
     code = (
         "import os, signal, sys\n"
-        f"import ensemble.{module} as target\n"
+        f"import {module} as target\n"
         f"original = target.{name}\n"
         "def kill(*args, **kwargs):\n"
         "    result = original(*args, **kwargs)\n"
@@ -114,7 +115,7 @@ def _killed_blend(runs, out, where: str) -> None:
 
 def test_a_blender_killed_between_its_writes_changes_nothing_and_the_rerun_cleans_up(tiny, previous):
     out, before = previous
-    _killed_blend(tiny, out, "build.write_submission")  # killed just before ensemble.json
+    _killed_blend(tiny, out, "ensemble.build.write_submission")  # killed just before ensemble.json
     assert _snapshot(out) == before  # the old method with its own submission, not a mix
     assert _leftovers(out), "the killed run's staging folder should be there to clean"
     assert _blend(tiny, out, "--method", "weighted") == 0
@@ -124,11 +125,11 @@ def test_a_blender_killed_between_its_writes_changes_nothing_and_the_rerun_clean
 
 def test_a_blender_killed_in_the_middle_of_the_swap_is_recovered_by_the_next_run(tiny, previous):
     out, before = previous
-    _killed_blend(tiny, out, "output._set_aside")  # the old directory is aside, the new one not yet in
+    _killed_blend(tiny, out, "core.files.set_aside")  # the old directory is aside, the new one not yet in
     assert not out.exists()
     output.clean_leftovers(out)  # what the next blend does first: the previous directory comes back
     assert _snapshot(out) == before and _leftovers(out) == []
-    _killed_blend(tiny, out, "output._set_aside")
+    _killed_blend(tiny, out, "core.files.set_aside")
     assert _blend(tiny, out, "--method", "weighted") == 0
     assert _leftovers(out) == [] and json.loads((out / "ensemble.json").read_text())["method"] == "weighted"
 
@@ -217,18 +218,18 @@ def test_a_file_saved_into_out_during_the_blend_is_kept_and_the_blend_refused(ti
 
 
 def test_a_set_aside_directory_keeps_what_the_blend_did_not_write(tmp_path, capsys):
-    from ensemble.output import _remove_old
+    from ensemble.output import ENSEMBLE_DIRECTORY
 
     aside = tmp_path / ".ens.old-0123456789abcdef"
     aside.mkdir()
     for name in FILES:
         (aside / name).write_text("old")
     (aside / "late.txt").write_text("saved during the swap")
-    _remove_old(aside)
+    ENSEMBLE_DIRECTORY.remove_old(aside)
     assert sorted(p.name for p in aside.iterdir()) == ["late.txt"]
     assert "kept" in capsys.readouterr().err
     (aside / "late.txt").unlink()
-    _remove_old(aside)
+    ENSEMBLE_DIRECTORY.remove_old(aside)
     assert not aside.exists()
 
 
@@ -298,7 +299,7 @@ def test_a_failed_swap_puts_the_previous_directory_back(tiny, previous, monkeypa
     def refuse(stage, out_dir):
         raise OSError(errno.EACCES, os.strerror(errno.EACCES), str(out_dir))
 
-    monkeypatch.setattr(output, "_move_in", refuse)
+    monkeypatch.setattr(files, "move_in", refuse)
     assert _blend(tiny, out, "--method", "weighted") == 2
     assert "Permission denied" in _one_line_error(capsys)
     assert _snapshot(out) == before and _leftovers(out) == []
@@ -401,7 +402,7 @@ def test_written_files_and_the_directory_honour_the_umask(tiny, tmp_path, umask)
     old = os.umask(umask)
     try:
         assert _blend(tiny, tmp_path / "ens") == 0
-        output.write_text(tmp_path / "alone.txt", "x")
+        files.write_text_atomic(tmp_path / "alone.txt", "x")
     finally:
         os.umask(old)
     for name in FILES:

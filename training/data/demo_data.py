@@ -141,6 +141,7 @@ def make_demo_data(
     progress: bool = True,
 ) -> dict[str, int]:
     """Write the demo data set (all sizes, train/val/test, classes.json, test_answers.csv); return counts."""
+    from core.contract import size_folder_name
     from core.files import write_text_atomic
     from imaging.records import Record, write_split  # TensorFlow only when writing records
 
@@ -158,7 +159,7 @@ def make_demo_data(
         for split, items in per_split.items():
             labelled = split != "test"
             records = (Record(jpeg_bytes(img, size), i, lab if labelled else None) for i, lab, img in items)
-            write_split(str(out / f"tfrecords-jpeg-{size}x{size}" / split), size, records, records_per_file)
+            write_split(str(out / size_folder_name(size) / split), size, records, records_per_file)
         if progress:
             print(f"  wrote records at {size}x{size}", flush=True)
     write_text_atomic(out / "classes.json", json.dumps([k.name for k in KINDS], indent=1) + "\n")

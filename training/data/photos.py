@@ -58,8 +58,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from core.contract import CLASSES_FILE, IMPORT_REPORT_FILE, SIZE_FOLDER, TEST_ANSWERS_FILE, size_folder_name
 from core.errors import DataError
-from core.files import write_text_atomic
+from core.files import lock_folder, write_text_atomic
 from imaging.geometry import FIT_MODES
 from training.data.near_duplicates import (
     DEFAULT_DISTANCE,
@@ -77,14 +78,8 @@ from training.data.near_duplicates import (
     shown,
 )
 
-try:
-    import fcntl
-except ImportError:  # not POSIX: no lock against two imports at once
-    fcntl = None
-
 MAX_SIZE = 4096  # the largest square written (each photo is held in memory at the largest size)
-OUTPUT_FILES = ("classes.json", "test_answers.csv", "import_report.json")
-SIZE_FOLDER = re.compile(r"tfrecords-jpeg-\d+x\d+$")
+OUTPUT_FILES = (CLASSES_FILE, TEST_ANSWERS_FILE, IMPORT_REPORT_FILE)
 STAGING, NEW, OLD, INCOMING = ".import-staging", ".import-new", ".import-old", ".import-incoming"
 
 
@@ -617,21 +612,15 @@ def _refuse_existing(out: Path, overwrite: bool, classes: list[str], sizes: Sequ
 @contextmanager
 def _locked(out: Path) -> Iterator[None]:
     """Hold OUT's import lock (an flock on the folder; released when the process ends, even when it is killed)."""
-    if fcntl is None:
-        yield
-        return
-    fd = os.open(out, os.O_RDONLY)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DataError(f"another import is writing to {out} right now; wait for it to end and try "
-                            "again") from None
-        except OSError:  # a file system without locks (some network ones): go on unlocked
-            pass
+        fd = lock_folder(out)
+    except BlockingIOError:
+        raise DataError(f"another import is writing to {out} right now; wait for it to end and try again") from None
+    try:
         yield
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
 
 
 def _publish(out: Path, stage: Callable[[Path], None], overwrite: bool, classes: list[str], sizes: Sequence[int],
@@ -733,7 +722,7 @@ def _write_records(folder: Path, sizes: Sequence[int], splits: dict[str, list[in
             labelled = split != "test"
             records = (Record(_encode(examples[i][0], size), examples[i][1], examples[i][2] if labelled else None)
                        for i in members)
-            write_split(str(folder / f"tfrecords-jpeg-{size}x{size}" / split), size, records, records_per_file)
+            write_split(str(folder / size_folder_name(size) / split), size, records, records_per_file)
         if progress:
             print(f"  wrote records at {size}x{size}", flush=True)
 
