@@ -332,8 +332,9 @@ def test_the_blend_spec_has_one_meaning_per_field(runs, tmp_path):
     assert BlendSpec.from_dict(document["blend"]) == BlendSpec.from_dict(stack.spec_.to_dict())
     weighted = build_ensemble(runs, tmp_path / "weighted", "weighted", folds=3, **QUIET)
     assert [m["weight"] for m in weighted["members"]] == weighted["blend"]["weights"]
-    legacy = {**stack.spec_.to_dict(), "weights": list(stack.importance_)}  # what older files held
-    np.testing.assert_allclose(apply_blend(legacy, aligned.test_probs), stack.predict_proba(aligned.test_probs))
+    with_weights = {**stack.spec_.to_dict(), "weights": list(stack.importance_)}  # a stacker has no weights
+    with pytest.raises(SpecError, match=r"blend.method 'stack' takes no \['weights'\]"):
+        BlendSpec.from_dict(with_weights)
     for bad, message in [
         ({"method": "median", "weights": [1.0]}, "blend.method must be one of"),
         ({"method": "weighted", "weights": [0.7, 0.7]}, "sum to 1"),
