@@ -17,8 +17,8 @@ from ensemble.build import build_ensemble
 from ensemble.cli import main
 from ensemble.members import MemberError, load_member_predictions, load_members
 from ensemble.scores import macro_f1
-from ensemble.synthetic import synthetic_runs, write_run_dir
 from ensemble.validation import cross_validate, member_scores
+from testkit.synthetic import synthetic_runs, write_run_dir
 
 QUIET = dict(progress=lambda _: None)
 
@@ -144,7 +144,7 @@ def test_the_spec_is_json_and_applies_the_same_blend(runs):
 
 def test_hill_climb_counts_selections():
     rng = np.random.default_rng(0)
-    from ensemble.synthetic import synthetic_probs
+    from testkit.synthetic import synthetic_probs
 
     labels = np.arange(300) % 6
     probs = synthetic_probs(labels, [1.0, 3.0, 3.0], 6, rng)
@@ -376,7 +376,7 @@ def test_the_blender_is_a_scikit_learn_estimator(runs):
 
 def _members(seed: int, rows: int = 240, classes: int = 6, skills=(1.0, 2.0, 1.5)) -> tuple[np.ndarray, np.ndarray]:
     """Small synthetic validation probabilities [M, rows, classes] (float64) and their labels."""
-    from ensemble.synthetic import synthetic_probs
+    from testkit.synthetic import synthetic_probs
 
     labels = np.arange(rows) % classes
     return synthetic_probs(labels, list(skills), classes, np.random.default_rng(seed), shared=0.5).astype(float), labels
