@@ -111,9 +111,6 @@ class BlendSpec:
         """Read a spec from JSON; every problem is a SpecError naming the field."""
         if not isinstance(data, dict):
             raise SpecError(f"{where} must be a JSON object, got {type(data).__name__}")
-        data = dict(data)
-        if data.get("method") == "stack":
-            data.pop("weights", None)  # files written before the typed spec repeated the mean coefficient here
         unknown = sorted(set(data) - {f for f in cls.__dataclass_fields__})
         if unknown:
             raise SpecError(f"{where} has unknown field(s) {unknown}")

@@ -43,12 +43,13 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: testkit is not installed
 
 import httpx  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from service.settings import Settings  # noqa: E402
-from service.testing import flower_jpeg, free_port, make_benchmark_run, start_server  # noqa: E402
+from testkit.artifacts import flower_jpeg, free_port, make_benchmark_run, start_server  # noqa: E402
 
 HOST = "127.0.0.1"
 BOUNDARY = "multipart/form-data; boundary=x"

@@ -18,12 +18,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: testkit is not installed
 
-from ensemble.blend import METHODS, Blender
-from ensemble.cli import build_ensemble
-from ensemble.synthetic import synthetic_probs, write_run_dir
-from ensemble.validation import cross_validate, member_scores
+import numpy as np  # noqa: E402
+
+from ensemble.blend import METHODS, Blender  # noqa: E402
+from ensemble.cli import build_ensemble  # noqa: E402
+from ensemble.validation import cross_validate, member_scores  # noqa: E402
+from testkit.synthetic import synthetic_probs, write_run_dir  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

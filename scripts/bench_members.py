@@ -28,10 +28,11 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: testkit is not installed
 
 import numpy as np  # noqa: E402
 
-from service.testing import make_run, photo  # noqa: E402
+from testkit.artifacts import make_run, photo  # noqa: E402
 
 DEFAULT_MEMBERS = "efficientnet-b0:224,efficientnet-lite0:192,efficientnetv2-b0:256"
 

@@ -30,12 +30,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: testkit is not installed
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 from bench_members import make_benchmark_ensemble, parse_members  # noqa: E402 (scripts/, beside this one)
 
-from service.testing import flower_jpeg, free_port, make_benchmark_run, start_server  # noqa: E402
+from testkit.artifacts import flower_jpeg, free_port, make_benchmark_run, start_server  # noqa: E402
 
 EXTRA_MEMBERS = "efficientnet-lite0:192,efficientnetv2-b0:256"
 

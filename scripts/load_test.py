@@ -24,10 +24,11 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: testkit is not installed
 
 import httpx  # noqa: E402
 
-from service.testing import flower_jpeg, free_port, make_benchmark_run, start_server  # noqa: E402
+from testkit.artifacts import flower_jpeg, free_port, make_benchmark_run, start_server  # noqa: E402
 
 
 def rss_bytes(pid: int) -> int:

@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: testkit is not installed
 
 import numpy as np  # noqa: E402
 from sklearn.metrics import f1_score  # noqa: E402
@@ -111,7 +112,7 @@ def served_labels(ensemble: Path, images: list[tuple[str, bytes]], batch: int = 
     """POST the images to a freshly started service; id -> top class index."""
     import httpx
 
-    from service.testing import free_port, start_server
+    from testkit.artifacts import free_port, start_server
 
     port = free_port()
     server = start_server(["--ensemble", str(ensemble)], port, timeout=600)

@@ -87,6 +87,29 @@ def test_no_function_is_longer_than_sixty_lines():
     assert not long, long
 
 
+def _imports_testkit(path: Path) -> bool:
+    """Whether a module imports testkit anywhere in it (top level or inside functions)."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = ([alias.name for alias in node.names] if isinstance(node, ast.Import) else
+                 [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+        if any(n == "testkit" or n.startswith("testkit.") for n in names):
+            return True
+    return False
+
+
+def test_no_product_package_imports_the_testkit():
+    assert not [name for name, path in _modules().items() if _imports_testkit(path)]
+    assert not (REPO / "service" / "testing.py").exists() and not (REPO / "ensemble" / "synthetic.py").exists()
+
+
+def test_the_testkit_check_sees_an_import_inside_a_function(tmp_path):
+    path = tmp_path / "a.py"
+    path.write_text("def f():\n    from testkit.artifacts import make_run\n")
+    assert _imports_testkit(path)
+    path.write_text("import testkitten\nfrom .testkit import x\n")
+    assert not _imports_testkit(path)
+
+
 # --- the flower command -------------------------------------------------------------------------------
 
 NO_TENSORFLOW = "import sys; sys.modules['tensorflow'] = None; sys.modules['keras'] = None\n"
@@ -225,8 +248,6 @@ def test_each_part_imports_only_the_floors_under_it():
     modules = _modules()
     outside = {}
     for name, path in modules.items():
-        if name == "service.testing":  # makes artifacts for tests with training's builder (moving to a test kit)
-            continue
         bad = _forbidden(name, _imports(path, name, modules))
         if bad:
             outside[name] = sorted(bad)

@@ -18,7 +18,7 @@ from service.images import decode_image
 from service.predictor import load_ensemble
 from service.scoring import Options, collect_inputs, header, main, score
 from service.settings import Settings
-from service.testing import CLASSES, image_bytes, make_ensemble
+from testkit.artifacts import CLASSES, image_bytes, make_ensemble
 
 
 @pytest.fixture(scope="module")

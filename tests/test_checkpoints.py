@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -17,6 +18,7 @@ import pytest
 from training.config import load_config
 from training.fit.checkpoints import (
     RESUMABLE_CHANGES,
+    EpochState,
     check_resumable,
     latest_checkpoint,
     load_checkpoint,
@@ -36,8 +38,14 @@ def _compiled(classes: int = 3, seed: int = 0) -> tuple[keras.Model, keras.optim
     return model, optimizer
 
 
-def _state(epoch: int) -> dict:
-    return {"epoch": epoch, "best_f1": epoch / 10, "history": []}
+def _row(epoch: int) -> dict[str, float]:
+    return {"epoch": epoch, "learning_rate": 1e-3, "loss": 1.5, "val_loss": 1.25, "val_accuracy": 0.5,
+            "val_macro_f1": epoch / 10, "seconds": 2.5}
+
+
+def _state(epoch: int) -> EpochState:
+    return EpochState(epoch=epoch, best_f1=epoch / 10, history=[_row(e) for e in range(1, epoch + 1)],
+                      precision="float32", replicas=1)
 
 
 def _bias(model: keras.Model) -> np.ndarray:
@@ -64,7 +72,8 @@ def test_a_checkpoint_remembers_its_config_and_refuses_another_naming_every_chan
     saved = load_config(None, {}).to_dict()
     save_checkpoint(folder, model, optimizer, _state(1), saved)
     assert json.loads((folder / "epoch-0001" / "config.json").read_text()) == json.loads(json.dumps(saved))
-    assert json.loads((folder / "epoch-0001" / "state.json").read_text()) == _state(1)
+    assert json.loads((folder / "epoch-0001" / "state.json").read_text()) == {
+        "epoch": 1, "best_f1": 0.1, "history": [_row(1)], "precision": "float32", "replicas": 1}  # ARCHITECTURE.md
     safe = {"name": "renamed", "output": str(tmp_path / "elsewhere"), "train.epochs": 99, "train.eval_batch_size": 7,
             "train.steps_per_execution": 4, "train.time_budget_minutes": 30.0, "data.shard": "file", "data.fit": "pad",
             "predict.tta": 3, "predict.tta_seed": 5}
@@ -78,23 +87,6 @@ def test_a_checkpoint_remembers_its_config_and_refuses_another_naming_every_chan
         f"0.2 -> 0.5); resume with the same config (only {', '.join(RESUMABLE_CHANGES)} may change), or write to "
         f"another output folder, or remove {folder} to start over")
     assert "only name, output, train.epochs, " in str(refused.value)
-
-
-def test_the_checkpoints_own_config_outranks_the_runs_config_file(tmp_path):
-    # The run's config.json stands in only for a legacy checkpoint that has none of its own.
-    folder = tmp_path / "run" / "checkpoints"
-    model, optimizer = _compiled()
-    saved = load_config(None, {}).to_dict()
-    save_checkpoint(folder, model, optimizer, _state(1), saved)
-    run_file = tmp_path / "run" / "config.json"
-    run_file.write_text(json.dumps(load_config(None, {"data.image_size": 96}).to_dict()))
-    check_resumable(folder, saved, run_file)  # the checkpoint says 64, so a 64 px resume goes on
-    with pytest.raises(ValueError, match="data.image_size: 64 -> 96"):
-        check_resumable(folder, load_config(None, {"data.image_size": 96}).to_dict(), run_file)
-    (folder / "epoch-0001" / "config.json").unlink()
-    with pytest.raises(ValueError, match="data.image_size: 96 -> 64"):  # now the run's file speaks for it
-        check_resumable(folder, saved, run_file)
-    check_resumable(folder, saved, None)  # neither says anything: nothing to refuse
 
 
 def test_leftovers_of_killed_writes_and_older_epochs_go_but_a_stubborn_one_does_not_fail_the_save(tmp_path):
@@ -112,20 +104,6 @@ def test_leftovers_of_killed_writes_and_older_epochs_go_but_a_stubborn_one_does_
     assert elsewhere.is_dir()
 
 
-def test_a_new_layout_checkpoint_ignores_an_optimizer_file_left_from_the_legacy_layout(tmp_path):
-    # A kill right after the first new-layout save (before the legacy files are removed) leaves both.
-    folder = tmp_path / "checkpoints"
-    model, optimizer = _compiled()
-    optimizer.iterations.assign(5)
-    save_checkpoint(folder, model, optimizer, _state(1), {})
-    np.savez(folder / "optimizer.npz", **{f"v{i}": np.zeros(v.shape) + 99 for i, v in enumerate(optimizer.variables)})
-    fresh, fresh_optimizer = _compiled(seed=1)
-    load_checkpoint(folder, fresh, fresh_optimizer, log=lambda _: None)
-    assert int(fresh_optimizer.iterations.numpy()) == 5
-    for a, b in zip(optimizer.variables, fresh_optimizer.variables, strict=True):
-        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
-
-
 def test_an_unreadable_or_misfitting_checkpoint_is_refused_with_the_folder_to_remove(tmp_path, monkeypatch):
     folder = tmp_path / "checkpoints"
     model, optimizer = _compiled()
@@ -136,7 +114,7 @@ def test_an_unreadable_or_misfitting_checkpoint_is_refused_with_the_folder_to_re
         load_checkpoint(folder, model, optimizer, log=lambda _: None)
     assert str(broken.value).startswith(f"{state_file} is not valid JSON (")
     assert str(broken.value).endswith(f"); remove {folder} to start over")
-    state_file.write_text(json.dumps(_state(1)))
+    state_file.write_text(_state(1).to_json())
 
     weights = folder / "epoch-0001" / "weights.weights.h5"
     intact = weights.read_bytes()
@@ -184,7 +162,7 @@ def test_the_saved_epoch_is_read_from_the_newest_checkpoint_and_a_damaged_state_
         state_file.write_text(text)
         with pytest.raises(ValueError) as damaged:
             saved_epoch(folder)
-        assert str(damaged.value).startswith(f"{state_file} is unreadable (")
+        assert str(damaged.value).startswith(f"{state_file} is not ")
         assert str(damaged.value).endswith(f"); remove {folder} to start over")
 
 
@@ -280,26 +258,56 @@ def test_an_option_newer_than_the_checkpoint_counts_as_its_default(tmp_path):
         check_resumable(folder, load_config(None, {"model.dropout": 0.5}).to_dict())
 
 
-def test_a_legacy_checkpoint_gets_its_optimizer_state_from_its_own_file(tmp_path):
-    # Earlier versions kept the optimizer's variables apart, in optimizer.npz beside last.weights.h5 (weights only).
-    model, optimizer = _compiled()
-    optimizer.iterations.assign(7)
-    keras.utils.set_random_seed(0)
-    bare = build_classifier("small-cnn", 16, 3, dropout=0.0)
-    bare.set_weights(model.get_weights())
-    bare.save_weights(tmp_path / "last.weights.h5")  # not compiled: no optimizer variables in the file
-    np.savez(tmp_path / "optimizer.npz", **{f"v{i}": v.numpy() for i, v in enumerate(optimizer.variables)})
-    (tmp_path / "state.json").write_text(json.dumps(_state(1)))
-    fresh, fresh_optimizer = _compiled(seed=1)
-    with warnings.catch_warnings(record=True) as caught:  # the file has no optimizer variables, as expected
-        warnings.simplefilter("always")
-        assert load_checkpoint(tmp_path, fresh, fresh_optimizer, log=lambda _: None) == _state(1)
-    assert not [w for w in caught if "optimizer" in str(w.message)], [str(w.message) for w in caught]
-    assert int(fresh_optimizer.iterations.numpy()) == 7
-    for a, b in zip(optimizer.variables, fresh_optimizer.variables, strict=True):
-        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+def test_the_epoch_state_reads_and_writes_the_documented_json():
+    state = _state(2)
+    text = state.to_json()
+    assert list(json.loads(text)) == ["epoch", "best_f1", "history", "precision", "replicas"]
+    assert text == json.dumps({"epoch": 2, "best_f1": 0.2, "history": [_row(1), _row(2)], "precision": "float32",
+                               "replicas": 1}, indent=1)  # the dict earlier versions wrote, byte for byte
+    assert EpochState.from_json(text, Path("state.json")) == state
+    assert EpochState.fresh("mixed_bfloat16", 8) == EpochState(epoch=0, best_f1=-1.0, history=[],
+                                                              precision="mixed_bfloat16", replicas=8)
 
-    np.savez(tmp_path / "optimizer.npz", v0=np.zeros(3))  # another optimizer's state (or a damaged file)
-    with pytest.raises(RuntimeError, match=f"optimizer.npz does not fit this model .*remove {re.escape(str(tmp_path))} "
-                                           "to start over"):
-        load_checkpoint(tmp_path, *_compiled(seed=2), log=lambda _: None)
+
+@pytest.mark.parametrize(("change", "problem"), [
+    ({"epoch": None}, "epoch is None, expected a whole number >= 0"),
+    ({"epoch": True}, "epoch is True, expected a whole number >= 0"),
+    ({"epoch": -1}, "epoch is -1, expected a whole number >= 0"),
+    ({"best_f1": "0.5"}, "best_f1 is '0.5', expected a number"),
+    ({"history": {}}, "history is {}, expected a list"),
+    ({"history": [{"epoch": 1}]}, "history row 0 is {'epoch': 1}, expected numbers for epoch, learning_rate, "),
+    ({"precision": None}, "precision is None, expected a string"),
+    ({"replicas": 0}, "replicas is 0, expected a whole number >= 1"),
+    ({"replicas": 1.5}, "replicas is 1.5, expected a whole number >= 1"),
+])
+def test_a_malformed_epoch_state_is_refused_naming_the_file_and_the_field(tmp_path, change, problem):
+    path = tmp_path / "state.json"
+    path.write_text(json.dumps({**json.loads(_state(1).to_json()), **change}))
+    with pytest.raises(ValueError) as refused:
+        EpochState.read(path)
+    assert str(refused.value).startswith(f"{path} is not an epoch state ({problem}")
+
+
+def test_an_epoch_state_without_a_field_names_every_missing_one(tmp_path):
+    path = tmp_path / "state.json"
+    path.write_text('{"epoch": 1, "best_f1": 0.5, "history": []}')  # without precision and replicas
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))} is not an epoch state \\(missing precision, "
+                                         "replicas\\)$"):
+        EpochState.read(path)
+    path.write_text("[1]")
+    with pytest.raises(ValueError, match="is not an epoch state \\(expected a JSON object, got list\\)$"):
+        EpochState.read(path)
+
+
+def test_a_folder_in_the_single_folder_layout_of_earlier_versions_is_refused_not_overwritten(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / "state.json").write_text(_state(1).to_json())  # what earlier versions wrote, beside last.weights.h5
+    (folder / "last.weights.h5").write_bytes(b"weights")
+    model, optimizer = _compiled()
+    for attempt in (lambda: latest_checkpoint(folder), lambda: check_resumable(folder, {}),
+                    lambda: load_checkpoint(folder, model, optimizer, log=lambda _: None)):
+        with pytest.raises(ValueError, match=f"^{re.escape(str(folder))} holds a checkpoint in the single-folder "
+                                             f"layout of earlier versions.*remove {re.escape(str(folder))} to start"):
+            attempt()
+    assert sorted(p.name for p in folder.iterdir()) == ["last.weights.h5", "state.json"]  # nothing touched

@@ -17,8 +17,8 @@ from ensemble.build import build_ensemble
 from ensemble.cli import main
 from ensemble.members import MemberError, load_member_predictions, load_members
 from ensemble.scores import macro_f1
-from ensemble.synthetic import synthetic_runs, write_run_dir
 from ensemble.validation import cross_validate, member_scores
+from testkit.synthetic import synthetic_runs, write_run_dir
 
 QUIET = dict(progress=lambda _: None)
 
@@ -144,7 +144,7 @@ def test_the_spec_is_json_and_applies_the_same_blend(runs):
 
 def test_hill_climb_counts_selections():
     rng = np.random.default_rng(0)
-    from ensemble.synthetic import synthetic_probs
+    from testkit.synthetic import synthetic_probs
 
     labels = np.arange(300) % 6
     probs = synthetic_probs(labels, [1.0, 3.0, 3.0], 6, rng)
@@ -332,8 +332,9 @@ def test_the_blend_spec_has_one_meaning_per_field(runs, tmp_path):
     assert BlendSpec.from_dict(document["blend"]) == BlendSpec.from_dict(stack.spec_.to_dict())
     weighted = build_ensemble(runs, tmp_path / "weighted", "weighted", folds=3, **QUIET)
     assert [m["weight"] for m in weighted["members"]] == weighted["blend"]["weights"]
-    legacy = {**stack.spec_.to_dict(), "weights": list(stack.importance_)}  # what older files held
-    np.testing.assert_allclose(apply_blend(legacy, aligned.test_probs), stack.predict_proba(aligned.test_probs))
+    with_weights = {**stack.spec_.to_dict(), "weights": list(stack.importance_)}  # a stacker has no weights
+    with pytest.raises(SpecError, match=r"blend.method 'stack' takes no \['weights'\]"):
+        BlendSpec.from_dict(with_weights)
     for bad, message in [
         ({"method": "median", "weights": [1.0]}, "blend.method must be one of"),
         ({"method": "weighted", "weights": [0.7, 0.7]}, "sum to 1"),
@@ -375,7 +376,7 @@ def test_the_blender_is_a_scikit_learn_estimator(runs):
 
 def _members(seed: int, rows: int = 240, classes: int = 6, skills=(1.0, 2.0, 1.5)) -> tuple[np.ndarray, np.ndarray]:
     """Small synthetic validation probabilities [M, rows, classes] (float64) and their labels."""
-    from ensemble.synthetic import synthetic_probs
+    from testkit.synthetic import synthetic_probs
 
     labels = np.arange(rows) % classes
     return synthetic_probs(labels, list(skills), classes, np.random.default_rng(seed), shared=0.5).astype(float), labels

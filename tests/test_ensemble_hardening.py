@@ -20,7 +20,7 @@ import ensemble.build as build
 import ensemble.output as output
 from ensemble.build import build_ensemble
 from ensemble.cli import main
-from ensemble.synthetic import synthetic_runs
+from testkit.synthetic import synthetic_runs
 
 REPO = Path(__file__).resolve().parents[1]
 FILES = ("ensemble.json", "submission.csv", "report.md", "weights.png", "scores.png")

@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from core.errors import DataError
 from training.config import load_config
-from training.fit.checkpoints import latest_checkpoint
+from training.fit.checkpoints import EpochState, latest_checkpoint
 from training.fit.evaluation import classification_scores
 from training.fit.export import predict_split
 from training.fit.loop import Budget, prepare_run, run_epoch
@@ -34,16 +34,16 @@ def test_an_epoch_trains_scores_the_whole_validation_split_checkpoints_and_logs(
     config = _config(tiny_data, tmp_path / "run", **{"schedule.kind": "cosine", "schedule.warmup_epochs": 1})
     lines: list[str] = []
     run = prepare_run(config, lines.append)
-    state = {"epoch": 0, "best_f1": -1.0, "history": []}
+    state = EpochState.fresh(run.policy, run.replicas)
     before = [w.numpy().copy() for w in run.model.trainable_weights]
     capsys.readouterr()
     val_seconds = run_epoch(run, 0, state, lines.append)
     assert capsys.readouterr().out == ""  # the log is the only output: no Keras progress bar beside it
     assert val_seconds > 0
     assert int(run.optimizer.iterations.numpy()) == run.steps  # one epoch of steps, not more
-    assert f"  epoch 1/2 step {run.steps}/{run.steps} loss {state['history'][0]['loss']:.4f} (" in "\n".join(lines)
+    assert f"  epoch 1/2 step {run.steps}/{run.steps} loss {state.history[0]['loss']:.4f} (" in "\n".join(lines)
     assert any(np.abs(a - b.numpy()).max() > 0 for a, b in zip(before, run.model.trainable_weights, strict=True))
-    row = state["history"][0]
+    row = state.history[0]
     lr = learning_rate(config.schedule, 0, 2, run.replicas, config.model.unfreeze_epoch)
     assert row["epoch"] == 1 and row["learning_rate"] == lr and np.isfinite(row["loss"]) and row["seconds"] > 0
     assert float(run.optimizer.learning_rate.numpy()) == pytest.approx(lr)
@@ -52,10 +52,10 @@ def test_an_epoch_trains_scores_the_whole_validation_split_checkpoints_and_logs(
     scores = classification_scores(labels, probs)
     assert row["val_macro_f1"] == pytest.approx(scores["macro_f1"]) and row["val_loss"] == pytest.approx(scores["loss"])
     assert row["val_accuracy"] == pytest.approx(scores["accuracy"])
-    assert state["epoch"] == 1 and state["best_f1"] == row["val_macro_f1"]
+    assert state.epoch == 1 and state.best_f1 == row["val_macro_f1"]
     checkpoints = tmp_path / "run" / "checkpoints"
     assert latest_checkpoint(checkpoints).name == "epoch-0001"
-    assert json.loads((checkpoints / "epoch-0001" / "state.json").read_text()) == json.loads(json.dumps(state))
+    assert (checkpoints / "epoch-0001" / "state.json").read_text() == state.to_json()
     assert json.loads((checkpoints / "epoch-0001" / "config.json").read_text()) == json.loads(
         json.dumps(config.to_dict()))
     assert (checkpoints / "best.weights.h5").is_file()
@@ -69,12 +69,12 @@ def test_an_epoch_trains_scores_the_whole_validation_split_checkpoints_and_logs(
     assert f"val_macro_f1 {row['val_macro_f1']:.4f}" in epoch_line and epoch_line.endswith(" img/s]")
     # A second epoch that does not beat the best keeps the best weights file as it was.
     best = (checkpoints / "best.weights.h5").read_bytes()
-    state["best_f1"] = 2.0  # nothing can beat it
+    state.best_f1 = 2.0  # nothing can beat it
     run_epoch(run, 1, state, lines.append)
-    assert state["epoch"] == 2 and len(state["history"]) == 2 and state["best_f1"] == 2.0
+    assert state.epoch == 2 and len(state.history) == 2 and state.best_f1 == 2.0
     assert int(run.optimizer.iterations.numpy()) == 2 * run.steps  # the second epoch trained once, from where it was
     second = learning_rate(config.schedule, 1, 2, run.replicas, config.model.unfreeze_epoch)
-    assert state["history"][1]["learning_rate"] == second != lr  # after the warm-up epoch the schedule moves on
+    assert state.history[1]["learning_rate"] == second != lr  # after the warm-up epoch the schedule moves on
     assert (checkpoints / "best.weights.h5").read_bytes() == best
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best.weights.h5", "epoch-0002"]
     assert "(best)" not in next(line for line in lines if line.startswith("epoch 2/2: "))
@@ -83,13 +83,13 @@ def test_an_epoch_trains_scores_the_whole_validation_split_checkpoints_and_logs(
 def test_a_non_finite_loss_stops_before_the_epoch_is_saved_and_says_what_to_change(tiny_data, tmp_path):
     run = prepare_run(_config(tiny_data, tmp_path / "run"), lambda _: None)
     run.model.fit = lambda *args, **kwargs: SimpleNamespace(history={"loss": [float("nan")]})
-    state = {"epoch": 0, "best_f1": -1.0, "history": []}
+    state = EpochState.fresh(run.policy, run.replicas)
     with pytest.raises(ValueError) as stopped:
         run_epoch(run, 0, state, lambda _: None)
     assert str(stopped.value) == ("epoch 1: the training loss is nan: stopping before this epoch is saved (the "
                                   "checkpoint of epoch 0 stands); lower schedule.max (now 0.001) or make the augment "
                                   "options milder, then rerun")
-    assert state == {"epoch": 0, "best_f1": -1.0, "history": []}
+    assert state == EpochState.fresh(run.policy, run.replicas)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -186,14 +186,14 @@ def test_an_epochs_time_and_its_validation_time_are_measured_apart(tiny_data, tm
     lines: list[str] = []
     run = prepare_run(_config(tiny_data, tmp_path / "run"), lines.append)
     calls = _stub_epoch(monkeypatch, run, FakeClock())
-    state = {"epoch": 0, "best_f1": -1.0, "history": []}
+    state = EpochState.fresh(run.policy, run.replicas)
     assert run_epoch(run, 0, state, lines.append) == pytest.approx(3.25)  # what the time budget reserves per pass
     assert [(c["initial_epoch"], c["epochs"], c["steps_per_epoch"]) for c in calls] == [(0, 1, run.steps)]
-    row = state["history"][0]
+    row = state.history[0]
     assert row["seconds"] == 12.35 and row["loss"] == 0.25 and row["val_macro_f1"] == 1.0
     rate = run.steps * run.global_batch / 12.3456
     assert lines[-1].endswith(f"val_macro_f1 1.0000 (best) [12.3 s, {rate:.0f} img/s]")
-    state["best_f1"] = 1.0  # equalled, not beaten: the best weights stay those of the earlier epoch
+    state.best_f1 = 1.0  # equalled, not beaten: the best weights stay those of the earlier epoch
     (tmp_path / "run" / "checkpoints" / "best.weights.h5").unlink()
     run_epoch(run, 1, state, lines.append)
     assert not (tmp_path / "run" / "checkpoints" / "best.weights.h5").exists()
@@ -209,7 +209,7 @@ def test_the_epoch_at_model_unfreeze_epoch_switches_what_trains_with_a_fresh_opt
     lines: list[str] = []
     run = prepare_run(config, lines.append)
     _stub_epoch(monkeypatch, run, FakeClock())
-    state = {"epoch": 0, "best_f1": -1.0, "history": []}
+    state = EpochState.fresh(run.policy, run.replicas)
     head = parameter_counts(run.model)
     first = run.optimizer
     run_epoch(run, 0, state, lines.append)
@@ -223,7 +223,7 @@ def test_the_epoch_at_model_unfreeze_epoch_switches_what_trains_with_a_fresh_opt
     convs = [layer for layer in layers if isinstance(layer, keras.layers.Conv2D)]
     assert norms and convs and all(c.trainable for c in convs) and not any(n.trainable for n in norms)  # batch_norm
     scaled = learning_rate(config.schedule, 1, 3, run.replicas, 1)  # from the unfreeze epoch on: x unfreeze_scale
-    assert state["history"][1]["learning_rate"] == scaled == pytest.approx(
+    assert state.history[1]["learning_rate"] == scaled == pytest.approx(
         learning_rate(config.schedule, 1, 3, run.replicas, 0) * config.schedule.unfreeze_scale)
     assert float(run.optimizer.learning_rate.numpy()) == pytest.approx(scaled)
     # A resumed run is built in its checkpoint's phase: epoch 1's in the first, epoch 2's in the second.
@@ -234,11 +234,11 @@ def test_the_epoch_at_model_unfreeze_epoch_switches_what_trains_with_a_fresh_opt
 def test_a_corrupt_training_record_found_inside_fit_is_named_and_nothing_is_saved(data_with_a_cut_record, tmp_path):
     data, train_file = data_with_a_cut_record
     run = prepare_run(_config(data, tmp_path / "run"), lambda _: None)
-    state = {"epoch": 0, "best_f1": -1.0, "history": []}
+    state = EpochState.fresh(run.policy, run.replicas)
     with pytest.raises(DataError) as found:
         run_epoch(run, 0, state, lambda _: None)
     assert str(found.value).startswith(f"{train_file}: record 19 is corrupt")
-    assert state == {"epoch": 0, "best_f1": -1.0, "history": []} and not (tmp_path / "run" / "checkpoints").exists()
+    assert state == EpochState.fresh(run.policy, run.replicas) and not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_a_graph_error_that_no_record_explains_is_reported_with_its_reason(tiny_data, tmp_path):
@@ -249,8 +249,13 @@ def test_a_graph_error_that_no_record_explains_is_reported_with_its_reason(tiny_
 
     run.model.fit = failing_fit
     with pytest.raises(DataError) as failed:
-        run_epoch(run, 1, {"epoch": 1, "best_f1": -1.0, "history": []}, lambda _: None)
+        run_epoch(run, 1, EpochState(epoch=1, best_f1=-1.0, history=[], precision=run.policy, replicas=1),
+                  lambda _: None)
     assert str(failed.value) == "epoch 2: training failed: logits and labels must match"
+
+
+def _state(epoch: int) -> EpochState:
+    return EpochState(epoch=epoch, best_f1=0.5, history=[], precision="float32", replicas=2)
 
 
 def test_each_epochs_batches_come_from_the_runs_data_settings_and_the_epochs_seed(monkeypatch):
@@ -352,7 +357,7 @@ def test_workers_compare_their_resume_epoch_and_their_config_less_its_paths(monk
     def digest_of(settings: dict) -> int:
         compared.clear()
         config = load_config(None, {"data.dir": "/data", "output": "/out", "name": "a", **settings})
-        fit.check_workers_agree(SimpleNamespace(strategy=strategy, policy="float32"), config, {"epoch": 3})
+        fit.check_workers_agree(SimpleNamespace(strategy=strategy, policy="float32"), config, _state(3))
         assert compared[0] == 3  # the epoch each worker resumes after
         return compared[1]
 
@@ -365,15 +370,15 @@ def test_workers_compare_their_resume_epoch_and_their_config_less_its_paths(monk
     config = load_config(None, {"data.dir": "/data", "output": "/out", "name": "a"})
     differs.add(same)
     with pytest.raises(ValueError) as refused:
-        fit.check_workers_agree(run, config, {"epoch": 3})
+        fit.check_workers_agree(run, config, _state(3))
     assert str(refused.value) == (f"the workers disagree on the config (this one: epoch 3 from {config.run_dir}, "
                                   f"config digest {same:05x}): start every worker with the same command, its output "
                                   "on storage all of them share")
     differs.clear()
     differs.add(3)
     with pytest.raises(ValueError, match=r"^the workers disagree on the epoch they resume after \(this one: epoch 3 "):
-        fit.check_workers_agree(run, config, {"epoch": 3})
+        fit.check_workers_agree(run, config, _state(3))
     differs.clear()
     compared.clear()
-    fit.check_workers_agree(SimpleNamespace(strategy=strategy, policy="mixed_bfloat16"), config, {"epoch": 3})
+    fit.check_workers_agree(SimpleNamespace(strategy=strategy, policy="mixed_bfloat16"), config, _state(3))
     assert compared[0] == 3 and compared[1] != same  # another precision policy is another setup

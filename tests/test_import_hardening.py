@@ -236,22 +236,15 @@ def test_a_data_folder_inside_the_source_folder_is_refused(tmp_path, capsys):
     assert not (src / "data").exists() and not (src / "a" / "data").exists()
 
 
-def test_leftovers_of_an_older_import_version_are_removed(tmp_path):
-    src, out = tmp_path / "src", tmp_path / "out"
-    _classes(src, "ab")
-    (out / ".import-staging-0" / "tfrecords-jpeg-16x16").mkdir(parents=True)
-    import_folders(src, out, sizes=[16], progress=False, near_duplicate_distance=None)
-    assert not list(out.glob(".import*"))
-
-
 def test_a_users_file_that_merely_looks_like_a_leftover_is_kept(tmp_path):
     src, out = tmp_path / "src", tmp_path / "out"
     _classes(src, "ab")
     out.mkdir()
     (out / ".import-staging-notes").write_text("mine")
+    (out / ".import-staging-0").mkdir()  # only .import-staging itself is the import's
     import_folders(src, out, sizes=[16], progress=False, near_duplicate_distance=None)
     import_folders(src, out, sizes=[16], progress=False, near_duplicate_distance=None, overwrite=True)
-    assert (out / ".import-staging-notes").read_text() == "mine"
+    assert (out / ".import-staging-notes").read_text() == "mine" and (out / ".import-staging-0").is_dir()
 
 
 # --- 2. links ----------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from PIL import Image
 
 from ensemble.spec import BlendSpec
 from service.predictor import EnsemblePredictor, load_ensemble
-from service.testing import image_bytes, make_ensemble
+from testkit.artifacts import image_bytes, make_ensemble
 
 
 @pytest.fixture(scope="module")

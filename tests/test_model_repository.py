@@ -20,7 +20,7 @@ from service.app import create_app
 from service.predictor import load_run
 from service.repository import ModelRepository, NotServed, RepositoryError, read_labels
 from service.settings import Settings
-from service.testing import free_port, image_bytes, make_run, start_server
+from testkit.artifacts import free_port, image_bytes, make_run, start_server
 
 BLOB = image_bytes("JPEG", size=(64, 48), seed=5)
 

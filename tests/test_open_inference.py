@@ -17,7 +17,7 @@ from service.app import create_app
 from service.images import decode_image
 from service.predictor import load_ensemble
 from service.settings import Settings
-from service.testing import CLASSES, free_port, image_bytes, make_ensemble, start_server
+from testkit.artifacts import CLASSES, free_port, image_bytes, make_ensemble, start_server
 
 BLOBS = [image_bytes("JPEG", size=(64, 48), seed=s) for s in (1, 2)]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from service.testing import CLASSES, free_port, image_bytes, make_ensemble, make_run, start_server
+from testkit.artifacts import CLASSES, free_port, image_bytes, make_ensemble, make_run, start_server
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(

@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.settings import Settings
-from service.testing import CLASSES, make_ensemble
+from testkit.artifacts import CLASSES, make_ensemble
 
 CV = {"folds": 5, "seed": 0, "blend": {"macro_f1": 0.8419, "macro_f1_std": 0.0315, "log_loss": float("nan")},
       "members": {"m32": {"macro_f1": 0.807, "macro_f1_std": 0.03}, "m48": {"macro_f1": 0.7606, "macro_f1_std": 0.01}},

@@ -18,7 +18,7 @@ from service.app import create_app
 from service.images import decode_image
 from service.predictor import MemberModel, load_run
 from service.settings import Settings
-from service.testing import make_run, photo
+from testkit.artifacts import make_run, photo
 from training.data.near_duplicates import load_rgb
 from training.data.photos import fit_square, import_folders
 

@@ -22,7 +22,7 @@ from service.app import create_app
 from service.images import ImageError, decode_image
 from service.predictor import ArtifactError, load_ensemble, load_run
 from service.settings import Settings
-from service.testing import CLASSES, free_port, image_bytes, make_ensemble, start_server
+from testkit.artifacts import CLASSES, free_port, image_bytes, make_ensemble, start_server
 from training.data.photos import load_rgb
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from service.testing import free_port, make_ensemble, start_server
+from testkit.artifacts import free_port, make_ensemble, start_server
 
 SCHEMATHESIS = shutil.which("st") or str(Path(sys.executable).with_name("st"))
 

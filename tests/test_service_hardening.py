@@ -31,7 +31,7 @@ from service.app import create_app
 from service.images import decode_image
 from service.predictor import ArtifactError, load_ensemble, load_run
 from service.settings import Settings
-from service.testing import CLASSES, PACKAGE_ROOT, free_port, image_bytes, make_ensemble, make_run, start_server
+from testkit.artifacts import CLASSES, PACKAGE_ROOT, free_port, image_bytes, make_ensemble, make_run, start_server
 
 
 @pytest.fixture(scope="module")
@@ -418,7 +418,7 @@ def test_the_in_flight_pixel_budget_answers_503_with_retry_after(ensemble_dir):
 
 
 def test_a_huge_jpeg_is_budgeted_at_its_reduced_size_and_answered_like_its_reduced_decode(ensemble_dir):
-    from service.testing import photo
+    from testkit.artifacts import photo
 
     buffer = io.BytesIO()
     photo(3000, 2000, seed=4).save(buffer, format="JPEG", quality=90)

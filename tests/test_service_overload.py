@@ -22,7 +22,7 @@ from service.app import create_app
 from service.cli import metrics_dir, parse_settings
 from service.settings import Settings
 from service.telemetry import Metrics
-from service.testing import CLASSES, free_port, image_bytes, make_run, start_server
+from testkit.artifacts import CLASSES, free_port, image_bytes, make_run, start_server
 from tests.metrics_text import metric_samples, metric_value
 
 

@@ -818,31 +818,33 @@ def test_data_sharding_among_workers_is_by_file_when_the_shares_are_even_else_by
 
 
 def test_a_resume_on_another_precision_is_refused_and_on_another_replica_count_warned():
+    from dataclasses import replace
     from types import SimpleNamespace
 
+    from training.fit.checkpoints import EpochState
     from training.fit.loop import check_resumed_setup
 
     lines = []
-    state = {"epoch": 2, "precision": "mixed_float16", "replicas": 8}
+    state = EpochState(epoch=2, best_f1=0.5, history=[], precision="mixed_float16", replicas=8)
     with pytest.raises(ValueError, match="trained with precision policy mixed_float16 and this device picks float32.*"
                                          "train.mixed_precision=float16"):
-        check_resumed_setup(dict(state), SimpleNamespace(policy="float32", replicas=8), lines.append)
-    resumed = dict(state)
+        check_resumed_setup(replace(state), SimpleNamespace(policy="float32", replicas=8), lines.append)
+    resumed = replace(state)
     check_resumed_setup(resumed, SimpleNamespace(policy="mixed_float16", replicas=2), lines.append)
     assert lines == ["warning: the checkpoint was trained on 8 replica(s), this run has 2: the global batch, the "
                      "steps per epoch and the learning rate scale change from here on"]
-    assert resumed["replicas"] == 2  # what the next checkpoint records
-    same = dict(state)
+    assert resumed.replicas == 2  # what the next checkpoint records
+    same = replace(state)
     check_resumed_setup(same, SimpleNamespace(policy="mixed_float16", replicas=8), lines.append)
-    assert len(lines) == 1  # the same precision and replica count: nothing to say
+    assert len(lines) == 1 and same == state  # the same precision and replica count: nothing to say
     with pytest.raises(ValueError, match="trained with precision policy float32 and this device picks mixed_bfloat16: "
                                          "the optimizer state would not load; resume with --set "
                                          "train.mixed_precision=off$"):
-        check_resumed_setup({"epoch": 1, "precision": "float32"}, SimpleNamespace(policy="mixed_bfloat16", replicas=1),
-                            lines.append)
-    older = {"epoch": 1}  # a checkpoint from before these fields: resumes, and records them from now on
-    check_resumed_setup(older, SimpleNamespace(policy="float32", replicas=1), lines.append)
-    assert older == {"epoch": 1, "precision": "float32", "replicas": 1}
+        check_resumed_setup(replace(state, precision="float32", replicas=1),
+                            SimpleNamespace(policy="mixed_bfloat16", replicas=1), lines.append)
+    fresh = EpochState.fresh("float32", 1)  # a run with no checkpoint: its own setup, nothing to say
+    check_resumed_setup(fresh, SimpleNamespace(policy="float32", replicas=1), lines.append)
+    assert len(lines) == 1 and fresh == EpochState.fresh("float32", 1)
 
 
 def test_the_chief_is_named_by_tf_config(monkeypatch):
@@ -890,6 +892,7 @@ def test_a_checkpoint_of_another_model_is_refused_with_advice(tiny_data, tiny_ru
 
 
 def test_a_checkpoint_restores_weights_optimizer_state_and_the_epoch(tmp_path):
+    from training.fit.checkpoints import EpochState
     from training.fit.loop import load_checkpoint, save_checkpoint
 
     def model_and_optimizer(seed):
@@ -904,12 +907,15 @@ def test_a_checkpoint_restores_weights_optimizer_state_and_the_epoch(tmp_path):
     y = np.eye(3, dtype=np.float32)[rng.integers(0, 3, 8)]
     trained, optimizer = model_and_optimizer(1)
     trained.fit(x, y, epochs=2, batch_size=4, verbose=0)
-    save_checkpoint(tmp_path, trained, optimizer, {"epoch": 2, "best_f1": 0.5, "history": [{"epoch": 1}]}, {})
+    row = {"epoch": 1, "learning_rate": 0.01, "loss": 1.0, "val_loss": 1.1, "val_accuracy": 0.5, "val_macro_f1": 0.5,
+           "seconds": 1.0}
+    saved = EpochState(epoch=2, best_f1=0.5, history=[row], precision="float32", replicas=1)
+    save_checkpoint(tmp_path, trained, optimizer, saved, {})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-0002"]
     fresh, fresh_optimizer = model_and_optimizer(2)
     logs = []
     state = load_checkpoint(tmp_path, fresh, fresh_optimizer, logs.append)
-    assert state == {"epoch": 2, "best_f1": 0.5, "history": [{"epoch": 1}]}
+    assert state == saved
     assert logs == ["resuming after epoch 2 (best validation macro F1 so far 0.5000)"]
     for a, b in zip(trained.weights, fresh.weights, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
@@ -1006,6 +1012,12 @@ def test_class_weights_count_every_split_the_run_trains_on(tmp_path):
     assert not (tmp_path / "never-written").exists()
 
 
+def _epoch_state(epoch: int):
+    from training.fit.checkpoints import EpochState
+
+    return EpochState(epoch=epoch, best_f1=epoch / 10, history=[], precision="float32", replicas=1)
+
+
 def test_a_kill_while_a_checkpoint_is_written_leaves_the_previous_epoch_whole(tmp_path, monkeypatch):
     import training.fit.checkpoints as checkpoints
 
@@ -1014,7 +1026,7 @@ def test_a_kill_while_a_checkpoint_is_written_leaves_the_previous_epoch_whole(tm
     optimizer = keras.optimizers.AdamW(1e-3)
     model.compile(optimizer=optimizer, loss="categorical_crossentropy")
     optimizer.build(model.trainable_variables)
-    checkpoints.save_checkpoint(tmp_path, model, optimizer, {"epoch": 1, "best_f1": 0.1, "history": []}, {})
+    checkpoints.save_checkpoint(tmp_path, model, optimizer, _epoch_state(1), {})
     first = _weights(tmp_path / "epoch-0001" / "weights.weights.h5")
     model.get_layer("probabilities").bias.assign([9.0, 9.0, 9.0])
 
@@ -1023,20 +1035,20 @@ def test_a_kill_while_a_checkpoint_is_written_leaves_the_previous_epoch_whole(tm
 
     monkeypatch.setattr(checkpoints, "write_text_atomic", killed)
     with pytest.raises(KeyboardInterrupt):
-        checkpoints.save_checkpoint(tmp_path, model, optimizer, {"epoch": 2, "best_f1": 0.2, "history": []}, {})
+        checkpoints.save_checkpoint(tmp_path, model, optimizer, _epoch_state(2), {})
     monkeypatch.undo()
     assert checkpoints.latest_checkpoint(tmp_path).name == "epoch-0001"
     fresh = build_classifier("small-cnn", 16, 3, dropout=0.0)
     fresh_optimizer = keras.optimizers.AdamW(1e-3)
     fresh.compile(optimizer=fresh_optimizer, loss="categorical_crossentropy")
     state = checkpoints.load_checkpoint(tmp_path, fresh, fresh_optimizer, log=lambda _: None)
-    assert state["epoch"] == 1
+    assert state.epoch == 1
     restored = {v.path: v.numpy() for v in fresh.weights}
     assert not np.allclose(restored["probabilities/bias"], 9.0)  # epoch 1's weights, not the half-written epoch 2
     for name, value in first.items():
         if name.endswith("bias") and "probabilities" in name:
             np.testing.assert_array_equal(value, restored["probabilities/bias"])
-    checkpoints.save_checkpoint(tmp_path, model, optimizer, {"epoch": 2, "best_f1": 0.2, "history": []}, {})
+    checkpoints.save_checkpoint(tmp_path, model, optimizer, _epoch_state(2), {})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-0002"]  # the leftover .tmp folder is gone
 
 
@@ -1130,39 +1142,6 @@ def test_weights_are_saved_through_a_temporary_name(tmp_path):
     loaded.load_weights(path)
     for a, b in zip(model.weights, loaded.weights, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
-
-
-def test_a_checkpoint_in_the_older_single_folder_layout_still_resumes(tmp_path):
-    from training.fit.checkpoints import check_resumable, latest_checkpoint, load_checkpoint, save_checkpoint
-
-    keras.utils.set_random_seed(0)
-    model = build_classifier("small-cnn", 16, 3, dropout=0.0)
-    optimizer = keras.optimizers.AdamW(1e-3)
-    model.compile(optimizer=optimizer, loss="categorical_crossentropy")
-    optimizer.build(model.trainable_variables)
-    optimizer.iterations.assign(7)
-    folder = tmp_path / "run" / "checkpoints"
-    folder.mkdir(parents=True)
-    model.save_weights(folder / "last.weights.h5")  # what earlier versions wrote
-    np.savez(folder / "optimizer.npz", **{f"v{i}": v.numpy() for i, v in enumerate(optimizer.variables)})
-    (folder / "state.json").write_text(json.dumps({"epoch": 1, "best_f1": 0.25, "history": []}))
-    (tmp_path / "run" / "config.json").write_text(json.dumps(load_config(None, {}).to_dict()))
-    assert latest_checkpoint(folder) == folder
-    with pytest.raises(ValueError, match="data.image_size: 64 -> 96"):  # the run's config.json stands for it
-        check_resumable(folder, load_config(None, {"data.image_size": 96}).to_dict(), tmp_path / "run" / "config.json")
-    fresh = build_classifier("small-cnn", 16, 3, dropout=0.0)
-    fresh_optimizer = keras.optimizers.AdamW(1e-3)
-    fresh.compile(optimizer=fresh_optimizer, loss="categorical_crossentropy")
-    assert load_checkpoint(folder, fresh, fresh_optimizer, log=lambda _: None)["epoch"] == 1
-    assert int(fresh_optimizer.iterations.numpy()) == 7
-    for a, b in zip(model.weights, fresh.weights, strict=True):
-        np.testing.assert_array_equal(a.numpy(), b.numpy())
-    with pytest.raises(ValueError, match="needs the model compiled with this optimizer"):
-        load_checkpoint(folder, fresh, keras.optimizers.AdamW(1e-3), log=lambda _: None)
-    save_checkpoint(folder, fresh, fresh_optimizer, {"epoch": 2, "best_f1": 0.3, "history": []}, {})
-    assert sorted(p.name for p in folder.iterdir()) == ["epoch-0002"]  # the old files are gone once replaced
-    with pytest.raises(ValueError, match="needs the model compiled with this optimizer"):
-        save_checkpoint(folder, fresh, keras.optimizers.AdamW(1e-3), {"epoch": 3, "best_f1": 0.3, "history": []}, {})
 
 
 def test_steps_per_execution_trains_exactly_like_single_steps(tiny_data, tmp_path):

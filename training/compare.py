@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from training.fit.checkpoints import EpochState, latest_checkpoint
+
 COLUMNS = ("run", "backbone", "size", "weights", "trainable", "augmentation", "regularisation", "schedule",
            "epochs", "val_macro_f1", "s/epoch")
 
@@ -42,16 +44,16 @@ def run_row(run_dir: Path) -> dict[str, str]:
         trainable = member["parameters"]["trainable"]
         epochs = str(config["train"]["epochs"])
     else:
-        state_file = run_dir / "checkpoints" / "state.json"
-        if not state_file.is_file():
-            raise ValueError(f"{run_dir} is not a run directory (no member.json or checkpoints/state.json)")
+        checkpoint = latest_checkpoint(run_dir / "checkpoints")
+        if checkpoint is None:
+            raise ValueError(f"{run_dir} is not a run directory (no member.json or checkpoints/epoch-NNNN/state.json)")
         config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else None
-        state = json.loads(state_file.read_text())
+        state = EpochState.read(checkpoint / "state.json")
         if config is None:
             raise ValueError(f"{run_dir} is still running and has no config.json")
-        f1, trainable = state["best_f1"], None
-        seconds = sum(h["seconds"] for h in state["history"]) / max(len(state["history"]), 1)
-        epochs = f"{state['epoch']}/{config['train']['epochs']}"
+        f1, trainable = state.best_f1, None
+        seconds = sum(h["seconds"] for h in state.history) / max(len(state.history), 1)
+        epochs = f"{state.epoch}/{config['train']['epochs']}"
     model, schedule, train = config["model"], config["schedule"], config["train"]
     return {
         "run": run_dir.name, "backbone": model["backbone"], "size": str(config["data"]["image_size"]),

@@ -44,7 +44,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import shutil
 import stat
 import sys
@@ -680,11 +679,10 @@ def _recover(out: Path, progress: bool) -> None:
     into OUT and the new data set is deleted. .import-old alone: killed after the commit, while the old data set
     was deleted: deleted. Each step can be killed and redone."""
     old, new, incoming = out / OLD, out / NEW, out / INCOMING
-    stagings = sorted(p for p in out.glob(".import-staging*")  # and those of earlier versions (-<seed>)
-                      if p.name == STAGING or re.fullmatch(r"\.import-staging-\d+", p.name))
+    staged = os.path.lexists(out / STAGING)
     undone, finished = os.path.lexists(new) or os.path.lexists(incoming), os.path.lexists(old)
-    for staging in stagings:
-        _remove(staging)
+    if staged:
+        _remove(out / STAGING)
     if incoming.is_dir():
         for name in _output_names(out):  # all new: every old entry was moved aside before .import-incoming existed
             os.replace(out / name, incoming / name)
@@ -697,7 +695,7 @@ def _recover(out: Path, progress: bool) -> None:
         _remove(new)
     elif os.path.lexists(old):
         _remove(old)
-    if progress and (stagings or undone or finished):
+    if progress and (staged or undone or finished):
         what = ("undone: the earlier data set is back in place" if undone else
                 "finished: its data set was in place, the earlier one left behind is deleted" if finished else
                 "cleaned up: the earlier data set was not touched")

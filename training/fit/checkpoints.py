@@ -12,6 +12,7 @@ the data or the optimisation is refused, naming the options that differ.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -19,20 +20,93 @@ import re
 import shutil
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import keras
 import numpy as np
 
 from core.files import write_text_atomic
 from training.config import RunConfig
 
+if TYPE_CHECKING:  # only for annotations: `flower compare` reads state.json without TensorFlow
+    import keras
+
 Log = Callable[[str], None]
 EPOCH_FOLDER = re.compile(r"^epoch-(\d+)$")
+HISTORY_KEYS = ("epoch", "learning_rate", "loss", "val_loss", "val_accuracy", "val_macro_f1", "seconds")
 # Options that may change between a run and its resume: how long it runs and what it writes at the end.
 RESUMABLE_CHANGES = ("name", "output", "train.epochs", "train.eval_batch_size", "train.steps_per_execution",
                      "train.time_budget_minutes", "data.shard", "data.fit", "predict.tta", "predict.tta_seed")
+
+
+@dataclass(kw_only=True)
+class EpochState:
+    """What an epoch folder's state.json holds: epochs finished, best validation macro F1, history, setup."""
+
+    epoch: int  # epochs finished
+    best_f1: float  # the best validation macro F1 so far (-1.0 before the first epoch)
+    history: list[dict[str, float]]  # one row per finished epoch, keys HISTORY_KEYS (history.csv's columns)
+    precision: str  # the Keras precision policy trained with: mixed_float16, mixed_bfloat16 or float32
+    replicas: int  # the replica count trained with
+
+    @classmethod
+    def fresh(cls, precision: str, replicas: int) -> EpochState:
+        """The state of a run before its first epoch."""
+        return cls(epoch=0, best_f1=-1.0, history=[], precision=precision, replicas=replicas)
+
+    def to_json(self) -> str:
+        """The text of state.json."""
+        return json.dumps(dataclasses.asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, source: Path) -> EpochState:
+        """Parse state.json's text; a malformed document is refused with a ValueError naming `source`."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{source} is not valid JSON ({err})") from None
+        problem = _state_problem(data)
+        if problem:
+            raise ValueError(f"{source} is not an epoch state ({problem})")
+        return cls(epoch=data["epoch"], best_f1=float(data["best_f1"]), history=data["history"],
+                   precision=data["precision"], replicas=data["replicas"])
+
+    @classmethod
+    def read(cls, path: Path) -> EpochState:
+        """Read a state.json file."""
+        return cls.from_json(path.read_text(), path)
+
+    def write(self, path: Path) -> None:
+        """Write a state.json file atomically."""
+        write_text_atomic(path, self.to_json())
+
+
+def _is_number(value: Any) -> bool:
+    """An int or float from JSON (true and false are not numbers here)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _state_problem(data: Any) -> str | None:
+    """What is wrong with a parsed state.json document, or None."""
+    if not isinstance(data, dict):
+        return f"expected a JSON object, got {type(data).__name__}"
+    missing = [k for k in ("epoch", "best_f1", "history", "precision", "replicas") if k not in data]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    checks = (("epoch", isinstance(data["epoch"], int) and not isinstance(data["epoch"], bool) and data["epoch"] >= 0,
+               "a whole number >= 0"), ("best_f1", _is_number(data["best_f1"]), "a number"),
+              ("history", isinstance(data["history"], list), "a list"),
+              ("precision", isinstance(data["precision"], str), "a string"),
+              ("replicas", isinstance(data["replicas"], int) and not isinstance(data["replicas"], bool)
+               and data["replicas"] >= 1, "a whole number >= 1"))
+    for key, ok, expected in checks:
+        if not ok:
+            return f"{key} is {data[key]!r}, expected {expected}"
+    for i, row in enumerate(data["history"]):
+        if not isinstance(row, dict) or not all(_is_number(row.get(k)) for k in HISTORY_KEYS):
+            return f"history row {i} is {row!r}, expected numbers for {', '.join(HISTORY_KEYS)}"
+    return None
 
 
 def ensure_room_for_weights(model: keras.Model, folder: Path) -> None:
@@ -66,12 +140,19 @@ def load_best_weights(model: keras.Model, checkpoints: Path) -> None:
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest complete epoch folder under `folder` (a legacy single-folder checkpoint counts too)."""
+    """The newest complete epoch folder under `folder` (one with its state.json), or None.
+
+    A folder holding only the single-folder layout of earlier versions (state.json directly in it) is
+    refused rather than overwritten by a fresh start.
+    """
     epochs = sorted((int(m.group(1)), p) for p in folder.glob("epoch-*")
                     if (m := EPOCH_FOLDER.match(p.name)) and (p / "state.json").is_file())
     if epochs:
         return epochs[-1][1]
-    return folder if (folder / "state.json").is_file() else None
+    if (folder / "state.json").is_file():
+        raise ValueError(f"{folder} holds a checkpoint in the single-folder layout of earlier versions, which this "
+                         f"version does not resume; remove {folder} to start over")
+    return None
 
 
 def compiled_with(model: keras.Model, optimizer: keras.optimizers.Optimizer) -> bool:
@@ -86,21 +167,26 @@ def saved_epoch(folder: Path) -> int:
     checkpoint = latest_checkpoint(folder)
     if checkpoint is None:
         return 0
+    return read_state(folder, checkpoint).epoch
+
+
+def read_state(folder: Path, checkpoint: Path) -> EpochState:
+    """The EpochState of one epoch folder under `folder`; a malformed one is refused naming the folder to remove."""
     try:
-        return int(json.loads((checkpoint / "state.json").read_text())["epoch"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{checkpoint / 'state.json'} is unreadable ({err}); remove {folder} to start over") from None
+        return EpochState.read(checkpoint / "state.json")
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{err}; remove {folder} to start over") from None
 
 
-def save_checkpoint(folder: Path, model: keras.Model, optimizer: keras.optimizers.Optimizer, state: dict,
+def save_checkpoint(folder: Path, model: keras.Model, optimizer: keras.optimizers.Optimizer, state: EpochState,
                     config: dict[str, Any]) -> Path:
-    """Write epoch `state["epoch"]`'s weights and optimizer variables, state and config as one folder.
+    """Write epoch `state.epoch`'s weights and optimizer variables, state and config as one folder.
 
     A compiled model's weights file holds its optimizer's variables too (moments, iteration count).
     """
     if not compiled_with(model, optimizer):  # refused before anything is written
         raise ValueError("save_checkpoint needs the model compiled with this optimizer")
-    name = f"epoch-{state['epoch']:04d}"
+    name = f"epoch-{state.epoch:04d}"
     tmp, final = folder / f".{name}.tmp", folder / name
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -111,14 +197,12 @@ def save_checkpoint(folder: Path, model: keras.Model, optimizer: keras.optimizer
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     write_text_atomic(tmp / "config.json", json.dumps(config, indent=1))
-    write_text_atomic(tmp / "state.json", json.dumps(state, indent=1))
+    state.write(tmp / "state.json")
     shutil.rmtree(final, ignore_errors=True)  # a rerun of this same epoch replaces it
     os.replace(tmp, final)
-    for old in folder.iterdir():  # earlier epochs, leftovers of killed writes, a legacy layout
+    for old in folder.iterdir():  # earlier epochs, leftovers of killed writes
         if old != final and (EPOCH_FOLDER.match(old.name) or old.name.endswith(".tmp")) and old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
-    for legacy in ("state.json", "last.weights.h5", "optimizer.npz"):
-        (folder / legacy).unlink(missing_ok=True)
     return final
 
 
@@ -149,14 +233,12 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple | list) else value
 
 
-def check_resumable(folder: Path, config: dict[str, Any], run_config_file: Path | None = None) -> None:
+def check_resumable(folder: Path, config: dict[str, Any]) -> None:
     """Refuse to resume from a checkpoint made with another config; say which options differ."""
     checkpoint = latest_checkpoint(folder)
     if checkpoint is None:
         return
     source = checkpoint / "config.json"
-    if not source.is_file() and run_config_file is not None and run_config_file.is_file():
-        source = run_config_file  # a legacy checkpoint: the run's config.json is the one it was made with
     if not source.is_file():
         return
     try:
@@ -172,36 +254,20 @@ def check_resumable(folder: Path, config: dict[str, Any], run_config_file: Path 
 
 def load_checkpoint(
     folder: Path, model: keras.Model, optimizer: keras.optimizers.Optimizer, log: Log = print
-) -> dict | None:
+) -> EpochState | None:
     """Restore the last finished epoch, if any; returns its state."""
     checkpoint = latest_checkpoint(folder)
     if checkpoint is None:
         return None
-    state_file = checkpoint / "state.json"
-    try:
-        state = json.loads(state_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{state_file} is not valid JSON ({err}); remove {folder} to start over") from None
+    state = read_state(folder, checkpoint)
     if not compiled_with(model, optimizer):
         raise ValueError("load_checkpoint needs the model compiled with this optimizer")
-    weights = checkpoint / ("weights.weights.h5" if checkpoint != folder else "last.weights.h5")
     optimizer.build(model.trainable_variables)  # built, the optimizer's variables load from the weights file too
     try:
-        with warnings.catch_warnings():  # a legacy weights file has none: they come from optimizer.npz below
-            if checkpoint == folder:
-                warnings.filterwarnings("ignore", message=".*Skipping variable loading for optimizer.*")
-            model.load_weights(weights)
+        model.load_weights(checkpoint / "weights.weights.h5")
     except (ValueError, OSError) as err:
         raise RuntimeError(f"the checkpoint in {checkpoint} does not fit this model "
                            f"({str(err).splitlines()[0][:200]}); it belongs to another config: remove {folder} "
                            "to start over") from None
-    if checkpoint == folder and (folder / "optimizer.npz").is_file():  # the legacy layout kept them apart
-        try:
-            with np.load(folder / "optimizer.npz") as saved:
-                for i, variable in enumerate(optimizer.variables):
-                    variable.assign(saved[f"v{i}"])
-        except (ValueError, KeyError, OSError) as err:
-            raise RuntimeError(f"the optimizer state in {folder / 'optimizer.npz'} does not fit this model ({err}); "
-                               f"it belongs to another config: remove {folder} to start over") from None
-    log(f"resuming after epoch {state['epoch']} (best validation macro F1 so far {state['best_f1']:.4f})")
+    log(f"resuming after epoch {state.epoch} (best validation macro F1 so far {state.best_f1:.4f})")
     return state

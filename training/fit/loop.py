@@ -33,6 +33,7 @@ from training.config import RunConfig, check_unfreeze_reachable, trainable_at
 from training.data.dataset import SplitInfo, split_info, train_dataset
 from training.data.layout import count_records, load_classes
 from training.fit.checkpoints import (
+    EpochState,
     check_resumable,
     load_best_weights,
     load_checkpoint,
@@ -130,7 +131,7 @@ def reseed_layers(model: keras.Model, seed: int) -> None:
         variable.assign(np.array([layer_seed, 0], dtype=variable.dtype))
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Run:
     """A run ready for its epochs: strategy, located data, compiled model and the batch arithmetic."""
 
@@ -233,8 +234,10 @@ def prepare_run(config: RunConfig, log: Log = print, start_epoch: int = 0) -> Ru
                                  dropout=config.model.dropout, trainable=trainable,
                                  batch_norm=config.model.batch_norm)
     _check_blocks(config, model)
-    run = Run(config, infos, train_splits, classes, model, None, policy, replicas, global_batch, steps, weights,
-              strategy, make_loss(config, weights), trainable, per_execution, shard, geometry)
+    run = Run(config=config, infos=infos, train_splits=train_splits, classes=classes, model=model, optimizer=None,
+              policy=policy, replicas=replicas, global_batch=global_batch, steps=steps, class_weights=weights,
+              strategy=strategy, loss=make_loss(config, weights), trainable=trainable,
+              steps_per_execution=per_execution, shard=shard, geometry=geometry)
     run.compile()
     return run
 
@@ -250,7 +253,7 @@ def _check_blocks(config: RunConfig, model: keras.Model) -> None:
         raise ValueError(f"model.unfreeze={value!r} but {config.model.backbone} has only {blocks} blocks")
 
 
-def run_epoch(run: Run, epoch: int, state: dict, log: Log) -> float:
+def run_epoch(run: Run, epoch: int, state: EpochState, log: Log) -> float:
     """Train one epoch, score it on the whole validation split, checkpoint it, write the history.
 
     Returns the seconds the validation pass took (what the time budget reserves for the final predictions).
@@ -282,20 +285,20 @@ def run_epoch(run: Run, epoch: int, state: dict, log: Log) -> float:
                                              config.train.eval_batch_size, num_classes=len(run.classes))
     val_seconds = time.perf_counter() - start - seconds
     scores = classification_scores(val_labels, val_probs)
-    state["history"].append({"epoch": epoch + 1, "learning_rate": lr, "loss": float(fit.history["loss"][-1]),
+    state.history.append({"epoch": epoch + 1, "learning_rate": lr, "loss": float(fit.history["loss"][-1]),
                              "val_loss": scores["loss"], "val_accuracy": scores["accuracy"],
                              "val_macro_f1": scores["macro_f1"], "seconds": round(seconds, 2)})
-    improved = scores["macro_f1"] > state["best_f1"]
+    improved = scores["macro_f1"] > state.best_f1
     if improved:
-        state["best_f1"] = scores["macro_f1"]
+        state.best_f1 = scores["macro_f1"]
         save_weights_atomic(model, checkpoints / "best.weights.h5")
-    log(f"epoch {epoch + 1}/{epochs}: lr {lr:.2e} loss {state['history'][-1]['loss']:.4f} "
+    log(f"epoch {epoch + 1}/{epochs}: lr {lr:.2e} loss {state.history[-1]['loss']:.4f} "
         f"val_loss {scores['loss']:.4f} val_accuracy {scores['accuracy']:.4f} "
         f"val_macro_f1 {scores['macro_f1']:.4f}{' (best)' if improved else ''} [{seconds:.1f} s, "
         f"{run.steps * run.global_batch / seconds:.0f} img/s]")
-    state["epoch"] = epoch + 1
+    state.epoch = epoch + 1
     save_checkpoint(checkpoints, model, run.optimizer, state, config.to_dict())
-    write_history(config.run_dir, state["history"])
+    write_history(config.run_dir, state.history)
     return val_seconds
 
 
@@ -329,7 +332,7 @@ def train_member(config: RunConfig, log: Log = print, after_epoch: AfterEpoch | 
     tests that interrupt a run there.
     """
     budget = Budget(config.train.time_budget_minutes * 60)  # counts from here: the session's clock is running
-    check_resumable(config.run_dir / "checkpoints", config.to_dict(), config.run_dir / "config.json")
+    check_resumable(config.run_dir / "checkpoints", config.to_dict())
     source = config.data.validation_from
     if source and not (Path(source) / "predictions" / "val.npz").is_file():
         raise ValueError(f"data.validation_from={source!r} has no predictions/val.npz: name the finished run this "
@@ -351,22 +354,22 @@ def train_member(config: RunConfig, log: Log = print, after_epoch: AfterEpoch | 
     return config.run_dir
 
 
-def check_resumed_setup(state: dict, run: Run, log: Log) -> None:
+def check_resumed_setup(state: EpochState, run: Run, log: Log) -> None:
     """A resumed run on another precision is refused (the optimizer state would not load); on another
     replica count it goes on with a warning (the global batch, steps and learning rate change)."""
-    saved = state.get("precision")
-    if saved and saved != run.policy:
+    saved = state.precision
+    if saved != run.policy:
         raise ValueError(f"the checkpoint was trained with precision policy {saved} and this device picks "
                          f"{run.policy}: the optimizer state would not load; resume with --set "
                          f"train.mixed_precision={saved.removeprefix('mixed_') if saved != 'float32' else 'off'}")
-    replicas = state.get("replicas")
-    if replicas and replicas != run.replicas:
+    replicas = state.replicas
+    if replicas != run.replicas:
         log(f"warning: the checkpoint was trained on {replicas} replica(s), this run has {run.replicas}: the global "
             f"batch, the steps per epoch and the learning rate scale change from here on")
-    state["precision"], state["replicas"] = run.policy, run.replicas
+    state.replicas = run.replicas
 
 
-def check_workers_agree(run: Run, config: RunConfig, state: dict) -> None:
+def check_workers_agree(run: Run, config: RunConfig, state: EpochState) -> None:
     """Refuse, on every worker at once, a multi-worker run whose workers resume from different epochs or
     run different configs (a run directory not shared, another command line): gradients of different
     models would be averaged. A collective: every worker calls it at the same point."""
@@ -375,11 +378,11 @@ def check_workers_agree(run: Run, config: RunConfig, state: dict) -> None:
         document.pop(key, None)
     document["data"].pop("dir", None)  # may be mounted at another path on each machine
     digest = zlib.crc32(json.dumps([document, run.policy], sort_keys=True).encode()) & 0xFFFFF
-    same_epoch = same_on_every_worker(run.strategy, int(state["epoch"]))
+    same_epoch = same_on_every_worker(run.strategy, state.epoch)
     same_config = same_on_every_worker(run.strategy, digest)
     if not (same_epoch and same_config):
         raise ValueError(f"the workers disagree on {'the epoch they resume after' if not same_epoch else 'the config'} "
-                         f"(this one: epoch {state['epoch']} from {config.run_dir}, config digest {digest:05x}): "
+                         f"(this one: epoch {state.epoch} from {config.run_dir}, config digest {digest:05x}): "
                          "start every worker with the same command, its output on storage all of them share")
 
 
@@ -391,8 +394,8 @@ def _train(config: RunConfig, writes: RunConfig, budget: Budget, log: Log, after
     params = parameter_counts(run.model)
     log(f"model: {config.model.backbone} ({config.model.weights} weights), trainable {params['trainable']:,} "
         f"parameters, frozen {params['frozen']:,}")
-    state = load_checkpoint(config.run_dir / "checkpoints", run.model, run.optimizer, log) or {
-        "epoch": 0, "best_f1": -1.0, "history": []}
+    state = (load_checkpoint(config.run_dir / "checkpoints", run.model, run.optimizer, log)
+             or EpochState.fresh(run.policy, run.replicas))
     check_resumed_setup(state, run, log)
     if worker_count() > 1:
         check_workers_agree(run, config, state)
@@ -406,7 +409,7 @@ def _train(config: RunConfig, writes: RunConfig, budget: Budget, log: Log, after
                   config.model.unfreeze_epoch)
     write_text_atomic(run_dir / "config.json", json.dumps(writes.to_dict(), indent=1) + "\n")
     stopped = None
-    for epoch in range(state["epoch"], config.train.epochs):
+    for epoch in range(state.epoch, config.train.epochs):
         if any_worker(run.strategy, budget.exhausted()):  # every worker stops together, or none does
             stopped = {"reason": "time_budget", "epochs_trained": epoch, "epochs": config.train.epochs,
                        "budget_minutes": config.train.time_budget_minutes}
@@ -425,4 +428,4 @@ def _train(config: RunConfig, writes: RunConfig, budget: Budget, log: Log, after
     params = parameter_counts(run.model)  # of the last phase, resumed or not
     facts = RunFacts(run.infos, run.classes, params, run.policy, run.replicas, run.steps * run.global_batch,
                      run.geometry, stopped)
-    return finish_run(writes, run.model, facts, state["history"], log)
+    return finish_run(writes, run.model, facts, state.history, log)

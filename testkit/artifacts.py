@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 CLASSES = ["red five-petal", "yellow ray flower", "purple four-star", "white eight-petal"]
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding this `service` package
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the repository root, holding the `service` package
 
 
 def make_run(root: Path, name: str, size: int, seed: int = 0, sharpness: float = 60.0,
