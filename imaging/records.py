@@ -7,10 +7,8 @@ from dataclasses import dataclass
 
 import tensorflow as tf
 
-from core.contract import JPEG_DCT, join
+from core.contract import CLASS_FEATURE, ID_FEATURE, IMAGE_FEATURE, JPEG_DCT, MISSING_CLASS, join
 from core.errors import DataError, tf_reason
-
-MISSING_CLASS = -1
 
 
 @dataclass(frozen=True)
@@ -25,11 +23,11 @@ class Record:
 def serialize(record: Record) -> bytes:
     """Encode one record as a tf.train.Example."""
     feature = {
-        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[record.image])),
-        "id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[record.id.encode()])),
+        IMAGE_FEATURE: tf.train.Feature(bytes_list=tf.train.BytesList(value=[record.image])),
+        ID_FEATURE: tf.train.Feature(bytes_list=tf.train.BytesList(value=[record.id.encode()])),
     }
     if record.label is not None:
-        feature["class"] = tf.train.Feature(int64_list=tf.train.Int64List(value=[int(record.label)]))
+        feature[CLASS_FEATURE] = tf.train.Feature(int64_list=tf.train.Int64List(value=[int(record.label)]))
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
@@ -68,16 +66,17 @@ def require(condition: tf.Tensor, message: str, source: tf.Tensor) -> tf.Operati
 def parse_record(serialized: tf.Tensor, source: tf.Tensor, labelled: bool) -> dict[str, tf.Tensor]:
     """Parse one serialized Example in the graph; a missing feature fails with the file's name."""
     spec = {
-        "image": tf.io.FixedLenFeature([], tf.string, default_value=""),
-        "id": tf.io.FixedLenFeature([], tf.string, default_value=""),
+        IMAGE_FEATURE: tf.io.FixedLenFeature([], tf.string, default_value=""),
+        ID_FEATURE: tf.io.FixedLenFeature([], tf.string, default_value=""),
     }
     if labelled:
-        spec["class"] = tf.io.FixedLenFeature([], tf.int64, default_value=MISSING_CLASS)
+        spec[CLASS_FEATURE] = tf.io.FixedLenFeature([], tf.int64, default_value=MISSING_CLASS)
     parsed = tf.io.parse_single_example(serialized, spec)
-    checks = [require(tf.strings.length(parsed["image"]) > 0, "record without an 'image' feature in file", source)]
+    checks = [require(tf.strings.length(parsed[IMAGE_FEATURE]) > 0, f"record without an '{IMAGE_FEATURE}' feature "
+                      "in file", source)]
     if labelled:
-        message = "record without a 'class' feature (or a negative one) in file"
-        checks.append(require(parsed["class"] >= 0, message, source))
+        message = f"record without a '{CLASS_FEATURE}' feature (or a negative one) in file"
+        checks.append(require(parsed[CLASS_FEATURE] >= 0, message, source))
     with tf.control_dependencies(checks):
         return {k: tf.identity(v) for k, v in parsed.items()}
 
@@ -107,20 +106,41 @@ def iter_records(path: str) -> Iterator[tuple[int, bytes]]:
         raise DataError(f"{path}: record {index} is corrupt ({tf_reason(err)})") from None
 
 
+@dataclass(frozen=True)
+class ExampleFields:
+    """The contract's features of one record read on the host: image bytes, label (None: none), id ("": none)."""
+
+    image: bytes
+    label: int | None
+    id: str
+    features: tuple[str, ...]  # every feature the record has, to name in an error
+
+
+def example_fields(raw: bytes) -> ExampleFields | None:
+    """One serialized tf.train.Example's contract features; None when the bytes are no Example."""
+    try:
+        feature = tf.train.Example.FromString(raw).features.feature
+    except Exception:  # noqa: BLE001 - protobuf raises its own DecodeError type
+        return None
+    images = feature[IMAGE_FEATURE].bytes_list.value if IMAGE_FEATURE in feature else []
+    labels = feature[CLASS_FEATURE].int64_list.value if CLASS_FEATURE in feature else []
+    ids = feature[ID_FEATURE].bytes_list.value if ID_FEATURE in feature else []
+    return ExampleFields(images[0] if images else b"", int(labels[0]) if labels else None,
+                         ids[0].decode("utf-8", "backslashreplace") if ids else "", tuple(sorted(feature)))
+
+
 def check_record(raw: bytes, path: str, index: int, labelled: bool, size: int | None) -> None:
     """Raise DataError naming file and record if a serialized record is not a valid one."""
     where = f"{path}: record {index}"
+    fields = example_fields(raw)
+    if fields is None:
+        raise DataError(f"{where} is not a tf.train.Example")
+    if not fields.image:
+        raise DataError(f"{where} has no '{IMAGE_FEATURE}' feature (features present: {list(fields.features)})")
+    if labelled and fields.label is None:
+        raise DataError(f"{where} has no '{CLASS_FEATURE}' feature (features present: {list(fields.features)})")
     try:
-        example = tf.train.Example.FromString(raw)
-    except Exception:  # protobuf raises its own DecodeError type
-        raise DataError(f"{where} is not a tf.train.Example") from None
-    feature = example.features.feature
-    if not feature["image"].bytes_list.value:
-        raise DataError(f"{where} has no 'image' feature (features present: {sorted(feature)})")
-    if labelled and not feature["class"].int64_list.value:
-        raise DataError(f"{where} has no 'class' feature (features present: {sorted(feature)})")
-    try:
-        shape = tf.io.decode_jpeg(feature["image"].bytes_list.value[0], channels=3).shape
+        shape = tf.io.decode_jpeg(fields.image, channels=3).shape
     except tf.errors.OpError as err:
         raise DataError(f"{where}: image is not a valid JPEG ({tf_reason(err)})") from None
     if size is not None and tuple(shape[:2]) != (size, size):

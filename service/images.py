@@ -14,17 +14,14 @@ will produce, for the service's pixel budgets.
 
 from __future__ import annotations
 
-import io
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from core.errors import tf_reason
-from core.photos import to_rgb
+from core.photos import PhotoError, open_photo, to_rgb
 
-FORMATS = {"JPEG", "PNG", "GIF", "BMP", "WEBP", "MPO"}
 DRAFTABLE = {"JPEG", "MPO"}  # formats whose decoder can scale down while decoding (PIL's Image.draft)
 EXIF_ORIENTATION = 0x0112
 # A reduced image keeps at least this many times the largest member's input size on each side, so that the
@@ -45,28 +42,12 @@ class ImageError(Exception):
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:
-    """Open the image (its header only) and check its format and size; raise ImageError on anything unusable."""
-    if not data:
-        raise ImageError("empty", "the image is empty (0 bytes)")
+    """Open the image (its header only) and check its format and size (core.photos.open_photo, the one opener);
+    raise ImageError on anything unusable."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            fmt = image.format
-            width, height = image.size
-    except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
-        if isinstance(err, UnidentifiedImageError):
-            raise ImageError("not_an_image", "the data is not an image in a supported format "
-                                             "(JPEG, PNG, GIF, BMP, WebP)") from None
-        raise ImageError("too_many_pixels", f"the image is too large to decode safely ({err})") from None
-    except (OSError, ValueError) as err:
-        raise ImageError("corrupt", f"the image header cannot be read ({err})") from None
-    if fmt not in FORMATS:
-        raise ImageError("unsupported_format", f"image format {fmt} is not supported; use JPEG, PNG, GIF, BMP or WebP")
-    if width * height > max_pixels:
-        raise ImageError("too_many_pixels", f"the image has {width}x{height} = {width * height} pixels, more than the "
-                                            f"limit of {max_pixels}")
-    return image
+        return open_photo(data, max_pixels)
+    except PhotoError as err:
+        raise ImageError(err.code, err.message) from None
 
 
 def _reduction(width: int, height: int, target: int, downscale_pixels: int) -> int:

@@ -44,16 +44,14 @@ from typing import TextIO
 
 import numpy as np
 
+from core.contract import IMAGE_FEATURE, RECORD_SUFFIX, choose_size, count_in_name, local_size_folders, parse_split_spec
 from core.files import publish_file
 from core.names import shown
+from core.photos import PHOTO_EXTENSIONS, entry_problem, walk_photos
 from service.images import ImageError, decode_image
 from service.predictor import ArtifactError, EnsemblePredictor, load_ensemble, load_run
 from service.settings import Settings
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp"})
-SIZE_FOLDER = re.compile(r"tfrecords-jpeg-(\d+)x(\d+)$")
-COUNT_IN_NAME = re.compile(r"-(\d+)\.tfrec$")
-SPLIT_NAME = re.compile(r"[A-Za-z0-9_.-]+$")
 DEFAULT_TOP_K = 5
 DEFAULT_BATCH_SIZE = 32
 PROGRESS_SECONDS = 2.0
@@ -83,9 +81,8 @@ class SplitInput:
     files: dict[int, list[str]]
 
     def size_for(self, image_size: int) -> int:
-        """The record size to read for a model of `image_size`: the smallest >= it, else the largest (as training)."""
-        larger = [s for s in sorted(self.files) if s >= image_size]
-        return larger[0] if larger else max(self.files)
+        """The record size to read for a model of `image_size` (core.contract's one rule, as training)."""
+        return choose_size(list(self.files), image_size)
 
 
 @dataclass
@@ -97,11 +94,6 @@ class Inputs:
     notes: list[str] = field(default_factory=list)  # link loops not followed
 
 
-def is_image_name(name: str) -> bool:
-    """True for a file name with an image extension (case-insensitive)."""
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-
-
 def collect_inputs(specs: list[str]) -> Inputs:
     """Files, folders (walked) and DATA:SPLIT specs -> the inputs in order; InputError naming one that is not there."""
     if not specs:
@@ -111,7 +103,7 @@ def collect_inputs(specs: list[str]) -> Inputs:
         if os.path.lexists(spec):
             path = Path(spec)
             if path.is_dir():
-                _walk(path, (Path(os.path.realpath(path)),), inputs)
+                _add_folder(path, inputs)
             else:
                 inputs.sources.append(_file_input(path))
             continue
@@ -122,7 +114,7 @@ def collect_inputs(specs: list[str]) -> Inputs:
     if not inputs.sources:
         ignored = f"; {inputs.ignored} other file(s) ignored" if inputs.ignored else ""
         raise InputError(f"no images in {', '.join(shown(s) for s in specs)}: no file ends in "
-                         f"{', '.join(sorted(IMAGE_EXTENSIONS))}{ignored}")
+                         f"{', '.join(sorted(PHOTO_EXTENSIONS))}{ignored}")
     return inputs
 
 
@@ -139,67 +131,45 @@ def _file_input(path: Path) -> FileInput:
 
 
 def _stat_problem(path: Path, err: OSError) -> ImageError:
-    """Why a path cannot be opened: a broken link, a link loop, or the system's reason."""
-    if path.is_symlink():
-        if not os.path.exists(os.path.realpath(path)):
-            return ImageError("broken_link", f"the link's target {shown(os.readlink(path))} does not exist")
-        return ImageError("broken_link", f"the link cannot be followed ({err.strerror or err})")
-    return ImageError("unreadable", f"the file cannot be read ({err.strerror or err})")
+    """Why a path cannot be opened (core.photos.entry_problem): a broken link, a link loop, or the system's reason."""
+    problem = entry_problem(path, err)
+    return ImageError(problem.code, problem.reason)
 
 
-def _walk(folder: Path, chain: tuple[Path, ...], inputs: Inputs) -> None:
-    """Add a folder's image files, recursively in name order, following links (a link loop is noted, not followed)."""
-    try:
-        entries = sorted(os.scandir(folder), key=lambda e: e.name)
-    except OSError as err:
-        inputs.sources.append(FileInput(shown(str(folder)), folder,
-                                        ImageError("unreadable", f"the folder cannot be read ({err.strerror or err})")))
-        return
-    for entry in entries:
-        path = Path(entry.path)
-        if entry.name.startswith("."):
-            inputs.ignored += 1
-            continue
-        try:
-            is_folder = stat.S_ISDIR(os.stat(entry.path).st_mode)
-        except OSError:
-            is_folder = False  # a broken link or a loop: a row when it is named like an image
-        if is_folder:
-            real = Path(os.path.realpath(entry.path))
-            if any(inside == real or inside.is_relative_to(real) for inside in chain):
-                inputs.notes.append(f"{shown(entry.path)} is a link to {shown(str(real))}, a folder that holds it: "
-                                    "not followed")
-            else:
-                _walk(path, (*chain, real), inputs)
-        elif is_image_name(entry.name):
-            inputs.sources.append(_file_input(path))
-        else:
-            inputs.ignored += 1
+def _add_folder(folder: Path, inputs: Inputs) -> None:
+    """Add a folder's photos (core.photos' one rule) in name order; a photo that cannot be read is a row with its
+    problem, a link loop a note, other files and hidden names are counted as ignored."""
+    walk = walk_photos(folder)
+    inputs.ignored += walk.hidden + len(walk.others)
+    problems = {problem.path: problem for problem in walk.problems if problem.code != "link_loop"}
+    inputs.notes += [f"{shown(str(p.path))}: {p.reason}" for p in walk.problems if p.code == "link_loop"]
+    for path in sorted([*walk.photos, *problems]):
+        problem = problems.get(path)
+        inputs.sources.append(FileInput(shown(str(path)), path,
+                                        ImageError(problem.code, problem.reason) if problem else None))
 
 
 def _split_input(spec: str) -> SplitInput | None:
     """DATA:SPLIT as a split's record files per size; None when DATA is no folder, InputError when the split is not
     in it."""
-    data, sep, split = spec.rpartition(":")
-    if not sep or not data or not SPLIT_NAME.match(split) or not os.path.isdir(data):
+    parsed = parse_split_spec(spec)
+    if parsed is None:
         return None
+    data, split = parsed.data, parsed.split
     try:
-        names = os.listdir(data)
+        folders = local_size_folders(data)
     except OSError as err:
         raise InputError(f"{shown(spec)}: {shown(data)} cannot be read ({err.strerror or err})") from None
-    sizes = sorted((int(m.group(1)), name) for name in names
-                   if (m := SIZE_FOLDER.match(name)) and m.group(1) == m.group(2) and os.path.isdir(Path(data, name)))
-    if not sizes:
+    if not folders:
         raise InputError(f"{shown(spec)}: {shown(data)} holds no tfrecords-jpeg-<S>x<S> folder (not a data directory "
                          "in the competition layout)")
     files = {}
-    for size, name in sizes:
-        folder = Path(data, name, split)
-        found = sorted(str(p) for p in folder.glob("*.tfrec")) if folder.is_dir() else []
+    for size, folder in folders.items():
+        found = sorted(str(p) for p in (folder / split).glob(f"*{RECORD_SUFFIX}")) if (folder / split).is_dir() else []
         if found:
             files[size] = found
     if not files:
-        there = sorted({p.name for _, name in sizes for p in Path(data, name).iterdir() if p.is_dir()})
+        there = sorted({p.name for folder in folders.values() for p in folder.iterdir() if p.is_dir()})
         raise InputError(f"{shown(spec)}: no .tfrec files of split {split!r} in {shown(data)} (splits there: "
                          f"{', '.join(there) or 'none'})")
     return SplitInput(spec, files)
@@ -213,8 +183,8 @@ def count_images(inputs: Inputs, image_size: int) -> int:
             total += 1
             continue
         for path in source.files[source.size_for(image_size)]:
-            match = COUNT_IN_NAME.search(path)
-            total += int(match.group(1)) if match else _count_records(path)
+            stated = count_in_name(path)
+            total += stated if stated is not None else _count_records(path)
     return total
 
 
@@ -279,18 +249,16 @@ def _iter_split(source: SplitInput, size: int, max_bytes: int) -> Iterator[tuple
 
 def _parse_record(raw: bytes, fallback_id: str) -> tuple[str, bytes | ImageError]:
     """A serialized tf.train.Example's id (`fallback_id` when it has none, as training does) and image bytes."""
-    import tensorflow as tf
+    from imaging.records import example_fields
 
-    try:
-        feature = tf.train.Example.FromString(raw).features.feature
-    except Exception:  # noqa: BLE001 - protobuf raises its own DecodeError type
+    fields = example_fields(raw)
+    if fields is None:
         return fallback_id, ImageError("corrupt_record", "the record is not a tf.train.Example")
-    ids = feature["id"].bytes_list.value if "id" in feature else []
-    record_id = ids[0].decode("utf-8", "backslashreplace") if ids and ids[0] else fallback_id
-    images = feature["image"].bytes_list.value if "image" in feature else []
-    if not images:
-        return record_id, ImageError("no_image", f"the record has no 'image' feature (features: {sorted(feature)})")
-    return record_id, images[0]
+    record_id = fields.id or fallback_id
+    if not fields.image:
+        return record_id, ImageError("no_image", f"the record has no '{IMAGE_FEATURE}' feature (features: "
+                                                 f"{list(fields.features)})")
+    return record_id, fields.image
 
 
 # --- scoring ----------------------------------------------------------------------------------------------

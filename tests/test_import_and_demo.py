@@ -82,7 +82,7 @@ def test_exif_orientation_is_applied(tmp_path):
     exif[0x0112] = 6  # rotate 90 degrees clockwise on display
     _save(src / "a" / "phone.jpg", wide, "JPEG", exif=exif)
     _save(src / "b" / "x.jpg", wide, "JPEG")
-    from training.data.photos import load_rgb
+    from core.photos import load_rgb
 
     assert load_rgb(src / "a" / "phone.jpg").size == (20, 40)
     assert load_rgb(src / "b" / "x.jpg").size == (40, 20)

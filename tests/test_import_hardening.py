@@ -18,8 +18,9 @@ from PIL import Image, ImageFile
 
 import training.data.photos as photos
 from core.errors import DataError
-from training.data.near_duplicates import load_rgb, read_folder
+from core.photos import load_rgb
 from training.data.near_duplicates import main as overlap_main
+from training.data.near_duplicates import read_folder
 from training.data.photos import import_folders
 from training.data.photos import main as import_main
 
@@ -434,7 +435,7 @@ def test_max_pixels_is_an_option_and_is_checked(tmp_path, capsys):
 
 
 def test_every_reader_of_user_images_honours_the_pixel_limit(tmp_path, monkeypatch, capsys):
-    from training.data.near_duplicates import TooManyPixels
+    from core.photos import TooManyPixels
 
     folder = tmp_path / "photos"
     _png_bomb(folder / "bomb.png")

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from core.errors import DataError
+from core.photos import load_rgb
 from tests.conftest import REPO
 from training.data.near_duplicates import (
     _BYTE_BITS,
@@ -24,7 +25,6 @@ from training.data.near_duplicates import (
     centre_square,
     close_pairs,
     find_duplicates,
-    load_rgb,
     parse_distance,
     perceptual_hash,
     popcount,
@@ -537,6 +537,7 @@ def test_identical_hashes_are_grouped_without_a_pair_for_every_two_photos():
 
 def test_overlap_refuses_a_set_compared_with_itself_and_never_pairs_a_file_with_itself(tmp_path, capsys):
     a, _ = _two_folders(tmp_path)
+    (tmp_path / "data").mkdir()
     for argv in ([str(a), str(a)], [f"{a}/", str(a)], [str(a), str(tmp_path / "." / "A" / "sub" / "..")],
                  [f"{tmp_path}/data:test", f"{tmp_path}/data/:test"]):
         assert overlap_main([*argv, "--quiet"]) == 2, argv

@@ -13,13 +13,13 @@ import tensorflow as tf
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from core.photos import load_rgb
 from imaging.geometry import FIT_MODES
 from service.app import create_app
 from service.images import decode_image
 from service.predictor import MemberModel, load_run
 from service.settings import Settings
 from testkit.artifacts import make_run, photo
-from training.data.near_duplicates import load_rgb
 from training.data.photos import fit_square, import_folders
 
 SIZE = 160  # at 64 px the records' own JPEG encoding (quality 95) moves the pixels by 2 grey levels on its own

@@ -17,13 +17,12 @@ import tensorflow as tf
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from core.photos import to_rgb
+from core.photos import load_rgb, to_rgb
 from service.app import create_app
 from service.images import ImageError, decode_image
 from service.predictor import ArtifactError, load_ensemble, load_run
 from service.settings import Settings
 from testkit.artifacts import CLASSES, free_port, image_bytes, make_ensemble, start_server
-from training.data.photos import load_rgb
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import tensorflow as tf
 
+from core.contract import CLASS_FEATURE, ID_FEATURE, IMAGE_FEATURE
 from core.errors import DataError, tf_reason
 from imaging.augment import AugmentConfig, augment_batch, mix_batch, resize_image
 from imaging.records import (
@@ -55,13 +56,13 @@ def split_info(data_dir: str, split: str, image_size: int, file_size: int | None
 def _parse_and_decode(serialized, source, index, labelled: bool, file_size: int, num_classes: int | None):
     """Parse a record and decode its image; fill a missing id with `<file stem>-<index>` (no ids if index is None)."""
     parsed = parse_record(serialized, source, labelled)
-    image = decode_jpeg(parsed["image"], file_size)
+    image = decode_jpeg(parsed[IMAGE_FEATURE], file_size)
     ids = None
     if index is not None:
         stem = tf.strings.regex_replace(source, r"^.*/|\.tfrec$", "")
         fallback = tf.strings.join([stem, tf.strings.as_string(index)], "-")
-        ids = tf.where(tf.strings.length(parsed["id"]) > 0, parsed["id"], fallback)
-    label = parsed.get("class")
+        ids = tf.where(tf.strings.length(parsed[ID_FEATURE]) > 0, parsed[ID_FEATURE], fallback)
+    label = parsed.get(CLASS_FEATURE)
     if label is not None and num_classes is not None:
         in_range = require(label < num_classes, f"class label out of range (>= {num_classes} classes) in file", source)
         with tf.control_dependencies([in_range]):

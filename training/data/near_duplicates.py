@@ -32,26 +32,23 @@ valid UTF-8 are shown with the odd bytes escaped (`bad\\xff.jpg`).
 from __future__ import annotations
 
 import argparse
-import errno
 import hashlib
-import io
 import json
 import os
-import stat
 import sys
 import tempfile
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from core.contract import SPLITS, choose_size, is_data_folder, parse_split_spec
 from core.errors import DataError
 from core.files import write_text_atomic
-from core.names import shown  # noqa: F401 - shown here too, for the import tool
-from core.photos import to_rgb
+from core.names import shown
+from core.photos import DEFAULT_MAX_PIXELS, PhotoError, check_max_pixels, load_rgb, walk_photos
 
 DEFAULT_DISTANCE = 6  # chosen on 3,230 real photos: README.md, "Near duplicates and leaks"
 MAX_DISTANCE = 16  # unrelated photos are about 32 bits apart; from 10 on, different photos pair up (README)
@@ -59,89 +56,8 @@ MIN_BITS = 16  # a hash with fewer bits set (or more than 64 - MIN_BITS) carries
 HASH_SIZE = 32  # the greyscale image the DCT is taken of
 LOW_FREQUENCIES = 8  # 8 x 8 = 64 bits
 CHUNK = 1 << 20  # candidate pairs verified at once (bounds the search's memory)
-SPLIT_NAMES = ("train", "val", "test")
-DEFAULT_MAX_PIXELS = 40_000_000  # width x height of the largest image decoded (a 40 MP photo; bombs are larger)
-UNREADABLE = (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError)
+UNREADABLE = (PhotoError, OSError)
 _BYTE_BITS = np.array([bin(v).count("1") for v in range(256)], dtype=np.uint8)
-
-
-class TooManyPixels(ValueError):
-    """An image whose header declares more pixels than the limit: refused before it is decoded."""
-
-
-def load_rgb(source: str | Path | bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open an image file (or bytes) as RGB: EXIF orientation applied, alpha composited on white.
-
-    The size is read from the header first: more than max_pixels pixels (None: no limit but Pillow's own) raises
-    TooManyPixels before anything is decoded, so a small file that unpacks to gigabytes costs nothing."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit that counts is checked below
-        try:
-            image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-        except Image.DecompressionBombError as err:
-            raise TooManyPixels(f"too many pixels: {err} (not decoded)") from None
-    with image:
-        width, height = image.size
-        if max_pixels is not None and width * height > max_pixels:
-            raise TooManyPixels(f"too many pixels: {width}x{height} = {width * height} is over the limit of "
-                                f"{max_pixels} (--max-pixels {max_pixels}); not decoded (a decompression bomb?)")
-        image.load()
-        return to_rgb(image)
-
-
-def check_max_pixels(value: int, name: str = "max_pixels") -> int:
-    """A valid pixel limit: a whole number >= 1 (ValueError naming the option)."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-        raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
-    return int(value)
-
-
-
-
-def list_files(root: str | Path) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Every regular file under a folder, recursively and sorted (names starting with '.' left out), following
-    links to files and folders; what cannot be read comes back as (path, reason) instead: a broken link, a link
-    loop (a link to a folder that holds it), a pipe, device or socket, a folder that cannot be listed."""
-    files: list[Path] = []
-    problems: list[tuple[Path, str]] = []
-    stack = [(Path(root), (Path(os.path.realpath(root)),))]
-    while stack:
-        folder, chain = stack.pop()
-        try:
-            entries = list(os.scandir(folder))
-        except OSError as err:
-            problems.append((folder, f"folder cannot be read ({err.strerror or err})"))
-            continue
-        for entry in entries:
-            path, hidden = Path(entry.path), entry.name.startswith(".")
-            try:
-                mode = os.stat(entry.path).st_mode  # follows links
-            except OSError as err:
-                if not hidden:
-                    problems.append((path, entry_problem(entry, err)))
-                continue
-            if stat.S_ISDIR(mode):
-                real = Path(os.path.realpath(entry.path))
-                if any(inside == real or inside.is_relative_to(real) for inside in chain):
-                    problems.append((path, f"link loop: a link to {shown(str(real))}, a folder that holds it; "
-                                           "not followed"))
-                else:
-                    stack.append((path, (*chain, real)))
-            elif not hidden:
-                if stat.S_ISREG(mode):
-                    files.append(path)
-                else:
-                    problems.append((path, "not a regular file (a pipe, device or socket): not read"))
-    return sorted(files), sorted(problems)
-
-
-def entry_problem(entry: os.DirEntry, err: OSError) -> str:
-    """Why a folder entry cannot be opened: a broken link, a link loop, or the system's reason."""
-    if entry.is_symlink() and err.errno == errno.ELOOP:
-        return "link loop: the link leads back to itself"
-    if entry.is_symlink() and err.errno == errno.ENOENT:
-        return f"broken link: its target {shown(os.readlink(entry.path))} does not exist"
-    return f"cannot be read ({err.strerror or err})"
 
 
 def perceptual_hash(image: Image.Image) -> int:
@@ -374,13 +290,9 @@ class PhotoSet:
 
 
 def split_spec(spec: str) -> tuple[str, str] | None:
-    """(data folder, split) of a `DATA_DIR:split` argument, or None when it names a folder of photos."""
-    if Path(spec).is_dir() or ":" not in spec.rstrip("/"):
-        return None
-    folder, _, split = spec.rpartition(":")
-    if not folder or "/" in split or "\\" in split:  # a drive or URL colon, not a split
-        return None
-    return folder, split
+    """(data folder, split) of a `DATA_DIR:split` argument (core.contract's one rule), None for a folder of photos."""
+    parsed = parse_split_spec(spec)
+    return (parsed.data, parsed.split) if parsed else None
 
 
 def same_set(a: str, b: str) -> bool:
@@ -390,12 +302,6 @@ def same_set(a: str, b: str) -> bool:
         return Path(a).resolve() == Path(b).resolve()
     return (split_a is not None and split_b is not None and split_a[1] == split_b[1]
             and Path(split_a[0]).resolve() == Path(split_b[0]).resolve())
-
-
-def looks_like_data_folder(folder: str | Path) -> bool:
-    """Whether a folder holds classes.json and tfrecords-jpeg-* folders (one written by `flower import`)."""
-    root = Path(folder)
-    return (root / "classes.json").is_file() and any(p.is_dir() for p in root.glob("tfrecords-jpeg-*"))
 
 
 def check_output(path: str) -> Path:
@@ -425,9 +331,11 @@ def read_folder(spec: str, squares_too: bool, progress: bool = True,
     if not root.is_dir():
         raise DataError(f"folder not found: {spec} (or, for a split of a data folder, write DATA_DIR:train, "
                         f"DATA_DIR:val or DATA_DIR:test)")
-    files, problems = list_files(root)
+    walk = walk_photos(root)
     photos = PhotoSet(spec, "folder")
-    photos.skipped += [shown(path.relative_to(root).as_posix()) for path, _ in problems]
+    photos.skipped += [shown(path.relative_to(root).as_posix()) for path in walk.others]
+    photos.skipped += [shown(problem.path.relative_to(root).as_posix()) for problem in walk.problems]
+    files = walk.photos
     real = root.resolve()  # a file is itself in both sets when one folder holds the other (a link is another file)
     for k, path in enumerate(files):
         relative = path.relative_to(root)
@@ -444,20 +352,22 @@ def read_folder(spec: str, squares_too: bool, progress: bool = True,
 def read_split(spec: str, folder: str, split: str, progress: bool = True,
                max_pixels: int | None = DEFAULT_MAX_PIXELS) -> PhotoSet:
     """Every record of one split of a data folder, at its largest stored size (TensorFlow is imported here)."""
-    if split not in SPLIT_NAMES:
+    if split not in SPLITS:
         raise DataError(f"unknown split {split!r} in {spec}; expected DATA_DIR:train, DATA_DIR:val or DATA_DIR:test")
-    from imaging.records import iter_records
+    from imaging.records import example_fields, iter_records
     from training.data.layout import available_sizes, split_files
 
     sizes = available_sizes(folder)
     if not sizes:
         raise DataError(f"no 'tfrecords-jpeg-<S>x<S>' folder in {folder}; expected a data folder written by "
                         "`flower import` or `flower demo-data`")
-    photos = PhotoSet(f"{spec} ({sizes[-1]}x{sizes[-1]})", "split")
-    for path in split_files(folder, sizes[-1], split):
+    size = choose_size(sizes, None)  # the hash wants full resolution: the largest stored size
+    photos = PhotoSet(f"{spec} ({size}x{size})", "split")
+    for path in split_files(folder, size, split):
         stem = path.rsplit("/", 1)[-1].removesuffix(".tfrec")
         for index, raw in iter_records(path):
-            image, record_id = _parse_example(raw)
+            fields = example_fields(raw)
+            image, record_id = (fields.image, fields.id) if fields else (b"", "")
             try:
                 photos.add(record_id or f"{stem}-{index}", image, squares_too=False, max_pixels=max_pixels)
             except UNREADABLE:
@@ -467,26 +377,13 @@ def read_split(spec: str, folder: str, split: str, progress: bool = True,
     return photos
 
 
-def _parse_example(raw: bytes) -> tuple[bytes, str]:
-    """The image bytes and the id of one serialized tf.train.Example."""
-    import tensorflow as tf
-
-    try:
-        feature = tf.train.Example.FromString(raw).features.feature
-    except Exception:  # protobuf raises its own DecodeError type; an empty image is then skipped as unreadable
-        return b"", ""
-    image = feature["image"].bytes_list.value
-    ids = feature["id"].bytes_list.value
-    return (image[0] if image else b""), (ids[0].decode() if ids else "")
-
-
 def read_photos(spec: str, other: str, progress: bool = True,
                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> PhotoSet:
     """One side of `flower overlap`: a folder of photos or `DATA_DIR:split`; refuses a side without photos."""
     parsed = split_spec(spec)
     if parsed:
         photos = read_split(spec, *parsed, progress=progress, max_pixels=max_pixels)
-    elif looks_like_data_folder(spec):
+    elif is_data_folder(spec):
         name = spec.rstrip("/") or spec
         raise DataError(f"{spec} is a data folder (classes.json and tfrecords-jpeg-* folders), not a folder of "
                         f"photos: name one of its splits, {name}:train, {name}:val or {name}:test")

@@ -55,28 +55,24 @@ from itertools import combinations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from core.contract import CLASSES_FILE, IMPORT_REPORT_FILE, SIZE_FOLDER, TEST_ANSWERS_FILE, size_folder_name
 from core.errors import DataError
 from core.files import lock_folder, write_text_atomic
+from core.names import shown
+from core.photos import DEFAULT_MAX_PIXELS, PhotoError, Problem, check_max_pixels, entry_problem, load_rgb, walk_photos
 from imaging.geometry import FIT_MODES
 from training.data.near_duplicates import (
     DEFAULT_DISTANCE,
-    DEFAULT_MAX_PIXELS,
     MAX_DISTANCE,
-    TooManyPixels,
     check_distance,
-    check_max_pixels,
-    entry_problem,
     find_duplicates,
-    list_files,
-    load_rgb,
     parse_distance,
     perceptual_hash,
-    shown,
 )
 
+NOT_A_PHOTO = "not an image"
 MAX_SIZE = 4096  # the largest square written (each photo is held in memory at the largest size)
 OUTPUT_FILES = (CLASSES_FILE, TEST_ANSWERS_FILE, IMPORT_REPORT_FILE)
 STAGING, NEW, OLD, INCOMING = ".import-staging", ".import-new", ".import-old", ".import-incoming"
@@ -247,8 +243,11 @@ def _scan(src: Path) -> Scan:
     found: list[list[Path]] = []
     reached: dict[str, list[tuple[Path, int]]] = {}  # real path: every (path, label) it is reached by
     for label, name in enumerate(scan.classes):
-        files, problems = list_files(src / name)
-        scan.skipped += [{"path": _rel(src, path), "reason": reason} for path, reason in problems]
+        walk = walk_photos(src / name)
+        files = walk.photos
+        problems = walk.problems + [Problem(path, "other", NOT_A_PHOTO) for path in walk.others]
+        scan.skipped += sorted(({"path": _rel(src, p.path), "reason": p.reason} for p in problems),
+                               key=lambda s: s["path"])
         if not files:
             raise DataError(f"class folder {src / name} holds no files"
                             + (f" it can read ({len(problems)} skipped: broken links or the like)" if problems else ""))
@@ -273,8 +272,8 @@ def _class_folders(src: Path, scan: Scan) -> list[str]:
         try:
             is_folder = stat.S_ISDIR(os.stat(entry.path).st_mode)
         except OSError as err:  # a broken link or a loop: listed with the reason, like a file
-            scan.skipped.append({"path": shown(entry.name), "reason": f"{entry_problem(entry, err)} (not read as a "
-                                                                      "class folder)"})
+            reason = f"{entry_problem(entry, err).reason} (not read as a class folder)"
+            scan.skipped.append({"path": shown(entry.name), "reason": reason})
             continue
         if not is_folder:
             continue
@@ -461,19 +460,24 @@ def _read_squares(src: Path, files: list[Path], size: int, fit: str, report: Imp
             stored = perceptual_hash(load_rgb(_encode(square, size), None)) if near else 0
             prints[i] = (_sha256(path), stored)
             images[i] = square
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-            if isinstance(err, UnidentifiedImageError):
-                reason = "not an image"
-            elif isinstance(err, TooManyPixels):
-                reason = shown(str(err))  # "too many pixels: WxH = N is over the limit ..."
-            else:
-                reason = f"unreadable image ({shown(str(err))})"
+        except (PhotoError, OSError) as err:
+            reason = _skip_reason(err, report.max_pixels)
             report.skipped.append({"path": _rel(src, path), "reason": reason})
             if progress:
                 print(f"  skipped {_rel(src, path)}: {reason}", flush=True)
         if progress and ((i + 1) % 500 == 0 or i + 1 == len(files)):
             print(f"  read {i + 1}/{len(files)} files", flush=True)
     return images, prints
+
+
+def _skip_reason(err: PhotoError | OSError, max_pixels: int) -> str:
+    """Why a file was skipped, as the import report says it."""
+    code = getattr(err, "code", "")
+    if code == "too_many_pixels":
+        return f"{err} (--max-pixels {max_pixels}); not decoded (a decompression bomb?)"
+    if code in ("not_an_image", "unsupported_format"):
+        return NOT_A_PHOTO if code == "not_an_image" else shown(str(err))
+    return f"unreadable image ({shown(str(err))})"
 
 
 def _sha256(path: Path) -> str:

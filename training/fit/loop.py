@@ -25,6 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from core.contract import CLASS_FEATURE
 from core.errors import DataError, tf_reason
 from core.files import write_text_atomic
 from imaging.geometry import data_fit
@@ -106,9 +107,9 @@ def make_loss(config: RunConfig, class_weights: np.ndarray | None) -> Callable[[
 
 def class_counts(splits: list[SplitInfo], num_classes: int) -> np.ndarray:
     """Count the labels of the splits a run trains on (reads the records' class feature only)."""
-    spec = {"class": tf.io.FixedLenFeature([], tf.int64)}
+    spec = {CLASS_FEATURE: tf.io.FixedLenFeature([], tf.int64)}
     files = [f for info in splits for f in info.files]
-    ds = tf.data.TFRecordDataset(files).map(lambda r: tf.io.parse_single_example(r, spec)["class"])
+    ds = tf.data.TFRecordDataset(files).map(lambda r: tf.io.parse_single_example(r, spec)[CLASS_FEATURE])
     return np.bincount(np.fromiter(ds.as_numpy_iterator(), np.int64), minlength=num_classes)
 
 
