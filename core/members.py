@@ -1,0 +1,223 @@
+"""member.json (a run directory) and ensemble.json (an ensemble directory), read and written in one place.
+
+Training writes member.json, the ensemble reads it to blend and writes ensemble.json, the service reads
+both to serve, testkit writes both for tests: every one of them goes through here. TensorFlow-free.
+The fields are the contract's (docs/ARCHITECTURE.md); a reader gets a typed view with checked values,
+and an error that names the file and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from core.contract import ENSEMBLE_FILE, MEMBER_FILE
+from core.errors import DataError
+from core.files import write_text_atomic
+
+FIT_MODES = ("crop", "stretch", "pad")  # how a photo becomes a square: cut, squash, or add black bars
+FILTER = "lanczos3"  # antialiased: tf.image.resize(method="lanczos3", antialias=True); PIL's LANCZOS at import
+DEFAULT_FIT = "crop"  # data sets that do not say how they were made (the competition's)
+
+
+class ArtifactFileError(DataError):
+    """member.json or ensemble.json cannot be used: the message names the file and the field."""
+
+
+def read_json_file(path: Path, what: str = "") -> Any:
+    """A JSON file's content; unreadable, undecodable or invalid JSON is one ArtifactFileError naming the file."""
+    try:
+        return json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise ArtifactFileError(f"{what}{path} not found") from None
+    except OSError as err:
+        raise ArtifactFileError(f"{what}cannot read {path}: {err.strerror or err}") from None
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        reason = "nested too deeply" if isinstance(err, RecursionError) else err
+        raise ArtifactFileError(f"{what}{path.name} is not valid JSON ({reason}): {path}") from None
+
+
+def _object(value: Any, where: str) -> dict:
+    """A JSON object, or an error naming where it should have been one."""
+    if not isinstance(value, dict):
+        raise ArtifactFileError(f"{where} must be a JSON object, not a {type(value).__name__}")
+    return value
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class MemberFile:
+    """A run directory's member.json: the document, and the fields other parts read, checked."""
+
+    path: Path
+    document: dict
+
+    @property
+    def name(self) -> str:
+        """The member's name, else its run directory's name."""
+        name = self.document.get("name")
+        if name is not None and not isinstance(name, str):
+            raise ArtifactFileError(f"{self.path}: 'name' must be a string, got {name!r}")
+        return name or self.path.parent.name
+
+    @property
+    def config(self) -> dict:
+        """The resolved config the run trained with ({} when absent)."""
+        return self.document.get("config") or {}
+
+    @property
+    def train_on_val(self) -> bool:
+        """Whether the run trained on its validation split too (config data.train_on_val)."""
+        return (self.config.get("data") or {}).get("train_on_val") is True
+
+    @property
+    def validation_from(self) -> str | None:
+        """For a refit: the run (a path relative to this run directory) whose validation predictions stand for it."""
+        source = self.document.get("validation_from")
+        return source if isinstance(source, str) and source else None
+
+    @property
+    def image_size(self) -> int:
+        """The model's input size in pixels."""
+        size = self.document.get("image_size")
+        if not _whole(size) or size < 1:
+            raise ArtifactFileError(f"{self.path} has no valid image_size")
+        return size
+
+    @property
+    def val_macro_f1(self) -> float | None:
+        """The validation macro F1 ("metrics"), None when it has none."""
+        metrics = self.document.get("metrics")
+        f1 = metrics.get("val_macro_f1") if isinstance(metrics, dict) else None
+        return float(f1) if isinstance(f1, int | float) and not isinstance(f1, bool) and math.isfinite(f1) else None
+
+    def geometry(self) -> tuple[str, int]:
+        """The fit mode ("geometry", else crop) and record size ("data".file_size, else 0: none between the photo
+        and the model's input) of how a photo becomes the model's square."""
+        geometry = self.document.get("geometry", {"fit": DEFAULT_FIT})
+        if not isinstance(geometry, dict) or geometry.get("fit") not in FIT_MODES:
+            raise ArtifactFileError(f"{self.path}: 'geometry' must be an object whose 'fit' is one of {FIT_MODES}, "
+                                    f"got {geometry!r}")
+        data = self.document.get("data")
+        record_size = data.get("file_size", 0) if isinstance(data, dict) else 0
+        if not _whole(record_size) or record_size < 0:
+            raise ArtifactFileError(f"{self.path}: 'data'.'file_size' must be a record size in pixels, got "
+                                    f"{record_size!r}")
+        return geometry["fit"], record_size
+
+
+def member_from_document(document: Any, path: Path) -> MemberFile:
+    """A member.json document, checked as an object whose config and config.data are objects."""
+    document = _object(document, str(path))
+    config = document.get("config")
+    data = config.get("data") if isinstance(config, dict) else None
+    for key, value in (("config", config), ("config.data", data)):
+        if value is not None:
+            _object(value, f"{path}: {key}")
+    return MemberFile(path, document)
+
+
+def read_member(run_dir: str | Path) -> MemberFile:
+    """A run directory's member.json (ArtifactFileError naming it when missing or not a member document)."""
+    path = Path(run_dir) / MEMBER_FILE
+    return member_from_document(read_json_file(path), path)
+
+
+def is_run_directory(path: str | Path) -> bool:
+    """Whether a folder holds a member.json (a run directory)."""
+    return (Path(path) / MEMBER_FILE).is_file()
+
+
+def geometry_record(fit: str, source: str) -> dict[str, str]:
+    """The "geometry" entry of member.json: the fit mode, the resize filter and where the fit mode came from."""
+    if fit not in FIT_MODES:
+        raise ArtifactFileError(f"fit must be one of {FIT_MODES}, got {fit!r}")
+    return {"fit": fit, "filter": FILTER, "from": source}
+
+
+def write_member(run_dir: str | Path, document: dict) -> Path:
+    """Write member.json atomically, after checking it reads back as a member document."""
+    path = Path(run_dir) / MEMBER_FILE
+    member = member_from_document(document, path)
+    member.image_size, member.name, member.geometry()  # noqa: B018 - each property checks its field
+    return write_text_atomic(path, json.dumps(document, indent=1) + "\n")
+
+
+# --- ensemble.json ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EnsembleEntry:
+    """One member of an ensemble.json: its name, run directory (resolved) and convex weight (None: a stacker)."""
+
+    name: str
+    path: Path
+    weight: float | None
+
+
+@dataclass(frozen=True)
+class EnsembleFile:
+    """An ensemble directory's ensemble.json: the document, its members and classes, checked; the blend stays
+    a dict for ensemble.spec.BlendSpec to read."""
+
+    path: Path
+    document: dict
+    members: tuple[EnsembleEntry, ...]
+    classes: tuple[str, ...]
+
+    @property
+    def blend(self) -> dict:
+        """The blend spec as written (ensemble.spec.BlendSpec.from_json reads it)."""
+        return _object(self.document.get("blend"), f"{self.path}: 'blend'")
+
+
+def _entry(file: Path, index: int, entry: Any) -> EnsembleEntry:
+    """One checked entry of ensemble.json's "members" (its path resolved against the file's folder)."""
+    where = f"{file}: members[{index}]"
+    if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not entry["path"]:
+        raise ArtifactFileError(f"{where} must be an object with a 'path' (the run directory)")
+    name = entry.get("name", Path(entry["path"]).name)
+    if not isinstance(name, str) or not name:
+        raise ArtifactFileError(f"{where}: 'name' must be a non-empty string, got {name!r}")
+    weight = entry.get("weight")
+    if weight is not None and (isinstance(weight, bool) or not isinstance(weight, int | float)
+                               or not math.isfinite(weight)):
+        raise ArtifactFileError(f"{where}: 'weight' must be a number or null, got {weight!r}")
+    path = Path(entry["path"])
+    return EnsembleEntry(name, path if path.is_absolute() else file.parent / path, weight)
+
+
+def read_ensemble(path: str | Path) -> EnsembleFile:
+    """An ensemble directory's (or the file's own path) ensemble.json, checked: members, classes, a blend object."""
+    path = Path(path)
+    file = path / ENSEMBLE_FILE if path.is_dir() else path
+    document = _object(read_json_file(file), str(file))
+    members = document.get("members")
+    if not isinstance(members, list) or not members:
+        raise ArtifactFileError(f"{file}: 'members' must be a non-empty list")
+    classes = document.get("classes")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise ArtifactFileError(f"{file}: 'classes' must be a non-empty list of class names")
+    entries = tuple(_entry(file, i, entry) for i, entry in enumerate(members))
+    ensemble = EnsembleFile(file, document, entries, tuple(c.strip() for c in classes))
+    ensemble.blend  # noqa: B018 - checks that the blend is an object
+    return ensemble
+
+
+def write_ensemble(out_dir: str | Path, document: dict) -> Path:
+    """Write ensemble.json atomically, after checking it reads back as an ensemble document."""
+    path = Path(out_dir) / ENSEMBLE_FILE
+    text = json.dumps(document, indent=1) + "\n"
+    members = document.get("members")
+    if not isinstance(members, list) or not members:
+        raise ArtifactFileError(f"{path}: 'members' must be a non-empty list")
+    for index, entry in enumerate(members):
+        _entry(path, index, entry)
+    _object(document.get("blend"), f"{path}: 'blend'")
+    return write_text_atomic(path, text)
