@@ -16,8 +16,9 @@ from typing import Any
 from fastapi import FastAPI
 
 from service.batching import DynamicBatcher
-from service.deps import ServiceState, batch_function
+from service.deps import ServiceState
 from service.errors import register_error_handlers
+from service.inference import batch_function
 from service.limits import BodyGuard
 from service.predictor import load_ensemble, load_run, load_version
 from service.repository import ModelRepository, RepositoryError, Version

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-import numpy as np
 from fastapi import Depends, Request
 
 from service.batching import DynamicBatcher
 from service.errors import ClientError
+from service.inference import InferencePath
 from service.limits import PixelBudget
 from service.repository import ModelRepository, NotServed, Version
 from service.settings import Settings
@@ -100,21 +100,17 @@ class ServiceState:
         finally:
             chosen.leave()
 
+    def inference(self, served: Version) -> InferencePath:
+        """The inference path of a version: its batcher, within this server's decoding limits and pixel budgets."""
+        settings = self.settings
+        return InferencePath(served.batcher.submit_many, settings.max_pixels, decode_target(served.predictor),
+                             settings.downscale_pixels, settings.max_request_pixels, self.pixels, logged=True)
+
 
 def decode_target(predictor: Any) -> int:
     """A predictor's largest member input size (0: never reduce)."""
     sizes = [getattr(m, "image_size", 0) for m in predictor.members] if predictor is not None else []
     return max(sizes, default=0)
-
-
-def batch_function(predictor: Any) -> Callable[[list[np.ndarray]], list[tuple[np.ndarray, np.ndarray]]]:
-    """The batch function of a version: decoded images -> (blended probs, members' probs) per image."""
-
-    def run_batch(images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-        blended, members = predictor.predict(images)
-        return [(blended[i], members[:, i]) for i in range(len(images))]
-
-    return run_batch
 
 
 def get_state(request: Request) -> ServiceState:

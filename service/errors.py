@@ -1,4 +1,4 @@
-"""Errors of the service's own routes: `ClientError`, the JSON error body, and the app's exception handlers."""
+"""Errors of the service's routes: `ClientError`, the JSON error bodies, and the app's exception handlers."""
 
 from __future__ import annotations
 
@@ -25,6 +25,14 @@ def error_response(metrics: Metrics | None, status: int, kind: str, message: str
     if metrics is not None:
         metrics.error(kind)
     return JSONResponse({"error": {"kind": kind, "message": message}}, status_code=status, headers=headers)
+
+
+def plain_error_response(metrics: Metrics | None, status: int, kind: str, message: str,
+                         headers: dict[str, str] | None = None) -> JSONResponse:
+    """The TF-Serving and Open Inference error body, {"error": message}, counted by kind."""
+    if metrics is not None:
+        metrics.error(kind)
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 def _metrics_of(request: Request) -> Metrics | None:

@@ -16,10 +16,9 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import ClientError
+from service.errors import ClientError, error_response, plain_error_response
 
 TF_PREDICT = re.compile(r"^/v1/models/[^/]*:predict$")
 CLOSE = {"connection": "close"}
@@ -110,12 +109,8 @@ def _content_length(scope: Scope) -> int | None:
 
 async def _refuse(scope: Scope, send: Send, state: object, err: ClientError) -> None:
     """Answer `err` in the shape of the route asked for, and close the connection."""
-    state.metrics.error(err.kind)
-    if TF_PREDICT.match(scope["path"]):
-        body: dict = {"error": err.message}
-    else:
-        body = {"error": {"kind": err.kind, "message": err.message}}
-    response = JSONResponse(body, status_code=err.status, headers=err.headers)
+    answer = plain_error_response if TF_PREDICT.match(scope["path"]) else error_response
+    response = answer(state.metrics, err.status, err.kind, err.message, err.headers)
 
     async def no_body() -> Message:
         return {"type": "http.disconnect"}

@@ -27,6 +27,7 @@ at all, or --out that exists (without --overwrite) or whose folder does not exis
 from __future__ import annotations
 
 import argparse
+import asyncio
 import csv
 import itertools
 import os
@@ -48,7 +49,8 @@ from core.contract import IMAGE_FEATURE, RECORD_SUFFIX, choose_size, count_in_na
 from core.files import publish_file
 from core.names import shown
 from core.photos import PHOTO_EXTENSIONS, entry_problem, walk_photos
-from service.images import ImageError, decode_image
+from service.images import ImageError
+from service.inference import EncodedImage, InferencePath, direct
 from service.predictor import ArtifactError, EnsemblePredictor, load_ensemble, load_run
 from service.settings import Settings
 
@@ -303,38 +305,20 @@ def _number(value: float) -> str:
     return str(np.float32(value))
 
 
-NON_FINITE = ImageError("non_finite_output", "the model's output for this image is not finite (NaN or infinity), "
-                                             "so there is no answer for it")
-
-
 def score_batch(predictor: EnsemblePredictor, batch: list[tuple[str, bytes | ImageError]], options: Options,
                 top_k: int) -> list[list[str]]:
-    """CSV rows for a batch: each image decoded as the service does, the good ones predicted in one call."""
-    target = max(m.image_size for m in predictor.members)
-    decoded: list[np.ndarray | ImageError] = []
-    for _, data in batch:
-        try:
-            decoded.append(data if isinstance(data, ImageError) else
-                           decode_image(data, options.max_pixels, target, options.downscale_pixels))
-        except ImageError as err:
-            decoded.append(err)
-    good = [i for i, d in enumerate(decoded) if not isinstance(d, ImageError)]
-    errors = {i: d for i, d in enumerate(decoded) if isinstance(d, ImageError)}
-    outputs = {}
-    if good:
-        blended, members = predictor.predict([decoded[i] for i in good])
-        outputs = {i: (blended[j], members[:, j]) for j, i in enumerate(good)}
-    del decoded  # the decoded images: released before the rows are built
+    """CSV rows for a batch: the service's inference path, the good images predicted in one call."""
+    path = InferencePath(direct(predictor), options.max_pixels, max(m.image_size for m in predictor.members),
+                         options.downscale_pixels)
+    results = asyncio.run(path.infer([EncodedImage.of(name, data) for name, data in batch]))
     classes, blank = predictor.classes, [""] * (2 * top_k + (len(predictor.classes) if options.probabilities else 0))
     rows = []
-    for i, (path, _) in enumerate(batch):
-        if i in outputs and not all(np.isfinite(a).all() for a in outputs[i]):
-            errors[i] = NON_FINITE
-        if i in errors:
-            rows.append([path, "false", f"{errors[i].kind}: {errors[i].message}"] + blank)
+    for (shown_path, _), result in zip(batch, results, strict=True):
+        if isinstance(result, ImageError):
+            rows.append([shown_path, "false", f"{result.kind}: {result.message}"] + blank)
             continue
-        probs = outputs[i][0]
-        row = [path, "true", ""]
+        probs = result.blended
+        row = [shown_path, "true", ""]
         for c in np.argsort(-probs)[:top_k]:  # the service's order, ties included
             row += [classes[int(c)], _number(probs[c])]
         rows.append(row + ([_number(p) for p in probs] if options.probabilities else []))

@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
+from functools import partial
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from service.deps import ServiceState, StateDep, decode_target, require_api_key
+from service.deps import ServiceState, StateDep, require_api_key
 from service.errors import ClientError
-from service.images import ImageError, decode_image, decoded_pixels
-from service.limits import check_request_pixels
+from service.images import ImageError
+from service.inference import EncodedImage, Prediction
 from service.repository import Version
 from service.schemas import ClassScore, ErrorDetail, ErrorResponse, ImageResult, MemberVote, PredictResponse
 
 router = APIRouter(tags=["predict"])
-logger = logging.getLogger(__name__)
-INLINE_DECODE_BYTES = 48 * 1024  # about a 300 px JPEG: well under a millisecond to decode
-INLINE_DECODE_PIXELS = 120_000  # ... and no more pixels than that (a tiny PNG may hold 40 M pixels)
 FORM_FIELDS = {"files", "top_k", "include_probabilities", "include_members"}
 
 MULTIPART_BODY = {
@@ -146,45 +142,6 @@ async def _read_upload(upload: UploadFile, limit: int) -> bytes:
     return data
 
 
-async def measure_uploads(files: list[UploadFile], state: ServiceState, target: int) -> list[int | ImageError]:
-    """Each upload's decoded pixels, from its header alone (or the ImageError that makes it unusable)."""
-    settings = state.settings
-    measured: list[int | ImageError] = []
-    for upload in files:
-        try:
-            data = await _read_upload(upload, settings.max_image_bytes)
-            measured.append(decoded_pixels(data, settings.max_pixels, target, settings.downscale_pixels))
-        except ImageError as err:
-            measured.append(err)
-    return measured
-
-
-async def decode_uploads(files: list[UploadFile], measured: list[int | ImageError],
-                         state: ServiceState, target: int) -> list[np.ndarray | ImageError]:
-    """Decode the usable uploads, large ones off the event loop; a bad one becomes its own ImageError."""
-    loop = asyncio.get_running_loop()
-    settings = state.settings
-    decoded: list[np.ndarray | ImageError] = []
-    for upload, pixels in zip(files, measured, strict=True):
-        if isinstance(pixels, ImageError):
-            decoded.append(pixels)
-            continue
-        try:
-            data = await _read_upload(upload, settings.max_image_bytes)
-            args = (data, settings.max_pixels, target, settings.downscale_pixels)
-            if len(data) <= INLINE_DECODE_BYTES and pixels <= INLINE_DECODE_PIXELS:  # faster than a thread hand-off
-                decoded.append(decode_image(*args))
-            else:  # a small file may still be a huge image: its pixels decide too
-                decoded.append(await loop.run_in_executor(None, decode_image, *args))
-        except ImageError as err:
-            decoded.append(err)
-    return decoded
-
-
-NON_FINITE = ("the model's output for this image is not finite (NaN or infinity), so there is no answer for it; "
-              "the server log names the request")
-
-
 @router.post("/v1/predict", response_model=PredictResponse, response_model_exclude_none=True, responses=ERRORS,
              dependencies=[Depends(require_api_key)],
              openapi_extra={"requestBody": MULTIPART_BODY}, summary="Classify one or more images")
@@ -200,44 +157,39 @@ async def predict(request: Request, state: StateDep) -> PredictResponse:
 
 async def _predict(request: Request, state: ServiceState, served: Version, files: list[UploadFile],
                    options: dict) -> PredictResponse:
-    """The prediction for parsed uploads by one version, within the pixel budgets."""
+    """The prediction for parsed uploads by one version: each upload through the inference path."""
     classes = served.predictor.classes
     k = _top_k(options["top_k"] or request.query_params.get("top_k"), state.settings.default_top_k, len(classes))
     with_probs = _flag(options["include_probabilities"] or request.query_params.get("include_probabilities"),
                        "include_probabilities")
     with_members = _flag(options["include_members"] or request.query_params.get("include_members"),
                          "include_members")
-    target = decode_target(served.predictor)
-    measured = await measure_uploads(files, state, target)
-    pixels = sum(p for p in measured if not isinstance(p, ImageError))
-    check_request_pixels(pixels, state.settings.max_request_pixels)
-    with state.pixels.hold(pixels):
-        decoded = await decode_uploads(files, measured, state, target)
-        good = [i for i, d in enumerate(decoded) if not isinstance(d, ImageError)]
-        outputs = await served.batcher.submit_many([decoded[i] for i in good])
-        errors = {i: d for i, d in enumerate(decoded) if isinstance(d, ImageError)}
-        del decoded  # the decoded images: released before the answer is built
-    by_index = dict(zip(good, outputs, strict=True))
-    results = []
-    for i, upload in enumerate(files):
-        if i in by_index and not all(np.isfinite(a).all() for a in by_index[i]):
-            logger.warning("the model's output is not finite for image %d (%r) of a request", i, upload.filename)
-            errors[i] = ImageError("non_finite_output", NON_FINITE)
-        if i in errors:
-            state.metrics.error(errors[i].kind)
-            results.append(ImageResult(filename=upload.filename, ok=False,
-                                       error=ErrorDetail(kind=errors[i].kind, message=errors[i].message)))
-            continue
-        blended, members = by_index[i]
-        order = np.argsort(-blended)[:k]
-        result = ImageResult(filename=upload.filename,
-                             top=[ClassScore(index=int(c), name=classes[c], probability=float(blended[c]))
-                                  for c in order])
-        if with_probs:
-            result.probabilities = [float(p) for p in blended]
-        if with_members:
-            result.members = [MemberVote(member=m.name, index=int(p.argmax()), name=classes[int(p.argmax())],
-                                         probability=float(p.max()))
-                              for m, p in zip(served.predictor.members, members, strict=True)]
-        results.append(result)
-    return PredictResponse(model=served.model, version=served.number, classes=len(classes), results=results)
+    limit = state.settings.max_image_bytes
+    images = [EncodedImage(str(upload.filename), partial(_read_upload, upload, limit)) for upload in files]
+    results = await state.inference(served).infer(images)
+    answers = []
+    for upload, result in zip(files, results, strict=True):
+        if isinstance(result, ImageError):
+            state.metrics.error(result.kind)
+            answers.append(ImageResult(filename=upload.filename, ok=False,
+                                       error=ErrorDetail(kind=result.kind, message=result.message)))
+        else:
+            answers.append(_image_result(served, upload.filename, result, k, with_probs, with_members))
+    return PredictResponse(model=served.model, version=served.number, classes=len(classes), results=answers)
+
+
+def _image_result(served: Version, filename: str | None, result: Prediction, k: int, with_probs: bool,
+                  with_members: bool) -> ImageResult:
+    """One image's entry: its top k classes, and its probabilities and members' votes when asked."""
+    classes = served.predictor.classes
+    blended = result.blended
+    answer = ImageResult(filename=filename, top=[ClassScore(index=int(c), name=classes[c],
+                                                            probability=float(blended[c]))
+                                                 for c in np.argsort(-blended)[:k]])
+    if with_probs:
+        answer.probabilities = [float(p) for p in blended]
+    if with_members:
+        answer.members = [MemberVote(member=m.name, index=int(p.argmax()), name=classes[int(p.argmax())],
+                                     probability=float(p.max()))
+                          for m, p in zip(served.predictor.members, result.members, strict=True)]
+    return answer

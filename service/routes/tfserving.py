@@ -8,25 +8,21 @@ Errors answer {"error": "..."} as TF Serving does.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json
-import logging
 
-import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from service.deps import ServiceState, StateDep, decode_target, require_api_key
-from service.errors import ClientError
-from service.images import ImageError, decode_image, decoded_pixels
-from service.limits import check_request_pixels
+from service.deps import ServiceState, StateDep, require_api_key
+from service.errors import ClientError, plain_error_response
+from service.images import ImageError
+from service.inference import encoded_blobs
 from service.predictor import served_model_info
 from service.repository import VERSION_FOLDER, Version
 
 router = APIRouter(tags=["tensorflow-serving"])
-logger = logging.getLogger(__name__)
 
 PREDICT_BODY = {
     "required": True,
@@ -50,16 +46,9 @@ TF_ERROR = {"content": {"application/json": {"schema": {"type": "object", "prope
                                              "example": {"error": "instance 0: the data is not an image"}}}}
 
 
-def tf_error(state: ServiceState, status: int, kind: str, message: str,
-             headers: dict[str, str] | None = None) -> JSONResponse:
-    """A TF-Serving style error body."""
-    state.metrics.error(kind)
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
 def _from_client_error(state: ServiceState, err: ClientError) -> JSONResponse:
     """A ClientError (body limits, pixel budgets) in TF Serving's error shape."""
-    return tf_error(state, err.status, err.kind, err.message, err.headers)
+    return plain_error_response(state.metrics, err.status, err.kind, err.message, err.headers)
 
 
 def _b64_items(body: object) -> tuple[list, str]:
@@ -142,50 +131,26 @@ async def _predict_with(request: Request, state: ServiceState, served: Version) 
         del raw
         items, key = _b64_items(body)
         if len(items) > settings.max_images:
-            return tf_error(state, 400, "too_many_images",
-                            f"{len(items)} instances in one request; the limit is {settings.max_images}")
+            return plain_error_response(state.metrics, 400, "too_many_images", f"{len(items)} instances in one "
+                                                                               f"request; the limit is "
+                                                                               f"{settings.max_images}")
         blobs = [_decode_b64(item, i) for i, item in enumerate(items)]
         del body, items
     except json.JSONDecodeError as err:
-        return tf_error(state, 400, "malformed_json", f"the body is not valid JSON: {err}")
+        return plain_error_response(state.metrics, 400, "malformed_json", f"the body is not valid JSON: {err}")
     except (ValueError, RecursionError) as err:
-        return tf_error(state, 400, "malformed_request", str(err))
+        return plain_error_response(state.metrics, 400, "malformed_request", str(err))
     try:
-        outputs = await predict_blobs(state, served, blobs, "instance")
+        results = await state.inference(served).infer(encoded_blobs(blobs, settings.max_image_bytes, "instance"),
+                                                      strict=True)
     except ImageError as err:
-        return tf_error(state, 400, err.kind, err.message)
-    for i, (blended, _) in enumerate(outputs):
-        if not np.isfinite(blended).all():
-            logger.warning("the model's output is not finite for instance %d of a TF-Serving request", i)
-            return tf_error(state, 503, "non_finite_output", f"instance {i}: the model's output is not finite "
-                                                             f"(NaN or infinity), so there is no answer for it")
-    return JSONResponse({key: [[float(p) for p in blended] for blended, _ in outputs]})
-
-
-async def predict_blobs(state: ServiceState, served: Version, blobs: list[bytes], what: str = "instance") -> list:
-    """Encoded images -> (blended, members' probabilities) each, by one version: sizes and pixel budgets checked
-    from the headers, decoded off the event loop, batched. ImageError (naming `what` i) or ClientError."""
-    settings = state.settings
-    target = decode_target(served.predictor)
-    pixels = 0
-    for i, blob in enumerate(blobs):
-        if len(blob) > settings.max_image_bytes:
-            raise ImageError("too_large", f"{what} {i}: larger than {settings.max_image_bytes} bytes")
-        try:
-            pixels += decoded_pixels(blob, settings.max_pixels, target, settings.downscale_pixels)
-        except ImageError as err:
-            raise ImageError(err.kind, f"{what} {i}: {err.message}") from None
-    check_request_pixels(pixels, settings.max_request_pixels)
-    loop = asyncio.get_running_loop()
-    with state.pixels.hold(pixels):
-        images = []
-        for i, blob in enumerate(blobs):
-            try:
-                images.append(await loop.run_in_executor(None, decode_image, blob, settings.max_pixels, target,
-                                                         settings.downscale_pixels))
-            except ImageError as err:
-                raise ImageError(err.kind, f"{what} {i}: {err.message}") from None
-        return await served.batcher.submit_many(images)
+        return plain_error_response(state.metrics, 400, err.kind, err.message)
+    for i, result in enumerate(results):
+        if isinstance(result, ImageError):  # strict: only an output that is not finite is left to fail
+            return plain_error_response(state.metrics, 503, result.kind, f"instance {i}: the model's output is "
+                                                                         f"not finite (NaN or infinity), so there "
+                                                                         f"is no answer for it")
+    return JSONResponse({key: [[float(p) for p in result.blended] for result in results]})
 
 
 def _version_status(version: Version) -> dict:
@@ -224,8 +189,9 @@ def _unknown(state: ServiceState, name: str, version: str | None = None) -> JSON
     """TF Serving's 404 for a model (or version) this server does not serve."""
     names = state.repository.names if state.repository is not None else []
     what = f"Specific({name}, {version})" if version else f"Latest({name})"
-    return tf_error(state, 404, "unknown_model", f"Servable not found for request: {what}; this server serves "
-                                                 f"{', '.join(map(repr, names)) or 'no model yet'}")
+    served = ", ".join(map(repr, names)) or "no model yet"
+    return plain_error_response(state.metrics, 404, "unknown_model",
+                                f"Servable not found for request: {what}; this server serves {served}")
 
 
 def _metadata(state: ServiceState, served: Version) -> JSONResponse:

@@ -27,11 +27,10 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from service.deps import ServiceState, StateDep, require_api_key
-from service.errors import ClientError
+from service.errors import ClientError, plain_error_response
 from service.images import ImageError
-from service.limits import check_request_pixels
+from service.inference import encoded_blobs
 from service.repository import Version
-from service.routes.tfserving import predict_blobs
 
 router = APIRouter(tags=["open-inference-protocol"])
 HEADER_LENGTH = "inference-header-content-length"
@@ -62,13 +61,6 @@ INFER_BODY = {
 
 class ProtocolError(ValueError):
     """A request that breaks the protocol; answered 400 with the message."""
-
-
-def _error(state: ServiceState, status: int, kind: str, message: str,
-           headers: dict[str, str] | None = None) -> JSONResponse:
-    """The protocol's error body."""
-    state.metrics.error(kind)
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 @router.get("/v2", summary="Server metadata (Open Inference Protocol)")
@@ -113,7 +105,7 @@ def _resolved(state: ServiceState, name: str, version: str | None) -> tuple[Vers
         with state.use(name, version or None) as served:
             return served, None
     except ClientError as err:
-        return None, _error(state, err.status, err.kind, err.message, err.headers)
+        return None, plain_error_response(state.metrics, err.status, err.kind, err.message, err.headers)
 
 
 @router.get("/v2/models/{name}", responses={404: V2_ERROR, 503: V2_ERROR}, summary="Model metadata (Open Inference "
@@ -187,11 +179,11 @@ async def _infer(request: Request, state: ServiceState, name: str, version: str 
             blended = await _predict_tensor(state, served, tensor)
             return _answer(served, document, outputs, blended)
     except ClientError as err:
-        return _error(state, err.status, err.kind, err.message, err.headers)
+        return plain_error_response(state.metrics, err.status, err.kind, err.message, err.headers)
     except ImageError as err:
-        return _error(state, 400, err.kind, err.message)
+        return plain_error_response(state.metrics, 400, err.kind, err.message)
     except ProtocolError as err:
-        return _error(state, 400, "malformed_request", str(err))
+        return plain_error_response(state.metrics, 400, "malformed_request", str(err))
 
 
 def _split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
@@ -333,18 +325,17 @@ def _outputs(document: dict) -> list[dict]:
 
 
 async def _predict_tensor(state: ServiceState, served: Version, tensor: tuple[str, Any]) -> np.ndarray:
-    """Blended probabilities [N, C] for the input tensor, through the version's batcher."""
+    """Blended probabilities [N, C] for the input tensor, through the version's inference path."""
     kind, value = tensor
+    path = state.inference(served)
     if kind == "image_bytes":
-        outputs = await predict_blobs(state, served, value, "element")
+        results = await path.infer(encoded_blobs(value, state.settings.max_image_bytes, "element"), strict=True)
     else:
-        pixels = int(np.prod(value.shape[:3])) * 4  # float32: 12 bytes a pixel, 4 times a decoded image's 3
-        check_request_pixels(pixels, state.settings.max_request_pixels)
-        with state.pixels.hold(pixels):
-            outputs = await served.batcher.submit_many(list(value))
-    blended = np.stack([b for b, _ in outputs]) if outputs else np.zeros((0, len(served.predictor.classes)))
-    if not np.isfinite(blended).all():
+        results = await path.infer_pixels(value, "element")
+    if any(isinstance(result, ImageError) for result in results):  # strict: only a non-finite output fails here
         raise ClientError(503, "non_finite_output", "the model's output is not finite (NaN or infinity) for an image")
+    blended = np.stack([result.blended for result in results]) if results else \
+        np.zeros((0, len(served.predictor.classes)))
     return blended.astype(np.float32)
 
 
