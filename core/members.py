@@ -23,27 +23,27 @@ FILTER = "lanczos3"  # antialiased: tf.image.resize(method="lanczos3", antialias
 DEFAULT_FIT = "crop"  # data sets that do not say how they were made (the competition's)
 
 
-class ArtifactFileError(DataError):
+class ArtifactError(DataError):
     """member.json or ensemble.json cannot be used: the message names the file and the field."""
 
 
 def read_json_file(path: Path, what: str = "") -> Any:
-    """A JSON file's content; unreadable, undecodable or invalid JSON is one ArtifactFileError naming the file."""
+    """A JSON file's content; unreadable, undecodable or invalid JSON is one ArtifactError naming the file."""
     try:
         return json.loads(path.read_bytes())
     except FileNotFoundError:
-        raise ArtifactFileError(f"{what}{path} not found") from None
+        raise ArtifactError(f"{what}{path} not found") from None
     except OSError as err:
-        raise ArtifactFileError(f"{what}cannot read {path}: {err.strerror or err}") from None
+        raise ArtifactError(f"{what}cannot read {path}: {err.strerror or err}") from None
     except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         reason = "nested too deeply" if isinstance(err, RecursionError) else err
-        raise ArtifactFileError(f"{what}{path.name} is not valid JSON ({reason}): {path}") from None
+        raise ArtifactError(f"{what}{path.name} is not valid JSON ({reason}): {path}") from None
 
 
 def _object(value: Any, where: str) -> dict:
     """A JSON object, or an error naming where it should have been one."""
     if not isinstance(value, dict):
-        raise ArtifactFileError(f"{where} must be a JSON object, not a {type(value).__name__}")
+        raise ArtifactError(f"{where} must be a JSON object, not a {type(value).__name__}")
     return value
 
 
@@ -63,7 +63,7 @@ class MemberFile:
         """The member's name, else its run directory's name."""
         name = self.document.get("name")
         if name is not None and not isinstance(name, str):
-            raise ArtifactFileError(f"{self.path}: 'name' must be a string, got {name!r}")
+            raise ArtifactError(f"{self.path}: 'name' must be a string, got {name!r}")
         return name or self.path.parent.name
 
     @property
@@ -87,7 +87,7 @@ class MemberFile:
         """The model's input size in pixels."""
         size = self.document.get("image_size")
         if not _whole(size) or size < 1:
-            raise ArtifactFileError(f"{self.path} has no valid image_size")
+            raise ArtifactError(f"{self.path} has no valid image_size")
         return size
 
     @property
@@ -102,12 +102,12 @@ class MemberFile:
         and the model's input) of how a photo becomes the model's square."""
         geometry = self.document.get("geometry", {"fit": DEFAULT_FIT})
         if not isinstance(geometry, dict) or geometry.get("fit") not in FIT_MODES:
-            raise ArtifactFileError(f"{self.path}: 'geometry' must be an object whose 'fit' is one of {FIT_MODES}, "
+            raise ArtifactError(f"{self.path}: 'geometry' must be an object whose 'fit' is one of {FIT_MODES}, "
                                     f"got {geometry!r}")
         data = self.document.get("data")
         record_size = data.get("file_size", 0) if isinstance(data, dict) else 0
         if not _whole(record_size) or record_size < 0:
-            raise ArtifactFileError(f"{self.path}: 'data'.'file_size' must be a record size in pixels, got "
+            raise ArtifactError(f"{self.path}: 'data'.'file_size' must be a record size in pixels, got "
                                     f"{record_size!r}")
         return geometry["fit"], record_size
 
@@ -124,7 +124,7 @@ def member_from_document(document: Any, path: Path) -> MemberFile:
 
 
 def read_member(run_dir: str | Path) -> MemberFile:
-    """A run directory's member.json (ArtifactFileError naming it when missing or not a member document)."""
+    """A run directory's member.json (ArtifactError naming it when missing or not a member document)."""
     path = Path(run_dir) / MEMBER_FILE
     return member_from_document(read_json_file(path), path)
 
@@ -137,7 +137,7 @@ def is_run_directory(path: str | Path) -> bool:
 def geometry_record(fit: str, source: str) -> dict[str, str]:
     """The "geometry" entry of member.json: the fit mode, the resize filter and where the fit mode came from."""
     if fit not in FIT_MODES:
-        raise ArtifactFileError(f"fit must be one of {FIT_MODES}, got {fit!r}")
+        raise ArtifactError(f"fit must be one of {FIT_MODES}, got {fit!r}")
     return {"fit": fit, "filter": FILTER, "from": source}
 
 
@@ -154,11 +154,16 @@ def write_member(run_dir: str | Path, document: dict) -> Path:
 
 @dataclass(frozen=True)
 class EnsembleEntry:
-    """One member of an ensemble.json: its name, run directory (resolved) and convex weight (None: a stacker)."""
+    """One member of an ensemble.json: its index, name, path as written, and convex weight (None: a stacker)."""
 
+    index: int
     name: str
-    path: Path
+    path: str
     weight: float | None
+
+    def run_dir(self, file: Path) -> Path:
+        """The member's run directory, resolved against the folder of ensemble.json."""
+        return (file.parent / self.path).resolve()
 
 
 @dataclass(frozen=True)
@@ -172,52 +177,64 @@ class EnsembleFile:
     classes: tuple[str, ...]
 
     @property
-    def blend(self) -> dict:
-        """The blend spec as written (ensemble.spec.BlendSpec.from_json reads it)."""
-        return _object(self.document.get("blend"), f"{self.path}: 'blend'")
+    def blend(self) -> Any:
+        """The blend spec as written (ensemble.spec.BlendSpec.from_dict reads it)."""
+        return self.document["blend"]
 
 
 def _entry(file: Path, index: int, entry: Any) -> EnsembleEntry:
-    """One checked entry of ensemble.json's "members" (its path resolved against the file's folder)."""
+    """Check one 'members' entry: an object with a string name and path and a number or null weight."""
     where = f"{file}: members[{index}]"
-    if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not entry["path"]:
-        raise ArtifactFileError(f"{where} must be an object with a 'path' (the run directory)")
-    name = entry.get("name", Path(entry["path"]).name)
-    if not isinstance(name, str) or not name:
-        raise ArtifactFileError(f"{where}: 'name' must be a non-empty string, got {name!r}")
+    if not isinstance(entry, dict):
+        raise ArtifactError(f"{where} must be an object with 'name' and 'path', got {type(entry).__name__}")
+    for key in ("name", "path"):
+        if not isinstance(entry.get(key), str) or not entry[key].strip():
+            raise ArtifactError(f"{where} needs a non-empty string {key!r}, got {entry.get(key)!r}")
     weight = entry.get("weight")
     if weight is not None and (isinstance(weight, bool) or not isinstance(weight, int | float)
                                or not math.isfinite(weight)):
-        raise ArtifactFileError(f"{where}: 'weight' must be a number or null, got {weight!r}")
-    path = Path(entry["path"])
-    return EnsembleEntry(name, path if path.is_absolute() else file.parent / path, weight)
+        raise ArtifactError(f"{where}: 'weight' must be a number or null, got {weight!r}")
+    return EnsembleEntry(index, entry["name"], entry["path"], None if weight is None else float(weight))
+
+
+def ensemble_from_document(document: Any, file: Path) -> EnsembleFile:
+    """An ensemble.json document, checked: version 1, classes, member entries, a blend."""
+    if not isinstance(document, dict):
+        raise ArtifactError(f"{file} must hold a JSON object, got {type(document).__name__}")
+    for key in ("members", "classes", "blend"):
+        if key not in document:
+            raise ArtifactError(f"{file} lacks {key!r}")
+    if document.get("version") != 1:
+        raise ArtifactError(f"{file} has version {document.get('version')!r}; this toolkit reads version 1")
+    classes = document["classes"]
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise ArtifactError(f"{file}: 'classes' must be a non-empty list of class names (strings)")
+    members = document["members"]
+    if not isinstance(members, list):
+        raise ArtifactError(f"{file}: 'members' must be a list, got {type(members).__name__}")
+    entries = tuple(_entry(file, i, e) for i, e in enumerate(members))
+    return EnsembleFile(file, document, entries, tuple(c.strip() for c in classes))
+
+
+def ensemble_file(path: str | Path) -> Path:
+    """The ensemble.json of an ensemble directory, or the path itself when it names the file."""
+    path = Path(path)
+    return path / ENSEMBLE_FILE if path.is_dir() else path
 
 
 def read_ensemble(path: str | Path) -> EnsembleFile:
-    """An ensemble directory's (or the file's own path) ensemble.json, checked: members, classes, a blend object."""
-    path = Path(path)
-    file = path / ENSEMBLE_FILE if path.is_dir() else path
-    document = _object(read_json_file(file), str(file))
-    members = document.get("members")
-    if not isinstance(members, list) or not members:
-        raise ArtifactFileError(f"{file}: 'members' must be a non-empty list")
-    classes = document.get("classes")
-    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
-        raise ArtifactFileError(f"{file}: 'classes' must be a non-empty list of class names")
-    entries = tuple(_entry(file, i, entry) for i, entry in enumerate(members))
-    ensemble = EnsembleFile(file, document, entries, tuple(c.strip() for c in classes))
-    ensemble.blend  # noqa: B018 - checks that the blend is an object
-    return ensemble
+    """An ensemble directory's (or the file's own path) ensemble.json, checked."""
+    file = ensemble_file(path)
+    return ensemble_from_document(read_json_file(file), file)
+
+
+def is_ensemble_directory(path: str | Path) -> bool:
+    """Whether a folder holds an ensemble.json (an ensemble directory)."""
+    return (Path(path) / ENSEMBLE_FILE).is_file()
 
 
 def write_ensemble(out_dir: str | Path, document: dict) -> Path:
     """Write ensemble.json atomically, after checking it reads back as an ensemble document."""
     path = Path(out_dir) / ENSEMBLE_FILE
-    text = json.dumps(document, indent=1) + "\n"
-    members = document.get("members")
-    if not isinstance(members, list) or not members:
-        raise ArtifactFileError(f"{path}: 'members' must be a non-empty list")
-    for index, entry in enumerate(members):
-        _entry(path, index, entry)
-    _object(document.get("blend"), f"{path}: 'blend'")
-    return write_text_atomic(path, text)
+    ensemble_from_document(document, path)
+    return write_text_atomic(path, json.dumps(document, indent=1) + "\n")

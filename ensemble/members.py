@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from core.members import ArtifactError, MemberFile, is_run_directory, read_json_file, read_member
 
 PROBABILITY_TOLERANCE = 1e-3
 
@@ -133,36 +134,30 @@ def _check_ids(ids: np.ndarray, member: str, where: str) -> np.ndarray:
 
 
 def _read_json(path: Path, what: str) -> object:
-    """A JSON file's content; unreadable, undecodable or invalid JSON is one MemberError naming the file."""
+    """A JSON file's content (core.members.read_json_file), its problem as one MemberError naming the file."""
     try:
-        return json.loads(path.read_bytes())
-    except OSError as err:
-        raise MemberError(f"{what}cannot read {path}: {err.strerror or err}") from None
-    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        reason = "nested too deeply" if isinstance(err, RecursionError) else err
-        raise MemberError(f"{what}{path.name} is not valid JSON ({reason}): {path}") from None
+        return read_json_file(path, what)
+    except ArtifactError as err:
+        raise MemberError(str(err)) from None
 
 
-def _member_json(run_dir: Path) -> dict:
-    """member.json as a dict ({} when absent); invalid JSON, or JSON that is not an object, is named."""
-    meta = run_dir / "member.json"
-    if not meta.is_file():
-        return {}
-    document = _read_json(meta, "")
-    if not isinstance(document, dict):
-        raise MemberError(f"{meta} must be a JSON object, not a {type(document).__name__}")
-    config = document.get("config")
-    data = config.get("data") if isinstance(config, dict) else None
-    for key, value in (("config", config), ("config.data", data)):
-        if value is not None and not isinstance(value, dict):
-            raise MemberError(f"{meta}: {key} must be a JSON object, not a {type(value).__name__}")
-    return document
+def _member_file(run_dir: Path) -> MemberFile | None:
+    """member.json, read and checked by core.members (None when absent), its problem as a MemberError."""
+    if not is_run_directory(run_dir):
+        return None
+    try:
+        return read_member(run_dir)
+    except ArtifactError as err:
+        raise MemberError(str(err)) from None
 
 
 def member_name(run_dir: Path) -> str:
     """The member's name from member.json, else its folder name."""
-    name = _member_json(run_dir).get("name")
-    return name if isinstance(name, str) and name else run_dir.name
+    member = _member_file(run_dir)
+    try:
+        return member.name if member else run_dir.name
+    except ArtifactError as err:
+        raise MemberError(str(err)) from None
 
 
 def validation_source(run_dir: Path, name: str) -> Path:
@@ -172,12 +167,11 @@ def validation_source(run_dir: Path, name: str) -> Path:
     A member trained on its validation rows without such a run is refused: its validation predictions
     are in-sample and would win the blend unfairly.
     """
-    document = _member_json(run_dir)
-    data = (document.get("config") or {}).get("data") or {}
-    if data.get("train_on_val") is not True:
+    member = _member_file(run_dir)
+    if member is None or not member.train_on_val:
         return run_dir
-    source = document.get("validation_from")
-    if not isinstance(source, str) or not source:
+    source = member.validation_from
+    if source is None:
         raise MemberError(f"member {name!r} ({run_dir}) was trained on its validation rows (data.train_on_val); "
                           "its validation predictions are in-sample and would win the blend unfairly: blend the "
                           "run trained on train only instead, or a refit made with flower train --refit-of RUN")
@@ -185,8 +179,8 @@ def validation_source(run_dir: Path, name: str) -> Path:
     if not original.is_dir():
         raise MemberError(f"member {name!r}: its validation predictions come from {source} "
                           f"(member.json validation_from), which is not a run directory ({original})")
-    inner = (_member_json(original).get("config") or {}).get("data") or {}
-    if inner.get("train_on_val") is True:
+    inner = _member_file(original)
+    if inner is not None and inner.train_on_val:
         raise MemberError(f"member {name!r}: validation_from names {original}, which was trained on its "
                           "validation rows too")
     return original

@@ -10,7 +10,6 @@ code that made the offline submission.
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 import time
@@ -21,15 +20,23 @@ from typing import Any
 
 import numpy as np
 
+from core.contract import CLASSES_FILE, SAVED_MODEL_DIR
+from core.members import (
+    DEFAULT_FIT,
+    ArtifactError,
+    EnsembleFile,
+    ensemble_file,
+    ensemble_from_document,
+    is_ensemble_directory,
+    is_run_directory,
+    read_json_file,
+    read_member,
+)
 from ensemble.blend import apply_blend
 from ensemble.spec import WEIGHT_TOLERANCE, BlendSpec, SpecError
-from imaging.geometry import DEFAULT_FIT, fit_square_tf, member_geometry
+from imaging.geometry import fit_square_tf
 
 SERVE_TTA_SEED = 1  # the TTA passes' augmentation is seeded by the pass alone: an image always gets the same answer
-
-
-class ArtifactError(ValueError):
-    """A run or ensemble directory does not match the contract; the message names the file and problem."""
 
 
 @dataclass
@@ -186,13 +193,6 @@ def served_model_info(predictor: Any) -> dict[str, Any]:
             "cv": getattr(predictor, "cv", None), "classes": list(predictor.classes)}
 
 
-def _member_val_f1(member: dict) -> float | None:
-    """A run's validation macro F1 from its member.json ("metrics"), None when it has none."""
-    metrics = member.get("metrics")
-    f1 = metrics.get("val_macro_f1") if isinstance(metrics, dict) else None
-    return float(f1) if isinstance(f1, int | float) and not isinstance(f1, bool) and math.isfinite(f1) else None
-
-
 def _finite(value: Any) -> Any:
     """JSON data with every NaN or infinite number made null (a JSON answer cannot carry them)."""
     if isinstance(value, dict):
@@ -200,16 +200,6 @@ def _finite(value: Any) -> Any:
     if isinstance(value, list):
         return [_finite(v) for v in value]
     return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
-def _read_json(path: Path) -> Any:
-    """Read a JSON file with an error naming it."""
-    if not path.is_file():
-        raise ArtifactError(f"{path} not found")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ArtifactError(f"{path} is not valid JSON: {err}") from None
 
 
 def _load_saved_model(saved: Path) -> Any:
@@ -228,16 +218,12 @@ def _load_saved_model(saved: Path) -> Any:
 
 def load_member_model(run_dir: Path) -> tuple[MemberModel, list[str]]:
     """Load one run directory's SavedModel and check it against member.json and classes.json."""
-    member = _read_json(run_dir / "member.json")
-    classes = _read_json(run_dir / "classes.json")
-    if not isinstance(member, dict):
-        raise ArtifactError(f"{run_dir / 'member.json'} must be a JSON object")
+    member = read_member(run_dir)
+    classes = read_json_file(run_dir / CLASSES_FILE)
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
-        raise ArtifactError(f"{run_dir / 'classes.json'} must be a list of class names")
-    size = member.get("image_size")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-        raise ArtifactError(f"{run_dir / 'member.json'} has no valid image_size")
-    saved = run_dir / "saved_model"
+        raise ArtifactError(f"{run_dir / CLASSES_FILE} must be a list of class names")
+    size = member.image_size
+    saved = run_dir / SAVED_MODEL_DIR
     model = _load_saved_model(saved)
     for signature in ("serving_default", "serving_pixels"):
         if signature not in model.signatures:
@@ -249,14 +235,8 @@ def load_member_model(run_dir: Path) -> tuple[MemberModel, list[str]]:
     outputs = pixels.structured_outputs["probabilities"].shape
     if outputs[-1] != len(classes):
         raise ArtifactError(f"{saved} outputs {outputs[-1]} classes, classes.json lists {len(classes)}")
-    name = member.get("name") or run_dir.name
-    if not isinstance(name, str):
-        raise ArtifactError(f"{run_dir / 'member.json'}: 'name' must be a string, got {name!r}")
-    try:
-        fit, record_size = member_geometry(member, str(run_dir / "member.json"))
-    except ValueError as err:
-        raise ArtifactError(str(err)) from None
-    member_model = MemberModel(name, run_dir, size, pixels, model, fit, record_size, _member_val_f1(member))
+    fit, record_size = member.geometry()
+    member_model = MemberModel(member.name, run_dir, size, pixels, model, fit, record_size, member.val_macro_f1)
     return member_model, [c.strip() for c in classes]
 
 
@@ -278,70 +258,35 @@ def _check_tta(tta: int) -> int:
     return tta
 
 
-@dataclass(frozen=True)
-class _Entry:
-    """One checked entry of ensemble.json's 'members'."""
-
-    index: int
-    name: str
-    path: str
-    weight: float | None
-
-
-def _entry(file: Path, index: int, entry: Any) -> _Entry:
-    """Check one 'members' entry: an object with a string name and path and a number or null weight."""
-    where = f"{file}: members[{index}]"
-    if not isinstance(entry, dict):
-        raise ArtifactError(f"{where} must be an object with 'name' and 'path', got {type(entry).__name__}")
-    for key in ("name", "path"):
-        if not isinstance(entry.get(key), str) or not entry[key].strip():
-            raise ArtifactError(f"{where} needs a non-empty string {key!r}, got {entry.get(key)!r}")
-    weight = entry.get("weight")
-    if weight is not None and (isinstance(weight, bool) or not isinstance(weight, int | float)
-                               or not math.isfinite(weight)):
-        raise ArtifactError(f"{where}: 'weight' must be a number or null, got {weight!r}")
-    return _Entry(index, entry["name"], entry["path"], None if weight is None else float(weight))
-
-
-def _check_document(file: Path, document: Any) -> tuple[list[str], BlendSpec, list[_Entry]]:
-    """The classes, blend and member entries of ensemble.json, checked against each other before loading."""
-    if not isinstance(document, dict):
-        raise ArtifactError(f"{file} must hold a JSON object, got {type(document).__name__}")
-    for key in ("members", "classes", "blend"):
-        if key not in document:
-            raise ArtifactError(f"{file} lacks {key!r}")
-    if document.get("version") != 1:
-        raise ArtifactError(f"{file} has version {document.get('version')!r}; this service reads version 1")
-    classes = document["classes"]
-    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
-        raise ArtifactError(f"{file}: 'classes' must be a non-empty list of class names (strings)")
+def _check_document(file: Path, document: Any) -> tuple[EnsembleFile, BlendSpec]:
+    """ensemble.json read (core.members) and its blend checked against its members and classes before loading."""
+    ensemble = ensemble_from_document(document, file)
     try:
-        blend = BlendSpec.from_dict(document["blend"])
+        blend = BlendSpec.from_dict(ensemble.blend)
     except SpecError as err:
         raise ArtifactError(f"{file}: {err}") from None
-    if not isinstance(document["members"], list) or len(document["members"]) != blend.member_count:
+    if len(ensemble.members) != blend.member_count:
         raise ArtifactError(f"{file}: the blend is for {blend.member_count} members, 'members' lists "
-                            f"{len(document['members']) if isinstance(document['members'], list) else 'none'}")
-    if blend.method == "stack" and len(blend.intercept) != len(classes):
-        raise ArtifactError(f"{file}: blend.intercept has {len(blend.intercept)} entries for {len(classes)} classes")
-    entries = [_entry(file, i, e) for i, e in enumerate(document["members"])]
-    for entry in entries:
+                            f"{len(ensemble.members)}")
+    if blend.method == "stack" and len(blend.intercept) != len(ensemble.classes):
+        raise ArtifactError(f"{file}: blend.intercept has {len(blend.intercept)} entries for {len(ensemble.classes)} "
+                            "classes")
+    for entry in ensemble.members:
         if entry.weight is not None and blend.weights is not None \
                 and abs(entry.weight - blend.weights[entry.index]) > WEIGHT_TOLERANCE:
             raise ArtifactError(f"{file}: members[{entry.index}] ({entry.name!r}) has weight {entry.weight}, "
                                 f"but blend.weights[{entry.index}] is {blend.weights[entry.index]}")
-    return [c.strip() for c in classes], blend, entries
+    return ensemble, blend
 
 
 def load_ensemble(path: str | Path, tta: int = 1) -> EnsemblePredictor:
     """Load ensemble.json (a file or its folder) and every member it names; `tta` passes per image and member."""
-    path = Path(path)
-    file = path / "ensemble.json" if path.is_dir() else path
-    document = _read_json(file)
-    classes, blend, entries = _check_document(file, document)
+    file = ensemble_file(path)
+    ensemble, blend = _check_document(file, read_json_file(file))
+    classes, document = list(ensemble.classes), ensemble.document
     members = []
-    for entry in entries:
-        run_dir = (file.parent / entry.path).resolve()
+    for entry in ensemble.members:
+        run_dir = entry.run_dir(file)
         if not run_dir.is_dir():
             raise ArtifactError(f"{file}: members[{entry.index}] ({entry.name!r}): run directory not found: {run_dir}")
         member, member_classes = load_member_model(run_dir)
@@ -361,9 +306,9 @@ def load_ensemble(path: str | Path, tta: int = 1) -> EnsemblePredictor:
 def load_version(path: str | Path, tta: int = 1) -> EnsemblePredictor:
     """Load a model repository's version folder: an ensemble directory (ensemble.json) or a run directory."""
     path = Path(path)
-    if (path / "ensemble.json").is_file():
+    if is_ensemble_directory(path):
         return load_ensemble(path, tta)
-    if (path / "member.json").is_file():
+    if is_run_directory(path):
         return load_run(path, tta)
     raise ArtifactError(f"{path} is neither an ensemble directory (no ensemble.json) nor a run directory "
                         f"(no member.json)")
