@@ -10,10 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
+from core.errors import FlowerError
+
 PROBABILITY_TOLERANCE = 1e-3
 
 
-class MemberError(ValueError):
+class MemberError(FlowerError, ValueError):
     """A member's files break the contract; the message names the member and the problem."""
 
 

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from core.errors import FlowerError, Kind
 from ensemble.members import Aligned
 from ensemble.scores import per_class_f1
 from ensemble.spec import BlendSpec
@@ -40,8 +41,10 @@ ENSEMBLE_FILES = ("ensemble.json", "submission.csv", "report.md", "weights.png",
 T = TypeVar("T")
 
 
-class OutputError(ValueError):
+class OutputError(FlowerError, ValueError):
     """The ensemble directory cannot be written; the message names the path and the reason."""
+
+    kind = Kind.CONFLICT
 
 
 def _umask() -> int:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ensemble.blend import METHODS, Blender
-from ensemble.cli import build_ensemble
+from ensemble.build import build_ensemble
 from ensemble.synthetic import synthetic_probs, write_run_dir
 from ensemble.validation import cross_validate, member_scores
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from core.errors import ConfigError, FlowerError
 from ensemble.blend import apply_blend
 from ensemble.spec import WEIGHT_TOLERANCE, BlendSpec, SpecError
 from imaging.geometry import DEFAULT_FIT, fit_square_tf, member_geometry
@@ -28,7 +29,7 @@ from imaging.geometry import DEFAULT_FIT, fit_square_tf, member_geometry
 SERVE_TTA_SEED = 1  # the TTA passes' augmentation is seeded by the pass alone: an image always gets the same answer
 
 
-class ArtifactError(ValueError):
+class ArtifactError(FlowerError, ValueError):
     """A run or ensemble directory does not match the contract; the message names the file and problem."""
 
 
@@ -274,7 +275,7 @@ def load_run(run_dir: str | Path, tta: int = 1) -> EnsemblePredictor:
 def _check_tta(tta: int) -> int:
     """TTA passes are a whole number of at least 1."""
     if isinstance(tta, bool) or not isinstance(tta, int) or tta < 1:
-        raise ValueError(f"tta must be a whole number of passes >= 1, got {tta!r}")
+        raise ConfigError(f"tta must be a whole number of passes >= 1, got {tta!r}")
     return tta
 
 

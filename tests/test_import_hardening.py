@@ -18,10 +18,10 @@ from PIL import Image, ImageFile
 
 import training.data.photos as photos
 from core.errors import DataError
+from flower.commands.import_photos import main as import_main
+from flower.commands.overlap import main as overlap_main
 from training.data.near_duplicates import load_rgb, read_folder
-from training.data.near_duplicates import main as overlap_main
 from training.data.photos import import_folders
-from training.data.photos import main as import_main
 
 
 def _noise(seed: int, size: int = 12) -> Image.Image:

@@ -16,6 +16,8 @@ import pytest
 from PIL import Image
 
 from core.errors import DataError
+from flower.commands.import_photos import main as import_main
+from flower.commands.overlap import main as overlap_main
 from tests.conftest import REPO
 from training.data.near_duplicates import (
     _BYTE_BITS,
@@ -30,9 +32,7 @@ from training.data.near_duplicates import (
     popcount,
     read_split,
 )
-from training.data.near_duplicates import main as overlap_main
 from training.data.photos import import_folders, stratified_split
-from training.data.photos import main as import_main
 
 
 def _photo(seed: int, size: tuple[int, int] = (200, 150)) -> Image.Image:

@@ -25,6 +25,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from core.errors import ConfigError, DataError, FlowerError, Kind
 from core.files import write_text_atomic
 from training.config import RunConfig
 
@@ -89,7 +90,7 @@ def saved_epoch(folder: Path) -> int:
     try:
         return int(json.loads((checkpoint / "state.json").read_text())["epoch"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{checkpoint / 'state.json'} is unreadable ({err}); remove {folder} to start over") from None
+        raise DataError(f"{checkpoint / 'state.json'} is unreadable ({err}); remove {folder} to start over") from None
 
 
 def save_checkpoint(folder: Path, model: keras.Model, optimizer: keras.optimizers.Optimizer, state: dict,
@@ -162,12 +163,18 @@ def check_resumable(folder: Path, config: dict[str, Any], run_config_file: Path 
     try:
         saved = json.loads(source.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{source} is not valid JSON ({err}); remove {folder} to start over") from None
+        raise DataError(f"{source} is not valid JSON ({err}); remove {folder} to start over") from None
     changes = config_changes(saved, config, RunConfig().to_dict())
     if changes:
-        raise ValueError(f"{folder.parent} holds a run made with another config ({'; '.join(changes)}); resume with "
-                         f"the same config (only {', '.join(RESUMABLE_CHANGES)} may change), or write to another "
-                         f"output folder, or remove {folder} to start over")
+        raise ConfigError(f"{folder.parent} holds a run made with another config ({'; '.join(changes)}); resume with "
+                          f"the same config (only {', '.join(RESUMABLE_CHANGES)} may change), or write to another "
+                          f"output folder, or remove {folder} to start over")
+
+
+class CheckpointMismatch(FlowerError, RuntimeError):
+    """A checkpoint's weights or optimizer state do not fit the model this config builds."""
+
+    kind = Kind.CONFLICT
 
 
 def load_checkpoint(
@@ -181,7 +188,7 @@ def load_checkpoint(
     try:
         state = json.loads(state_file.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{state_file} is not valid JSON ({err}); remove {folder} to start over") from None
+        raise DataError(f"{state_file} is not valid JSON ({err}); remove {folder} to start over") from None
     if not compiled_with(model, optimizer):
         raise ValueError("load_checkpoint needs the model compiled with this optimizer")
     weights = checkpoint / ("weights.weights.h5" if checkpoint != folder else "last.weights.h5")
@@ -192,16 +199,16 @@ def load_checkpoint(
                 warnings.filterwarnings("ignore", message=".*Skipping variable loading for optimizer.*")
             model.load_weights(weights)
     except (ValueError, OSError) as err:
-        raise RuntimeError(f"the checkpoint in {checkpoint} does not fit this model "
-                           f"({str(err).splitlines()[0][:200]}); it belongs to another config: remove {folder} "
-                           "to start over") from None
+        raise CheckpointMismatch(f"the checkpoint in {checkpoint} does not fit this model "
+                                 f"({str(err).splitlines()[0][:200]}); it belongs to another config: remove {folder} "
+                                 "to start over") from None
     if checkpoint == folder and (folder / "optimizer.npz").is_file():  # the legacy layout kept them apart
         try:
             with np.load(folder / "optimizer.npz") as saved:
                 for i, variable in enumerate(optimizer.variables):
                     variable.assign(saved[f"v{i}"])
         except (ValueError, KeyError, OSError) as err:
-            raise RuntimeError(f"the optimizer state in {folder / 'optimizer.npz'} does not fit this model ({err}); "
-                               f"it belongs to another config: remove {folder} to start over") from None
+            raise CheckpointMismatch(f"the optimizer state in {folder / 'optimizer.npz'} does not fit this model "
+                                     f"({err}); it belongs to another config: remove {folder} to start over") from None
     log(f"resuming after epoch {state['epoch']} (best validation macro F1 so far {state['best_f1']:.4f})")
     return state
