@@ -6,29 +6,18 @@ from __future__ import annotations
 import argparse
 import json
 
-import training.data.near_duplicates
+import training.data.near_duplicates as near
 from core.errors import DataError
 from core.files import write_text_atomic
 from flower.commands import command
-from training.data.near_duplicates import (
-    DEFAULT_DISTANCE,
-    DEFAULT_MAX_PIXELS,
-    MAX_DISTANCE,
-    check_max_pixels,
-    check_output,
-    cross_pairs,
-    overlap_report,
-    parse_distance,
-    read_photos,
-    same_set,
-)
+from training.data.near_duplicates import DEFAULT_DISTANCE, DEFAULT_MAX_PIXELS, MAX_DISTANCE
 
 PAIRS_FOUND = 1  # documented: the sets overlap
 
 
 def parser(prog: str) -> argparse.ArgumentParser:
     """The command line of `flower overlap`."""
-    parser = argparse.ArgumentParser(prog=prog, description=training.data.near_duplicates.__doc__,
+    parser = argparse.ArgumentParser(prog=prog, description=near.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("a", help="a folder of photos, or DATA_DIR:train|val|test (a split written by flower import)")
     parser.add_argument("b", help="the other side (another set): a folder of photos, or DATA_DIR:train|val|test")
@@ -49,17 +38,17 @@ def parser(prog: str) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, prog: str = "flower overlap") -> int:
     """Run `flower overlap`; returns 0 (no pair), 1 (pairs found) or 2 (bad arguments)."""
     args = parser(prog).parse_args(argv)
-    max_distance = parse_distance(args.near_duplicate_distance)
-    max_pixels = check_max_pixels(args.max_pixels, "--max-pixels")
-    if same_set(args.a, args.b):
+    max_distance = near.parse_distance(args.near_duplicate_distance)
+    max_pixels = near.check_max_pixels(args.max_pixels, "--max-pixels")
+    if near.same_set(args.a, args.b):
         raise DataError(f"A and B are the same set ({args.a} and {args.b}): every photo would match itself; "
                         "compare two different sets")
     if args.json:
-        check_output(args.json)
-    a = read_photos(args.a, args.b, progress=not args.quiet, max_pixels=max_pixels)
-    b = read_photos(args.b, args.a, progress=not args.quiet, max_pixels=max_pixels)
-    pairs = cross_pairs(a, b, max_distance)
-    report = overlap_report(a, b, max_distance, pairs)
+        near.check_output(args.json)
+    a = near.read_photos(args.a, args.b, progress=not args.quiet, max_pixels=max_pixels)
+    b = near.read_photos(args.b, args.a, progress=not args.quiet, max_pixels=max_pixels)
+    pairs = near.cross_pairs(a, b, max_distance)
+    report = near.overlap_report(a, b, max_distance, pairs)
     for pair in pairs:
         print(f"{pair['kind']:5s}  distance {pair['distance']:2d}  {pair['a']}  {pair['b']}")
     print(summary(report))
