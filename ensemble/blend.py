@@ -17,6 +17,7 @@ from scipy.optimize import minimize
 from scipy.special import logsumexp, softmax
 from sklearn.base import BaseEstimator
 
+from core.errors import ConfigError
 from ensemble.scores import macro_f1
 from ensemble.spec import METHODS, BlendSpec
 
@@ -173,7 +174,7 @@ def fit_stack(
     from sklearn.model_selection import StratifiedKFold
 
     if features not in ("log", "probs"):
-        raise ValueError(f"stack features must be 'log' or 'probs', got {features!r}")
+        raise ConfigError(f"stack features must be 'log' or 'probs', got {features!r}")
     x = _stack_features(probs, features)
     counts = np.bincount(labels)
     inner = min(folds, int(counts[counts > 0].min()))
@@ -227,7 +228,7 @@ class Blender(BaseEstimator):
     def fit(self, probs: np.ndarray, labels: np.ndarray) -> Blender:
         """Fit on probabilities [M, N, C] and integer labels [N]; returns self."""
         if self.method not in METHODS:
-            raise ValueError(f"unknown blend method {self.method!r}; expected one of {METHODS}")
+            raise ConfigError(f"unknown blend method {self.method!r}; expected one of {METHODS}")
         probs = np.asarray(probs)
         if probs.ndim != 3 or probs.shape[1] != len(labels):
             raise ValueError(

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from core.errors import ConfigError
 from ensemble.blend import Blender
 from ensemble.members import Aligned, load_members
 from ensemble.output import (
@@ -51,7 +52,7 @@ def build_ensemble(
     as one unit (see ensemble.output.publish_directory): on any error it is left as it was.
     """
     if method not in (*METHODS, "auto"):
-        raise ValueError(f"unknown method {method!r}; expected one of {(*METHODS, 'auto')}")
+        raise ConfigError(f"unknown method {method!r}; expected one of {(*METHODS, 'auto')}")
     out_dir = check_out_dir(out_dir)
     options = options or {}
     start = time.perf_counter()

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
+from core.errors import FlowerError
 from core.members import ArtifactError, MemberFile, is_run_directory, read_json_file, read_member
 
 PROBABILITY_TOLERANCE = 1e-3
 
 
-class MemberError(ValueError):
+class MemberError(FlowerError, ValueError):
     """A member's files break the contract; the message names the member and the problem."""
 
 

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from core.contract import ENSEMBLE_FILE
+from core.errors import DataError, FlowerError, Kind
 from core.files import Unit, write_atomic, write_text_atomic
 from ensemble.members import Aligned
 from ensemble.scores import per_class_f1
@@ -32,8 +33,10 @@ ENSEMBLE_DIRECTORY = Unit(lambda p: p.name in ENSEMBLE_FILES and p.is_file(), "b
 T = TypeVar("T")
 
 
-class OutputError(ValueError):
+class OutputError(FlowerError, ValueError):
     """The ensemble directory cannot be written; the message names the path and the reason."""
+
+    kind = Kind.CONFLICT
 
 
 # --- where the ensemble directory may go --------------------------------------------------------------
@@ -132,11 +135,11 @@ def publish_directory(out: Path, write: Callable[[Path], T]) -> T:
 def check_submission(ids: np.ndarray, labels: np.ndarray, num_classes: int, expected_ids: np.ndarray) -> None:
     """Refuse a submission with missing, extra or duplicate ids or labels out of range."""
     if len(ids) != len(expected_ids) or len(labels) != len(ids):
-        raise ValueError(f"submission has {len(ids)} ids and {len(labels)} labels, expected {len(expected_ids)}")
+        raise DataError(f"submission has {len(ids)} ids and {len(labels)} labels, expected {len(expected_ids)}")
     if len(np.unique(ids)) != len(ids):
-        raise ValueError("submission ids are not unique")
+        raise DataError("submission ids are not unique")
     if set(ids.tolist()) != set(expected_ids.tolist()):
-        raise ValueError("submission ids differ from the test ids")
+        raise DataError("submission ids differ from the test ids")
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"submission labels out of range 0..{num_classes - 1}")
 

@@ -14,11 +14,13 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from core.errors import FlowerError
+
 METHODS = ("mean", "weighted", "hill-climb", "stack")
 WEIGHT_TOLERANCE = 1e-6
 
 
-class SpecError(ValueError):
+class SpecError(FlowerError, ValueError):
     """A blend spec that cannot be applied; the message names the field."""
 
 

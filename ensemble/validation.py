@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from core.errors import DataError
 from ensemble.blend import METHODS, Blender
 from ensemble.scores import scores
 
@@ -21,7 +22,7 @@ def _folds(labels: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, 
     counts = np.bincount(labels)
     usable = min(folds, int(counts[counts > 0].min()))
     if usable < 2:
-        raise ValueError(f"cannot cross-validate: a class has only {usable} validation row(s); need at least 2")
+        raise DataError(f"cannot cross-validate: a class has only {usable} validation row(s); need at least 2")
     splitter = StratifiedKFold(usable, shuffle=True, random_state=seed)
     return list(splitter.split(np.zeros(len(labels)), labels))
 

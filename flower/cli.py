@@ -1,7 +1,8 @@
-"""`flower <command> [options]`: dispatch to the command's own module, importing nothing else.
+"""`flower <command> [options]`: dispatch to the command's own module in `flower.commands`, importing nothing else.
 
 Each command's module is imported only when that command runs, so `flower train --help` and
-config errors never load TensorFlow, and `flower blend` never needs it.
+config errors never load TensorFlow, and `flower blend` never needs it. The exit status rules are
+`flower.commands.command`'s.
 """
 
 from __future__ import annotations
@@ -16,23 +17,24 @@ from flower import version
 
 @dataclass(frozen=True)
 class Command:
-    """One subcommand: the module whose `main(argv, prog)` runs it, and a line for the overview."""
+    """One subcommand: the `flower.commands` module whose `main(argv, prog)` runs it, and a line for the overview."""
 
     module: str
     summary: str
 
 
 COMMANDS = {
-    "import": Command("training.data.photos", "import folders of photos (one per class) into the competition layout"),
-    "overlap": Command("training.data.near_duplicates", "list photos of one set (folder or data split) found again in "
+    "import": Command("flower.commands.import_photos", "import folders of photos (one per class) into the competition "
+                                                       "layout"),
+    "overlap": Command("flower.commands.overlap", "list photos of one set (folder or data split) found again in "
                                                    "another: a leak check"),
-    "demo-data": Command("training.data.demo_data", "write the synthetic demo flower data set"),
-    "train": Command("training.train", "train one ensemble member from a TOML config (resumes when rerun)"),
-    "compare": Command("training.compare", "compare run directories side by side"),
-    "augment-grid": Command("training.show_augment", "write a PNG grid of augmented training samples"),
-    "blend": Command("ensemble.cli", "blend run directories, cross-validate, write the Kaggle submission"),
-    "serve": Command("service.cli", "serve an ensemble, one run or a model repository over HTTP"),
-    "predict": Command("service.scoring", "score image files, folders or a data split with an ensemble (or one "
+    "demo-data": Command("flower.commands.demo_data", "write the synthetic demo flower data set"),
+    "train": Command("flower.commands.train", "train one ensemble member from a TOML config (resumes when rerun)"),
+    "compare": Command("flower.commands.compare", "compare run directories side by side"),
+    "augment-grid": Command("flower.commands.augment_grid", "write a PNG grid of augmented training samples"),
+    "blend": Command("flower.commands.blend", "blend run directories, cross-validate, write the Kaggle submission"),
+    "serve": Command("flower.commands.serve", "serve an ensemble, one run or a model repository over HTTP"),
+    "predict": Command("flower.commands.predict", "score image files, folders or a data split with an ensemble (or one "
                                           "run) into a CSV"),
 }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from core.errors import ConfigError
 from core.sections import section_from_dict
 
 FILL_MODES = ("nearest", "reflect", "wrap", "constant")
@@ -49,26 +50,26 @@ class AugmentConfig:
     def __post_init__(self) -> None:
         for name in ("rotation", "shear", "zoom", "shift", "brightness", "contrast", "saturation", "hue"):
             if getattr(self, name) < 0:
-                raise ValueError(f"augment.{name} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"augment.{name} must be >= 0, got {getattr(self, name)}")
         for name, limit in AUGMENT_LIMITS.items():  # beyond these the images are noise (or not finite)
             if getattr(self, name) > limit:
-                raise ValueError(f"augment.{name} must be <= {limit:g}, got {getattr(self, name)}")
+                raise ConfigError(f"augment.{name} must be <= {limit:g}, got {getattr(self, name)}")
         for name in ("erase_prob", "cutmix_prob", "mixup_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"augment.{name} must be in [0, 1], got {getattr(self, name)}")
+                raise ConfigError(f"augment.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.cutmix_prob + self.mixup_prob > 1.0:
-            raise ValueError(
+            raise ConfigError(
                 f"augment.cutmix_prob + augment.mixup_prob must be <= 1, got {self.cutmix_prob + self.mixup_prob}"
             )
         lo, hi = self.erase_area
         if not 0.0 < lo <= hi < 1.0:
-            raise ValueError(f"augment.erase_area must be (low, high) with 0 < low <= high < 1, got {self.erase_area}")
+            raise ConfigError(f"augment.erase_area must be (low, high) with 0 < low <= high < 1, got {self.erase_area}")
         if self.fill_mode not in FILL_MODES:
-            raise ValueError(f"augment.fill_mode must be one of {FILL_MODES}, got {self.fill_mode!r}")
+            raise ConfigError(f"augment.fill_mode must be one of {FILL_MODES}, got {self.fill_mode!r}")
         if self.brightness > 1 or self.contrast > 1 or self.saturation > 1 or self.hue > 0.5:
-            raise ValueError("augment.brightness/contrast/saturation must be <= 1 and augment.hue <= 0.5")
+            raise ConfigError("augment.brightness/contrast/saturation must be <= 1 and augment.hue <= 0.5")
         if self.mixup_alpha <= 0 or self.cutmix_alpha <= 0:
-            raise ValueError("augment.mixup_alpha and augment.cutmix_alpha must be > 0")
+            raise ConfigError("augment.mixup_alpha and augment.cutmix_alpha must be > 0")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> AugmentConfig:

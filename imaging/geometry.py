@@ -16,6 +16,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from core.errors import ConfigError, DataError
+
 FIT_MODES = ("crop", "stretch", "pad")
 FILTER = "lanczos3"  # antialiased: tf.image.resize(method="lanczos3", antialias=True); PIL's LANCZOS at import
 DEFAULT_FIT = "crop"  # data sets that do not say how they were made (the competition's, older imports)
@@ -24,7 +26,7 @@ DEFAULT_FIT = "crop"  # data sets that do not say how they were made (the compet
 def geometry_record(fit: str, source: str) -> dict[str, str]:
     """The "geometry" entry of member.json: the fit mode, the resize filter and where the fit mode came from."""
     if fit not in FIT_MODES:
-        raise ValueError(f"fit must be one of {FIT_MODES}, got {fit!r}")
+        raise ConfigError(f"fit must be one of {FIT_MODES}, got {fit!r}")
     return {"fit": fit, "filter": FILTER, "from": source}
 
 
@@ -39,11 +41,11 @@ def data_fit(data_dir: str, setting: str = "auto") -> dict[str, str]:
     try:
         fit = json.loads(report.read_text()).get("fit")
     except (OSError, ValueError, AttributeError) as err:
-        raise ValueError(f"{report} cannot be read for its 'fit': {err}") from None
+        raise DataError(f"{report} cannot be read for its 'fit': {err}") from None
     if fit is None:  # imported before the fit mode was recorded
         return geometry_record(DEFAULT_FIT, "default")
     if fit not in FIT_MODES:
-        raise ValueError(f"{report}: 'fit' is {fit!r}, not one of {FIT_MODES}")
+        raise DataError(f"{report}: 'fit' is {fit!r}, not one of {FIT_MODES}")
     return geometry_record(fit, str(report))
 
 
@@ -52,11 +54,11 @@ def member_geometry(member: dict[str, Any], where: str) -> tuple[str, int]:
     "data".file_size, else 0: none between the photo and the model's input)."""
     geometry = member.get("geometry", {"fit": DEFAULT_FIT})
     if not isinstance(geometry, dict) or geometry.get("fit") not in FIT_MODES:
-        raise ValueError(f"{where}: 'geometry' must be an object whose 'fit' is one of {FIT_MODES}, got {geometry!r}")
+        raise DataError(f"{where}: 'geometry' must be an object whose 'fit' is one of {FIT_MODES}, got {geometry!r}")
     data = member.get("data")
     record_size = data.get("file_size", 0) if isinstance(data, dict) else 0
     if isinstance(record_size, bool) or not isinstance(record_size, int) or record_size < 0:
-        raise ValueError(f"{where}: 'data'.'file_size' must be a record size in pixels, got {record_size!r}")
+        raise DataError(f"{where}: 'data'.'file_size' must be a record size in pixels, got {record_size!r}")
     return geometry["fit"], record_size
 
 

@@ -4,7 +4,7 @@
     python scripts/abuse_load_test.py [--seconds 60] [--good 8] [--warmup 10] [--body-timeout 5]
                                       [--tricklers 4] [--pause 0.2] [--rss-ceiling-mb 950]
 
-Starts `python -m service --body-timeout 5` (other limits at their defaults) on a loopback port with a
+Starts `python -m flower serve --body-timeout 5` (other limits at their defaults) on a loopback port with a
 freshly exported small CNN at 128 px. The good clients post a small JPEG to /v1/predict back to back;
 after `--warmup` seconds of that alone, for `--seconds` one thread per abusive kind (and `--tricklers`
 trickling ones) repeats its attempt, `--pause` seconds apart, and records the status it got (expected):

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 import numpy as np  # noqa: E402
 
 from ensemble.blend import METHODS, Blender  # noqa: E402
-from ensemble.cli import build_ensemble  # noqa: E402
+from ensemble.build import build_ensemble  # noqa: E402
 from ensemble.validation import cross_validate, member_scores  # noqa: E402
 from testkit.synthetic import synthetic_probs, write_run_dir  # noqa: E402
 

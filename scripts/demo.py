@@ -46,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
 
     from core.contract import SPLITS
+    from flower.commands.augment_grid import main as show_augment
     from training.data.demo_data import make_demo_data
     from training.data.layout import available_sizes, count_records, load_classes, split_files
-    from training.show_augment import main as show_augment
 
     print(f"[1/4] making the demo data set in {out / 'data'}", flush=True)
     make_demo_data(out / "data", sizes=(64, 96))
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"      {size}x{size}: " + ", ".join(f"{s} {n}" for s, n in counts.items()))
     show_augment(["--data", data, "--size", "96", "--out", str(out / "augment.png"), "--set", "cutmix_prob=0.3"])
 
-    from training.train import main as train
+    from flower.commands.train import main as train
 
     runs = []
     for i, config in enumerate(CONFIGS, 1):
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             return code
         runs.append(run)
 
-    from ensemble.cli import main as blend
+    from flower.commands.blend import main as blend
 
     print(f"[3/4] blending {len(runs)} members into {out / 'ensemble'}", flush=True)
     code = blend([str(r) for r in runs] + ["--out", str(out / "ensemble"), "--method", "auto", "--folds", "5"])
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{out / 'ensemble' / 'report.md'}")
     if args.no_serve:
         return 0
-    from service.cli import main as serve
+    from flower.commands.serve import main as serve
 
     print(f"[4/4] serving the ensemble: open http://127.0.0.1:{args.port}/ (stop with Ctrl-C)\n"
           f"      curl -F files=@some_photo.jpg http://127.0.0.1:{args.port}/v1/predict", flush=True)

@@ -17,8 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from flower.commands.train import main as train_main
 from training.config_values import parse_assignments
-from training.train import main as train_main
 
 COMPETITION = "tpu-getting-started"
 OUTPUT = Path("/kaggle/working/runs")

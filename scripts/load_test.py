@@ -3,7 +3,7 @@
 
     python scripts/load_test.py [--clients 16] [--seconds 60] [--warmup 15] [--backbone small-cnn] [--size 128]
 
-Starts `python -m service` on a loopback port with a freshly exported member, runs the clients
+Starts `python -m flower serve` on a loopback port with a freshly exported member, runs the clients
 (each posts one JPEG at a time, back to back), samples the server's resident memory every second,
 and reports requests, errors, p50/p95 latency and the memory of the first vs the last 10 s of the
 measured period. The measured period follows `--warmup` seconds of the same load: the server's memory

@@ -15,6 +15,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from core.errors import ConfigError
 from service.batching import DynamicBatcher
 from service.deps import ServiceState
 from service.errors import register_error_handlers
@@ -38,8 +39,8 @@ def load_models(settings: Settings) -> ModelRepository:
     fails is kept with its reason), or the one ensemble or run directory as version 1 (a failure raises)."""
     given = [name for name in ("ensemble", "run", "model_repository") if getattr(settings, name)]
     if len(given) != 1:
-        raise ValueError("give exactly one of --ensemble, --run or --model-repository (FLOWER_ENSEMBLE / FLOWER_RUN "
-                         "/ FLOWER_MODEL_REPOSITORY)")
+        raise ConfigError("give exactly one of --ensemble, --run or --model-repository (FLOWER_ENSEMBLE / FLOWER_RUN "
+                          "/ FLOWER_MODEL_REPOSITORY)")
     loader = partial(load_version, tta=settings.tta)
     if settings.model_repository:
         repository = ModelRepository(Path(settings.model_repository), loader, _unstarted)

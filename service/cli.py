@@ -20,7 +20,6 @@ With --workers N > 1 the workers' Prometheus metrics go to a fresh temporary PRO
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import sys
@@ -29,47 +28,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from pydantic import ValidationError
-
+from core.errors import FlowerError, Kind
 from service.settings import Settings
 
-SOURCES = ("ensemble", "run", "model_repository")  # what to serve: exactly one
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # as service.telemetry reads it (not imported: --help stays light)
 
 
-def parse_settings(argv: list[str] | None = None, prog: str = "python -m service") -> Settings:
-    """Flags over environment over defaults."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    fields = Settings.model_fields
-    for name, info in fields.items():
-        flag = "--" + name.replace("_", "-")
-        help_text = (info.description or name.replace("_", " ")) + f" (default {info.default!r})"
-        if info.annotation is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            kind = {int: int, float: float}.get(info.annotation, str)
-            parser.add_argument(flag, dest=name, type=kind, default=None, help=help_text)
-    args = parser.parse_args(argv)
-    given = {k: v for k, v in vars(args).items() if v is not None}
-    for chosen in SOURCES:
-        for other in set(SOURCES) - {chosen}:
-            if chosen in given and other not in given:
-                given[other] = None  # a flag naming what to serve also overrides the others from the environment
-    return Settings(**given)
-
-
-def _problems(err: ValidationError) -> list[str]:
-    """One line per invalid setting, named by its flag: 'error: --port: Input should be ...'."""
-    lines = []
-    for problem in err.errors():
-        field = str(problem["loc"][0]) if problem["loc"] else ""
-        flag = "--" + field.replace("_", "-") if field in Settings.model_fields else field or "settings"
-        lines.append(f"error: {flag}: {problem['msg']}")
-    return lines
-
-
-def _hand_to_workers(settings: Settings) -> None:
+def hand_to_workers(settings: Settings) -> None:
     """Workers are separate processes: hand them the settings through the environment (unset ones removed)."""
     for name, value in settings.model_dump().items():
         if value is None:
@@ -116,8 +81,10 @@ def load_checked(settings: Settings) -> Any:
     return None
 
 
-class ModelError(Exception):
+class ModelError(FlowerError):
     """The models cannot be served; the message says which and why."""
+
+    kind = Kind.UNAVAILABLE
 
 
 def _check_in_child(values: dict) -> str | None:
@@ -195,43 +162,3 @@ def metrics_dir() -> Iterator[str]:
                 os.environ.pop(MULTIPROC_ENV, None)
             else:
                 os.environ[MULTIPROC_ENV] = previous
-
-
-def main(argv: list[str] | None = None, prog: str = "python -m service") -> int:
-    """Command line entry point: validate settings, bind the port, load and check the models, then serve.
-
-    Every failure before serving is one line 'error: ...' on stderr and a non-zero exit status (2 for bad
-    settings, 1 for models that cannot be served or an address that cannot be bound); the address is
-    printed only once the models are loaded and the port is bound.
-    """
-    try:
-        settings = parse_settings(argv, prog)
-    except ValidationError as err:
-        print("\n".join(_problems(err)), file=sys.stderr)
-        return 2
-    if sum(bool(getattr(settings, name)) for name in SOURCES) != 1:
-        print("error: give exactly one of --ensemble, --run or --model-repository", file=sys.stderr)
-        return 2
-    target = settings.ensemble or settings.run or settings.model_repository
-    if not os.path.exists(target):
-        print(f"error: {target} not found", file=sys.stderr)
-        return 2
-    try:
-        sock = listen(settings.host, settings.port)
-    except OSError as err:
-        print(f"error: cannot listen on {settings.host}:{settings.port}: {err.strerror or err}", file=sys.stderr)
-        return 1
-    try:
-        try:
-            ensemble = load_checked(settings)
-        except Exception as err:  # noqa: BLE001 - one line, no traceback: what failed and where
-            print(f"error: {_describe(err)}", file=sys.stderr)
-            return 1
-        _hand_to_workers(settings)
-        host = f"[{settings.host}]" if ":" in settings.host else settings.host
-        print(f"serving {target} on http://{host}:{settings.port}/  (page at /, API docs at /docs; "
-              f"Ctrl-C stops)", flush=True)
-        serve(settings, ensemble, sock)
-    finally:
-        sock.close()
-    return 0

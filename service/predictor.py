@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from core.contract import CLASSES_FILE, SAVED_MODEL_DIR
+from core.errors import ConfigError
 from core.members import (
     DEFAULT_FIT,
     ArtifactError,
@@ -254,7 +255,7 @@ def load_run(run_dir: str | Path, tta: int = 1) -> EnsemblePredictor:
 def _check_tta(tta: int) -> int:
     """TTA passes are a whole number of at least 1."""
     if isinstance(tta, bool) or not isinstance(tta, int) or tta < 1:
-        raise ValueError(f"tta must be a whole number of passes >= 1, got {tta!r}")
+        raise ConfigError(f"tta must be a whole number of passes >= 1, got {tta!r}")
     return tta
 
 

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.errors import FlowerError
+
 logger = logging.getLogger(__name__)
 
 VERSION_FOLDER = re.compile(r"0|[1-9][0-9]{0,17}")  # fullmatch: a number without leading zeros
@@ -34,7 +36,7 @@ LABELS_FILE = "labels.json"
 LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
-class RepositoryError(ValueError):
+class RepositoryError(FlowerError, ValueError):
     """The repository folder or its labels do not match the layout; the message names the path."""
 
 

@@ -26,13 +26,11 @@ at all, or --out that exists (without --overwrite) or whose folder does not exis
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import csv
 import itertools
 import os
 import re
-import signal
 import stat
 import sys
 import tempfile
@@ -46,12 +44,13 @@ from typing import TextIO
 import numpy as np
 
 from core.contract import IMAGE_FEATURE, RECORD_SUFFIX, choose_size, count_in_name, local_size_folders, parse_split_spec
+from core.errors import FlowerError
 from core.files import publish_file
 from core.names import shown
 from core.photos import PHOTO_EXTENSIONS, entry_problem, walk_photos
 from service.images import ImageError
 from service.inference import EncodedImage, InferencePath, direct
-from service.predictor import ArtifactError, EnsemblePredictor, load_ensemble, load_run
+from service.predictor import EnsemblePredictor, load_ensemble, load_run
 from service.settings import Settings
 
 DEFAULT_TOP_K = 5
@@ -59,7 +58,7 @@ DEFAULT_BATCH_SIZE = 32
 PROGRESS_SECONDS = 2.0
 
 
-class InputError(Exception):
+class InputError(FlowerError):
     """The run cannot start or finish as asked (an input not found, no images, --out refused); nothing written."""
 
 
@@ -401,7 +400,7 @@ def _publish(tmp: str, out: Path, overwrite: bool) -> None:
                          "to replace it)")
 
 
-# --- the command --------------------------------------------------------------------------------------------
+# --- the model -----------------------------------------------------------------------------------------------
 
 
 def model_kind(path: str) -> str:
@@ -422,93 +421,6 @@ def load_predictor(path: str) -> EnsemblePredictor:
     return load_ensemble(path) if model_kind(path) == "ensemble" else load_run(path)
 
 
-def _parser(prog: str) -> argparse.ArgumentParser:
-    """The command line of `flower predict`."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", metavar="ENSEMBLE_OR_RUN",
-                        help="ensemble directory, its ensemble.json, or a run directory")
-    parser.add_argument("images", metavar="IMAGES", nargs="*",
-                        help="image files, folders (walked recursively) and DATA:SPLIT (e.g. data/mine:test)")
-    parser.add_argument("--out", required=True, help="the CSV file to write (its folder must exist)")
-    parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K,
-                        help=f"top classes per row, capped at the number of classes (default {DEFAULT_TOP_K})")
-    parser.add_argument("--probabilities", action="store_true",
-                        help="also write one column per class (its name) with the blended probability")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
-                        help=f"images decoded and predicted together (default {DEFAULT_BATCH_SIZE})")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out when it exists (else refused)")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines and no summary on stderr")
-    return parser
-
-
-def main(argv: list[str] | None = None, prog: str = "python -m service.scoring") -> int:
-    """Command line entry point of `flower predict`; returns the exit status (see the module's docstring)."""
-    args = _parser(prog).parse_args(argv)
-    try:
-        if args.top_k < 1 or args.batch_size < 1:
-            raise InputError(f"--top-k and --batch-size must be >= 1, got {args.top_k} and {args.batch_size}")
-        check_out(Path(args.out), args.overwrite)
-        model_kind(args.model)
-        inputs = collect_inputs(args.images)
-        _check_out_is_no_input(Path(args.out), inputs)
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    signal.signal(signal.SIGTERM, _stop)  # a terminated run removes its partial CSV, as Ctrl-C does
-    try:
-        predictor = load_predictor(args.model)
-    except ArtifactError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    options = Options(top_k=args.top_k, probabilities=args.probabilities, batch_size=args.batch_size)
-    size = max(m.image_size for m in predictor.members)
-    for split in (s for s in inputs.sources if isinstance(s, SplitInput) and not args.quiet):
-        print(f"reading {shown(split.spec)} at {split.size_for(size)}x{split.size_for(size)} (records of sizes "
-              f"{', '.join(map(str, sorted(split.files)))} there; the largest member takes {size})", file=sys.stderr)
-    try:
-        summary = score(predictor, inputs, args.out, options, args.overwrite, args.quiet)
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if not args.quiet:
-        print(_summary_line(summary, inputs, args.out), file=sys.stderr)
-    if summary.failures:
-        kinds = ", ".join(f"{kind} {n}" for kind, n in summary.failed.most_common())
-        print(f"{summary.failures} of {summary.rows} image(s) failed ({kinds}): see the error column of "
-              f"{shown(args.out)}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _stop(signum: int, frame: object) -> None:
+def stop_on_signal(signum: int, frame: object) -> None:
     """SIGTERM: leave as Ctrl-C does, through the clean-up that removes the partial CSV."""
     raise SystemExit(128 + signum)
-
-
-def _check_out_is_no_input(out: Path, inputs: Inputs) -> None:
-    """Refuse an --out that is one of the images to score (--overwrite would replace the photo by the CSV)."""
-    if not os.path.lexists(out):
-        return
-    for source in inputs.sources:
-        try:
-            same = isinstance(source, FileInput) and os.path.samefile(source.path, out)
-        except OSError:  # a broken link or an unreadable file: not the CSV
-            same = False
-        if same:
-            raise InputError(f"--out {shown(str(out))} is one of the images to score; name another file")
-
-
-def _summary_line(summary: Summary, inputs: Inputs, out: str) -> str:
-    """What the command says at the end: rows written, what was ignored, time and speed."""
-    lines = [f"wrote {shown(out)}: {summary.rows} row(s), {summary.rows - summary.failures} scored, "
-             f"{summary.failures} failed, in {summary.seconds:.1f} s "
-             f"({summary.rows / max(summary.seconds, 1e-9):.1f} images/s)"]
-    if inputs.ignored:
-        lines.append(f"ignored {inputs.ignored} file(s) in the folders that are not images by extension or are hidden")
-    return "\n".join(lines + [f"note: {note}" for note in inputs.notes])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

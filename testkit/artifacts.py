@@ -136,7 +136,7 @@ def start_server(args: list[str], port: int, env: dict[str, str] | None = None,
     import httpx
 
     log = tempfile.TemporaryFile("w+")
-    process = subprocess.Popen([sys.executable, "-m", "service", *args, "--port", str(port)], cwd=PACKAGE_ROOT,
+    process = subprocess.Popen([sys.executable, "-m", "flower", "serve", *args, "--port", str(port)], cwd=PACKAGE_ROOT,
                                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})},
                                stdout=log, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + timeout

@@ -197,13 +197,25 @@ def test_train_help_print_config_and_config_errors_never_load_tensorflow():
     assert "Traceback" not in bad.stderr
 
 
-@pytest.mark.parametrize("module", ["training.train", "training.compare", "training.show_augment",
-                                    "training.data.photos", "training.data.demo_data", "ensemble", "service"])
-def test_the_old_python_m_forms_still_work(module):
-    result = subprocess.run([sys.executable, "-c", NO_TENSORFLOW + f"import runpy, sys; sys.argv = ['x', '--help']; "
-                             f"runpy.run_module({module!r}, run_name='__main__')"], cwd=REPO, capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 0 and "usage:" in result.stdout, result.stderr[-1000:]
+def test_python_m_flower_runs_a_command_without_tensorflow_for_help():
+    code = "import runpy; sys.argv = ['flower', 'train', '--help']; runpy.run_module('flower', run_name='__main__')"
+    result = subprocess.run([sys.executable, "-c", NO_TENSORFLOW + code], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and "usage: flower train" in result.stdout, result.stderr[-1000:]
+    assert not any((REPO / part / "__main__.py").exists() for part in LIBRARIES)
+
+
+LIBRARIES = ("core", "imaging", "training", "ensemble", "service")  # what the commands in flower/commands use
+
+
+def test_only_the_commands_parse_arguments_and_no_library_module_is_a_script():
+    parsing, scripts = [], []
+    for name, path in _modules().items():
+        if _part(name) in LIBRARIES:
+            parsing += [name] if "argparse" in _third_party(path) else []
+            scripts += [name] if '__name__ == "__main__"' in path.read_text() else []
+    assert not parsing, f"argparse belongs in flower/commands: {parsing}"
+    assert not scripts, f"run a command with python -m flower <command>: {scripts}"
 
 
 def test_flower_help_shows_the_overview_or_one_commands_help():

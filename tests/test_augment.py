@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from flower.commands.augment_grid import main as show_augment_main
 from imaging.augment import AugmentConfig, augment_batch, augment_image, mix_batch, resize_image
-from training.show_augment import main as show_augment_main
 
 NO_GEOMETRY = dict(flip_left_right=False, rotation=0.0, shear=0.0, zoom=0.0, shift=0.0)
 NO_COLOUR = dict(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)

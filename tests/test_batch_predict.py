@@ -13,10 +13,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from flower.cli import main as flower
+from flower.commands.predict import main
 from service.app import create_app
 from service.images import decode_image
 from service.predictor import load_ensemble
-from service.scoring import Options, collect_inputs, header, main, score
+from service.scoring import Options, collect_inputs, header, score
 from service.settings import Settings
 from testkit.artifacts import CLASSES, image_bytes, make_ensemble
 
@@ -238,7 +239,7 @@ def test_a_run_stopped_midway_leaves_no_partial_csv(models, tmp_path, monkeypatc
 
     def stopped(*args, **kwargs):
         yield from real(*args, **kwargs)
-        scoring._stop(15, None)  # what SIGTERM does once main() has installed it
+        scoring.stop_on_signal(15, None)  # what SIGTERM does once main() has installed it
 
     monkeypatch.setattr(scoring, "score_batch", stopped)
     with pytest.raises(SystemExit) as stop:

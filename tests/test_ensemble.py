@@ -14,10 +14,10 @@ from sklearn.metrics import f1_score
 
 from ensemble.blend import METHODS, Blender, apply_blend
 from ensemble.build import build_ensemble
-from ensemble.cli import main
 from ensemble.members import MemberError, load_member_predictions, load_members
 from ensemble.scores import macro_f1
 from ensemble.validation import cross_validate, member_scores
+from flower.commands.blend import main
 from testkit.synthetic import synthetic_runs, write_run_dir
 
 QUIET = dict(progress=lambda _: None)
@@ -197,7 +197,7 @@ def test_the_command_line_reports_errors_without_a_traceback(runs, tmp_path, cap
 def test_the_ensemble_imports_and_runs_without_tensorflow(runs, tmp_path):
     code = (
         "import sys; sys.modules['tensorflow'] = None\n"  # any import of tensorflow now fails
-        "from ensemble.cli import main\n"
+        "from flower.commands.blend import main\n"
         f"sys.exit(main([{str(runs[0])!r}, {str(runs[1])!r}, '--out', {str(tmp_path / 'e')!r}, '--quiet']))\n"
     )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0

@@ -19,7 +19,7 @@ import core.files as files
 import ensemble.build as build
 import ensemble.output as output
 from ensemble.build import build_ensemble
-from ensemble.cli import main
+from flower.commands.blend import main
 from testkit.synthetic import synthetic_runs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,7 +106,7 @@ def _killed_blend(runs, out, where: str) -> None:
         "    result = original(*args, **kwargs)\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
         f"target.{name} = kill\n"
-        "from ensemble.cli import main\n"
+        "from flower.commands.blend import main\n"
         f"main({[*map(str, runs), '--out', str(out), '--method', 'weighted', '--folds', '2', '--quiet']!r})\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True)

@@ -12,12 +12,12 @@ import tensorflow as tf
 from PIL import Image, ImageOps
 
 from core.errors import DataError
+from flower.commands.import_photos import main as import_main
 from imaging.records import iter_records
 from training.data.dataset import eval_dataset, split_info
 from training.data.demo_data import KINDS, demo_examples
 from training.data.layout import count_records, split_files
 from training.data.photos import import_folders, stratified_split
-from training.data.photos import main as import_main
 
 
 def _save(path, image: Image.Image, fmt: str, **kwargs) -> None:
@@ -217,7 +217,7 @@ def test_an_import_into_a_file_is_a_clear_error(tmp_path, capsys, where):
     (["--test", "-5"], "error: --test must be at least 1"),
 ])
 def test_demo_data_options_are_checked_before_anything_is_written(tmp_path, capsys, args, message):
-    from training.data.demo_data import main as demo_main
+    from flower.commands.demo_data import main as demo_main
 
     out = tmp_path / "demo"
     assert demo_main([str(out), "--sizes", "8", "--train", "6", "--val", "6", "--test", "6", *args]) == 2

@@ -19,10 +19,10 @@ from PIL import Image, ImageFile
 import training.data.photos as photos
 from core.errors import DataError
 from core.photos import load_rgb
-from training.data.near_duplicates import main as overlap_main
+from flower.commands.import_photos import main as import_main
+from flower.commands.overlap import main as overlap_main
 from training.data.near_duplicates import read_folder
 from training.data.photos import import_folders
-from training.data.photos import main as import_main
 
 
 def _noise(seed: int, size: int = 12) -> Image.Image:

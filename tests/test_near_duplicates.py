@@ -15,8 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import flower.commands.overlap as overlap_command
 from core.errors import DataError
 from core.photos import load_rgb
+from flower.commands.import_photos import main as import_main
+from flower.commands.overlap import main as overlap_main
 from tests.conftest import REPO
 from training.data.near_duplicates import (
     _BYTE_BITS,
@@ -30,9 +33,7 @@ from training.data.near_duplicates import (
     popcount,
     read_split,
 )
-from training.data.near_duplicates import main as overlap_main
 from training.data.photos import import_folders, stratified_split
-from training.data.photos import main as import_main
 
 
 def _photo(seed: int, size: tuple[int, int] = (200, 150)) -> Image.Image:
@@ -511,7 +512,7 @@ def test_overlap_checks_its_json_file_before_the_work_and_writes_it_atomically(t
         raise OSError(28, "No space left on device")
 
     with monkeypatch.context() as patched:  # a write that fails at the end: 2 (1 would mean pairs found)
-        patched.setattr(near, "write_text_atomic", full_disk)
+        patched.setattr(overlap_command, "write_text_atomic", full_disk)
         assert overlap_main([str(a), str(b), "--json", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert f"error: cannot write --json {out}: [Errno 28] No space left on device" in err and not out.exists()

@@ -427,7 +427,7 @@ def test_the_server_stays_responsive_to_health_checks_under_load(server):
 
 
 def test_the_command_refuses_bad_settings(tmp_path):
-    from service.cli import main
+    from flower.commands.serve import main
 
     assert main(["--run", str(tmp_path / "missing")]) == 2
     assert main([]) == 2
@@ -697,7 +697,7 @@ def served(monkeypatch):
 
 @pytest.mark.parametrize("port", ["0", "65536", "99999", "-1"])
 def test_a_port_outside_1_to_65535_is_refused(port, tmp_path, served, capsys):
-    from service.cli import main
+    from flower.commands.serve import main
 
     with pytest.raises(ValueError, match="port"):
         Settings(run="x", port=int(port))
@@ -708,7 +708,7 @@ def test_a_port_outside_1_to_65535_is_refused(port, tmp_path, served, capsys):
 
 
 def test_invalid_settings_print_one_line_per_problem_naming_the_flag(tmp_path, served, capsys):
-    from service.cli import main
+    from flower.commands.serve import main
 
     assert main(["--run", str(tmp_path), "--max-batch-size", "0", "--workers", "0"]) == 2
     err = capsys.readouterr().err
@@ -720,7 +720,7 @@ def test_invalid_settings_print_one_line_per_problem_naming_the_flag(tmp_path, s
 def test_a_flag_naming_what_to_serve_sets_aside_the_other_from_the_environment(tmp_path, served, monkeypatch, capsys):
     import os
 
-    from service.cli import main, parse_settings
+    from flower.commands.serve import main, parse_settings
 
     run, ensemble = tmp_path / "run", tmp_path / "ens"
     run.mkdir()

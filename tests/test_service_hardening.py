@@ -99,7 +99,7 @@ def serve_calls(monkeypatch):
 
 
 def test_a_corrupt_saved_model_is_an_error_line_before_any_address(ensemble_dir, tmp_path, serve_calls, capsys):
-    from service.cli import main
+    from flower.commands.serve import main
 
     broken = _corrupt_copy((ensemble_dir / "../runs/m32").resolve(), tmp_path)
     code = main(["--run", str(broken), "--port", str(free_port())])
@@ -110,7 +110,7 @@ def test_a_corrupt_saved_model_is_an_error_line_before_any_address(ensemble_dir,
 
 
 def test_a_member_with_nan_outputs_is_an_error_line_naming_it(ensemble_dir, nan_run, tmp_path, serve_calls, capsys):
-    from service.cli import main
+    from flower.commands.serve import main
 
     code = main(["--run", str(nan_run), "--port", str(free_port())])
     out, err = capsys.readouterr()
@@ -119,7 +119,7 @@ def test_a_member_with_nan_outputs_is_an_error_line_naming_it(ensemble_dir, nan_
 
 
 def test_a_busy_port_is_an_error_line_and_no_address(ensemble_dir, serve_calls, capsys):
-    from service.cli import main
+    from flower.commands.serve import main
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -132,7 +132,7 @@ def test_a_busy_port_is_an_error_line_and_no_address(ensemble_dir, serve_calls, 
 
 
 def test_good_models_are_handed_to_the_server_loaded_and_the_address_printed(ensemble_dir, serve_calls, capsys):
-    from service.cli import main
+    from flower.commands.serve import main
 
     port = free_port()
     assert main(["--ensemble", str(ensemble_dir), "--port", str(port)]) == 0
@@ -145,7 +145,7 @@ def test_good_models_are_handed_to_the_server_loaded_and_the_address_printed(ens
 
 def test_python_m_service_with_a_corrupt_saved_model_exits_without_a_traceback(ensemble_dir, tmp_path):
     broken = _corrupt_copy((ensemble_dir / "../runs/m32").resolve(), tmp_path)
-    result = subprocess.run([sys.executable, "-m", "service", "--run", str(broken), "--port", str(free_port())],
+    result = subprocess.run([sys.executable, "-m", "flower", "serve", "--run", str(broken), "--port", str(free_port())],
                             cwd=PACKAGE_ROOT, capture_output=True, text=True, timeout=120,
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     assert result.returncode not in (0, 3), result.stderr[-2000:]

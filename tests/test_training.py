@@ -43,7 +43,7 @@ KILLED_RUN = textwrap.dedent("""
 def _train(data: Path, out: Path, *extra: str, kill_after: int | None = None) -> subprocess.CompletedProcess:
     """Run the train command in a fresh process (as a user would), or one killed after an epoch."""
     overrides = ["--set", f"data.dir={data}", "--set", f"output={out}", "--set", "name=tiny", *TINY_RUN, *extra]
-    command = [sys.executable, "-m", "training.train", *overrides]
+    command = [sys.executable, "-m", "flower", "train", *overrides]
     if kill_after is not None:
         command = [sys.executable, "-c", KILLED_RUN, str(kill_after), *overrides]
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
@@ -194,7 +194,7 @@ def test_config_overrides_and_errors_name_the_option(tmp_path):
 
 
 def test_help_explains_every_option():
-    result = subprocess.run([sys.executable, "-m", "training.train", "--help"], cwd=REPO, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "flower", "train", "--help"], cwd=REPO, capture_output=True,
                             text=True)
     assert result.returncode == 0
     for option in ("image_size", "batch_size", "backbone", "trainable", "rampup_epochs", "label_smoothing",
@@ -315,7 +315,7 @@ NAN_RUN = textwrap.dedent("""
     import sys
     import tensorflow as tf
     import training.fit.loop as fit
-    from training.train import main
+    from flower.commands.train import main
     made = fit.make_loss
     def make_loss(config, weights):
         loss = made(config, weights)
@@ -617,7 +617,7 @@ def _split_command(data: Path, out: Path, replicas: int, *extra: str, killed_aft
                  "--set", f"data.batch_size={16 // replicas}", "--set", f"schedule.max={4e-3 / replicas}", *extra]
     if killed_after is not None:
         return [sys.executable, "-c", KILLED_RUN, str(killed_after), *overrides]
-    return [sys.executable, "-m", "training.train", *overrides]
+    return [sys.executable, "-m", "flower", "train", *overrides]
 
 
 @pytest.fixture(scope="module")
@@ -1194,7 +1194,7 @@ def test_a_refit_trains_on_train_and_val_for_the_best_epoch_count_and_blends_on_
     shutil.copytree(tiny_run, original)
     history = [line.split(",") for line in (original / "history.csv").read_text().splitlines()[1:]]
     best = max(history, key=lambda row: float(row[5]))[0]
-    result = subprocess.run([sys.executable, "-m", "training.train", "--refit-of", str(original),
+    result = subprocess.run([sys.executable, "-m", "flower", "train", "--refit-of", str(original),
                              "--set", "predict.tta=1"], cwd=REPO, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     assert result.returncode == 0, result.stderr[-2000:]
@@ -1206,7 +1206,7 @@ def test_a_refit_trains_on_train_and_val_for_the_best_epoch_count_and_blends_on_
     loaded, own = load_member_predictions(refit), load_member_predictions(original)
     np.testing.assert_array_equal(loaded.val_probs, own.val_probs)
     assert not np.array_equal(loaded.test_probs, own.test_probs)
-    refused = subprocess.run([sys.executable, "-m", "training.train", "--refit-of", str(refit)], cwd=REPO,
+    refused = subprocess.run([sys.executable, "-m", "flower", "train", "--refit-of", str(refit)], cwd=REPO,
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "refit a run trained on train only" in refused.stderr
 

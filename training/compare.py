@@ -6,12 +6,10 @@ augmentation, regularisation, schedule) did to validation macro F1.
 
 from __future__ import annotations
 
-import argparse
-import glob
 import json
-import sys
 from pathlib import Path
 
+from core.errors import DataError
 from training.fit.checkpoints import EpochState, latest_checkpoint
 
 COLUMNS = ("run", "backbone", "size", "weights", "trainable", "augmentation", "regularisation", "schedule",
@@ -46,11 +44,11 @@ def run_row(run_dir: Path) -> dict[str, str]:
     else:
         checkpoint = latest_checkpoint(run_dir / "checkpoints")
         if checkpoint is None:
-            raise ValueError(f"{run_dir} is not a run directory (no member.json or checkpoints/epoch-NNNN/state.json)")
+            raise DataError(f"{run_dir} is not a run directory (no member.json or checkpoints/epoch-NNNN/state.json)")
         config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else None
         state = EpochState.read(checkpoint / "state.json")
         if config is None:
-            raise ValueError(f"{run_dir} is still running and has no config.json")
+            raise DataError(f"{run_dir} is still running and has no config.json")
         f1, trainable = state.best_f1, None
         seconds = sum(h["seconds"] for h in state.history) / max(len(state.history), 1)
         epochs = f"{state.epoch}/{config['train']['epochs']}"
@@ -75,30 +73,3 @@ def format_table(rows: list[dict[str, str]], markdown: bool) -> str:
     lines = ["  ".join(c.ljust(widths[c]) for c in COLUMNS)]
     lines += ["  ".join(r[c].ljust(widths[c]) for c in COLUMNS) for r in rows]
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None, prog: str = "python -m training.compare") -> int:
-    """Command line entry point."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", help="run directories or glob patterns")
-    parser.add_argument("--sort", choices=["f1", "name"], default="f1",
-                        help="order rows by F1 (best first) or name (default f1)")
-    parser.add_argument("--markdown", action="store_true", help="print a markdown table")
-    args = parser.parse_args(argv)
-    paths = [Path(p) for pattern in args.runs for p in (sorted(glob.glob(pattern)) or [pattern])]
-    try:
-        rows = [run_row(p) for p in paths if p.is_dir() or not p.exists()]
-    except (ValueError, KeyError, json.JSONDecodeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if not rows:
-        print("error: no run directories given", file=sys.stderr)
-        return 2
-    key = (lambda r: -float(r["val_macro_f1"])) if args.sort == "f1" else (lambda r: r["run"])
-    print(format_table(sorted(rows, key=key), args.markdown))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

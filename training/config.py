@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.errors import ConfigError
 from core.sections import section_from_dict
 from imaging.augment_config import AugmentConfig
 from imaging.geometry import FIT_MODES
@@ -135,11 +136,11 @@ def config_from_dict(values: dict[str, Any]) -> RunConfig:
             top[key] = section_from_dict(SECTIONS[key], value, key)
         elif key in ("name", "output"):
             if not isinstance(value, str):
-                raise ValueError(f"{key}: expected a string, got {value!r} (quote text that looks like a number: "
-                                 f"--set '{key}=\"{value}\"')")
+                raise ConfigError(f"{key}: expected a string, got {value!r} (quote text that looks like a number: "
+                                  f"--set '{key}=\"{value}\"')")
             top[key] = value
         else:
-            raise ValueError(f"unknown option {key!r}; top-level keys: name, output, {', '.join(SECTIONS)}")
+            raise ConfigError(f"unknown option {key!r}; top-level keys: name, output, {', '.join(SECTIONS)}")
     config = RunConfig(**top)
     validate(config)
     return config
@@ -164,30 +165,30 @@ def validate(config: RunConfig) -> None:
         section, key = dotted.split(".")
         value = getattr(getattr(config, section), key)
         if not low <= value <= high:
-            raise ValueError(f"{dotted} must be between {low} and {high}, got {value!r}")
+            raise ConfigError(f"{dotted} must be between {low} and {high}, got {value!r}")
     if config.schedule.kind not in ("rampup", "cosine", "constant"):
-        raise ValueError(f"schedule.kind must be rampup, cosine or constant, got {config.schedule.kind!r}")
+        raise ConfigError(f"schedule.kind must be rampup, cosine or constant, got {config.schedule.kind!r}")
     if not 0 < config.schedule.decay <= 1:
-        raise ValueError(f"schedule.decay must be in (0, 1], got {config.schedule.decay!r}")
+        raise ConfigError(f"schedule.decay must be in (0, 1], got {config.schedule.decay!r}")
     if config.train.loss not in ("cce", "focal"):
-        raise ValueError(f"train.loss must be cce or focal, got {config.train.loss!r}")
+        raise ConfigError(f"train.loss must be cce or focal, got {config.train.loss!r}")
     if config.train.mixed_precision not in ("auto", "float16", "bfloat16", "off"):
-        raise ValueError(f"train.mixed_precision must be auto, float16, bfloat16 or off, got "
-                         f"{config.train.mixed_precision!r}")
+        raise ConfigError(f"train.mixed_precision must be auto, float16, bfloat16 or off, got "
+                          f"{config.train.mixed_precision!r}")
     if not 0 <= config.model.dropout < 1 or not 0 <= config.train.label_smoothing < 1:
-        raise ValueError("model.dropout and train.label_smoothing must be in [0, 1)")
+        raise ConfigError("model.dropout and train.label_smoothing must be in [0, 1)")
     _validate_trainable(config)
     if config.data.shard not in ("auto", "file", "data"):
-        raise ValueError(f"data.shard must be auto, file or data, got {config.data.shard!r}")
+        raise ConfigError(f"data.shard must be auto, file or data, got {config.data.shard!r}")
     if config.data.fit not in ("auto", *FIT_MODES):
-        raise ValueError(f"data.fit must be auto, {', '.join(FIT_MODES)}, got {config.data.fit!r}")
+        raise ConfigError(f"data.fit must be auto, {', '.join(FIT_MODES)}, got {config.data.fit!r}")
     if config.data.validation_from and not config.data.train_on_val:
-        raise ValueError("data.validation_from is for a refit on train+val: set data.train_on_val = true too")
+        raise ConfigError("data.validation_from is for a refit on train+val: set data.train_on_val = true too")
     if "://" in config.output:
-        raise ValueError(f"output must be a local folder (or a mounted shared one), got {config.output!r}: "
-                         "run directories are written with local file operations")
+        raise ConfigError(f"output must be a local folder (or a mounted shared one), got {config.output!r}: "
+                          "run directories are written with local file operations")
     if not config.data.dir.strip():
-        raise ValueError("data.dir must name the data folder")
+        raise ConfigError("data.dir must name the data folder")
 
 
 TRAINABLE = re.compile(r"all|head|last:[1-9]\d*")
@@ -202,24 +203,24 @@ def _validate_trainable(config: RunConfig) -> None:
     """model.trainable / unfreeze / unfreeze_epoch name a valid two-phase fine-tuning schedule."""
     m = config.model
     if not TRAINABLE.fullmatch(m.trainable):
-        raise ValueError(f"model.trainable must be all, head or last:N (N >= 1), got {m.trainable!r}")
+        raise ConfigError(f"model.trainable must be all, head or last:N (N >= 1), got {m.trainable!r}")
     if not TRAINABLE.fullmatch(m.unfreeze) or m.unfreeze == "head":
-        raise ValueError(f"model.unfreeze must be all or last:N (N >= 1), got {m.unfreeze!r}")
+        raise ConfigError(f"model.unfreeze must be all or last:N (N >= 1), got {m.unfreeze!r}")
     if m.unfreeze_epoch and trainable_rank(m.unfreeze) <= trainable_rank(m.trainable):
-        raise ValueError(f"model.unfreeze={m.unfreeze!r} must train more than model.trainable={m.trainable!r} "
-                         "(the second phase unfreezes more of the backbone)")
+        raise ConfigError(f"model.unfreeze={m.unfreeze!r} must train more than model.trainable={m.trainable!r} "
+                          "(the second phase unfreezes more of the backbone)")
     if m.batch_norm not in ("train", "frozen"):
-        raise ValueError(f"model.batch_norm must be train or frozen, got {m.batch_norm!r}")
+        raise ConfigError(f"model.batch_norm must be train or frozen, got {m.batch_norm!r}")
     if config.schedule.unfreeze_scale <= 0:
-        raise ValueError(f"schedule.unfreeze_scale must be > 0, got {config.schedule.unfreeze_scale!r}")
+        raise ConfigError(f"schedule.unfreeze_scale must be > 0, got {config.schedule.unfreeze_scale!r}")
 
 
 def check_unfreeze_reachable(config: RunConfig, epochs_done: int) -> None:
     """Refuse a run that would stop before its unfreeze (unless it is already past it: a shortened resume)."""
     switch = config.model.unfreeze_epoch
     if switch and epochs_done < switch and switch >= config.train.epochs:
-        raise ValueError(f"model.unfreeze_epoch={switch} but train.epochs={config.train.epochs}: the backbone would "
-                         "never be unfrozen (unfreeze_epoch counts the epochs before the switch)")
+        raise ConfigError(f"model.unfreeze_epoch={switch} but train.epochs={config.train.epochs}: the backbone would "
+                          "never be unfrozen (unfreeze_epoch counts the epochs before the switch)")
 
 
 def trainable_at(config: RunConfig, epoch: int) -> str:
@@ -234,11 +235,11 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ValueError(f"config file not found: {path}")
+            raise ConfigError(f"config file not found: {path}")
         try:
             values = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as err:
-            raise ValueError(f"{path} is not valid TOML: {err}") from None
+            raise ConfigError(f"{path} is not valid TOML: {err}") from None
     return config_from_dict(with_overrides(values, overrides or {}))
 
 
@@ -249,7 +250,7 @@ def with_overrides(values: dict[str, Any], overrides: dict[str, Any]) -> dict[st
         if not key:
             values[section] = value
         elif not isinstance(values.setdefault(section, {}), dict):
-            raise ValueError(f"{dotted}: {section!r} is a single value here, not a section with options")
+            raise ConfigError(f"{dotted}: {section!r} is a single value here, not a section with options")
         else:
             values[section][key] = value
     return values
@@ -265,12 +266,12 @@ def refit_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -
     files = {name: run_dir / name for name in ("config.json", "history.csv", "member.json")}
     missing = [str(f) for f in files.values() if not f.is_file()]
     if missing:
-        raise ValueError(f"--refit-of needs a finished run directory; missing {', '.join(missing)}")
+        raise ConfigError(f"--refit-of needs a finished run directory; missing {', '.join(missing)}")
     values = json.loads(files["config.json"].read_text())
     with files["history.csv"].open() as f:
         rows = list(csv.DictReader(f))
     if values.get("data", {}).get("train_on_val") or not rows:
-        raise ValueError(f"{run_dir} was trained on train+val, or has no epochs: refit a run trained on train only")
+        raise ConfigError(f"{run_dir} was trained on train+val, or has no epochs: refit a run trained on train only")
     best = max(rows, key=lambda r: float(r["val_macro_f1"]))
     epochs = int(best["epoch"])
     name = json.loads(files["member.json"].read_text()).get("name") or run_dir.name

@@ -8,15 +8,11 @@ extra rows show mixed training batches with their soft labels.
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from core.errors import DataError
 from imaging.augment_config import AugmentConfig
-from training.config_values import parse_assignments
 
 
 def augmented_grid(
@@ -94,48 +90,3 @@ def write_grid_png(
     out = write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
     plt.close(fig)
     return out
-
-
-def main(argv: list[str] | None = None, prog: str = "python -m training.show_augment") -> int:
-    """Command line entry point."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="data folder in the competition layout (local or gs://)")
-    parser.add_argument("--split", default="train", choices=["train", "val", "test"],
-                        help="split to sample (default train)")
-    parser.add_argument("--size", type=int, required=True, help="model image size to augment to")
-    parser.add_argument("--rows", type=int, default=4, help="how many source images (rows; default 4)")
-    parser.add_argument("--copies", type=int, default=5, help="augmented copies per image (default 5)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--out", default="augment.png", help="PNG file to write (default augment.png)")
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE",
-        help="override an augmentation option, e.g. --set rotation=30 --set cutmix_prob=0.5 "
-        "(options: " + ", ".join(AugmentConfig.__dataclass_fields__) + ")",
-    )
-    args = parser.parse_args(argv)
-    for flag, value in (("--size", args.size), ("--rows", args.rows), ("--copies", args.copies)):
-        if value < 1:
-            print(f"error: {flag} must be at least 1, got {value}", file=sys.stderr)
-            return 2
-    try:
-        config = AugmentConfig.from_dict(parse_assignments(args.set))
-        originals, copies, titles = augmented_grid(
-            args.data, args.split, args.size, args.rows, args.copies, config, args.seed
-        )
-        mixed = mixed_labels = classes = None
-        if config.mixes_batches and args.split != "test":
-            from training.data.layout import load_classes
-
-            classes = load_classes(args.data)
-            mixed, mixed_labels = mixed_batches(args.data, args.size, args.copies + 1, config, args.seed)
-        out = write_grid_png(args.out, originals, copies, titles, mixed, mixed_labels, classes)
-    except (DataError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

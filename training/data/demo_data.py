@@ -9,18 +9,18 @@ two CPU cores and needs no download.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
 import math
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from core.errors import ConfigError
 
 RENDER_SIZE = 192
 
@@ -124,12 +124,12 @@ def demo_examples(counts: dict[str, int], seed: int) -> Iterator[tuple[str, str,
 
 
 def _check_demo_options(sizes: Sequence[int], counts: dict[str, int]) -> None:
-    """Refuse image sizes below 8 px and splits without images (ValueError), before anything is drawn."""
+    """Refuse image sizes below 8 px and splits without images (ConfigError), before anything is drawn."""
     if not sizes or any(isinstance(s, bool) or not isinstance(s, int | np.integer) or s < 8 for s in sizes):
-        raise ValueError(f"sizes must be whole numbers >= 8, got {list(sizes)}")
+        raise ConfigError(f"sizes must be whole numbers >= 8, got {list(sizes)}")
     for split, count in counts.items():
         if isinstance(count, bool) or not isinstance(count, int | np.integer) or count < 1:
-            raise ValueError(f"counts[{split!r}] must be a whole number >= 1, got {count!r}")
+            raise ConfigError(f"counts[{split!r}] must be a whole number >= 1, got {count!r}")
 
 
 def make_demo_data(
@@ -169,35 +169,3 @@ def make_demo_data(
     writer.writerows((i, lab) for i, lab, _ in per_split.get("test", []))
     write_text_atomic(out / "test_answers.csv", buffer.getvalue())
     return dict(counts)
-
-
-def main(argv: list[str] | None = None, prog: str = "python -m training.data.demo_data") -> int:
-    """Command line entry point of `flower demo-data`."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out", help="data folder to write")
-    parser.add_argument("--sizes", default="64,96", help="comma-separated square image sizes (default 64,96)")
-    parser.add_argument("--train", type=int, default=720, help="training images (default 720)")
-    parser.add_argument("--val", type=int, default=240, help="validation images (default 240)")
-    parser.add_argument("--test", type=int, default=240, help="test images (default 240)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    args = parser.parse_args(argv)
-    try:
-        sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
-    except ValueError:
-        sizes = []
-    if not sizes or min(sizes) < 8:
-        print(f"error: --sizes must be comma-separated whole numbers >= 8, got {args.sizes!r}", file=sys.stderr)
-        return 2
-    for split in ("train", "val", "test"):
-        if getattr(args, split) < 1:
-            print(f"error: --{split} must be at least 1 (training needs train, val and test images), "
-                  f"got {getattr(args, split)}", file=sys.stderr)
-            return 2
-    counts = make_demo_data(args.out, sizes, {"train": args.train, "val": args.val, "test": args.test}, args.seed)
-    print(f"wrote {sum(counts.values())} images x {len(sizes)} sizes to {args.out}: {counts}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

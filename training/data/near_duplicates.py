@@ -31,9 +31,7 @@ valid UTF-8 are shown with the odd bytes escaped (`bad\\xff.jpg`).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import os
 import sys
 import tempfile
@@ -45,10 +43,9 @@ import numpy as np
 from PIL import Image
 
 from core.contract import SPLITS, choose_size, is_data_folder, parse_split_spec
-from core.errors import DataError
-from core.files import write_text_atomic
+from core.errors import ConfigError, DataError
 from core.names import shown
-from core.photos import DEFAULT_MAX_PIXELS, PhotoError, check_max_pixels, load_rgb, walk_photos
+from core.photos import DEFAULT_MAX_PIXELS, PhotoError, load_rgb, walk_photos
 
 DEFAULT_DISTANCE = 6  # chosen on 3,230 real photos: README.md, "Near duplicates and leaks"
 MAX_DISTANCE = 16  # unrelated photos are about 32 bits apart; from 10 on, different photos pair up (README)
@@ -93,11 +90,11 @@ def informative(hashes: Sequence[int] | np.ndarray) -> np.ndarray:
 
 
 def check_distance(value: int | None, name: str = "near_duplicate_distance") -> int | None:
-    """A valid near-duplicate distance (0..16), or None for off (None or -1); ValueError naming the option."""
+    """A valid near-duplicate distance (0..16), or None for off (None or -1); ConfigError naming the option."""
     if value is None or (not isinstance(value, bool) and isinstance(value, int | np.integer) and value == -1):
         return None
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or not 0 <= value <= MAX_DISTANCE:
-        raise ValueError(f"{name} must be a whole number from 0 to {MAX_DISTANCE}, or -1 / off to disable it, "
+        raise ConfigError(f"{name} must be a whole number from 0 to {MAX_DISTANCE}, or -1 / off to disable it, "
                          f"got {value!r} (unrelated photos are about 32 of 64 bits apart: a larger distance "
                          "pairs up different photos)")
     return int(value)
@@ -441,77 +438,3 @@ def overlap_report(a: PhotoSet, b: PhotoSet, max_distance: int | None, pairs: li
                        "photos_of_a": len({p["a"] for p in pairs}), "photos_of_b": len({p["b"] for p in pairs}),
                        "files_in_both": len(set(a.files) & set(b.files))},
             "pairs": pairs}
-
-
-def _summary(report: dict) -> str:
-    """The closing lines of `flower overlap`."""
-    a, b, counts = report["a"], report["b"], report["counts"]
-    threshold = report["near_duplicate_distance"]
-    rule = "same bytes only" if threshold is None else f"same bytes, or Hamming distance <= {threshold} of 64 bits"
-    lines = [f"{letter}: {side['images']} image(s) in {side['spec']}"
-             + (f", {len(side['skipped'])} unreadable file(s) skipped" if side["skipped"] else "")
-             + (f", {len(side['exact_only'])} too flat or smooth for the perceptual hash (matched by their bytes "
-                "only)" if side["exact_only"] else "")
-             for letter, side in (("A", a), ("B", b))]
-    if counts["files_in_both"]:
-        lines.append(f"{counts['files_in_both']} file(s) are in both A and B (one folder holds the other): "
-                     "not paired with themselves")
-    if counts["pairs"]:
-        lines.append(f"OVERLAP: {counts['pairs']} cross pair(s) ({counts['exact']} exact, {counts['near']} near; "
-                     f"{counts['photos_of_a']} photo(s) of A, {counts['photos_of_b']} of B), {rule}")
-    else:
-        lines.append(f"no overlap: no photo of A matches a photo of B ({rule})")
-    return "\n".join(lines)
-
-
-def _parser(prog: str) -> argparse.ArgumentParser:
-    """The command line of `flower overlap`."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("a", help="a folder of photos, or DATA_DIR:train|val|test (a split written by flower import)")
-    parser.add_argument("b", help="the other side (another set): a folder of photos, or DATA_DIR:train|val|test")
-    parser.add_argument("--near-duplicate-distance", default=str(DEFAULT_DISTANCE), metavar="N",
-                        help=f"largest Hamming distance (of 64 hash bits) that counts as a near duplicate, 0.."
-                             f"{MAX_DISTANCE}, or 'off' / -1 for exact copies only (default {DEFAULT_DISTANCE})")
-    parser.add_argument("--json", metavar="OUT", help="also write every pair and the counts to this JSON file (its "
-                                                      "folder must exist; checked before the photos are read)")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
-                        help="skip (count as unreadable) images whose header declares more than N pixels (width x "
-                             "height), before decoding them: decompression bombs (default "
-                             f"{DEFAULT_MAX_PIXELS})")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr while reading")
-    return parser
-
-
-def main(argv: list[str] | None = None, prog: str = "python -m training.data.near_duplicates") -> int:
-    """Command line entry point of `flower overlap`."""
-    args = _parser(prog).parse_args(argv)
-    try:
-        max_distance = parse_distance(args.near_duplicate_distance)
-        max_pixels = check_max_pixels(args.max_pixels, "--max-pixels")
-        if same_set(args.a, args.b):
-            raise DataError(f"A and B are the same set ({args.a} and {args.b}): every photo would match itself; "
-                            "compare two different sets")
-        if args.json:
-            check_output(args.json)
-        a = read_photos(args.a, args.b, progress=not args.quiet, max_pixels=max_pixels)
-        b = read_photos(args.b, args.a, progress=not args.quiet, max_pixels=max_pixels)
-    except (DataError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    pairs = cross_pairs(a, b, max_distance)
-    report = overlap_report(a, b, max_distance, pairs)
-    for pair in pairs:
-        print(f"{pair['kind']:5s}  distance {pair['distance']:2d}  {pair['a']}  {pair['b']}")
-    print(_summary(report))
-    if args.json:
-        try:
-            write_text_atomic(args.json, json.dumps(report, indent=1) + "\n")
-        except OSError as err:
-            print(f"error: cannot write --json {args.json}: {err}", file=sys.stderr)
-            return 2
-    return 1 if pairs else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -38,7 +38,6 @@ half-way is finished or undone by the next import into the same folder, before i
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import io
@@ -58,17 +57,15 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from core.contract import CLASSES_FILE, IMPORT_REPORT_FILE, SIZE_FOLDER, TEST_ANSWERS_FILE, size_folder_name
-from core.errors import DataError
+from core.errors import ConfigError, DataError
 from core.files import lock_folder, write_text_atomic
 from core.names import shown
 from core.photos import DEFAULT_MAX_PIXELS, PhotoError, Problem, check_max_pixels, entry_problem, load_rgb, walk_photos
 from imaging.geometry import FIT_MODES
 from training.data.near_duplicates import (
     DEFAULT_DISTANCE,
-    MAX_DISTANCE,
     check_distance,
     find_duplicates,
-    parse_distance,
     perceptual_hash,
 )
 
@@ -333,40 +330,29 @@ def check_import_options(sizes: Sequence[int], val_fraction: float, test_fractio
                          fit: str = "crop", names: dict[str, str] = API_NAMES,
                          near_duplicate_distance: int | None = DEFAULT_DISTANCE,
                          max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-    """Refuse options an import cannot use, before anything is read or written (ValueError naming the option)."""
+    """Refuse options an import cannot use, before anything is read or written (ConfigError naming the option)."""
     check_distance(near_duplicate_distance, names["distance"])
     check_max_pixels(max_pixels, names["max_pixels"])
     if fit not in FIT_MODES:
-        raise ValueError(f"{names['fit']} must be one of {FIT_MODES}, got {fit!r}")
+        raise ConfigError(f"{names['fit']} must be one of {FIT_MODES}, got {fit!r}")
     sizes = list(sizes)
     if not sizes or any(isinstance(s, bool) or not isinstance(s, int | np.integer) or s < 8 for s in sizes):
-        raise ValueError(f"{names['sizes']} must be a non-empty list of whole numbers >= 8, got {sizes}")
+        raise ConfigError(f"{names['sizes']} must be a non-empty list of whole numbers >= 8, got {sizes}")
     if max(sizes) > MAX_SIZE:
-        raise ValueError(f"{names['sizes']} allows squares up to {MAX_SIZE}, got {sizes}")
+        raise ConfigError(f"{names['sizes']} allows squares up to {MAX_SIZE}, got {sizes}")
     twice = [s for i, s in enumerate(sizes) if s in sizes[:i]]
     if twice:
-        raise ValueError(f"{names['sizes']} lists {twice[0]} twice")
+        raise ConfigError(f"{names['sizes']} lists {twice[0]} twice")
     if isinstance(records_per_file, bool) or not isinstance(records_per_file, int | np.integer) \
             or records_per_file < 1:
-        raise ValueError(f"{names['records']} must be a whole number >= 1, got {records_per_file!r}")
+        raise ConfigError(f"{names['records']} must be a whole number >= 1, got {records_per_file!r}")
     for key, value in (("val", val_fraction), ("test", test_fraction)):
         if not 0 < value < 1:
-            raise ValueError(f"{names[key]} must be a fraction above 0 and below 1 (training needs train, val and "
+            raise ConfigError(f"{names[key]} must be a fraction above 0 and below 1 (training needs train, val and "
                              f"test images), got {value}")
     if val_fraction + test_fraction >= 1:
-        raise ValueError(f"{names['val']} + {names['test']} must be below 1 to leave training images, "
+        raise ConfigError(f"{names['val']} + {names['test']} must be below 1 to leave training images, "
                          f"got {val_fraction} + {test_fraction}")
-
-
-def _parse_sizes(text: str) -> list[int]:
-    """The --sizes option: comma-separated whole numbers."""
-    try:
-        sizes = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        sizes = []
-    if not sizes:
-        raise ValueError(f"--sizes must be comma-separated whole numbers, got {text!r}")
-    return sizes
 
 
 def import_folders(
@@ -747,68 +733,3 @@ def _encode(square: Image.Image, size: int) -> bytes:
     buffer = io.BytesIO()
     fit_square(square, size, "stretch").save(buffer, format="JPEG", quality=95, subsampling=0)
     return buffer.getvalue()
-
-
-def main(argv: list[str] | None = None, prog: str = "python -m training.data.photos") -> int:
-    """Command line entry point of `flower import`."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("src", help="folder with one sub-folder of photos per class (JPEG/PNG/GIF/BMP/WebP, any size)")
-    parser.add_argument("out", help="data folder to write (competition layout)")
-    parser.add_argument("--sizes", default="192", help="comma-separated square sizes to write, e.g. 192,224 "
-                                                        "(default 192)")
-    parser.add_argument("--val", type=float, default=0.15, help="fraction of each class for validation (default 0.15)")
-    parser.add_argument("--test", type=float, default=0.15, help="fraction of each class for test (default 0.15)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the stratified split (default 0)")
-    parser.add_argument("--fit", choices=FIT_MODES, default="crop",
-                        help="how a non-square photo becomes square: centre crop, stretch, or pad (default crop)")
-    parser.add_argument("--records-per-file", type=int, default=512, help="records per .tfrec file (default 512)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the data set in OUT as a whole (every size folder, classes.json, "
-                             "test_answers.csv, import_report.json; other files are kept); without it an import into "
-                             "a folder that holds a data set is refused")
-    parser.add_argument("--near-duplicate-distance", default=str(DEFAULT_DISTANCE), metavar="N",
-                        help="photos whose 64-bit perceptual hashes differ in at most N bits are near duplicates and "
-                             f"go to the same split, like files with the same bytes; 0..{MAX_DISTANCE}, or 'off' / -1 "
-                             f"to group exact copies only (default {DEFAULT_DISTANCE})")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
-                        help="skip (and list in the report) images whose header declares more than N pixels, width "
-                             "x height, without decoding them: a small file can unpack to gigabytes (a "
-                             f"decompression bomb) (default {DEFAULT_MAX_PIXELS}, a 40-megapixel photo)")
-    args = parser.parse_args(argv)
-    try:
-        sizes = _parse_sizes(args.sizes)
-        distance = parse_distance(args.near_duplicate_distance)
-        check_import_options(sizes, args.val, args.test, args.records_per_file, args.fit, CLI_NAMES, distance,
-                             args.max_pixels)
-        report = import_folders(args.src, args.out, sizes, args.val, args.test, args.seed, args.fit,
-                                args.records_per_file, args.overwrite, near_duplicate_distance=distance,
-                                max_pixels=args.max_pixels)
-    except (DataError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(_summary(report, Path(args.out) / "import_report.json"))
-    return 0
-
-
-def _summary(report: ImportReport, report_file: Path) -> str:
-    """What `flower import` prints at the end: counts, duplicate groups, warnings, skipped files."""
-    lines = [f"{split:5s} {sum(per_class.values()):6d}  " + ", ".join(f"{k}={v}" for k, v in per_class.items())
-             for split, per_class in report.counts.items()]
-    found = report.duplicates
-    rule = ("same bytes" if report.near_duplicate_distance is None
-            else f"same bytes or hash distance <= {report.near_duplicate_distance}")
-    lines.append(f"duplicates: {found.get('groups', 0)} group(s) of {found.get('files_in_groups', 0)} files "
-                 f"({found.get('exact_groups', 0)} exact, {found.get('near_groups', 0)} near; {rule}), "
-                 "each kept within one split")
-    if report.exact_only:
-        lines.append(f"{len(report.exact_only)} photo(s) too flat or smooth for the perceptual hash (a flat colour, "
-                     "a clean gradient): grouped by their bytes only")
-    lines += [f"WARNING: {warning}" for warning in report.warnings]
-    lines.append(f"skipped {len(report.skipped)} file(s) (skipped files, duplicate groups and the photos grouped "
-                 f"by bytes only are listed in {report_file})")
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from core.errors import ConfigError, DataError, FlowerError, Kind
 from core.files import write_text_atomic
 from training.config import RunConfig
 
@@ -65,10 +66,10 @@ class EpochState:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{source} is not valid JSON ({err})") from None
+            raise DataError(f"{source} is not valid JSON ({err})") from None
         problem = _state_problem(data)
         if problem:
-            raise ValueError(f"{source} is not an epoch state ({problem})")
+            raise DataError(f"{source} is not an epoch state ({problem})")
         return cls(epoch=data["epoch"], best_f1=float(data["best_f1"]), history=data["history"],
                    precision=data["precision"], replicas=data["replicas"])
 
@@ -150,7 +151,7 @@ def latest_checkpoint(folder: Path) -> Path | None:
     if epochs:
         return epochs[-1][1]
     if (folder / "state.json").is_file():
-        raise ValueError(f"{folder} holds a checkpoint in the single-folder layout of earlier versions, which this "
+        raise DataError(f"{folder} holds a checkpoint in the single-folder layout of earlier versions, which this "
                          f"version does not resume; remove {folder} to start over")
     return None
 
@@ -175,7 +176,7 @@ def read_state(folder: Path, checkpoint: Path) -> EpochState:
     try:
         return EpochState.read(checkpoint / "state.json")
     except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise ValueError(f"{err}; remove {folder} to start over") from None
+        raise DataError(f"{err}; remove {folder} to start over") from None
 
 
 def save_checkpoint(folder: Path, model: keras.Model, optimizer: keras.optimizers.Optimizer, state: EpochState,
@@ -244,12 +245,18 @@ def check_resumable(folder: Path, config: dict[str, Any]) -> None:
     try:
         saved = json.loads(source.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{source} is not valid JSON ({err}); remove {folder} to start over") from None
+        raise DataError(f"{source} is not valid JSON ({err}); remove {folder} to start over") from None
     changes = config_changes(saved, config, RunConfig().to_dict())
     if changes:
-        raise ValueError(f"{folder.parent} holds a run made with another config ({'; '.join(changes)}); resume with "
-                         f"the same config (only {', '.join(RESUMABLE_CHANGES)} may change), or write to another "
-                         f"output folder, or remove {folder} to start over")
+        raise ConfigError(f"{folder.parent} holds a run made with another config ({'; '.join(changes)}); resume with "
+                          f"the same config (only {', '.join(RESUMABLE_CHANGES)} may change), or write to another "
+                          f"output folder, or remove {folder} to start over")
+
+
+class CheckpointMismatch(FlowerError, RuntimeError):
+    """A checkpoint's weights or optimizer state do not fit the model this config builds."""
+
+    kind = Kind.CONFLICT
 
 
 def load_checkpoint(
@@ -266,8 +273,8 @@ def load_checkpoint(
     try:
         model.load_weights(checkpoint / "weights.weights.h5")
     except (ValueError, OSError) as err:
-        raise RuntimeError(f"the checkpoint in {checkpoint} does not fit this model "
-                           f"({str(err).splitlines()[0][:200]}); it belongs to another config: remove {folder} "
-                           "to start over") from None
+        raise CheckpointMismatch(f"the checkpoint in {checkpoint} does not fit this model "
+                                 f"({str(err).splitlines()[0][:200]}); it belongs to another config: remove {folder} "
+                                 "to start over") from None
     log(f"resuming after epoch {state.epoch} (best validation macro F1 so far {state.best_f1:.4f})")
     return state

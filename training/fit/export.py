@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from core.contract import JPEG_DCT
+from core.errors import DataError
 from core.files import write_npz_atomic
 from imaging.augment import TTA_AUGMENT, augment_batch
 from imaging.geometry import DEFAULT_FIT, fit_square_tf
@@ -141,8 +142,8 @@ def predict_split(
                                f"split {info.split!r} in {len(sizes)} batches of {padded}")
         total = total + probs[rows]
     if not np.isfinite(total).all():
-        raise ValueError(f"the model's predictions for split {info.split!r} are not finite (NaN or infinite weights): "
-                         "nothing is written from them")
+        raise DataError(f"the model's predictions for split {info.split!r} are not finite (NaN or infinite weights): "
+                        "nothing is written from them")
     ids_array = np.array(ids, dtype=str)
     order = np.argsort(ids_array)
     probs_array = (total / tta).astype(np.float32)[order]

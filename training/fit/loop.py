@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from core.contract import CLASS_FEATURE
-from core.errors import DataError, tf_reason
+from core.errors import ConfigError, DataError, tf_reason
 from core.files import write_text_atomic
 from imaging.geometry import data_fit
 from imaging.records import find_bad_record
@@ -251,7 +251,7 @@ def _check_blocks(config: RunConfig, model: keras.Model) -> None:
         return
     blocks = len(backbone_blocks(features_of(model)))
     if int(value[5:]) > blocks:
-        raise ValueError(f"model.unfreeze={value!r} but {config.model.backbone} has only {blocks} blocks")
+        raise ConfigError(f"model.unfreeze={value!r} but {config.model.backbone} has only {blocks} blocks")
 
 
 def run_epoch(run: Run, epoch: int, state: EpochState, log: Log) -> float:
@@ -279,9 +279,9 @@ def run_epoch(run: Run, epoch: int, state: EpochState, log: Log) -> float:
     seconds = time.perf_counter() - start
     loss = float(fit.history["loss"][-1])
     if not math.isfinite(loss):
-        raise ValueError(f"epoch {epoch + 1}: the training loss is {loss}: stopping before this epoch is saved (the "
-                         f"checkpoint of epoch {epoch} stands); lower schedule.max (now {config.schedule.max:g}) or "
-                         "make the augment options milder, then rerun")
+        raise ConfigError(f"epoch {epoch + 1}: the training loss is {loss}: stopping before this epoch is saved (the "
+                          f"checkpoint of epoch {epoch} stands); lower schedule.max (now {config.schedule.max:g}) or "
+                          "make the augment options milder, then rerun")
     _, val_labels, val_probs = predict_split(model, run.infos["val"], config.data.image_size,
                                              config.train.eval_batch_size, num_classes=len(run.classes))
     val_seconds = time.perf_counter() - start - seconds
@@ -336,8 +336,8 @@ def train_member(config: RunConfig, log: Log = print, after_epoch: AfterEpoch | 
     check_resumable(config.run_dir / "checkpoints", config.to_dict())
     source = config.data.validation_from
     if source and not (Path(source) / "predictions" / "val.npz").is_file():
-        raise ValueError(f"data.validation_from={source!r} has no predictions/val.npz: name the finished run this "
-                         "one refits")
+        raise ConfigError(f"data.validation_from={source!r} has no predictions/val.npz: name the finished run this "
+                          "one refits")
     chief, task = this_task()
     if chief:
         return _train(config, config, budget, log, after_epoch)
@@ -360,9 +360,9 @@ def check_resumed_setup(state: EpochState, run: Run, log: Log) -> None:
     replica count it goes on with a warning (the global batch, steps and learning rate change)."""
     saved = state.precision
     if saved != run.policy:
-        raise ValueError(f"the checkpoint was trained with precision policy {saved} and this device picks "
-                         f"{run.policy}: the optimizer state would not load; resume with --set "
-                         f"train.mixed_precision={saved.removeprefix('mixed_') if saved != 'float32' else 'off'}")
+        raise ConfigError(f"the checkpoint was trained with precision policy {saved} and this device picks "
+                          f"{run.policy}: the optimizer state would not load; resume with --set "
+                          f"train.mixed_precision={saved.removeprefix('mixed_') if saved != 'float32' else 'off'}")
     replicas = state.replicas
     if replicas != run.replicas:
         log(f"warning: the checkpoint was trained on {replicas} replica(s), this run has {run.replicas}: the global "
@@ -382,9 +382,10 @@ def check_workers_agree(run: Run, config: RunConfig, state: EpochState) -> None:
     same_epoch = same_on_every_worker(run.strategy, state.epoch)
     same_config = same_on_every_worker(run.strategy, digest)
     if not (same_epoch and same_config):
-        raise ValueError(f"the workers disagree on {'the epoch they resume after' if not same_epoch else 'the config'} "
-                         f"(this one: epoch {state.epoch} from {config.run_dir}, config digest {digest:05x}): "
-                         "start every worker with the same command, its output on storage all of them share")
+        what = "the epoch they resume after" if not same_epoch else "the config"
+        raise ConfigError(f"the workers disagree on {what} "
+                          f"(this one: epoch {state.epoch} from {config.run_dir}, config digest {digest:05x}): "
+                          "start every worker with the same command, its output on storage all of them share")
 
 
 def _train(config: RunConfig, writes: RunConfig, budget: Budget, log: Log, after_epoch: AfterEpoch | None) -> Path:

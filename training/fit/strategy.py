@@ -14,6 +14,8 @@ from collections.abc import Callable
 import keras
 import tensorflow as tf
 
+from core.errors import ConfigError
+
 CPU_REPLICAS_ENV = "FLOWER_CPU_REPLICAS"
 
 
@@ -23,7 +25,7 @@ def cpu_replicas_requested() -> int:
     if not text:
         return 0
     if not text.isdigit() or not 0 < int(text) <= 64:
-        raise ValueError(f"{CPU_REPLICAS_ENV} must be a whole number from 1 to 64, got {text!r}")
+        raise ConfigError(f"{CPU_REPLICAS_ENV} must be a whole number from 1 to 64, got {text!r}")
     return int(text)
 
 
@@ -39,8 +41,8 @@ def _tf_config() -> dict | None:
     cluster = document.get("cluster") if isinstance(document, dict) else None
     if not isinstance(cluster, dict) or not all(
             isinstance(tasks, list) and all(isinstance(t, str) for t in tasks) for tasks in cluster.values()):
-        raise ValueError('TF_CONFIG must be a JSON object whose "cluster" maps task types to lists of '
-                         f'"host:port" strings, got {text[:200]!r}')
+        raise ConfigError('TF_CONFIG must be a JSON object whose "cluster" maps task types to lists of '
+                          f'"host:port" strings, got {text[:200]!r}')
     return document
 
 
@@ -59,8 +61,8 @@ def _task() -> tuple[str, int]:
     kind, index = (task.get("type"), task.get("index")) if isinstance(task, dict) else (None, None)
     tasks = document["cluster"].get(kind, []) if kind in ("chief", "worker") else []
     if type(index) is not int or not 0 <= index < len(tasks):
-        raise ValueError("TF_CONFIG 'task' must name type 'chief' or 'worker' and an index into that list of the "
-                         f"cluster, got {task!r}")
+        raise ConfigError("TF_CONFIG 'task' must name type 'chief' or 'worker' and an index into that list of the "
+                          f"cluster, got {task!r}")
     return kind, index
 
 
@@ -130,8 +132,8 @@ def shard_policy(setting: str, workers: int, counts: list[int], log: Callable[[s
         return "off"
     files = len(counts)
     if setting == "file" and files < workers:
-        raise ValueError(f"data.shard=file needs at least one record file per worker: {files} file(s) for "
-                         f"{workers} workers (use data.shard=data or auto, or write the records in more files)")
+        raise ConfigError(f"data.shard=file needs at least one record file per worker: {files} file(s) for "
+                          f"{workers} workers (use data.shard=data or auto, or write the records in more files)")
     shares = [sum(counts[i::workers]) for i in range(workers)] if files >= workers else []
     even = bool(shares) and max(shares) <= 1.1 * min(shares)
     if setting == "auto":

@@ -16,14 +16,18 @@ from dataclasses import dataclass
 
 import keras
 
+from core.errors import ConfigError, FlowerError, Kind
+
 # ImageNet statistics used by the 'torch' preprocessing mode (EfficientNet package, DenseNet).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PREPROCESSING = ("torch", "tf", "unit", "lite", "builtin")
 
 
-class WeightsUnavailable(RuntimeError):
+class WeightsUnavailable(FlowerError, RuntimeError):
     """Pretrained weights could not be fetched; the message says how to pass a local file."""
+
+    kind = Kind.UNAVAILABLE
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,7 @@ def list_backbones(pattern: str = "*") -> list[str]:
 def get_backbone(name: str) -> BackboneSpec:
     """Look a backbone up by name; an unknown name lists the known ones."""
     if name not in REGISTRY:
-        raise ValueError(f"unknown backbone {name!r}; known: {', '.join(list_backbones())}")
+        raise ConfigError(f"unknown backbone {name!r}; known: {', '.join(list_backbones())}")
     return REGISTRY[name]
 
 
@@ -92,9 +96,9 @@ def resolve_weights(spec: BackboneSpec, weights: str | None) -> str | None:
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"weights file not found: {weights}")
         return weights
-    raise ValueError(
-        f"backbone {spec.name!r} has weights {list(spec.weight_sources)}, 'none' or a local file; got {weights!r}"
-    )
+    raise ConfigError(
+         f"backbone {spec.name!r} has weights {list(spec.weight_sources)}, 'none' or a local file; got {weights!r}"
+     )
 
 
 def build_backbone(name: str, image_size: int, weights: str | None = None) -> keras.Model:

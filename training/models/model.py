@@ -6,6 +6,7 @@ import re
 
 import keras
 
+from core.errors import ConfigError
 from training.models.backbones import build_backbone
 
 
@@ -72,7 +73,7 @@ def set_trainable(features: keras.Model, trainable: str, batch_norm: str = "trai
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.trainable = False
     elif batch_norm != "train":
-        raise ValueError(f"model.batch_norm must be 'train' or 'frozen', got {batch_norm!r}")
+        raise ConfigError(f"model.batch_norm must be 'train' or 'frozen', got {batch_norm!r}")
 
 
 def _layers_of(model: keras.Model) -> list[keras.layers.Layer]:
@@ -93,11 +94,11 @@ def _set_trainable_blocks(features: keras.Model, trainable: str) -> None:
         return
     match = re.fullmatch(r"last:(\d+)", trainable)
     if not match:
-        raise ValueError(f"model.trainable must be 'all', 'head' or 'last:N', got {trainable!r}")
+        raise ConfigError(f"model.trainable must be 'all', 'head' or 'last:N', got {trainable!r}")
     blocks = backbone_blocks(features)
     keep = int(match.group(1))
     if keep > len(blocks):
-        raise ValueError(f"model.trainable={trainable!r} but the backbone has only {len(blocks)} blocks")
+        raise ConfigError(f"model.trainable={trainable!r} but the backbone has only {len(blocks)} blocks")
     features.trainable = True  # sets every nested layer trainable; then freeze all but the last `keep` blocks
     for block in blocks[: len(blocks) - keep]:
         for layer in block:

@@ -28,6 +28,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from core.errors import FlowerError
+
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
 
@@ -39,7 +41,7 @@ STORAGE_DTYPES = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(FlowerError, ValueError):
     """A weights file that is not a readable PyTorch state dict; the message names the file and the problem."""
 
 

@@ -1,0 +1,54 @@
+"""The `flower` commands: one module per command, each owning its parser, its `main(argv, prog)` and what it
+prints at the end. The libraries (training, ensemble, service) only raise; the exit status is chosen here.
+
+Every command's `main` is wrapped by `command`, the one place that applies the exit status rules:
+  0    done
+  2    a `FlowerError` (a bad option, config value, file or folder: one line `error: <message>` on stderr), an
+       argparse error, or an `OSError` naming what failed (a missing or unreadable file, a full disk)
+  130  interrupted (Ctrl-C), quietly
+  1    anything else is a bug: it propagates with its traceback (Python's own exit status 1)
+A command may return its own documented statuses besides these (`flower overlap`: 1 when pairs are found;
+`flower predict`: 1 when some images failed; `flower serve`: 1 when the models cannot be served).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+
+from core.errors import FlowerError
+
+USAGE_ERROR = 2  # argparse's own status for a bad option: every user error exits with it
+INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+
+Main = Callable[[list[str] | None, str], int]
+
+
+def error(message: str) -> int:
+    """Print `error: <message>` on stderr; returns the status of a user error."""
+    print(f"error: {message}", file=sys.stderr)
+    return USAGE_ERROR
+
+
+def os_error_text(err: OSError) -> str:
+    """What an OSError says, with the file it names: '<file>: No space left on device'."""
+    where = f"{err.filename}: " if err.filename else ""
+    return f"{where}{err.strerror or err}"
+
+
+def command(main: Main) -> Callable[..., int]:
+    """Wrap a command's `main(argv, prog)` with the exit status rules of the module docstring."""
+
+    @functools.wraps(main)
+    def run(argv: list[str] | None = None, prog: str = "flower") -> int:
+        try:
+            return int(main(argv, prog) or 0)
+        except FlowerError as err:
+            return error(str(err))
+        except OSError as err:  # the world, not the code: a file missing or unreadable, a full or read-only disk
+            return error(os_error_text(err))
+        except KeyboardInterrupt:
+            return INTERRUPTED
+
+    return run

@@ -1,0 +1,45 @@
+"""`flower compare`: run directories side by side (see training/compare.py)."""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+from pathlib import Path
+
+import training.compare
+from core.errors import DataError
+from flower.commands import command
+from training.compare import format_table, run_row
+
+
+def parser(prog: str) -> argparse.ArgumentParser:
+    """The command line of `flower compare`."""
+    parser = argparse.ArgumentParser(prog=prog, description=training.compare.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="run directories or glob patterns")
+    parser.add_argument("--sort", choices=["f1", "name"], default="f1",
+                        help="order rows by F1 (best first) or name (default f1)")
+    parser.add_argument("--markdown", action="store_true", help="print a markdown table")
+    return parser
+
+
+def _row(run_dir: Path) -> dict[str, str]:
+    """A run's table row; a member.json, config.json or state.json that is not what a run writes is a DataError."""
+    try:
+        return run_row(run_dir)
+    except (KeyError, json.JSONDecodeError) as err:  # a damaged or foreign file, not a bug here
+        raise DataError(f"{run_dir}: not a run directory's files ({type(err).__name__}: {err})") from None
+
+
+@command
+def main(argv: list[str] | None = None, prog: str = "flower compare") -> int:
+    """Run `flower compare`; returns the exit status."""
+    args = parser(prog).parse_args(argv)
+    paths = [Path(p) for pattern in args.runs for p in (sorted(glob.glob(pattern)) or [pattern])]
+    rows = [_row(p) for p in paths if p.is_dir() or not p.exists()]
+    if not rows:
+        raise DataError("no run directories given")
+    key = (lambda r: -float(r["val_macro_f1"])) if args.sort == "f1" else (lambda r: r["run"])
+    print(format_table(sorted(rows, key=key), args.markdown))
+    return 0

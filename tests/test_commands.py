@@ -1,0 +1,119 @@
+"""The exit status rules of the `flower` commands: a user's error is one line and status 2, Ctrl-C is 130, a bug is
+a traceback and status 1 (never an `error:` line with status 2, as if an option were wrong)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import flower.commands.compare as compare_command
+from core.errors import DataError, FlowerError, Kind
+from flower.cli import main as flower
+from flower.commands import command
+from tests.conftest import REPO
+
+
+def test_a_flower_error_is_one_error_line_and_status_2(tmp_path, capsys):
+    assert flower(["compare", str(tmp_path / "nothing-here")]) == 2
+    out, err = capsys.readouterr()
+    assert err == f"error: {tmp_path / 'nothing-here'} is not a run directory (no member.json or checkpoints/" \
+                  "epoch-NNNN/state.json)\n" and out == ""
+
+
+def test_every_kind_of_flower_error_exits_2_and_keeps_its_message(capsys):
+    for kind in Kind:
+        @command
+        def failing(argv, prog, kind=kind):
+            raise FlowerError(f"refused: {kind.value}", kind)
+
+        assert failing([], "flower x") == 2
+        assert capsys.readouterr().err == f"error: refused: {kind.value}\n"
+
+
+def test_an_os_error_names_its_file_and_exits_2(tmp_path, capsys):
+    @command
+    def failing(argv, prog):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "out.csv"))
+
+    assert failing([], "flower x") == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'out.csv'}: Permission denied\n"
+
+
+def test_a_bug_propagates_with_its_traceback_not_as_an_error_line(tmp_path, monkeypatch, capsys):
+    def broken(run_dir):
+        return 1 / 0
+
+    monkeypatch.setattr(compare_command, "run_row", broken)
+    (tmp_path / "run").mkdir()
+    with pytest.raises(ZeroDivisionError):
+        flower(["compare", str(tmp_path / "run")])
+    assert "error:" not in capsys.readouterr().err
+
+
+def test_a_bug_exits_1_with_a_traceback_in_a_fresh_process(tmp_path):
+    code = ("import sys, flower.commands.compare as c\n"
+            "c.run_row = lambda run_dir: 1 / 0\n"
+            "from flower.cli import main\n"
+            f"sys.exit(main(['compare', {str(tmp_path)!r}]))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and "ZeroDivisionError" in result.stderr
+    assert "error:" not in result.stderr
+
+
+def test_ctrl_c_exits_130_quietly(tmp_path, monkeypatch, capsys):
+    def interrupted(run_dir):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare_command, "run_row", interrupted)
+    assert flower(["compare", str(tmp_path)]) == 130
+    assert capsys.readouterr() == ("", "")
+
+
+def test_a_bad_option_is_argparses_status_2(capsys):
+    with pytest.raises(SystemExit) as bad:
+        flower(["compare", str(REPO), "--sort", "size"])
+    assert bad.value.code == 2 and "invalid choice: 'size'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ("augment.flip_left_right=no", "augment.flip_left_right: expected bool, got 'no'"),
+    ("schedule.decay=2", "schedule.decay must be in (0, 1], got 2.0"),
+    ("train.loss=hinge", "train.loss must be cce or focal, got 'hinge'"),
+    ("augment.rotation=-1", "augment.rotation must be >= 0, got -1.0"),
+    ("nosuch=1", "unknown option 'nosuch'; top-level keys: name, output, data, model, schedule, train, augment, "
+                 "predict"),
+])
+def test_flower_train_with_a_bad_config_value_exits_2_with_its_message(setting, message, capsys):
+    assert flower(["train", "--set", setting]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_a_bad_config_value_is_a_config_error_that_old_callers_still_catch_as_value_error():
+    from training.config import load_config
+    from training.config_values import parse_assignments
+
+    with pytest.raises(ValueError, match="train.loss must be cce or focal") as bad:
+        load_config(None, parse_assignments(["train.loss=hinge"]))
+    assert isinstance(bad.value, FlowerError) and bad.value.kind is Kind.INVALID
+    assert issubclass(DataError, FlowerError)
+
+
+def test_the_librarys_own_errors_are_flower_errors_of_a_fitting_kind():
+    from core.photos import TooManyPixels
+    from ensemble.members import MemberError
+    from ensemble.output import OutputError
+    from ensemble.spec import SpecError
+    from service.cli import ModelError
+    from service.scoring import InputError
+    from training.models.backbones import WeightsUnavailable
+    from training.models.torch_weights import CheckpointError
+
+    kinds = {MemberError: Kind.INVALID, OutputError: Kind.CONFLICT, SpecError: Kind.INVALID,
+             ModelError: Kind.UNAVAILABLE, InputError: Kind.INVALID, TooManyPixels: Kind.TOO_LARGE,
+             WeightsUnavailable: Kind.UNAVAILABLE, CheckpointError: Kind.INVALID}
+    for error, kind in kinds.items():
+        assert issubclass(error, FlowerError) and error("x").kind is kind, error
+    assert issubclass(WeightsUnavailable, RuntimeError) and issubclass(TooManyPixels, ValueError)
