@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.contract import ENSEMBLE_FILE, MEMBER_FILE
-from core.errors import DataError
+from core.contract import ENSEMBLE_FILE, IMPORT_REPORT_FILE, MEMBER_FILE
+from core.errors import ConfigError, DataError
 from core.files import write_text_atomic
 
 FIT_MODES = ("crop", "stretch", "pad")  # how a photo becomes a square: cut, squash, or add black bars
@@ -137,8 +137,28 @@ def is_run_directory(path: str | Path) -> bool:
 def geometry_record(fit: str, source: str) -> dict[str, str]:
     """The "geometry" entry of member.json: the fit mode, the resize filter and where the fit mode came from."""
     if fit not in FIT_MODES:
-        raise ArtifactError(f"fit must be one of {FIT_MODES}, got {fit!r}")
+        raise ConfigError(f"fit must be one of {FIT_MODES}, got {fit!r}")
     return {"fit": fit, "filter": FILTER, "from": source}
+
+
+def data_fit(data_dir: str, setting: str = "auto") -> dict[str, str]:
+    """The geometry a run's training images were made with: `setting` when it names a fit mode, else (auto) the
+    data set's import_report.json "fit", else the default (crop) for a data set that does not record it (the
+    competition's own data has no report)."""
+    if setting != "auto":
+        return geometry_record(setting, "data.fit")
+    report = Path(data_dir) / IMPORT_REPORT_FILE
+    if "://" in data_dir or not report.is_file():
+        return geometry_record(DEFAULT_FIT, "default")
+    try:
+        fit = json.loads(report.read_text()).get("fit")
+    except (OSError, ValueError, AttributeError) as err:
+        raise DataError(f"{report} cannot be read for its 'fit': {err}") from None
+    if fit is None:
+        return geometry_record(DEFAULT_FIT, "default")
+    if fit not in FIT_MODES:
+        raise DataError(f"{report}: 'fit' is {fit!r}, not one of {FIT_MODES}")
+    return geometry_record(fit, str(report))
 
 
 def write_member(run_dir: str | Path, document: dict) -> Path:

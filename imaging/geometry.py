@@ -7,59 +7,15 @@ LANCZOS). A run records which (`member.json` "geometry", from the data set's `im
 with TensorFlow's antialiased Lanczos-3 resize: a 4000 x 3000 phone photo reaches the model as its
 imported copy would, not squashed and aliased.
 
-This module imports TensorFlow only inside `fit_square_tf`; the rest is read by TensorFlow-free code.
+The fit modes, the filter and a run's geometry entry are the contract's (core.members); this module is the
+TensorFlow half, and imports TensorFlow only inside `fit_square_tf`.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
-from core.errors import ConfigError, DataError
-
-FIT_MODES = ("crop", "stretch", "pad")
-FILTER = "lanczos3"  # antialiased: tf.image.resize(method="lanczos3", antialias=True); PIL's LANCZOS at import
-DEFAULT_FIT = "crop"  # data sets that do not say how they were made (the competition's, older imports)
-
-
-def geometry_record(fit: str, source: str) -> dict[str, str]:
-    """The "geometry" entry of member.json: the fit mode, the resize filter and where the fit mode came from."""
-    if fit not in FIT_MODES:
-        raise ConfigError(f"fit must be one of {FIT_MODES}, got {fit!r}")
-    return {"fit": fit, "filter": FILTER, "from": source}
-
-
-def data_fit(data_dir: str, setting: str = "auto") -> dict[str, str]:
-    """The geometry a run's training images were made with: `setting` when it names a fit mode, else (auto) the
-    data set's import_report.json "fit", else the default (crop) for a data set that does not record it."""
-    if setting != "auto":
-        return geometry_record(setting, "data.fit")
-    report = Path(data_dir) / "import_report.json"
-    if "://" in data_dir or not report.is_file():
-        return geometry_record(DEFAULT_FIT, "default")
-    try:
-        fit = json.loads(report.read_text()).get("fit")
-    except (OSError, ValueError, AttributeError) as err:
-        raise DataError(f"{report} cannot be read for its 'fit': {err}") from None
-    if fit is None:  # imported before the fit mode was recorded
-        return geometry_record(DEFAULT_FIT, "default")
-    if fit not in FIT_MODES:
-        raise DataError(f"{report}: 'fit' is {fit!r}, not one of {FIT_MODES}")
-    return geometry_record(fit, str(report))
-
-
-def member_geometry(member: dict[str, Any], where: str) -> tuple[str, int]:
-    """A run's fit mode and record size from its member.json ("geometry", else crop; the record size from
-    "data".file_size, else 0: none between the photo and the model's input)."""
-    geometry = member.get("geometry", {"fit": DEFAULT_FIT})
-    if not isinstance(geometry, dict) or geometry.get("fit") not in FIT_MODES:
-        raise DataError(f"{where}: 'geometry' must be an object whose 'fit' is one of {FIT_MODES}, got {geometry!r}")
-    data = member.get("data")
-    record_size = data.get("file_size", 0) if isinstance(data, dict) else 0
-    if isinstance(record_size, bool) or not isinstance(record_size, int) or record_size < 0:
-        raise DataError(f"{where}: 'data'.'file_size' must be a record size in pixels, got {record_size!r}")
-    return geometry["fit"], record_size
+from core.members import FILTER, FIT_MODES
 
 
 def fit_square_tf(image: Any, size: int, fit: str, record_size: int = 0) -> Any:

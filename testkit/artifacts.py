@@ -38,7 +38,7 @@ def make_run(root: Path, name: str, size: int, seed: int = 0, sharpness: float =
     """
     import keras
 
-    from imaging.geometry import geometry_record
+    from core.members import geometry_record
     from training.fit.export import export_saved_model
     from training.models.model import build_classifier
 

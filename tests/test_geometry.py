@@ -4,21 +4,15 @@ tool's (PIL) square on small odd-sized images of every shape, eagerly and in a g
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
 
-from imaging.geometry import (
-    DEFAULT_FIT,
-    FILTER,
-    FIT_MODES,
-    data_fit,
-    fit_square_tf,
-    geometry_record,
-    member_geometry,
-)
+from core.members import DEFAULT_FIT, FILTER, FIT_MODES, data_fit, geometry_record, member_from_document
+from imaging.geometry import fit_square_tf
 from training.data.photos import fit_square
 
 # (height, width) for a 16 px square: wide and tall, one side already 16 (not a square: it is resized all the same),
@@ -142,6 +136,11 @@ def test_a_runs_fit_comes_from_the_option_else_the_import_report_else_the_defaul
         with pytest.raises(ValueError, match=message) as refused:
             data_fit(str(tmp_path))
         assert str(refused.value).startswith(str(report))
+
+
+def member_geometry(document: dict, where: str) -> tuple[str, int]:
+    """The geometry core.members reads from a member.json document at `where`."""
+    return member_from_document(document, Path(where)).geometry()
 
 
 def test_a_member_says_its_fit_and_record_size_or_gets_the_defaults():

@@ -13,8 +13,8 @@ import tensorflow as tf
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from core.members import FIT_MODES
 from core.photos import load_rgb
-from imaging.geometry import FIT_MODES
 from service.app import create_app
 from service.images import decode_image
 from service.predictor import MemberModel, load_run

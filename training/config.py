@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import ConfigError
+from core.members import FIT_MODES
 from core.sections import section_from_dict
 from imaging.augment_config import AugmentConfig
-from imaging.geometry import FIT_MODES
 
 if sys.version_info >= (3, 11):
     import tomllib

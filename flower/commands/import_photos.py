@@ -8,9 +8,9 @@ from pathlib import Path
 
 import training.data.photos
 from core.errors import ConfigError
+from core.members import FIT_MODES
 from core.photos import DEFAULT_MAX_PIXELS
 from flower.commands import command
-from imaging.geometry import FIT_MODES
 from training.data.near_duplicates import DEFAULT_DISTANCE, MAX_DISTANCE, parse_distance
 from training.data.photos import CLI_NAMES, ImportReport, check_import_options, import_folders
 

@@ -59,9 +59,9 @@ from PIL import Image, ImageOps
 from core.contract import CLASSES_FILE, IMPORT_REPORT_FILE, SIZE_FOLDER, TEST_ANSWERS_FILE, size_folder_name
 from core.errors import ConfigError, DataError
 from core.files import lock_folder, write_text_atomic
+from core.members import FIT_MODES
 from core.names import shown
 from core.photos import DEFAULT_MAX_PIXELS, PhotoError, Problem, check_max_pixels, entry_problem, load_rgb, walk_photos
-from imaging.geometry import FIT_MODES
 from training.data.near_duplicates import (
     DEFAULT_DISTANCE,
     check_distance,

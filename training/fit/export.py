@@ -18,8 +18,9 @@ import tensorflow as tf
 from core.contract import JPEG_DCT
 from core.errors import DataError
 from core.files import write_npz_atomic
+from core.members import DEFAULT_FIT
 from imaging.augment import TTA_AUGMENT, augment_batch
-from imaging.geometry import DEFAULT_FIT, fit_square_tf
+from imaging.geometry import fit_square_tf
 from training.data.dataset import SHARD_POLICIES, SplitInfo, eval_dataset, iterate_checked
 from training.fit.strategy import worker_count
 

@@ -28,7 +28,7 @@ import tensorflow as tf
 from core.contract import CLASS_FEATURE
 from core.errors import ConfigError, DataError, tf_reason
 from core.files import write_text_atomic
-from imaging.geometry import data_fit
+from core.members import data_fit
 from imaging.records import find_bad_record
 from training.config import RunConfig, check_unfreeze_reachable, trainable_at
 from training.data.dataset import SplitInfo, split_info, train_dataset
