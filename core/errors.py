@@ -23,14 +23,16 @@ class Kind(str, Enum):
 
 
 class FlowerError(Exception):
-    """An error a user can act on: one line naming the problem and the culprit, and its kind."""
+    """An error a user can act on: one line naming the problem and the culprit, its kind, and a code (a stable
+    word an HTTP client matches on; the kind's own word unless a finer one is given)."""
 
     kind: Kind = Kind.INVALID
 
-    def __init__(self, message: str, kind: Kind | None = None) -> None:
+    def __init__(self, message: str, kind: Kind | None = None, code: str | None = None) -> None:
         super().__init__(message)
         if kind is not None:
             self.kind = kind
+        self.code = code or self.kind.value
 
 
 class DataError(FlowerError, ValueError):

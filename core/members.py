@@ -165,7 +165,9 @@ def write_member(run_dir: str | Path, document: dict) -> Path:
     """Write member.json atomically, after checking it reads back as a member document."""
     path = Path(run_dir) / MEMBER_FILE
     member = member_from_document(document, path)
-    member.image_size, member.name, member.geometry()  # noqa: B018 - each property checks its field
+    member.name, member.geometry()  # noqa: B018 - each checks its field
+    if "image_size" in document:
+        member.image_size  # noqa: B018 - checks the field
     return write_text_atomic(path, json.dumps(document, indent=1) + "\n")
 
 

@@ -62,8 +62,8 @@ class PhotoError(FlowerError):
     """A photo that cannot be used; `code` is a stable word clients match on, the message says why."""
 
     def __init__(self, code: str, message: str) -> None:
-        super().__init__(message, Kind.TOO_LARGE if code == "too_many_pixels" else Kind.INVALID)
-        self.code, self.message = code, message
+        super().__init__(message, Kind.TOO_LARGE if code == "too_many_pixels" else Kind.INVALID, code)
+        self.message = message
 
 
 class TooManyPixels(PhotoError, ValueError):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import errno
 import io
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 from core.contract import ENSEMBLE_FILE
 from core.errors import DataError, FlowerError, Kind
 from core.files import Unit, write_atomic, write_text_atomic
+from core.members import write_ensemble
 from ensemble.members import Aligned
 from ensemble.scores import per_class_f1
 from ensemble.spec import BlendSpec
@@ -189,7 +189,7 @@ def write_ensemble_json(
         "test_rows": int(len(aligned.test_ids)),
         **extra,
     }
-    return write_text_atomic(out_dir / "ensemble.json", json.dumps(document, indent=1) + "\n")
+    return write_ensemble(out_dir, document)
 
 
 def _save_figure(fig, path: Path) -> Path:

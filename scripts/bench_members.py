@@ -18,7 +18,6 @@ the script checks that first.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -50,6 +49,7 @@ def make_benchmark_ensemble(root: Path, specs: list[tuple[str, int]]) -> Path:
     """Runs `root/runs/BACKBONE-SIZE` (random weights, the 104 classes) and `root/ens/ensemble.json` blending them
     with equal weights; returns the ensemble directory."""
     from core.contract import competition_classes
+    from core.members import write_ensemble
 
     classes = competition_classes()
     runs = [make_run(root / "runs", f"{backbone}-{size}", size, seed=i, sharpness=1.0, backbone=backbone,
@@ -57,12 +57,12 @@ def make_benchmark_ensemble(root: Path, specs: list[tuple[str, int]]) -> Path:
     weights = [1.0 / len(runs)] * len(runs)
     ens = root / "ens"
     ens.mkdir(parents=True, exist_ok=True)
-    (ens / "ensemble.json").write_text(json.dumps({
+    write_ensemble(ens, {
         "version": 1, "method": "weighted", "classes": classes,
         "members": [{"name": r.name, "path": f"../runs/{r.name}", "weight": w} for r, w in zip(runs, weights,
                                                                                                strict=True)],
         "blend": {"method": "weighted", "weights": weights},
-    }))
+    })
     return ens
 
 

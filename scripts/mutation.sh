@@ -72,7 +72,7 @@ module_spec() {
       TESTS=(tests/test_augment.py -k "not grid_command")
       LIMIT=3600 ;;
     import)  # the import tool: decoding, squaring, the stratified split
-      FILES=(training/data/photos.py training/data/near_duplicates.py)
+      FILES=(training/data/importer/*.py training/data/near_duplicates.py)
       TESTS=(tests/test_import_and_demo.py tests/test_near_duplicates.py -k "not demo_data")
       LIMIT=1800 ;;
     *) return 1 ;;

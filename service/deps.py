@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 
 from service.batching import DynamicBatcher
-from service.errors import ClientError
+from service.errors import ClientError, client_error
 from service.inference import InferencePath
 from service.limits import PixelBudget
 from service.repository import ModelRepository, NotServed, Version
@@ -93,7 +93,7 @@ class ServiceState:
         try:
             chosen = self.repository.resolve(name or self.default_model, version, label)
         except NotServed as err:
-            raise ClientError(err.status, err.kind, err.message) from None
+            raise client_error(err) from None
         chosen.enter()
         try:
             yield chosen

@@ -7,6 +7,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from core.errors import FlowerError, Kind
 from service.telemetry import Metrics
 
 
@@ -17,6 +18,15 @@ class ClientError(Exception):
         super().__init__(message)
         self.status, self.kind, self.message = status, kind, message
         self.headers = headers  # extra response headers, e.g. Retry-After or Connection: close
+
+
+# The one table of how each kind of core.errors.FlowerError is answered over HTTP.
+STATUS = {Kind.INVALID: 400, Kind.NOT_FOUND: 404, Kind.CONFLICT: 409, Kind.TOO_LARGE: 413, Kind.UNAVAILABLE: 503}
+
+
+def client_error(err: FlowerError) -> ClientError:
+    """A FlowerError as the ClientError its kind is answered with (the status from STATUS, its code as the kind)."""
+    return ClientError(STATUS[err.kind], err.code, str(err))
 
 
 def error_response(metrics: Metrics | None, status: int, kind: str, message: str,
@@ -63,9 +73,15 @@ async def _server_error(request: Request, err: Exception) -> JSONResponse:
     return error_response(_metrics_of(request), 500, "internal", f"internal error: {type(err).__name__}")
 
 
+async def _flower_error(request: Request, err: FlowerError) -> JSONResponse:
+    """A FlowerError that reached a route: answered with its kind's status (STATUS)."""
+    return await _client_error(request, client_error(err))
+
+
 def register_error_handlers(app: FastAPI) -> None:
     """Answer every error of `app` with {"error": {"kind", "message"}} and count it by kind."""
     app.add_exception_handler(ClientError, _client_error)
+    app.add_exception_handler(FlowerError, _flower_error)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _server_error)

@@ -26,13 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.errors import FlowerError
+from core.errors import FlowerError, Kind
 
 logger = logging.getLogger(__name__)
 
 VERSION_FOLDER = re.compile(r"0|[1-9][0-9]{0,17}")  # fullmatch: a number without leading zeros
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 LABELS_FILE = "labels.json"
+MISSING, DOWN = Kind.NOT_FOUND, Kind.UNAVAILABLE  # answered 404 and 503 (service/errors.py STATUS)
 LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
@@ -40,15 +41,12 @@ class RepositoryError(FlowerError, ValueError):
     """The repository folder or its labels do not match the layout; the message names the path."""
 
 
-class NotServed(LookupError):
-    """A request names a model, version or label that is not available; `status` is 404 or 503, `kind` the error
-    code (unknown_model, not_ready, load_failed, warm_up_failed)."""
+class NotServed(FlowerError, LookupError):
+    """A request names a model, version or label that is not available: kind not_found, or unavailable (none
+    ready, or it failed to load); `code` the error code (unknown_model, not_ready, load_failed, warm_up_failed)."""
 
-    def __init__(self, status: int, message: str, kind: str = "unknown_model") -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.kind = kind
+    def __init__(self, kind: Kind, message: str, code: str = "unknown_model") -> None:
+        super().__init__(message, kind, code)
 
 
 @dataclass
@@ -194,33 +192,36 @@ class ModelRepository:
         """The version a request is for (NotServed naming what is missing); the caller calls enter()/leave()."""
         versions = self.models.get(name)
         if versions is None:
-            raise NotServed(404, f"Servable not found for request: model {name!r} is not served (models: "
+            raise NotServed(MISSING, f"Servable not found for request: model {name!r} is not served (models: "
                                  f"{', '.join(self.names) or 'none'})")
         if label is not None:
             if label not in self.labels.get(name, {}):
                 known = sorted(self.labels.get(name, {}))
-                raise NotServed(404, f"model {name!r} has no version labelled {label!r} (labels: "
+                raise NotServed(MISSING, f"model {name!r} has no version labelled {label!r} (labels: "
                                      f"{', '.join(known) or 'none'}; set them in {name}/{LABELS_FILE})")
             version = self.labels[name][label]
             if version not in versions:
-                raise NotServed(404, f"model {name!r}: label {label!r} names version {version} ({name}/{LABELS_FILE}), "
-                                     f"which is not served (versions: {', '.join(map(str, sorted(versions)))})")
+                raise NotServed(MISSING, f"model {name!r}: label {label!r} names version {version} "
+                                         f"({name}/{LABELS_FILE}), which is not served (versions: "
+                                         f"{', '.join(map(str, sorted(versions)))})")
         if version is None:
             chosen = self.latest(name)
             if chosen is None:
                 failed = [v for v in versions.values() if v.error]
                 kind = failed[-1].error_kind if failed and len(failed) == len(versions) else "not_ready"
-                raise NotServed(503, f"model {name!r} has no available version: {self._failures(name)}", kind)
+                raise NotServed(DOWN, f"model {name!r} has no available version: {self._failures(name)}", kind)
             return chosen
         number = _version_number(version)
         chosen = versions.get(number)
         if chosen is None:
-            raise NotServed(404, f"Servable not found for request: model {name!r} has no version {number} "
+            raise NotServed(MISSING, f"Servable not found for request: model {name!r} has no version {number} "
                                  f"(versions: {', '.join(map(str, sorted(versions)))})")
         if not chosen.available:
             if chosen.error is None:
-                raise NotServed(503, f"model {name!r} version {number} is still loading or warming up", "not_ready")
-            raise NotServed(503, f"model {name!r} version {number} cannot serve: {chosen.error}", chosen.error_kind)
+                raise NotServed(DOWN, f"model {name!r} version {number} is still loading or warming up",
+                                "not_ready")
+            raise NotServed(DOWN, f"model {name!r} version {number} cannot serve: {chosen.error}",
+                            chosen.error_kind)
         return chosen
 
     def _failures(self, name: str) -> str:
@@ -365,7 +366,7 @@ def _version_number(version: int | str) -> int:
         return version
     if isinstance(version, str) and VERSION_FOLDER.fullmatch(version):
         return int(version)
-    raise NotServed(404, f"version {version!r} is not a version number")
+    raise NotServed(MISSING, f"version {version!r} is not a version number")
 
 
 def _scan_with_prints(root: Path) -> dict[str, dict[int, tuple[Path, tuple]]]:

@@ -7,6 +7,8 @@ from functools import lru_cache
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from core.photos import DEFAULT_MAX_PIXELS
+
 
 class Settings(BaseSettings):
     """Everything the service can be told."""
@@ -36,7 +38,8 @@ class Settings(BaseSettings):
                                       "images until the model answers them (0: none); later it answers 504 "
                                       "'timeout' and its images still waiting are dropped")
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1, description="largest accepted image file")
-    max_pixels: int = Field(40_000_000, ge=1, description="largest accepted width x height (decompression bombs)")
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1,
+                            description="largest accepted width x height (decompression bombs)")
     max_images: int = Field(16, ge=1, description="most images in one request")
     max_request_pixels: int = Field(100_000_000, ge=1, description="most decoded pixels in one request, all its "
                                     "images together (about 3 bytes each while it is served); more answers 413")

@@ -21,6 +21,8 @@ from typing import IO
 import numpy as np
 from PIL import Image, ImageFilter
 
+from core.members import write_ensemble
+
 CLASSES = ["red five-petal", "yellow ray flower", "purple four-star", "white eight-petal"]
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the repository root, holding the `service` package
 
@@ -38,7 +40,7 @@ def make_run(root: Path, name: str, size: int, seed: int = 0, sharpness: float =
     """
     import keras
 
-    from core.members import geometry_record
+    from core.members import geometry_record, write_member
     from training.fit.export import export_saved_model
     from training.models.model import build_classifier
 
@@ -51,10 +53,9 @@ def make_run(root: Path, name: str, size: int, seed: int = 0, sharpness: float =
     run.mkdir(parents=True, exist_ok=True)
     export_saved_model(model, size, run / "saved_model", fit, record_size)
     (run / "classes.json").write_text(json.dumps(classes))
-    (run / "member.json").write_text(json.dumps({"version": 1, "name": name, "backbone": backbone,
-                                                 "image_size": size, "num_classes": len(classes),
-                                                 "geometry": geometry_record(fit, "test"),
-                                                 "data": {"file_size": record_size or size}}))
+    write_member(run, {"version": 1, "name": name, "backbone": backbone, "image_size": size,
+                       "num_classes": len(classes), "geometry": geometry_record(fit, "test"),
+                       "data": {"file_size": record_size or size}})
     return run
 
 
@@ -71,12 +72,12 @@ def make_ensemble(root: Path) -> Path:
     runs = [make_run(root / "runs", "m32", 32, 1), make_run(root / "runs", "m48", 48, 2)]
     ens = root / "ens"
     ens.mkdir()
-    (ens / "ensemble.json").write_text(json.dumps({
+    write_ensemble(ens, {
         "version": 1, "method": "weighted", "classes": CLASSES,
         "members": [{"name": r.name, "path": f"../runs/{r.name}", "weight": w}
                     for r, w in zip(runs, (0.3, 0.7), strict=True)],
         "blend": {"method": "weighted", "weights": [0.3, 0.7]},
-    }))
+    })
     return ens
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from core.members import write_member
+
 
 def synthetic_probs(
     labels: np.ndarray, skills: list[float], classes: int, rng: np.random.Generator,
@@ -35,7 +37,7 @@ def write_run_dir(
 ) -> Path:
     """Write the prediction part of a run directory (member.json, classes.json, predictions/*.npz)."""
     (path / "predictions").mkdir(parents=True, exist_ok=True)
-    (path / "member.json").write_text(json.dumps({"name": name, "backbone": "synthetic"}))
+    write_member(path, {"name": name, "backbone": "synthetic"})
     (path / "classes.json").write_text(json.dumps(classes))
     np.savez(path / "predictions" / "val.npz", ids=val_ids, labels=val_labels.astype(np.int64), probs=val_probs)
     np.savez(path / "predictions" / "test.npz", ids=test_ids, probs=test_probs)

@@ -111,7 +111,7 @@ def test_a_bad_file_is_its_own_error_row_and_the_others_are_scored(models, tmp_p
 
 def test_a_data_split_gives_one_row_per_record_at_the_size_for_the_largest_member(models, tmp_path):
     from imaging.records import iter_records
-    from training.data.photos import import_folders
+    from training.data.importer.folders import import_folders
 
     _, predictor = models
     for label, name in enumerate(("red", "blue")):

@@ -13,7 +13,7 @@ from PIL import Image
 
 from core.members import DEFAULT_FIT, FILTER, FIT_MODES, data_fit, geometry_record, member_from_document
 from imaging.geometry import fit_square_tf
-from training.data.photos import fit_square
+from training.data.importer.squares import fit_square
 
 # (height, width) for a 16 px square: wide and tall, one side already 16 (not a square: it is resized all the same),
 # thin strips (padded to a line of one pixel, not lost), bars of an odd total (11 px: 5.5 rounds to 6 as PIL does), one

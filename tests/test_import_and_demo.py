@@ -16,8 +16,9 @@ from flower.commands.import_photos import main as import_main
 from imaging.records import iter_records
 from training.data.dataset import eval_dataset, split_info
 from training.data.demo_data import KINDS, demo_examples
+from training.data.importer.folders import import_folders
+from training.data.importer.split import stratified_split
 from training.data.layout import count_records, split_files
-from training.data.photos import import_folders, stratified_split
 
 
 def _save(path, image: Image.Image, fmt: str, **kwargs) -> None:
@@ -170,11 +171,11 @@ def _two_class_photos(src) -> None:
     (["--val", "0.5", "--test", "0.5"], "error: --val + --test must be below 1 to leave training images"),
 ])
 def test_import_options_are_checked_before_anything_is_read_or_written(tmp_path, capsys, monkeypatch, args, message):
-    import training.data.photos
+    import training.data.importer.folders
 
     src, out = tmp_path / "src", tmp_path / "out"
     _two_class_photos(src)
-    monkeypatch.setattr(training.data.photos, "_scan", lambda *a: pytest.fail("photos were read"))
+    monkeypatch.setattr(training.data.importer.folders, "scan_source", lambda *a: pytest.fail("photos were read"))
     assert import_main([str(src), str(out), *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and len(err.splitlines()) == 1, err
@@ -293,7 +294,7 @@ def test_the_split_depends_on_the_seed_only():
 
 
 def test_squares_are_cropped_padded_or_stretched_with_a_lanczos_filter():
-    from training.data.photos import fit_square
+    from training.data.importer.squares import fit_square
 
     wide = np.zeros((20, 40, 3), np.uint8)
     wide[:, :10] = (255, 0, 0)  # red left quarter, green middle half, blue right quarter
@@ -323,7 +324,7 @@ def test_squares_are_cropped_padded_or_stretched_with_a_lanczos_filter():
 def test_ids_are_nine_hex_digits_and_longer_only_on_a_clash():
     import hashlib
 
-    from training.data.photos import image_id
+    from training.data.importer.split import image_id
 
     taken: set[str] = set()
     first = image_id("daisy/a.jpg", taken)

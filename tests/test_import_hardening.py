@@ -16,13 +16,14 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-import training.data.photos as photos
+import training.data.importer.options as options
+import training.data.importer.publish as publish
 from core.errors import DataError
 from core.photos import load_rgb
 from flower.commands.import_photos import main as import_main
 from flower.commands.overlap import main as overlap_main
+from training.data.importer.folders import import_folders
 from training.data.near_duplicates import read_folder
-from training.data.photos import import_folders
 
 
 def _noise(seed: int, size: int = 12) -> Image.Image:
@@ -192,7 +193,7 @@ def test_a_kill_while_undoing_an_interrupted_import_is_undone_again(tmp_path, mo
         if state["calls"] < at:
             break
         interrupted = _tree(out)
-        photos._recover(out, progress=False)
+        publish.recover(out, progress=False)
         expected = _tree(out)
         assert expected in (old, new), at
         for again in range(1, 100):  # kill the clean-up at each of its steps, then clean up again
@@ -200,10 +201,10 @@ def test_a_kill_while_undoing_an_interrupted_import_is_undone_again(tmp_path, mo
             with monkeypatch.context() as patched:
                 cleanup = _fail_at(patched, again, forever=True)
                 try:
-                    photos._recover(out, progress=False)
+                    publish.recover(out, progress=False)
                 except Killed:
                     pass
-            photos._recover(out, progress=False)
+            publish.recover(out, progress=False)
             assert _tree(out) == expected, (at, again)
             tries += 1
             if cleanup["calls"] < again:
@@ -462,5 +463,5 @@ def test_sizes_have_an_upper_bound(tmp_path, capsys):
     _classes(src, "ab")
     assert import_main([str(src), str(tmp_path / "out"), "--sizes", "64,4097"]) == 2
     assert _one_line_error(capsys).startswith("error: --sizes allows squares up to 4096, got [64, 4097]")
-    photos.check_import_options([64, 4096], 0.15, 0.15, 1)  # the bound itself is allowed
+    options.check_import_options([64, 4096], 0.15, 0.15, 1)  # the bound itself is allowed
     assert not (tmp_path / "out").exists()

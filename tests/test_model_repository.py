@@ -16,7 +16,9 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from core.errors import Kind
 from service.app import create_app
+from service.errors import STATUS
 from service.predictor import load_run
 from service.repository import ModelRepository, NotServed, RepositoryError, read_labels
 from service.settings import Settings
@@ -161,7 +163,7 @@ def test_a_version_that_fails_to_load_leaves_the_one_before_it_serving(tmp_path)
         assert repo.resolve("m").number == 1
         with pytest.raises(NotServed, match="broken on purpose") as failed:
             repo.resolve("m", 2)
-        assert failed.value.status == 503
+        assert failed.value.kind is Kind.UNAVAILABLE and STATUS[failed.value.kind] == 503
         assert await repo.poll() == []  # unchanged files are not tried again
         (tmp_path / "m" / "2" / "broken").unlink()  # fixed: its files changed, so it is tried again
         assert await repo.poll() == [("m", 2, "loaded")]

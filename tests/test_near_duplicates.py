@@ -21,6 +21,8 @@ from core.photos import load_rgb
 from flower.commands.import_photos import main as import_main
 from flower.commands.overlap import main as overlap_main
 from tests.conftest import REPO
+from training.data.importer.folders import import_folders
+from training.data.importer.split import stratified_split
 from training.data.near_duplicates import (
     _BYTE_BITS,
     DEFAULT_DISTANCE,
@@ -33,7 +35,6 @@ from training.data.near_duplicates import (
     popcount,
     read_split,
 )
-from training.data.photos import import_folders, stratified_split
 
 
 def _photo(seed: int, size: tuple[int, int] = (200, 150)) -> Image.Image:

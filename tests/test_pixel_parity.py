@@ -20,7 +20,8 @@ from service.images import decode_image
 from service.predictor import MemberModel, load_run
 from service.settings import Settings
 from testkit.artifacts import make_run, photo
-from training.data.photos import fit_square, import_folders
+from training.data.importer.folders import import_folders
+from training.data.importer.squares import fit_square
 
 SIZE = 160  # at 64 px the records' own JPEG encoding (quality 95) moves the pixels by 2 grey levels on its own
 # (width, height): landscape and portrait phone photos, one over the service's 4 M pixel draft threshold

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from core.errors import DataError
+from core.members import is_run_directory, read_member
 from training.fit.checkpoints import EpochState, latest_checkpoint
 
 COLUMNS = ("run", "backbone", "size", "weights", "trainable", "augmentation", "regularisation", "schedule",
@@ -33,9 +34,8 @@ def augmentation_summary(augment: dict) -> str:
 
 def run_row(run_dir: Path) -> dict[str, str]:
     """One table row from a run directory's member.json (finished runs) or checkpoint state (running ones)."""
-    member_file = run_dir / "member.json"
-    if member_file.is_file():
-        member = json.loads(member_file.read_text())
+    if is_run_directory(run_dir):
+        member = read_member(run_dir).document
         config = member["config"]
         f1 = member["metrics"]["val_macro_f1"]
         seconds = member["timings"]["seconds_per_epoch"]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import ConfigError
-from core.members import FIT_MODES
+from core.members import FIT_MODES, read_member
 from core.sections import section_from_dict
 from imaging.augment_config import AugmentConfig
 
@@ -274,7 +274,7 @@ def refit_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -
         raise ConfigError(f"{run_dir} was trained on train+val, or has no epochs: refit a run trained on train only")
     best = max(rows, key=lambda r: float(r["val_macro_f1"]))
     epochs = int(best["epoch"])
-    name = json.loads(files["member.json"].read_text()).get("name") or run_dir.name
+    name = read_member(run_dir).name
     values.update(name=f"{name}-refit", output=str(run_dir.parent / f"{run_dir.name}-refit"))
     values["data"].update(train_on_val=True, validation_from=str(run_dir))
     values["train"]["epochs"] = epochs

@@ -1,23 +1,25 @@
 """`flower import`: import folders of photos, one per class, into the competition layout (see
-training/data/photos.py)."""
+training/data/importer/)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-import training.data.photos
+import training.data.importer
 from core.errors import ConfigError
 from core.members import FIT_MODES
 from core.photos import DEFAULT_MAX_PIXELS
 from flower.commands import command
+from training.data.importer.folders import import_folders
+from training.data.importer.options import CLI_NAMES, check_import_options
+from training.data.importer.report import ImportReport
 from training.data.near_duplicates import DEFAULT_DISTANCE, MAX_DISTANCE, parse_distance
-from training.data.photos import CLI_NAMES, ImportReport, check_import_options, import_folders
 
 
 def parser(prog: str) -> argparse.ArgumentParser:
     """The command line of `flower import`."""
-    parser = argparse.ArgumentParser(prog=prog, description=training.data.photos.__doc__,
+    parser = argparse.ArgumentParser(prog=prog, description=training.data.importer.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", help="folder with one sub-folder of photos per class (JPEG/PNG/GIF/BMP/WebP, any size)")
     parser.add_argument("out", help="data folder to write (competition layout)")

@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from core.files import write_atomic, write_text_atomic
+from core.members import write_member
 from training.config import RunConfig
 from training.data.dataset import SplitInfo
 from training.fit.evaluation import classification_scores
@@ -120,6 +121,6 @@ def finish_run(config: RunConfig, model: keras.Model, facts: RunFacts, history: 
     final = classification_scores(val_labels, val_probs)
     saved_model = {"bytes": folder_bytes(run_dir / "saved_model"), "weights_bytes": weights_bytes(model)}
     member = member_document(config, facts, final, history, saved_model)
-    write_text_atomic(run_dir / "member.json", json.dumps(member, indent=1) + "\n")
+    write_member(run_dir, member)
     log(f"done: validation macro F1 {final['macro_f1']:.4f}, accuracy {final['accuracy']:.4f}; wrote {run_dir}")
     return run_dir
