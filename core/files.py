@@ -60,21 +60,25 @@ def is_tmp(path: Path) -> bool:
     return path.name.startswith(".") and path.name.endswith(".tmp") and path.is_file()
 
 
-def write_atomic(path: str | Path, write: Callable[[str], None]) -> Path:
+def write_atomic(path: str | Path, write: Callable[[str], None], overwrite: bool = True, suffix: str = ".tmp") -> Path:
     """Call `write(tmp_path)` and rename the result onto path, so readers never see a partial file.
 
     The file gets the mode a plain open() would give (0666 less the umask, not mkstemp's 0600) and is
-    flushed to disk before the rename. An OSError names `path`, not the temporary file.
+    flushed to disk before the rename. Without `overwrite`, FileExistsError (path kept as it is) when path
+    exists, also when it appeared while writing. `suffix` ends the temporary name (a writer that insists on
+    its own, e.g. Keras's `.weights.h5`). An OSError names `path`, not the temporary file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~umask())
         fsync_path(tmp)
-        os.replace(tmp, path)
+        if not publish_file(tmp, path, overwrite):
+            raise FileExistsError(errno.EEXIST, "exists already (not replaced)", str(path))
+    except FileExistsError:
+        raise
     except OSError as err:
         raise OSError(err.errno, err.strerror or str(err), str(path)) from None
     finally:

@@ -33,7 +33,6 @@ import os
 import re
 import stat
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -45,7 +44,7 @@ import numpy as np
 
 from core.contract import IMAGE_FEATURE, RECORD_SUFFIX, choose_size, count_in_name, local_size_folders, parse_split_spec
 from core.errors import FlowerError
-from core.files import publish_file
+from core.files import write_atomic
 from core.names import shown
 from core.photos import PHOTO_EXTENSIONS, entry_problem, walk_photos
 from service.images import ImageError
@@ -350,9 +349,9 @@ def score(predictor: EnsemblePredictor, inputs: Inputs, out: str | Path, options
     size = max(m.image_size for m in predictor.members)
     top_k = min(options.top_k, len(predictor.classes))
     summary, progress = Summary(), Progress(count_images(inputs, size), quiet)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(header(predictor.classes, top_k, options.probabilities))
             for batch in _batches(iter_images(inputs, size, options.max_image_bytes), options.batch_size):
@@ -362,13 +361,12 @@ def score(predictor: EnsemblePredictor, inputs: Inputs, out: str | Path, options
                     if row[1] == "false":
                         summary.failed[row[2].partition(":")[0]] += 1
                 progress.update(summary.rows, summary.failures)
-            f.flush()
-            os.fsync(f.fileno())
-        _publish(tmp, out, overwrite)
-    except BaseException:
-        if os.path.lexists(tmp):
-            os.remove(tmp)
-        raise
+
+    try:
+        write_atomic(out, write, overwrite)
+    except FileExistsError:
+        raise InputError(f"--out {shown(str(out))} appeared while scoring; it was left as it is (pass --overwrite "
+                         "to replace it)") from None
     summary.seconds = time.perf_counter() - progress.start
     return summary
 
@@ -391,13 +389,6 @@ def check_out(out: Path, overwrite: bool) -> None:
         raise InputError(f"the folder of --out, {shown(str(parent))}, does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(f"the folder of --out, {shown(str(parent))}, is not writable")
-
-
-def _publish(tmp: str, out: Path, overwrite: bool) -> None:
-    """Rename the complete CSV onto `out`; without overwrite, never over a file that appeared meanwhile."""
-    if not publish_file(tmp, out, overwrite):
-        raise InputError(f"--out {shown(str(out))} appeared while scoring; it was left as it is (pass --overwrite "
-                         "to replace it)")
 
 
 # --- the model -----------------------------------------------------------------------------------------------

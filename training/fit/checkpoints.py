@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from core.errors import ConfigError, DataError, FlowerError, Kind
-from core.files import write_text_atomic
+from core.files import write_atomic, write_text_atomic
 from training.config import RunConfig
 
 if TYPE_CHECKING:  # only for annotations: `flower compare` reads state.json without TensorFlow
@@ -124,13 +124,7 @@ def save_weights_atomic(model: keras.Model, path: Path) -> None:
     """model.save_weights through a temporary name (Keras insists on the .weights.h5 suffix)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     ensure_room_for_weights(model, path.parent)
-    tmp = path.with_name(f".{path.name[: -len('.weights.h5')]}.tmp.weights.h5")
-    try:
-        model.save_weights(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk leaves no partial file behind
-        raise
+    write_atomic(path, model.save_weights, suffix=".tmp.weights.h5")  # a full disk leaves no partial file
 
 
 def load_best_weights(model: keras.Model, checkpoints: Path) -> None:

@@ -1,0 +1,207 @@
+"""The ground floor (core/): each idea of the contract in its one home, TensorFlow-free."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from core.contract import (
+    choose_size,
+    count_in_name,
+    folder_size,
+    is_data_folder,
+    local_size_folders,
+    parse_split_spec,
+    size_folder_name,
+)
+from core.errors import FlowerError, Kind
+from core.files import Unit, folder_lock, write_atomic, write_text_atomic
+from core.members import (
+    ArtifactError,
+    data_fit,
+    read_ensemble,
+    read_member,
+    write_ensemble,
+    write_member,
+)
+from core.photos import PhotoError, TooManyPixels, is_photo_name, load_rgb, open_photo, walk_photos
+
+
+def _png(size=(8, 6)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (10, 20, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# --- the contract's names and rules -----------------------------------------------------------------------
+
+
+def test_size_folders_record_counts_and_the_one_size_rule():
+    assert size_folder_name(192) == "tfrecords-jpeg-192x192" and folder_size("tfrecords-jpeg-192x192") == 192
+    assert folder_size("tfrecords-jpeg-192x224") is None and folder_size("tfrecords-jpeg-x") is None
+    assert count_in_name("gs://b/00-192x192-230.tfrec") == 230 and count_in_name("a.tfrec") is None
+    assert choose_size([512, 192, 224], 200) == 224  # the smallest at least as large as the model
+    assert choose_size([192, 224], 300) == 224 and choose_size([192, 224], None) == 224  # else, or asked: largest
+    with pytest.raises(ValueError):
+        choose_size([], 10)
+
+
+def test_a_split_spec_is_an_existing_folder_and_a_plain_split_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "odd:name").mkdir()  # a folder whose own name holds a colon is a folder, not a split
+    assert (spec := parse_split_spec("data:test")) and (spec.data, spec.split) == ("data", "test")
+    assert str(spec) == "data:test"
+    for text in ("odd:name", "missing:test", "data:a/b", "data:", ":test", "data"):
+        assert parse_split_spec(text) is None, text
+    (tmp_path / "data" / "tfrecords-jpeg-32x32").mkdir()
+    (tmp_path / "data" / "tfrecords-jpeg-32x48").mkdir()
+    assert list(local_size_folders("data")) == [32] and not is_data_folder("data")
+    (tmp_path / "data" / "classes.json").write_text("[]")
+    assert is_data_folder("data") and not is_data_folder("nowhere")
+
+
+# --- files ------------------------------------------------------------------------------------------------
+
+
+def test_an_atomic_write_never_leaves_a_partial_file_and_names_the_target(tmp_path):
+    target = tmp_path / "a.txt"
+    write_text_atomic(target, "old")
+
+    def fails(tmp: str) -> None:
+        open(tmp, "w").write("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left") as err:
+        write_atomic(target, fails)
+    assert err.value.filename == str(target) and target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
+def test_without_overwrite_a_file_that_appears_while_writing_is_kept(tmp_path):
+    target = tmp_path / "out.csv"
+
+    def meanwhile(tmp: str) -> None:
+        open(tmp, "w").write("mine")
+        target.write_text("theirs")  # another process wins the race
+
+    with pytest.raises(FileExistsError):
+        write_atomic(target, meanwhile, overwrite=False)
+    assert target.read_text() == "theirs" and sorted(p.name for p in tmp_path.iterdir()) == ["out.csv"]
+    assert write_atomic(tmp_path / "new.csv", lambda tmp: open(tmp, "w").write("x"), overwrite=False).exists()
+
+
+def test_a_folder_published_as_a_unit_keeps_the_old_one_on_failure_and_refuses_strangers(tmp_path):
+    unit = Unit(lambda p: p.name in ("a", "b") and p.is_file(), "test")
+    out = tmp_path / "out"
+
+    def writes(values):
+        def write(stage):
+            for name, value in values.items():
+                (stage / name).write_text(value)
+            return "done"
+        return write
+
+    assert unit.publish(out, writes({"a": "1", "b": "1"}), ValueError) == "done"
+
+    def broken(stage):
+        (stage / "a").write_text("2")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        unit.publish(out, broken, ValueError)
+    assert (out / "a").read_text() == "1" and [p.name for p in tmp_path.iterdir()] == ["out"]
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="notes.txt"):
+        unit.publish(out, writes({"a": "3"}), lambda strangers: ValueError(f"holds {strangers}"))
+    assert (out / "notes.txt").read_text() == "mine" and (out / "a").read_text() == "1"
+
+
+def test_a_folder_lock_is_exclusive(tmp_path):
+    with folder_lock(tmp_path):
+        with pytest.raises(BlockingIOError):
+            with folder_lock(tmp_path):
+                pass
+    with folder_lock(tmp_path):  # released
+        pass
+
+
+# --- photos -----------------------------------------------------------------------------------------------
+
+
+def test_the_one_opener_refuses_by_code_from_the_header(tmp_path):
+    assert load_rgb(_png()).size == (8, 6)
+    tiff = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(tiff, format="TIFF")
+    cases = [(b"", "empty"), (b"text", "not_an_image"), (_png()[:20], "corrupt"),
+             (tiff.getvalue(), "unsupported_format")]
+    for data, code in cases:
+        with pytest.raises(PhotoError) as err:
+            open_photo(data)
+        assert err.value.code == code and err.value.kind is Kind.INVALID
+    with pytest.raises(TooManyPixels, match="8x6 = 48 pixels, more than the limit of 47") as err:
+        open_photo(_png(), max_pixels=47)
+    assert err.value.kind is Kind.TOO_LARGE and isinstance(err.value, FlowerError)
+
+
+def test_a_folder_of_photos_means_one_thing(tmp_path):
+    (tmp_path / "b" / "deep").mkdir(parents=True)
+    for name in ("a.JPG", "b/c.png", "b/deep/d.webp", "notes.txt", ".hidden.jpg", "noextension"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (tmp_path / "b" / "up").symlink_to(tmp_path)
+    walk = walk_photos(tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in walk.photos] == ["a.JPG", "b/c.png", "b/deep/d.webp"]
+    assert sorted(p.name for p in walk.others) == ["noextension", "notes.txt"] and walk.hidden == 1
+    codes = {p.path.name: (p.code, p.reason) for p in walk.problems}
+    assert codes["gone.jpg"][0] == "broken_link" and codes["gone.jpg"][1].startswith("broken link")
+    assert codes["up"][0] == "link_loop" and codes["up"][1].startswith("link loop")
+    assert is_photo_name("x.JPEG") and not is_photo_name("x.tif")
+
+
+# --- member.json and ensemble.json ------------------------------------------------------------------------
+
+
+def test_member_json_is_read_typed_and_written_checked(tmp_path):
+    run = tmp_path / "run"
+    write_member(run, {"name": "m", "image_size": 64, "geometry": {"fit": "pad"}, "data": {"file_size": 96},
+                       "metrics": {"val_macro_f1": 0.5}, "config": {"data": {"train_on_val": True}},
+                       "validation_from": "../orig"})
+    member = read_member(run)
+    assert (member.name, member.image_size, member.geometry(), member.val_macro_f1) == ("m", 64, ("pad", 96), 0.5)
+    assert member.train_on_val and member.validation_from == "../orig"
+    before = (run / "member.json").read_text()
+    for bad, message in (({"name": 3}, "'name' must be a string"), ({"image_size": 0}, "no valid image_size"),
+                         ({"geometry": {"fit": "squash"}}, "'geometry' must be"), ({"config": [1]}, "config must be")):
+        with pytest.raises(ArtifactError, match=message):
+            write_member(run, bad)
+    assert (run / "member.json").read_text() == before  # a refused write changes nothing
+    (run / "member.json").write_text("[1]")
+    with pytest.raises(ArtifactError, match="must be a JSON object"):
+        read_member(run)
+    with pytest.raises(ArtifactError, match="not found"):
+        read_member(tmp_path / "nothing")
+
+
+def test_ensemble_json_is_read_typed_and_written_checked(tmp_path):
+    document = {"version": 1, "classes": ["a", "b "], "blend": {"method": "mean", "weights": [1.0]},
+                "members": [{"name": "m", "path": "../runs/m", "weight": 1.0}]}
+    write_ensemble(tmp_path / "ens", document)
+    ensemble = read_ensemble(tmp_path / "ens")
+    assert ensemble.classes == ("a", "b") and ensemble.members[0].run_dir(ensemble.path) == (tmp_path / "runs" / "m")
+    assert read_ensemble(tmp_path / "ens" / "ensemble.json").blend == document["blend"]
+    for change, message in (({"version": 2}, "reads version 1"), ({"members": [{"name": "m"}]}, "'path'"),
+                            ({"classes": []}, "'classes' must be")):
+        with pytest.raises(ArtifactError, match=message):
+            write_ensemble(tmp_path / "ens", {**document, **change})
+    assert json.loads((tmp_path / "ens" / "ensemble.json").read_text()) == document
+
+
+def test_the_fit_of_a_data_set_comes_from_the_option_then_its_report(tmp_path):
+    assert data_fit(str(tmp_path), "pad")["from"] == "data.fit"
+    assert data_fit(str(tmp_path))["fit"] == "crop"
+    (tmp_path / "import_report.json").write_text(json.dumps({"fit": "stretch"}))
+    assert data_fit(str(tmp_path))["fit"] == "stretch"
