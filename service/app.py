@@ -1,6 +1,6 @@
 """The FastAPI application: `create_app(settings)`; models are loaded in the lifespan, never at import.
 
-    flower serve --ensemble demo/ensemble        # see service/cli.py
+    flower serve --ensemble demo/ensemble        # see service/serving.py
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ every request into them.
 
 Each `Metrics` has its own `CollectorRegistry`, so that many apps can live in one process (tests). Under
 `--workers N` the command sets PROMETHEUS_MULTIPROC_DIR to a fresh directory before the workers start
-(service/cli.py): prometheus_client then keeps every worker's values in files there, and `render()` adds up
+(service/serving.py): prometheus_client then keeps every worker's values in files there, and `render()` adds up
 all workers' files, so /metrics answers the same totals whichever worker serves the scrape.
 """
 

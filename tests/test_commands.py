@@ -106,8 +106,8 @@ def test_the_librarys_own_errors_are_flower_errors_of_a_fitting_kind():
     from ensemble.members import MemberError
     from ensemble.output import OutputError
     from ensemble.spec import SpecError
-    from service.cli import ModelError
     from service.scoring import InputError
+    from service.serving import ModelError
     from training.models.backbones import WeightsUnavailable
     from training.models.torch_weights import CheckpointError
 

@@ -679,19 +679,19 @@ def test_after_a_failed_warm_up_the_prediction_routes_say_why():
 
 @pytest.fixture
 def served(monkeypatch):
-    """Run service.cli.main with binding the port, loading the models and serving recorded instead of done;
+    """Run service.serving.main with binding the port, loading the models and serving recorded instead of done;
     FLOWER_* restored afterwards."""
     import socket
 
-    import service.cli
+    import service.serving
 
     for name in Settings.model_fields:  # set, then removed: what main() hands to workers is undone afterwards
         monkeypatch.setenv(f"FLOWER_{name.upper()}", "")
         monkeypatch.delenv(f"FLOWER_{name.upper()}")
     calls = []
-    monkeypatch.setattr(service.cli, "listen", lambda host, port: socket.socket())
-    monkeypatch.setattr(service.cli, "load_checked", lambda settings: None)
-    monkeypatch.setattr(service.cli, "serve", lambda settings, ensemble, sock: calls.append(settings))
+    monkeypatch.setattr(service.serving, "listen", lambda host, port: socket.socket())
+    monkeypatch.setattr(service.serving, "load_checked", lambda settings: None)
+    monkeypatch.setattr(service.serving, "serve", lambda settings, ensemble, sock: calls.append(settings))
     return calls
 
 

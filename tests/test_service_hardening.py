@@ -87,14 +87,14 @@ def _corrupt_copy(run, tmp_path):
 
 @pytest.fixture
 def serve_calls(monkeypatch):
-    """service.cli.main with the final hand-over to uvicorn recorded instead of run."""
-    import service.cli
+    """service.serving.main with the final hand-over to uvicorn recorded instead of run."""
+    import service.serving
 
     for name in Settings.model_fields:  # set, then removed: what main() hands to workers is undone afterwards
         monkeypatch.setenv(f"FLOWER_{name.upper()}", "")
         monkeypatch.delenv(f"FLOWER_{name.upper()}")
     calls = []
-    monkeypatch.setattr(service.cli, "serve", lambda settings, ensemble, sock: calls.append((settings, ensemble)))
+    monkeypatch.setattr(service.serving, "serve", lambda settings, ensemble, sock: calls.append((settings, ensemble)))
     return calls
 
 
@@ -154,7 +154,7 @@ def test_python_m_service_with_a_corrupt_saved_model_exits_without_a_traceback(e
 
 
 def test_uvicorn_gets_the_slow_client_options(ensemble_dir):
-    from service.cli import uvicorn_config
+    from service.serving import uvicorn_config
 
     config = uvicorn_config(Settings(run="x", keep_alive_timeout=3, limit_concurrency=7), app=object())
     assert config.timeout_keep_alive == 3 and config.limit_concurrency == 7

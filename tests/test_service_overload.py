@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from flower.commands.serve import parse_settings
 from service.app import create_app
-from service.cli import metrics_dir
+from service.serving import metrics_dir
 from service.settings import Settings
 from service.telemetry import Metrics
 from testkit.artifacts import CLASSES, free_port, image_bytes, make_run, start_server

@@ -1,10 +1,10 @@
-"""`flower augment-grid`: a PNG grid of augmented training samples (see training/show_augment.py)."""
+"""`flower augment-grid`: a PNG grid of augmented training samples (see training/data/augment_grid.py)."""
 
 from __future__ import annotations
 
 import argparse
 
-import training.show_augment
+import training.data.augment_grid
 from core.errors import ConfigError
 from flower.commands import command
 from imaging.augment_config import AugmentConfig
@@ -13,7 +13,7 @@ from training.config_values import parse_assignments
 
 def parser(prog: str) -> argparse.ArgumentParser:
     """The command line of `flower augment-grid`."""
-    parser = argparse.ArgumentParser(prog=prog, description=training.show_augment.__doc__,
+    parser = argparse.ArgumentParser(prog=prog, description=training.data.augment_grid.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="data folder in the competition layout (local or gs://)")
     parser.add_argument("--split", default="train", choices=["train", "val", "test"],
@@ -34,7 +34,7 @@ def parser(prog: str) -> argparse.ArgumentParser:
 @command
 def main(argv: list[str] | None = None, prog: str = "flower augment-grid") -> int:
     """Run `flower augment-grid`; returns the exit status."""
-    from training.show_augment import augmented_grid, mixed_batches, write_grid_png
+    from training.data.augment_grid import augmented_grid, mixed_batches, write_grid_png
 
     args = parser(prog).parse_args(argv)
     for flag, value in (("--size", args.size), ("--rows", args.rows), ("--copies", args.copies)):

@@ -1,11 +1,11 @@
-"""`flower blend`: blend run directories, cross-validate, write the Kaggle submission (see ensemble/cli.py)."""
+"""`flower blend`: blend run directories, cross-validate, write the Kaggle submission (see ensemble/inputs.py)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-import ensemble.cli
+import ensemble.inputs
 from core.errors import ConfigError
 from ensemble.spec import METHODS
 from flower.commands import command
@@ -13,7 +13,7 @@ from flower.commands import command
 
 def parser(prog: str) -> argparse.ArgumentParser:
     """The command line of `flower blend`."""
-    parser = argparse.ArgumentParser(prog=prog, description=ensemble.cli.__doc__,
+    parser = argparse.ArgumentParser(prog=prog, description=ensemble.inputs.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run directories or glob patterns (quoted globs are expanded here)")
     parser.add_argument("--out", required=True, help="ensemble directory to write")
@@ -34,7 +34,7 @@ def parser(prog: str) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, prog: str = "flower blend") -> int:
     """Run `flower blend`; returns the exit status."""
     from ensemble.build import build_ensemble
-    from ensemble.cli import expand_runs, read_ids
+    from ensemble.inputs import expand_runs, read_ids
     from ensemble.output import check_out_dir
 
     args = parser(prog).parse_args(argv)

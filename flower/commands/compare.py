@@ -1,4 +1,4 @@
-"""`flower compare`: run directories side by side (see training/compare.py)."""
+"""`flower compare`: run directories side by side (see training/fit/compare.py)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ import glob
 import json
 from pathlib import Path
 
-import training.compare
+import training.fit.compare
 from core.errors import DataError
 from flower.commands import command
-from training.compare import format_table, run_row
+from training.fit.compare import format_table, run_row
 
 
 def parser(prog: str) -> argparse.ArgumentParser:
     """The command line of `flower compare`."""
-    parser = argparse.ArgumentParser(prog=prog, description=training.compare.__doc__,
+    parser = argparse.ArgumentParser(prog=prog, description=training.fit.compare.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run directories or glob patterns")
     parser.add_argument("--sort", choices=["f1", "name"], default="f1",

@@ -1,4 +1,4 @@
-"""`flower serve`: serve an ensemble, one run or a model repository over HTTP (see service/cli.py).
+"""`flower serve`: serve an ensemble, one run or a model repository over HTTP (see service/serving.py).
 
 Exit status 2: bad settings (one line `error: --flag: ...` per problem); 1: the models cannot be served or the
 address cannot be bound; 0 after Ctrl-C once serving.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 
-import service.cli as serving
+import service.serving as serving
 from core.errors import ConfigError, FlowerError, Kind
 from flower.commands import command, error
 from service.settings import Settings
