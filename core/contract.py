@@ -64,6 +64,13 @@ def count_in_name(path: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def record_id_fallback(path: str, index: int) -> str:
+    """The id of a record that has none: `<file stem>-<index in file>` (the training pipeline forms the same in
+    the graph, training.data.dataset)."""
+    stem = path.replace("\\", "/").rsplit("/", 1)[-1]
+    return f"{stem.removesuffix(RECORD_SUFFIX)}-{index}"
+
+
 def choose_size(sizes: list[int], wanted: int | None) -> int:
     """The one rule for which stored size a reader takes: the smallest at least `wanted`, else the largest.
 

@@ -21,6 +21,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
+from core.errors import ConfigError
+from core.names import shown
+
 try:
     import fcntl
 except ImportError:  # Windows has no fcntl: folders are then not locked
@@ -56,8 +59,9 @@ def fsync_path(path: str | Path) -> None:
 
 
 def is_tmp(path: Path) -> bool:
-    """A temporary file of write_atomic (`.<name>.<random>.tmp`), left by a killed write."""
-    return path.name.startswith(".") and path.name.endswith(".tmp") and path.is_file()
+    """A temporary file of write_atomic (`.<name>.<random>.tmp`, or `.tmp.<suffix>`), left by a killed write."""
+    name = path.name
+    return name.startswith(".") and (name.endswith(".tmp") or ".tmp." in name) and path.is_file()
 
 
 def write_atomic(path: str | Path, write: Callable[[str], None], overwrite: bool = True, suffix: str = ".tmp") -> Path:
@@ -77,13 +81,17 @@ def write_atomic(path: str | Path, write: Callable[[str], None], overwrite: bool
         fsync_path(tmp)
         if not publish_file(tmp, path, overwrite):
             raise FileExistsError(errno.EEXIST, "exists already (not replaced)", str(path))
-    except FileExistsError:
-        raise
     except OSError as err:
+        if isinstance(err, FileExistsError) or err.filename not in (None, tmp):
+            raise  # about another file: its own name stays
         raise OSError(err.errno, err.strerror or str(err), str(path)) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    try:
+        fsync_path(path.parent)  # the rename itself, across a power cut
+    except OSError:
+        pass
     return path
 
 
@@ -121,6 +129,29 @@ def publish_file(tmp: str | Path, out: Path, overwrite: bool) -> bool:
         return True
     os.remove(tmp)
     return True
+
+
+def check_output_file(path: str | Path, option: str, overwrite: bool = True) -> Path:
+    """An output file checked before any work (ConfigError naming the option): not a folder, not an existing file
+    unless overwrite (nor anything but a regular file), in an existing folder that takes files (a probe file is
+    made there and removed)."""
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(f"{option} {shown(str(path))} is a folder; name a file, e.g. {shown(str(target / 'out'))}")
+    if os.path.lexists(target) and not overwrite:
+        raise ConfigError(f"{option} {shown(str(path))} exists; pass --overwrite to replace it")
+    if target.exists() and not target.is_file():
+        raise ConfigError(f"{option} {shown(str(path))} exists and is not a regular file")
+    if not target.parent.is_dir():
+        what = "is not a folder" if target.parent.exists() else "does not exist"
+        raise ConfigError(f"{option} {shown(str(path))}: the folder {shown(str(target.parent))} {what}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as err:
+        raise ConfigError(f"{option} {shown(str(path))} cannot be written: {err.strerror or err}") from None
+    os.close(fd)
+    os.remove(probe)
+    return target
 
 
 # --- locks ------------------------------------------------------------------------------------------------
@@ -207,11 +238,14 @@ class Unit:
         return sorted(p.name for p in entries if not is_tmp(p) and not self.owns(p))
 
     def remove_old(self, folder: Path) -> None:
-        """Remove a set-aside folder: its own files only; anything else found there is kept, with a warning."""
+        """Remove a set-aside folder: its own entries only; anything else found there is kept, with a warning."""
         for path in folder.iterdir():
             if not self.strangers([path]):
                 try:
-                    path.unlink()
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink()
                 except OSError:
                     pass
         try:

@@ -62,8 +62,8 @@ class MemberFile:
     def name(self) -> str:
         """The member's name, else its run directory's name."""
         name = self.document.get("name")
-        if name is not None and not isinstance(name, str):
-            raise ArtifactError(f"{self.path}: 'name' must be a string, got {name!r}")
+        if name is not None and (not isinstance(name, str) or (name and not name.strip())):
+            raise ArtifactError(f"{self.path}: 'name' must be a string (empty: the folder's name), got {name!r}")
         return name or self.path.parent.name
 
     @property
@@ -255,8 +255,9 @@ def is_ensemble_directory(path: str | Path) -> bool:
     return (Path(path) / ENSEMBLE_FILE).is_file()
 
 
-def write_ensemble(out_dir: str | Path, document: dict) -> Path:
-    """Write ensemble.json atomically, after checking it reads back as an ensemble document."""
+def write_ensemble(out_dir: str | Path, document: dict, final_dir: str | Path | None = None) -> Path:
+    """Write ensemble.json atomically, after checking it reads back as an ensemble document (a refusal names the
+    file at `final_dir` when out_dir is a staging folder that will become it)."""
     path = Path(out_dir) / ENSEMBLE_FILE
-    ensemble_from_document(document, path)
+    ensemble_from_document(document, Path(final_dir or out_dir) / ENSEMBLE_FILE)
     return write_text_atomic(path, json.dumps(document, indent=1) + "\n")

@@ -130,6 +130,7 @@ def load_rgb(source: bytes | str | Path, max_pixels: int | None = DEFAULT_MAX_PI
 # --- the one folder walker: what "a folder of photos" means -------------------------------------------------
 
 PHOTO_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
+NOT_A_PHOTO_NAME = f"not named like a photo ({', '.join(PHOTO_EXTENSIONS)}): not read"
 
 
 def is_photo_name(name: str) -> bool:
@@ -139,11 +140,17 @@ def is_photo_name(name: str) -> bool:
 
 @dataclass(frozen=True)
 class Problem:
-    """A photo (or folder) found but not readable: a stable code and the reason."""
+    """A photo (or folder) found but not readable: a stable code and what is wrong."""
 
     path: Path
     code: str  # broken_link (also a link to itself), link_loop (a link to a folder that holds it), unreadable
-    reason: str
+    detail: str
+    label: str = ""  # what kind of problem, in words: "broken link", "link loop"
+
+    @property
+    def reason(self) -> str:
+        """The detail with what kind of problem it is in front ("broken link: its target ... does not exist")."""
+        return f"{self.label}: {self.detail}" if self.label else self.detail
 
 
 @dataclass
@@ -159,9 +166,9 @@ class FolderWalk:
 def walk_photos(root: str | Path) -> FolderWalk:
     """Every photo under a folder, recursively in name order, following links to files and folders.
 
-    A photo is a non-hidden file named like one (is_photo_name); other files go to `others`, names starting with
-    '.' are counted in `hidden`. A broken link, a link loop, a pipe or device named like a photo, and a folder
-    that cannot be listed, are problems with their reason."""
+    A photo is a non-hidden file named like one (is_photo_name); other files go to `others` (NOT_A_PHOTO_NAME
+    says why), names starting with '.' are counted in `hidden`. A broken link or a link loop (whatever its name),
+    a pipe or device named like a photo, and a folder that cannot be listed, are problems with their reason."""
     walk = FolderWalk()
     _walk(Path(root), (Path(os.path.realpath(root)),), walk)
     return walk
@@ -181,18 +188,14 @@ def _walk(folder: Path, chain: tuple[Path, ...], walk: FolderWalk) -> None:
             continue
         try:
             mode = os.stat(entry.path).st_mode  # follows links
-        except OSError as err:
-            mode = None if is_photo_name(entry.name) else 0
-            if mode is None:
-                walk.problems.append(entry_problem(entry, err))
-            else:
-                walk.others.append(path)
+        except OSError as err:  # a broken link or a link loop, whatever its name
+            walk.problems.append(entry_problem(entry, err))
             continue
         if stat.S_ISDIR(mode):
             real = Path(os.path.realpath(entry.path))
             if any(inside == real or inside.is_relative_to(real) for inside in chain):
-                walk.problems.append(Problem(path, "link_loop", f"link loop: a link to {shown(str(real))}, a folder "
-                                                                "that holds it; not followed"))
+                walk.problems.append(Problem(path, "link_loop", f"a link to {shown(str(real))}, a folder that holds "
+                                                                "it; not followed", "link loop"))
             else:
                 _walk(path, (*chain, real), walk)
         elif not is_photo_name(entry.name):
@@ -207,7 +210,7 @@ def entry_problem(entry: os.DirEntry | Path, err: OSError) -> Problem:
     """Why a folder entry cannot be opened: a broken link, a link loop, or the system's reason."""
     path = Path(entry.path) if isinstance(entry, os.DirEntry) else entry
     if path.is_symlink() and err.errno == errno.ELOOP:
-        return Problem(path, "broken_link", "link loop: the link leads back to itself")
+        return Problem(path, "broken_link", "the link leads back to itself", "link loop")
     if path.is_symlink() and err.errno == errno.ENOENT:
-        return Problem(path, "broken_link", f"broken link: its target {shown(os.readlink(path))} does not exist")
+        return Problem(path, "broken_link", f"its target {shown(os.readlink(path))} does not exist", "broken link")
     return Problem(path, "unreadable", f"cannot be read ({err.strerror or err})")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from core.contract import CLASSES_FILE
 from core.errors import FlowerError
 from core.members import ArtifactError, MemberFile, is_run_directory, read_json_file, read_member
 
@@ -189,7 +190,7 @@ def validation_source(run_dir: Path, name: str) -> Path:
 
 def _read_classes(run_dir: Path, name: str) -> list[str]:
     """A run directory's classes.json, checked."""
-    classes_file = run_dir / "classes.json"
+    classes_file = run_dir / CLASSES_FILE
     if not classes_file.is_file():
         raise MemberError(f"member {name!r}: {classes_file} not found")
     classes = _read_json(classes_file, f"member {name!r}: ")

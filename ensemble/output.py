@@ -189,7 +189,7 @@ def write_ensemble_json(
         "test_rows": int(len(aligned.test_ids)),
         **extra,
     }
-    return write_ensemble(out_dir, document)
+    return write_ensemble(out_dir, document, final_dir)
 
 
 def _save_figure(fig, path: Path) -> Path:

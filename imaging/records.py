@@ -41,7 +41,7 @@ def write_split(
 
     def flush() -> None:
         name = join(folder, f"{len(written):02d}-{size}x{size}-{len(batch)}.tfrec")
-        tmp = name + ".tmp"
+        tmp = name + ".tmp"  # through tf.io.gfile, not core.files: the folder may be gs://, where rename is a copy
         with tf.io.TFRecordWriter(tmp) as writer:
             for item in batch:
                 writer.write(item)

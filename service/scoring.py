@@ -30,7 +30,6 @@ import asyncio
 import csv
 import itertools
 import os
-import re
 import stat
 import sys
 import time
@@ -42,11 +41,20 @@ from typing import TextIO
 
 import numpy as np
 
-from core.contract import IMAGE_FEATURE, RECORD_SUFFIX, choose_size, count_in_name, local_size_folders, parse_split_spec
+from core.contract import (
+    IMAGE_FEATURE,
+    RECORD_SUFFIX,
+    choose_size,
+    count_in_name,
+    local_size_folders,
+    parse_split_spec,
+    record_id_fallback,
+)
 from core.errors import FlowerError
-from core.files import write_atomic
+from core.files import check_output_file, write_atomic
+from core.members import is_ensemble_directory, is_run_directory
 from core.names import shown
-from core.photos import PHOTO_EXTENSIONS, entry_problem, walk_photos
+from core.photos import PHOTO_EXTENSIONS, entry_problem, is_photo_name, walk_photos
 from service.images import ImageError
 from service.inference import EncodedImage, InferencePath, direct
 from service.predictor import EnsemblePredictor, load_ensemble, load_run
@@ -133,20 +141,21 @@ def _file_input(path: Path) -> FileInput:
 def _stat_problem(path: Path, err: OSError) -> ImageError:
     """Why a path cannot be opened (core.photos.entry_problem): a broken link, a link loop, or the system's reason."""
     problem = entry_problem(path, err)
-    return ImageError(problem.code, problem.reason)
+    return ImageError(problem.code, problem.detail)
 
 
 def _add_folder(folder: Path, inputs: Inputs) -> None:
     """Add a folder's photos (core.photos' one rule) in name order; a photo that cannot be read is a row with its
     problem, a link loop a note, other files and hidden names are counted as ignored."""
     walk = walk_photos(folder)
-    inputs.ignored += walk.hidden + len(walk.others)
-    problems = {problem.path: problem for problem in walk.problems if problem.code != "link_loop"}
-    inputs.notes += [f"{shown(str(p.path))}: {p.reason}" for p in walk.problems if p.code == "link_loop"]
-    for path in sorted([*walk.photos, *problems]):
-        problem = problems.get(path)
+    loops = [p for p in walk.problems if p.code == "link_loop"]
+    rows = {p.path: p for p in walk.problems if p not in loops and (p.path.is_dir() or is_photo_name(p.path.name))}
+    inputs.ignored += walk.hidden + len(walk.others) + len(walk.problems) - len(loops) - len(rows)
+    inputs.notes += [f"{shown(str(p.path))}: {p.reason}" for p in loops]
+    for path in sorted([*walk.photos, *rows]):
+        problem = rows.get(path)
         inputs.sources.append(FileInput(shown(str(path)), path,
-                                        ImageError(problem.code, problem.reason) if problem else None))
+                                        ImageError(problem.code, problem.detail) if problem else None))
 
 
 def _split_input(spec: str) -> SplitInput | None:
@@ -232,17 +241,16 @@ def _iter_split(source: SplitInput, size: int, max_bytes: int) -> Iterator[tuple
     import tensorflow as tf
 
     for path in source.files[size]:
-        stem = re.sub(r"\.tfrec$", "", os.path.basename(path))
         index = 0
         try:
             for raw in tf.data.TFRecordDataset(path):
-                record_id, data = _parse_record(raw.numpy(), f"{stem}-{index}")
+                record_id, data = _parse_record(raw.numpy(), record_id_fallback(path, index))
                 if isinstance(data, bytes) and len(data) > max_bytes:
                     data = ImageError("too_large", f"the image is larger than the limit of {max_bytes} bytes")
                 yield f"{source.spec}#{record_id}", data
                 index += 1
         except tf.errors.OpError as err:
-            yield (f"{source.spec}#{stem}-{index}",
+            yield (f"{source.spec}#{record_id_fallback(path, index)}",
                    ImageError("corrupt_record", f"{shown(path)}: record {index} and those after it cannot be read "
                                                 f"({err.message.splitlines()[0]})"))
 
@@ -379,16 +387,8 @@ def _batches(items: Iterable, size: int) -> Iterator[list]:
 
 
 def check_out(out: Path, overwrite: bool) -> None:
-    """Refuse an --out that exists (unless overwrite), is a folder, or whose folder does not exist."""
-    if out.is_dir():
-        raise InputError(f"--out {shown(str(out))} is a folder; name the CSV file to write")
-    if os.path.lexists(out) and not overwrite:
-        raise InputError(f"--out {shown(str(out))} exists; pass --overwrite to replace it")
-    parent = out.parent
-    if not parent.is_dir():
-        raise InputError(f"the folder of --out, {shown(str(parent))}, does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"the folder of --out, {shown(str(parent))}, is not writable")
+    """Refuse an --out that exists (unless overwrite), is a folder, or whose folder does not exist or take files."""
+    check_output_file(out, "--out", overwrite)
 
 
 # --- the model -----------------------------------------------------------------------------------------------
@@ -399,9 +399,9 @@ def model_kind(path: str) -> str:
     target = Path(path)
     if not os.path.lexists(target):
         raise InputError(f"{shown(path)} not found")
-    if target.is_file() or (target / "ensemble.json").is_file():
+    if target.is_file() or is_ensemble_directory(target):
         return "ensemble"
-    if (target / "member.json").is_file():
+    if is_run_directory(target):
         return "run"
     raise InputError(f"{shown(path)} is neither an ensemble directory (ensemble.json) nor a run directory "
                      "(member.json and saved_model/)")

@@ -27,12 +27,23 @@ def _modules() -> dict[str, Path]:
     return out
 
 
+def _dynamic_import(node: ast.AST) -> str | None:
+    """The module named by `importlib.import_module("x")` or `__import__("x")` with a literal name, else None."""
+    if isinstance(node, ast.Call) and ast.unparse(node.func) in ("importlib.import_module", "import_module",
+                                                                 "__import__"):
+        if node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+            return node.args[0].value
+    return None
+
+
 def _imports(path: Path, name: str, modules: dict[str, Path]) -> set[str]:
-    """The project modules a module imports anywhere in it (top level or inside functions)."""
+    """The project modules a module imports anywhere in it (top level, inside functions, or by a literal name)."""
     found = set()
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
+        if _dynamic_import(node):
+            targets = [_dynamic_import(node)]
+        elif isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
@@ -267,10 +278,12 @@ def test_each_part_imports_only_the_floors_under_it():
 
 
 def _third_party(path: Path) -> set[str]:
-    """The top-level names of every module a file imports, anywhere in it."""
+    """The top-level names of every module a file imports, anywhere in it (a literal dynamic import too)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
+        if _dynamic_import(node):
+            found.add(_dynamic_import(node).partition(".")[0])
+        elif isinstance(node, ast.Import):
             found |= {alias.name.partition(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
             found.add(node.module.partition(".")[0])
@@ -290,3 +303,54 @@ def test_the_import_check_sees_a_forbidden_import_inside_a_function(tmp_path):
     assert _forbidden("service.predictor", _imports(path, "service.predictor", _modules())) == {"training.models.model"}
     path.write_text("def f():\n    from training.data.layout import join\n")
     assert _forbidden("core.contract", _imports(path, "core.contract", _modules())) == {"training.data.layout"}
+
+
+# --- one home for each idea ------------------------------------------------------------------------------
+
+# The calls that spell out an idea of the contract, and the only modules that may make them.
+HOMES = {
+    "Image.open": {"core.photos"},  # the one photo opener
+    "os.scandir": {"core.photos",  # the one folder walker ...
+                   "training.data.importer.sources"},  # ... and the import's list of class folders
+    "tempfile.mkstemp": {"core.files"},  # atomic writing
+    "os.umask": {"core.files"},
+    "fcntl.flock": {"core.files"},  # the folder lock
+    "tf.train.Example.FromString": {"imaging.records"},  # the record fields read on the host
+}
+CONTRACT_NAMES = {"member.json", "ensemble.json", "classes.json", "import_report.json", "test_answers.csv",
+                  "saved_model"}  # file names of the contract: core.contract's constants
+
+
+def _spelled_out(path: Path) -> set[str]:
+    """The HOMES calls, the contract's file names as string literals, and size-folder regexes in a module."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and ast.unparse(node.func) in HOMES:
+            found.add(ast.unparse(node.func))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            if node.value in CONTRACT_NAMES:
+                found.add(node.value)
+            elif "tfrecords-jpeg-(" in node.value:
+                found.add("size-folder pattern")
+    return found
+
+
+def test_each_idea_of_the_contract_is_spelled_out_in_its_home_only():
+    homes = {**HOMES, **{name: {"core.contract"} for name in CONTRACT_NAMES}, "size-folder pattern": {"core.contract"}}
+    strays = {}
+    for name, path in _modules().items():
+        wrong = {idea for idea in _spelled_out(path) if name not in homes[idea]}
+        if wrong:
+            strays[name] = sorted(wrong)
+    assert not strays, strays
+
+
+def test_the_house_checks_see_dynamic_imports_and_copies(tmp_path):
+    path = tmp_path / "a.py"
+    path.write_text("import importlib\ndef f():\n    importlib.import_module('training.data.layout')\n"
+                    "    __import__('tensorflow')\n")
+    assert _forbidden("core.contract", _imports(path, "core.contract", _modules())) == {"training.data.layout"}
+    assert "tensorflow" in _third_party(path)
+    path.write_text("from PIL import Image\nImage.open('x')\nNAME = 'member.json'\n"
+                    "SIZE = r'tfrecords-jpeg-(\\d+)'\n")
+    assert _spelled_out(path) == {"Image.open", "member.json", "size-folder pattern"}

@@ -117,3 +117,21 @@ def test_the_librarys_own_errors_are_flower_errors_of_a_fitting_kind():
     for error, kind in kinds.items():
         assert issubclass(error, FlowerError) and error("x").kind is kind, error
     assert issubclass(WeightsUnavailable, RuntimeError) and issubclass(TooManyPixels, ValueError)
+
+
+def test_a_damaged_member_json_is_one_error_line_in_flower_compare(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "member.json").write_text('{"config": {}, "metrics": []}')
+    assert flower(["compare", str(run)]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith(f"error: {run}: not a run directory's files (") and err.count("\n") == 1 and out == ""
+
+
+def test_a_split_argument_of_flower_overlap_says_what_is_wrong(tmp_path, capsys):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "data").mkdir()
+    for spec, message in ((f"{tmp_path}/nodata:train", f"data folder not found: {tmp_path}/nodata"),
+                          (f"{tmp_path}/data:tr ain", "unknown split 'tr ain'")):
+        assert flower(["overlap", spec, str(tmp_path / "photos"), "--quiet"]) == 2
+        assert message in capsys.readouterr().err

@@ -18,7 +18,7 @@ from core.contract import (
     size_folder_name,
 )
 from core.errors import FlowerError, Kind
-from core.files import Unit, folder_lock, write_atomic, write_text_atomic
+from core.files import Unit, folder_lock, is_tmp, write_atomic, write_text_atomic
 from core.members import (
     ArtifactError,
     data_fit,
@@ -79,6 +79,18 @@ def test_an_atomic_write_never_leaves_a_partial_file_and_names_the_target(tmp_pa
         write_atomic(target, fails)
     assert err.value.filename == str(target) and target.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
+def test_an_error_about_another_file_keeps_that_files_name_and_leftovers_are_known(tmp_path):
+    def reads_a_missing_file(tmp: str) -> None:
+        open(tmp_path / "missing.bin", "rb")
+
+    with pytest.raises(FileNotFoundError) as err:
+        write_atomic(tmp_path / "out.bin", reads_a_missing_file)
+    assert err.value.filename == str(tmp_path / "missing.bin")
+    leftover = tmp_path / ".best.weights.h5.x1y2.tmp.weights.h5"
+    leftover.write_bytes(b"")
+    assert is_tmp(leftover) and is_tmp(tmp_path / "out.bin") is False
 
 
 def test_without_overwrite_a_file_that_appears_while_writing_is_kept(tmp_path):
@@ -152,13 +164,17 @@ def test_a_folder_of_photos_means_one_thing(tmp_path):
     for name in ("a.JPG", "b/c.png", "b/deep/d.webp", "notes.txt", ".hidden.jpg", "noextension"):
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")  # a broken link is one whatever its name
+    (tmp_path / "self.png").symlink_to(tmp_path / "self.png")
     (tmp_path / "b" / "up").symlink_to(tmp_path)
     walk = walk_photos(tmp_path)
     assert [p.relative_to(tmp_path).as_posix() for p in walk.photos] == ["a.JPG", "b/c.png", "b/deep/d.webp"]
     assert sorted(p.name for p in walk.others) == ["noextension", "notes.txt"] and walk.hidden == 1
     codes = {p.path.name: (p.code, p.reason) for p in walk.problems}
-    assert codes["gone.jpg"][0] == "broken_link" and codes["gone.jpg"][1].startswith("broken link")
-    assert codes["up"][0] == "link_loop" and codes["up"][1].startswith("link loop")
+    assert codes["gone.jpg"] == ("broken_link", f"broken link: its target {tmp_path / 'nowhere.jpg'} does not exist")
+    assert codes["gone"][0] == "broken_link"
+    assert codes["self.png"] == ("broken_link", "link loop: the link leads back to itself")
+    assert codes["up"][0] == "link_loop" and codes["up"][1].startswith("link loop: a link to")
     assert is_photo_name("x.JPEG") and not is_photo_name("x.tif")
 
 
@@ -179,6 +195,11 @@ def test_member_json_is_read_typed_and_written_checked(tmp_path):
         with pytest.raises(ArtifactError, match=message):
             write_member(run, bad)
     assert (run / "member.json").read_text() == before  # a refused write changes nothing
+    for name, shown_as in (("", "run"), (None, "run")):
+        write_member(run, {"name": name})
+        assert read_member(run).name == shown_as  # no name: the folder's
+    with pytest.raises(ArtifactError, match="'name' must be a string"):
+        write_member(run, {"name": "   "})
     (run / "member.json").write_text("[1]")
     with pytest.raises(ArtifactError, match="must be a JSON object"):
         read_member(run)
@@ -198,6 +219,8 @@ def test_ensemble_json_is_read_typed_and_written_checked(tmp_path):
         with pytest.raises(ArtifactError, match=message):
             write_ensemble(tmp_path / "ens", {**document, **change})
     assert json.loads((tmp_path / "ens" / "ensemble.json").read_text()) == document
+    with pytest.raises(ArtifactError, match=f"^{tmp_path / 'final' / 'ensemble.json'}: 'classes'"):
+        write_ensemble(tmp_path / "ens", {**document, "classes": []}, final_dir=tmp_path / "final")
 
 
 def test_the_fit_of_a_data_set_comes_from_the_option_then_its_report(tmp_path):

@@ -12,6 +12,7 @@ import tensorflow as tf
 from PIL import Image, ImageOps
 
 from core.errors import DataError
+from core.photos import NOT_A_PHOTO_NAME
 from flower.commands.import_photos import main as import_main
 from imaging.records import iter_records
 from training.data.dataset import eval_dataset, split_info
@@ -70,7 +71,7 @@ def test_odd_image_kinds_are_converted_and_bad_files_are_reported(tmp_path):
     report = import_folders(src, tmp_path / "out", sizes=[16], val_fraction=0.25, test_fraction=0.25, progress=False)
     skipped = {s["path"]: s["reason"] for s in report.skipped}
     assert set(skipped) == {"blue/notes.txt", "red/truncated.jpg"}
-    assert skipped["blue/notes.txt"] == "not an image"
+    assert skipped["blue/notes.txt"] == NOT_A_PHOTO_NAME
     assert sum(sum(c.values()) for c in report.counts.values()) == 8
     saved = json.loads((tmp_path / "out" / "import_report.json").read_text())
     assert {s["path"] for s in saved["skipped"]} == set(skipped)

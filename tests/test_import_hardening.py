@@ -19,7 +19,7 @@ from PIL import Image, ImageFile
 import training.data.importer.options as options
 import training.data.importer.publish as publish
 from core.errors import DataError
-from core.photos import load_rgb
+from core.photos import NOT_A_PHOTO_NAME, load_rgb
 from flower.commands.import_photos import main as import_main
 from flower.commands.overlap import main as overlap_main
 from training.data.importer.folders import import_folders
@@ -354,8 +354,8 @@ def test_a_file_name_that_is_not_utf8_is_imported_and_shown_escaped(tmp_path, ca
     assert import_main([str(src), str(out), "--sizes", "16", *OFF]) == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "import_report.json").read_bytes().decode("utf-8"))  # valid UTF-8 throughout
-    assert report["skipped"] == [{"path": "a/notes\\xfe.txt", "reason": "not an image"},
-                                 {"path": "b/two\\x0alines.txt", "reason": "not an image"}]
+    assert report["skipped"] == [{"path": "a/notes\\xfe.txt", "reason": NOT_A_PHOTO_NAME},
+                                 {"path": "b/two\\x0alines.txt", "reason": NOT_A_PHOTO_NAME}]
     assert report["duplicate_groups"][0]["files"] == ["a/0.png", "a/bad\\xff.png"]
     assert sum(sum(c.values()) for c in report["counts"].values()) == 9
     assert "skipped 2 file(s)" in printed

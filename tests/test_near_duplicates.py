@@ -301,7 +301,7 @@ def test_overlap_lists_the_planted_pairs_between_two_folders(tmp_path, capsys):
     assert all(pairs[k]["kind"] == "near" and pairs[k]["distance"] <= 6 for k in list(pairs)[1:])
     assert report["counts"] == {"pairs": 3, "exact": 1, "near": 2, "photos_of_a": 3, "photos_of_b": 3,
                                 "files_in_both": 0}
-    assert report["b"]["skipped"] == ["notes.txt"] and report["b"]["images"] == 6
+    assert report["b"]["not_photos"] == ["notes.txt"] and report["b"]["skipped"] == [] and report["b"]["images"] == 6
     assert "OVERLAP: 3 cross pair(s) (1 exact, 2 near" in printed and "sub/p1.png  small.jpg" in printed
     # Exact copies only: the exact pair alone.
     assert overlap_main([str(a), str(b), "--near-duplicate-distance", "off", "--quiet"]) == 1
@@ -344,7 +344,8 @@ def test_overlap_refuses_bad_arguments_with_exit_status_2(tmp_path, capsys):
     cases = [([str(tmp_path / "missing"), str(a)], "folder not found"),
              ([str(a), f"{tmp_path}:tset"], "unknown split 'tset'"),
              ([str(a), str(tmp_path / "empty")], "no images in"),
-             ([str(tmp_path / "texts"), str(a)], "no images in " + str(tmp_path / "texts") + " (1 unreadable file(s))"),
+             ([str(tmp_path / "texts"), str(a)],
+              "no images in " + str(tmp_path / "texts") + " (1 file(s) not named like photos)"),
              ([str(a), f"{tmp_path / 'data'}:val"], "no 'tfrecords-jpeg-<S>x<S>' folder"),
              ([str(a), str(a), "--near-duplicate-distance", "x"], "must be a whole number from 0 to 16")]
     for argv, message in cases:

@@ -1238,8 +1238,8 @@ def test_a_second_export_replaces_the_saved_model_whole_and_leaves_nothing_besid
     from training.fit.export import export_saved_model
 
     path = tmp_path / "saved_model"
-    (tmp_path / "saved_model.tmp").mkdir()  # left by an export that was killed
-    (tmp_path / "saved_model.tmp" / "junk").write_text("half-written")
+    (tmp_path / ".saved_model.staging-0123456789abcdef").mkdir()  # left by an export that was killed
+    (tmp_path / ".saved_model.staging-0123456789abcdef" / "junk").write_text("half-written")
     images = tf.constant(np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)), tf.float32)
     answers = []
     for seed in (1, 2):  # a rerun (or a refit) exports over the first SavedModel
@@ -1251,7 +1251,7 @@ def test_a_second_export_replaces_the_saved_model_whole_and_leaves_nothing_besid
         np.testing.assert_allclose(loaded.numpy(), answers[-1], atol=1e-6)
         assert not (path / "junk").exists()  # the killed export's half-written folder was cleared, not reused
         if seed == 1:  # an export killed just after its swap leaves the model before it beside the new one
-            (tmp_path / "saved_model.old").mkdir()
-            (tmp_path / "saved_model.old" / "junk").write_text("the model before")
+            (tmp_path / ".saved_model.old-0123456789abcdef" / "variables").mkdir(parents=True)
+            (tmp_path / ".saved_model.old-0123456789abcdef" / "variables" / "junk").write_text("the model before")
     assert np.abs(answers[0] - answers[1]).max() > 1e-4  # the second export really replaced the first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["saved_model"]

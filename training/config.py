@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.contract import MEMBER_FILE
 from core.errors import ConfigError
 from core.members import FIT_MODES, read_member
 from core.sections import section_from_dict
@@ -263,7 +264,7 @@ def refit_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -
     stand for it in a blend (`data.validation_from`); `overrides` apply on top.
     """
     run_dir = Path(run_dir)
-    files = {name: run_dir / name for name in ("config.json", "history.csv", "member.json")}
+    files = {name: run_dir / name for name in ("config.json", "history.csv", MEMBER_FILE)}
     missing = [str(f) for f in files.values() if not f.is_file()]
     if missing:
         raise ConfigError(f"--refit-of needs a finished run directory; missing {', '.join(missing)}")

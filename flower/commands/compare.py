@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 from pathlib import Path
 
 import training.fit.compare
@@ -24,20 +23,12 @@ def parser(prog: str) -> argparse.ArgumentParser:
     return parser
 
 
-def _row(run_dir: Path) -> dict[str, str]:
-    """A run's table row; a member.json, config.json or state.json that is not what a run writes is a DataError."""
-    try:
-        return run_row(run_dir)
-    except (KeyError, json.JSONDecodeError) as err:  # a damaged or foreign file, not a bug here
-        raise DataError(f"{run_dir}: not a run directory's files ({type(err).__name__}: {err})") from None
-
-
 @command
 def main(argv: list[str] | None = None, prog: str = "flower compare") -> int:
     """Run `flower compare`; returns the exit status."""
     args = parser(prog).parse_args(argv)
     paths = [Path(p) for pattern in args.runs for p in (sorted(glob.glob(pattern)) or [pattern])]
-    rows = [_row(p) for p in paths if p.is_dir() or not p.exists()]
+    rows = [run_row(p) for p in paths if p.is_dir() or not p.exists()]
     if not rows:
         raise DataError("no run directories given")
     key = (lambda r: -float(r["val_macro_f1"])) if args.sort == "f1" else (lambda r: r["run"])

@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 import training.data.importer
+from core.contract import IMPORT_REPORT_FILE
 from core.errors import ConfigError
 from core.members import FIT_MODES
 from core.photos import DEFAULT_MAX_PIXELS
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None, prog: str = "flower import") -> int:
     report = import_folders(args.src, args.out, sizes, args.val, args.test, args.seed, args.fit,
                             args.records_per_file, args.overwrite, near_duplicate_distance=distance,
                             max_pixels=args.max_pixels)
-    print(summary(report, Path(args.out) / "import_report.json"))
+    print(summary(report, Path(args.out) / IMPORT_REPORT_FILE))
     return 0
 
 

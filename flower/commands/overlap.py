@@ -8,7 +8,7 @@ import json
 
 import training.data.near_duplicates as near
 from core.errors import DataError
-from core.files import write_text_atomic
+from core.files import check_output_file, write_text_atomic
 from core.photos import DEFAULT_MAX_PIXELS, check_max_pixels
 from flower.commands import command
 from training.data.near_duplicates import DEFAULT_DISTANCE, MAX_DISTANCE
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None, prog: str = "flower overlap") -> int:
         raise DataError(f"A and B are the same set ({args.a} and {args.b}): every photo would match itself; "
                         "compare two different sets")
     if args.json:
-        near.check_output(args.json)
+        check_output_file(args.json, "--json")
     a = near.read_photos(args.a, args.b, progress=not args.quiet, max_pixels=max_pixels)
     b = near.read_photos(args.b, args.a, progress=not args.quiet, max_pixels=max_pixels)
     pairs = near.cross_pairs(a, b, max_distance)
@@ -68,6 +68,7 @@ def summary(report: dict) -> str:
     rule = "same bytes only" if threshold is None else f"same bytes, or Hamming distance <= {threshold} of 64 bits"
     lines = [f"{letter}: {side['images']} image(s) in {side['spec']}"
              + (f", {len(side['skipped'])} unreadable file(s) skipped" if side["skipped"] else "")
+             + (f", {len(side['not_photos'])} file(s) not named like photos left out" if side["not_photos"] else "")
              + (f", {len(side['exact_only'])} too flat or smooth for the perceptual hash (matched by their bytes "
                 "only)" if side["exact_only"] else "")
              for letter, side in (("A", a), ("B", b))]

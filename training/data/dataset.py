@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import tensorflow as tf
 
 from core.contract import CLASS_FEATURE, ID_FEATURE, IMAGE_FEATURE
-from core.errors import DataError, tf_reason
+from core.errors import ConfigError, DataError, tf_reason
 from imaging.augment import AugmentConfig, augment_batch, mix_batch, resize_image
 from imaging.records import (
     check_first_records,
@@ -92,7 +92,8 @@ def _shuffled_records(files: list[str], seed: int, repeat: bool, deterministic: 
     if shard == "file":  # done here: tf.distribute's own file sharding cannot see through the pipeline
         index, count = worker
         if len(files) < count:
-            raise ValueError(f"sharding by file needs a record file per worker: {len(files)} for {count} workers")
+            raise ConfigError(f"data.shard = file needs a record file per worker: {len(files)} for {count} workers; "
+                              "use data.shard = data")
         file_ds = file_ds.shard(count, index)
     file_ds = file_ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=False)
     if repeat:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from core.contract import CLASSES_FILE, TEST_ANSWERS_FILE
 from core.errors import ConfigError
 
 RENDER_SIZE = 192
@@ -162,10 +163,10 @@ def make_demo_data(
             write_split(str(out / size_folder_name(size) / split), size, records, records_per_file)
         if progress:
             print(f"  wrote records at {size}x{size}", flush=True)
-    write_text_atomic(out / "classes.json", json.dumps([k.name for k in KINDS], indent=1) + "\n")
+    write_text_atomic(out / CLASSES_FILE, json.dumps([k.name for k in KINDS], indent=1) + "\n")
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["id", "label"])
     writer.writerows((i, lab) for i, lab, _ in per_split.get("test", []))
-    write_text_atomic(out / "test_answers.csv", buffer.getvalue())
+    write_text_atomic(out / TEST_ANSWERS_FILE, buffer.getvalue())
     return dict(counts)

@@ -35,7 +35,7 @@ def available_sizes(data_dir: str) -> list[int]:
     sizes = []
     for name in tf.io.gfile.listdir(data_dir):
         size = folder_size(name)
-        if size is not None:
+        if size is not None and tf.io.gfile.isdir(join(data_dir, name.rstrip("/"))):  # a size folder is a folder
             sizes.append(size)
     return sorted(sizes)
 

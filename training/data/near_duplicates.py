@@ -32,9 +32,7 @@ valid UTF-8 are shown with the odd bytes escaped (`bad\\xff.jpg`).
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +40,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from core.contract import SPLITS, choose_size, is_data_folder, parse_split_spec
+from core.contract import SPLITS, choose_size, is_data_folder, parse_split_spec, record_id_fallback
 from core.errors import ConfigError, DataError
 from core.names import shown
 from core.photos import DEFAULT_MAX_PIXELS, PhotoError, load_rgb, walk_photos
@@ -261,7 +259,8 @@ class PhotoSet:
     digests: list[str] = field(default_factory=list)
     hashes: list[int] = field(default_factory=list)
     owners: list[int] = field(default_factory=list)  # the photo each hash belongs to
-    skipped: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # photos that cannot be read, broken links, link loops
+    not_photos: list[str] = field(default_factory=list)  # files not named like photos (core.photos), not read
     files: list[str] = field(default_factory=list)  # each photo's file, its folder resolved: not paired with itself
 
     def add(self, name: str, data: bytes, squares_too: bool, file: str = "",
@@ -301,36 +300,17 @@ def same_set(a: str, b: str) -> bool:
             and Path(split_a[0]).resolve() == Path(split_b[0]).resolve())
 
 
-def check_output(path: str) -> Path:
-    """The --json file, checked before any work: a new or regular file in a folder that takes files."""
-    target = Path(path)
-    if target.is_dir():
-        raise DataError(f"--json {path} is a folder; name a file, e.g. {target / 'pairs.json'}")
-    if target.exists() and not target.is_file():
-        raise DataError(f"--json {path} exists and is not a regular file")
-    if not target.parent.is_dir():
-        what = "is not a folder" if target.parent.exists() else "does not exist"
-        raise DataError(f"--json {path}: the folder {target.parent} {what}")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    except OSError as err:
-        raise DataError(f"--json {path} cannot be written: {err.strerror or err}") from err
-    os.close(fd)
-    os.remove(probe)
-    return target
-
-
 def read_folder(spec: str, squares_too: bool, progress: bool = True,
                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> PhotoSet:
-    """Every photo under a folder (recursively, links followed; files Pillow cannot open, images over max_pixels,
-    broken links and link loops are skipped and counted)."""
+    """Every photo under a folder (core.photos' one rule: recursively, links followed; photos that cannot be read,
+    images over max_pixels, broken links and link loops are skipped, files not named like photos listed apart)."""
     root = Path(spec)
     if not root.is_dir():
         raise DataError(f"folder not found: {spec} (or, for a split of a data folder, write DATA_DIR:train, "
                         f"DATA_DIR:val or DATA_DIR:test)")
     walk = walk_photos(root)
     photos = PhotoSet(spec, "folder")
-    photos.skipped += [shown(path.relative_to(root).as_posix()) for path in walk.others]
+    photos.not_photos += [shown(path.relative_to(root).as_posix()) for path in walk.others]
     photos.skipped += [shown(problem.path.relative_to(root).as_posix()) for problem in walk.problems]
     files = walk.photos
     real = root.resolve()  # a file is itself in both sets when one folder holds the other (a link is another file)
@@ -361,17 +341,26 @@ def read_split(spec: str, folder: str, split: str, progress: bool = True,
     size = choose_size(sizes, None)  # the hash wants full resolution: the largest stored size
     photos = PhotoSet(f"{spec} ({size}x{size})", "split")
     for path in split_files(folder, size, split):
-        stem = path.rsplit("/", 1)[-1].removesuffix(".tfrec")
         for index, raw in iter_records(path):
             fields = example_fields(raw)
             image, record_id = (fields.image, fields.id) if fields else (b"", "")
             try:
-                photos.add(record_id or f"{stem}-{index}", image, squares_too=False, max_pixels=max_pixels)
+                photos.add(record_id or record_id_fallback(path, index), image, squares_too=False,
+                           max_pixels=max_pixels)
             except UNREADABLE:
                 photos.skipped.append(f"{path}: record {index}")
         if progress:
             print(f"  {spec}: read {path}", file=sys.stderr, flush=True)
     return photos
+
+
+def _refuse_split_spec(spec: str) -> None:
+    """Say what is wrong with a `DATA_DIR:split` argument that names no split: the folder, or the split name."""
+    folder, _, split = spec.rpartition(":")
+    if folder and not Path(folder).is_dir():
+        raise DataError(f"data folder not found: {folder} (in {spec})")
+    if folder:
+        raise DataError(f"unknown split {split!r} in {spec}; expected DATA_DIR:train, DATA_DIR:val or DATA_DIR:test")
 
 
 def read_photos(spec: str, other: str, progress: bool = True,
@@ -380,6 +369,8 @@ def read_photos(spec: str, other: str, progress: bool = True,
     parsed = split_spec(spec)
     if parsed:
         photos = read_split(spec, *parsed, progress=progress, max_pixels=max_pixels)
+    elif not Path(spec).is_dir() and ":" in spec.rstrip("/"):
+        _refuse_split_spec(spec)
     elif is_data_folder(spec):
         name = spec.rstrip("/") or spec
         raise DataError(f"{spec} is a data folder (classes.json and tfrecords-jpeg-* folders), not a folder of "
@@ -388,8 +379,9 @@ def read_photos(spec: str, other: str, progress: bool = True,
         photos = read_folder(spec, squares_too=split_spec(other) is not None, progress=progress,
                              max_pixels=max_pixels)
     if not photos.names:
-        raise DataError(f"no images in {spec}" + (f" ({len(photos.skipped)} unreadable file(s))"
-                                                   if photos.skipped else ""))
+        left_out = [f"{len(photos.skipped)} unreadable file(s)"] * bool(photos.skipped) + \
+                   [f"{len(photos.not_photos)} file(s) not named like photos"] * bool(photos.not_photos)
+        raise DataError(f"no images in {spec}" + (f" ({', '.join(left_out)})" if left_out else ""))
     return photos
 
 
@@ -430,7 +422,7 @@ def overlap_report(a: PhotoSet, b: PhotoSet, max_distance: int | None, pairs: li
     """The JSON document of `flower overlap --json`: both sides, the threshold, the counts and every pair."""
     def side(photos: PhotoSet) -> dict:
         return {"spec": photos.spec, "kind": photos.kind, "images": len(photos.names), "skipped": photos.skipped,
-                "exact_only": [] if max_distance is None else photos.exact_only()}
+                "not_photos": photos.not_photos, "exact_only": [] if max_distance is None else photos.exact_only()}
 
     return {"a": side(a), "b": side(b), "near_duplicate_distance": max_distance,
             "counts": {"pairs": len(pairs), "exact": sum(p["kind"] == "exact" for p in pairs),

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from core.errors import ConfigError, DataError, FlowerError, Kind
-from core.files import write_atomic, write_text_atomic
+from core.files import is_tmp, write_atomic, write_text_atomic
 from training.config import RunConfig
 
 if TYPE_CHECKING:  # only for annotations: `flower compare` reads state.json without TensorFlow
@@ -195,9 +195,11 @@ def save_checkpoint(folder: Path, model: keras.Model, optimizer: keras.optimizer
     state.write(tmp / "state.json")
     shutil.rmtree(final, ignore_errors=True)  # a rerun of this same epoch replaces it
     os.replace(tmp, final)
-    for old in folder.iterdir():  # earlier epochs, leftovers of killed writes
+    for old in folder.iterdir():  # earlier epochs, leftovers of killed writes (folders, and files of write_atomic)
         if old != final and (EPOCH_FOLDER.match(old.name) or old.name.endswith(".tmp")) and old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
+        elif is_tmp(old):
+            old.unlink(missing_ok=True)
     return final
 
 

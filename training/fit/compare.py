@@ -33,7 +33,16 @@ def augmentation_summary(augment: dict) -> str:
 
 
 def run_row(run_dir: Path) -> dict[str, str]:
-    """One table row from a run directory's member.json (finished runs) or checkpoint state (running ones)."""
+    """One table row from a run directory's member.json (finished runs) or checkpoint state (running ones); a
+    member.json, config.json or state.json that is not what a run writes is a DataError naming the run."""
+    try:
+        return _row(run_dir)
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as err:  # a damaged or foreign file
+        raise DataError(f"{run_dir}: not a run directory's files ({type(err).__name__}: {err})") from None
+
+
+def _row(run_dir: Path) -> dict[str, str]:
+    """run_row's work, any malformed field raising as it is met."""
     if is_run_directory(run_dir):
         member = read_member(run_dir).document
         config = member["config"]

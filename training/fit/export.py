@@ -7,7 +7,7 @@ layers as well as their variables, which doubled the size on disk).
 
 from __future__ import annotations
 
-import shutil
+import os
 import warnings
 from pathlib import Path
 
@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from core.contract import JPEG_DCT
 from core.errors import DataError
-from core.files import write_npz_atomic
+from core.files import Unit, write_npz_atomic
 from core.members import DEFAULT_FIT
 from imaging.augment import TTA_AUGMENT, augment_batch
 from imaging.geometry import fit_square_tf
@@ -63,24 +63,24 @@ class ServingModule(tf.Module):
         self.serving_pixels = serving_pixels
 
 
+SAVED_MODEL = Unit(lambda entry: True, "export")  # every entry of a SavedModel folder is its own
+
+
 def export_saved_model(model: keras.Model, image_size: int, path: Path, fit: str = DEFAULT_FIT,
                        record_size: int = 0) -> Path:
-    """Write the SavedModel to path atomically (a temporary folder renamed into place); `serving_default` makes
-    any photo a square by `fit` at `record_size` and then image_size (imaging.geometry), `serving_pixels` takes
-    squares of image_size."""
+    """Write the SavedModel to path as one unit (core.files.Unit: staged beside it, swapped in, a killed export's
+    leftovers cleared by the next); `serving_default` makes any photo a square by `fit` at `record_size` and then
+    image_size (imaging.geometry), `serving_pixels` takes squares of image_size."""
     module = ServingModule(model, image_size, fit, record_size)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tf.saved_model.save(
-        module, str(tmp),
-        signatures={"serving_default": module.serving_default, "serving_pixels": module.serving_pixels},
-    )
-    old = path.with_name(path.name + ".old")
-    if path.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
+
+    def write(stage: Path) -> None:
+        tf.saved_model.save(
+            module, str(stage),
+            signatures={"serving_default": module.serving_default, "serving_pixels": module.serving_pixels},
+        )
+
+    path = Path(os.path.abspath(path))
+    SAVED_MODEL.publish(path, write, lambda strangers: DataError(f"{path} holds {strangers}"))
     return path
 
 

@@ -15,6 +15,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from core.contract import CLASSES_FILE, SAVED_MODEL_DIR
 from core.files import write_atomic, write_text_atomic
 from core.members import write_member
 from training.config import RunConfig
@@ -96,7 +97,7 @@ def member_document(config: RunConfig, facts: RunFacts, final: dict[str, float],
                     "tta": config.predict.tta},
         "timings": {"seconds_per_epoch": seconds_per_epoch,
                     "images_per_second": facts.images_per_epoch / seconds_per_epoch},
-        "saved_model": saved_model,
+        SAVED_MODEL_DIR: saved_model,
         "epochs_trained": len(history),
         "validation_from": (os.path.relpath(Path(config.data.validation_from).resolve(), config.run_dir.resolve())
                             if config.data.validation_from else None),
@@ -116,10 +117,10 @@ def finish_run(config: RunConfig, model: keras.Model, facts: RunFacts, history: 
                                             p.tta_seed, len(classes))
     write_predictions(run_dir / "predictions" / "val.npz", val_ids, val_probs, val_labels)
     write_predictions(run_dir / "predictions" / "test.npz", test_ids, test_probs)
-    export_saved_model(model, size, run_dir / "saved_model", facts.geometry["fit"], infos["train"].file_size)
-    write_text_atomic(run_dir / "classes.json", json.dumps(classes, indent=1) + "\n")
+    export_saved_model(model, size, run_dir / SAVED_MODEL_DIR, facts.geometry["fit"], infos["train"].file_size)
+    write_text_atomic(run_dir / CLASSES_FILE, json.dumps(classes, indent=1) + "\n")
     final = classification_scores(val_labels, val_probs)
-    saved_model = {"bytes": folder_bytes(run_dir / "saved_model"), "weights_bytes": weights_bytes(model)}
+    saved_model = {"bytes": folder_bytes(run_dir / SAVED_MODEL_DIR), "weights_bytes": weights_bytes(model)}
     member = member_document(config, facts, final, history, saved_model)
     write_member(run_dir, member)
     log(f"done: validation macro F1 {final['macro_f1']:.4f}, accuracy {final['accuracy']:.4f}; wrote {run_dir}")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from core.contract import size_folder_name
+from core.contract import CLASSES_FILE, IMPORT_REPORT_FILE, TEST_ANSWERS_FILE, size_folder_name
 from core.errors import DataError
 from core.files import write_text_atomic
 from core.names import shown
@@ -216,11 +216,11 @@ def _write_records(folder: Path, sizes: Sequence[int], splits: dict[str, list[in
 
 def _write_reports(folder: Path, src: Path, report: ImportReport, answers: list[tuple[str, int]]) -> None:
     """classes.json, test_answers.csv (id,label of the unlabelled test records) and import_report.json."""
-    write_text_atomic(folder / "classes.json", json.dumps(report.classes, indent=1) + "\n")
+    write_text_atomic(folder / CLASSES_FILE, json.dumps(report.classes, indent=1) + "\n")
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["id", "label"])
     writer.writerows(sorted(answers))
-    write_text_atomic(folder / "test_answers.csv", buffer.getvalue())
-    write_text_atomic(folder / "import_report.json",
+    write_text_atomic(folder / TEST_ANSWERS_FILE, buffer.getvalue())
+    write_text_atomic(folder / IMPORT_REPORT_FILE,
                       json.dumps(report.__dict__ | {"source": shown(str(src))}, indent=1) + "\n")

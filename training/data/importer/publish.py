@@ -38,14 +38,14 @@ def refuse_existing(out: Path, overwrite: bool, classes: list[str], sizes: Seque
     if overwrite or not names:
         return
     there = []
-    if "classes.json" in names:
+    if CLASSES_FILE in names:
         try:
-            old = json.loads((out / "classes.json").read_text())
+            old = json.loads((out / CLASSES_FILE).read_text())
             there.append(f"classes {_listed(old)} in classes.json" if isinstance(old, list) else
                          "classes.json (not a list of classes)")
         except (OSError, ValueError):
             there.append("classes.json (unreadable)")
-    there += [name for name in names if name != "classes.json"]
+    there += [name for name in names if name != CLASSES_FILE]
     raise DataError(f"{out} already holds a data set ({'; '.join(there)}); this import writes classes "
                     f"{_listed(classes)} at {', '.join(f'{s}x{s}' for s in sizes)}: pass overwrite=True "
                     "(--overwrite) to replace the whole data set, or import into another folder")

@@ -10,9 +10,7 @@ from pathlib import Path
 
 from core.errors import DataError
 from core.names import shown
-from core.photos import Problem, entry_problem, walk_photos
-
-NOT_A_PHOTO = "not an image"
+from core.photos import NOT_A_PHOTO_NAME, Problem, entry_problem, walk_photos
 
 
 @dataclass
@@ -44,7 +42,7 @@ def scan_source(src: Path) -> Scan:
     for label, name in enumerate(scan.classes):
         walk = walk_photos(src / name)
         files = walk.photos
-        problems = walk.problems + [Problem(path, "other", NOT_A_PHOTO) for path in walk.others]
+        problems = walk.problems + [Problem(path, "other", NOT_A_PHOTO_NAME) for path in walk.others]
         scan.skipped += sorted(({"path": rel(src, p.path), "reason": p.reason} for p in problems),
                                key=lambda s: s["path"])
         if not files:

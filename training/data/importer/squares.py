@@ -12,10 +12,12 @@ from core.members import FIT_MODES
 from core.names import shown
 from core.photos import PhotoError, load_rgb
 from training.data.importer.report import ImportReport
-from training.data.importer.sources import NOT_A_PHOTO, rel
+from training.data.importer.sources import rel
 from training.data.near_duplicates import (
     perceptual_hash,
 )
+
+NOT_A_PHOTO = "not an image"  # a file named like a photo that no decoder opens
 
 
 def fit_square(image: Image.Image, size: int, fit: str) -> Image.Image:
