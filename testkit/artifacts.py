@@ -1,5 +1,5 @@
 """Artifacts and a server for tests and benchmarks: member runs with real SavedModels, an ensemble over
-them, encoded images, and `python -m service` started on a free loopback port.
+them, encoded images, and `python -m flower serve` started on a free loopback port.
 
 TensorFlow (for the SavedModels) and httpx (to poll the server) are imported only by the functions that
 need them.
@@ -129,7 +129,7 @@ def free_port() -> int:
 
 def start_server(args: list[str], port: int, env: dict[str, str] | None = None,
                  timeout: float = 120.0) -> subprocess.Popen:
-    """Start `python -m service ARGS --port PORT` (this copy of the package) and wait until /readyz answers 200.
+    """Start `python -m flower serve ARGS --port PORT` (this copy of the package) and wait until /readyz answers 200.
 
     The server's output goes to a temporary file (a pipe nobody reads could fill and stall it); its
     last lines are in the error when the server exits or never becomes ready.
