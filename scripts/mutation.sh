@@ -45,8 +45,8 @@ module_spec() {
       TESTS=(tests/test_geometry.py)  # against PIL directly; tests/test_pixel_parity.py rebuilds photos and SavedModels per mutant
       LIMIT=3600 ;;
     service)  # decoding, resizing, batching, result assembly
-      FILES=(service/images.py service/predictor.py service/batching.py service/routes/predict.py)
-      TESTS=(tests/test_batching.py tests/test_service.py tests/test_service_overload.py tests/test_service_hardening.py tests/test_page_info.py
+      FILES=(service/images.py service/predictor.py service/batching.py service/inference.py service/routes/predict.py)
+      TESTS=(tests/test_batching.py tests/test_inference.py tests/test_service.py tests/test_service_overload.py tests/test_service_hardening.py tests/test_page_info.py
              tests/test_member_concurrency.py tests/test_pixel_parity.py
              -k "not concurrent_requests_are_batched and not stays_responsive and not command_refuses and not workers and not python_m_service and not 300_mb and not gigabyte and not byte_by_byte and not bounded_memory and not trickles")
       LIMIT=3600 ;;
@@ -75,10 +75,14 @@ module_spec() {
       FILES=(training/data/importer/*.py training/data/near_duplicates.py)
       TESTS=(tests/test_import_and_demo.py tests/test_near_duplicates.py -k "not demo_data")
       LIMIT=1800 ;;
+    core)  # the ground floor: the contract's rules, member.json and ensemble.json, files, photos
+      FILES=(core/contract.py core/members.py core/files.py core/photos.py)
+      TESTS=(tests/test_core.py tests/test_geometry.py tests/test_image_decoding.py -k "test_core or member or fit")
+      LIMIT=1800 ;;
     *) return 1 ;;
   esac
 }
-MODULES=(ensemble fit export geometry service batching decoding serving augment import)
+MODULES=(ensemble fit export geometry service batching decoding serving augment import core)
 
 usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; echo "modules: ${MODULES[*]}"; exit 2; }
 [ $# -ge 1 ] || usage
