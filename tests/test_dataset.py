@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from core.contract import competition_classes, size_folder_name
-from core.errors import DataError
+from core.errors import ConfigError, DataError
 from imaging.augment import AugmentConfig
 from imaging.records import Record, serialize, write_split
 from tests.conftest import TINY_COUNTS
@@ -112,7 +112,7 @@ def test_sharding_by_file_gives_each_worker_its_own_files(tiny_data):
     first, second = images((0, 2)), images((1, 2))
     assert not first & second and len(first) + len(second) == TINY_COUNTS["train"]
     assert {len(first), len(second)} == {40, 20}  # two files and one file
-    with pytest.raises(ValueError, match="sharding by file needs a record file per worker: 3 for 4 workers"):
+    with pytest.raises(ConfigError, match="data.shard = file needs a record file per worker: 3 for 4 workers"):
         train_dataset(splits, 32, 4, num_classes=6, shard="file", worker=(0, 4))
 
 
