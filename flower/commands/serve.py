@@ -18,12 +18,12 @@ SOURCES = ("ensemble", "run", "model_repository")  # what to serve: exactly one
 NOT_SERVED = 1  # documented: the models cannot be served, or the address cannot be bound
 
 
-def parse_settings(argv: list[str] | None = None, prog: str = "flower serve") -> Settings:
-    """Flags over environment over defaults."""
+def parser(prog: str) -> argparse.ArgumentParser:
+    """The command line of `flower serve`: one flag per `Settings` field, None where not given (the environment
+    or the field's default applies)."""
     parser = argparse.ArgumentParser(prog=prog, description=serving.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    fields = Settings.model_fields
-    for name, info in fields.items():
+    for name, info in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         help_text = (info.description or name.replace("_", " ")) + f" (default {info.default!r})"
         if info.annotation is bool:
@@ -31,7 +31,12 @@ def parse_settings(argv: list[str] | None = None, prog: str = "flower serve") ->
         else:
             kind = {int: int, float: float}.get(info.annotation, str)
             parser.add_argument(flag, dest=name, type=kind, default=None, help=help_text)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_settings(argv: list[str] | None = None, prog: str = "flower serve") -> Settings:
+    """Flags over environment over defaults."""
+    args = parser(prog).parse_args(argv)
     given = {k: v for k, v in vars(args).items() if v is not None}
     for chosen in SOURCES:
         for other in set(SOURCES) - {chosen}:
