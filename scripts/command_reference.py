@@ -92,7 +92,8 @@ def command_section(name: str) -> str:
 def render() -> str:
     """The whole page."""
     contents = ["| command | what it does |", "|---|---|"]
-    contents += [f"| [`flower {name}`](#flower-{name}) | {_cell(command.summary)} |" for name, command in COMMANDS.items()]
+    contents += [f"| [`flower {name}`](#flower-{name}) | {_cell(command.summary)} |"
+                 for name, command in COMMANDS.items()]
     sections = [command_section(name) for name in COMMANDS]
     return "\n".join([HEADER, *contents, "", *sections]).rstrip("\n") + "\n"
 
