@@ -28,7 +28,15 @@ HEADER = """# Command reference
 Every option of every `flower` command, its default and its meaning. This page is generated from the commands'
 own parsers by `python scripts/command_reference.py`; do not edit it by hand (`tests/test_docs.py` fails when it
 differs from the parsers). `flower <command> --help` prints the same on a terminal. How the commands fit
-together: [the README](../README.md); exit statuses: [ARCHITECTURE.md](ARCHITECTURE.md#the-house-who-may-import-what).
+together: [the README](../README.md).
+
+Where the `flower` script is not on the PATH (a notebook, a Kaggle kernel), `python -m flower <command>` is the
+same command; the older per-module forms (`python -m training.train`, `python -m ensemble`, `python -m service`,
+...) are gone. In Python, `flower.commands.<module>.main(argv)` runs one command and returns its exit status.
+The exit statuses every command shares (2 with one line `error: ...` for a bad option, config value or input
+file, 130 when interrupted, 1 with a traceback for a bug) are in
+[ARCHITECTURE.md](ARCHITECTURE.md#the-house-who-may-import-what); a command that also uses 1 for a documented
+outcome (`flower overlap`, `flower predict`, `flower serve`) says so below.
 """
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv (if missing) and install the project into it with the given extras, e.g. "cpu,dev".
 # Used by demo.sh, test.sh and CI. On a Kaggle TPU VM or a GPU box, install yourself instead
-# (see README: no extra keeps the TensorFlow build that is already there).
+# (see docs/TRAINING.md: no extra keeps the TensorFlow build that is already there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-cpu}"

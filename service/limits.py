@@ -4,7 +4,7 @@
 declared Content-Length over the limit is answered 413 before a byte is read, a chunked body is counted
 as it arrives and cut off at the limit with 413, and a body that has not fully arrived within
 `body_timeout` seconds is answered 408. Both close the connection, so the rest of the body is never read.
-Slow *headers* never reach the application: put a reverse proxy with header timeouts in front (README).
+Slow *headers* never reach the application: put a reverse proxy with header timeouts in front (docs/SERVING.md).
 
 `PixelBudget` bounds the decoded pixels held by all requests being served at once (503 when full).
 """

@@ -78,7 +78,7 @@ def test_the_hash_matches_resized_recompressed_and_slightly_cropped_copies():
         assert _distance(photo, load_rgb(_bytes(photo, "JPEG", quality=40))) <= DEFAULT_DISTANCE  # re-compressed
         assert _distance(photo, photo.convert("L").convert("RGB")) <= DEFAULT_DISTANCE  # greyscale
         assert _distance(photo, _crop(photo, 0.01)) <= DEFAULT_DISTANCE  # a 2-pixel border cropped off
-        # Known limits (README): a 5% crop on every side, or a mirror image, is another photo to this hash.
+        # Known limits (docs/DATA.md): a 5% crop on every side, or a mirror image, is another photo to this hash.
         assert _distance(photo, _crop(photo, 0.05)) > DEFAULT_DISTANCE
         assert _distance(photo, photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT)) > DEFAULT_DISTANCE
 

@@ -45,9 +45,9 @@ from core.errors import ConfigError, DataError
 from core.names import shown
 from core.photos import DEFAULT_MAX_PIXELS, PhotoError, load_rgb, walk_photos
 
-DEFAULT_DISTANCE = 6  # chosen on 3,230 real photos: README.md, "Near duplicates and leaks"
-MAX_DISTANCE = 16  # unrelated photos are about 32 bits apart; from 10 on, different photos pair up (README)
-MIN_BITS = 16  # a hash with fewer bits set (or more than 64 - MIN_BITS) carries no information (README)
+DEFAULT_DISTANCE = 6  # chosen on 3,230 real photos: docs/DATA.md, "Why a distance of 6"
+MAX_DISTANCE = 16  # unrelated photos are about 32 bits apart; from 10 on, different photos pair up (docs/DATA.md)
+MIN_BITS = 16  # a hash with fewer bits set (or more than 64 - MIN_BITS) carries no information (docs/DATA.md)
 HASH_SIZE = 32  # the greyscale image the DCT is taken of
 LOW_FREQUENCIES = 8  # 8 x 8 = 64 bits
 CHUNK = 1 << 20  # candidate pairs verified at once (bounds the search's memory)
