@@ -5,9 +5,9 @@ and `flower overlap` (which photos of one set reappear in another).
     flower overlap data/mine:train data/mine:test   # two splits of one data folder
     flower overlap shots/ uploads/ --json pairs.json
 
-A and B are each a folder of photos (searched recursively; every file Pillow opens) or a split of a data
-folder in the competition layout, written `DATA_DIR:train`, `DATA_DIR:val` or `DATA_DIR:test` (the records
-of the largest stored image size are read). Every cross pair, a photo of A and a photo of B that are the
+A and B are each a folder of photos (searched recursively; files named .jpg, .jpeg, .png, .gif, .bmp or
+.webp, as for every command) or a split of a data folder in the competition layout, written `DATA_DIR:train`,
+`DATA_DIR:val` or `DATA_DIR:test` (the records of the largest stored image size are read). Every cross pair, a photo of A and a photo of B that are the
 same bytes ("exact") or whose perceptual hashes differ in at most N of 64 bits ("near"), is listed with
 its Hamming distance, then a summary. Exit status: 0 no pair, 1 pairs found, 2 bad arguments or a --json
 file that cannot be written. A and B must be two sets: the same folder or the same split twice is refused
@@ -24,7 +24,8 @@ only a few bits set that matches every other such image; it is matched by its by
 such. A distance above 16 is refused: unrelated photos are about 32 bits apart.
 
 A folder is read recursively, following links to files and folders; broken links, link loops and files that
-are not regular files (pipes, devices) are counted as skipped, as are images of more than --max-pixels pixels
+are not regular files (pipes, devices) are counted as skipped, as are images of more than --max-pixels pixels;
+files not named like photos are counted apart
 (checked from the header, before decoding: a small file can hold a decompression bomb). Names that are not
 valid UTF-8 are shown with the odd bytes escaped (`bad\\xff.jpg`).
 """
