@@ -5,13 +5,14 @@ and `flower overlap` (which photos of one set reappear in another).
     flower overlap data/mine:train data/mine:test   # two splits of one data folder
     flower overlap shots/ uploads/ --json pairs.json
 
-A and B are each a folder of photos (searched recursively; files named .jpg, .jpeg, .png, .gif, .bmp or
-.webp, as for every command) or a split of a data folder in the competition layout, written `DATA_DIR:train`,
-`DATA_DIR:val` or `DATA_DIR:test` (the records of the largest stored image size are read). Every cross pair, a photo of A and a photo of B that are the
-same bytes ("exact") or whose perceptual hashes differ in at most N of 64 bits ("near"), is listed with
-its Hamming distance, then a summary. Exit status: 0 no pair, 1 pairs found, 2 bad arguments or a --json
-file that cannot be written. A and B must be two sets: the same folder or the same split twice is refused
-(every photo would match itself); a folder inside the other is compared, but no file with itself.
+A and B are each a folder of photos (searched recursively; files named .jpg, .jpeg, .png, .gif, .bmp or .webp, as
+for every command) or a split of a data folder in the competition layout, written `DATA_DIR:train`,
+`DATA_DIR:val` or `DATA_DIR:test` (the records of the largest stored image size are read). Every cross pair, a
+photo of A and a photo of B that are the same bytes ("exact") or whose perceptual hashes differ in at most N of
+64 bits ("near"), is listed with its Hamming distance, then a summary. Exit status: 0 no pair, 1 pairs found, 2
+bad arguments or a --json file that cannot be written. A and B must be two sets: the same folder or the same
+split twice is refused (every photo would match itself); a folder inside the other is compared, but no file with
+itself.
 
 The hash is a DCT pHash of the photo as displayed (EXIF orientation applied, the import's own loader):
 greyscale, resized to 32x32 with a Lanczos filter, 2-D DCT, the 8x8 lowest frequencies, each bit set when
@@ -23,11 +24,10 @@ bars) are not recognised. A flat or noise-free smooth image (one colour, a clean
 only a few bits set that matches every other such image; it is matched by its bytes only and counted as
 such. A distance above 16 is refused: unrelated photos are about 32 bits apart.
 
-A folder is read recursively, following links to files and folders; broken links, link loops and files that
-are not regular files (pipes, devices) are counted as skipped, as are images of more than --max-pixels pixels;
-files not named like photos are counted apart
-(checked from the header, before decoding: a small file can hold a decompression bomb). Names that are not
-valid UTF-8 are shown with the odd bytes escaped (`bad\\xff.jpg`).
+A folder is read recursively, following links to files and folders; broken links, link loops and files that are
+not regular files (pipes, devices) are counted as skipped, as are images of more than --max-pixels pixels
+(checked from the header, before decoding: a small file can hold a decompression bomb); files not named like
+photos are counted apart. Names that are not valid UTF-8 are shown with the odd bytes escaped (`bad\\xff.jpg`).
 """
 
 from __future__ import annotations
