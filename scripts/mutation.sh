@@ -39,7 +39,8 @@ module_spec() {
       LIMIT=3600 ;;
     export)  # SavedModel export and the prediction files
       FILES=(training/fit/export.py)
-      TESTS=(tests/test_tta.py tests/test_run.py tests/test_pixel_parity.py -k "tta_ or predict_split or saved_models_bytes_signature_agrees or every_format or prediction_files_hold or second_export")
+      # (tests/test_config.py: `tta_` has always selected its predict.tta_seed range check, by the parameter's id)
+      TESTS=(tests/test_tta.py tests/test_run.py tests/test_config.py tests/test_pixel_parity.py -k "tta_ or predict_split or saved_models_bytes_signature_agrees or every_format or prediction_files_hold or second_export")
       LIMIT=3600 ;;
     geometry)  # a photo to the model's square: fit modes, antialiased resize, the record size
       FILES=(imaging/geometry.py)
