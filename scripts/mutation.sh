@@ -33,12 +33,14 @@ module_spec() {
       LIMIT=1800 ;;
     fit)  # checkpoint save/restore and the epoch loop
       FILES=(training/fit/loop.py training/fit/checkpoints.py)
-      TESTS=(tests/test_checkpoints.py tests/test_epoch_loop.py tests/test_training.py
+      TESTS=(tests/test_checkpoints.py tests/test_epoch_loop.py tests/test_resume.py tests/test_run.py
+             tests/test_distributed.py
              -k "test_checkpoints or test_epoch_loop or checkpoint_restores or kill_while or every_epoch_sees or focal_loss or class_weights_count or replica_setting or config_changes_name or temporary_name or single_folder_layout or resume_on_another")
       LIMIT=3600 ;;
     export)  # SavedModel export and the prediction files
       FILES=(training/fit/export.py)
-      TESTS=(tests/test_training.py tests/test_pixel_parity.py -k "tta_ or predict_split or saved_models_bytes_signature_agrees or every_format or prediction_files_hold or second_export")
+      # (tests/test_config.py: `tta_` has always selected its predict.tta_seed range check, by the parameter's id)
+      TESTS=(tests/test_tta.py tests/test_run.py tests/test_config.py tests/test_pixel_parity.py -k "tta_ or predict_split or saved_models_bytes_signature_agrees or every_format or prediction_files_hold or second_export")
       LIMIT=3600 ;;
     geometry)  # a photo to the model's square: fit modes, antialiased resize, the record size
       FILES=(imaging/geometry.py)
@@ -46,7 +48,7 @@ module_spec() {
       LIMIT=3600 ;;
     service)  # decoding, resizing, batching, result assembly
       FILES=(service/images.py service/predictor.py service/batching.py service/inference.py service/routes/predict.py)
-      TESTS=(tests/test_batching.py tests/test_inference.py tests/test_service.py tests/test_service_overload.py tests/test_service_hardening.py tests/test_page_info.py
+      TESTS=(tests/test_batching.py tests/test_inference.py tests/test_service.py tests/test_service_overload.py tests/test_service_refusals.py tests/test_page_info.py
              tests/test_member_concurrency.py tests/test_pixel_parity.py
              -k "not concurrent_requests_are_batched and not stays_responsive and not command_refuses and not workers and not python_m_service and not 300_mb and not gigabyte and not byte_by_byte and not bounded_memory and not trickles")
       LIMIT=3600 ;;
@@ -59,7 +61,7 @@ module_spec() {
     decoding)  # the service's decoding, reduction and squares: the image tests only, so a survivor costs seconds
       # (tests/test_pixel_parity.py is left out: it rebuilds photos and SavedModels in every mutant's process)
       FILES=(service/images.py service/predictor.py)
-      TESTS=(tests/test_image_decoding.py tests/test_member_inputs.py tests/test_service.py tests/test_service_hardening.py
+      TESTS=(tests/test_image_decoding.py tests/test_member_inputs.py tests/test_service.py tests/test_service_refusals.py
              tests/test_member_concurrency.py
              -k "test_image_decoding or test_member_inputs or becomes_rgb or first_frame or exif or bad_images_are_named or plain_jpeg or alpha_cmyk or member_votes or 16_bit or no_reduction or reduced or budget or header_count or test_member_concurrency")
       LIMIT=3600 ;;

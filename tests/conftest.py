@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny demo data set made once per test session, and the shared real photos."""
+"""Shared fixtures: a tiny demo data set and a whole tiny training run, each made once per test session, and the
+shared real photos. Plain helpers shared by test files live in tests/support.py."""
 
 from __future__ import annotations
 
@@ -47,6 +48,20 @@ def tiny_data(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("tiny_data")
     make_demo_data(out, sizes=(32, 48), counts=dict(TINY_COUNTS), seed=3, records_per_file=20, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data, tmp_path_factory) -> Path:
+    """A whole two-epoch run of the small CNN at 32 px on the tiny demo data.
+
+    Made once per session (it was once per module while every test of it lived in one file): tests read it or copy
+    it before training on; the SavedModel parity test adds its parity.npz beside the run's files."""
+    from tests.support import _train
+
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    result = _train(tiny_data, out)
+    assert result.returncode == 0, result.stderr[-2000:]
     return out
 
 

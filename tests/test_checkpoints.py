@@ -1,7 +1,7 @@
 """Checkpoint files on their own (no training): where each file goes, what a rerun or a leftover does, the refusals.
 
-The resume-equals-uninterrupted and kill tests in tests/test_training.py train; these pin the file-level rules that
-a resume relies on, each found missing by mutation testing (docs/TESTING.md, `training/fit/checkpoints.py`).
+The resume-equals-uninterrupted and kill tests in tests/test_resume.py train; these pin the file-level rules that a
+resume relies on, each found missing by mutation testing (docs/TESTING.md, `training/fit/checkpoints.py`).
 """
 
 from __future__ import annotations

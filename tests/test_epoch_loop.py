@@ -1,5 +1,6 @@
-"""One epoch of the training loop in this process (tests/test_training.py trains in subprocesses, which mutation
-testing cannot attribute): what an epoch writes, scores and logs, and how a non-finite loss stops it."""
+"""One epoch of the training loop in this process (tests/test_run.py, test_resume.py and test_distributed.py train
+in subprocesses, which mutation testing cannot attribute): what an epoch writes, scores and logs, and how a
+non-finite loss stops it."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ import sklearn.datasets
 from PIL import Image
 
 from tests.conftest import REAL_PHOTOS
-from tests.test_training import _train, _weights
+from tests.support import _train, _weights
 from training.config import RunConfig, check_unfreeze_reachable, load_config, trainable_at
 from training.fit.checkpoints import config_changes
 from training.fit.schedules import learning_rate

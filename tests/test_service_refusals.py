@@ -1,4 +1,4 @@
-"""Hardening of the service against broken artifacts and hostile or unlucky clients.
+"""What the service refuses, and how: broken artifacts, non-finite outputs, and hostile or unlucky clients.
 
 Broken models are refused before the address is printed; non-finite outputs never reach a client; the
 TF-Serving route checks `signature_name`; unterminated multipart bodies are malformed; every route caps

@@ -1,0 +1,336 @@
+"""Training split over replicas and workers: losses (focal, class weights, smoothing) per example, one step and a
+whole run on 2 and 4 replicas equal one replica, two worker processes (TF_CONFIG) train like one and resume
+after a kill, workers with different configs refuse together, and the replica, precision, sharding and chief
+settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from tests.conftest import REPO
+from tests.support import KILLED_RUN, TINY_RUN, _weights
+
+
+def test_focal_loss_discounts_easy_examples_and_class_weights_scale_the_loss():
+    from training.config import RunConfig, TrainConfig
+    from training.fit.loop import make_loss
+
+    y = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    easy = np.array([[0.95, 0.05], [0.1, 0.9]], np.float32)
+    cce = make_loss(RunConfig(train=TrainConfig(loss="cce", label_smoothing=0.0)), None)
+    focal = make_loss(RunConfig(train=TrainConfig(loss="focal", focal_gamma=2.0, label_smoothing=0.0)), None)
+    assert np.asarray(cce(y, easy)).shape == (2,)  # one value per example: Keras averages and scales per replica
+    np.testing.assert_allclose(cce(y, easy), [-np.log(0.95), -np.log(0.9)], rtol=1e-5)
+    assert np.all(np.asarray(focal(y, easy)) < 0.1 * np.asarray(cce(y, easy)))
+    weighted = make_loss(RunConfig(train=TrainConfig(loss="cce", label_smoothing=0.0)), np.array([3.0, 1.0]))
+    np.testing.assert_allclose(weighted(y, easy), [3 * -np.log(0.95), -np.log(0.9)], rtol=1e-5)
+    # Label smoothing 0.2 over 2 classes aims at 0.9 / 0.1; focal loss is (1 - p)^gamma times cross-entropy.
+    smooth = make_loss(RunConfig(train=TrainConfig(loss="cce", label_smoothing=0.2)), None)
+    np.testing.assert_allclose(smooth(y, easy), [-(0.9 * np.log(0.95) + 0.1 * np.log(0.05)),
+                                                 -(0.1 * np.log(0.1) + 0.9 * np.log(0.9))], rtol=1e-5)
+    gamma_1 = make_loss(RunConfig(train=TrainConfig(loss="focal", focal_gamma=1.0, label_smoothing=0.0)), None)
+    focal_values = np.asarray(gamma_1(y, easy))
+    assert focal_values.shape == (2,)  # per example, like the cross-entropy
+    np.testing.assert_allclose(focal_values, 0.25 * np.array([0.05 * -np.log(0.95), 0.1 * -np.log(0.9)]), rtol=1e-4)
+    smooth_focal = make_loss(RunConfig(train=TrainConfig(loss="focal", focal_gamma=1.0, label_smoothing=0.2)), None)
+    assert not np.allclose(smooth_focal(y, easy), focal_values)
+
+
+REPLICA_STEP = textwrap.dedent("""
+    # One SGD step of the small CNN's head (backbone frozen: batch norm in inference mode) on one global
+    # batch of 16, under FLOWER_CPU_REPLICAS replicas, for each loss option; weights and loss to a file.
+    import os, sys, numpy as np
+    import keras, tensorflow as tf
+    from training.config import RunConfig, TrainConfig
+    from training.fit.loop import make_loss
+    from training.models.model import build_classifier
+    from training.fit.strategy import detect_strategy
+    strategy, _ = detect_strategy(lambda _: None)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (16, 16, 16, 3)).astype(np.float32)
+    y = np.eye(3, dtype=np.float32)[rng.integers(0, 3, 16)]
+    options = {"cce": (TrainConfig(label_smoothing=0.0), None), "smoothing": (TrainConfig(label_smoothing=0.2), None),
+               "focal": (TrainConfig(loss="focal", label_smoothing=0.0), None),
+               "class_weights": (TrainConfig(label_smoothing=0.0), np.array([0.5, 1.0, 3.0]))}
+    out = {"replicas": strategy.num_replicas_in_sync}
+    for name, (train, weights) in options.items():
+        with strategy.scope():
+            keras.utils.set_random_seed(1)
+            model = build_classifier("small-cnn", 16, 3, dropout=0.0, trainable="head")
+            model.compile(optimizer=keras.optimizers.SGD(0.5), loss=make_loss(RunConfig(train=train), weights))
+        before = model.get_layer("probabilities").kernel.numpy()
+        history = model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), epochs=1, verbose=0)
+        out[name + "_loss"] = history.history["loss"][0]
+        out[name + "_step"] = model.get_layer("probabilities").kernel.numpy() - before
+    np.savez(sys.argv[1], **out)
+""")
+
+
+def test_one_step_on_two_and_four_replicas_equals_one_replica_for_every_loss(tmp_path):
+    results = {}
+    for replicas in (1, 2, 4):
+        path = tmp_path / f"r{replicas}.npz"
+        run = subprocess.run([sys.executable, "-c", REPLICA_STEP, str(path)], cwd=REPO, capture_output=True,
+                             text=True, timeout=300,
+                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "FLOWER_CPU_REPLICAS": str(replicas)})
+        assert run.returncode == 0, run.stderr[-2000:]
+        results[replicas] = dict(np.load(path))
+        assert int(results[replicas]["replicas"]) == replicas
+    for name in ("cce", "smoothing", "focal", "class_weights"):
+        step = results[1][name + "_step"]
+        assert np.abs(step).max() > 1e-3  # the step moved the weights
+        for replicas in (2, 4):
+            np.testing.assert_allclose(results[replicas][name + "_step"], step, rtol=1e-4, atol=1e-6,
+                                       err_msg=f"{name} on {replicas} replicas")
+            assert float(results[replicas][name + "_loss"]) == pytest.approx(float(results[1][name + "_loss"]),
+                                                                             rel=1e-5)
+
+
+# The whole trainer with the same global batch (16) and learning rate however the work is split: the
+# per-replica batch is 16 / N and schedule.max is divided by N (the schedule scales it back up). Batch
+# norm frozen and no dropout: those two are per-replica by design. Augmentation with MixUp, focal loss
+# and class weights stay on: the pipeline augments the global batch before it is split, so every
+# replica gets its own transforms. Several eval batches, uneven among 2 or 4 replicas, short last ones.
+EQUIVALENT_RUN = ["--set", "model.batch_norm=frozen", "--set", "model.dropout=0", "--set", "train.loss=focal",
+                  "--set", "train.class_weights=true", "--set", "augment.mixup_prob=0.5",
+                  "--set", "schedule.kind=constant", "--set", "train.eval_batch_size=7", "--set", "data.shard=data"]
+
+
+def _split_command(data: Path, out: Path, replicas: int, *extra: str, killed_after: int | None = None) -> list[str]:
+    """The train command of EQUIVALENT_RUN for one of `replicas` equal shares of the global batch."""
+    overrides = ["--set", f"data.dir={data}", "--set", f"output={out}", *TINY_RUN, *EQUIVALENT_RUN,
+                 "--set", f"data.batch_size={16 // replicas}", "--set", f"schedule.max={4e-3 / replicas}", *extra]
+    if killed_after is not None:
+        return [sys.executable, "-c", KILLED_RUN, str(killed_after), *overrides]
+    return [sys.executable, "-m", "flower", "train", *overrides]
+
+
+@pytest.fixture(scope="module")
+def one_replica_run(tiny_data, tmp_path_factory) -> Path:
+    """EQUIVALENT_RUN on one replica: what several replicas or workers must reproduce."""
+    out = tmp_path_factory.mktemp("one_replica") / "run"
+    result = subprocess.run(_split_command(tiny_data, out, 1), cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    history = _history(out)
+    assert abs(history[1][1] - history[0][1]) > 1e-3  # it trained: the loss moved between the epochs
+    return out
+
+
+def _history(run: Path) -> list[list[float]]:
+    """Learning rate, loss, val loss, val accuracy and val macro F1 of each epoch."""
+    return [[float(v) for v in row.split(",")[1:6]] for row in (run / "history.csv").read_text().splitlines()[1:]]
+
+
+def _assert_same_training(run: Path, reference: Path, what: str) -> None:
+    """The same history, final weights and val/test predictions (with TTA) as the reference run."""
+    np.testing.assert_allclose(_history(run), _history(reference), rtol=2e-4, atol=1e-5, err_msg=what)
+    weights = _weights(run / "checkpoints" / "epoch-0002" / "weights.weights.h5")
+    expected = _weights(reference / "checkpoints" / "epoch-0002" / "weights.weights.h5")
+    assert weights.keys() == expected.keys()
+    for name in expected:
+        if "optimizer" not in name:
+            np.testing.assert_allclose(weights[name], expected[name], rtol=1e-3, atol=1e-5, err_msg=f"{name}: {what}")
+    for split in ("val", "test"):
+        with np.load(run / "predictions" / f"{split}.npz") as a, \
+                np.load(reference / "predictions" / f"{split}.npz") as b:
+            np.testing.assert_array_equal(a["ids"], b["ids"])
+            np.testing.assert_allclose(a["probs"], b["probs"], atol=1e-4, err_msg=f"{split}: {what}")
+
+
+@pytest.mark.parametrize("replicas", [2, 4])
+def test_two_epochs_on_several_replicas_equal_one_replica(tiny_data, one_replica_run, tmp_path, replicas):
+    out = tmp_path / "run"
+    result = subprocess.run(_split_command(tiny_data, out, replicas), cwd=REPO, capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
+                                              "FLOWER_CPU_REPLICAS": str(replicas)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"{replicas} replica(s)" in result.stdout and "global batch 16," in result.stdout
+    _assert_same_training(out, one_replica_run, f"{replicas} replicas")
+
+
+def _free_ports(count: int) -> list[int]:
+    """Ports on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def _start_workers(data: Path, out: Path, logs: Path, scratch: Path, killed: int | None = None,
+                   extra: tuple[str, ...] = ()) -> list:
+    """Two worker processes of one multi-worker run (TF_CONFIG on 127.0.0.1); worker `killed` dies after epoch 1;
+    worker 1 gets the `extra` options too."""
+    ports = _free_ports(2)
+    workers = []
+    for index in range(2):
+        tf_config = {"cluster": {"worker": [f"127.0.0.1:{port}" for port in ports]},
+                     "task": {"type": "worker", "index": index}}
+        log = open(logs / f"worker{index}.log", "w")  # noqa: SIM115 (closed when the process is reaped)
+        command = _split_command(data, out, 2, *(extra if index == 1 else ()),
+                                 killed_after=1 if index == killed else None)
+        workers.append((subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={
+            **os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_CONFIG": json.dumps(tf_config), "TMPDIR": str(scratch)}),
+            log))
+    return workers
+
+
+def _wait(workers: list, timeout: float) -> list[int]:
+    """Exit codes of the workers; all are killed if they outlast `timeout` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    codes = []
+    for process, log in workers:
+        try:
+            codes.append(process.wait(timeout=max(deadline - time.monotonic(), 1)))
+        except subprocess.TimeoutExpired:
+            for other, _ in workers:
+                other.kill()
+            codes.append(process.wait())
+        log.close()
+    return codes
+
+
+def test_two_worker_processes_train_like_one_and_resume_after_a_kill(tiny_data, one_replica_run, tmp_path):
+    # Two MultiWorkerMirroredStrategy workers on 127.0.0.1, one replica each, data sharded by data.
+    logs, scratch = tmp_path / "logs", tmp_path / "scratch"
+    logs.mkdir()
+    scratch.mkdir()
+    out = tmp_path / "run"
+    codes = _wait(_start_workers(tiny_data, out, logs, scratch), 420)
+    assert codes == [0, 0], (logs / "worker0.log").read_text()[-3000:] + (logs / "worker1.log").read_text()[-3000:]
+    chief, other = ((logs / f"worker{i}.log").read_text() for i in range(2))
+    assert "Strategy (multi-worker), 2 replica(s)" in chief
+    assert "data sharding: by data over 2 workers" in chief and "global batch 16," in chief
+    assert "worker 1 (not the chief): writes go to" in other and "worker 0 (not the chief)" not in chief
+    assert [p for p in scratch.iterdir() if p.name.startswith("flower-")] == []  # the other worker removed its folder
+    _assert_same_training(out, one_replica_run, "two workers")
+    reference = sorted(p.relative_to(one_replica_run) for p in one_replica_run.rglob("*"))
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == reference  # the chief wrote one run directory
+
+    # Worker 1 is killed right after epoch 1; the chief, stuck at the next collective step, is killed too.
+    resumed = tmp_path / "resumed"
+    workers = _start_workers(tiny_data, resumed, logs, scratch, killed=1)
+    assert workers[1][0].wait(timeout=420) == -9
+    state = resumed / "checkpoints" / "epoch-0001" / "state.json"
+    import time
+
+    deadline = time.monotonic() + 60
+    while not state.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert state.exists(), (logs / "worker0.log").read_text()[-3000:]
+    workers[0][0].kill()
+    _wait(workers, 60)
+    assert not (resumed / "member.json").exists()
+    assert _wait(_start_workers(tiny_data, resumed, logs, scratch), 420) == [0, 0], \
+        (logs / "worker0.log").read_text()[-3000:]
+    for index in range(2):
+        text = (logs / f"worker{index}.log").read_text()
+        assert "resuming after epoch 1" in text and "epoch 1/2:" not in text and "epoch 2/2:" in text
+    _assert_same_training(resumed, one_replica_run, "two workers, resumed after a kill")
+    assert [p for p in scratch.iterdir() if p.name.startswith("flower-")] == []  # cleared what the killed one left
+
+
+def test_workers_started_with_different_configs_refuse_together(tiny_data, tmp_path):
+    logs, scratch = tmp_path / "logs", tmp_path / "scratch"
+    logs.mkdir()
+    scratch.mkdir()
+    workers = _start_workers(tiny_data, tmp_path / "run", logs, scratch, extra=("--set", "train.seed=1"))
+    assert _wait(workers, 300) == [2, 2]  # both stop, neither hangs nor trains
+    for index in range(2):
+        text = (logs / f"worker{index}.log").read_text()
+        assert "error: the workers disagree on the config" in text and "epoch 1/2:" not in text
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_bad_replica_setting_is_named(monkeypatch):
+    from training.fit.strategy import cpu_replicas_requested
+
+    for value in ("two", "-1", "0", "100"):
+        monkeypatch.setenv("FLOWER_CPU_REPLICAS", value)
+        with pytest.raises(ValueError, match="FLOWER_CPU_REPLICAS must be a whole number from 1 to 64"):
+            cpu_replicas_requested()
+    monkeypatch.setenv("FLOWER_CPU_REPLICAS", "3")
+    assert cpu_replicas_requested() == 3
+
+
+def test_mixed_precision_auto_follows_the_device_and_is_logged():
+    from training.fit.strategy import set_precision
+
+    cases = [("auto", "tpu", [], "mixed_bfloat16"), ("auto", "gpu", [(8, 0)], "mixed_bfloat16"),
+             ("auto", "gpu", [(9, 0), (7, 5)], "mixed_float16"),  # the oldest GPU decides
+             ("auto", "multi-worker", [(8, 6)], "mixed_bfloat16"), ("auto", "cpu", [], "float32"),
+             ("auto", "multi-worker", [], "float32"), ("float16", "gpu", [(8, 0)], "mixed_float16"),
+             ("bfloat16", "cpu", [], "float32"), ("off", "tpu", [], "float32")]
+    try:
+        for setting, kind, capabilities, expected in cases:
+            lines = []
+            assert set_precision(setting, kind, lines.append, capabilities) == expected, (setting, kind, capabilities)
+            assert keras.mixed_precision.global_policy().name == expected
+            assert lines[-1].startswith(f"precision policy: {expected} (")
+        lines = []
+        set_precision("auto", "gpu", lines.append, [(7, 0)])
+        assert "compute capability 7.0 < 8.0: float16 with loss scaling" in lines[-1]
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_data_sharding_among_workers_is_by_file_when_the_shares_are_even_else_by_data_with_a_warning():
+    from training.fit.strategy import shard_policy
+
+    lines = []
+    assert shard_policy("auto", 1, [20], lines.append) == "off" and lines == []  # one worker: nothing to split
+    assert shard_policy("auto", 2, [20, 20, 20, 19], lines.append) == "file" and "warning" not in " ".join(lines)
+    assert lines[-1] == "data sharding: by file over 2 workers (4 training record files)"
+    lines.clear()
+    assert shard_policy("auto", 4, [20, 20, 20], lines.append) == "data"
+    assert lines[0].startswith("warning: 3 training record file(s) for 4 workers, too few")
+    lines.clear()
+    assert shard_policy("auto", 2, [20, 20, 20], lines.append) == "data"  # 40 records for one worker, 20 for the other
+    assert lines[0].startswith("warning: the workers' shares of the training files would hold 20 to 40 records")
+    lines.clear()
+    assert shard_policy("file", 2, [20, 20, 20], lines.append) == "file"
+    assert lines[0].startswith("warning: data.shard=file gives the workers 20 to 40 records each")
+    assert shard_policy("data", 2, [8] * 8, lines.append) == "data"
+    with pytest.raises(ValueError, match="data.shard=file needs at least one record file per worker: 1 file"):
+        shard_policy("file", 2, [20], lines.append)
+
+
+def test_the_chief_is_named_by_tf_config(monkeypatch):
+    from training.fit.strategy import this_task, worker_count, worker_index
+
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    assert this_task() == (True, "chief") and worker_count() == 1
+    cluster = {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}
+    for task, expected in [({"type": "worker", "index": 0}, True), ({"type": "worker", "index": 1}, False)]:
+        monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": task}))
+        assert this_task()[0] is expected and worker_count() == 2 and worker_index() == task["index"]
+    with_chief = {**cluster, "chief": ["127.0.0.1:3"], "evaluator": ["127.0.0.1:4"], "ps": ["127.0.0.1:5"]}
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": with_chief, "task": {"type": "worker", "index": 0}}))
+    assert this_task() == (False, "worker 0") and worker_count() == 3 and worker_index() == 1  # evaluator, ps: no
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": with_chief, "task": {"type": "chief", "index": 0}}))
+    assert this_task() == (True, "chief 0") and worker_index() == 0
+    for task in ({"type": "ps", "index": 0}, {"type": "worker", "index": 2}, {"type": "worker", "index": True},
+                 {"type": "worker", "index": -1}, {"type": "worker"}, "worker"):
+        monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": task}))
+        with pytest.raises(ValueError, match="TF_CONFIG 'task' must name type 'chief' or 'worker' and an index"):
+            this_task()
+    for bad in ('{"cluster": ["127.0.0.1:1"]}', '{"cluster": {"worker": "127.0.0.1:1"}}', "not json", "[]"):
+        monkeypatch.setenv("TF_CONFIG", bad)
+        with pytest.raises(ValueError, match='TF_CONFIG must be a JSON object whose "cluster" maps task types'):
+            worker_count()
