@@ -12,6 +12,6 @@ fi
 bash scripts/setup_env.sh cpu,dev
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 .venv/bin/python -m ruff check .
-# One test process per core with pytest-xdist (on 2 cores: 368 s instead of 584 s in one process, docs/TESTING.md);
+# One test process per core with pytest-xdist (on 2 cores: 419 s instead of 591 s in one process, docs/TESTING.md);
 # TEST_WORKERS=0 runs every test in this one process, TEST_WORKERS=N in N.
 .venv/bin/python -m pytest -n "${TEST_WORKERS:-auto}" "$@"
