@@ -124,11 +124,23 @@ def test_tritonclient_sees_the_protocols_errors(client):
       "outputs": [{"name": "probabilities", "parameters": {"binary_data": "false"}}]}, "true or false"),
     ({"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], "data": [["AAAA"], "B"]}]},
      "base64 strings"),
+    ({"inputs": [{"name": "images", "datatype": "FP32", "shape": [True, 1, 1, 3], "data": [1.0] * 3}]},
+     "'shape' must be a list of sizes"),  # a boolean is no size (it was a 500 at the reshape)
+    ({"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1, False], "data": ["AAAA"]}]},
+     "'shape' must be a list of sizes"),
 ])
 def test_malformed_infer_requests_get_400_naming_the_problem(ensemble_dir, body, text):
     with TestClient(create_app(Settings(ensemble=str(ensemble_dir)))) as c:
         response = c.post("/v2/models/flowers/infer", json=body)
     assert response.status_code == 400 and text in response.json()["error"], response.text
+
+
+def test_a_refused_request_leaves_the_keep_alive_connection_usable(ensemble_dir):
+    with TestClient(create_app(Settings(ensemble=str(ensemble_dir)))) as c:
+        bad = c.post("/v2/models/flowers/infer", json={"inputs": [{"name": "images", "datatype": "FP32",
+                                                                   "shape": [True, 2, 2, 3], "data": [1.0] * 12}]})
+        good = c.get("/v2/models/flowers/ready")
+    assert bad.status_code == 400 and good.status_code == 200
 
 
 def test_bodies_that_would_crash_or_cost_too_much_are_refused_with_their_reason(ensemble_dir):

@@ -217,7 +217,8 @@ def _parse_request(document: dict, binary: bytes, max_images: int) -> tuple[tupl
         raise ProtocolError("'inputs' must hold exactly one tensor: 'image_bytes' (BYTES) or 'images' (FP32)")
     tensor = inputs[0]
     name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
-    if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not shape or \
+            not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise ProtocolError(f"input {name!r}: 'shape' must be a list of sizes, got {shape!r}")
     if shape[0] > max_images:
         raise ClientError(400, "too_many_images", f"{shape[0]} images in one request; the limit is {max_images}")
