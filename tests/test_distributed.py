@@ -334,3 +334,8 @@ def test_the_chief_is_named_by_tf_config(monkeypatch):
         monkeypatch.setenv("TF_CONFIG", bad)
         with pytest.raises(ValueError, match='TF_CONFIG must be a JSON object whose "cluster" maps task types'):
             worker_count()
+    for address in ("nohost", "host:", ":8000", "host:port", "host:0", "host:70000"):  # TensorFlow's own traceback
+        monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["127.0.0.1:1", address]},
+                                                    "task": {"type": "worker", "index": 0}}))
+        with pytest.raises(ValueError, match=f"TF_CONFIG cluster 'worker' lists '{address}': each task is"):
+            worker_count()

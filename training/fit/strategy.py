@@ -43,6 +43,12 @@ def _tf_config() -> dict | None:
             isinstance(tasks, list) and all(isinstance(t, str) for t in tasks) for tasks in cluster.values()):
         raise ConfigError('TF_CONFIG must be a JSON object whose "cluster" maps task types to lists of '
                           f'"host:port" strings, got {text[:200]!r}')
+    for kind, tasks in cluster.items():
+        for address in tasks:
+            host, sep, port = address.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(f'TF_CONFIG cluster {kind!r} lists {address!r}: each task is "host:port" with a '
+                                  "port from 1 to 65535")
     return document
 
 
