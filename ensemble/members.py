@@ -128,6 +128,10 @@ def _check_ids(ids: np.ndarray, member: str, where: str) -> np.ndarray:
                           "expected a 1-D unicode string array")
     if (ids == "").any():
         raise MemberError(f"member {member!r}: {where} has {int((ids == '').sum())} empty ids")
+    broken = [i for i in ids.tolist() if "\n" in i or "\r" in i]
+    if broken:
+        raise MemberError(f"member {member!r}: {where} has {len(broken)} id(s) with a line break, e.g. {broken[0]!r}: "
+                          "a row of the submission CSV cannot hold it")
     unique, counts = np.unique(ids, return_counts=True)
     if (counts > 1).any():
         dupes = unique[counts > 1][:3].tolist()

@@ -61,6 +61,8 @@ def test_members_are_aligned_by_id_whatever_their_row_order(runs):
         (lambda r: _rewrite(r, "test", ids=np.array([f"t{i % 5}" for i in range(300)])), "duplicate ids"),
         (lambda r: _rewrite(r, "val", labels=None), "lacks \\['labels'\\]"),
         (lambda r: _rewrite(r, "val", ids=np.array(["x"] * 399 + [""])), "empty ids|duplicate ids"),
+        (lambda r: _rewrite(r, "test", ids=np.array([f"t{i}" for i in range(299)] + ["t\r299"])),
+         "1 id\\(s\\) with a line break, e.g. 't\\\\r299'"),  # a traceback from the csv module before
         (lambda r: _rewrite(r, "test", ids=np.array([object()] * 300, dtype=object)), "need pickle"),
         (lambda r: _rewrite(r, "val", labels=np.full(400, 12)), "labels out of range"),
         (lambda r: (r / "predictions" / "test.npz").write_bytes(b"garbage"), "not an .npz \\(corrupt or truncated\\)"),
