@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import os
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,8 @@ def expand_runs(patterns: list[str]) -> list[Path]:
     for pattern in patterns:
         if not pattern.strip():
             raise MemberError("a run directory argument is empty")
-        matches = sorted(glob.glob(pattern)) if any(ch in pattern for ch in "*?[") else [pattern]
+        is_pattern = any(ch in pattern for ch in "*?[") and not os.path.lexists(pattern)  # a path is a path
+        matches = sorted(glob.glob(pattern)) if is_pattern else [pattern]
         if not matches:
             raise MemberError(f"no run directory matches {pattern!r}")
         for match in matches:

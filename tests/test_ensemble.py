@@ -194,6 +194,10 @@ def test_the_command_line_reports_errors_without_a_traceback(runs, tmp_path, cap
     assert (tmp_path / "ens" / "submission.csv").exists()
     assert main([str(tmp_path / "nothing*"), "--out", str(tmp_path / "x")]) == 2
     assert "no run directory matches" in capsys.readouterr().err
+    odd = tmp_path / "runs" / "r[1]"  # an existing path is a path, whatever characters it holds
+    (tmp_path / "runs" / "member0").rename(odd)
+    assert main([str(odd), str(tmp_path / "runs" / "member1"), str(tmp_path / "runs" / "member2"), "--out",
+                 str(tmp_path / "odd"), "--method", "mean", "--quiet"]) == 0
 
 
 def test_the_ensemble_imports_and_runs_without_tensorflow(runs, tmp_path):
