@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.photos import DEFAULT_MAX_PIXELS
@@ -55,6 +55,21 @@ class Settings(BaseSettings):
                                    "answered 503 by uvicorn")
     default_top_k: int = Field(5, ge=1)
     api_key: str | None = Field(None, description="when set, prediction routes need 'Authorization: Bearer <key>'")
+
+    @field_validator("api_key")
+    @classmethod
+    def _usable_key(cls, key: str | None) -> str | None:
+        """A key a client can send: surrounding whitespace (a secret file's last newline) is dropped; an empty key,
+        one that is not printable ASCII (an HTTP header cannot carry it as typed) or holds a space is refused."""
+        if key is None:
+            return None
+        key = key.strip()
+        if not key:
+            raise ValueError("the API key is empty (or only whitespace)")
+        if not key.isascii() or not key.isprintable() or " " in key:
+            raise ValueError("the API key must be printable ASCII without spaces: a client sends it in the header "
+                             "'Authorization: Bearer <key>', which cannot carry other characters as typed")
+        return key
 
     @model_validator(mode="after")
     def _budgets_agree(self) -> Settings:

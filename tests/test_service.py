@@ -329,6 +329,16 @@ def test_the_api_key_protects_prediction_routes(ensemble_dir):
         assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200
 
 
+def test_an_api_key_read_with_a_newline_matches_and_one_no_header_can_carry_is_refused_at_start(ensemble_dir):
+    with _client(Settings(ensemble=str(ensemble_dir), api_key="s3cret\n")) as c:  # a secret file's last newline
+        _wait_ready(c)
+        right = {"Authorization": "Bearer s3cret"}
+        assert c.post("/v1/predict", files=_files(image_bytes()), headers=right).status_code == 200
+    for key in ("", "  \n", "clé", "two words", "tab\there"):
+        with pytest.raises(ValueError, match="the API key"):
+            Settings(ensemble=str(ensemble_dir), api_key=key)
+
+
 # --- loading ------------------------------------------------------------------------------------
 
 def test_loading_refuses_artifacts_that_break_the_contract(ensemble_dir, tmp_path):
