@@ -131,6 +131,7 @@ def load_rgb(source: bytes | str | Path, max_pixels: int | None = DEFAULT_MAX_PI
 
 PHOTO_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 NOT_A_PHOTO_NAME = f"not named like a photo ({', '.join(PHOTO_EXTENSIONS)}): not read"
+HIDDEN_NAME = "a hidden name (it starts with '.'): not read"
 
 
 def is_photo_name(name: str) -> bool:
@@ -160,14 +161,14 @@ class FolderWalk:
     photos: list[Path] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     others: list[Path] = field(default_factory=list)  # files not named like photos
-    hidden: int = 0  # names starting with '.', left out
+    hidden: list[Path] = field(default_factory=list)  # names starting with '.' (not descended into), left out
 
 
 def walk_photos(root: str | Path) -> FolderWalk:
     """Every photo under a folder, recursively in name order, following links to files and folders.
 
     A photo is a non-hidden file named like one (is_photo_name); other files go to `others` (NOT_A_PHOTO_NAME
-    says why), names starting with '.' are counted in `hidden`. A broken link or a link loop (whatever its name),
+    says why), names starting with '.' go to `hidden`. A broken link or a link loop (whatever its name),
     a pipe or device named like a photo, and a folder that cannot be listed, are problems with their reason."""
     walk = FolderWalk()
     _walk(Path(root), (Path(os.path.realpath(root)),), walk)
@@ -184,7 +185,7 @@ def _walk(folder: Path, chain: tuple[Path, ...], walk: FolderWalk) -> None:
     for entry in entries:
         path = Path(entry.path)
         if entry.name.startswith("."):
-            walk.hidden += 1
+            walk.hidden.append(path)
             continue
         try:
             mode = os.stat(entry.path).st_mode  # follows links

@@ -150,7 +150,7 @@ def _add_folder(folder: Path, inputs: Inputs) -> None:
     walk = walk_photos(folder)
     loops = [p for p in walk.problems if p.code == "link_loop"]
     rows = {p.path: p for p in walk.problems if p not in loops and (p.path.is_dir() or is_photo_name(p.path.name))}
-    inputs.ignored += walk.hidden + len(walk.others) + len(walk.problems) - len(loops) - len(rows)
+    inputs.ignored += len(walk.hidden) + len(walk.others) + len(walk.problems) - len(loops) - len(rows)
     inputs.notes += [f"{shown(str(p.path))}: {p.reason}" for p in loops]
     for path in sorted([*walk.photos, *rows]):
         problem = rows.get(path)

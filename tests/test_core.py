@@ -169,7 +169,8 @@ def test_a_folder_of_photos_means_one_thing(tmp_path):
     (tmp_path / "b" / "up").symlink_to(tmp_path)
     walk = walk_photos(tmp_path)
     assert [p.relative_to(tmp_path).as_posix() for p in walk.photos] == ["a.JPG", "b/c.png", "b/deep/d.webp"]
-    assert sorted(p.name for p in walk.others) == ["noextension", "notes.txt"] and walk.hidden == 1
+    assert sorted(p.name for p in walk.others) == ["noextension", "notes.txt"]
+    assert [p.name for p in walk.hidden] == [".hidden.jpg"]
     codes = {p.path.name: (p.code, p.reason) for p in walk.problems}
     assert codes["gone.jpg"] == ("broken_link", f"broken link: its target {tmp_path / 'nowhere.jpg'} does not exist")
     assert codes["gone"][0] == "broken_link"

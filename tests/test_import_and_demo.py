@@ -12,7 +12,7 @@ import tensorflow as tf
 from PIL import Image, ImageOps
 
 from core.errors import DataError
-from core.photos import NOT_A_PHOTO_NAME
+from core.photos import HIDDEN_NAME, NOT_A_PHOTO_NAME
 from flower.commands.import_photos import main as import_main
 from imaging.records import iter_records
 from training.data.dataset import eval_dataset, split_info
@@ -32,7 +32,7 @@ def test_importing_the_real_photos_gives_a_stratified_competition_layout(real_ph
     report = import_folders(real_photos, out, sizes=[64], progress=False)
     manifest = list(csv.DictReader(open(real_photos / "manifest.csv")))
     assert report.classes == ["daisy", "dandelion", "rose", "sunflower", "tulip"]
-    assert report.skipped == []
+    assert [s["path"] for s in report.skipped] == ["SOURCE.md", "manifest.csv"]  # beside the class folders: listed
     assert json.loads((out / "classes.json").read_text()) == report.classes
     per_class = {c: sum(report.counts[s][c] for s in report.counts) for c in report.classes}
     assert per_class == {c: sum(r["label"] == c for r in manifest) for c in report.classes}
@@ -67,11 +67,16 @@ def test_odd_image_kinds_are_converted_and_bad_files_are_reported(tmp_path):
     good = io.BytesIO()
     rgb.save(good, format="JPEG")
     (src / "red" / "truncated.jpg").write_bytes(good.getvalue()[:60])
+    _save(src / "top.jpg", rgb, "JPEG")  # beside the class folders: in no class
+    _save(src / ".hidden_class" / "x.jpg", rgb, "JPEG")  # a hidden folder is no class
+    _save(src / "blue" / ".thumb.jpg", rgb, "JPEG")  # a hidden file in a class
 
     report = import_folders(src, tmp_path / "out", sizes=[16], val_fraction=0.25, test_fraction=0.25, progress=False)
     skipped = {s["path"]: s["reason"] for s in report.skipped}
-    assert set(skipped) == {"blue/notes.txt", "red/truncated.jpg"}
-    assert skipped["blue/notes.txt"] == NOT_A_PHOTO_NAME
+    assert set(skipped) == {"blue/notes.txt", "red/truncated.jpg", "top.jpg", ".hidden_class", "blue/.thumb.jpg"}
+    assert skipped["blue/notes.txt"] == NOT_A_PHOTO_NAME  # every file found and not imported is listed, with why
+    assert skipped["top.jpg"].startswith("a file beside the class folders: not imported")
+    assert skipped[".hidden_class"] == f"{HIDDEN_NAME} as a class folder" and skipped["blue/.thumb.jpg"] == HIDDEN_NAME
     assert sum(sum(c.values()) for c in report.counts.values()) == 8
     saved = json.loads((tmp_path / "out" / "import_report.json").read_text())
     assert {s["path"] for s in saved["skipped"]} == set(skipped)

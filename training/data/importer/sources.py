@@ -10,7 +10,7 @@ from pathlib import Path
 
 from core.errors import DataError
 from core.names import shown
-from core.photos import NOT_A_PHOTO_NAME, Problem, entry_problem, walk_photos
+from core.photos import HIDDEN_NAME, NOT_A_PHOTO_NAME, Problem, entry_problem, walk_photos
 
 
 @dataclass
@@ -42,7 +42,8 @@ def scan_source(src: Path) -> Scan:
     for label, name in enumerate(scan.classes):
         walk = walk_photos(src / name)
         files = walk.photos
-        problems = walk.problems + [Problem(path, "other", NOT_A_PHOTO_NAME) for path in walk.others]
+        problems = walk.problems + [Problem(path, "other", NOT_A_PHOTO_NAME) for path in walk.others] + \
+            [Problem(path, "hidden", HIDDEN_NAME) for path in walk.hidden]
         scan.skipped += sorted(({"path": rel(src, p.path), "reason": p.reason} for p in problems),
                                key=lambda s: s["path"])
         if not files:
@@ -65,6 +66,7 @@ def _class_folders(src: Path, scan: Scan) -> list[str]:
     source, found = Path(os.path.realpath(src)), []
     for entry in sorted(os.scandir(src), key=lambda e: e.name):
         if entry.name.startswith("."):
+            scan.skipped.append({"path": shown(entry.name), "reason": f"{HIDDEN_NAME} as a class folder"})
             continue
         try:
             is_folder = stat.S_ISDIR(os.stat(entry.path).st_mode)
@@ -73,6 +75,8 @@ def _class_folders(src: Path, scan: Scan) -> list[str]:
             scan.skipped.append({"path": shown(entry.name), "reason": reason})
             continue
         if not is_folder:
+            scan.skipped.append({"path": shown(entry.name), "reason": "a file beside the class folders: not imported "
+                                                                      "(photos go in one folder per class)"})
             continue
         real = Path(os.path.realpath(entry.path))
         if source.is_relative_to(real):
