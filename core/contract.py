@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SPLITS = ("train", "val", "test")
-LABELLED_SPLITS = ("train", "val")
 
 SIZE_FOLDER = re.compile(r"tfrecords-jpeg-(\d+)x(\d+)$")
 COUNT_IN_NAME = re.compile(r"-(\d+)\.tfrec$")

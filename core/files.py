@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
-from core.errors import ConfigError
+from core.errors import ConfigError, DataError
 from core.names import shown
 
 try:
@@ -176,9 +176,15 @@ def lock_folder(folder: Path) -> int | None:
 
 
 @contextmanager
-def folder_lock(folder: Path) -> Iterator[None]:
-    """Hold folder's lock for the block (BlockingIOError when another process holds it)."""
-    fd = lock_folder(folder)
+def folder_lock(folder: Path, busy: str | None = None) -> Iterator[None]:
+    """Hold folder's lock for the block; when another process holds it, BlockingIOError, or with `busy` a
+    DataError saying so."""
+    try:
+        fd = lock_folder(folder)
+    except BlockingIOError:
+        if busy is None:
+            raise
+        raise DataError(busy) from None
     try:
         yield
     finally:

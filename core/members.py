@@ -97,6 +97,13 @@ class MemberFile:
         f1 = metrics.get("val_macro_f1") if isinstance(metrics, dict) else None
         return float(f1) if isinstance(f1, int | float) and not isinstance(f1, bool) and math.isfinite(f1) else None
 
+    def check(self) -> MemberFile:
+        """Check every field other parts read (name, geometry, and image_size where present); returns self."""
+        self.name, self.geometry()  # noqa: B018 - each checks its field
+        if "image_size" in self.document:
+            self.image_size  # noqa: B018
+        return self
+
     def geometry(self) -> tuple[str, int]:
         """The fit mode ("geometry", else crop) and record size ("data".file_size, else 0: none between the photo
         and the model's input) of how a photo becomes the model's square."""
@@ -164,10 +171,7 @@ def data_fit(data_dir: str, setting: str = "auto") -> dict[str, str]:
 def write_member(run_dir: str | Path, document: dict) -> Path:
     """Write member.json atomically, after checking it reads back as a member document."""
     path = Path(run_dir) / MEMBER_FILE
-    member = member_from_document(document, path)
-    member.name, member.geometry()  # noqa: B018 - each checks its field
-    if "image_size" in document:
-        member.image_size  # noqa: B018 - checks the field
+    member_from_document(document, path).check()
     return write_text_atomic(path, json.dumps(document, indent=1) + "\n")
 
 

@@ -26,10 +26,9 @@ from core.members import (
     DEFAULT_FIT,
     ArtifactError,
     EnsembleFile,
-    ensemble_file,
-    ensemble_from_document,
     is_ensemble_directory,
     is_run_directory,
+    read_ensemble,
     read_json_file,
     read_member,
 )
@@ -259,9 +258,9 @@ def _check_tta(tta: int) -> int:
     return tta
 
 
-def _check_document(file: Path, document: Any) -> tuple[EnsembleFile, BlendSpec]:
-    """ensemble.json read (core.members) and its blend checked against its members and classes before loading."""
-    ensemble = ensemble_from_document(document, file)
+def _check_blend(ensemble: EnsembleFile) -> BlendSpec:
+    """ensemble.json's blend (read by core.members), checked against its members and classes before loading."""
+    file = ensemble.path
     try:
         blend = BlendSpec.from_dict(ensemble.blend)
     except SpecError as err:
@@ -277,13 +276,13 @@ def _check_document(file: Path, document: Any) -> tuple[EnsembleFile, BlendSpec]
                 and abs(entry.weight - blend.weights[entry.index]) > WEIGHT_TOLERANCE:
             raise ArtifactError(f"{file}: members[{entry.index}] ({entry.name!r}) has weight {entry.weight}, "
                                 f"but blend.weights[{entry.index}] is {blend.weights[entry.index]}")
-    return ensemble, blend
+    return blend
 
 
 def load_ensemble(path: str | Path, tta: int = 1) -> EnsemblePredictor:
     """Load ensemble.json (a file or its folder) and every member it names; `tta` passes per image and member."""
-    file = ensemble_file(path)
-    ensemble, blend = _check_document(file, read_json_file(file))
+    ensemble = read_ensemble(path)
+    file, blend = ensemble.path, _check_blend(ensemble)
     classes, document = list(ensemble.classes), ensemble.document
     members = []
     for entry in ensemble.members:

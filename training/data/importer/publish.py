@@ -6,13 +6,13 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from core.contract import CLASSES_FILE, IMPORT_REPORT_FILE, SIZE_FOLDER, TEST_ANSWERS_FILE
 from core.errors import DataError
-from core.files import lock_folder
+from core.files import folder_lock
 from core.names import shown
 
 OUTPUT_FILES = (CLASSES_FILE, TEST_ANSWERS_FILE, IMPORT_REPORT_FILE)
@@ -51,18 +51,9 @@ def refuse_existing(out: Path, overwrite: bool, classes: list[str], sizes: Seque
                     "(--overwrite) to replace the whole data set, or import into another folder")
 
 
-@contextmanager
-def locked(out: Path) -> Iterator[None]:
+def locked(out: Path) -> AbstractContextManager[None]:
     """Hold OUT's import lock (an flock on the folder; released when the process ends, even when it is killed)."""
-    try:
-        fd = lock_folder(out)
-    except BlockingIOError:
-        raise DataError(f"another import is writing to {out} right now; wait for it to end and try again") from None
-    try:
-        yield
-    finally:
-        if fd is not None:
-            os.close(fd)
+    return folder_lock(out, f"another import is writing to {out} right now; wait for it to end and try again")
 
 
 def publish(out: Path, stage: Callable[[Path], None], overwrite: bool, classes: list[str], sizes: Sequence[int],
