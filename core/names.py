@@ -1,6 +1,10 @@
-"""How a file name is shown: on one line and as valid UTF-8, whatever bytes it holds (TensorFlow-free)."""
+"""How a file name is shown: on one line and as valid UTF-8, whatever bytes it holds, and, to a client of the
+service, without the server's paths (TensorFlow-free)."""
 
 from __future__ import annotations
+
+import re
+from pathlib import Path
 
 _CONTROL = {code: f"\\x{code:02x}" for code in (*range(32), 127)}
 
@@ -13,3 +17,17 @@ def shown(text: str) -> str:
     except UnicodeEncodeError:  # a surrogate that does not stand for a byte
         text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text.translate(_CONTROL)
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/-])/[^\s'\"(),;:]+")  # a path from the root, up to a space or punctuation
+_PATH_END = r"(?=[/\s'\"(),;:]|$)"  # where a folder's name ends inside a longer text
+
+
+def without_paths(text: str, folders: dict[Path, str]) -> str:
+    """`text` fit to show a client who must not learn the server's paths: each of `folders` (as written, or
+    absolute) replaced by the name given for it, and any other absolute path by its last part."""
+    for folder, name in folders.items():
+        spellings = {str(folder), str(folder.absolute()), str(folder.resolve())} - {"", "."}
+        for spelling in sorted(spellings, key=len, reverse=True):
+            text = re.sub(re.escape(spelling) + _PATH_END, lambda _, name=name: name, text)
+    return _ABSOLUTE_PATH.sub(lambda match: match.group().rstrip("/").rpartition("/")[2] or "/", text)

@@ -14,15 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.errors import ConfigError
 from service.batching import DynamicBatcher
-from service.deps import ServiceState
+from service.deps import KeyGuard, ServiceState
 from service.errors import register_error_handlers
 from service.inference import batch_function
 from service.limits import BodyGuard
 from service.predictor import load_ensemble, load_run, load_version
-from service.repository import ModelRepository, RepositoryError, Version
+from service.repository import ModelRepository, RepositoryError, Version, public_reason
 from service.routes import ops, predict, tfserving, v2
 from service.settings import Settings, get_settings
 from service.telemetry import RequestMetrics
@@ -94,13 +95,43 @@ def create_app(settings: Settings | None = None, ensemble: Any = None,
     app = FastAPI(title="Flower ensemble classifier", version="1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.service = ServiceState(settings)
     app.add_middleware(BodyGuard)  # body size and deadline, inside the metrics so that its answers are counted
+    app.add_middleware(KeyGuard)  # protect 'all': the API key before anything else is read
     app.add_middleware(RequestMetrics)
+    app.add_middleware(HeadAsGet)
     register_error_handlers(app)
     for router in (predict.router, tfserving.router, v2.router, ops.router):
         app.include_router(router)
     if not settings.model_repository:
         _document_model_name(app, settings.model_name)
     return app
+
+
+class HeadAsGet:
+    """Pure ASGI middleware: HEAD is answered wherever GET is, as GET without the body (HTTP's HEAD).
+
+    The routes see GET; the method is HEAD again before the answer starts, so the server (and the metrics) see
+    the request as it came, and the server sends the headers alone."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass a HEAD request on as GET; send its answer's headers, never its body."""
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_headers_only(message: Message) -> None:
+            scope["method"] = "HEAD"
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        scope["method"] = "GET"  # the same scope object the server holds: it is set back before anything is sent
+        try:
+            await self.app(scope, receive, send_headers_only)
+        finally:
+            scope["method"] = "HEAD"
 
 
 def _make_batcher(state: ServiceState, predictor: Any) -> DynamicBatcher:
@@ -164,6 +195,7 @@ async def warm_up(versions: list[Version]) -> None:
         try:
             await loop.run_in_executor(None, version.predictor.warm_up)
         except Exception as err:  # noqa: BLE001 - any failure leaves the version unready; say why
-            version.error = f"the warm-up prediction failed: {type(err).__name__}: {err}"
+            version.detail = f"the warm-up prediction failed: {type(err).__name__}: {err}"
+            version.error = public_reason(version.detail, version.path)
             version.error_kind = "warm_up_failed"
             logger.exception("the warm-up prediction failed; the service stays unready (/readyz answers 503)")

@@ -1,4 +1,5 @@
-"""What the routes depend on: the shared `ServiceState` (`StateDep`) and the optional API key check."""
+"""What the routes depend on: the shared `ServiceState` (`StateDep`) and the optional API key check (a dependency of
+the prediction routes, and `KeyGuard` in front of every route under protect 'all')."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.batching import DynamicBatcher
-from service.errors import ClientError, client_error
+from service.errors import ClientError, client_error, error_response
 from service.inference import InferencePath
 from service.limits import PixelBudget
 from service.repository import ModelRepository, NotServed, Version
@@ -121,12 +124,38 @@ def get_state(request: Request) -> ServiceState:
 StateDep = Annotated[ServiceState, Depends(get_state)]
 
 
+UNAUTHORIZED = "this route needs the header 'Authorization: Bearer <API key>'"
+CHALLENGE = {"www-authenticate": "Bearer"}
+OPEN_ROUTES = ("/healthz", "/readyz")  # answered without the key under protect 'all' (load balancers' probes)
+
+
+def authorized(headers: Headers, settings: Settings) -> bool:
+    """No API key is set, or the request carries it as 'Authorization: Bearer <key>'."""
+    if not settings.api_key:
+        return True
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), settings.api_key.encode())
+
+
 def require_api_key(request: Request) -> None:
     """When an API key is set, demand 'Authorization: Bearer <key>'."""
-    key = request.app.state.service.settings.api_key
-    if not key:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-        raise ClientError(401, "unauthorized", "this route needs the header 'Authorization: Bearer <API key>'")
+    if not authorized(request.headers, request.app.state.service.settings):
+        raise ClientError(401, "unauthorized", UNAUTHORIZED, CHALLENGE)
+
+
+class KeyGuard:
+    """Pure ASGI middleware: under protect 'all', every request but those to OPEN_ROUTES needs the API key (the
+    OpenAPI page and schema, /metrics, status and metadata too, and paths that match no route)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer 401 at once to a request without the key that protect 'all' covers; pass the others on."""
+        if scope["type"] == "http" and scope["path"] not in OPEN_ROUTES:
+            state: ServiceState = scope["app"].state.service
+            if state.settings.protect == "all" and not authorized(Headers(scope=scope), state.settings):
+                response = error_response(state.metrics, 401, "unauthorized", UNAUTHORIZED, CHALLENGE)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -65,7 +65,7 @@ async def _invalid_request(request: Request, err: RequestValidationError) -> JSO
 async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
     """Starlette's 404/405 and other HTTP errors, in the service's error shape."""
     kind = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
-    return error_response(_metrics_of(request), err.status_code, kind, str(err.detail))
+    return error_response(_metrics_of(request), err.status_code, kind, str(err.detail), err.headers)
 
 
 async def _server_error(request: Request, err: Exception) -> JSONResponse:

@@ -14,6 +14,8 @@ With `strict=True` (protocols with no per-image errors) the first bad image rais
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterator
@@ -63,6 +65,16 @@ class EncodedImage:
             return data
 
         return cls(name, read)
+
+
+def decode_base64(text: str) -> bytes:
+    """Standard base64 as clients send it: line-wrapped or not, padded or not (whitespace removed and the padding
+    restored, then decoded strictly); ValueError for anything else."""
+    text = "".join(text.split())
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("not valid base64") from None
 
 
 def encoded_blobs(blobs: list[bytes], max_bytes: int, what: str) -> list[EncodedImage]:

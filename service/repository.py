@@ -27,11 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import FlowerError, Kind
+from core.names import shown, without_paths
 
 logger = logging.getLogger(__name__)
 
 VERSION_FOLDER = re.compile(r"0|[1-9][0-9]{0,17}")  # fullmatch: a number without leading zeros
-MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+VERSION_RULE = "a version folder is named by its number without leading zeros (0, 1, 2, ...; at most 18 digits)"
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # fullmatch: a name the routes can carry
+MODEL_NAME_RULE = ("a model name is 1 to 128 letters, digits, '_', '.' or '-', beginning with a letter or digit "
+                   "(it is part of the routes' paths)")
 LABELS_FILE = "labels.json"
 MISSING, DOWN = Kind.NOT_FOUND, Kind.UNAVAILABLE  # answered 404 and 503 (service/errors.py STATUS)
 LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -59,7 +63,8 @@ class Version:
     fingerprint: tuple
     predictor: Any = None
     batcher: Any = None
-    error: str | None = None  # why it failed to load (state END), else None
+    error: str | None = None  # why it failed to load (state END), else None; without the server's paths
+    detail: str | None = None  # the same with the paths, for the log and the command's error line
     error_kind: str = "load_failed"  # or warm_up_failed: a predictor handed in whose warm-up failed
     reload_error: str | None = None  # its folder changed and the new files failed to load: this copy serves on
     loaded_at: float = 0.0
@@ -112,18 +117,39 @@ def fingerprint(path: Path) -> tuple:
     return tuple(entries)
 
 
-def scan(root: Path) -> dict[str, dict[int, Path]]:
-    """The repository's models and their version folders: {name: {version: path}} (other entries ignored)."""
+def model_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a served model's name (the rule, naming the value), else None."""
+    return None if MODEL_NAME.fullmatch(name) else f"model name {shown(name)!r} cannot be served: {MODEL_NAME_RULE}"
+
+
+Skipped = dict[str, str]  # a folder the repository does not serve (relative to it, shown) -> why
+
+
+def scan(root: Path) -> tuple[dict[str, dict[int, Path]], Skipped]:
+    """The repository's models and their version folders ({name: {version: path}}), and the folders left out with
+    the reason (a model folder whose name the routes cannot carry or without a version folder, a version folder
+    whose name is not a version number). Files are not models or versions, and are passed over."""
     if not root.is_dir():
         raise RepositoryError(f"model repository {root} is not a folder")
     models: dict[str, dict[int, Path]] = {}
+    skipped: Skipped = {}
     for model in sorted(root.iterdir()):
-        if not model.is_dir() or not MODEL_NAME.fullmatch(model.name):
+        if not model.is_dir():
             continue
-        versions = {int(v.name): v for v in model.iterdir() if v.is_dir() and VERSION_FOLDER.fullmatch(v.name)}
+        if not MODEL_NAME.fullmatch(model.name):
+            skipped[shown(model.name)] = MODEL_NAME_RULE
+            continue
+        versions = {}
+        for folder in sorted(v for v in model.iterdir() if v.is_dir()):
+            if VERSION_FOLDER.fullmatch(folder.name):
+                versions[int(folder.name)] = folder
+            else:
+                skipped[f"{model.name}/{shown(folder.name)}"] = VERSION_RULE
         if versions:
             models[model.name] = versions
-    return models
+        else:
+            skipped[model.name] = f"it holds no version folder: {VERSION_RULE}"
+    return models, skipped
 
 
 def read_labels(model_dir: Path) -> dict[str, int]:
@@ -161,6 +187,7 @@ class ModelRepository:
     models: dict[str, dict[int, Version]] = field(default_factory=dict)
     labels: dict[str, dict[str, int]] = field(default_factory=dict)
     label_errors: dict[str, str] = field(default_factory=dict)
+    skipped: Skipped = field(default_factory=dict)  # folders left out, each logged once while it stays
     served_once: set[str] = field(default_factory=set)  # models that had an available version (readiness)
     polls: int = 0
 
@@ -181,6 +208,11 @@ class ModelRepository:
         serving = {name for name in self.models if self.latest(name) is not None}
         self.served_once |= serving
         return bool(serving) and self.served_once & set(self.models) <= serving
+
+    def skipped_of(self, name: str) -> list[dict[str, str]]:
+        """The folders in a model's folder that are not served, each with why."""
+        return [{"folder": folder.partition("/")[2], "reason": reason} for folder, reason in self.skipped.items()
+                if folder.startswith(f"{name}/")]
 
     def problems(self) -> list[str]:
         """Every version that failed, and every labels.json that cannot be read, one line each."""
@@ -238,14 +270,15 @@ class ModelRepository:
     def preload(self) -> list[tuple[str, int, str]]:
         """Load every version of the repository now, in this thread (before serving): (model, version, outcome)
         per version; a failed one is kept with its reason. `start` then makes the batchers on the server's loop."""
-        found = _scan_with_prints(self.root)
+        found = self._note_skipped(_scan_with_prints(self.root))
         outcomes = []
         for name, versions in found.items():
             for number, (path, prints) in sorted(versions.items()):
                 try:
                     version = Version(name, number, path, prints, self.loader(path), loaded_at=time.time())
                 except Exception as err:  # noqa: BLE001 - the version's status says why; others serve
-                    version = Version(name, number, path, prints, error=_reason(err), loaded_at=time.time())
+                    version = Version(name, number, path, prints, error=self.public(_reason(err), path),
+                                      detail=_reason(err), loaded_at=time.time())
                 self.models = {**self.models, name: {**self.models.get(name, {}), number: version}}
                 outcomes.append((name, number, "loaded" if version.error is None else "failed"))
                 self._notify(name, number, outcomes[-1][2], version.error)
@@ -266,7 +299,7 @@ class ModelRepository:
             return []
         self.polls += 1
         loop = asyncio.get_running_loop()
-        found = await loop.run_in_executor(None, _scan_with_prints, self.root)
+        found = self._note_skipped(await loop.run_in_executor(None, _scan_with_prints, self.root))
         changes = []
         for name, versions in found.items():
             for number, (path, prints) in sorted(versions.items()):
@@ -281,6 +314,19 @@ class ModelRepository:
         self._read_all_labels(found)
         return changes
 
+    def _note_skipped(self, scanned: tuple[dict, Skipped]) -> dict:
+        """Log each folder left out when it is first seen (not at every poll); the models found."""
+        found, skipped = scanned
+        for folder, reason in skipped.items():
+            if self.skipped.get(folder) != reason:
+                logger.warning("model repository: %s/%s is not served: %s", self.root, folder, reason)
+        self.skipped = skipped
+        return found
+
+    def public(self, text: str, folder: Path) -> str:
+        """`text` without the server's paths, the folder shown relative to this repository (public_reason)."""
+        return public_reason(text, folder, self.root)
+
     def _read_all_labels(self, found: dict) -> None:
         """Labels of every model; a malformed labels.json keeps the model's previous labels and is reported."""
         for name in found:
@@ -288,9 +334,10 @@ class ModelRepository:
                 self.labels[name] = read_labels(self.root / name)
                 self.label_errors.pop(name, None)
             except RepositoryError as err:
-                if self.label_errors.get(name) != str(err):
+                public = self.public(str(err), self.root / name)
+                if self.label_errors.get(name) != public:
                     logger.error("%s (the labels before it stay in use)", err)
-                self.label_errors[name] = str(err)
+                self.label_errors[name] = public
         for name in set(self.labels) - set(found):
             self.labels.pop(name, None)
 
@@ -300,15 +347,16 @@ class ModelRepository:
         try:
             predictor = await loop.run_in_executor(None, self.loader, path)
         except Exception as err:  # noqa: BLE001 - any failure is this version's status; others keep serving
-            reason = _reason(err)
-            logger.error("model %r version %d (%s) failed to load: %s", name, number, path, reason)
+            detail = _reason(err)
+            logger.error("model %r version %d (%s) failed to load: %s", name, number, path, detail)
+            reason = self.public(detail, path)
             old = self.models.get(name, {}).get(number)
             if old is not None and old.available:  # changed files that do not load: the loaded copy keeps serving
                 old.reload_error, old.fingerprint = reason, prints
                 self._notify(name, number, "failed", reason)
                 return name, number, "failed"
             versions = dict(self.models.get(name, {}))
-            versions[number] = Version(name, number, path, prints, error=reason, loaded_at=time.time())
+            versions[number] = Version(name, number, path, prints, error=reason, detail=detail, loaded_at=time.time())
             self.models = {**self.models, name: versions}
             self._notify(name, number, "failed", reason)
             return name, number, "failed"
@@ -355,6 +403,13 @@ class ModelRepository:
                     await version.batcher.stop()
 
 
+def public_reason(text: str, folder: Path, root: Path | None = None) -> str:
+    """A reason to show a client: a folder of the repository as its path inside it (<model>/<version>), another
+    by its own name, any other absolute path by its last part (the log has them whole)."""
+    inside = root is not None and folder.is_relative_to(root)
+    return without_paths(text, {folder: folder.relative_to(root).as_posix() if inside else folder.name or str(folder)})
+
+
 def _reason(err: Exception) -> str:
     """Why a version failed to load: an artifact error's own message (it names the file), else type and message."""
     return str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
@@ -369,7 +424,8 @@ def _version_number(version: int | str) -> int:
     raise NotServed(MISSING, f"version {version!r} is not a version number")
 
 
-def _scan_with_prints(root: Path) -> dict[str, dict[int, tuple[Path, tuple]]]:
+def _scan_with_prints(root: Path) -> tuple[dict[str, dict[int, tuple[Path, tuple]]], Skipped]:
     """scan() with each version folder's fingerprint (run in a thread: it walks the files)."""
+    models, skipped = scan(root)
     return {name: {number: (path, fingerprint(path)) for number, path in versions.items()}
-            for name, versions in scan(root).items()}
+            for name, versions in models.items()}, skipped

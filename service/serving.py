@@ -10,8 +10,8 @@ FLOWER_WORKERS, FLOWER_BATCHING, FLOWER_MAX_BATCH_SIZE, FLOWER_MAX_WAIT_MS, FLOW
 FLOWER_REQUEST_TIMEOUT_MS, FLOWER_MAX_IMAGE_BYTES,
 FLOWER_MAX_PIXELS, FLOWER_MAX_IMAGES, FLOWER_MAX_REQUEST_PIXELS, FLOWER_MAX_INFLIGHT_PIXELS,
 FLOWER_DOWNSCALE_PIXELS, FLOWER_BODY_TIMEOUT, FLOWER_KEEP_ALIVE_TIMEOUT, FLOWER_LIMIT_CONCURRENCY,
-FLOWER_API_KEY, FLOWER_MODEL_NAME. Flags win over the environment; --ensemble, --run or --model-repository on
-the command line also sets aside the other two from the environment.
+FLOWER_API_KEY, FLOWER_PROTECT, FLOWER_MODEL_NAME. Flags win over the environment; --ensemble, --run or
+--model-repository on the command line also sets aside the other two from the environment.
 The models are loaded and checked (a warm-up prediction each) before the address is printed; a model
 that cannot be served is one line 'error: ...' and a non-zero exit status. Stop it with Ctrl-C.
 With --workers N > 1 the workers' Prometheus metrics go to a fresh temporary PROMETHEUS_MULTIPROC_DIR
@@ -104,8 +104,8 @@ def repository_problem(repository: Any, settings: Settings) -> str | None:
     if not repository.models:
         return (f"model repository {settings.model_repository} holds no model version folders "
                 f"(<model name>/<version number>/, each an ensemble or run directory)")
-    failed = [f"{v.model} version {v.number}: {v.error}" for vs in repository.models.values() for v in vs.values()
-              if v.error]
+    failed = [f"{v.model} version {v.number}: {v.detail or v.error}" for vs in repository.models.values()
+              for v in vs.values() if v.error]
     if all(repository.latest(name) is None for name in repository.models):
         return "no version of any model could be loaded: " + "; ".join(failed)
     for line in failed:

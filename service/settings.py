@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.photos import DEFAULT_MAX_PIXELS
+from service.repository import model_name_problem
 
 
 class Settings(BaseSettings):
@@ -54,7 +56,29 @@ class Settings(BaseSettings):
     limit_concurrency: int = Field(128, ge=1, description="most connections and requests at once; more are "
                                    "answered 503 by uvicorn")
     default_top_k: int = Field(5, ge=1)
-    api_key: str | None = Field(None, description="when set, prediction routes need 'Authorization: Bearer <key>'")
+    api_key: str | None = Field(None, description="when set, the routes --protect names need 'Authorization: Bearer "
+                                "<key>'")
+    protect: Literal["predict", "all"] = Field("predict", description="what the API key protects: 'predict', the "
+                                               "prediction routes; 'all', every route but /healthz and /readyz "
+                                               "(status, metadata, /metrics, /docs, the page)")
+
+    @field_validator("protect")
+    @classmethod
+    def _key_to_protect_with(cls, protect: str, info: ValidationInfo) -> str:
+        """Protecting every route needs a key (a field before this one): without one nothing would be protected."""
+        if protect == "all" and info.data.get("api_key") is None and "api_key" in info.data:
+            raise ValueError("'all' needs an API key (--api-key or FLOWER_API_KEY); without one no route is "
+                             "protected")
+        return protect
+
+    @field_validator("model_name")
+    @classmethod
+    def _routable_name(cls, name: str) -> str:
+        """A model name the routes can carry (the model repository's rule for its folders)."""
+        problem = model_name_problem(name)
+        if problem:
+            raise ValueError(problem)
+        return name
 
     @field_validator("api_key")
     @classmethod

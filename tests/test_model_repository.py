@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import shutil
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -20,7 +22,7 @@ from core.errors import Kind
 from service.app import create_app
 from service.errors import STATUS
 from service.predictor import load_run
-from service.repository import ModelRepository, NotServed, RepositoryError, read_labels
+from service.repository import MODEL_NAME_RULE, VERSION_RULE, ModelRepository, NotServed, RepositoryError, read_labels
 from service.settings import Settings
 from testkit.artifacts import free_port, image_bytes, make_run, start_server
 
@@ -98,6 +100,7 @@ class Stub:
     classes = ["a", "b"]
     members = []
     ready = True
+    blend = SimpleNamespace(method="mean", weights=None)
 
     def __init__(self, number: float) -> None:
         self.number = number
@@ -170,6 +173,59 @@ def test_a_version_that_fails_to_load_leaves_the_one_before_it_serving(tmp_path)
         assert repo.resolve("m").number == 2
 
     asyncio.run(scenario())
+
+
+def test_folders_the_repository_cannot_serve_are_logged_once_each_with_why(tmp_path, caplog):
+    for folder in ("m/1", "m/00", "m/.3", "a b/1", ".hidden/1", "empty"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "notes.txt").write_text("a file is neither a model nor a version")
+    repo = ModelRepository(tmp_path, _stub_loader, StubBatcher)
+
+    def said() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "is not served" in r.getMessage()]
+
+    async def scenario() -> None:
+        repo.preload()
+        assert sorted(said()) == sorted([f"model repository: {tmp_path}/{folder} is not served: {reason}" for folder,
+                                         reason in ((".hidden", MODEL_NAME_RULE), ("a b", MODEL_NAME_RULE),
+                                                    ("m/.3", VERSION_RULE), ("m/00", VERSION_RULE),
+                                                    ("empty", f"it holds no version folder: {VERSION_RULE}"))])
+        await repo.poll()
+        await repo.poll()
+        assert len(said()) == 5  # once per folder, not at every poll
+        assert repo.skipped_of("m") == [{"folder": ".3", "reason": VERSION_RULE},
+                                        {"folder": "00", "reason": VERSION_RULE}]
+        (tmp_path / "m" / ".3").rename(tmp_path / "m" / "3")  # a version copied in, then renamed into place
+        assert await repo.poll() == [("m", 3, "loaded")] and len(said()) == 5
+        assert repo.skipped_of("m") == [{"folder": "00", "reason": VERSION_RULE}]
+
+    with caplog.at_level(logging.WARNING, logger="service"):
+        asyncio.run(scenario())
+
+
+def test_answers_about_a_failed_version_or_labels_file_show_no_server_path(tmp_path, caplog):
+    for folder in ("m/1", "m/2", "m/00"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "m" / "2" / "broken").write_text("")
+    (tmp_path / "m" / "labels.json").write_text("{")
+    repo = ModelRepository(tmp_path, _stub_loader, StubBatcher)
+    with caplog.at_level(logging.ERROR, logger="service"):
+        repo.preload()
+    settings = Settings(model_repository=str(tmp_path), poll_seconds=0)
+    with TestClient(create_app(settings, repository=repo)) as c:
+        status = c.get("/v1/models/m").json()
+        assert status["model_version_status"][0]["status"]["error_message"] == "m/2: broken on purpose"
+        assert status["skipped"] == [{"folder": "00", "reason": VERSION_RULE}]
+        assert "m/labels.json cannot be read as JSON" in c.get("/readyz").json()["error"]
+        answers = [c.get(path) for path in ("/readyz", "/v1/models/m", "/v1/models/m/versions/2",
+                                            "/v1/models/m/metadata", "/v2/models/m/versions/2")]
+        answers += [_tf_predict(c, "/v1/models/m/versions/2:predict"),
+                    c.post("/v1/predict?model=m&version=2", files=[("files", ("a.jpg", BLOB))])]
+        for answer in answers:
+            assert str(tmp_path) not in answer.text and tmp_path.name not in answer.text, answer.text
+        assert [a.status_code for a in answers] == [200, 200, 200, 200, 503, 503, 503]
+    assert repo.models["m"][2].detail == f"{tmp_path / 'm' / '2'}: broken on purpose"  # the command's line has it
+    assert any(f"{tmp_path / 'm' / 'labels.json'} cannot be read" in r.getMessage() for r in caplog.records)
 
 
 def _families(text: str) -> dict:

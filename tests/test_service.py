@@ -21,6 +21,7 @@ from core.photos import load_rgb, to_rgb
 from service.app import create_app
 from service.images import ImageError, decode_image
 from service.predictor import ArtifactError, load_ensemble, load_run
+from service.repository import MODEL_NAME_RULE
 from service.settings import Settings
 from testkit.artifacts import CLASSES, free_port, image_bytes, make_ensemble, start_server
 
@@ -230,6 +231,27 @@ def test_tf_serving_status_metadata_and_unknown_models(client):
     assert "error" in client.post("/v1/models/other:predict", json={"instances": []}).json()
 
 
+def test_unpadded_and_line_wrapped_base64_is_accepted_by_both_json_protocols(client):
+    padded = _b64(image_bytes("PNG", seed=6))
+    assert padded.endswith("=")  # the test needs an image whose base64 has padding to leave out
+    wrapped = "\n".join(padded[i:i + 76] for i in range(0, len(padded), 76)) + "\n"  # as base64(1) writes it
+    expected = client.post("/v1/models/flowers:predict", json={"instances": [{"b64": padded}]}).json()["predictions"]
+    for text in (padded.rstrip("="), wrapped, wrapped.replace("=", "").replace("\n", "\r\n")):
+        tf_answer = client.post("/v1/models/flowers:predict", json={"instances": [{"b64": text}]})
+        assert tf_answer.status_code == 200, tf_answer.text
+        np.testing.assert_allclose(tf_answer.json()["predictions"], expected, atol=1e-6)
+        v2_answer = client.post("/v2/models/flowers/infer", json={"inputs": [
+            {"name": "image_bytes", "datatype": "BYTES", "shape": [1], "data": [text]}]})
+        assert v2_answer.status_code == 200, v2_answer.text
+        np.testing.assert_allclose(v2_answer.json()["outputs"][0]["data"], expected[0], atol=1e-6)
+    for bad in ("QUFBQ", "QUF BQ==x", "@@@@"):  # no padding can complete 5 characters; a character outside base64
+        tf_refusal = client.post("/v1/models/flowers:predict", json={"instances": [{"b64": bad}]})
+        assert tf_refusal.status_code == 400 and "not valid base64" in tf_refusal.json()["error"], bad
+        v2_refusal = client.post("/v2/models/flowers/infer", json={"inputs": [
+            {"name": "image_bytes", "datatype": "BYTES", "shape": [1], "data": [bad]}]})
+        assert v2_refusal.status_code == 400 and "not valid base64" in v2_refusal.json()["error"], bad
+
+
 # --- operations -------------------------------------------------------------------------------
 
 def test_health_metrics_and_page(client):
@@ -239,6 +261,18 @@ def test_health_metrics_and_page(client):
     assert "flower_batch_size_images_bucket" in text and 'flower_errors_total{kind="not_an_image"}' in text
     page = client.get("/")
     assert page.status_code == 200 and "v1/predict" in page.text and 'type="file"' in page.text
+
+
+def test_head_is_answered_wherever_get_is_with_the_same_headers_and_no_body(client):
+    for path in ("/", "/healthz", "/readyz", "/v1/models/flowers", "/v1/models/flowers/metadata", "/v1/models/no",
+                 "/v2/health/ready", "/v2/models/flowers", "/docs", "/openapi.json"):
+        get, head = client.get(path), client.head(path)
+        assert (head.status_code, head.content) == (get.status_code, b""), path
+        assert head.headers["content-length"] == get.headers["content-length"], path
+    assert client.head("/metrics").status_code == 200
+    assert 'flower_requests_total{method="HEAD",route="/healthz",status="200"}' in client.get("/metrics").text
+    refused = client.head("/v1/predict")  # POST only: refused as a GET is, saying what is allowed
+    assert refused.status_code == 405 and refused.headers["allow"] == "POST"
 
 
 def test_openapi_documents_every_route_with_examples(client):
@@ -337,6 +371,50 @@ def test_an_api_key_read_with_a_newline_matches_and_one_no_header_can_carry_is_r
     for key in ("", "  \n", "clé", "two words", "tab\there"):
         with pytest.raises(ValueError, match="the API key"):
             Settings(ensemble=str(ensemble_dir), api_key=key)
+
+
+BEHIND_THE_KEY = ("/", "/docs", "/openapi.json", "/metrics", "/v1/models/flowers", "/v1/models/flowers/metadata",
+                  "/v2/models/flowers", "/v2/health/ready", "/no/such/route")
+
+
+def test_protect_all_puts_every_route_but_health_and_readiness_behind_the_api_key():
+    ensemble = SlowEnsemble()
+    ensemble.release.set()
+    with _client(Settings(run="unused", api_key="s3cret", protect="all"), ensemble) as c:
+        _wait_ready(c)
+        assert c.get("/healthz").status_code == 200
+        assert c.get("/readyz").json() == {"ready": True}  # no model, member, state or reason without the key
+        for path in BEHIND_THE_KEY:
+            response = c.get(path)
+            assert response.status_code == 401 and response.json()["error"]["kind"] == "unauthorized", path
+            assert response.headers["www-authenticate"] == "Bearer"
+        key = {"Authorization": "Bearer s3cret"}
+        assert c.get("/readyz", headers=key).json()["models"] == {"flowers": {"1": "AVAILABLE"}}
+        for path in ("/", "/docs", "/openapi.json", "/metrics", "/v1/models/flowers", "/v2/health/ready"):
+            assert c.get(path, headers=key).status_code == 200, path
+
+
+def test_protect_all_without_a_key_and_an_unknown_protect_value_are_refused_at_start(tmp_path, served, capsys):
+    from flower.commands.serve import main
+
+    assert main(["--run", str(tmp_path), "--protect", "all"]) == 2
+    assert main(["--run", str(tmp_path), "--protect", "everything"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: --protect: Value error, 'all' needs an API key (--api-key or FLOWER_API_KEY); without one no route is "
+        "protected", "error: --protect: Input should be 'predict' or 'all'"]
+    assert served == []
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "a:predict", "two words"])
+def test_a_model_name_the_routes_cannot_carry_is_refused_at_start_naming_it_and_the_rule(name, tmp_path, served,
+                                                                                          capsys, monkeypatch):
+    from flower.commands.serve import main
+
+    line = f"error: --model-name: Value error, model name {name!r} cannot be served: {MODEL_NAME_RULE}"
+    assert main(["--run", str(tmp_path), "--model-name", name]) == 2
+    monkeypatch.setenv("FLOWER_MODEL_NAME", name)
+    assert main(["--run", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.splitlines() == [line, line] and served == []
 
 
 # --- loading ------------------------------------------------------------------------------------

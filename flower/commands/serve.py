@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Literal, get_args, get_origin
 
 import service.serving as serving
 from core.errors import ConfigError, FlowerError, Kind
@@ -30,7 +31,9 @@ def parser(prog: str) -> argparse.ArgumentParser:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             kind = {int: int, float: float}.get(info.annotation, str)
-            parser.add_argument(flag, dest=name, type=kind, default=None, help=help_text)
+            words = get_args(info.annotation) if get_origin(info.annotation) is Literal else ()
+            parser.add_argument(flag, dest=name, type=kind, default=None, help=help_text,
+                                metavar="{" + ",".join(words) + "}" if words else None)
     return parser
 
 

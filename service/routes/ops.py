@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 
-from service.deps import StateDep
+from service.deps import StateDep, authorized
 from service.schemas import HealthResponse, ReadyResponse
 from service.telemetry import CONTENT_TYPE
 
@@ -22,17 +22,22 @@ async def healthz() -> HealthResponse:
 
 
 @router.get("/readyz", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}}, summary="Readiness")
-async def readyz(state: StateDep) -> JSONResponse:
+async def readyz(request: Request, state: StateDep) -> JSONResponse:
     """200 once every model has a version loaded and warmed up, else 503 (with the default model's error, when it
-    failed); `members` are the default model's, `models` every model's versions and their states."""
+    failed); `members` are the default model's, `models` every model's versions and their states. Under protect
+    'all', a request without the API key gets `ready` alone."""
+    ready = state.ready
+    status = 200 if ready else 503
+    if state.settings.protect == "all" and not authorized(request.headers, state.settings):
+        return JSONResponse({"ready": ready}, status_code=status)
     members = [m.name for m in state.ensemble.members] if state.ensemble is not None else []
     warmed = sorted(getattr(state.ensemble, "warmed_up", members)) if state.ensemble is not None else []
     models = {name: {str(n): v.state for n, v in sorted(versions.items())}
               for name, versions in (state.repository.models.items() if state.repository is not None else [])}
     error = state.warm_up_error or _problems(state)
-    body = ReadyResponse(ready=state.ready, members=members, warmed_up=warmed, error=error, models=models,
+    body = ReadyResponse(ready=ready, members=members, warmed_up=warmed, error=error, models=models,
                          default_model=state.default_model)
-    return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if state.ready else 503)
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=status)
 
 
 def _problems(state) -> str | None:

@@ -8,8 +8,6 @@ Errors answer {"error": "..."} as TF Serving does.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 
 from fastapi import APIRouter, Depends, Request
@@ -18,7 +16,7 @@ from fastapi.responses import JSONResponse
 from service.deps import ServiceState, StateDep, require_api_key
 from service.errors import ClientError, plain_error_response
 from service.images import ImageError
-from service.inference import encoded_blobs
+from service.inference import decode_base64, encoded_blobs
 from service.predictor import served_model_info
 from service.repository import VERSION_FOLDER, Version
 
@@ -79,8 +77,8 @@ def _decode_b64(item: object, index: int) -> bytes:
     if not isinstance(item, dict) or not isinstance(item.get("b64"), str):
         raise ValueError(f"instance {index}: expected {{\"b64\": \"<base64 image>\"}}")
     try:
-        return base64.b64decode(item["b64"], validate=True)
-    except (binascii.Error, ValueError):
+        return decode_base64(item["b64"])
+    except ValueError:
         raise ValueError(f"instance {index}: 'b64' is not valid base64") from None
 
 
@@ -166,12 +164,16 @@ def _version_status(version: Version) -> dict:
 @router.get("/v1/models/{name}", responses={404: TF_ERROR}, summary="Model status (TensorFlow Serving REST API)")
 async def tf_status(name: str, state: StateDep) -> JSONResponse:
     """Every version's state: AVAILABLE once warmed up, LOADING before; END with error_code UNKNOWN and the
-    reason when it failed to load or warm up (as TF Serving reports a version that failed to load)."""
+    reason when it failed to load or warm up (as TF Serving reports a version that failed to load); under
+    "skipped", the folders in the model's folder that are not versions, and why."""
     versions = state.repository.models.get(name) if state.repository is not None else None
     if not versions:
         return _unknown(state, name)
-    return JSONResponse({"model_version_status": [_version_status(v) for _, v in sorted(versions.items(),
-                                                                                         reverse=True)]})
+    answer = {"model_version_status": [_version_status(v) for _, v in sorted(versions.items(), reverse=True)]}
+    skipped = state.repository.skipped_of(name)
+    if skipped:  # folders in the model's folder that are not versions, and why (not in TF Serving's answer)
+        answer["skipped"] = skipped
+    return JSONResponse(answer)
 
 
 @router.get("/v1/models/{name}/versions/{version}", responses={404: TF_ERROR},
@@ -212,7 +214,7 @@ def _metadata(state: ServiceState, served: Version) -> JSONResponse:
     return JSONResponse({"model_spec": {"name": served.model, "signature_name": "", "version": str(served.number)},
                          "metadata": {"signature_def": {"signature_def": {"serving_default": signature}}},
                          "flower": {**served_model_info(served.predictor), "labels": labels,
-                                    "path": str(served.path), "loaded_at": served.loaded_at}})
+                                    "loaded_at": served.loaded_at}})
 
 
 @router.get("/v1/models/{name}/metadata", responses={404: TF_ERROR, 503: TF_ERROR},

@@ -16,8 +16,6 @@ answers the top k as BYTES "probability:index:name", as Triton's classification 
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import struct
 from typing import Any
@@ -29,7 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from service.deps import ServiceState, StateDep, require_api_key
 from service.errors import ClientError, plain_error_response
 from service.images import ImageError
-from service.inference import encoded_blobs
+from service.inference import decode_base64, encoded_blobs
 from service.repository import Version
 
 router = APIRouter(tags=["open-inference-protocol"])
@@ -261,8 +259,8 @@ def _bytes_elements(raw: bytes | None, data: Any, shape: list[int]) -> list[byte
         if flat is None or not all(isinstance(e, str) for e in flat):
             raise ProtocolError("input 'image_bytes': 'data' must be a list of base64 strings")
         try:
-            blobs = [base64.b64decode(e, validate=True) for e in flat]
-        except (binascii.Error, ValueError):
+            blobs = [decode_base64(e) for e in flat]
+        except ValueError:
             raise ProtocolError("input 'image_bytes': an element is not valid base64") from None
     if len(blobs) != count:
         raise ProtocolError(f"input 'image_bytes' has {len(blobs)} elements for shape {shape}")
