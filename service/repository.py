@@ -277,8 +277,9 @@ class ModelRepository:
                 try:
                     version = Version(name, number, path, prints, self.loader(path), loaded_at=time.time())
                 except Exception as err:  # noqa: BLE001 - the version's status says why; others serve
-                    version = Version(name, number, path, prints, error=self.public(_reason(err), path),
-                                      detail=_reason(err), loaded_at=time.time())
+                    detail = _reason(err)
+                    version = Version(name, number, path, prints, error=self.public(detail, path), detail=detail,
+                                      loaded_at=time.time())
                 self.models = {**self.models, name: {**self.models.get(name, {}), number: version}}
                 outcomes.append((name, number, "loaded" if version.error is None else "failed"))
                 self._notify(name, number, outcomes[-1][2], version.error)

@@ -27,6 +27,7 @@ from core.members import (
     write_ensemble,
     write_member,
 )
+from core.names import without_paths
 from core.photos import PhotoError, TooManyPixels, is_photo_name, load_rgb, open_photo, walk_photos
 
 
@@ -229,3 +230,12 @@ def test_the_fit_of_a_data_set_comes_from_the_option_then_its_report(tmp_path):
     assert data_fit(str(tmp_path))["fit"] == "crop"
     (tmp_path / "import_report.json").write_text(json.dumps({"fit": "stretch"}))
     assert data_fit(str(tmp_path))["fit"] == "stretch"
+
+
+def test_text_shown_to_a_client_names_a_known_folder_as_given_and_any_other_absolute_path_by_its_last_part(tmp_path):
+    version = tmp_path / "models" / "m" / "1"
+    text = (f"{version}/member.json is not JSON; {tmp_path}/models/m/10/x; member 'a' ({tmp_path}/runs/a): NaN; "
+            f"[Errno 2] No such file: '/srv/other/saved_model'; ratio 1/2, gs://bucket/file, runs/b")
+    assert without_paths(text, {version: "m/1"}) == (
+        "m/1/member.json is not JSON; x; member 'a' (a): NaN; [Errno 2] No such file: 'saved_model'; ratio 1/2, "
+        "gs://bucket/file, runs/b")

@@ -394,15 +394,20 @@ def test_protect_all_puts_every_route_but_health_and_readiness_behind_the_api_ke
             assert c.get(path, headers=key).status_code == 200, path
 
 
-def test_protect_all_without_a_key_and_an_unknown_protect_value_are_refused_at_start(tmp_path, served, capsys):
+def test_protect_all_without_a_key_and_an_unknown_protect_value_are_refused_at_start(tmp_path, served, capsys,
+                                                                                     monkeypatch):
     from flower.commands.serve import main
 
     assert main(["--run", str(tmp_path), "--protect", "all"]) == 2
     assert main(["--run", str(tmp_path), "--protect", "everything"]) == 2
-    assert capsys.readouterr().err.splitlines() == [
-        "error: --protect: Value error, 'all' needs an API key (--api-key or FLOWER_API_KEY); without one no route is "
-        "protected", "error: --protect: Input should be 'predict' or 'all'"]
+    monkeypatch.setenv("FLOWER_PROTECT", "all")
+    assert main(["--run", str(tmp_path)]) == 2
+    no_key = "error: --protect: Value error, 'all' needs an API key (--api-key or FLOWER_API_KEY); without one no " \
+             "route is protected"
+    assert capsys.readouterr().err.splitlines() == [no_key, "error: --protect: Input should be 'predict' or 'all'",
+                                                    no_key]
     assert served == []
+    assert main(["--run", str(tmp_path), "--api-key", "k"]) == 0 and served[0].protect == "all"
 
 
 @pytest.mark.parametrize("name", ["", "a/b", "a:predict", "two words"])
