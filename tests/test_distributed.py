@@ -1,7 +1,7 @@
 """Training split over replicas and workers: losses (focal, class weights, smoothing) per example, one step and a
-whole run on 2 and 4 replicas equal one replica, two worker processes (TF_CONFIG) train like one and resume
-after a kill, workers with different configs refuse together, and the replica, precision, sharding and chief
-settings."""
+whole run on 2 and 4 replicas equal one replica, two worker processes (TF_CONFIG) train like one, name a worker lost
+midway and resume after the kill, workers with different configs refuse together, a worker waits for the others
+at most its timeout and stops at once on a signal, and the replica, precision, sharding and chief settings."""
 
 from __future__ import annotations
 
@@ -332,14 +332,17 @@ def test_waiting_ends_once_every_other_task_is_up_and_this_tasks_port_answers_me
     import socket
     import threading
 
-    from training.fit.cluster import wait_for_cluster
+    import training.fit.cluster as cluster
 
+    monkeypatch.setattr(cluster, "PROGRESS_SECONDS", 0.1)
     ports = _two_workers(monkeypatch, 1)
     lines = []
-    waiting = threading.Thread(target=wait_for_cluster, args=(30, lines.append, 0.05))
+    waiting = threading.Thread(target=cluster.wait_for_cluster, args=(30, lines.append, 0.05), daemon=True)
     waiting.start()
-    while not lines:
+    while len(lines) < 2:
         time.sleep(0.05)
+    assert lines[1].startswith(f"still waiting for worker 0 at 127.0.0.1:{ports[0]} (")
+    assert lines[1].endswith(" of 30 s)")
     with socket.create_connection(("127.0.0.1", ports[1]), timeout=5):  # this task's port is up while it waits
         pass
     with socket.create_server(("127.0.0.1", ports[0])):  # worker 0 comes up
@@ -363,6 +366,24 @@ def test_a_lost_worker_is_named_from_tensorflows_message_and_another_error_is_le
                      "Additional GRPC error information from remote target /job:worker/replica:0/task:0 while "
                      "calling /tensorflow.WorkerService/CompleteInstance") == f"worker 0 at 127.0.0.1:{ports[0]}"
     assert lost_task("gs://bucket/train-00.tfrec: Unavailable") is None  # names no task: not a lost worker
+
+
+def test_a_collective_that_lost_a_worker_becomes_one_error_naming_it_and_other_errors_pass(monkeypatch, tmp_path):
+    import tensorflow as tf
+
+    from training.config import RunConfig
+    from training.fit.cluster import WorkerLost
+    from training.fit.loop import naming_a_lost_worker
+
+    ports = _two_workers(monkeypatch, 0)
+    config = RunConfig(output=str(tmp_path / "run"))
+    with pytest.raises(WorkerLost) as lost, naming_a_lost_worker(config):
+        raise tf.errors.UnavailableError(None, None, "Collective ops is aborted by: ... unhealthy (stopped sending "
+                                         "heartbeats):\n/job:worker/replica:0/task:1\nThe tasks have crashed.")
+    assert str(lost.value) == (f"worker 1 at 127.0.0.1:{ports[1]} was lost (it stopped, was killed, or cannot be "
+                               "reached), so this worker stops too; no epoch was checkpointed yet")
+    with pytest.raises(tf.errors.UnavailableError), naming_a_lost_worker(config):  # names no task: left alone
+        raise tf.errors.UnavailableError(None, None, "gs://bucket/x.tfrec: service unavailable")
 
 
 def test_sigterm_stops_a_worker_again_once_tensorflows_coordination_service_took_it(monkeypatch):
