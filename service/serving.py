@@ -215,8 +215,11 @@ def _watch(supervisor: int) -> None:
 
 def _stop(supervisor: int, grace: float) -> None:
     """Say why, send this process SIGTERM, and end it outright after `grace` seconds if it still runs."""
-    print(f"worker {os.getpid()}: its supervisor, process {supervisor}, is gone: stopping", file=sys.stderr,
-          flush=True)
+    try:
+        print(f"worker {os.getpid()}: its supervisor, process {supervisor}, is gone: stopping", file=sys.stderr,
+              flush=True)
+    except (OSError, ValueError):  # stderr went with the supervisor (a pipe nobody reads any more): stop anyway
+        pass
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(grace)
     os._exit(1)
