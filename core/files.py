@@ -218,8 +218,8 @@ def move_in(stage: Path, out: Path) -> None:
     os.rename(stage, out)
 
 
-def _remove_if_stale(folder: Path) -> None:
-    """Remove a staging folder unless a live writer holds its lock."""
+def remove_if_stale(folder: Path) -> None:
+    """Remove a folder (a staging folder, a server's metrics folder) unless a live process holds its lock."""
     try:
         fd = lock_folder(folder)
     except BlockingIOError:
@@ -280,7 +280,7 @@ class Unit:
             self.remove_old(folder)
         for folder in found:
             if ".staging-" in folder.name:
-                _remove_if_stale(folder)
+                remove_if_stale(folder)
         if out.is_dir():
             for path in out.iterdir():
                 if is_tmp(path):

@@ -411,7 +411,3 @@ def load_predictor(path: str) -> EnsemblePredictor:
     """Load, check and warm up an ensemble (directory or ensemble.json) or a run directory."""
     return load_ensemble(path) if model_kind(path) == "ensemble" else load_run(path)
 
-
-def stop_on_signal(signum: int, frame: object) -> None:
-    """SIGTERM: leave as Ctrl-C does, through the clean-up that removes the partial CSV."""
-    raise SystemExit(128 + signum)

@@ -15,23 +15,35 @@ FLOWER_API_KEY, FLOWER_PROTECT, FLOWER_MODEL_NAME. Flags win over the environmen
 The models are loaded and checked (a warm-up prediction each) before the address is printed; a model
 that cannot be served is one line 'error: ...' and a non-zero exit status. Stop it with Ctrl-C.
 With --workers N > 1 the workers' Prometheus metrics go to a fresh temporary PROMETHEUS_MULTIPROC_DIR
-(removed at exit), and /metrics adds up every worker's, whichever worker answers it.
+(removed at exit), and /metrics adds up every worker's, whichever worker answers it. The workers never outlive
+this process: killed even with SIGKILL, its workers stop (SIGTERM: they finish the requests in flight, at
+most 30 s) and free the port, and the next start removes the metrics folder it left behind.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import socket
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from core.errors import FlowerError, Kind
+from core.files import folder_lock, remove_if_stale
 from service.settings import Settings
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # as service.telemetry reads it (not imported: --help stays light)
+METRICS_PREFIX = "flower-metrics-"
+SUPERVISOR_ENV = "FLOWER_SUPERVISOR_PID"  # the `flower serve` process whose uvicorn workers these are
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+STOP_GRACE_SECONDS = 30.0  # a worker whose supervisor is gone finishes its requests in flight, then is ended
 
 
 def hand_to_workers(settings: Settings) -> None:
@@ -75,7 +87,7 @@ def load_checked(settings: Settings) -> Any:
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        problem = pool.submit(_check_in_child, settings.model_dump()).result()
+        problem = pool.submit(_check_in_child, settings.model_dump(), os.getpid()).result()
     if problem:
         raise ModelError(problem)
     return None
@@ -87,8 +99,9 @@ class ModelError(FlowerError):
     kind = Kind.UNAVAILABLE
 
 
-def _check_in_child(values: dict) -> str | None:
+def _check_in_child(values: dict, supervisor: int) -> str | None:
     """Load and warm up the models in this (child) process; the problem as a line, or None."""
+    follow_supervisor(supervisor)
     from service.app import load_models
 
     try:
@@ -141,6 +154,7 @@ def serve(settings: Settings, repository: Any, sock: socket.socket) -> None:
     else:
         from uvicorn.supervisors import Multiprocess
 
+        os.environ[SUPERVISOR_ENV] = str(os.getpid())  # read by each worker as it starts (service/server.py)
         with metrics_dir():
             Multiprocess(uvicorn_config(settings, "service.server:app"), sockets=[sock]).run()
 
@@ -150,10 +164,15 @@ def metrics_dir() -> Iterator[str]:
     """A fresh temporary PROMETHEUS_MULTIPROC_DIR while workers serve (prometheus_client's multiprocess mode:
     each worker writes its metrics there, /metrics adds them up); removed, and the variable restored, at exit.
 
-    It must be set before the workers start: prometheus_client chooses its mode when a process imports it.
+    It must be set before the workers start: prometheus_client chooses its mode when a process imports it. The
+    folder is locked while this process lives; folders that no live process holds locked (left by a server
+    killed with SIGKILL) are removed first.
     """
+    for stale in Path(tempfile.gettempdir()).glob(METRICS_PREFIX + "*"):
+        if stale.is_dir() and not stale.is_symlink():
+            remove_if_stale(stale)
     previous = os.environ.get(MULTIPROC_ENV)
-    with tempfile.TemporaryDirectory(prefix="flower-metrics-") as path:
+    with tempfile.TemporaryDirectory(prefix=METRICS_PREFIX) as path, folder_lock(Path(path)):
         os.environ[MULTIPROC_ENV] = path
         try:
             yield path
@@ -162,3 +181,45 @@ def metrics_dir() -> Iterator[str]:
                 os.environ.pop(MULTIPROC_ENV, None)
             else:
                 os.environ[MULTIPROC_ENV] = previous
+
+
+def follow_supervisor(supervisor: int | None = None) -> None:
+    """Make this worker process end when its supervisor (`flower serve`) ends, however it ends (even SIGKILL).
+
+    The supervisor is `supervisor`, else the process FLOWER_SUPERVISOR_PID names (nothing to follow without it:
+    an app started by plain uvicorn). On Linux the kernel sends SIGTERM when the parent ends (prctl
+    PR_SET_PDEATHSIG); everywhere a watchdog thread checks the parent every second, sends SIGTERM (uvicorn then
+    finishes the requests in flight) and ends the process STOP_GRACE_SECONDS later if it still runs.
+    """
+    if supervisor is None:
+        text = os.environ.get(SUPERVISOR_ENV, "")
+        if not text.isdigit():
+            return
+        supervisor = int(text)
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        except (OSError, AttributeError):  # no libc to ask: the watchdog alone
+            pass
+    if os.getppid() != supervisor:  # it ended before the kernel was asked
+        _stop(supervisor, 0.0)
+    threading.Thread(target=_watch, args=(supervisor,), daemon=True, name="flower-supervisor-watch").start()
+
+
+def _watch(supervisor: int) -> None:
+    """Wait until the parent is no longer `supervisor`, then stop this process."""
+    while os.getppid() == supervisor:
+        time.sleep(1.0)
+    _stop(supervisor, STOP_GRACE_SECONDS)
+
+
+def _stop(supervisor: int, grace: float) -> None:
+    """Say why, send this process SIGTERM, and end it outright after `grace` seconds if it still runs."""
+    try:
+        print(f"worker {os.getpid()}: its supervisor, process {supervisor}, is gone: stopping", file=sys.stderr,
+              flush=True)
+    except (OSError, ValueError):  # stderr went with the supervisor (a pipe nobody reads any more): stop anyway
+        pass
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(grace)
+    os._exit(1)

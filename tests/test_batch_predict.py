@@ -230,6 +230,7 @@ def test_an_unreadable_data_folder_is_an_error_naming_it(models, tmp_path, capsy
 
 def test_a_run_stopped_midway_leaves_no_partial_csv(models, tmp_path, monkeypatch):
     import service.scoring as scoring
+    from flower.commands import terminate
 
     ensemble_dir, predictor = models
     for i in range(3):
@@ -239,7 +240,7 @@ def test_a_run_stopped_midway_leaves_no_partial_csv(models, tmp_path, monkeypatc
 
     def stopped(*args, **kwargs):
         yield from real(*args, **kwargs)
-        scoring.stop_on_signal(15, None)  # what SIGTERM does once main() has installed it
+        terminate(15, None)  # what SIGTERM does once main() has installed it
 
     monkeypatch.setattr(scoring, "score_batch", stopped)
     with pytest.raises(SystemExit) as stop:

@@ -1,7 +1,7 @@
 """Training split over replicas and workers: losses (focal, class weights, smoothing) per example, one step and a
-whole run on 2 and 4 replicas equal one replica, two worker processes (TF_CONFIG) train like one and resume
-after a kill, workers with different configs refuse together, and the replica, precision, sharding and chief
-settings."""
+whole run on 2 and 4 replicas equal one replica, two worker processes (TF_CONFIG) train like one, name a worker lost
+midway and resume after the kill, workers with different configs refuse together, a worker waits for the others
+at most its timeout and stops at once on a signal, and the replica, precision, sharding and chief settings."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import keras
@@ -172,10 +173,10 @@ def _free_ports(count: int) -> list[int]:
 
 
 def _start_workers(data: Path, out: Path, logs: Path, scratch: Path, killed: int | None = None,
-                   extra: tuple[str, ...] = ()) -> list:
-    """Two worker processes of one multi-worker run (TF_CONFIG on 127.0.0.1); worker `killed` dies after epoch 1;
-    worker 1 gets the `extra` options too."""
-    ports = _free_ports(2)
+                   extra: tuple[str, ...] = (), ports: list[int] | None = None) -> list:
+    """Two worker processes of one multi-worker run (TF_CONFIG on 127.0.0.1, on `ports` or free ones); worker
+    `killed` dies after epoch 1; worker 1 gets the `extra` options too."""
+    ports = ports or _free_ports(2)
     workers = []
     for index in range(2):
         tf_config = {"cluster": {"worker": [f"127.0.0.1:{port}" for port in ports]},
@@ -191,8 +192,6 @@ def _start_workers(data: Path, out: Path, logs: Path, scratch: Path, killed: int
 
 def _wait(workers: list, timeout: float) -> list[int]:
     """Exit codes of the workers; all are killed if they outlast `timeout` seconds."""
-    import time
-
     deadline = time.monotonic() + timeout
     codes = []
     for process, log in workers:
@@ -223,19 +222,18 @@ def test_two_worker_processes_train_like_one_and_resume_after_a_kill(tiny_data, 
     reference = sorted(p.relative_to(one_replica_run) for p in one_replica_run.rglob("*"))
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == reference  # the chief wrote one run directory
 
-    # Worker 1 is killed right after epoch 1; the chief, stuck at the next collective step, is killed too.
-    resumed = tmp_path / "resumed"
-    workers = _start_workers(tiny_data, resumed, logs, scratch, killed=1)
+    # Worker 1 is killed right after epoch 1; the chief, at the next collective step, says so in one line (which
+    # worker, the last checkpoint, the command that resumes) and stops.
+    resumed, ports = tmp_path / "resumed", _free_ports(2)
+    workers = _start_workers(tiny_data, resumed, logs, scratch, killed=1, ports=ports)
     assert workers[1][0].wait(timeout=420) == -9
-    state = resumed / "checkpoints" / "epoch-0001" / "state.json"
-    import time
-
-    deadline = time.monotonic() + 60
-    while not state.exists() and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert state.exists(), (logs / "worker0.log").read_text()[-3000:]
-    workers[0][0].kill()
-    _wait(workers, 60)
+    assert _wait(workers, 90) == [2, -9], (logs / "worker0.log").read_text()[-3000:]
+    chief = (logs / "worker0.log").read_text()
+    lost = (f"\nerror: worker 1 at 127.0.0.1:{ports[1]} was lost (it stopped, was killed, or cannot be reached), so "
+            f"this worker stops too; the last checkpoint is epoch 1 in {resumed / 'checkpoints'}; to resume, start "
+            f"every worker again (each with its TF_CONFIG) with: flower train --set data.dir={tiny_data} --set ")
+    assert lost in chief and "Traceback" not in chief, chief[-3000:]
+    assert (resumed / "checkpoints" / "epoch-0001" / "state.json").exists()
     assert not (resumed / "member.json").exists()
     assert _wait(_start_workers(tiny_data, resumed, logs, scratch), 420) == [0, 0], \
         (logs / "worker0.log").read_text()[-3000:]
@@ -256,6 +254,158 @@ def test_workers_started_with_different_configs_refuse_together(tiny_data, tmp_p
         text = (logs / f"worker{index}.log").read_text()
         assert "error: the workers disagree on the config" in text and "epoch 1/2:" not in text
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def _lone_worker(index: int, tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, Path, str]:
+    """Task `index` of a two-worker TF_CONFIG whose other task never starts: the process, its log and the address
+    of the missing task."""
+    ports = _free_ports(2)
+    tf_config = {"cluster": {"worker": [f"127.0.0.1:{port}" for port in ports]}, "task": {"type": "worker",
+                                                                                        "index": index}}
+    log = tmp_path / f"alone{index}-{ports[0]}.log"
+    command = [sys.executable, "-m", "flower", "train", "--set", f"data.dir={tmp_path / 'unread'}",
+               "--set", f"output={tmp_path / f'run{ports[0]}'}", *extra]
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env={
+            **os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_CONFIG": json.dumps(tf_config), "TMPDIR": str(tmp_path)})
+    return process, log, f"{'worker 1' if index == 0 else 'worker 0'} at 127.0.0.1:{ports[1 - index]}"
+
+
+def test_a_worker_waits_for_the_others_at_most_the_timeout_saying_whom_and_stops_at_once_on_sigterm(tmp_path):
+    import signal
+
+    timed_out = _lone_worker(0, tmp_path, "--set", "train.cluster_timeout_seconds=2")
+    terminated = _lone_worker(1, tmp_path)
+    try:
+        process, log, missing = terminated
+        deadline = time.monotonic() + 120
+        while f"waiting for {missing}" not in log.read_text() and process.poll() is None:
+            assert time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        code = process.wait(timeout=30)
+        text = log.read_text()
+        assert code == 143 and time.monotonic() - start < 5, (code, text[-2000:])
+        assert text.rstrip().endswith(f"\nstopped while waiting for {missing}") and "Traceback" not in text, text
+        process, log, missing = timed_out
+        assert process.wait(timeout=120) == 2, log.read_text()[-2000:]
+        text = log.read_text()
+        assert f"\nwaiting for {missing} (this task: worker 0 at " in text and "Traceback" not in text, text
+        assert text.endswith(f"\nerror: {missing} did not come up within 2 s (train.cluster_timeout_seconds; "
+                             "worker 1: Connection refused): start every task TF_CONFIG names, check their "
+                             "addresses, or give them longer\n"), text
+    finally:
+        for process, _, _ in (timed_out, terminated):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def _two_workers(monkeypatch, index: int) -> list[int]:
+    """TF_CONFIG of two workers on free loopback ports, this process task `index`; the ports."""
+    ports = _free_ports(2)
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+                                                "task": {"type": "worker", "index": index}}))
+    return ports
+
+
+def test_ctrl_c_while_waiting_for_the_cluster_names_whom_it_waited_for(monkeypatch):
+    from training.fit.cluster import wait_for_cluster
+
+    ports = _two_workers(monkeypatch, 0)
+    lines = []
+
+    def interrupted_at_first_line(line: str) -> None:
+        lines.append(line)
+        if len(lines) == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        wait_for_cluster(60, interrupted_at_first_line)
+    assert lines == [f"waiting for worker 1 at 127.0.0.1:{ports[1]} (this task: worker 0 at 127.0.0.1:{ports[0]}; "
+                     "giving up after train.cluster_timeout_seconds=60 s)",
+                     f"stopped while waiting for worker 1 at 127.0.0.1:{ports[1]}"]
+
+
+def test_waiting_ends_once_every_other_task_is_up_and_this_tasks_port_answers_meanwhile(monkeypatch):
+    import socket
+    import threading
+
+    import training.fit.cluster as cluster
+
+    monkeypatch.setattr(cluster, "PROGRESS_SECONDS", 0.1)
+    ports = _two_workers(monkeypatch, 1)
+    lines = []
+    waiting = threading.Thread(target=cluster.wait_for_cluster, args=(30, lines.append, 0.05), daemon=True)
+    waiting.start()
+    while len(lines) < 2:
+        time.sleep(0.05)
+    assert lines[1].startswith(f"still waiting for worker 0 at 127.0.0.1:{ports[0]} (")
+    assert lines[1].endswith(" of 30 s)")
+    with socket.create_connection(("127.0.0.1", ports[1]), timeout=5):  # this task's port is up while it waits
+        pass
+    with socket.create_server(("127.0.0.1", ports[0])):  # worker 0 comes up
+        waiting.join(10)
+    assert not waiting.is_alive() and lines[0].startswith(f"waiting for worker 0 at 127.0.0.1:{ports[0]} (this task: ")
+    assert lines[-1].startswith("every task of the cluster is up (")
+    with socket.create_server(("", ports[1])):  # and its port is free again, for TensorFlow's server
+        pass
+
+
+def test_a_lost_worker_is_named_from_tensorflows_message_and_another_error_is_left_alone(monkeypatch):
+    from training.fit.cluster import lost_task
+
+    ports = _two_workers(monkeypatch, 0)
+    crashed = ("Collective ops is aborted by: Error reported from /job:worker/task:1: The following tasks are "
+               "unhealthy (stopped sending heartbeats):\n/job:worker/replica:0/task:1\nThe tasks have crashed.")
+    assert lost_task(crashed) == f"worker 1 at 127.0.0.1:{ports[1]}"
+    assert lost_task("failed to connect to all addresses ... from remote target /job:worker/replica:0/task:0") is None
+    ports = _two_workers(monkeypatch, 1)  # the chief is lost: worker 1 cannot reach it
+    assert lost_task("failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: Connection refused\n"
+                     "Additional GRPC error information from remote target /job:worker/replica:0/task:0 while "
+                     "calling /tensorflow.WorkerService/CompleteInstance") == f"worker 0 at 127.0.0.1:{ports[0]}"
+    assert lost_task("gs://bucket/train-00.tfrec: Unavailable") is None  # names no task: not a lost worker
+
+
+def test_a_collective_that_lost_a_worker_becomes_one_error_naming_it_and_other_errors_pass(monkeypatch, tmp_path):
+    import tensorflow as tf
+
+    from training.config import RunConfig
+    from training.fit.cluster import WorkerLost
+    from training.fit.loop import naming_a_lost_worker
+
+    ports = _two_workers(monkeypatch, 0)
+    config = RunConfig(output=str(tmp_path / "run"))
+    with pytest.raises(WorkerLost) as lost, naming_a_lost_worker(config):
+        raise tf.errors.UnavailableError(None, None, "Collective ops is aborted by: ... unhealthy (stopped sending "
+                                         "heartbeats):\n/job:worker/replica:0/task:1\nThe tasks have crashed.")
+    assert str(lost.value) == (f"worker 1 at 127.0.0.1:{ports[1]} was lost (it stopped, was killed, or cannot be "
+                               "reached), so this worker stops too; no epoch was checkpointed yet")
+    with pytest.raises(tf.errors.UnavailableError), naming_a_lost_worker(config):  # names no task: left alone
+        raise tf.errors.UnavailableError(None, None, "gs://bucket/x.tfrec: service unavailable")
+
+
+def test_sigterm_stops_a_worker_again_once_tensorflows_coordination_service_took_it(monkeypatch):
+    import signal
+
+    import tensorflow as tf
+
+    import training.fit.strategy as strategy
+
+    def taking_sigterm():  # what MultiWorkerMirroredStrategy does as its coordination service starts
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return "strategy"
+
+    monkeypatch.setattr(strategy, "wait_for_cluster", lambda timeout, log: None)
+    monkeypatch.setattr(strategy, "_mend_keras_multi_worker_logs", lambda: None)
+    monkeypatch.setattr(tf.distribute, "MultiWorkerMirroredStrategy", taking_sigterm)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        assert strategy.multi_worker_strategy(5, print) == "strategy"
+        assert signal.getsignal(signal.SIGTERM) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_a_bad_replica_setting_is_named(monkeypatch):
@@ -312,7 +462,7 @@ def test_data_sharding_among_workers_is_by_file_when_the_shares_are_even_else_by
 
 
 def test_the_chief_is_named_by_tf_config(monkeypatch):
-    from training.fit.strategy import this_task, worker_count, worker_index
+    from training.fit.cluster import this_task, worker_count, worker_index
 
     monkeypatch.delenv("TF_CONFIG", raising=False)
     assert this_task() == (True, "chief") and worker_count() == 1

@@ -1,14 +1,20 @@
 """Overload and observability: the bounded queue (503 with Retry-After), request deadlines (504) and the
-Prometheus metrics, in one process with a stand-in model and across `--workers 2` with real SavedModels."""
+Prometheus metrics, in one process with a stand-in model and across `--workers 2` with real SavedModels; workers
+that end with their supervisor, even one killed with SIGKILL."""
 
 from __future__ import annotations
 
 import base64
 import io
 import os
+import signal
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -18,12 +24,14 @@ from PIL import Image
 from prometheus_client.multiprocess import MultiProcessCollector
 from pydantic import ValidationError
 
+from core.files import folder_lock
 from flower.commands.serve import parse_settings
 from service.app import create_app
-from service.serving import metrics_dir
+from service.serving import listen, metrics_dir
 from service.settings import Settings
 from service.telemetry import Metrics
 from testkit.artifacts import CLASSES, free_port, image_bytes, make_run, start_server
+from tests.conftest import REPO
 from tests.metrics_text import metric_samples, metric_value
 
 
@@ -219,8 +227,30 @@ def _served_by_pid(directory, route: str) -> dict[str, float]:
     return {pid: n for pid, n in counts.items() if n}
 
 
+def _children(pid: int) -> dict[int, str]:
+    """The processes whose parent is `pid`, with their command lines (Linux /proc)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
+            if stat and int(stat.rpartition(")")[2].split()[1]) == pid:
+                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:  # ended meanwhile
+            pass
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` still runs (a zombie waiting for its parent's wait does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 @pytest.mark.slow
-def test_two_workers_report_one_sum_whichever_answers_the_scrape(tmp_path_factory):
+def test_two_workers_report_one_sum_whichever_answers_the_scrape_and_end_with_their_supervisor(tmp_path_factory,
+                                                                                             monkeypatch):
     run = make_run(tmp_path_factory.mktemp("overload"), "m32", 32)  # one member: the test is about the workers
     tmp = tmp_path_factory.mktemp("tmp")
     port = free_port()
@@ -243,7 +273,68 @@ def test_two_workers_report_one_sum_whichever_answers_the_scrape(tmp_path_factor
             if len(totals) >= 6 and len(_served_by_pid(directory, "/metrics")) == 2:
                 break
         assert set(totals) == {sent} and len(_served_by_pid(directory, "/metrics")) == 2, totals
+        children = _children(process.pid)
     finally:
-        process.terminate()
+        process.kill()  # SIGKILL: the supervisor cannot stop its workers itself
         process.wait(20)
-    assert not directory.exists()
+    assert set(_served_by_pid(directory, "/v1/predict")) <= {str(pid) for pid in children}  # the two workers
+    assert any("resource_tracker" in line for line in children.values()), children
+    deadline = time.monotonic() + 10
+    while any(map(_running, children)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(map(_running, children)), {p: children[p] for p in children if _running(p)}
+    listen("127.0.0.1", port).close()  # the port is free again
+    assert directory.exists()  # left behind by the killed supervisor, and removed by the next start:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    with metrics_dir() as fresh:
+        assert not directory.exists() and Path(fresh).parent == tmp
+
+
+def test_a_start_removes_the_metrics_folders_of_dead_supervisors_and_keeps_live_ones(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead, live, other = (tmp_path / name for name in ("flower-metrics-dead", "flower-metrics-live", "other"))
+    for folder in (dead, live, other):
+        folder.mkdir()
+        (folder / "counter_1.db").write_bytes(b"")
+    with folder_lock(live), metrics_dir() as path:  # `live` is held locked, as its supervisor holds it
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, Path(path).name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, other.name]
+
+
+# A worker tied to its supervisor by follow_supervisor says so with its pid, then sleeps; the supervisor (the
+# test's child) starts it and sleeps. Without a C library to ask the kernel, the watchdog alone ties them.
+TIED_WORKER = ("import ctypes, os, sys, time\nfrom service.serving import follow_supervisor\n{no_libc}"
+               "follow_supervisor(int(sys.argv[1]))\nprint('tied', os.getpid(), flush=True)\ntime.sleep(60)\n")
+SUPERVISOR = ("import os, subprocess, sys, time\n"
+              "subprocess.Popen([sys.executable, '-c', sys.argv[1], str(os.getpid())])\ntime.sleep(60)\n")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's tie is Linux's")
+@pytest.mark.parametrize("tie", ["kernel", "watchdog"])
+def test_a_worker_ends_with_its_supervisor_even_one_killed_with_sigkill(tie):
+    no_libc = "def no_libc(*args, **kwargs):\n    raise OSError('no libc')\nctypes.CDLL = no_libc\n"
+    worker = TIED_WORKER.format(no_libc=no_libc if tie == "watchdog" else "")
+    with subprocess.Popen([sys.executable, "-c", SUPERVISOR, worker], cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as supervisor:
+        line = supervisor.stdout.readline()
+        assert line.startswith("tied "), supervisor.stderr.read() if not line else line
+        supervisor.kill()
+    worker_pid = int(line.split()[1])
+    try:
+        start = time.monotonic()
+        while _running(worker_pid) and time.monotonic() - start < 5:
+            time.sleep(0.02)
+        assert not _running(worker_pid) and time.monotonic() - start < (1.0 if tie == "kernel" else 3.0)
+    finally:
+        if _running(worker_pid):
+            os.kill(worker_pid, signal.SIGKILL)
+
+
+def test_a_worker_whose_supervisor_is_already_gone_stops_before_loading_anything(tmp_path):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = gone.stdout.strip()
+    code = "import sys, service.server; print('tensorflow' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "FLOWER_SUPERVISOR_PID": pid, "FLOWER_RUN": str(tmp_path)})
+    assert result.returncode == -signal.SIGTERM and result.stdout == "", result.stdout + result.stderr[-2000:]
+    assert result.stderr.strip().endswith(f"its supervisor, process {pid}, is gone: stopping")

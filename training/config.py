@@ -87,6 +87,7 @@ class TrainConfig:
     eval_batch_size: int = 64
     steps_per_execution: int = 0  # training steps per host round trip; 0: auto (32 on a TPU, 1 elsewhere)
     time_budget_minutes: float = 0.0  # stop after the last epoch that fits, leaving time to predict and export
+    cluster_timeout_seconds: float = 300.0  # several workers (TF_CONFIG): how long to wait for the others to be up
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,8 @@ RANGES = {  # option: (lowest, highest), inclusive; None = unbounded
     "schedule.rampup_epochs": (0, 100_000), "schedule.sustain_epochs": (0, 100_000),
     "schedule.warmup_epochs": (0, 100_000), "schedule.unfreeze_scale": (0.0, 10.0),
     "model.unfreeze_epoch": (0, 100_000), "train.steps_per_execution": (0, 100_000),
-    "train.time_budget_minutes": (0.0, 1e6), "augment.shift_reference_size": (1, 8192),
+    "train.time_budget_minutes": (0.0, 1e6), "train.cluster_timeout_seconds": (0.0, 1e6),
+    "augment.shift_reference_size": (1, 8192),
     "train.seed": (0, 2**31 - 1), "predict.tta_seed": (0, 2**31 - 1),
 }
 

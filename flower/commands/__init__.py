@@ -6,6 +6,8 @@ Every command's `main` is wrapped by `command`, the one place that applies the e
   2    a `FlowerError` (a bad option, config value, file or folder: one line `error: <message>` on stderr), an
        argparse error, or an `OSError` naming what failed (a missing or unreadable file, a full disk)
   130  interrupted (Ctrl-C), quietly
+  143  terminated (SIGTERM), in a command that calls `stop_on_sigterm` (`flower train`, `flower predict`): after
+       the same clean-ups as Ctrl-C
   1    anything else is a bug: it propagates with its traceback (Python's own exit status 1)
 A command may return its own documented statuses besides these (`flower overlap`: 1 when pairs are found;
 `flower predict`: 1 when some images failed; `flower serve`: 1 when the models cannot be served).
@@ -14,6 +16,7 @@ A command may return its own documented statuses besides these (`flower overlap`
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 from collections.abc import Callable
 
@@ -21,6 +24,7 @@ from core.errors import FlowerError
 
 USAGE_ERROR = 2  # argparse's own status for a bad option: every user error exits with it
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+TERMINATED = 128 + signal.SIGTERM  # 143, as a shell reports a process ended by SIGTERM
 
 Main = Callable[[list[str] | None, str], int]
 
@@ -29,6 +33,16 @@ def error(message: str) -> int:
     """Print `error: <message>` on stderr; returns the status of a user error."""
     print(f"error: {message}", file=sys.stderr)
     return USAGE_ERROR
+
+
+def terminate(signum: int, frame: object) -> None:
+    """The SIGTERM handler of `stop_on_sigterm`: leave as Ctrl-C does, through every clean-up, with status 143."""
+    raise SystemExit(TERMINATED)
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM end this command through its clean-ups (a partial file removed) instead of at once."""
+    signal.signal(signal.SIGTERM, terminate)
 
 
 def os_error_text(err: OSError) -> str:

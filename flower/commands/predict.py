@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from pathlib import Path
 
 import service.scoring as scoring
 from core.errors import ConfigError
 from core.names import shown
-from flower.commands import command, error
+from flower.commands import command, error, stop_on_sigterm
 from service.scoring import DEFAULT_BATCH_SIZE, DEFAULT_TOP_K, FileInput, InputError, Inputs, SplitInput, Summary
 
 SOME_FAILED = 1  # documented: the CSV is written, some rows failed; or the models cannot be loaded
@@ -58,7 +57,7 @@ def main(argv: list[str] | None = None, prog: str = "flower predict") -> int:
     args = parser(prog).parse_args(argv)
     inputs = checked_inputs(args)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    signal.signal(signal.SIGTERM, scoring.stop_on_signal)  # a terminated run removes its partial CSV, as Ctrl-C does
+    stop_on_sigterm()  # a terminated run removes its partial CSV, as Ctrl-C does
     try:
         predictor = scoring.load_predictor(args.model)
     except ArtifactError as err:

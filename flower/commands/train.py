@@ -5,17 +5,23 @@
 The run directory (ARCHITECTURE.md) gets member.json, classes.json, saved_model/ (signatures
 serving_default: image_bytes -> probabilities, serving_pixels: images -> probabilities),
 predictions/{val,test}.npz, history.csv, curves.png, schedule.png and checkpoints/. Running the same
-command again after an interruption resumes from the last finished epoch.
+command again after an interruption resumes from the last finished epoch. SIGTERM stops it as Ctrl-C does
+(status 143, Ctrl-C 130). With several workers (TF_CONFIG), each waits for the others at most
+train.cluster_timeout_seconds; a worker lost midway stops the others with one line naming it and the command
+that resumes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 
-from flower.commands import command
+from flower.commands import command, error, stop_on_sigterm
 from training.config import describe_options, load_config, refit_config
 from training.config_values import parse_assignments
+from training.fit.cluster import WorkerLost
 
 
 def parser(prog: str) -> argparse.ArgumentParser:
@@ -46,5 +52,10 @@ def main(argv: list[str] | None = None, prog: str = "flower train") -> int:
         return 0
     from training.fit.loop import train_member  # TensorFlow is imported only when training
 
-    train_member(config)
+    stop_on_sigterm()
+    try:
+        train_member(config)
+    except WorkerLost as err:
+        again = shlex.join([*prog.split(), *(sys.argv[1:] if argv is None else argv)])
+        return error(f"{err}; to resume, start every worker again (each with its TF_CONFIG) with: {again}")
     return 0

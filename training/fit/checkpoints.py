@@ -38,7 +38,8 @@ EPOCH_FOLDER = re.compile(r"^epoch-(\d+)$")
 HISTORY_KEYS = ("epoch", "learning_rate", "loss", "val_loss", "val_accuracy", "val_macro_f1", "seconds")
 # Options that may change between a run and its resume: how long it runs and what it writes at the end.
 RESUMABLE_CHANGES = ("name", "output", "train.epochs", "train.eval_batch_size", "train.steps_per_execution",
-                     "train.time_budget_minutes", "data.shard", "data.fit", "predict.tta", "predict.tta_seed")
+                     "train.time_budget_minutes", "train.cluster_timeout_seconds", "data.shard", "data.fit",
+                     "predict.tta", "predict.tta_seed")
 
 
 @dataclass(kw_only=True)

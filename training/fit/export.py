@@ -22,7 +22,7 @@ from core.members import DEFAULT_FIT
 from imaging.augment import TTA_AUGMENT, augment_batch
 from imaging.geometry import fit_square_tf
 from training.data.dataset import SHARD_POLICIES, SplitInfo, eval_dataset, iterate_checked
-from training.fit.strategy import worker_count
+from training.fit.cluster import worker_count
 
 
 def _tf_variable(variable) -> tf.Variable:

@@ -17,7 +17,8 @@ import tempfile
 import time
 import warnings
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,20 +43,12 @@ from training.fit.checkpoints import (
     save_weights_atomic,
     saved_epoch,
 )
+from training.fit.cluster import WorkerLost, lost_task, this_task, worker_count, worker_index
 from training.fit.evaluation import classification_scores
 from training.fit.export import predict_split
 from training.fit.outputs import RunFacts, finish_run, write_history
 from training.fit.schedules import learning_rate, plot_schedule
-from training.fit.strategy import (
-    any_worker,
-    detect_strategy,
-    same_on_every_worker,
-    set_precision,
-    shard_policy,
-    this_task,
-    worker_count,
-    worker_index,
-)
+from training.fit.strategy import any_worker, detect_strategy, same_on_every_worker, set_precision, shard_policy
 from training.models.model import backbone_blocks, build_classifier, features_of, parameter_counts, set_trainable
 
 # Keras warns that shuffle=True is ignored for a tf.data.Dataset: the pipeline shuffles itself.
@@ -200,7 +193,7 @@ def prepare_run(config: RunConfig, log: Log = print, start_epoch: int = 0) -> Ru
     The model is built in the phase of the last epoch before `start_epoch` (what a checkpoint holds).
     """
     keras.utils.set_random_seed(config.train.seed)
-    strategy, kind = detect_strategy(log)
+    strategy, kind = detect_strategy(log, config.train.cluster_timeout_seconds)
     policy = set_precision(config.train.mixed_precision, kind, log)
     data, size = config.data, config.data.image_size
     classes = load_classes(data.dir)
@@ -340,7 +333,8 @@ def train_member(config: RunConfig, log: Log = print, after_epoch: AfterEpoch | 
                           "one refits")
     chief, task = this_task()
     if chief:
-        return _train(config, config, budget, log, after_epoch)
+        with naming_a_lost_worker(config):
+            return _train(config, config, budget, log, after_epoch)
     # Another worker of a multi-worker run: it computes what the chief computes (every step is collective)
     # but writes to a folder of its own, removed at the end; it resumes from the chief's checkpoints. The
     # folder is named by the task and the run, so a worker restarted after a kill clears its predecessor's.
@@ -349,10 +343,28 @@ def train_member(config: RunConfig, log: Log = print, after_epoch: AfterEpoch | 
     shutil.rmtree(scratch, ignore_errors=True)
     log(f"{task} (not the chief): writes go to {scratch}, removed at the end; {config.run_dir} is the chief's")
     try:
-        _train(config, dataclasses.replace(config, output=str(scratch / "run")), budget, log, after_epoch)
+        with naming_a_lost_worker(config):
+            _train(config, dataclasses.replace(config, output=str(scratch / "run")), budget, log, after_epoch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return config.run_dir
+
+
+@contextmanager
+def naming_a_lost_worker(config: RunConfig) -> Iterator[None]:
+    """In a multi-worker run, a collective that failed because another task went away (TensorFlow's
+    'tasks have crashed' or 'failed to connect') becomes one WorkerLost naming that task and the last checkpoint."""
+    try:
+        yield
+    except (tf.errors.UnavailableError, tf.errors.AbortedError) as err:
+        lost = lost_task(str(err)) if worker_count() > 1 else None
+        if lost is None:
+            raise
+        done = saved_epoch(config.run_dir / "checkpoints")
+        last = (f"the last checkpoint is epoch {done} in {config.run_dir / 'checkpoints'}" if done else
+                "no epoch was checkpointed yet")
+        raise WorkerLost(f"{lost} was lost (it stopped, was killed, or cannot be reached), so this worker stops "
+                         f"too; {last}") from None
 
 
 def check_resumed_setup(state: EpochState, run: Run, log: Log) -> None:
@@ -378,6 +390,7 @@ def check_workers_agree(run: Run, config: RunConfig, state: EpochState) -> None:
     for key in ("name", "output"):
         document.pop(key, None)
     document["data"].pop("dir", None)  # may be mounted at another path on each machine
+    document["train"].pop("cluster_timeout_seconds", None)  # each worker's own patience
     digest = zlib.crc32(json.dumps([document, run.policy], sort_keys=True).encode()) & 0xFFFFF
     same_epoch = same_on_every_worker(run.strategy, state.epoch)
     same_config = same_on_every_worker(run.strategy, digest)

@@ -7,14 +7,16 @@ runtime starts.
 
 from __future__ import annotations
 
-import json
 import os
+import signal
+import threading
 from collections.abc import Callable
 
 import keras
 import tensorflow as tf
 
 from core.errors import ConfigError
+from training.fit.cluster import wait_for_cluster, worker_count
 
 CPU_REPLICAS_ENV = "FLOWER_CPU_REPLICAS"
 
@@ -27,68 +29,6 @@ def cpu_replicas_requested() -> int:
     if not text.isdigit() or not 0 < int(text) <= 64:
         raise ConfigError(f"{CPU_REPLICAS_ENV} must be a whole number from 1 to 64, got {text!r}")
     return int(text)
-
-
-def _tf_config() -> dict | None:
-    """TF_CONFIG as a checked document (None without it): a 'cluster' of task lists of "host:port" strings."""
-    text = os.environ.get("TF_CONFIG", "").strip()
-    if not text:
-        return None
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError:
-        document = None
-    cluster = document.get("cluster") if isinstance(document, dict) else None
-    if not isinstance(cluster, dict) or not all(
-            isinstance(tasks, list) and all(isinstance(t, str) for t in tasks) for tasks in cluster.values()):
-        raise ConfigError('TF_CONFIG must be a JSON object whose "cluster" maps task types to lists of '
-                          f'"host:port" strings, got {text[:200]!r}')
-    for kind, tasks in cluster.items():
-        for address in tasks:
-            host, sep, port = address.rpartition(":")
-            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ConfigError(f'TF_CONFIG cluster {kind!r} lists {address!r}: each task is "host:port" with a '
-                                  "port from 1 to 65535")
-    return document
-
-
-def _training_tasks() -> int:
-    """The tasks of TF_CONFIG that train (chief and workers; not an evaluator or parameter server); 0 without it."""
-    document = _tf_config()
-    if document is None:
-        return 0
-    return sum(len(document["cluster"].get(kind, [])) for kind in ("chief", "worker"))
-
-
-def _task() -> tuple[str, int]:
-    """This process's task in TF_CONFIG, checked: ('chief' or 'worker', its index in that list)."""
-    document = _tf_config()
-    task = document.get("task")
-    kind, index = (task.get("type"), task.get("index")) if isinstance(task, dict) else (None, None)
-    tasks = document["cluster"].get(kind, []) if kind in ("chief", "worker") else []
-    if type(index) is not int or not 0 <= index < len(tasks):
-        raise ConfigError("TF_CONFIG 'task' must name type 'chief' or 'worker' and an index into that list of the "
-                          f"cluster, got {task!r}")
-    return kind, index
-
-
-def this_task() -> tuple[bool, str]:
-    """(whether this process is the chief, its name): the chief is task 'chief', else worker 0 (TF_CONFIG)."""
-    if _training_tasks() <= 1:
-        return True, "chief"
-    kind, index = _task()
-    has_chief = bool(_tf_config()["cluster"].get("chief"))
-    return kind == "chief" or (index == 0 and not has_chief), f"{kind} {index}"
-
-
-def worker_index() -> int:
-    """This process's place among the workers (0 for the chief; TF_CONFIG's order: chief, then workers)."""
-    if _training_tasks() <= 1:
-        return 0
-    kind, index = _task()
-    if kind == "chief":
-        return 0
-    return index + (1 if _tf_config()["cluster"].get("chief") else 0)
 
 
 def _over_workers(strategy: tf.distribute.Strategy, reduction: str, value: float) -> float:
@@ -118,11 +58,6 @@ def any_worker(strategy: tf.distribute.Strategy, flag: bool) -> bool:
     if worker_count() <= 1:
         return flag
     return _over_workers(strategy, "SUM", 1.0 if flag else 0.0) > 0
-
-
-def worker_count() -> int:
-    """How many machines (processes) train together: the tasks TF_CONFIG names, or 1."""
-    return max(_training_tasks(), 1)
 
 
 def shard_policy(setting: str, workers: int, counts: list[int], log: Callable[[str], None] = print) -> str:
@@ -215,12 +150,30 @@ def _mend_keras_multi_worker_logs() -> None:
     keras_trainer.reduce_per_replica = reduce_per_replica
 
 
-def detect_strategy(log: Callable[[str], None] = print) -> tuple[tf.distribute.Strategy, str]:
-    """Multi-worker (TF_CONFIG), logical CPU replicas (FLOWER_CPU_REPLICAS), TPU, GPUs, or the default."""
+def multi_worker_strategy(cluster_timeout: float, log: Callable[[str], None] = print) -> tf.distribute.Strategy:
+    """MultiWorkerMirroredStrategy, once every task of TF_CONFIG is up (at most `cluster_timeout` seconds).
+
+    TensorFlow's coordination service takes SIGTERM over as the strategy starts (it only notes it, for its
+    preemption handling, which this project does not use): the handler the process had is put back, so that
+    SIGTERM still stops a worker.
+    """
+    wait_for_cluster(cluster_timeout, log)
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGTERM) if main else None
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    if handler is not None:
+        signal.signal(signal.SIGTERM, handler)
+    _mend_keras_multi_worker_logs()
+    return strategy
+
+
+def detect_strategy(log: Callable[[str], None] = print,
+                    cluster_timeout: float = 300.0) -> tuple[tf.distribute.Strategy, str]:
+    """Multi-worker (TF_CONFIG; its tasks waited for at most `cluster_timeout` seconds), logical CPU replicas
+    (FLOWER_CPU_REPLICAS), TPU, GPUs, or the default."""
     replicas = cpu_replicas_requested()
-    if _training_tasks() > 1:
-        strategy, kind = tf.distribute.MultiWorkerMirroredStrategy(), "multi-worker"
-        _mend_keras_multi_worker_logs()
+    if worker_count() > 1:
+        strategy, kind = multi_worker_strategy(cluster_timeout, log), "multi-worker"
     elif replicas > 1:
         strategy, kind = cpu_replica_strategy(replicas), "cpu"
     else:
