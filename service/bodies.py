@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from core.members import json_values
 from service.errors import ClientError
 
 MAX_JSON_VALUES = 10_000  # ~1 MiB of Python objects at most; a request of 16 images in JSON holds about 60 values
@@ -108,7 +109,7 @@ def load_json(body: bytes, numbers: bool = False, hint: str = "") -> Any:
     """A JSON body parsed within MAX_JSON_VALUES values (ClientError 413 past it, with `hint` after the reason);
     with `numbers`, each long array of plain numbers comes back as `Numbers`. ValueError when it is not JSON."""
     text, found = _cut_numbers(body) if numbers else (body, [])
-    values = sum(text.count(separator) for separator in (b",", b":", b"[", b"{")) + 1
+    values = json_values(text)
     if values > MAX_JSON_VALUES:
         raise ClientError(413, "too_many_json_values", f"the JSON body holds up to {values} values (counted by "
                                                        f"their separators), more than the {MAX_JSON_VALUES} a "
