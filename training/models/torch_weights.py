@@ -33,6 +33,7 @@ from typing import NamedTuple
 import numpy as np
 
 from core.errors import FlowerError
+from core.files import zip_inflation_problem
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
@@ -77,7 +78,6 @@ MAX_DIMS = 16
 MAX_DIM_SIZE = 1 << 40
 MAX_PICKLE_BYTES = 64 << 20  # a state dict's pickle is kilobytes; the tensors' bytes live outside it
 MAX_NESTING = 16  # a state dict nests about 5 deep; deep nesting crashes or stalls hashing (C recursion)
-MAX_INFLATION = 16  # torch stores storages uncompressed (1x); deflated float weights come to about 1.1x
 
 
 def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
@@ -355,8 +355,8 @@ class Checkpoint:
 
     def read(self, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
         """The named tensors (all when None) as arrays, reading only the storages they use: each at most twice the
-        elements its tensors take (plus 1 Mi), and a zip's storages inflating to at most MAX_INFLATION times
-        their compressed bytes."""
+        elements its tensors take (plus 1 Mi), and a zip's storages inflating to at most core.files.MAX_INFLATION
+        times their compressed bytes."""
         source = str(self.path)
         refs = self.refs if names is None else {name: self.refs[name] for name in names}
         wanted = _storages_of(refs, source)
@@ -413,10 +413,9 @@ def _read_zip_storages(checkpoint: Checkpoint, wanted: dict[str, StorageRef]) ->
             members[key] = info = archive.getinfo(member)
             if info.file_size != _nbytes(ref):  # no zip bombs: the declared size first
                 raise CheckpointError(f"{source}: {member} holds {info.file_size} bytes, expected {_nbytes(ref)}")
-        inflated = sum(info.file_size for info in members.values())
-        if inflated > MAX_INFLATION * sum(info.compress_size for info in members.values()) + (1 << 20):
-            raise CheckpointError(f"{source}: its storages would inflate to {inflated} bytes, more than "
-                                  f"{MAX_INFLATION} times their compressed size: not a weights file")
+        problem = zip_inflation_problem(members.values())
+        if problem:
+            raise CheckpointError(f"{source}: its storages are no weights: {problem}")
         for key, info in members.items():
             storages[key] = _storage_array(archive.read(info), wanted[key], checkpoint.little_endian, source)
     return storages
