@@ -40,6 +40,9 @@ class Numbers:
     def __init__(self, body: bytes, start: int, end: int) -> None:
         self.body, self.start, self.end = body, start, end
 
+    def __repr__(self) -> str:
+        return f"[{len(self)} numbers]"
+
     def __len__(self) -> int:
         """How many values the array holds when it is well formed (its commas plus one)."""
         return self.body.count(b",", self.start, self.end) + 1

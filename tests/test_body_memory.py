@@ -83,3 +83,17 @@ def test_binary_bytes_elements_past_the_declared_shape_are_not_read(client):
     answer, peak = _peak(lambda: client.post(V2, content=content, headers=headers))
     assert peak < 1.5 * len(content), f"{peak / len(content):.1f} x the body"  # one bytes object each: 8 x
     assert answer.status_code == 400 and "more than 2 elements for shape [1]" in answer.json()["error"], answer.text
+
+
+@pytest.mark.parametrize("odd,problem", [
+    ("", "an element is missing"), ("[]", "an element is missing"), ("1e", "an element is not a number"),
+    ("1 1", "an element is not a number"), ("1e39", "finite RGB values in 0..255"),  # float32 overflow: infinite
+    (None, "an element is missing"),  # a trailing comma
+])
+def test_a_long_array_of_numbers_read_straight_into_float32_is_checked_as_json_would_be(client, odd, problem):
+    values = ["1"] * 1203  # [1, 1, 401, 3]: 2.4 KB of JSON, read as `Numbers`
+    values[-1 if odd is None else 700] = "" if odd is None else odd
+    body = (b'{"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 1, 401, 3], "data": [[%s]]}]}'
+            % ",".join(values).encode())
+    answer = client.post(V2, content=body)
+    assert answer.status_code == 400 and problem in answer.json()["error"], answer.text
