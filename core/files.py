@@ -4,6 +4,7 @@
 - `publish_folder`: a folder written as a staging folder beside it and swapped in as one unit.
 - `folder_lock`: an exclusive flock on a folder, released when the process ends, even when it is killed.
 - `umask`: the process's file-creation mask, so files get the mode a plain open() gives.
+- `zip_inflation_problem`: whether reading members of a zip (a .pth, an .npz) would inflate it too far.
 TensorFlow-free; every part writes through here.
 """
 
@@ -16,7 +17,8 @@ import secrets
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable, Iterator
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
@@ -109,6 +111,20 @@ def write_npz_atomic(path: str | Path, arrays: dict) -> Path:
             np.savez(f, **arrays)
 
     return write_atomic(path, write)
+
+
+MAX_INFLATION = 16  # zip members written by numpy and torch are stored (1x); deflated weights or predictions, ~1-3x
+
+
+def zip_inflation_problem(members: Iterable[zipfile.ZipInfo]) -> str | None:
+    """Why reading these members of a zip would inflate it too far (more than MAX_INFLATION times their compressed
+    bytes, plus 1 MiB: a zip bomb), from their declared sizes before any is read; None when it would not."""
+    members = list(members)
+    inflated, compressed = sum(m.file_size for m in members), sum(m.compress_size for m in members)
+    if inflated > MAX_INFLATION * compressed + (1 << 20):
+        return (f"it would inflate to {inflated} bytes, more than {MAX_INFLATION} times its {compressed} compressed "
+                "bytes")
+    return None
 
 
 def publish_file(tmp: str | Path, out: Path, overwrite: bool) -> bool:

@@ -27,10 +27,29 @@ class ArtifactError(DataError):
     """member.json or ensemble.json cannot be used: the message names the file and the field."""
 
 
+MAX_JSON_FILE_BYTES = 64 << 20  # the project's JSON files are kilobytes; an import report of 100,000 photos, a few MB
+MAX_JSON_FILE_VALUES = 2_000_000  # parsed, a JSON value costs up to ~100 bytes: this bounds a file at ~200 MB
+
+
+def json_values(text: bytes) -> int:
+    """At least as many as the values a JSON text holds: each value but the first follows a ',', ':', '[' or '{'."""
+    return sum(text.count(separator) for separator in (b",", b":", b"[", b"{")) + 1
+
+
 def read_json_file(path: Path, what: str = "") -> Any:
-    """A JSON file's content; unreadable, undecodable or invalid JSON is one ArtifactError naming the file."""
+    """A JSON file's content; unreadable, undecodable or invalid JSON, or a file over MAX_JSON_FILE_BYTES or
+    MAX_JSON_FILE_VALUES (checked before it is parsed), is one ArtifactError naming the file."""
     try:
-        return json.loads(path.read_bytes())
+        if path.stat().st_size > MAX_JSON_FILE_BYTES:
+            raise ArtifactError(f"{what}{path} has {path.stat().st_size} bytes, more than the {MAX_JSON_FILE_BYTES} "
+                                "a JSON file of the project may have")
+        text = path.read_bytes()
+        if json_values(text) > MAX_JSON_FILE_VALUES:
+            raise ArtifactError(f"{what}{path} holds up to {json_values(text)} JSON values, more than the "
+                                f"{MAX_JSON_FILE_VALUES} a JSON file of the project may hold")
+        return json.loads(text)
+    except ArtifactError:
+        raise
     except FileNotFoundError:
         raise ArtifactError(f"{what}{path} not found") from None
     except OSError as err:
@@ -158,9 +177,12 @@ def data_fit(data_dir: str, setting: str = "auto") -> dict[str, str]:
     if "://" in data_dir or not report.is_file():
         return geometry_record(DEFAULT_FIT, "default")
     try:
-        fit = json.loads(report.read_text()).get("fit")
-    except (OSError, ValueError, AttributeError) as err:
+        document = read_json_file(report)
+    except ArtifactError as err:
         raise DataError(f"{report} cannot be read for its 'fit': {err}") from None
+    if not isinstance(document, dict):
+        raise DataError(f"{report} cannot be read for its 'fit': not a JSON object")
+    fit = document.get("fit")
     if fit is None:
         return geometry_record(DEFAULT_FIT, "default")
     if fit not in FIT_MODES:

@@ -11,6 +11,7 @@ import numpy as np
 
 from core.contract import CLASSES_FILE
 from core.errors import FlowerError
+from core.files import zip_inflation_problem
 from core.members import ArtifactError, MemberFile, is_run_directory, read_json_file, read_member
 
 PROBABILITY_TOLERANCE = 1e-3
@@ -75,6 +76,11 @@ def _load_npz(path: Path, member: str, keys: tuple[str, ...]) -> dict[str, np.nd
         raise MemberError(f"member {member!r}: {path} not found")
     _npz_magic(path, member)
     try:
+        with zipfile.ZipFile(path) as archive:  # the arrays' declared sizes, before numpy inflates any
+            problem = zip_inflation_problem(archive.getinfo(f"{k}.npy") for k in keys if f"{k}.npy" in
+                                            archive.namelist())
+        if problem:
+            raise MemberError(f"member {member!r}: {path.name} holds no predictions: {problem}: {path}")
         with np.load(path, allow_pickle=False) as data:
             missing = [k for k in keys if k not in data.files]
             if missing:

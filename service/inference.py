@@ -77,10 +77,25 @@ def decode_base64(text: str) -> bytes:
         raise ValueError("not valid base64") from None
 
 
-def encoded_blobs(blobs: list[bytes], max_bytes: int, what: str) -> list[EncodedImage]:
-    """Images sent whole in a JSON body, named '<what> <i>'; one over `max_bytes` is refused as too_large."""
-    return [EncodedImage.of(f"{what} {i}", blob if len(blob) <= max_bytes else
+def encoded_blobs(blobs: list[bytes | ImageError], max_bytes: int, what: str) -> list[EncodedImage]:
+    """Images sent whole in a JSON body, named '<what> <i>'; one over `max_bytes` is refused as too_large (a route
+    may have found that already, from its base64 length: `encoded_limit`)."""
+    return [EncodedImage.of(f"{what} {i}", blob if isinstance(blob, ImageError) or len(blob) <= max_bytes else
                             ImageError("too_large", f"larger than {max_bytes} bytes")) for i, blob in enumerate(blobs)]
+
+
+def encoded_limit(max_bytes: int) -> int:
+    """The longest base64 text of an image of at most `max_bytes` bytes: longer text is too_large undecoded."""
+    return 4 * -(-max_bytes // 3)
+
+
+def base64_image(text: str, max_bytes: int) -> bytes | ImageError:
+    """An image sent as base64 text (`decode_base64`); text too long for `max_bytes` is too_large, undecoded (line
+    breaks of wrapped text are not counted; text over twice the limit is refused before they are looked for)."""
+    limit = encoded_limit(max_bytes)
+    if len(text) > 2 * limit + 2 or len(compact := "".join(text.split())) > limit:
+        return ImageError("too_large", f"larger than {max_bytes} bytes")
+    return decode_base64(compact)
 
 
 def batch_function(predictor: Any) -> Callable[[list[np.ndarray]], Outputs]:

@@ -17,7 +17,6 @@ unloaded when its last request has finished.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import FlowerError, Kind
+from core.members import ArtifactError, read_json_file
 from core.names import shown, without_paths
 
 logger = logging.getLogger(__name__)
@@ -158,8 +158,8 @@ def read_labels(model_dir: Path) -> dict[str, int]:
     if not file.is_file():
         return {}
     try:
-        labels = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        labels = read_json_file(file)
+    except ArtifactError as err:
         raise RepositoryError(f"{file} cannot be read as JSON: {err}") from None
     if not isinstance(labels, dict):
         raise RepositoryError(f"{file} must be an object {{\"label\": version number}}")

@@ -75,6 +75,24 @@ def test_a_broken_member_file_is_named_with_its_problem(runs, break_it, message)
         load_members(runs)
 
 
+def test_a_deflated_prediction_file_is_refused_before_it_is_inflated(runs):
+    import tracemalloc
+
+    path = runs[1] / "predictions" / "test.npz"
+    with np.load(path) as data:
+        ids = data["ids"]
+    np.savez_compressed(path, ids=ids, probs=np.zeros((1 << 22, 4), np.float32))  # 64 MiB of zeros in 64 KiB
+    tracemalloc.start()
+    try:
+        with pytest.raises(MemberError) as refused:
+            load_members(runs)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20, f"{peak / 2**20:.0f} MiB"  # numpy inflated all of it (64 MiB) before any check
+    assert "member 'member1': test.npz holds no predictions: it would inflate to 67" in str(refused.value)
+
+
 def test_members_that_disagree_are_named(runs, tmp_path):
     classes = json.loads((runs[2] / "classes.json").read_text())
     (runs[2] / "classes.json").write_text(json.dumps(classes[:-1] + ["other"]))

@@ -94,6 +94,21 @@ def test_a_malformed_labels_file_is_named_with_its_problem(tmp_path, text, probl
         read_labels(tmp_path)
 
 
+def test_a_labels_file_of_millions_of_values_is_refused_before_the_server_parses_it(tmp_path):
+    import tracemalloc
+
+    (tmp_path / "labels.json").write_text('{"stable": [' + "1," * 2_500_000 + "1]}")  # 5 MB: 20 MB of list parsed
+    tracemalloc.start()
+    try:
+        with pytest.raises(RepositoryError) as refused:
+            read_labels(tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * (tmp_path / "labels.json").stat().st_size, f"{peak / 2**20:.0f} MiB"
+    assert "holds up to 2500004 JSON values, more than the 2000000" in str(refused.value), str(refused.value)[:300]
+
+
 class Stub:
     """A stand-in predictor: its answer is its version number, and it can be told to fail loading."""
 

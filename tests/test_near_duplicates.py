@@ -300,7 +300,7 @@ def test_overlap_lists_the_planted_pairs_between_two_folders(tmp_path, capsys):
     assert pairs[("sub/p0.png", "same.png")]["kind"] == "exact" and pairs[("sub/p0.png", "same.png")]["distance"] == 0
     assert all(pairs[k]["kind"] == "near" and pairs[k]["distance"] <= 6 for k in list(pairs)[1:])
     assert report["counts"] == {"pairs": 3, "exact": 1, "near": 2, "photos_of_a": 3, "photos_of_b": 3,
-                                "files_in_both": 0}
+                                "group_pairs": 3, "files_in_both": 0}
     assert report["b"]["not_photos"] == ["notes.txt"] and report["b"]["skipped"] == [] and report["b"]["images"] == 6
     assert "OVERLAP: 3 cross pair(s) (1 exact, 2 near" in printed and "sub/p1.png  small.jpg" in printed
     # Exact copies only: the exact pair alone.
@@ -538,6 +538,38 @@ def test_identical_hashes_are_grouped_without_a_pair_for_every_two_photos():
     assert peak < 20 * 2**20, f"{peak / 2**20:.0f} MB"
 
 
+def test_overlap_lists_copies_of_one_photo_as_one_match_in_bounded_memory(tmp_path, capsys):
+    import tracemalloc
+
+    a, b = tmp_path / "A", tmp_path / "B"
+    copied, other = _bytes(_photo(1, (48, 36))), _bytes(_photo(2, (48, 36)))
+    for k in range(600):  # 120,000 pairs: listed one by one they took ~130 MB here, 13.6 GB for 6,000 x 2,000
+        _write(a / f"a{k:03d}.png", copied)
+    for k in range(200):
+        _write(b / f"b{k:03d}.png", copied)
+    _write(a / "q.png", other)
+    _write(b / "q.png", other)
+    out = tmp_path / "matches.json"
+    tracemalloc.start()
+    try:
+        assert overlap_main([str(a), str(b), "--json", str(out), "--quiet"]) == 1
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 * 2**20, f"{peak / 2**20:.0f} MB"
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[:2] == ["exact  distance  0  a000.png (and 599 identical)  b000.png (and 199 identical)",
+                           "exact  distance  0  q.png  q.png"]
+    report = json.loads(out.read_text())
+    assert report["counts"] == {"pairs": 120_001, "exact": 120_001, "near": 0, "photos_of_a": 601, "photos_of_b": 201,
+                                "group_pairs": 2, "files_in_both": 0}
+    assert report["pairs"][0] | {"a_files": 600, "b_files": 200, "pairs": 120_000} == report["pairs"][0]
+    assert [len(group) for group in report["identical"]["a"]] == [600] and out.stat().st_size < 100_000
+    assert overlap_main([str(a), str(b), "--max-listed", "1", "--quiet"]) == 1
+    printed = capsys.readouterr().out
+    assert "q.png" not in printed and "1 more match(es) not listed (--max-listed 1)" in printed
+
+
 def test_overlap_refuses_a_set_compared_with_itself_and_never_pairs_a_file_with_itself(tmp_path, capsys):
     a, _ = _two_folders(tmp_path)
     (tmp_path / "data").mkdir()
@@ -550,6 +582,11 @@ def test_overlap_refuses_a_set_compared_with_itself_and_never_pairs_a_file_with_
     report = json.loads(out.read_text())
     assert report["pairs"] == [] and report["counts"]["files_in_both"] == 6
     assert "6 file(s) are in both A and B" in capsys.readouterr().out
+    _write(a / "copy.png", (a / "sub" / "p0.png").read_bytes())  # a group of two identical files, one in both sets
+    assert overlap_main([str(a), str(a / "sub"), "--json", str(out), "--quiet"]) == 1
+    report = json.loads(out.read_text())
+    assert [(p["a"], p["b"], p["a_files"], p["pairs"]) for p in report["pairs"]] == [("copy.png", "p0.png", 2, 1)]
+    assert report["counts"] | {"photos_of_a": 1, "photos_of_b": 1} == report["counts"]
 
 
 def test_a_distance_above_sixteen_is_refused_with_the_reason(tmp_path, capsys):

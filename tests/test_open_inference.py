@@ -145,8 +145,8 @@ def test_a_refused_request_leaves_the_keep_alive_connection_usable(ensemble_dir)
 
 def test_bodies_that_would_crash_or_cost_too_much_are_refused_with_their_reason(ensemble_dir):
     with TestClient(create_app(Settings(ensemble=str(ensemble_dir)))) as c:
-        huge = c.post("/v2/models/flowers/infer", content=b'{"inputs": [{"data": [' + b"9" * 5000 + b']}]}')
-        assert huge.status_code == 400 and "cannot be read" in huge.json()["error"]
+        huge = c.post("/v2/models/flowers/infer", content=b'{"id": ' + b"9" * 5000 + b', "inputs": []}')
+        assert huge.status_code == 400 and "cannot be read" in huge.json()["error"]  # an int too long to convert
         empty = c.post("/v2/models/flowers/infer", content=b"")
         assert empty.status_code == 400 and empty.json()["error"].startswith("the body is empty")
         head = b'{"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 2, 2, 3], ' \
@@ -155,11 +155,6 @@ def test_bodies_that_would_crash_or_cost_too_much_are_refused_with_their_reason(
                        headers={"Inference-Header-Content-Length": str(len(head))})
         assert short.status_code == 400 and "40 bytes of binary data for shape [1, 2, 2, 3] (48 expected)" in \
             short.json()["error"]
-        # FP32 pixels as JSON numbers cost ~10x their text once parsed: over 16 MiB of JSON they are refused unread.
-        numbers = b'{"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 1500, 1500, 3], "data": [' + \
-                  b"100.5," * (3 * 1500 * 1500 - 1) + b'100.5]}]}'
-        refused = c.post("/v2/models/flowers/infer", content=numbers)
-        assert refused.status_code == 413 and "send them as binary data" in refused.json()["error"]
         for odd in ("%C2%B2", "1%0A", "007"):
             assert c.get(f"/v1/models/flowers/versions/{odd}").status_code == 404, odd
             assert c.get(f"/v2/models/flowers/versions/{odd}/ready").status_code == 404, odd

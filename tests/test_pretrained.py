@@ -8,6 +8,7 @@ import json
 import pickle
 import struct
 import sys
+import tracemalloc
 import types
 import zipfile
 from collections import OrderedDict
@@ -270,6 +271,34 @@ def test_hostile_structures_are_refused_before_they_touch_memory(tmp_path):
         out.writestr("weights/data/0", b"\0" * (64 << 20))  # 64 MiB of zeros deflate to about 64 KiB
     with pytest.raises(CheckpointError, match="holds 67108864 bytes, expected 16"):
         read_state_dict(tmp_path / "bomb2.pt")
+
+
+def _peak_mb(work) -> tuple[float, str]:
+    """The peak MiB of Python's and numpy's allocations while `work` runs, and the CheckpointError it raises."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError) as err:
+            work()
+        return tracemalloc.get_traced_memory()[1] / 2**20, str(err.value)
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_deflated_storage_is_checked_against_the_model_and_its_file_before_it_is_inflated(tmp_path):
+    zeros = np.zeros(1 << 24, np.float32)  # 64 MiB that deflate to 64 KiB, under a name no layer of the model has
+    with _fake_torch() as storage_type:
+        body, _ = _pickled(OrderedDict(x=_Tensor(_Storage("0", zeros), (1 << 24,), (1,))), storage_type)
+    path = tmp_path / "bomb.pth"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("bomb/data.pkl", body)
+        archive.writestr("bomb/data/0", zeros.tobytes())
+    del zeros
+    # Read whole, then checked against the model, it took three copies: 192 MiB here, 3.8 GB for 2^28 elements.
+    peak, message = _peak_mb(lambda: lite_backbone("efficientnet-lite0", 32, str(path)))
+    assert peak < 16 and "has no _conv_stem.weight (for layer stem_conv)" in message, (peak, message)
+    peak, message = _peak_mb(lambda: read_state_dict(path))  # no model to check against: the inflation is bounded
+    assert peak < 16 and "would inflate to 67108864 bytes, more than 16 times its" in message, \
+        (peak, message)
 
 
 # --- the port ---------------------------------------------------------------------------------

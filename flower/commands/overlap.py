@@ -14,6 +14,7 @@ from flower.commands import command
 from training.data.near_duplicates import DEFAULT_DISTANCE, MAX_DISTANCE
 
 PAIRS_FOUND = 1  # documented: the sets overlap
+DEFAULT_LISTED = 1000  # matches listed; the counts cover all of them
 
 
 def parser(prog: str) -> argparse.ArgumentParser:
@@ -31,6 +32,9 @@ def parser(prog: str) -> argparse.ArgumentParser:
                         help="skip (count as unreadable) images whose header declares more than N pixels (width x "
                              "height), before decoding them: decompression bombs (default "
                              f"{DEFAULT_MAX_PIXELS})")
+    parser.add_argument("--max-listed", type=int, default=DEFAULT_LISTED, metavar="N",
+                        help="list at most N matches (pairs of groups of identical photos, closest first) on stdout "
+                             f"and in --json; the counts cover them all (default {DEFAULT_LISTED})")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr while reading")
     return parser
 
@@ -44,21 +48,29 @@ def main(argv: list[str] | None = None, prog: str = "flower overlap") -> int:
     if near.same_set(args.a, args.b):
         raise DataError(f"A and B are the same set ({args.a} and {args.b}): every photo would match itself; "
                         "compare two different sets")
+    if args.max_listed < 0:
+        raise DataError(f"--max-listed must be 0 or more, got {args.max_listed}")
     if args.json:
         check_output_file(args.json, "--json")
     a = near.read_photos(args.a, args.b, progress=not args.quiet, max_pixels=max_pixels)
     b = near.read_photos(args.b, args.a, progress=not args.quiet, max_pixels=max_pixels)
-    pairs = near.cross_pairs(a, b, max_distance)
-    report = near.overlap_report(a, b, max_distance, pairs)
-    for pair in pairs:
-        print(f"{pair['kind']:5s}  distance {pair['distance']:2d}  {pair['a']}  {pair['b']}")
+    overlap = near.cross_groups(a, b, max_distance)
+    report = near.overlap_report(overlap, max_distance, args.max_listed)
+    for match in report["pairs"]:
+        print(f"{match['kind']:5s}  distance {match['distance']:2d}  {_shown(match['a'], match['a_files'])}  "
+              f"{_shown(match['b'], match['b_files'])}")
     print(summary(report))
     if args.json:
         try:
             write_text_atomic(args.json, json.dumps(report, indent=1) + "\n")
         except OSError as err:
             raise DataError(f"cannot write --json {args.json}: {err}") from err
-    return PAIRS_FOUND if pairs else 0
+    return PAIRS_FOUND if report["counts"]["pairs"] else 0
+
+
+def _shown(name: str, files: int) -> str:
+    """A photo of a match, with the number of identical files it stands for."""
+    return name if files == 1 else f"{name} (and {files - 1} identical)"
 
 
 def summary(report: dict) -> str:
@@ -76,8 +88,12 @@ def summary(report: dict) -> str:
         lines.append(f"{counts['files_in_both']} file(s) are in both A and B (one folder holds the other): "
                      "not paired with themselves")
     if counts["pairs"]:
+        unlisted = counts["group_pairs"] - len(report["pairs"])
+        if unlisted:
+            lines.append(f"{unlisted} more match(es) not listed (--max-listed {len(report['pairs'])})")
         lines.append(f"OVERLAP: {counts['pairs']} cross pair(s) ({counts['exact']} exact, {counts['near']} near; "
-                     f"{counts['photos_of_a']} photo(s) of A, {counts['photos_of_b']} of B), {rule}")
+                     f"{counts['photos_of_a']} photo(s) of A, {counts['photos_of_b']} of B; "
+                     f"{counts['group_pairs']} match(es) of groups of identical photos), {rule}")
     else:
         lines.append(f"no overlap: no photo of A matches a photo of B ({rule})")
     return "\n".join(lines)

@@ -13,10 +13,11 @@ import json
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
+from service.bodies import load_json
 from service.deps import ServiceState, StateDep, require_api_key
 from service.errors import ClientError, plain_error_response
 from service.images import ImageError
-from service.inference import decode_base64, encoded_blobs
+from service.inference import base64_image, encoded_blobs
 from service.predictor import served_model_info
 from service.repository import VERSION_FOLDER, Version
 
@@ -70,14 +71,14 @@ def _b64_items(body: object) -> tuple[list, str]:
     return items, key
 
 
-def _decode_b64(item: object, index: int) -> bytes:
-    """Accept {"b64": s} or {"image_bytes": {"b64": s}}."""
+def _decode_b64(item: object, index: int, max_bytes: int) -> bytes | ImageError:
+    """Accept {"b64": s} or {"image_bytes": {"b64": s}}; base64 of an image over `max_bytes` is too_large undecoded."""
     if isinstance(item, dict) and "image_bytes" in item:
         item = item["image_bytes"]
     if not isinstance(item, dict) or not isinstance(item.get("b64"), str):
         raise ValueError(f"instance {index}: expected {{\"b64\": \"<base64 image>\"}}")
     try:
-        return decode_base64(item["b64"])
+        return base64_image(item["b64"], max_bytes)
     except ValueError:
         raise ValueError(f"instance {index}: 'b64' is not valid base64") from None
 
@@ -125,14 +126,14 @@ async def _predict_with(request: Request, state: ServiceState, served: Version) 
     settings = state.settings
     raw = await request.body()  # its size and deadline are enforced while it streams (service.limits)
     try:
-        body = json.loads(raw)
+        body = load_json(raw, hint=f": at most {settings.max_images} instances of one image each")
         del raw
         items, key = _b64_items(body)
         if len(items) > settings.max_images:
             return plain_error_response(state.metrics, 400, "too_many_images", f"{len(items)} instances in one "
                                                                                f"request; the limit is "
                                                                                f"{settings.max_images}")
-        blobs = [_decode_b64(item, i) for i, item in enumerate(items)]
+        blobs = [_decode_b64(item, i, settings.max_image_bytes) for i, item in enumerate(items)]
         del body, items
     except json.JSONDecodeError as err:
         return plain_error_response(state.metrics, 400, "malformed_json", f"the body is not valid JSON: {err}")

@@ -24,17 +24,16 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
+from service.bodies import Numbers, load_json
 from service.deps import ServiceState, StateDep, require_api_key
 from service.errors import ClientError, plain_error_response
 from service.images import ImageError
-from service.inference import decode_base64, encoded_blobs
+from service.inference import base64_image, encoded_blobs
 from service.repository import Version
 
 router = APIRouter(tags=["open-inference-protocol"])
 HEADER_LENGTH = "inference-header-content-length"
-# JSON numbers cost ~10 times their text in memory once parsed (a Python float each, then the array): FP32
-# pixels in JSON are refused above this much JSON; binary data (or encoded images as BYTES) has no such cost.
-JSON_PIXELS_BYTES = 16 * 1024 * 1024
+MANY_VALUES = ": one input of at most --max-images images; send pixels as binary data or as one array of plain numbers"
 V2_ERROR = {"content": {"application/json": {"schema": {"type": "object", "properties": {"error": {"type": "string"}}},
                                              "example": {"error": "unexpected inference input 'x'"}}}}
 TENSOR = {"name": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}},
@@ -172,10 +171,12 @@ async def _infer(request: Request, state: ServiceState, name: str, version: str 
             body = await request.body()  # size and deadline enforced while it streams (service.limits)
             document, binary = _split_body(body, request.headers.get(HEADER_LENGTH))
             del body
-            tensor, outputs = _parse_request(document, binary, state.settings.max_images)
-            del binary
+            tensor, outputs = _parse_request(document, binary, state.settings.max_images,
+                                             state.settings.max_image_bytes)
+            request_id = document.get("id")
+            del document, binary  # the body goes with them: only the tensor is held while it is predicted
             blended = await _predict_tensor(state, served, tensor)
-            return _answer(served, document, outputs, blended)
+            return _answer(served, request_id, outputs, blended)
     except ClientError as err:
         return plain_error_response(state.metrics, err.status, err.kind, err.message, err.headers)
     except ImageError as err:
@@ -184,8 +185,9 @@ async def _infer(request: Request, state: ServiceState, name: str, version: str 
         return plain_error_response(state.metrics, 400, "malformed_request", str(err))
 
 
-def _split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
-    """The JSON document and the binary part after it (the binary data extension)."""
+def _split_body(body: bytes, header_length: str | None) -> tuple[dict, memoryview]:
+    """The JSON document (a long array of plain numbers in it left as `Numbers`) and the binary part after it
+    (the binary data extension), within service.bodies' bounds."""
     if not body:
         raise ProtocolError("the body is empty: send a JSON object with 'inputs'")
     try:
@@ -194,21 +196,17 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
         raise ProtocolError(f"Inference-Header-Content-Length must be a number, got {header_length!r}") from None
     if not 0 < length <= len(body):
         raise ProtocolError(f"Inference-Header-Content-Length {length} does not fit the body of {len(body)} bytes")
-    if length > JSON_PIXELS_BYTES and b'"FP32"' in body[:length]:
-        raise ClientError(413, "request_too_large", f"FP32 pixels as JSON numbers are limited to "
-                                                    f"{JSON_PIXELS_BYTES // 2**20} MiB of JSON ({length} bytes sent): "
-                                                    "send them as binary data (Inference-Header-Content-Length) or "
-                                                    "the encoded images as BYTES")
     try:
-        document = json.loads(body[:length])
+        document = load_json(body[:length], numbers=True, hint=MANY_VALUES)
     except (ValueError, UnicodeDecodeError, RecursionError) as err:  # incl. integers too long to convert
         raise ProtocolError(f"the request's JSON cannot be read: {err}") from None
     if not isinstance(document, dict):
         raise ProtocolError("the request must be a JSON object with 'inputs'")
-    return document, body[length:]
+    return document, memoryview(body)[length:]
 
 
-def _parse_request(document: dict, binary: bytes, max_images: int) -> tuple[tuple[str, Any], list[dict]]:
+def _parse_request(document: dict, binary: memoryview, max_images: int,
+                   max_image_bytes: int) -> tuple[tuple[str, Any], list[dict]]:
     """The one input as ("image_bytes", [bytes]) or ("images", array [N,H,W,3]), and the outputs asked for."""
     inputs = document.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
@@ -229,25 +227,28 @@ def _parse_request(document: dict, binary: bytes, max_images: int) -> tuple[tupl
     if raw is None and "data" not in tensor:
         raise ProtocolError(f"input {name!r} has neither 'data' nor binary data")
     if name == "image_bytes" and datatype == "BYTES":
-        return ("image_bytes", _bytes_elements(raw, tensor.get("data"), shape)), _outputs(document)
+        return ("image_bytes", _bytes_elements(raw, tensor.get("data"), shape, max_image_bytes)), _outputs(document)
     if name == "images" and datatype == "FP32":
         return ("images", _pixels(raw, tensor.get("data"), shape)), _outputs(document)
     raise ProtocolError(f"unexpected inference input {name!r} of datatype {datatype!r}: give 'image_bytes' (BYTES, "
                         f"encoded images) or 'images' (FP32 [N,H,W,3], RGB 0..255)")
 
 
-def _bytes_elements(raw: bytes | None, data: Any, shape: list[int]) -> list[bytes]:
-    """The encoded images of a BYTES tensor: length-prefixed binary, or base64 strings in JSON."""
+def _bytes_elements(raw: memoryview | None, data: Any, shape: list[int],
+                    max_bytes: int) -> list[bytes | ImageError]:
+    """The encoded images of a BYTES tensor: length-prefixed binary, or base64 strings in JSON; an element over
+    `max_bytes` is its too_large error, never copied or decoded."""
     count = int(np.prod(shape))
     if len(shape) > 2 or (len(shape) == 2 and shape[1] != 1):
         raise ProtocolError(f"input 'image_bytes' must have shape [N] or [N, 1], got {shape}")
+    too_large = ImageError("too_large", f"larger than {max_bytes} bytes")
     if raw is not None:
         blobs, offset = [], 0
-        while offset < len(raw):
+        while offset < len(raw) and len(blobs) <= count:  # one element past the shape is enough to refuse
             if offset + 4 > len(raw):
                 raise ProtocolError("the binary BYTES data ends inside an element's 4-byte length")
             (length,) = struct.unpack_from("<I", raw, offset)
-            blobs.append(raw[offset + 4:offset + 4 + length])
+            blobs.append(bytes(raw[offset + 4:offset + 4 + length]) if length <= max_bytes else too_large)
             if offset + 4 + length > len(raw):
                 raise ProtocolError(f"element {len(blobs) - 1} claims {length} bytes past the end of the data")
             offset += 4 + length
@@ -259,16 +260,18 @@ def _bytes_elements(raw: bytes | None, data: Any, shape: list[int]) -> list[byte
         if flat is None or not all(isinstance(e, str) for e in flat):
             raise ProtocolError("input 'image_bytes': 'data' must be a list of base64 strings")
         try:
-            blobs = [decode_base64(e) for e in flat]
+            blobs = [base64_image(e, max_bytes) for e in flat]
         except ValueError:
             raise ProtocolError("input 'image_bytes': an element is not valid base64") from None
     if len(blobs) != count:
-        raise ProtocolError(f"input 'image_bytes' has {len(blobs)} elements for shape {shape}")
+        raise ProtocolError(f"input 'image_bytes' has {'more than ' * (len(blobs) > count)}{len(blobs)} elements "
+                            f"for shape {shape}")
     return blobs
 
 
-def _pixels(raw: bytes | None, data: Any, shape: list[int]) -> np.ndarray:
-    """The RGB pixels of an FP32 tensor [N,H,W,3]: little-endian binary, or numbers in JSON."""
+def _pixels(raw: memoryview | None, data: Any, shape: list[int]) -> np.ndarray:
+    """The RGB pixels of an FP32 tensor [N,H,W,3]: little-endian binary, or numbers in JSON (a long array of plain
+    numbers read straight into float32, service.bodies.Numbers)."""
     if len(shape) != 4 or shape[3] != 3 or min(shape[1:3]) < 1:
         raise ProtocolError(f"input 'images' must have shape [N, H, W, 3] with H, W >= 1, got {shape}")
     count = int(np.prod(shape, dtype=object))
@@ -276,21 +279,33 @@ def _pixels(raw: bytes | None, data: Any, shape: list[int]) -> np.ndarray:
         if len(raw) != 4 * count:
             raise ProtocolError(f"input 'images': {len(raw)} bytes of binary data for shape {shape} "
                                 f"({4 * count} expected)")
-        values = np.frombuffer(raw, dtype="<f4")
-    else:
-        flat = np.asarray(data, dtype=object).reshape(-1)  # ragged nesting leaves lists among the elements
-        if not all(type(v) in (int, float) for v in flat):  # noqa: E721 - bool is an int subclass, and refused
-            raise ProtocolError("input 'images': 'data' must be a (nested) list of numbers: no strings, booleans "
-                                "or ragged lists")
+        values = np.frombuffer(raw, dtype="<f4").astype(np.float32)  # a copy: the body is let go
+    elif isinstance(data, Numbers):
+        if len(data) != count:
+            raise ProtocolError(f"input 'images' has {len(data)} values for shape {shape}")
         try:
-            values = flat.astype(np.float64).astype(np.float32)
-        except OverflowError:
-            raise ProtocolError("input 'images': 'data' holds huge integers, not pixel values") from None
+            values = data.parse()
+        except ValueError as err:
+            raise ProtocolError(f"input 'images': 'data' must be a (nested) list of numbers: {err}") from None
+    else:
+        values = _json_numbers(data)
     if values.size != count:
         raise ProtocolError(f"input 'images' has {values.size} values for shape {shape}")
     if not np.isfinite(values).all() or values.min(initial=0) < 0 or values.max(initial=0) > 255:
         raise ProtocolError("input 'images': pixel values must be finite RGB values in 0..255")
-    return values.astype(np.float32).reshape(shape)
+    return values.reshape(shape)
+
+
+def _json_numbers(data: Any) -> np.ndarray:
+    """The numbers of a short JSON array parsed as Python values (nested lists of numbers), as float32."""
+    flat = np.asarray(data, dtype=object).reshape(-1)  # ragged nesting leaves lists among the elements
+    if not all(type(v) in (int, float) for v in flat):  # noqa: E721 - bool is an int subclass, and refused
+        raise ProtocolError("input 'images': 'data' must be a (nested) list of numbers: no strings, booleans "
+                            "or ragged lists")
+    try:
+        return flat.astype(np.float64).astype(np.float32)
+    except OverflowError:
+        raise ProtocolError("input 'images': 'data' holds huge integers, not pixel values") from None
 
 
 def _outputs(document: dict) -> list[dict]:
@@ -338,12 +353,12 @@ async def _predict_tensor(state: ServiceState, served: Version, tensor: tuple[st
     return blended.astype(np.float32)
 
 
-def _answer(served: Version, document: dict, outputs: list[dict], blended: np.ndarray) -> Response:
+def _answer(served: Version, request_id: Any, outputs: list[dict], blended: np.ndarray) -> Response:
     """The response: JSON, with the binary outputs after it when any was asked for in binary."""
     classes = served.predictor.classes
     answer: dict[str, Any] = {"model_name": served.model, "model_version": str(served.number), "outputs": []}
-    if isinstance(document.get("id"), str):
-        answer["id"] = document["id"]
+    if isinstance(request_id, str):
+        answer["id"] = request_id
     chunks = []
     for output in outputs:
         k = min(output["classification"], len(classes))

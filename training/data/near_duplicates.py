@@ -7,10 +7,14 @@ and `flower overlap` (which photos of one set reappear in another).
 
 A and B are each a folder of photos (searched recursively; files named .jpg, .jpeg, .png, .gif, .bmp or .webp, as
 for every command) or a split of a data folder in the competition layout, written `DATA_DIR:train`,
-`DATA_DIR:val` or `DATA_DIR:test` (the records of the largest stored image size are read). Every cross pair, a
+`DATA_DIR:val` or `DATA_DIR:test` (the records of the largest stored image size are read). A cross pair is a
 photo of A and a photo of B that are the same bytes ("exact") or whose perceptual hashes differ in at most N of
-64 bits ("near"), is listed with its Hamming distance, then a summary. Exit status: 0 no pair, 1 pairs found, 2
-bad arguments or a --json file that cannot be written. A and B must be two sets: the same folder or the same
+64 bits ("near"). Identical files (the same bytes) of one side form a group, and each match of a group of A with
+a group of B is one line, closest first, with its Hamming distance and how many identical files each side holds
+(`a.jpg (and 5999 identical)`): 6,000 copies of a photo against 2,000 copies are one line for 12,000,000 pairs.
+At most --max-listed matches are listed (on screen and in --json, which also lists the files of each group);
+the summary counts every pair. Exit status: 0 no pair, 1 pairs found, 2 bad arguments or a --json file that
+cannot be written. A and B must be two sets: the same folder or the same
 split twice is refused (every photo would match itself); a folder inside the other is compared, but no file with
 itself.
 
@@ -386,48 +390,152 @@ def read_photos(spec: str, other: str, progress: bool = True,
     return photos
 
 
-def _by_hash(photos: PhotoSet) -> tuple[np.ndarray, list[list[int]]]:
-    """The distinct informative hashes of a set and the photos that have each (identical hashes searched once)."""
+def identical_groups(photos: PhotoSet) -> tuple[np.ndarray, list[list[int]]]:
+    """Each photo's group of identical files (the same bytes), and each group's photos in reading order."""
+    first: dict[str, int] = {}
+    group_of = np.array([first.setdefault(digest, len(first)) for digest in photos.digests], dtype=np.int64)
+    groups: list[list[int]] = [[] for _ in first]
+    for k, g in enumerate(group_of.tolist()):
+        groups[g].append(k)
+    return group_of, groups
+
+
+def _hash_groups(photos: PhotoSet, group_of: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct informative hashes of a set, and for each the groups that have it (CSR: indptr, groups)."""
     hashes = np.asarray(photos.hashes, dtype=np.uint64)
     keep = informative(hashes)
-    unique, inverse = np.unique(hashes[keep], return_inverse=True)
-    owners: list[dict[int, None]] = [{} for _ in range(len(unique))]
-    for u, owner in zip(inverse.ravel().tolist(), np.asarray(photos.owners, np.int64)[keep].tolist(), strict=True):
-        owners[u][owner] = None  # a photo once per hash, though its whole and its square may share it
-    return unique, [list(o) for o in owners]
+    h, g = hashes[keep], group_of[np.asarray(photos.owners, dtype=np.int64)[keep]]
+    order = np.lexsort((g, h))
+    h, g = h[order], g[order]
+    new = np.ones(len(h), bool)
+    new[1:] = (h[1:] != h[:-1]) | (g[1:] != g[:-1])  # a group once per hash (its whole and its square may share it)
+    h, g = h[new], g[new]
+    unique, starts = np.unique(h, return_index=True)
+    return unique, np.append(starts, len(h)), g
 
 
-def cross_pairs(a: PhotoSet, b: PhotoSet, max_distance: int | None) -> list[dict]:
-    """Every (photo of A, photo of B) that is the same bytes or within max_distance bits, closest first.
+def _expand(i: np.ndarray, ptr: np.ndarray, members: np.ndarray, j: np.ndarray, ptr_b: np.ndarray,
+            members_b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every (group of A, group of B) behind hash pairs (i, j): the groups of hash i times those of hash j, and
+    the hash pair each came from."""
+    na, nb = ptr[i + 1] - ptr[i], ptr_b[j + 1] - ptr_b[j]
+    per = na * nb
+    source = np.repeat(np.arange(len(i)), per)
+    offset = np.arange(int(per.sum())) - np.repeat(np.cumsum(per) - per, per)
+    return members[ptr[i][source] + offset // nb[source]], members_b[ptr_b[j][source] + offset % nb[source]], source
+
+
+@dataclass
+class Overlap:
+    """The cross matches of `flower overlap`, by groups of identical files: one entry per (group of A, group of
+    B) that match, closest first, with the number of photo pairs it stands for."""
+
+    a: PhotoSet
+    b: PhotoSet
+    groups_a: list[list[int]]
+    groups_b: list[list[int]]
+    ga: np.ndarray  # the matching group pairs, closest first (exact before near at one distance)
+    gb: np.ndarray
+    distance: np.ndarray
+    exact: np.ndarray
+    pairs: np.ndarray  # photo pairs each group pair stands for (files in both sets not paired with themselves)
+    unpaired: tuple[int, int] = (0, 0)  # photos of A, of B in a matching group whose only match is themselves
+
+
+def cross_groups(a: PhotoSet, b: PhotoSet, max_distance: int | None) -> Overlap:
+    """Every (group of identical photos of A, group of B) whose photos are the same bytes or within max_distance
+    bits, closest first; memory grows with the matching groups, never with the copies in them.
 
     Only informative hashes are compared (a flat or smooth photo pairs by its bytes only), each distinct hash
     once, and a file that is in both sets (one folder inside the other) is not paired with itself."""
-    best: dict[tuple[int, int], int] = {}
+    (group_a, groups_a), (group_b, groups_b) = identical_groups(a), identical_groups(b)
+    digest_b = {b.digests[members[0]]: g for g, members in enumerate(groups_b)}
+    exact = [(g, digest_b[a.digests[m[0]]]) for g, m in enumerate(groups_a) if a.digests[m[0]] in digest_b]
+    ga, gb = (np.array(col, dtype=np.int64) for col in zip(*exact, strict=True)) if exact else (np.zeros(0, int),) * 2
+    d, same = np.zeros(len(ga), np.int64), np.ones(len(ga), bool)
     if max_distance is not None:
-        (hashes_a, owners_a), (hashes_b, owners_b) = _by_hash(a), _by_hash(b)
-        for i, j, d in zip(*(x.tolist() for x in close_pairs(hashes_a, hashes_b, max_distance)), strict=True):
-            for key in ((x, y) for x in owners_a[i] for y in owners_b[j]):
-                best[key] = min(best.get(key, 64), d)
-    in_b: dict[str, list[int]] = {}
-    for k, digest in enumerate(b.digests):
-        in_b.setdefault(digest, []).append(k)
-    exact = {(k, other) for k, digest in enumerate(a.digests) for other in in_b.get(digest, [])}
-    for key in exact:
-        best[key] = 0
-    rows = [{"a": a.names[i], "b": b.names[j], "distance": d, "kind": "exact" if (i, j) in exact else "near"}
-            for (i, j), d in best.items() if a.files[i] != b.files[j]]
-    return sorted(rows, key=lambda r: (r["distance"], r["kind"] != "exact", r["a"], r["b"]))
+        (hashes_a, ptr_a, members_a), (hashes_b, ptr_b, members_b) = _hash_groups(a, group_a), _hash_groups(b, group_b)
+        i, j, near = close_pairs(hashes_a, hashes_b, max_distance)
+        near_a, near_b, source = _expand(i, ptr_a, members_a, j, ptr_b, members_b)
+        ga, gb = np.concatenate([ga, near_a]), np.concatenate([gb, near_b])
+        d, same = np.concatenate([d, near[source]]), np.concatenate([same, np.zeros(len(source), bool)])
+    order = np.lexsort((~same, d, gb, ga))  # per group pair, its closest match (exact first) comes first
+    ga, gb, d, same = ga[order], gb[order], d[order], same[order]
+    first = np.ones(len(ga), bool)
+    first[1:] = (ga[1:] != ga[:-1]) | (gb[1:] != gb[:-1])
+    ga, gb, d, same = ga[first], gb[first], d[first], same[first]
+    sizes_a, sizes_b = np.array([len(g) for g in groups_a], np.int64), np.array([len(g) for g in groups_b], np.int64)
+    pairs = sizes_a[ga] * sizes_b[gb]
+    unpaired = _files_in_both(a, b, group_a, group_b, ga, gb, pairs, sizes_a, sizes_b)
+    keep = pairs > 0
+    order = np.lexsort((gb[keep], ga[keep], ~same[keep], d[keep]))
+    return Overlap(a, b, groups_a, groups_b, *(x[keep][order] for x in (ga, gb, d, same, pairs)), unpaired)
 
 
-def overlap_report(a: PhotoSet, b: PhotoSet, max_distance: int | None, pairs: list[dict]) -> dict:
-    """The JSON document of `flower overlap --json`: both sides, the threshold, the counts and every pair."""
+def _files_in_both(a: PhotoSet, b: PhotoSet, group_a: np.ndarray, group_b: np.ndarray, ga: np.ndarray,
+                   gb: np.ndarray, pairs: np.ndarray, sizes_a: np.ndarray, sizes_b: np.ndarray) -> tuple[int, int]:
+    """Take the self pairs of files in both sets out of `pairs` (in place); the photos of A and of B in a matching
+    group whose only match is themselves."""
+    index_b = {file: k for k, file in enumerate(b.files)}
+    shared = [(k, index_b[file]) for k, file in enumerate(a.files) if file in index_b]
+    if not shared:
+        return 0, 0
+    where = {(x, y): n for n, (x, y) in enumerate(zip(ga.tolist(), gb.tolist(), strict=True))}
+    partners_a = np.bincount(ga, weights=sizes_b[gb], minlength=len(sizes_a))
+    partners_b = np.bincount(gb, weights=sizes_a[ga], minlength=len(sizes_b))
+    alone_a = alone_b = 0
+    for k, m in shared:  # the same bytes, so the two groups are an exact pair
+        pairs[where[(int(group_a[k]), int(group_b[m]))]] -= 1
+        alone_a += int(partners_a[group_a[k]] == 1 and sizes_a[group_a[k]] > 1)  # else the pair is gone
+        alone_b += int(partners_b[group_b[m]] == 1 and sizes_b[group_b[m]] > 1)
+    return alone_a, alone_b
+
+
+def _shown_pair(overlap: Overlap, k: int) -> tuple[str, str]:
+    """The names a listed group pair is shown by: the first photo of each group, two different files."""
+    members_a, members_b = overlap.groups_a[overlap.ga[k]], overlap.groups_b[overlap.gb[k]]
+    for i in members_a[:2]:
+        for j in members_b[:2]:
+            if overlap.a.files[i] != overlap.b.files[j]:
+                return overlap.a.names[i], overlap.b.names[j]
+    return overlap.a.names[members_a[0]], overlap.b.names[members_b[0]]
+
+
+def listed_matches(overlap: Overlap, most: int) -> list[dict]:
+    """The first `most` group pairs: the names shown, how many identical files each side holds, the photo pairs
+    they stand for, distance and kind."""
+    rows = []
+    for k in range(min(most, len(overlap.ga))):
+        a, b = _shown_pair(overlap, k)
+        rows.append({"a": a, "b": b, "distance": int(overlap.distance[k]),
+                     "kind": "exact" if overlap.exact[k] else "near", "a_files": len(overlap.groups_a[overlap.ga[k]]),
+                     "b_files": len(overlap.groups_b[overlap.gb[k]]), "pairs": int(overlap.pairs[k])})
+    return rows
+
+
+def overlap_report(overlap: Overlap, max_distance: int | None, most: int) -> dict:
+    """The JSON document of `flower overlap --json`: both sides, the threshold, the counts, the first `most` group
+    pairs, and every group of identical files among them."""
+    a, b = overlap.a, overlap.b
+
     def side(photos: PhotoSet) -> dict:
         return {"spec": photos.spec, "kind": photos.kind, "images": len(photos.names), "skipped": photos.skipped,
                 "not_photos": photos.not_photos, "exact_only": [] if max_distance is None else photos.exact_only()}
 
-    return {"a": side(a), "b": side(b), "near_duplicate_distance": max_distance,
-            "counts": {"pairs": len(pairs), "exact": sum(p["kind"] == "exact" for p in pairs),
-                       "near": sum(p["kind"] == "near" for p in pairs),
-                       "photos_of_a": len({p["a"] for p in pairs}), "photos_of_b": len({p["b"] for p in pairs}),
-                       "files_in_both": len(set(a.files) & set(b.files))},
-            "pairs": pairs}
+    listed = listed_matches(overlap, most)
+    shown = {"a": sorted(set(overlap.ga[:most].tolist())), "b": sorted(set(overlap.gb[:most].tolist()))}
+    identical = {letter: [[photos.names[k] for k in groups[g]] for g in shown[letter] if len(groups[g]) > 1]
+                 for letter, photos, groups in (("a", a, overlap.groups_a), ("b", b, overlap.groups_b))}
+    return {"a": side(a), "b": side(b), "near_duplicate_distance": max_distance, "counts": overlap_counts(overlap),
+            "pairs": listed, "identical": identical}
+
+
+def overlap_counts(overlap: Overlap) -> dict:
+    """The photo pairs (exact, near), the photos of each side in one, the group pairs, and the files in both."""
+    exact = int(overlap.pairs[overlap.exact].sum())
+    photos = {letter: int(np.array([len(groups[g]) for g in np.unique(chosen).tolist()], np.int64).sum()) - alone
+              for letter, groups, chosen, alone in (("a", overlap.groups_a, overlap.ga, overlap.unpaired[0]),
+                                                    ("b", overlap.groups_b, overlap.gb, overlap.unpaired[1]))}
+    return {"pairs": int(overlap.pairs.sum()), "exact": exact, "near": int(overlap.pairs.sum()) - exact,
+            "photos_of_a": photos["a"], "photos_of_b": photos["b"], "group_pairs": len(overlap.ga),
+            "files_in_both": len(set(overlap.a.files) & set(overlap.b.files))}

@@ -22,7 +22,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from training.models.torch_weights import CheckpointError, read_state_dict
+from training.models.torch_weights import CheckpointError, open_state_dict
 
 # name: (width multiplier, depth multiplier, native resolution, dropout)
 VARIANTS = {
@@ -128,52 +128,75 @@ def build_lite(name: str, image_size: int, include_top: bool = False) -> tuple[k
 def _converted(layer: keras.layers.Layer, prefix: str, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The checkpoint arrays of one layer, converted to Keras layouts, keyed by checkpoint name."""
     if isinstance(layer, keras.layers.BatchNormalization):
-        return {f"{prefix}.{k}": state.get(f"{prefix}.{k}") for k in ("weight", "bias", "running_mean", "running_var")}
-    kernel = state.get(f"{prefix}.weight")
-    expected = 2 if isinstance(layer, keras.layers.Dense) else 4
-    if kernel is not None and kernel.ndim != expected:
-        raise CheckpointError(f"{prefix}.weight has {kernel.ndim} dimensions, layer {layer.name} needs {expected}")
-    if kernel is not None:
-        if isinstance(layer, keras.layers.DepthwiseConv2D):
-            kernel = kernel.transpose(2, 3, 0, 1)  # (C,1,k,k) -> (k,k,C,1)
-        elif isinstance(layer, keras.layers.Conv2D):
-            kernel = kernel.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-        else:
-            kernel = kernel.T  # Dense: (out, in) -> (in, out)
+        return {f"{prefix}.{k}": state[f"{prefix}.{k}"] for k in ("weight", "bias", "running_mean", "running_var")}
+    kernel = state[f"{prefix}.weight"]
+    if isinstance(layer, keras.layers.DepthwiseConv2D):
+        kernel = kernel.transpose(2, 3, 0, 1)  # (C,1,k,k) -> (k,k,C,1)
+    elif isinstance(layer, keras.layers.Conv2D):
+        kernel = kernel.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+    else:
+        kernel = kernel.T  # Dense: (out, in) -> (in, out)
     arrays = {f"{prefix}.weight": kernel}
     if isinstance(layer, keras.layers.Dense):
-        arrays[f"{prefix}.bias"] = state.get(f"{prefix}.bias")
+        arrays[f"{prefix}.bias"] = state[f"{prefix}.bias"]
     return arrays
+
+
+def _torch_shapes(layer: keras.layers.Layer, prefix: str) -> dict[str, tuple[int, ...]]:
+    """The checkpoint entries one layer takes, with their shapes in PyTorch's layout (the inverse of _converted)."""
+    shapes = [tuple(weight.shape) for weight in layer.weights]
+    if isinstance(layer, keras.layers.BatchNormalization):
+        return {f"{prefix}.{k}": shape for k, shape in zip(("weight", "bias", "running_mean", "running_var"), shapes,
+                                                          strict=True)}
+    kernel = shapes[0]
+    if isinstance(layer, keras.layers.DepthwiseConv2D):
+        torch_kernel = (kernel[2], kernel[3], kernel[0], kernel[1])  # (k,k,C,1) -> (C,1,k,k)
+    elif isinstance(layer, keras.layers.Conv2D):
+        torch_kernel = (kernel[3], kernel[2], kernel[0], kernel[1])  # HWIO -> OIHW
+    else:
+        torch_kernel = kernel[::-1]  # Dense: (in, out) -> (out, in)
+    return {f"{prefix}.weight": torch_kernel, **({f"{prefix}.bias": shapes[1]} if len(shapes) > 1 else {})}
+
+
+def checkpoint_entries(model: keras.Model, sources: dict[str, str], shapes: dict[str, tuple[int, ...]],
+                       source: str) -> list[str]:
+    """The checkpoint entries the model takes, each checked to be there with the shape its layer needs and none
+    left over but those PyTorch keeps beside the weights; checked on the declared shapes, before any is read."""
+    taken = []
+    for layer_name, prefix in sources.items():
+        for key, needed in _torch_shapes(model.get_layer(layer_name), prefix).items():
+            if key not in shapes:
+                raise CheckpointError(f"{source}: has no {key} (for layer {layer_name}); is it an "
+                                      f"{model.name.replace('_', '-')} checkpoint?")
+            if tuple(shapes[key]) != needed:
+                raise CheckpointError(f"{source}: {key} has shape {tuple(shapes[key])}, which does not fit layer "
+                                      f"{layer_name} ({needed} in PyTorch layout): a checkpoint of another variant?")
+            taken.append(key)
+    ignored = {k for k in shapes if k.endswith(".num_batches_tracked")}
+    if "predictions" not in sources:
+        ignored |= {k for k in shapes if k.startswith("_fc.")}  # the ImageNet classifier, replaced by our head
+    unused = sorted(set(shapes) - set(taken) - ignored)
+    if unused:
+        raise CheckpointError(f"{source}: {len(unused)} entries fit no layer of {model.name}, e.g. "
+                              f"{', '.join(unused[:3])}")
+    return taken
 
 
 def assign_state_dict(model: keras.Model, sources: dict[str, str], state: dict[str, np.ndarray], source: str) -> None:
     """Copy a lukemelas-layout state dict into the model; every entry used, every shape checked."""
-    used = set()
+    checkpoint_entries(model, sources, {k: v.shape for k, v in state.items()}, source)
     for layer_name, prefix in sources.items():
         layer = model.get_layer(layer_name)
-        try:
-            arrays = _converted(layer, prefix, state)
-        except CheckpointError as err:
-            raise CheckpointError(f"{source}: {err}") from None
-        missing = [k for k, v in arrays.items() if v is None]
-        if missing:
-            raise CheckpointError(f"{source}: has no {missing[0]} (for layer {layer_name}); is it an "
-                                  f"{model.name.replace('_', '-')} checkpoint?")
-        targets = layer.get_weights()
-        for (key, array), target in zip(arrays.items(), targets, strict=True):
-            if array.shape != target.shape:
-                raise CheckpointError(f"{source}: {key} has shape {state[key].shape}, which does not fit layer "
-                                      f"{layer_name} ({target.shape} in Keras layout): a checkpoint of another "
-                                      "variant?")
-        layer.set_weights([a.astype(t.dtype) for a, t in zip(arrays.values(), targets, strict=True)])
-        used.update(arrays)
-    ignored = {k for k in state if k.endswith(".num_batches_tracked")}
-    if "predictions" not in sources:
-        ignored |= {k for k in state if k.startswith("_fc.")}  # the ImageNet classifier, replaced by our head
-    unused = sorted(set(state) - used - ignored)
-    if unused:
-        raise CheckpointError(f"{source}: {len(unused)} entries fit no layer of {model.name}, e.g. "
-                              f"{', '.join(unused[:3])}")
+        layer.set_weights([a.astype(t.dtype) for a, t in zip(_converted(layer, prefix, state).values(),
+                                                              layer.get_weights(), strict=True)])
+
+
+def load_checkpoint(model: keras.Model, sources: dict[str, str], path: Path) -> None:
+    """Load a .pth/.pt file into the model: its names and declared shapes checked against the model before any
+    storage is read, then only the storages of the entries the model takes (training.models.torch_weights)."""
+    checkpoint = open_state_dict(path)
+    names = checkpoint_entries(model, sources, checkpoint.shapes, str(path))
+    assign_state_dict(model, sources, checkpoint.read(names), str(path))
 
 
 def imagenet_weights_file(name: str) -> Path:
@@ -200,5 +223,5 @@ def lite_backbone(name: str, image_size: int, weights: str | None, include_top: 
     if path.name.endswith((".h5", ".keras")):  # Keras weights of this same network
         model.load_weights(path)
     else:
-        assign_state_dict(model, sources, read_state_dict(path), str(path))
+        load_checkpoint(model, sources, path)
     return model

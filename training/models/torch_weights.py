@@ -12,6 +12,8 @@ Both of PyTorch's formats are read:
 - zip (torch >= 1.6): `<name>/data.pkl` and one raw file per storage under `<name>/data/<key>`.
 
     state = read_state_dict("efficientnet-lite0.pth")   # {"_conv_stem.weight": np.ndarray, ...}
+    checkpoint = open_state_dict(path)                  # names and shapes only: check them against a model,
+    state = checkpoint.read(names)                      # then read the storages of the tensors it takes
 """
 
 from __future__ import annotations
@@ -23,12 +25,15 @@ import pickletools
 import struct
 import zipfile
 from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
 from core.errors import FlowerError
+from core.files import zip_inflation_problem
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
@@ -312,7 +317,7 @@ def _storage_array(raw: bytes, ref: StorageRef, little_endian: bool, source: str
     if len(raw) != ref.numel * dtype.itemsize:
         raise CheckpointError(f"{source}: storage {ref.key} holds {len(raw)} bytes, expected "
                               f"{ref.numel} x {dtype.itemsize} (truncated file?)")
-    return np.frombuffer(raw, dtype).astype(dtype.newbyteorder("="))
+    return np.frombuffer(raw, dtype).astype(dtype.newbyteorder("="), copy=False)
 
 
 def _storages_of(refs: dict[str, TensorRef], source: str) -> dict[str, StorageRef]:
@@ -326,44 +331,114 @@ def _storages_of(refs: dict[str, TensorRef], source: str) -> dict[str, StorageRe
     return storages
 
 
-def _read_legacy(data: bytes, source: str) -> dict[str, np.ndarray]:
-    """Read the legacy (non-zip) format."""
-    stream = io.BytesIO(data)
-    if _unpickle(stream, source) != LEGACY_MAGIC:
-        raise CheckpointError(f"{source}: not a PyTorch weights file (wrong magic number)")
-    if _unpickle(stream, source) != LEGACY_PROTOCOL:
-        raise CheckpointError(f"{source}: unsupported PyTorch legacy protocol version")
-    info = _unpickle(stream, source)
-    little_endian = not isinstance(info, dict) or dict.get(info, "little_endian", True) is not False
-    refs = _tensor_refs(_unpickle(stream, source), source)
-    keys = _unpickle(stream, source)
-    wanted = _storages_of(refs, source)
-    if type(keys) is not list or sorted(keys, key=str) != sorted(wanted):
-        raise CheckpointError(f"{source}: the storage key list does not name each storage the tensors use once")
-    storages = {}
-    for key in keys:
-        head = stream.read(8)
-        if len(head) != 8:
-            raise CheckpointError(f"{source}: truncated before storage {key}")
-        count, ref = struct.unpack("<q" if little_endian else ">q", head)[0], wanted[key]
-        size = count * np.dtype(STORAGE_DTYPES[ref.kind]).itemsize
-        if count != ref.numel or size > len(data) - stream.tell():
-            raise CheckpointError(f"{source}: storage {key} has {count} elements, expected {ref.numel}, and the "
-                                  f"file has {len(data) - stream.tell()} bytes left (truncated file?)")
-        storages[key] = _storage_array(stream.read(size), ref, little_endian, source)
-    return _materialise(refs, storages, source)
+def _nbytes(ref: StorageRef) -> int:
+    """The bytes a storage's elements take."""
+    return ref.numel * np.dtype(STORAGE_DTYPES[ref.kind]).itemsize
 
 
-def _read_member(archive: zipfile.ZipFile, member: str, size: int, source: str) -> bytes:
-    """One zip member, its declared size checked before anything is decompressed (no zip bombs)."""
-    info = archive.getinfo(member)
-    if info.file_size != size:
-        raise CheckpointError(f"{source}: {member} holds {info.file_size} bytes, expected {size}")
-    return archive.read(info)
+@dataclass
+class Checkpoint:
+    """A PyTorch weights file whose pickle is read and checked: each tensor's name, shape and storage, before any
+    storage is read (`read`), so a caller can check the names and sizes against its model first."""
+
+    path: Path
+    refs: dict[str, TensorRef]
+    little_endian: bool
+    legacy_keys: list[str] | None = None  # legacy format: the storages' order in the file, from `data_offset` on
+    data_offset: int = 0
+    prefix: str = ""  # zip format: the folder of data.pkl
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each tensor's declared shape, by name."""
+        return {name: ref.size for name, ref in self.refs.items()}
+
+    def read(self, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """The named tensors (all when None) as arrays, reading only the storages they use: each at most twice the
+        elements its tensors take (plus 1 Mi), and a zip's storages inflating to at most core.files.MAX_INFLATION
+        times their compressed bytes."""
+        source = str(self.path)
+        refs = self.refs if names is None else {name: self.refs[name] for name in names}
+        wanted = _storages_of(refs, source)
+        for key, ref in wanted.items():
+            used = sum(math.prod(r.size) for r in refs.values() if r.storage.key == key)
+            if ref.numel > 2 * used + (1 << 20):
+                raise CheckpointError(f"{source}: storage {key} holds {ref.numel} elements, far more than the {used} "
+                                      "its tensors use: not a state dict")
+        read = _read_zip_storages if self.legacy_keys is None else _read_legacy_storages
+        try:
+            return _materialise(refs, read(self, wanted), source)
+        except CheckpointError:
+            raise
+        except Exception as err:  # corrupt or truncated data raise many types
+            raise _unreadable(source, err) from None
 
 
-def _read_zip(path: Path, source: str) -> dict[str, np.ndarray]:
-    """Read the zip format (torch >= 1.6)."""
+def _read_legacy_storages(checkpoint: Checkpoint, wanted: dict[str, StorageRef]) -> dict[str, np.ndarray]:
+    """The wanted storages of a legacy file; the others are skipped unread (their lengths still checked)."""
+    source, storages = str(checkpoint.path), {}
+    with checkpoint.path.open("rb") as f:
+        size = f.seek(0, io.SEEK_END)
+        f.seek(checkpoint.data_offset)
+        for key in checkpoint.legacy_keys:
+            head = f.read(8)
+            if len(head) != 8:
+                raise CheckpointError(f"{source}: truncated before storage {key}")
+            count = struct.unpack("<q" if checkpoint.little_endian else ">q", head)[0]
+            ref = _storage_ref(checkpoint, key)
+            if count != ref.numel or _nbytes(ref) > size - f.tell():
+                raise CheckpointError(f"{source}: storage {key} has {count} elements, expected {ref.numel}, and the "
+                                      f"file has {size - f.tell()} bytes left (truncated file?)")
+            if key in wanted:
+                storages[key] = _storage_array(f.read(_nbytes(ref)), ref, checkpoint.little_endian, source)
+            else:
+                f.seek(_nbytes(ref), io.SEEK_CUR)
+    return storages
+
+
+def _storage_ref(checkpoint: Checkpoint, key: str) -> StorageRef:
+    """The storage a key names (the tensors' own record of it)."""
+    return next(ref.storage for ref in checkpoint.refs.values() if ref.storage.key == key)
+
+
+def _read_zip_storages(checkpoint: Checkpoint, wanted: dict[str, StorageRef]) -> dict[str, np.ndarray]:
+    """The wanted storages of a zip file, their declared sizes and their inflation checked before any is read."""
+    source, storages = str(checkpoint.path), {}
+    with zipfile.ZipFile(checkpoint.path) as archive:
+        members, names = {}, set(archive.namelist())
+        for key, ref in wanted.items():
+            member = f"{checkpoint.prefix}data/{key}"
+            if member not in names:
+                raise CheckpointError(f"{source}: storage file {member} is missing")
+            members[key] = info = archive.getinfo(member)
+            if info.file_size != _nbytes(ref):  # no zip bombs: the declared size first
+                raise CheckpointError(f"{source}: {member} holds {info.file_size} bytes, expected {_nbytes(ref)}")
+        problem = zip_inflation_problem(members.values())
+        if problem:
+            raise CheckpointError(f"{source}: its storages are no weights: {problem}")
+        for key, info in members.items():
+            storages[key] = _storage_array(archive.read(info), wanted[key], checkpoint.little_endian, source)
+    return storages
+
+
+def _open_legacy(path: Path, source: str) -> Checkpoint:
+    """Read the pickles of the legacy (non-zip) format: magic, protocol, system info, the state dict, the keys."""
+    with path.open("rb") as stream:
+        if _unpickle(stream, source) != LEGACY_MAGIC:
+            raise CheckpointError(f"{source}: not a PyTorch weights file (wrong magic number)")
+        if _unpickle(stream, source) != LEGACY_PROTOCOL:
+            raise CheckpointError(f"{source}: unsupported PyTorch legacy protocol version")
+        info = _unpickle(stream, source)
+        little_endian = not isinstance(info, dict) or dict.get(info, "little_endian", True) is not False
+        refs = _tensor_refs(_unpickle(stream, source), source)
+        keys = _unpickle(stream, source)
+        if type(keys) is not list or sorted(keys, key=str) != sorted(_storages_of(refs, source)):
+            raise CheckpointError(f"{source}: the storage key list does not name each storage the tensors use once")
+        return Checkpoint(path, refs, little_endian, legacy_keys=keys, data_offset=stream.tell())
+
+
+def _open_zip(path: Path, source: str) -> Checkpoint:
+    """Read the pickle of the zip format (torch >= 1.6)."""
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
         pickles = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
@@ -381,18 +456,13 @@ def _read_zip(path: Path, source: str) -> dict[str, np.ndarray]:
         if archive.getinfo(pickles[0]).file_size > MAX_PICKLE_BYTES:
             raise CheckpointError(f"{source}: {pickles[0]} is too large to be a state dict's pickle")
         refs = _tensor_refs(_unpickle(io.BytesIO(archive.read(pickles[0])), source), source)
-        storages = {}
-        for key, ref in _storages_of(refs, source).items():
-            member = f"{prefix}data/{key}"
-            if member not in names:
-                raise CheckpointError(f"{source}: storage file {member} is missing")
-            raw = _read_member(archive, member, ref.numel * np.dtype(STORAGE_DTYPES[ref.kind]).itemsize, source)
-            storages[key] = _storage_array(raw, ref, little_endian, source)
-    return _materialise(refs, storages, source)
+        _storages_of(refs, source)
+    return Checkpoint(path, refs, little_endian, prefix=prefix)
 
 
-def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
-    """Read a PyTorch state dict file (legacy or zip format) into name -> numpy array, running no code."""
+def open_state_dict(path: str | Path) -> Checkpoint:
+    """Read a PyTorch state dict file's tensor names and shapes (legacy or zip format), running no code and reading
+    no storage yet."""
     path = Path(path)
     source = str(path)
     if not path.is_file():
@@ -400,8 +470,13 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     try:
         with path.open("rb") as f:
             is_zip = f.read(4) == b"PK\x03\x04"  # what torch itself checks
-        return _read_zip(path, source) if is_zip else _read_legacy(path.read_bytes(), source)
+        return _open_zip(path, source) if is_zip else _open_legacy(path, source)
     except CheckpointError:
         raise
     except Exception as err:  # corrupt zips, huge claims, odd structures raise many types
         raise _unreadable(source, err) from None
+
+
+def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
+    """Read a PyTorch state dict file (legacy or zip format) into name -> numpy array, running no code."""
+    return open_state_dict(path).read()
