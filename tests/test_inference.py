@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 
 import numpy as np
@@ -11,7 +12,7 @@ from PIL import Image
 
 from service.errors import ClientError
 from service.images import ImageError
-from service.inference import NON_FINITE, EncodedImage, InferencePath, Prediction, encoded_blobs
+from service.inference import NON_FINITE, EncodedImage, InferencePath, Prediction, base64_image, encoded_blobs
 from service.limits import PixelBudget
 
 CLASSES = 3
@@ -94,3 +95,16 @@ def test_a_pixel_tensor_takes_the_same_path_at_four_times_the_pixels():
     results = asyncio.run(_path(model, max_request_pixels=10_000, budget=budget).infer_pixels(tensor))
     assert model.held == 2 * 16 * 4 and budget.used == 0
     assert isinstance(results[0], Prediction) and results[1].kind == "non_finite_output"
+
+
+def test_base64_at_the_image_limit_is_decoded_wrapped_or_not_and_a_byte_more_is_too_large_undecoded():
+    blob = bytes(range(256)) * 4 + b"xy"  # 1026 bytes: its base64 ends in padding
+    text = base64.b64encode(blob).decode()
+    wrapped = "\r\n".join(text[i:i + 76] for i in range(0, len(text), 76)) + "\n"
+    for given in (text, text.rstrip("="), wrapped):
+        assert base64_image(given, max_bytes=len(blob)) == blob
+    over = base64_image(base64.b64encode(blob + b"z").decode(), max_bytes=len(blob))
+    assert isinstance(over, ImageError) and over.kind == "too_large"
+    assert isinstance(base64_image("A" * 10_000_000, max_bytes=len(blob)), ImageError)  # never split or decoded
+    with pytest.raises(ValueError, match="not valid base64"):
+        base64_image("QUFBQ", max_bytes=len(blob))
