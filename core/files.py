@@ -17,7 +17,7 @@ import shutil
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TypeVar
 
@@ -64,18 +64,60 @@ def is_tmp(path: Path) -> bool:
     return name.startswith(".") and (name.endswith(".tmp") or ".tmp." in name) and path.is_file()
 
 
+def _lock_file(fd: int) -> bool:
+    """Take an exclusive flock on an open file without waiting; False when another holder has it (True where
+    there are no locks)."""
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:  # a file system without flock
+        pass
+    return True
+
+
+def remove_stale_tmps(path: Path, suffix: str = ".tmp") -> list[Path]:
+    """Remove the temporary files that killed writes of `path` left beside it (`.<name>.<8 random>.<suffix>`, as
+    write_atomic names them), except those a live writer holds locked; returns the removed ones. Without file
+    locks (Windows) none is removed: a live one could not be told from a dead one."""
+    if fcntl is None or not path.parent.is_dir():
+        return []
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}{re.escape(suffix)}")
+    removed = []
+    for tmp in path.parent.iterdir():
+        if not pattern.fullmatch(tmp.name) or not is_tmp(tmp):
+            continue
+        try:
+            fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        try:
+            if _lock_file(fd):
+                tmp.unlink()
+                removed.append(tmp)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
 def write_atomic(path: str | Path, write: Callable[[str], None], overwrite: bool = True, suffix: str = ".tmp") -> Path:
     """Call `write(tmp_path)` and rename the result onto path, so readers never see a partial file.
 
     The file gets the mode a plain open() would give (0666 less the umask, not mkstemp's 0600) and is
     flushed to disk before the rename. Without `overwrite`, FileExistsError (path kept as it is) when path
     exists, also when it appeared while writing. `suffix` ends the temporary name (a writer that insists on
-    its own, e.g. Keras's `.weights.h5`). An OSError names `path`, not the temporary file.
+    its own, e.g. Keras's `.weights.h5`). An OSError names `path`, not the temporary file. Temporary files of
+    earlier writes of `path` that were killed (kill -9, a power cut) are removed first (remove_stale_tmps).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmps(path, suffix)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
+    _lock_file(fd)  # held while writing: a later write of this path does not take it for a killed one's
     try:
         write(tmp)
         fsync_path(tmp)
@@ -88,6 +130,7 @@ def write_atomic(path: str | Path, write: Callable[[str], None], overwrite: bool
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+        os.close(fd)
     try:
         fsync_path(path.parent)  # the rename itself, across a power cut
     except OSError:
@@ -150,7 +193,8 @@ def check_output_file(path: str | Path, option: str, overwrite: bool = True) -> 
     except OSError as err:
         raise ConfigError(f"{option} {shown(str(path))} cannot be written: {err.strerror or err}") from None
     os.close(fd)
-    os.remove(probe)
+    with suppress(FileNotFoundError):  # a write of the same path may have cleared it as stale
+        os.remove(probe)
     return target
 
 

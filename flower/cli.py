@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 
 from flower import version
+from flower.commands import interrupted
 
 
 @dataclass(frozen=True)
@@ -70,5 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         hint = f"; did you mean {close[0]!r}?" if close else ""
         print(f"error: unknown command {name!r}{hint} (commands: {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name].module)
+    try:
+        module = importlib.import_module(COMMANDS[name].module)
+    except KeyboardInterrupt:  # Ctrl-C while its libraries (TensorFlow, SciPy) load: before its main's own rules
+        return interrupted()
     return int(module.main(argv[1:], prog=f"flower {name}") or 0)

@@ -63,13 +63,39 @@ def test_a_bug_exits_1_with_a_traceback_in_a_fresh_process(tmp_path):
     assert "error:" not in result.stderr
 
 
-def test_ctrl_c_exits_130_quietly(tmp_path, monkeypatch, capsys):
+def test_ctrl_c_is_one_line_and_status_130(tmp_path, monkeypatch, capsys):
     def interrupted(run_dir):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(compare_command, "run_row", interrupted)
     assert flower(["compare", str(tmp_path)]) == 130
-    assert capsys.readouterr() == ("", "")
+    assert capsys.readouterr() == ("", "interrupted\n")
+
+
+def test_ctrl_c_while_a_command_loads_its_libraries_is_one_line_and_status_130(monkeypatch, capsys):
+    from flower import cli
+
+    def loading(name):  # Ctrl-C during `import tensorflow`, seconds before the command's main runs
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.importlib, "import_module", loading)
+    assert flower(["predict", "ens", "photos", "--out", "x.csv"]) == 130
+    assert capsys.readouterr() == ("", "interrupted\n")
+
+
+def test_every_commands_ctrl_c_is_one_line_and_status_130(monkeypatch, capsys):
+    import argparse
+    import importlib
+
+    from flower.cli import COMMANDS
+
+    def interrupted(self, args=None, namespace=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", interrupted)
+    for name, entry in COMMANDS.items():
+        assert importlib.import_module(entry.module).main([], f"flower {name}") == 130, name
+        assert capsys.readouterr() == ("", "interrupted\n"), name
 
 
 def test_a_bad_option_is_argparses_status_2(capsys):

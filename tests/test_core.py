@@ -93,6 +93,21 @@ def test_an_error_about_another_file_keeps_that_files_name_and_leftovers_are_kno
     assert is_tmp(leftover) and is_tmp(tmp_path / "out.bin") is False
 
 
+def test_a_write_removes_what_killed_writes_of_the_same_file_left_but_not_a_live_writers_file(tmp_path):
+    import fcntl
+
+    target = tmp_path / "out.csv"
+    killed, other = tmp_path / ".out.csv.k1ll3d_9.tmp", tmp_path / ".other.csv.k1ll3d_9.tmp"
+    live = tmp_path / ".out.csv.w0rk1ng_.tmp"
+    for path in (killed, other, live):
+        path.write_text("half")
+    with open(live) as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what write_atomic holds while it writes
+        write_text_atomic(target, "rows")
+    assert target.read_text() == "rows"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "out.csv"])
+
+
 def test_without_overwrite_a_file_that_appears_while_writing_is_kept(tmp_path):
     target = tmp_path / "out.csv"
 

@@ -5,7 +5,8 @@ Every command's `main` is wrapped by `command`, the one place that applies the e
   0    done
   2    a `FlowerError` (a bad option, config value, file or folder: one line `error: <message>` on stderr), an
        argparse error, or an `OSError` naming what failed (a missing or unreadable file, a full disk)
-  130  interrupted (Ctrl-C), quietly
+  130  interrupted (Ctrl-C): one line `interrupted` on stderr (also while the command's module is still being
+       imported: flower.cli applies the same rule there); whatever the command writes is written whole or not at all
   1    anything else is a bug: it propagates with its traceback (Python's own exit status 1)
 A command may return its own documented statuses besides these (`flower overlap`: 1 when pairs are found;
 `flower predict`: 1 when some images failed; `flower serve`: 1 when the models cannot be served).
@@ -31,6 +32,12 @@ def error(message: str) -> int:
     return USAGE_ERROR
 
 
+def interrupted() -> int:
+    """Say `interrupted` on stderr; returns the status of Ctrl-C."""
+    print("interrupted", file=sys.stderr)
+    return INTERRUPTED
+
+
 def os_error_text(err: OSError) -> str:
     """What an OSError says, with the file it names: '<file>: No space left on device'."""
     where = f"{err.filename}: " if err.filename else ""
@@ -49,6 +56,6 @@ def command(main: Main) -> Callable[..., int]:
         except OSError as err:  # the world, not the code: a file missing or unreadable, a full or read-only disk
             return error(os_error_text(err))
         except KeyboardInterrupt:
-            return INTERRUPTED
+            return interrupted()
 
     return run
