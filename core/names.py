@@ -1,4 +1,5 @@
-"""How a file name is shown: on one line and as valid UTF-8, whatever bytes it holds (TensorFlow-free)."""
+"""How a name is shown: a file name on one line and as valid UTF-8, whatever bytes it holds; any name as a markdown
+table cell (TensorFlow-free)."""
 
 from __future__ import annotations
 
@@ -13,3 +14,9 @@ def shown(text: str) -> str:
     except UnicodeEncodeError:  # a surrogate that does not stand for a byte
         text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text.translate(_CONTROL)
+
+
+def table_cell(text: str) -> str:
+    """Text as one cell of a markdown table: `|` and `\\` escaped, line breaks as spaces (a class or run name that
+    holds `|` would otherwise split its row into more cells)."""
+    return " ".join(str(text).replace("\\", "\\\\").replace("|", "\\|").split())

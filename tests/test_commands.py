@@ -3,6 +3,8 @@ a traceback and status 1 (never an `error:` line with status 2, as if an option 
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 
@@ -151,7 +153,15 @@ def test_a_damaged_member_json_is_one_error_line_in_flower_compare(tmp_path, cap
     (run / "member.json").write_text('{"config": {}, "metrics": []}')
     assert flower(["compare", str(run)]) == 2
     out, err = capsys.readouterr()
-    assert err.startswith(f"error: {run}: not a run directory's files (") and err.count("\n") == 1 and out == ""
+    assert err.startswith(f"error: {run / 'member.json'} has no 'config.train.epochs' (") and out == ""
+    assert err.count("\n") == 1
+    shutil.rmtree(run)
+    _member(run, 0.5)
+    document = json.loads((run / "member.json").read_text())
+    document["config"]["model"]["dropout"] = "high"  # a field of the wrong type
+    (run / "member.json").write_text(json.dumps(document))
+    assert flower(["compare", str(run)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {run}: not a run directory's files (ValueError: ")
 
 
 def test_a_split_argument_of_flower_overlap_says_what_is_wrong(tmp_path, capsys):
@@ -161,3 +171,41 @@ def test_a_split_argument_of_flower_overlap_says_what_is_wrong(tmp_path, capsys)
                           (f"{tmp_path}/data:tr ain", "unknown split 'tr ain'")):
         assert flower(["overlap", spec, str(tmp_path / "photos"), "--quiet"]) == 2
         assert message in capsys.readouterr().err
+
+
+def _member(run, f1, **extra) -> None:
+    from core.members import write_member
+    from training.config import load_config
+
+    run.mkdir()
+    write_member(run, {"name": run.name, "config": load_config(None, {}).to_dict(), "metrics": {"val_macro_f1": f1},
+                       **extra})
+
+
+def test_flower_compare_shows_what_a_run_lacks_as_a_dash_and_sorts_runs_without_an_f1_last(tmp_path, capsys):
+    _member(tmp_path / "a", 0.5)  # no timings, no parameter counts: a run written by another tool
+    _member(tmp_path / "b", float("nan"), timings={"seconds_per_epoch": 2.0})
+    _member(tmp_path / "c", 0.8, timings={"seconds_per_epoch": 3.0}, parameters={"trainable": 1234})
+    _member(tmp_path / "d", None)
+    assert flower(["compare", str(tmp_path / "*")]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [(r[0], r[-2], r[-1]) for r in rows] == [("c", "0.8000", "3.0"), ("a", "0.5000", "-"), ("b", "-", "2.0"),
+                                                    ("d", "-", "-")]
+    assert "1,234" in rows[0]
+
+
+def test_flower_compare_names_the_field_a_member_json_lacks(tmp_path, capsys):
+    _member(tmp_path / "a", 0.5)
+    document = json.loads((tmp_path / "a" / "member.json").read_text())
+    del document["config"]["model"]["backbone"]
+    (tmp_path / "a" / "member.json").write_text(json.dumps(document))
+    assert flower(["compare", str(tmp_path / "a")]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'a' / 'member.json'} has no 'config.model.backbone' "
+                                       "(not a run directory's files, or of another version)\n")
+
+
+def test_a_markdown_table_escapes_a_bar_in_a_name(tmp_path, capsys):
+    _member(tmp_path / "a|b", 0.5)
+    assert flower(["compare", str(tmp_path / "a|b"), "--markdown"]) == 0
+    row = capsys.readouterr().out.splitlines()[2]
+    assert row.startswith("| a\\|b | ") and row.replace("\\|", "").count("|") == 12

@@ -140,6 +140,9 @@ def test_class_names_come_from_classes_json_else_the_competition_list(tmp_path, 
     (tmp_path / "classes.json").write_text("{broken")
     with pytest.raises(DataError, match="classes.json is not valid JSON"):
         load_classes(str(tmp_path))
+    (tmp_path / "classes.json").write_text(json.dumps(["rose", "rose ", "  "]))  # a data set made by another tool
+    with pytest.raises(DataError, match="classes.json: class names 'rose' and 'rose ' are one class, 'rose'"):
+        load_classes(str(tmp_path))
 
 
 def test_missing_folders_and_files_are_named(tmp_path, tiny_data):
