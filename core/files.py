@@ -14,10 +14,12 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import stat
 import tempfile
+import zlib
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -64,43 +66,40 @@ def is_tmp(path: Path) -> bool:
     return name.startswith(".") and (name.endswith(".tmp") or ".tmp." in name) and path.is_file()
 
 
-def _lock_file(fd: int) -> bool:
-    """Take an exclusive flock on an open file without waiting; False when another holder has it (True where
-    there are no locks)."""
-    if fcntl is None:
-        return True
+def _writer_tag() -> str:
+    """This process as write_atomic names it in a temporary file: `<host hash>-<pid>`."""
+    return f"{zlib.crc32(socket.gethostname().encode()):08x}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process of this host has this id (another user's counts)."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return False
-    except OSError:  # a file system without flock
-        pass
+    except (PermissionError, OverflowError, ValueError):
+        return True
     return True
 
 
 def remove_stale_tmps(path: Path, suffix: str = ".tmp") -> list[Path]:
-    """Remove the temporary files that killed writes of `path` left beside it (`.<name>.<8 random>.<suffix>`, as
-    write_atomic names them), except those a live writer holds locked; returns the removed ones. Without file
-    locks (Windows) none is removed: a live one could not be told from a dead one."""
-    if fcntl is None or not path.parent.is_dir():
+    """Remove the temporary files that killed writes of `path` left beside it: write_atomic names them
+    `.<name>.<host hash>-<pid>.<8 random><suffix>`, and one of this host whose process is gone is stale (one of
+    another host, or of a live process, is kept: it may be being written). Returns the removed ones; POSIX only."""
+    if os.name != "posix" or not path.parent.is_dir():
         return []
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}{re.escape(suffix)}")
+    host = _writer_tag().split("-")[0]
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.([0-9a-f]{{8}})-(\d+)\.[a-z0-9_]{{8}}{re.escape(suffix)}")
     removed = []
     for tmp in path.parent.iterdir():
-        if not pattern.fullmatch(tmp.name) or not is_tmp(tmp):
+        match = pattern.fullmatch(tmp.name)
+        if match is None or match.group(1) != host or _alive(int(match.group(2))) or not is_tmp(tmp):
             continue
         try:
-            fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        except OSError:  # gone meanwhile, or not ours to read
-            continue
-        try:
-            if _lock_file(fd):
-                tmp.unlink()
-                removed.append(tmp)
-        except OSError:
+            tmp.unlink()
+            removed.append(tmp)
+        except OSError:  # gone meanwhile, or not ours to remove: the write goes on beside it
             pass
-        finally:
-            os.close(fd)
     return removed
 
 
@@ -111,13 +110,13 @@ def write_atomic(path: str | Path, write: Callable[[str], None], overwrite: bool
     flushed to disk before the rename. Without `overwrite`, FileExistsError (path kept as it is) when path
     exists, also when it appeared while writing. `suffix` ends the temporary name (a writer that insists on
     its own, e.g. Keras's `.weights.h5`). An OSError names `path`, not the temporary file. Temporary files of
-    earlier writes of `path` that were killed (kill -9, a power cut) are removed first (remove_stale_tmps).
+    earlier writes of `path` whose process is gone (kill -9, a power cut) are removed first (remove_stale_tmps).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_tmps(path, suffix)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    _lock_file(fd)  # held while writing: a later write of this path does not take it for a killed one's
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_writer_tag()}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
     try:
         write(tmp)
         fsync_path(tmp)
@@ -130,7 +129,6 @@ def write_atomic(path: str | Path, write: Callable[[str], None], overwrite: bool
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        os.close(fd)
     try:
         fsync_path(path.parent)  # the rename itself, across a power cut
     except OSError:
@@ -193,8 +191,7 @@ def check_output_file(path: str | Path, option: str, overwrite: bool = True) -> 
     except OSError as err:
         raise ConfigError(f"{option} {shown(str(path))} cannot be written: {err.strerror or err}") from None
     os.close(fd)
-    with suppress(FileNotFoundError):  # a write of the same path may have cleared it as stale
-        os.remove(probe)
+    os.remove(probe)
     return target
 
 
