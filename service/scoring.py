@@ -303,7 +303,13 @@ def header(classes: list[str], top_k: int, probabilities: bool) -> list[str]:
     columns = ["path", "ok", "error"]
     for n in range(1, top_k + 1):
         columns += [f"top{n}", f"top{n}_probability"]
-    return columns + (list(classes) if probabilities else [])
+    if not probabilities:
+        return columns
+    taken = sorted(set(columns) & set(classes))
+    if taken:  # a CSV reader would see one column twice, and read one of them only
+        raise InputError(f"--probabilities: class {taken[0]!r} is also the name of one of the CSV's own columns "
+                         f"({', '.join(columns[:5])}, ...); score without --probabilities")
+    return columns + list(classes)
 
 
 def _number(value: float) -> str:
@@ -356,12 +362,13 @@ def score(predictor: EnsemblePredictor, inputs: Inputs, out: str | Path, options
     check_out(out, overwrite)
     size = max(m.image_size for m in predictor.members)
     top_k = min(options.top_k, len(predictor.classes))
+    columns = header(predictor.classes, top_k, options.probabilities)  # refused before any image is read
     summary, progress = Summary(), Progress(count_images(inputs, size), quiet)
 
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
-            writer.writerow(header(predictor.classes, top_k, options.probabilities))
+            writer.writerow(columns)
             for batch in _batches(iter_images(inputs, size, options.max_image_bytes), options.batch_size):
                 for row in score_batch(predictor, batch, options, top_k):
                     writer.writerow(row)

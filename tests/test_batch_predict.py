@@ -17,7 +17,7 @@ from flower.commands.predict import main
 from service.app import create_app
 from service.images import decode_image
 from service.predictor import load_ensemble
-from service.scoring import Options, collect_inputs, header, score
+from service.scoring import InputError, Options, collect_inputs, header, score
 from service.settings import Settings
 from testkit.artifacts import CLASSES, image_bytes, make_ensemble
 
@@ -145,6 +145,8 @@ def test_the_header_is_the_documented_one(models):
     _, predictor = models
     assert header(CLASSES, 2, False) == ["path", "ok", "error", "top1", "top1_probability", "top2", "top2_probability"]
     assert header(CLASSES, 1, True) == ["path", "ok", "error", "top1", "top1_probability", *CLASSES]
+    with pytest.raises(InputError, match="class 'ok' is also the name of one of the CSV's own columns"):
+        header(["daisy", "ok"], 1, True)  # a class folder named 'ok': one column twice
 
 
 def test_an_existing_out_is_refused_without_overwrite_and_nothing_changes(models, tmp_path, capsys):

@@ -785,7 +785,7 @@ def test_a_refit_member_is_blended_on_its_originals_validation_predictions(runs,
 
 @pytest.mark.parametrize("member,message", [
     ({"validation_from": ""}, "trained on its validation rows.*--refit-of"),
-    ({"validation_from": "../nowhere"}, "which is not a run directory"),
+    ({"validation_from": "../nowhere"}, "nowhere is not a run directory"),
 ])
 def test_a_refit_whose_validation_source_is_missing_is_refused(runs, tmp_path, member, message):
     with pytest.raises(MemberError, match=message):
@@ -794,7 +794,7 @@ def test_a_refit_whose_validation_source_is_missing_is_refused(runs, tmp_path, m
 
 def test_a_refit_of_a_refit_or_of_other_classes_is_refused(runs, tmp_path):
     (runs[0] / "member.json").write_text(json.dumps({"name": "member0", "config": {"data": {"train_on_val": True}}}))
-    with pytest.raises(MemberError, match="which was trained on its validation rows too"):
+    with pytest.raises(MemberError, match="member0 was trained on its validation rows too"):
         load_member_predictions(_refit_of(runs[0], tmp_path))
     (runs[0] / "member.json").write_text(json.dumps({"name": "member0"}))
     refit = _refit_of(runs[0], tmp_path)
