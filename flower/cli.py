@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 
 from flower import version
-from flower.commands import interrupted
+from flower.commands import interrupted, interrupted_import
 
 
 @dataclass(frozen=True)
@@ -75,4 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(COMMANDS[name].module)
     except KeyboardInterrupt:  # Ctrl-C while its libraries (TensorFlow, SciPy) load: before its main's own rules
         return interrupted()
+    except ImportError as err:
+        if interrupted_import(err):
+            return interrupted()
+        raise
     return int(module.main(argv[1:], prog=f"flower {name}") or 0)

@@ -4,6 +4,7 @@ a traceback and status 1 (never an `error:` line with status 2, as if an option 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -74,15 +75,54 @@ def test_ctrl_c_is_one_line_and_status_130(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr() == ("", "interrupted\n")
 
 
-def test_ctrl_c_while_a_command_loads_its_libraries_is_one_line_and_status_130(monkeypatch, capsys):
+def _ctrl_c():
+    raise KeyboardInterrupt
+
+
+def _interrupted_in_a_compiled_module():
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt as err:  # what a pybind11 module (scipy's) makes of a Ctrl-C while it initialises
+        raise ImportError("initialization failed") from err
+
+
+@pytest.mark.parametrize("interrupt", [_ctrl_c, _interrupted_in_a_compiled_module])
+def test_ctrl_c_while_a_command_loads_its_libraries_is_one_line_and_status_130(monkeypatch, capsys, interrupt):
     from flower import cli
 
     def loading(name):  # Ctrl-C during `import tensorflow`, seconds before the command's main runs
-        raise KeyboardInterrupt
+        interrupt()
 
     monkeypatch.setattr(cli.importlib, "import_module", loading)
     assert flower(["predict", "ens", "photos", "--out", "x.csv"]) == 130
     assert capsys.readouterr() == ("", "interrupted\n")
+
+    @command
+    def imports_inside_main(argv, prog):  # flower train imports TensorFlow inside its main
+        interrupt()
+
+    assert imports_inside_main([], "flower x") == 130 and capsys.readouterr().err == "interrupted\n"
+
+
+def test_a_library_that_is_missing_is_still_a_traceback(monkeypatch):
+    from flower import cli
+
+    def missing(name):
+        raise ImportError("No module named 'tensorflow'")
+
+    monkeypatch.setattr(cli.importlib, "import_module", missing)
+    with pytest.raises(ImportError, match="tensorflow"):
+        flower(["train"])
+
+
+def test_ctrl_c_inside_an_exec_of_a_string_still_exits_130_not_by_sigint(tmp_path):
+    (tmp_path / "interrupted_in_exec.py").write_text(  # run as `python -m`, as `python -m flower` runs
+        "import sys\nfrom flower.commands import command\n"
+        "sys.exit(command(lambda argv, prog: exec('raise KeyboardInterrupt'))([], 'flower x'))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    result = subprocess.run([sys.executable, "-m", "interrupted_in_exec"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (130, "interrupted\n")  # -2 (ended by SIGINT) before
 
 
 def test_every_commands_ctrl_c_is_one_line_and_status_130(monkeypatch, capsys):

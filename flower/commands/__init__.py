@@ -34,8 +34,24 @@ def error(message: str) -> int:
 
 def interrupted() -> int:
     """Say `interrupted` on stderr; returns the status of Ctrl-C."""
+    # A Ctrl-C that lands inside an exec() of a string (numpy's and scipy's imports run some) sets CPython's
+    # "unhandled KeyboardInterrupt" flag even when it is caught, and the interpreter then ends by SIGINT instead
+    # of this status (seen 4 times in 13 Ctrl-C's during `flower blend`'s imports). The next exec() of a string
+    # clears that flag.
+    exec("")
     print("interrupted", file=sys.stderr)
     return INTERRUPTED
+
+
+def interrupted_import(err: ImportError) -> bool:
+    """Whether an ImportError is a Ctrl-C in disguise: a compiled module (scipy's pybind11 ones) whose
+    initialisation was interrupted says 'initialization failed', caused by the KeyboardInterrupt."""
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, KeyboardInterrupt):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def os_error_text(err: OSError) -> str:
@@ -57,5 +73,9 @@ def command(main: Main) -> Callable[..., int]:
             return error(os_error_text(err))
         except KeyboardInterrupt:
             return interrupted()
+        except ImportError as err:  # a library loaded inside main (TensorFlow when training)
+            if interrupted_import(err):
+                return interrupted()
+            raise
 
     return run
