@@ -104,6 +104,19 @@ def test_ctrl_c_while_a_command_loads_its_libraries_is_one_line_and_status_130(m
     assert imports_inside_main([], "flower x") == 130 and capsys.readouterr().err == "interrupted\n"
 
 
+def test_a_finished_command_run_as_the_program_is_not_ended_by_a_late_ctrl_c(tmp_path, monkeypatch, capsys):
+    import signal
+
+    set_to = []  # recorded, not set: pytest keeps its own Ctrl-C
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: set_to.append((signum, handler)))
+    _member(tmp_path / "a", 0.5)
+    assert flower(["compare", str(tmp_path / "a")]) == 0 and set_to == []  # called from Python: left alone
+    monkeypatch.setattr(sys, "argv", ["flower", "compare", str(tmp_path / "a")])
+    assert flower() == 0  # as the program: the libraries' shutdown (a second for TensorFlow's) ignores Ctrl-C
+    assert set_to == [(signal.SIGINT, signal.SIG_IGN)]
+    capsys.readouterr()
+
+
 def test_a_library_that_is_missing_is_still_a_traceback(monkeypatch):
     from flower import cli
 

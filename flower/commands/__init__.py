@@ -6,7 +6,8 @@ Every command's `main` is wrapped by `command`, the one place that applies the e
   2    a `FlowerError` (a bad option, config value, file or folder: one line `error: <message>` on stderr), an
        argparse error, or an `OSError` naming what failed (a missing or unreadable file, a full disk)
   130  interrupted (Ctrl-C): one line `interrupted` on stderr (also while the command's module is still being
-       imported: flower.cli applies the same rule there); whatever the command writes is written whole or not at all
+       imported: flower.cli applies the same rule there); whatever the command writes is written whole or not at
+       all. Once the command has returned, the `flower` process ignores Ctrl-C while it exits (its work is written).
   1    anything else is a bug: it propagates with its traceback (Python's own exit status 1)
 A command may return its own documented statuses besides these (`flower overlap`: 1 when pairs are found;
 `flower predict`: 1 when some images failed; `flower serve`: 1 when the models cannot be served).
