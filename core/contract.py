@@ -86,6 +86,22 @@ def competition_classes() -> list[str]:
     return [n.strip() for n in json.loads(COMPETITION_CLASSES_FILE.read_text())]
 
 
+def class_name_problem(names: list[str]) -> str | None:
+    """Why these names cannot be one data set's classes, None when they can: every part shows and compares a class
+    name stripped of surrounding spaces (as the competition's own are), so none may be empty once stripped and no
+    two may be one name once stripped."""
+    seen: dict[str, str] = {}
+    for name in names:
+        key = name.strip()
+        if not key:
+            return f"class name {name!r} is empty once its surrounding spaces are stripped"
+        if key in seen:
+            return (f"class names {seen[key]!r} and {name!r} are one class, {key!r}, once their surrounding spaces "
+                    "are stripped")
+        seen[key] = name
+    return None
+
+
 @dataclass(frozen=True)
 class SplitSpec:
     """A `DATA:SPLIT` argument: a data folder and the name of one of its splits."""

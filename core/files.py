@@ -15,9 +15,11 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import stat
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -66,17 +68,56 @@ def is_tmp(path: Path) -> bool:
     return name.startswith(".") and (name.endswith(".tmp") or ".tmp." in name) and path.is_file()
 
 
+def _writer_tag() -> str:
+    """This process as write_atomic names it in a temporary file: `<host hash>-<pid>`."""
+    return f"{zlib.crc32(socket.gethostname().encode()):08x}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process of this host has this id (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def remove_stale_tmps(path: Path, suffix: str = ".tmp") -> list[Path]:
+    """Remove the temporary files that killed writes of `path` left beside it: write_atomic names them
+    `.<name>.<host hash>-<pid>.<8 random><suffix>`, and one of this host whose process is gone is stale (one of
+    another host, or of a live process, is kept: it may be being written). Returns the removed ones; POSIX only."""
+    if os.name != "posix" or not path.parent.is_dir():
+        return []
+    host = _writer_tag().split("-")[0]
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.([0-9a-f]{{8}})-(\d+)\.[a-z0-9_]{{8}}{re.escape(suffix)}")
+    removed = []
+    for tmp in path.parent.iterdir():
+        match = pattern.fullmatch(tmp.name)
+        if match is None or match.group(1) != host or _alive(int(match.group(2))) or not is_tmp(tmp):
+            continue
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except OSError:  # gone meanwhile, or not ours to remove: the write goes on beside it
+            pass
+    return removed
+
+
 def write_atomic(path: str | Path, write: Callable[[str], None], overwrite: bool = True, suffix: str = ".tmp") -> Path:
     """Call `write(tmp_path)` and rename the result onto path, so readers never see a partial file.
 
     The file gets the mode a plain open() would give (0666 less the umask, not mkstemp's 0600) and is
     flushed to disk before the rename. Without `overwrite`, FileExistsError (path kept as it is) when path
     exists, also when it appeared while writing. `suffix` ends the temporary name (a writer that insists on
-    its own, e.g. Keras's `.weights.h5`). An OSError names `path`, not the temporary file.
+    its own, e.g. Keras's `.weights.h5`). An OSError names `path`, not the temporary file. Temporary files of
+    earlier writes of `path` whose process is gone (kill -9, a power cut) are removed first (remove_stale_tmps).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    remove_stale_tmps(path, suffix)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_writer_tag()}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)

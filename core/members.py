@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.contract import ENSEMBLE_FILE, IMPORT_REPORT_FILE, MEMBER_FILE
+from core.contract import CLASSES_FILE, ENSEMBLE_FILE, IMPORT_REPORT_FILE, MEMBER_FILE
 from core.errors import ConfigError, DataError
 from core.files import write_text_atomic
 
@@ -158,6 +158,51 @@ def read_member(run_dir: str | Path) -> MemberFile:
 def is_run_directory(path: str | Path) -> bool:
     """Whether a folder holds a member.json (a run directory)."""
     return (Path(path) / MEMBER_FILE).is_file()
+
+
+def validation_source_problem(source: Path, classes: list[str], val_rows: int | None = None) -> str | None:
+    """Why run `source` cannot lend its validation predictions to a refit (trained on train+val) whose classes are
+    `classes`, None when it can: flower blend's rules, which training checks before its first step too. It must be
+    a folder, not trained on its validation rows itself, with the same classes (compared stripped, as everywhere)
+    and predictions/val.npz; with `val_rows`, that file holds that many rows (the refit's validation split)."""
+    if not source.is_dir():
+        return f"{source} is not a run directory"
+    if is_run_directory(source) and read_member(source).train_on_val:
+        return f"{source} was trained on its validation rows too"
+    theirs = read_json_file(source / CLASSES_FILE, f"{source}: ")
+    if not isinstance(theirs, list) or not all(isinstance(c, str) for c in theirs):
+        return f"{source / CLASSES_FILE} is not a list of class names"
+    if [c.strip() for c in theirs] != [c.strip() for c in classes]:
+        return (f"its classes differ from those of {source} ({len(classes)} vs {len(theirs)} classes"
+                f"{_first_difference(classes, theirs)})")
+    predictions = source / "predictions" / "val.npz"
+    if not predictions.is_file():
+        return f"{source} has no predictions/val.npz (not a finished run)"
+    if val_rows is not None:
+        rows = _npz_rows(predictions)
+        if rows != val_rows:
+            return (f"{predictions} holds {rows} validation rows, the data's validation split {val_rows}: it was "
+                    "trained on other data")
+    return None
+
+
+def _first_difference(ours: list[str], theirs: list[str]) -> str:
+    """'; class 3 is 'rose' here, 'tulip' there' for the first class two lists name differently ('' if none)."""
+    for i, (a, b) in enumerate(zip(ours, theirs, strict=False)):
+        if a.strip() != b.strip():
+            return f"; class {i} is {a.strip()!r} here, {b.strip()!r} there"
+    return ""
+
+
+def _npz_rows(path: Path) -> int | None:
+    """The number of ids in a predictions .npz (None when it cannot be read)."""
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return len(npz["ids"])
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def geometry_record(fit: str, source: str) -> dict[str, str]:

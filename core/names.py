@@ -1,5 +1,5 @@
-"""How a file name is shown: on one line and as valid UTF-8, whatever bytes it holds, and, to a client of the
-service, without the server's paths (TensorFlow-free)."""
+"""How a name is shown: a file name on one line and as valid UTF-8, whatever bytes it holds; to a client of the
+service, without the server's paths; any name as a markdown table cell (TensorFlow-free)."""
 
 from __future__ import annotations
 
@@ -31,3 +31,9 @@ def without_paths(text: str, folders: dict[Path, str]) -> str:
         for spelling in sorted(spellings, key=len, reverse=True):
             text = re.sub(re.escape(spelling) + _PATH_END, lambda _, name=name: name, text)
     return _ABSOLUTE_PATH.sub(lambda match: match.group().rstrip("/").rpartition("/")[2] or "/", text)
+
+
+def table_cell(text: str) -> str:
+    """Text as one cell of a markdown table: `|` and `\\` escaped, line breaks as spaces (a class or run name that
+    holds `|` would otherwise split its row into more cells)."""
+    return " ".join(str(text).replace("\\", "\\\\").replace("|", "\\|").split())

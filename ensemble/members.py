@@ -12,7 +12,14 @@ import numpy as np
 from core.contract import CLASSES_FILE
 from core.errors import FlowerError
 from core.files import zip_inflation_problem
-from core.members import ArtifactError, MemberFile, is_run_directory, read_json_file, read_member
+from core.members import (
+    ArtifactError,
+    MemberFile,
+    is_run_directory,
+    read_json_file,
+    read_member,
+    validation_source_problem,
+)
 
 PROBABILITY_TOLERANCE = 1e-3
 
@@ -172,9 +179,10 @@ def member_name(run_dir: Path) -> str:
         raise MemberError(str(err)) from None
 
 
-def validation_source(run_dir: Path, name: str) -> Path:
+def validation_source(run_dir: Path, name: str, classes: list[str]) -> Path:
     """The run whose validation predictions stand for this member's in a blend: itself, or for a refit
-    (trained on train+val, member.json `validation_from`) the run trained on train only that it refits.
+    (trained on train+val, member.json `validation_from`) the run trained on train only that it refits, with
+    the same classes (core.members.validation_source_problem: what training checks before its first step).
 
     A member trained on its validation rows without such a run is refused: its validation predictions
     are in-sample and would win the blend unfairly.
@@ -188,13 +196,13 @@ def validation_source(run_dir: Path, name: str) -> Path:
                           "its validation predictions are in-sample and would win the blend unfairly: blend the "
                           "run trained on train only instead, or a refit made with flower train --refit-of RUN")
     original = (run_dir / source).resolve()
-    if not original.is_dir():
-        raise MemberError(f"member {name!r}: its validation predictions come from {source} "
-                          f"(member.json validation_from), which is not a run directory ({original})")
-    inner = _member_file(original)
-    if inner is not None and inner.train_on_val:
-        raise MemberError(f"member {name!r}: validation_from names {original}, which was trained on its "
-                          "validation rows too")
+    try:
+        problem = validation_source_problem(original, classes)
+    except ArtifactError as err:
+        problem = str(err)
+    if problem:
+        raise MemberError(f"member {name!r}: its validation predictions come from {source} (member.json "
+                          f"validation_from), and {problem}")
     return original
 
 
@@ -215,11 +223,8 @@ def load_member_predictions(run_dir: str | Path) -> Member:
     if not run_dir.is_dir():
         raise MemberError(f"run directory not found: {run_dir}")
     name = member_name(run_dir)
-    val_dir = validation_source(run_dir, name)
     classes = _read_classes(run_dir, name)
-    if val_dir != run_dir and _read_classes(val_dir, name) != classes:
-        raise MemberError(f"member {name!r}: its classes differ from those of {val_dir}, whose validation "
-                          "predictions it borrows")
+    val_dir = validation_source(run_dir, name, classes)
     val = _load_npz(val_dir / "predictions" / "val.npz", name, ("ids", "labels", "probs"))
     test = _load_npz(run_dir / "predictions" / "test.npz", name, ("ids", "probs"))
     val_ids = _check_ids(val["ids"], name, "val.npz")

@@ -23,6 +23,7 @@ from core.contract import ENSEMBLE_FILE
 from core.errors import DataError, FlowerError, Kind
 from core.files import Unit, write_atomic, write_text_atomic
 from core.members import write_ensemble
+from core.names import table_cell
 from ensemble.members import Aligned
 from ensemble.scores import per_class_f1
 from ensemble.spec import BlendSpec
@@ -212,7 +213,7 @@ def plot_weights(path: Path, names: list[str], spec: BlendSpec) -> Path:
 
     fig, ax = plt.subplots(figsize=(max(4, 0.7 * len(names) + 2), 3))
     ax.bar(range(len(names)), spec.importance, color="#4c72b0")
-    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8, parse_math=False)
     ax.set_ylabel("weight" if spec.method != "stack" else "mean coefficient")
     ax.set_title(f"blend weights ({spec.method})")
     return _save_figure(fig, path)
@@ -230,7 +231,7 @@ def plot_scores(path: Path, member_cv: dict[str, dict[str, float]], blend_cv: di
     errors = [member_cv[n]["macro_f1_std"] for n in member_cv] + [blend_cv["macro_f1_std"]]
     fig, ax = plt.subplots(figsize=(max(4, 0.7 * len(names) + 2), 3))
     ax.bar(range(len(names)), values, yerr=errors, color=["#8c8c8c"] * len(member_cv) + ["#dd8452"], capsize=3)
-    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8, parse_math=False)
     ax.set_ylabel("CV macro F1")
     ax.set_ylim(0, 1)
     ax.set_title("members vs blend (cross-validated on validation rows)")
@@ -239,7 +240,8 @@ def plot_scores(path: Path, member_cv: dict[str, dict[str, float]], blend_cv: di
 
 def _score_row(name: str, s: dict[str, float]) -> str:
     """One markdown table row of CV scores."""
-    return f"| {name} | {s['macro_f1']:.4f} | {s['macro_f1_std']:.4f} | {s['accuracy']:.4f} | {s['log_loss']:.4f} |"
+    return (f"| {table_cell(name)} | {s['macro_f1']:.4f} | {s['macro_f1_std']:.4f} | {s['accuracy']:.4f} | "
+            f"{s['log_loss']:.4f} |")
 
 
 def write_report(
@@ -263,6 +265,6 @@ def write_report(
     support = np.bincount(aligned.val_labels, minlength=len(aligned.classes))
     lines += ["", f"## The blend's {len(order)} worst classes (out-of-fold)", "", "| class | F1 | validation rows |",
               "|---|---|---|"]
-    lines += [f"| {i}: {aligned.classes[i]} | {f1[i]:.3f} | {support[i]} |" for i in order]
+    lines += [f"| {i}: {table_cell(aligned.classes[i])} | {f1[i]:.3f} | {support[i]} |" for i in order]
     lines += ["", "![weights](weights.png)", "", "![scores](scores.png)", ""]
     return write_text_atomic(out_dir / "report.md", "\n".join(lines))

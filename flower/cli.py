@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import signal
 import sys
 from dataclasses import dataclass
 
 from flower import version
+from flower.commands import interrupted, interrupted_import
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,8 @@ def overview() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run `flower <command> ...`; returns the exit status."""
+    """Run `flower <command> ...` (argv None: the process's own arguments); returns the exit status."""
+    program = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["help"] and len(argv) > 1:  # `flower help train` is `flower train --help`
         if len(argv) > 2:
@@ -70,5 +73,20 @@ def main(argv: list[str] | None = None) -> int:
         hint = f"; did you mean {close[0]!r}?" if close else ""
         print(f"error: unknown command {name!r}{hint} (commands: {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name].module)
-    return int(module.main(argv[1:], prog=f"flower {name}") or 0)
+    status = run_command(name, argv[1:])
+    if program:  # done and written: a Ctrl-C while the process exits (TensorFlow's shutdown takes a second, with
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Python's handler gone) would end it by SIGINT, unannounced
+    return status
+
+
+def run_command(name: str, argv: list[str]) -> int:
+    """Import the command's module and run its main; Ctrl-C while the module's libraries load is one line, 130."""
+    try:
+        module = importlib.import_module(COMMANDS[name].module)
+    except KeyboardInterrupt:  # Ctrl-C while its libraries (TensorFlow, SciPy) load: before its main's own rules
+        return interrupted()
+    except ImportError as err:
+        if interrupted_import(err):
+            return interrupted()
+        raise
+    return int(module.main(argv, prog=f"flower {name}") or 0)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import tensorflow as tf
 
-from core.contract import CLASS_FEATURE, ID_FEATURE, IMAGE_FEATURE, JPEG_DCT, MISSING_CLASS, join
+from core.contract import CLASS_FEATURE, ID_FEATURE, IMAGE_FEATURE, JPEG_DCT, MISSING_CLASS, count_in_name, join
 from core.errors import DataError, tf_reason
 
 
@@ -96,7 +96,8 @@ def records_with_source(files: list[str]) -> tf.data.Dataset:
 
 
 def iter_records(path: str) -> Iterator[tuple[int, bytes]]:
-    """Yield (index, serialized) of one file; a framing error names the file and the record index."""
+    """Yield (index, serialized) of one file; a framing error names the file and the record index, and so does a
+    file that ends before the count its `-<count>.tfrec` name states (cut short at a record boundary)."""
     index = 0
     try:
         for raw in tf.data.TFRecordDataset(path):
@@ -104,6 +105,9 @@ def iter_records(path: str) -> Iterator[tuple[int, bytes]]:
             index += 1
     except tf.errors.OpError as err:
         raise DataError(f"{path}: record {index} is corrupt ({tf_reason(err)})") from None
+    stated = count_in_name(path)
+    if stated is not None and index < stated:
+        raise DataError(f"{path}: holds {index} records, its name states {stated} (the file was cut short)")
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ Where the `flower` script is not on the PATH (a notebook, a Kaggle kernel), `pyt
 same command; the older per-module forms (`python -m training.train`, `python -m ensemble`, `python -m service`,
 ...) are gone. In Python, `flower.commands.<module>.main(argv)` runs one command and returns its exit status.
 The exit statuses every command shares (2 with one line `error: ...` for a bad option, config value or input
-file, 130 when interrupted, 1 with a traceback for a bug) are in
+file, 130 and one line `interrupted` for Ctrl-C, 1 with a traceback for a bug) are in
 [ARCHITECTURE.md](ARCHITECTURE.md#the-house-who-may-import-what); a command that also uses 1 for a documented
 outcome (`flower overlap`, `flower predict`, `flower serve`) says so below.
 """

@@ -16,10 +16,14 @@ Each image is decoded exactly as the service decodes an upload (the service's de
 service's. The CSV has one row per image, in input order: path, ok (true/false), error ('<kind>: <message>'
 when ok is false: not_an_image, corrupt, too_many_pixels, too_large, unreadable, broken_link, ...), then
 top1, top1_probability ... topK, topK_probability, and with --probabilities one column per class (its
-name) of blended probabilities. A bad image is a row with ok=false; it never stops the run. The CSV is
-written to a temporary file beside --out and renamed into place when complete.
+name) of blended probabilities. A bad image is a row with ok=false; it never stops the run. A .tfrec file
+that stops before the records its name states (a damaged record, or a file cut short) gives the rows of the
+records before that point and one row DATA:SPLIT#<file name>@<index> with error corrupt_record; stderr
+counts what was lost in records ('198 of 240 records could not be read (<file> from record 42: ...)'). The
+CSV is written to a temporary file beside --out and renamed into place when complete.
 
-Exit status: 0 every image scored; 1 the CSV is written but some rows failed (their count is on stderr),
+Exit status: 0 every image scored; 1 the CSV is written but some rows failed or records could not be read
+(their count is on stderr),
 or the models cannot be loaded; 2 nothing written: bad options, an input that does not exist, no images
 at all, or --out that exists (without --overwrite) or whose folder does not exist.
 """
@@ -185,15 +189,18 @@ def _split_input(spec: str) -> SplitInput | None:
 
 
 def count_images(inputs: Inputs, image_size: int) -> int:
-    """How many rows the inputs give (records counted from the `-<count>.tfrec` names, else by reading)."""
+    """How many rows the inputs give when nothing is damaged: files, and the splits' records."""
+    return sum(isinstance(source, FileInput) for source in inputs.sources) + count_records(inputs, image_size)
+
+
+def count_records(inputs: Inputs, image_size: int) -> int:
+    """The records of the DATA:SPLIT inputs (counted from the `-<count>.tfrec` names, else by reading)."""
     total = 0
     for source in inputs.sources:
-        if isinstance(source, FileInput):
-            total += 1
-            continue
-        for path in source.files[source.size_for(image_size)]:
-            stated = count_in_name(path)
-            total += stated if stated is not None else _count_records(path)
+        if isinstance(source, SplitInput):
+            for path in source.files[source.size_for(image_size)]:
+                stated = count_in_name(path)
+                total += stated if stated is not None else _count_records(path)
     return total
 
 
@@ -236,12 +243,36 @@ def _read_file(source: FileInput, max_bytes: int) -> bytes | ImageError:
     return data
 
 
+@dataclass
+class DamagedFile(ImageError):
+    """A .tfrec file that stops early: its record `index` and every one after it cannot be read (`lost` of them,
+    None when the file name states no count), and why."""
+
+    file: str = ""
+    index: int = 0
+    lost: int | None = None
+    reason: str = ""
+
+
+def _damaged(path: str, index: int, reason: str) -> DamagedFile | None:
+    """The error of a file that could be read up to record `index` only (None when that is all its name states)."""
+    stated = count_in_name(path)
+    if not reason and (stated is None or index >= stated):
+        return None
+    lost = stated - index if stated is not None and stated > index else None
+    span = (f"record {index} and those after it" if lost is None else f"record {index}" if lost == 1 else
+            f"records {index} to {stated - 1} ({lost} records)")
+    return DamagedFile("corrupt_record", f"{shown(path)}: {span} cannot be read ({reason or 'the file ends early'})",
+                       shown(path), index, lost, reason or "the file ends early")
+
+
 def _iter_split(source: SplitInput, size: int, max_bytes: int) -> Iterator[tuple[str, bytes | ImageError]]:
-    """A split's records at one size: DATA:SPLIT#<id> and the image bytes; a damaged file ends in one error row."""
+    """A split's records at one size: DATA:SPLIT#<id> and the image bytes. A file that stops before the records
+    its name states (a damaged record, or cut short) ends in one error row, DATA:SPLIT#<file name>@<index>."""
     import tensorflow as tf
 
     for path in source.files[size]:
-        index = 0
+        index, reason = 0, ""
         try:
             for raw in tf.data.TFRecordDataset(path):
                 record_id, data = _parse_record(raw.numpy(), record_id_fallback(path, index))
@@ -250,9 +281,10 @@ def _iter_split(source: SplitInput, size: int, max_bytes: int) -> Iterator[tuple
                 yield f"{source.spec}#{record_id}", data
                 index += 1
         except tf.errors.OpError as err:
-            yield (f"{source.spec}#{record_id_fallback(path, index)}",
-                   ImageError("corrupt_record", f"{shown(path)}: record {index} and those after it cannot be read "
-                                                f"({err.message.splitlines()[0]})"))
+            reason = f"{type(err).__name__}: {err.message.splitlines()[0]}"
+        damaged = _damaged(path, index, reason)
+        if damaged is not None:
+            yield f"{source.spec}#{Path(path).name}@{index}", damaged
 
 
 def _parse_record(raw: bytes, fallback_id: str) -> tuple[str, bytes | ImageError]:
@@ -286,16 +318,35 @@ class Options:
 
 @dataclass
 class Summary:
-    """What a run scored: rows, failed rows by error kind, seconds."""
+    """What a run scored: rows, failed rows by error kind, seconds; the records of the DATA:SPLIT inputs and the
+    files among them that stop early (each is one error row)."""
 
     rows: int = 0
     failed: Counter = field(default_factory=Counter)
     seconds: float = 0.0
+    records: int = 0
+    damaged: list[DamagedFile] = field(default_factory=list)
 
     @property
     def failures(self) -> int:
         """How many rows have ok=false."""
         return sum(self.failed.values())
+
+    @property
+    def unread(self) -> int | None:
+        """How many records of the damaged files were not read (None when a file's name states no count)."""
+        lost = [d.lost for d in self.damaged]
+        return None if None in lost else sum(lost)
+
+    def damage_line(self) -> str | None:
+        """What the damaged files cost, counted in records, for the end of the run (None when no file was)."""
+        if not self.damaged:
+            return None
+        first, unread = self.damaged[0], self.unread
+        what = f"{unread} of {self.records} records" if unread is not None else f"some of the {self.records} records"
+        more = f"; and {len(self.damaged) - 1} more damaged file(s)" if len(self.damaged) > 1 else ""
+        return (f"{what} could not be read ({first.file} from record {first.index}: {first.reason}{more}): each "
+                "damaged file is one error row (corrupt_record) in the CSV")
 
 
 def header(classes: list[str], top_k: int, probabilities: bool) -> list[str]:
@@ -303,7 +354,13 @@ def header(classes: list[str], top_k: int, probabilities: bool) -> list[str]:
     columns = ["path", "ok", "error"]
     for n in range(1, top_k + 1):
         columns += [f"top{n}", f"top{n}_probability"]
-    return columns + (list(classes) if probabilities else [])
+    if not probabilities:
+        return columns
+    taken = sorted(set(columns) & set(classes))
+    if taken:  # a CSV reader would see one column twice, and read one of them only
+        raise InputError(f"--probabilities: class {taken[0]!r} is also the name of one of the CSV's own columns "
+                         f"({', '.join(columns[:5])}, ...); score without --probabilities")
+    return columns + list(classes)
 
 
 def _number(value: float) -> str:
@@ -356,13 +413,16 @@ def score(predictor: EnsemblePredictor, inputs: Inputs, out: str | Path, options
     check_out(out, overwrite)
     size = max(m.image_size for m in predictor.members)
     top_k = min(options.top_k, len(predictor.classes))
-    summary, progress = Summary(), Progress(count_images(inputs, size), quiet)
+    columns = header(predictor.classes, top_k, options.probabilities)  # refused before any image is read
+    summary = Summary(records=count_records(inputs, size))
+    progress = Progress(count_images(inputs, size), quiet)
 
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
-            writer.writerow(header(predictor.classes, top_k, options.probabilities))
+            writer.writerow(columns)
             for batch in _batches(iter_images(inputs, size, options.max_image_bytes), options.batch_size):
+                summary.damaged += [data for _, data in batch if isinstance(data, DamagedFile)]
                 for row in score_batch(predictor, batch, options, top_k):
                     writer.writerow(row)
                     summary.rows += 1

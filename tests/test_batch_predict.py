@@ -17,7 +17,7 @@ from flower.commands.predict import main
 from service.app import create_app
 from service.images import decode_image
 from service.predictor import load_ensemble
-from service.scoring import Options, collect_inputs, header, score
+from service.scoring import InputError, Options, collect_inputs, header, score
 from service.settings import Settings
 from testkit.artifacts import CLASSES, image_bytes, make_ensemble
 
@@ -145,6 +145,8 @@ def test_the_header_is_the_documented_one(models):
     _, predictor = models
     assert header(CLASSES, 2, False) == ["path", "ok", "error", "top1", "top1_probability", "top2", "top2_probability"]
     assert header(CLASSES, 1, True) == ["path", "ok", "error", "top1", "top1_probability", *CLASSES]
+    with pytest.raises(InputError, match="class 'ok' is also the name of one of the CSV's own columns"):
+        header(["daisy", "ok"], 1, True)  # a class folder named 'ok': one column twice
 
 
 def test_an_existing_out_is_refused_without_overwrite_and_nothing_changes(models, tmp_path, capsys):
@@ -246,3 +248,33 @@ def test_a_run_stopped_midway_leaves_no_partial_csv(models, tmp_path, monkeypatc
     with pytest.raises(SystemExit) as stop:
         score(predictor, collect_inputs([str(tmp_path / "in")]), tmp_path / "out.csv", Options(batch_size=1))
     assert stop.value.code == 143 and sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_a_damaged_split_is_counted_in_records_and_the_rows_say_where_each_file_stopped(models, tiny_data, tmp_path,
+                                                                                        capsys):
+    import shutil
+
+    import tensorflow as tf
+
+    ensemble_dir, predictor = models
+    val = tmp_path / "data" / "tfrecords-jpeg-48x48" / "val"  # the size the 48 px member reads
+    shutil.copytree(tiny_data / "tfrecords-jpeg-48x48" / "val", val)
+    first, second = sorted(val.iterdir())  # 00-48x48-20.tfrec, 01-48x48-4.tfrec
+    raw = first.read_bytes()
+    first.write_bytes(raw[: len(raw) // 2])  # a damaged record half-way: it and those after it are lost
+    kept = [r.numpy() for r in tf.data.TFRecordDataset(str(second))][:3]
+    with tf.io.TFRecordWriter(str(second)) as writer:  # cut short at a record boundary: no read error at all
+        for record in kept:
+            writer.write(record)
+    out = tmp_path / "val.csv"
+    assert main([str(ensemble_dir), f"{tmp_path / 'data'}:val", "--out", str(out), "--quiet"]) == 1
+    rows = _rows(out)
+    damaged = [r for r in rows if r["ok"] == "false"]
+    read = len(rows) - len(damaged)
+    assert [r["path"].rpartition("#")[2] for r in damaged] == [f"{first.name}@{read - 3}", f"{second.name}@3"]
+    assert damaged[0]["error"].startswith(f"corrupt_record: {first}: records {read - 3} to 19 ({23 - read} records) "
+                                          "cannot be read (DataLossError: ")
+    assert damaged[1]["error"] == f"corrupt_record: {second}: record 3 cannot be read (the file ends early)"
+    err = capsys.readouterr().err
+    assert err.startswith(f"{24 - read} of 24 records could not be read ({first} from record {read - 3}: "
+                          "DataLossError: ") and "image(s) failed" not in err

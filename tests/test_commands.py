@@ -3,6 +3,9 @@ a traceback and status 1 (never an `error:` line with status 2, as if an option 
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -63,13 +66,91 @@ def test_a_bug_exits_1_with_a_traceback_in_a_fresh_process(tmp_path):
     assert "error:" not in result.stderr
 
 
-def test_ctrl_c_exits_130_quietly(tmp_path, monkeypatch, capsys):
+def test_ctrl_c_is_one_line_and_status_130(tmp_path, monkeypatch, capsys):
     def interrupted(run_dir):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(compare_command, "run_row", interrupted)
     assert flower(["compare", str(tmp_path)]) == 130
-    assert capsys.readouterr() == ("", "")
+    assert capsys.readouterr() == ("", "interrupted\n")
+
+
+def _ctrl_c():
+    raise KeyboardInterrupt
+
+
+def _interrupted_in_a_compiled_module():
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt as err:  # what a pybind11 module (scipy's) makes of a Ctrl-C while it initialises
+        raise ImportError("initialization failed") from err
+
+
+@pytest.mark.parametrize("interrupt", [_ctrl_c, _interrupted_in_a_compiled_module])
+def test_ctrl_c_while_a_command_loads_its_libraries_is_one_line_and_status_130(monkeypatch, capsys, interrupt):
+    from flower import cli
+
+    def loading(name):  # Ctrl-C during `import tensorflow`, seconds before the command's main runs
+        interrupt()
+
+    monkeypatch.setattr(cli.importlib, "import_module", loading)
+    assert flower(["predict", "ens", "photos", "--out", "x.csv"]) == 130
+    assert capsys.readouterr() == ("", "interrupted\n")
+
+    @command
+    def imports_inside_main(argv, prog):  # flower train imports TensorFlow inside its main
+        interrupt()
+
+    assert imports_inside_main([], "flower x") == 130 and capsys.readouterr().err == "interrupted\n"
+
+
+def test_a_finished_command_run_as_the_program_is_not_ended_by_a_late_ctrl_c(tmp_path, monkeypatch, capsys):
+    import signal
+
+    set_to = []  # recorded, not set: pytest keeps its own Ctrl-C
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: set_to.append((signum, handler)))
+    _member(tmp_path / "a", 0.5)
+    assert flower(["compare", str(tmp_path / "a")]) == 0 and set_to == []  # called from Python: left alone
+    monkeypatch.setattr(sys, "argv", ["flower", "compare", str(tmp_path / "a")])
+    assert flower() == 0  # as the program: the libraries' shutdown (a second for TensorFlow's) ignores Ctrl-C
+    assert set_to == [(signal.SIGINT, signal.SIG_IGN)]
+    capsys.readouterr()
+
+
+def test_a_library_that_is_missing_is_still_a_traceback(monkeypatch):
+    from flower import cli
+
+    def missing(name):
+        raise ImportError("No module named 'tensorflow'")
+
+    monkeypatch.setattr(cli.importlib, "import_module", missing)
+    with pytest.raises(ImportError, match="tensorflow"):
+        flower(["train"])
+
+
+def test_ctrl_c_inside_an_exec_of_a_string_still_exits_130_not_by_sigint(tmp_path):
+    (tmp_path / "interrupted_in_exec.py").write_text(  # run as `python -m`, as `python -m flower` runs
+        "import sys\nfrom flower.commands import command\n"
+        "sys.exit(command(lambda argv, prog: exec('raise KeyboardInterrupt'))([], 'flower x'))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    result = subprocess.run([sys.executable, "-m", "interrupted_in_exec"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (130, "interrupted\n")  # -2 (ended by SIGINT) before
+
+
+def test_every_commands_ctrl_c_is_one_line_and_status_130(monkeypatch, capsys):
+    import argparse
+    import importlib
+
+    from flower.cli import COMMANDS
+
+    def interrupted(self, args=None, namespace=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", interrupted)
+    for name, entry in COMMANDS.items():
+        assert importlib.import_module(entry.module).main([], f"flower {name}") == 130, name
+        assert capsys.readouterr() == ("", "interrupted\n"), name
 
 
 def test_a_bad_option_is_argparses_status_2(capsys):
@@ -125,7 +206,15 @@ def test_a_damaged_member_json_is_one_error_line_in_flower_compare(tmp_path, cap
     (run / "member.json").write_text('{"config": {}, "metrics": []}')
     assert flower(["compare", str(run)]) == 2
     out, err = capsys.readouterr()
-    assert err.startswith(f"error: {run}: not a run directory's files (") and err.count("\n") == 1 and out == ""
+    assert err.startswith(f"error: {run / 'member.json'} has no 'config.train.epochs' (") and out == ""
+    assert err.count("\n") == 1
+    shutil.rmtree(run)
+    _member(run, 0.5)
+    document = json.loads((run / "member.json").read_text())
+    document["config"]["model"]["dropout"] = "high"  # a field of the wrong type
+    (run / "member.json").write_text(json.dumps(document))
+    assert flower(["compare", str(run)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {run}: not a run directory's files (ValueError: ")
 
 
 def test_a_split_argument_of_flower_overlap_says_what_is_wrong(tmp_path, capsys):
@@ -135,3 +224,41 @@ def test_a_split_argument_of_flower_overlap_says_what_is_wrong(tmp_path, capsys)
                           (f"{tmp_path}/data:tr ain", "unknown split 'tr ain'")):
         assert flower(["overlap", spec, str(tmp_path / "photos"), "--quiet"]) == 2
         assert message in capsys.readouterr().err
+
+
+def _member(run, f1, **extra) -> None:
+    from core.members import write_member
+    from training.config import load_config
+
+    run.mkdir()
+    write_member(run, {"name": run.name, "config": load_config(None, {}).to_dict(), "metrics": {"val_macro_f1": f1},
+                       **extra})
+
+
+def test_flower_compare_shows_what_a_run_lacks_as_a_dash_and_sorts_runs_without_an_f1_last(tmp_path, capsys):
+    _member(tmp_path / "a", 0.5)  # no timings, no parameter counts: a run written by another tool
+    _member(tmp_path / "b", float("nan"), timings={"seconds_per_epoch": 2.0})
+    _member(tmp_path / "c", 0.8, timings={"seconds_per_epoch": 3.0}, parameters={"trainable": 1234})
+    _member(tmp_path / "d", None)
+    assert flower(["compare", str(tmp_path / "*")]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [(r[0], r[-2], r[-1]) for r in rows] == [("c", "0.8000", "3.0"), ("a", "0.5000", "-"), ("b", "-", "2.0"),
+                                                    ("d", "-", "-")]
+    assert "1,234" in rows[0]
+
+
+def test_flower_compare_names_the_field_a_member_json_lacks(tmp_path, capsys):
+    _member(tmp_path / "a", 0.5)
+    document = json.loads((tmp_path / "a" / "member.json").read_text())
+    del document["config"]["model"]["backbone"]
+    (tmp_path / "a" / "member.json").write_text(json.dumps(document))
+    assert flower(["compare", str(tmp_path / "a")]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'a' / 'member.json'} has no 'config.model.backbone' "
+                                       "(not a run directory's files, or of another version)\n")
+
+
+def test_a_markdown_table_escapes_a_bar_in_a_name(tmp_path, capsys):
+    _member(tmp_path / "a|b", 0.5)
+    assert flower(["compare", str(tmp_path / "a|b"), "--markdown"]) == 0
+    row = capsys.readouterr().out.splitlines()[2]
+    assert row.startswith("| a\\|b | ") and row.replace("\\|", "").count("|") == 12

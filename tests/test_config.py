@@ -3,6 +3,7 @@ named before anything runs, the run folder's name, and `flower train --help`."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -106,3 +107,22 @@ def test_a_member_is_named_after_its_run_folder_unless_named():
     assert load_config(None, {"output": "/tmp/runs/effnet-b0-224"}).member_name == "effnet-b0-224"
     assert load_config(None, {"output": "/tmp/runs/x", "name": "given"}).member_name == "given"
     assert load_config(None, {}).run_dir == Path("runs/member")
+
+
+def test_a_refit_takes_the_best_epoch_with_a_finite_f1_and_names_a_damaged_run(tmp_path):
+    from core.errors import ConfigError
+    from core.members import write_member
+    from training.config import refit_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(load_config(None, {"train.epochs": 4}).to_dict()))
+    write_member(run, {"name": "run"})
+    (run / "history.csv").write_text("epoch,val_macro_f1\n1,nan\n2,0.5\n3,0.7\n4,0.7\n")
+    assert refit_config(run).train.epochs == 3  # the NaN epoch never wins (max() kept a NaN met first)
+    (run / "history.csv").write_text("epoch,val_macro_f1\n1,nan\n")
+    with pytest.raises(ConfigError, match="history.csv holds no epoch with a validation macro F1"):
+        refit_config(run)
+    (run / "config.json").write_text(json.dumps({"name": "run"}))
+    with pytest.raises(ConfigError, match="config.json is not a run's config"):
+        refit_config(run)  # was KeyError: 'data', a traceback

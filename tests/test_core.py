@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -92,6 +93,29 @@ def test_an_error_about_another_file_keeps_that_files_name_and_leftovers_are_kno
     leftover = tmp_path / ".best.weights.h5.x1y2.tmp.weights.h5"
     leftover.write_bytes(b"")
     assert is_tmp(leftover) and is_tmp(tmp_path / "out.bin") is False
+
+
+def test_a_write_removes_what_killed_writes_of_the_same_file_left_but_not_a_live_writers_file(tmp_path):
+    import socket
+    import zlib
+
+    host = f"{zlib.crc32(socket.gethostname().encode()):08x}"
+    gone = 4_194_305  # above the largest pid Linux hands out: a process that has ended
+    target = tmp_path / "out.csv"
+    killed = tmp_path / f".out.csv.{host}-{gone}.k1ll3d_9.tmp"  # what kill -9 left of a write of out.csv
+    others = [tmp_path / f".other.csv.{host}-{gone}.k1ll3d_9.tmp", tmp_path / f".out.csv.0badc0de-{gone}.abcdefgh.tmp"]
+    for path in (killed, *others):
+        path.write_text("half")
+    seen = []
+
+    def slow(tmp: str) -> None:  # a second write of out.csv starts while this one writes: it must leave this one be
+        Path(tmp).write_text("first")
+        write_text_atomic(target, "second")
+        seen.append(sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out.csv.")))
+
+    write_atomic(target, slow)
+    assert target.read_text() == "first" and len(seen[0]) == 2  # the live one and another host's
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*(p.name for p in others), "out.csv"])
 
 
 def test_without_overwrite_a_file_that_appears_while_writing_is_kept(tmp_path):

@@ -140,6 +140,9 @@ def test_class_names_come_from_classes_json_else_the_competition_list(tmp_path, 
     (tmp_path / "classes.json").write_text("{broken")
     with pytest.raises(DataError, match="classes.json is not valid JSON"):
         load_classes(str(tmp_path))
+    (tmp_path / "classes.json").write_text(json.dumps(["rose", "rose ", "  "]))  # a data set made by another tool
+    with pytest.raises(DataError, match="classes.json: class names 'rose' and 'rose ' are one class, 'rose'"):
+        load_classes(str(tmp_path))
 
 
 def test_missing_folders_and_files_are_named(tmp_path, tiny_data):
@@ -172,6 +175,18 @@ def test_a_corrupt_jpeg_deep_in_a_file_is_named_with_its_record(tmp_path):
     with pytest.raises(DataError, match=f"{files[0]}: record 5: image is not a valid JPEG") as bad:
         list(iterate_checked(eval_dataset(split_info(str(tmp_path), "val", 16), 16, 2), info))
     assert "{{" not in str(bad.value) and "[Op:" not in str(bad.value)  # TensorFlow's node names left out
+
+
+def test_a_file_cut_short_at_a_record_boundary_is_named_by_every_reader_of_whole_files(tmp_path):
+    from imaging.records import find_bad_record, iter_records
+
+    path = tmp_path / "00-16x16-3.tfrec"  # its name states 3 records; it holds 2, and no read error says so
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for i in range(2):
+            writer.write(serialize(Record(_jpeg(5), f"r{i}", 0)))
+    with pytest.raises(DataError, match="00-16x16-3.tfrec: holds 2 records, its name states 3"):
+        list(iter_records(str(path)))
+    assert "holds 2 records" in str(find_bad_record([str(path)], True, 16))
 
 
 def test_tensorflow_errors_are_shown_without_their_graph_node_names():

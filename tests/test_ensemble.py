@@ -199,6 +199,37 @@ def test_the_ensemble_directory_has_everything_and_the_submission_matches_kaggle
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_bar_in_a_class_or_member_name_stays_inside_its_cell_of_report_md(tmp_path):
+    from types import SimpleNamespace
+
+    from ensemble.output import write_report
+
+    labels = np.array([0, 1, 1, 0])
+    aligned = SimpleNamespace(members=[None], classes=["rose|red", "tulip"], val_ids=np.arange(4),
+                              test_ids=np.arange(2), val_labels=labels)
+    scores = {"macro_f1": 0.5, "macro_f1_std": 0.1, "accuracy": 0.5, "log_loss": 0.7}
+    write_report(tmp_path, aligned, "mean", scores, {"m|1": scores}, np.eye(2)[[0, 0, 1, 1]], None)
+    rows = [line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("| ")]
+    member = next(r for r in rows if r.startswith("| m"))
+    rose = next(r for r in rows if r.startswith("| 0: rose"))
+    assert member.startswith("| m\\|1 | 0.5000 |") and rose.startswith("| 0: rose\\|red | ")
+    assert member.replace("\\|", "").count("|") == 6 and rose.replace("\\|", "").count("|") == 4  # 5 and 3 cells
+
+
+def test_a_member_name_that_looks_like_tex_is_drawn_as_typed(tmp_path):
+    from ensemble.output import plot_weights
+    from ensemble.spec import BlendSpec
+
+    path = plot_weights(tmp_path / "weights.png", ["$\\bad{$", "m2"], BlendSpec("mean", weights=(0.5, 0.5)))
+    assert path.read_bytes()[:4] == b"\x89PNG"  # matplotlib's math parser refused it, after the blend's whole CV
+    from training.data.augment_grid import write_grid_png  # the grid's titles are class names
+
+    pixels = np.zeros((1, 1, 8, 8, 3), np.uint8)
+    grid = write_grid_png(tmp_path / "grid.png", pixels[0], pixels, ["$\\bad{$"], pixels[0], np.array([[1.0, 0.0]]),
+                          ["$\\bad{$", "b"])
+    assert grid.read_bytes()[:4] == b"\x89PNG"
+
+
 def test_auto_reports_every_method_and_picks_the_best(runs, tmp_path):
     document = build_ensemble(runs, tmp_path / "ens", "auto", folds=3, **QUIET)
     methods = document["cv"]["methods"]
@@ -772,7 +803,7 @@ def test_a_refit_member_is_blended_on_its_originals_validation_predictions(runs,
 
 @pytest.mark.parametrize("member,message", [
     ({"validation_from": ""}, "trained on its validation rows.*--refit-of"),
-    ({"validation_from": "../nowhere"}, "which is not a run directory"),
+    ({"validation_from": "../nowhere"}, "nowhere is not a run directory"),
 ])
 def test_a_refit_whose_validation_source_is_missing_is_refused(runs, tmp_path, member, message):
     with pytest.raises(MemberError, match=message):
@@ -781,7 +812,7 @@ def test_a_refit_whose_validation_source_is_missing_is_refused(runs, tmp_path, m
 
 def test_a_refit_of_a_refit_or_of_other_classes_is_refused(runs, tmp_path):
     (runs[0] / "member.json").write_text(json.dumps({"name": "member0", "config": {"data": {"train_on_val": True}}}))
-    with pytest.raises(MemberError, match="which was trained on its validation rows too"):
+    with pytest.raises(MemberError, match="member0 was trained on its validation rows too"):
         load_member_predictions(_refit_of(runs[0], tmp_path))
     (runs[0] / "member.json").write_text(json.dumps({"name": "member0"}))
     refit = _refit_of(runs[0], tmp_path)

@@ -16,6 +16,7 @@ import pytest
 import tensorflow as tf
 
 from core.errors import DataError
+from tests.conftest import TINY_COUNTS
 from training.config import load_config
 from training.fit.checkpoints import EpochState, latest_checkpoint
 from training.fit.evaluation import classification_scores
@@ -383,3 +384,32 @@ def test_workers_compare_their_resume_epoch_and_their_config_less_its_paths(monk
     compared.clear()
     fit.check_workers_agree(SimpleNamespace(strategy=strategy, policy="mixed_bfloat16"), config, _state(3))
     assert compared[0] == 3 and compared[1] != same  # another precision policy is another setup
+
+
+def test_a_refit_whose_validation_source_blend_would_refuse_is_refused_before_the_first_step(tiny_data, tmp_path):
+    from core.errors import ConfigError
+    from core.members import write_member
+    from testkit.synthetic import write_run_dir
+    from training.data.demo_data import KINDS
+    from training.fit.loop import train_member
+
+    def source(name, classes, rows=TINY_COUNTS["val"]):
+        ids, labels = np.array([f"v{i}" for i in range(rows)]), np.arange(rows) % len(classes)
+        probs = np.full((rows, len(classes)), 1 / len(classes), np.float32)
+        return write_run_dir(tmp_path / name, name, classes, ids, labels, probs, ids[:2], probs[:2])
+
+    kinds = [k.name for k in KINDS]
+    refused_on_val = source("on-val", kinds)
+    write_member(refused_on_val, {"name": "on-val", "config": {"data": {"train_on_val": True}}})
+    for run, message in ((source("other-classes", ["a", "b"]), "its classes differ from those of .*other-classes "
+                                                                r"\(6 vs 2 classes; class 0 is 'red five-petal' here"),
+                         (source("other-data", kinds, rows=5), "holds 5 validation rows, the data's validation "
+                                                               f"split {TINY_COUNTS['val']}"),
+                         (refused_on_val, "on-val was trained on its validation rows too"),
+                         (tmp_path / "nowhere", "nowhere is not a run directory")):
+        out = tmp_path / "refit"
+        config = load_config(None, {"data.dir": str(tiny_data), "output": str(out), "data.image_size": 32,
+                                    "data.train_on_val": True, "data.validation_from": str(run)})
+        with pytest.raises(ConfigError, match=f"data.validation_from='{run}': .*{message}"):
+            train_member(config, log=lambda line: None)
+        assert not out.exists()

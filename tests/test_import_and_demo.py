@@ -243,6 +243,23 @@ def test_make_demo_data_refuses_tiny_sizes_and_empty_splits(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_demo_data_over_an_earlier_data_set_replaces_it_whole_and_keeps_other_files(tmp_path, capsys):
+    from flower.commands.demo_data import main as demo_main
+
+    out = tmp_path / "demo"
+    assert demo_main([str(out), "--sizes", "8,16", "--train", "6", "--val", "6", "--test", "6"]) == 0
+    (out / "notes.txt").write_text("mine")
+    (out / "import_report.json").write_text("{}")  # as if an import had written the earlier data set
+    assert demo_main([str(out), "--sizes", "8", "--train", "12", "--val", "4", "--test", "5"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["classes.json", "notes.txt", "test_answers.csv",
+                                                     "tfrecords-jpeg-8x8"]
+    files = {split: sorted(p.name for p in (out / "tfrecords-jpeg-8x8" / split).iterdir())
+             for split in ("train", "val", "test")}
+    assert files == {"train": ["00-8x8-12.tfrec"], "val": ["00-8x8-4.tfrec"], "test": ["00-8x8-5.tfrec"]}
+    assert len((out / "test_answers.csv").read_text().splitlines()) == 1 + 5
+    capsys.readouterr()
+
+
 DEMO_IN_A_PROCESS = """
 import sys
 from training.data.demo_data import make_demo_data

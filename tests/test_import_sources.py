@@ -144,6 +144,19 @@ def test_a_class_folder_name_that_is_not_utf8_is_refused(tmp_path, capsys):
     assert "class folder name 'b\\xff'" in _one_line_error(capsys)
 
 
+@pytest.mark.parametrize(("names", "message"), [
+    (["rose", "rose ", "tulip"], "class names 'rose' and 'rose ' are one class, 'rose', once their surrounding "
+                                 "spaces are stripped"),
+    (["  ", "rose", "tulip"], "class name '  ' is empty once its surrounding spaces are stripped"),
+])
+def test_class_folders_that_would_be_one_class_or_an_empty_name_are_refused_before_anything_is_written(
+        tmp_path, capsys, names, message):
+    src, out = tmp_path / "src", tmp_path / "out"
+    _classes(src, names, count=1)
+    assert import_main([str(src), str(out), "--sizes", "16", *OFF]) == 2
+    assert message in _one_line_error(capsys) and not out.exists()
+
+
 def test_overlap_shows_names_that_are_not_utf8_escaped(tmp_path, capsys):
     a, b = tmp_path / "A", tmp_path / "B"
     _classes(a, ["x"], count=2)

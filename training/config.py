@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import math
 import re
 import sys
@@ -17,7 +16,7 @@ from typing import Any
 
 from core.contract import MEMBER_FILE
 from core.errors import ConfigError
-from core.members import FIT_MODES, read_member
+from core.members import FIT_MODES, read_json_file, read_member
 from core.sections import section_from_dict
 from imaging.augment_config import AugmentConfig
 
@@ -270,13 +269,12 @@ def refit_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -
     missing = [str(f) for f in files.values() if not f.is_file()]
     if missing:
         raise ConfigError(f"--refit-of needs a finished run directory; missing {', '.join(missing)}")
-    values = json.loads(files["config.json"].read_text())
-    with files["history.csv"].open() as f:
-        rows = list(csv.DictReader(f))
-    if values.get("data", {}).get("train_on_val") or not rows:
-        raise ConfigError(f"{run_dir} was trained on train+val, or has no epochs: refit a run trained on train only")
-    best = max(rows, key=lambda r: float(r["val_macro_f1"]))
-    epochs = int(best["epoch"])
+    values = read_json_file(files["config.json"])
+    if not isinstance(values, dict) or not all(isinstance(values.get(k), dict) for k in ("data", "train", "model")):
+        raise ConfigError(f"{files['config.json']} is not a run's config (no data, train and model sections)")
+    if values["data"].get("train_on_val"):
+        raise ConfigError(f"{run_dir} was trained on train+val: refit a run trained on train only")
+    epochs = best_epoch(files["history.csv"])
     name = read_member(run_dir).name
     values.update(name=f"{name}-refit", output=str(run_dir.parent / f"{run_dir.name}-refit"))
     values["data"].update(train_on_val=True, validation_from=str(run_dir))
@@ -284,6 +282,24 @@ def refit_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -
     if values["model"].get("unfreeze_epoch", 0) >= epochs:  # the best epoch came before the unfreeze
         values["model"]["unfreeze_epoch"] = 0
     return config_from_dict(with_overrides(values, overrides or {}))
+
+
+def best_epoch(history: Path) -> int:
+    """The epoch of history.csv with the best validation macro F1 (the first of equals; epochs without a finite F1
+    never count); ConfigError naming the file when it holds none."""
+    with history.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    scored = []
+    for row in rows:
+        try:
+            f1, epoch = float(row.get("val_macro_f1") or "nan"), int(row.get("epoch") or "")
+        except ValueError:
+            continue
+        if math.isfinite(f1):
+            scored.append((f1, -epoch, epoch))
+    if not scored:
+        raise ConfigError(f"{history} holds no epoch with a validation macro F1: refit a run that finished an epoch")
+    return max(scored)[2]
 
 
 def _field_comments(cls) -> dict[str, str]:

@@ -5,7 +5,9 @@ Every command's `main` is wrapped by `command`, the one place that applies the e
   0    done
   2    a `FlowerError` (a bad option, config value, file or folder: one line `error: <message>` on stderr), an
        argparse error, or an `OSError` naming what failed (a missing or unreadable file, a full disk)
-  130  interrupted (Ctrl-C), quietly
+  130  interrupted (Ctrl-C): one line `interrupted` on stderr (also while the command's module is still being
+       imported: flower.cli applies the same rule there); whatever the command writes is written whole or not at
+       all. Once the command has returned, the `flower` process ignores Ctrl-C while it exits (its work is written).
   143  terminated (SIGTERM), in a command that calls `stop_on_sigterm` (`flower train`, `flower predict`): after
        the same clean-ups as Ctrl-C
   1    anything else is a bug: it propagates with its traceback (Python's own exit status 1)
@@ -45,6 +47,28 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, terminate)
 
 
+def interrupted() -> int:
+    """Say `interrupted` on stderr; returns the status of Ctrl-C."""
+    # A Ctrl-C that lands inside an exec() of a string (numpy's and scipy's imports run some) sets CPython's
+    # "unhandled KeyboardInterrupt" flag even when it is caught, and the interpreter then ends by SIGINT instead
+    # of this status (seen 4 times in 13 Ctrl-C's during `flower blend`'s imports). The next exec() of a string
+    # clears that flag.
+    exec("")
+    print("interrupted", file=sys.stderr)
+    return INTERRUPTED
+
+
+def interrupted_import(err: ImportError) -> bool:
+    """Whether an ImportError is a Ctrl-C in disguise: a compiled module (scipy's pybind11 ones) whose
+    initialisation was interrupted says 'initialization failed', caused by the KeyboardInterrupt."""
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, KeyboardInterrupt):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
 def os_error_text(err: OSError) -> str:
     """What an OSError says, with the file it names: '<file>: No space left on device'."""
     where = f"{err.filename}: " if err.filename else ""
@@ -63,6 +87,10 @@ def command(main: Main) -> Callable[..., int]:
         except OSError as err:  # the world, not the code: a file missing or unreadable, a full or read-only disk
             return error(os_error_text(err))
         except KeyboardInterrupt:
-            return INTERRUPTED
+            return interrupted()
+        except ImportError as err:  # a library loaded inside main (TensorFlow when training)
+            if interrupted_import(err):
+                return interrupted()
+            raise
 
     return run

@@ -9,7 +9,7 @@ from pathlib import Path
 import training.fit.compare
 from core.errors import DataError
 from flower.commands import command
-from training.fit.compare import format_table, run_row
+from training.fit.compare import by_f1, format_table, run_row
 
 
 def parser(prog: str) -> argparse.ArgumentParser:
@@ -18,7 +18,7 @@ def parser(prog: str) -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run directories or glob patterns")
     parser.add_argument("--sort", choices=["f1", "name"], default="f1",
-                        help="order rows by F1 (best first) or name (default f1)")
+                        help="order rows by F1 (best first; runs without one last) or name (default f1)")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
     return parser
 
@@ -31,6 +31,6 @@ def main(argv: list[str] | None = None, prog: str = "flower compare") -> int:
     rows = [run_row(p) for p in paths if p.is_dir() or not p.exists()]
     if not rows:
         raise DataError("no run directories given")
-    key = (lambda r: -float(r["val_macro_f1"])) if args.sort == "f1" else (lambda r: r["run"])
+    key = by_f1 if args.sort == "f1" else (lambda r: r["run"])
     print(format_table(sorted(rows, key=key), args.markdown))
     return 0

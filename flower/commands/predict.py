@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 import service.scoring as scoring
@@ -71,12 +72,15 @@ def main(argv: list[str] | None = None, prog: str = "flower predict") -> int:
     summary = scoring.score(predictor, inputs, args.out, options, args.overwrite, args.quiet)
     if not args.quiet:
         print(summary_line(summary, inputs, args.out), file=sys.stderr)
-    if summary.failures:
-        kinds = ", ".join(f"{kind} {n}" for kind, n in summary.failed.most_common())
-        print(f"{summary.failures} of {summary.rows} image(s) failed ({kinds}): see the error column of "
-              f"{shown(args.out)}", file=sys.stderr)
-        return SOME_FAILED
-    return 0
+    damage = summary.damage_line()
+    if damage:  # counted in records, not rows: a damaged file is one row however many records it lost
+        print(f"{damage} of {shown(args.out)}", file=sys.stderr)
+    failed = summary.failed - Counter(corrupt_record=len(summary.damaged))
+    if failed.total():
+        kinds = ", ".join(f"{kind} {n}" for kind, n in failed.most_common())
+        print(f"{failed.total()} of {summary.rows - len(summary.damaged)} image(s) failed ({kinds}): see the error "
+              f"column of {shown(args.out)}", file=sys.stderr)
+    return SOME_FAILED if summary.failures else 0
 
 
 def check_out_is_no_input(out: Path, inputs: Inputs) -> None:

@@ -75,7 +75,7 @@ def write_grid_png(
         ax.axis("off")
     for r in range(rows):
         axes[r, 0].imshow(originals[r])
-        axes[r, 0].set_title(f"eval: {titles[r]}"[:22], fontsize=7)
+        axes[r, 0].set_title(f"eval: {titles[r]}"[:22], fontsize=7, parse_math=False)  # a class name, as typed
         for c in range(ncopies):
             axes[r, c + 1].imshow(copies[r, c])
             if r == 0:
@@ -85,7 +85,7 @@ def write_grid_png(
         ax.imshow(mixed[i])
         top = np.argsort(mixed_labels[i])[::-1][:2]
         label = " + ".join(f"{classes[k][:10]} {mixed_labels[i][k]:.2f}" for k in top if mixed_labels[i][k] > 0)
-        ax.set_title(label, fontsize=6)
+        ax.set_title(label, fontsize=6, parse_math=False)
     fig.tight_layout()
     out = write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
     plt.close(fig)

@@ -5,6 +5,11 @@
 Each class is a procedurally drawn "flower" whose petal count, colour and petal shape are set by the
 class; position, size, rotation, hue, background and clutter vary per image. It trains in minutes on
 two CPU cores and needs no download.
+
+The data set in the folder (its tfrecords-jpeg-SxS folders, classes.json, test_answers.csv and an import's
+import_report.json) is replaced as a whole, as `flower import --overwrite` replaces it: written into a
+staging folder inside it and swapped in when complete; other files in the folder are kept. An interrupted
+run leaves the earlier data set as it was (the next run or import into the folder cleans up).
 """
 
 from __future__ import annotations
@@ -141,21 +146,32 @@ def make_demo_data(
     records_per_file: int = 200,
     progress: bool = True,
 ) -> dict[str, int]:
-    """Write the demo data set (all sizes, train/val/test, classes.json, test_answers.csv); return counts."""
-    from core.contract import size_folder_name
-    from core.files import write_text_atomic
-    from imaging.records import Record, write_split  # TensorFlow only when writing records
+    """Write the demo data set (all sizes, train/val/test, classes.json, test_answers.csv); return counts.
+
+    The data set in `out_dir` is replaced as one unit, as `flower import --overwrite` replaces one (staged inside
+    it, then swapped in: training.data.importer.publish): nothing of an earlier data set there stays beside it."""
+    from training.data.importer.publish import publish
 
     counts = counts or {"train": 720, "val": 240, "test": 240}
     _check_demo_options(sizes, counts)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     per_split: dict[str, list[tuple[str, int, Image.Image]]] = {s: [] for s in counts}
     total = sum(counts.values())
     for done, (split, image_id, label, image) in enumerate(demo_examples(counts, seed), 1):
         per_split[split].append((image_id, label, image))
         if progress and (done % 200 == 0 or done == total):
             print(f"  drawn {done}/{total} images", flush=True)
+    publish(Path(out_dir), lambda folder: _write_demo_set(folder, per_split, sizes, records_per_file, progress),
+            overwrite=True, classes=[k.name for k in KINDS], sizes=sizes, progress=progress)
+    return dict(counts)
+
+
+def _write_demo_set(out: Path, per_split: dict[str, list[tuple[str, int, Image.Image]]], sizes: Sequence[int],
+                    records_per_file: int, progress: bool) -> None:
+    """Write every size's records, classes.json and test_answers.csv into `out` (the staging folder)."""
+    from core.contract import size_folder_name
+    from core.files import write_text_atomic
+    from imaging.records import Record, write_split  # TensorFlow only when writing records
+
     for size in sizes:
         for split, items in per_split.items():
             labelled = split != "test"
@@ -169,4 +185,3 @@ def make_demo_data(
     writer.writerow(["id", "label"])
     writer.writerows((i, lab) for i, lab, _ in per_split.get("test", []))
     write_text_atomic(out / TEST_ANSWERS_FILE, buffer.getvalue())
-    return dict(counts)

@@ -13,6 +13,7 @@ from core.contract import (
     CLASSES_FILE,
     SPLITS,
     choose_size,
+    class_name_problem,
     competition_classes,
     count_in_name,
     folder_size,
@@ -94,6 +95,9 @@ def load_classes(data_dir: str) -> list[str]:
                 raise DataError(f"{path} is not valid JSON: {err}") from None
         if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
             raise DataError(f"{path} must hold a non-empty JSON list of class names")
+        problem = class_name_problem(names)
+        if problem:
+            raise DataError(f"{path}: {problem}")
         return [n.strip() for n in names]
     return competition_classes()
 

@@ -6,11 +6,13 @@ augmentation, regularisation, schedule) did to validation macro F1.
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
+from typing import Any
 
-from core.errors import DataError
-from core.members import is_run_directory, read_member
+from core.errors import DataError, FlowerError
+from core.members import is_run_directory, read_json_file, read_member
+from core.names import table_cell
 from training.fit.checkpoints import EpochState, latest_checkpoint
 
 COLUMNS = ("run", "backbone", "size", "weights", "trainable", "augmentation", "regularisation", "schedule",
@@ -34,49 +36,101 @@ def augmentation_summary(augment: dict) -> str:
 
 def run_row(run_dir: Path) -> dict[str, str]:
     """One table row from a run directory's member.json (finished runs) or checkpoint state (running ones); a
-    member.json, config.json or state.json that is not what a run writes is a DataError naming the run."""
+    member.json, config.json or state.json that is not what a run writes is a DataError naming the run and the
+    field. What only some runs have (timings, parameter counts, an F1) shows as '-' when absent."""
     try:
         return _row(run_dir)
-    except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as err:  # a damaged or foreign file
+    except FlowerError:
+        raise
+    except (TypeError, AttributeError, ValueError) as err:  # a field of the wrong type, or a file that is no JSON
         raise DataError(f"{run_dir}: not a run directory's files ({type(err).__name__}: {err})") from None
+
+
+def _field(document: dict, path: str, where: str, prefix: str = "") -> Any:
+    """document["a"]["b"] for path "a.b"; a DataError naming the file and the field (as `prefix` + path) when it
+    is not there."""
+    value: Any = document
+    for key in path.split("."):
+        if not isinstance(value, dict) or key not in value:
+            raise DataError(f"{where} has no '{prefix}{path}' (not a run directory's files, or of another version)")
+        value = value[key]
+    return value
+
+
+def _optional(document: dict, path: str) -> Any:
+    """document["a"]["b"] for path "a.b", None when it is not there."""
+    value: Any = document
+    for key in path.split("."):
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def _finite(value: Any) -> float | None:
+    """A number that is finite, else None (absent, null, NaN, infinite, not a number)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 def _row(run_dir: Path) -> dict[str, str]:
     """run_row's work, any malformed field raising as it is met."""
     if is_run_directory(run_dir):
-        member = read_member(run_dir).document
-        config = member["config"]
-        f1 = member["metrics"]["val_macro_f1"]
-        seconds = member["timings"]["seconds_per_epoch"]
-        trainable = member["parameters"]["trainable"]
-        epochs = str(config["train"]["epochs"])
+        member = read_member(run_dir)
+        where, prefix = str(member.path), "config."
+        config = _field(member.document, "config", where)
+        f1 = member.val_macro_f1
+        seconds = _finite(_optional(member.document, "timings.seconds_per_epoch"))
+        trainable = _optional(member.document, "parameters.trainable")
+        epochs = str(_field(config, "train.epochs", where, prefix))
     else:
         checkpoint = latest_checkpoint(run_dir / "checkpoints")
         if checkpoint is None:
             raise DataError(f"{run_dir} is not a run directory (no member.json or checkpoints/epoch-NNNN/state.json)")
-        config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else None
-        state = EpochState.read(checkpoint / "state.json")
-        if config is None:
+        if not (run_dir / "config.json").is_file():
             raise DataError(f"{run_dir} is still running and has no config.json")
-        f1, trainable = state.best_f1, None
+        config = read_json_file(run_dir / "config.json")
+        where, prefix = str(run_dir / "config.json"), ""
+        state = EpochState.read(checkpoint / "state.json")
+        f1, trainable = (state.best_f1 if state.best_f1 >= 0 else None), None
         seconds = sum(h["seconds"] for h in state.history) / max(len(state.history), 1)
-        epochs = f"{state.epoch}/{config['train']['epochs']}"
-    model, schedule, train = config["model"], config["schedule"], config["train"]
-    return {
-        "run": run_dir.name, "backbone": model["backbone"], "size": str(config["data"]["image_size"]),
-        "weights": model["weights"], "trainable": f"{trainable:,}" if trainable is not None else model["trainable"],
-        "augmentation": augmentation_summary(config["augment"]),
-        "regularisation": f"drop {model['dropout']:g} ls {train['label_smoothing']:g} wd {train['weight_decay']:g}",
-        "schedule": f"{schedule['kind']} max {schedule['max']:g}", "epochs": epochs,
-        "val_macro_f1": f"{f1:.4f}", "s/epoch": f"{seconds:.1f}" if seconds else "-",
+        epochs = f"{state.epoch}/{_field(config, 'train.epochs', where)}"
+    f1 = _finite(f1)
+    return _cells(run_dir.name, config, where, prefix) | {
+        "trainable": f"{trainable:,}" if _whole(trainable) else str(_field(config, "model.trainable", where, prefix)),
+        "epochs": epochs, "val_macro_f1": f"{f1:.4f}" if f1 is not None else "-",
+        "s/epoch": f"{seconds:.1f}" if seconds else "-",
     }
+
+
+def _cells(name: str, config: Any, where: str, prefix: str) -> dict[str, str]:
+    """The columns a run's config gives."""
+    def get(path: str) -> Any:
+        return _field(config, path, where, prefix)
+
+    return {
+        "run": name, "backbone": get("model.backbone"), "size": str(get("data.image_size")),
+        "weights": get("model.weights"), "augmentation": augmentation_summary(get("augment")),
+        "regularisation": f"drop {get('model.dropout'):g} ls {get('train.label_smoothing'):g} "
+                          f"wd {get('train.weight_decay'):g}",
+        "schedule": f"{get('schedule.kind')} max {get('schedule.max'):g}",
+    }
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def by_f1(row: dict[str, str]) -> tuple[bool, float, str]:
+    """The sort key of --sort f1: best F1 first, runs without one ('-', NaN in the file) last, then by name."""
+    f1 = float(row["val_macro_f1"]) if row["val_macro_f1"] != "-" else math.nan
+    return (math.isnan(f1), -f1 if not math.isnan(f1) else 0.0, row["run"])
 
 
 def format_table(rows: list[dict[str, str]], markdown: bool) -> str:
     """Aligned plain text or a markdown table."""
     if markdown:
         lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-        lines += ["| " + " | ".join(r[c] for c in COLUMNS) + " |" for r in rows]
+        lines += ["| " + " | ".join(table_cell(r[c]) for c in COLUMNS) + " |" for r in rows]
         return "\n".join(lines)
     widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in COLUMNS}
     lines = ["  ".join(c.ljust(widths[c]) for c in COLUMNS)]

@@ -29,7 +29,7 @@ import tensorflow as tf
 from core.contract import CLASS_FEATURE
 from core.errors import ConfigError, DataError, tf_reason
 from core.files import write_text_atomic
-from core.members import data_fit
+from core.members import ArtifactError, data_fit, validation_source_problem
 from imaging.records import find_bad_record
 from training.config import RunConfig, check_unfreeze_reachable, trainable_at
 from training.data.dataset import SplitInfo, split_info, train_dataset
@@ -319,6 +319,23 @@ class Budget:
         return time.monotonic() - self.started + max(self.epochs) + self.finish > self.seconds
 
 
+def check_validation_source(config: RunConfig) -> None:
+    """Refuse, before the first step, a data.validation_from run that flower blend would refuse to stand for this
+    refit (core.members.validation_source_problem): missing, trained on val itself, other classes than the data's,
+    no predictions/val.npz, or not as many validation rows as the data's validation split."""
+    source, data = config.data.validation_from, config.data
+    if not source:
+        return
+    val = split_info(data.dir, "val", data.image_size, data.file_size or None)
+    try:
+        problem = validation_source_problem(Path(source), load_classes(data.dir), val.count)
+    except ArtifactError as err:
+        problem = str(err)
+    if problem:
+        raise ConfigError(f"data.validation_from={source!r}: {problem}; name the finished run (trained on train "
+                          f"only, on {data.dir}) that this one refits")
+
+
 def train_member(config: RunConfig, log: Log = print, after_epoch: AfterEpoch | None = None) -> Path:
     """Train, evaluate, export and predict; return the run directory.
 
@@ -327,10 +344,7 @@ def train_member(config: RunConfig, log: Log = print, after_epoch: AfterEpoch | 
     """
     budget = Budget(config.train.time_budget_minutes * 60)  # counts from here: the session's clock is running
     check_resumable(config.run_dir / "checkpoints", config.to_dict())
-    source = config.data.validation_from
-    if source and not (Path(source) / "predictions" / "val.npz").is_file():
-        raise ConfigError(f"data.validation_from={source!r} has no predictions/val.npz: name the finished run this "
-                          "one refits")
+    check_validation_source(config)
     chief, task = this_task()
     if chief:
         with naming_a_lost_worker(config):

@@ -27,6 +27,9 @@ broken links, link loops and pipes or devices. Links are followed; a file reache
 imported once, and not at all when it is reached from two class folders (its label is ambiguous). A class
 folder that is a link to the source folder or above it, or two class folders that are one folder, are
 refused. A file name that is not valid UTF-8 is imported, shown with its odd bytes escaped (`bad\\xff.jpg`).
+A class is named by its folder, and every part shows and compares class names without surrounding spaces:
+a folder whose name is only spaces, or two whose names are equal once stripped (`rose` and `rose `), are
+refused before anything is written.
 
 OUT is one data set: its size folders, classes.json, test_answers.csv and import_report.json. An import into
 a folder that holds one is refused unless --overwrite is given, which replaces all of them as one unit (size

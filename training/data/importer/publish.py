@@ -53,7 +53,8 @@ def refuse_existing(out: Path, overwrite: bool, classes: list[str], sizes: Seque
 
 def locked(out: Path) -> AbstractContextManager[None]:
     """Hold OUT's import lock (an flock on the folder; released when the process ends, even when it is killed)."""
-    return folder_lock(out, f"another import is writing to {out} right now; wait for it to end and try again")
+    return folder_lock(out, f"another import (or flower demo-data) is writing to {out} right now; wait for it to "
+                            "end and try again")
 
 
 def publish(out: Path, stage: Callable[[Path], None], overwrite: bool, classes: list[str], sizes: Sequence[int],

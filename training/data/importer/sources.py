@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
 
+from core.contract import class_name_problem
 from core.errors import DataError
 from core.names import shown
 from core.photos import HIDDEN_NAME, NOT_A_PHOTO_NAME, Problem, entry_problem, walk_photos
@@ -37,6 +38,9 @@ def scan_source(src: Path) -> Scan:
     scan.classes = _class_folders(src, scan)
     if len(scan.classes) < 2:
         raise DataError(f"{src} must hold one sub-folder per class (at least 2); found {scan.classes}")
+    problem = class_name_problem(scan.classes)
+    if problem:
+        raise DataError(f"class folders in {src}: {problem}; rename the folders (a class is named by its folder)")
     found: list[list[Path]] = []
     reached: dict[str, list[tuple[Path, int]]] = {}  # real path: every (path, label) it is reached by
     for label, name in enumerate(scan.classes):
