@@ -53,6 +53,9 @@ def test_the_refusals_say_exactly_what_is_wrong():
             decode_image(blob, limit)
         assert (refused.value.kind, refused.value.message, str(refused.value)) == (kind, message, message)
     assert decode_image(_encoded("PNG"), 5000).shape == (50, 100, 3)  # exactly the limit: decoded
+    with pytest.raises(ImageError, match="more than the limit of 4999"):  # the header count keeps the limit too
+        decoded_pixels(_encoded("PNG"), 4999)
+    assert decoded_pixels(_encoded("PNG"), 5000) == 5000
 
 
 def test_a_png_cut_short_after_its_header_is_named_corrupt():

@@ -78,6 +78,7 @@ def test_each_image_gets_its_own_row_and_tta_averages_the_plain_and_seeded_passe
         one_draw = [augment_batch(square[None], tf.constant([1 + k, 0], tf.int64), TTA_AUGMENT, SIZE)[0]
                     for square in batch]  # each image as a batch of one
         passes.append(model(tf.stack(one_draw))["probabilities"].numpy())
+    np.testing.assert_allclose(plain, passes[0], atol=1e-6)  # no augmented pass unless TTA is asked for
     model.batches.clear()
     with_tta = member.probabilities(images, tta=4)
     assert len(model.batches) == 4  # the plain pass and three augmented ones
