@@ -168,6 +168,13 @@ def zip_inflation_problem(members: Iterable[zipfile.ZipInfo]) -> str | None:
     return None
 
 
+def read_zip_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    """A zip member's bytes, inflated a piece at a time no further than its declared size: ZipFile.read inflates
+    up to 1 GiB at once before it cuts the data to that size (a 256 KiB member declared 64 bytes took 0.5 GiB)."""
+    with archive.open(info) as member:
+        return member.read(info.file_size)
+
+
 def publish_file(tmp: str | Path, out: Path, overwrite: bool) -> bool:
     """Give a complete temporary file the umask's mode and rename it onto out; False (tmp kept) when out
     appeared meanwhile and overwrite is off: no check-then-rename race where hard links exist."""

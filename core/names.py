@@ -3,6 +3,7 @@ service, without the server's paths; any name as a markdown table cell (TensorFl
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -19,7 +20,9 @@ def shown(text: str) -> str:
     return text.translate(_CONTROL)
 
 
-_ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/-])/[^\s'\"(),;:]+")  # a path from the root, up to a space or punctuation
+_PART = r"[^/\s'\"(),;:]+"  # one folder or file name, up to a space, a slash or punctuation
+# A path from the root: its folders may hold single spaces ('/home/my repo/x'), the last part may not.
+_ABSOLUTE_PATH = re.compile(rf"(?<![\w.~:/-])/(?:{_PART}(?: {_PART})*/)*(?:{_PART})?")
 _PATH_END = r"(?=[/\s'\"(),;:]|$)"  # where a folder's name ends inside a longer text
 
 
@@ -28,6 +31,7 @@ def without_paths(text: str, folders: dict[Path, str]) -> str:
     absolute) replaced by the name given for it, and any other absolute path by its last part."""
     for folder, name in folders.items():
         spellings = {str(folder), str(folder.absolute()), str(folder.resolve())} - {"", "."}
+        spellings |= {repr(os.fsencode(s))[2:-1] for s in spellings}  # as TensorFlow writes a path: b'/caf\xc3\xa9'
         for spelling in sorted(spellings, key=len, reverse=True):
             text = re.sub(re.escape(spelling) + _PATH_END, lambda _, name=name: name, text)
     return _ABSOLUTE_PATH.sub(lambda match: match.group().rstrip("/").rpartition("/")[2] or "/", text)

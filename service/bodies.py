@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,7 @@ _PLAIN = rb"-+0-9.eE,\[\] \t\r\n"  # the characters of an array of plain numbers
 _RUN = re.compile(rb"\[[" + _PLAIN + rb"]*+")
 _PLACEHOLDER = "\0flower.numbers"
 _CHUNK = 1 << 18  # numbers are parsed this many bytes of text at a time (~2 MiB of temporaries)
+_SPELLING_WINDOW = 1 << 15
 _BRACKETS = bytes.maketrans(b"[]", b"  ")
 
 
@@ -73,7 +75,28 @@ def _plain_numbers(text: bytes) -> np.ndarray:
         values = None
     if values is None or len(values) != bare.count(b",") + 1:
         raise ValueError("an element is not a number")
+    if not _json_spellings(text):
+        raise ValueError("an element is not a number as JSON writes one (+1, .5, 1. and 01 are not)")
     return values
+
+
+def _json_spellings(text: bytes) -> bool:
+    """No number of a piece that numpy reads is spelled as JSON forbids: a leading '+', a '.' without a digit
+    on both sides, or an integer part that starts with 0 and goes on (numpy reads +1, .5, 1. and 01; JSON not).
+    Looked at 32 KiB at a time, so that its masks stay small beside the piece's numbers."""
+    padded = np.frombuffer(b",," + text + b",", np.uint8)  # a piece is cut at commas: one stands at either end
+    for start in range(2, len(padded) - 1, _SPELLING_WINDOW):
+        stop = min(start + _SPELLING_WINDOW, len(padded) - 1)
+        at, prev, prev2, after = (padded[start + shift:stop + shift] for shift in (0, -1, -2, 1))
+        prev_digit, next_digit = (prev >= ord("0")) & (prev <= ord("9")), (after >= ord("0")) & (after <= ord("9"))
+        exponent = (prev == ord("e")) | (prev == ord("E"))
+        signed_exponent = ((prev == ord("-")) | (prev == ord("+"))) & ((prev2 == ord("e")) | (prev2 == ord("E")))
+        bad = (at == ord("+")) & ~exponent
+        bad |= (at == ord(".")) & ~(prev_digit & next_digit)
+        bad |= (at == ord("0")) & next_digit & ~(prev_digit | (prev == ord(".")) | exponent | signed_exponent)
+        if bad.any():
+            return False
+    return True
 
 
 def _array_end(body: bytes, start: int, end: int) -> int:
@@ -117,11 +140,19 @@ def load_json(body: bytes, numbers: bool = False, hint: str = "") -> Any:
         raise ClientError(413, "too_many_json_values", f"the JSON body holds up to {values} values (counted by "
                                                        f"their separators), more than the {MAX_JSON_VALUES} a "
                                                        f"request needs{hint}")
+    if not found:
+        return json.loads(text)
+    try:
+        return json.loads(text, object_pairs_hook=partial(_placeholder, found))
+    except ValueError as err:  # an array cut out of a string ("id": "[1,2,...]") leaves no JSON: parse as it came
+        try:
+            return load_json(body, hint=hint)
+        except ClientError:  # too many values uncut: the body's own fault is the one to report
+            raise err from None
 
-    def placeholder(pairs: list[tuple[str, Any]]) -> Any:
-        if len(pairs) == 1 and pairs[0][0] == _PLACEHOLDER and type(pairs[0][1]) is int \
-                and 0 <= pairs[0][1] < len(found):
-            return found[pairs[0][1]]
-        return dict(pairs)
 
-    return json.loads(text, object_pairs_hook=placeholder if found else None)
+def _placeholder(found: list[Numbers], pairs: list[tuple[str, Any]]) -> Any:
+    """An object of the parsed text: the `Numbers` a placeholder stands for, else a dict."""
+    if len(pairs) == 1 and pairs[0][0] == _PLACEHOLDER and type(pairs[0][1]) is int and 0 <= pairs[0][1] < len(found):
+        return found[pairs[0][1]]
+    return dict(pairs)

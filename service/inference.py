@@ -74,7 +74,16 @@ def decode_base64(text: str) -> bytes:
     try:
         return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
     except (binascii.Error, ValueError):
-        raise ValueError("not valid base64") from None
+        raise ValueError(f"not valid base64{_base64_hint(text)}") from None
+
+
+def _base64_hint(text: str) -> str:
+    """What a client most likely sent instead of standard base64, as a clause ('' when nothing is recognised)."""
+    if text[:5].lower() == "data:":
+        return ": a data URI (send only the text after 'base64,')"
+    if "-" in text or "_" in text:
+        return ": '-' or '_' of URL-safe base64 (send standard base64, with '+' and '/')"
+    return ""
 
 
 def encoded_blobs(blobs: list[bytes | ImageError], max_bytes: int, what: str) -> list[EncodedImage]:

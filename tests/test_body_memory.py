@@ -89,6 +89,8 @@ def test_binary_bytes_elements_past_the_declared_shape_are_not_read(client):
     ("", "an element is missing"), ("[]", "an element is missing"), ("1e", "an element is not a number"),
     ("1 1", "an element is not a number"), ("1e39", "finite RGB values in 0..255"),  # float32 overflow: infinite
     (None, "an element is missing"),  # a trailing comma
+    ("+1", "as JSON writes one"), (".5", "as JSON writes one"), ("1.", "as JSON writes one"),  # numpy reads them
+    ("01", "as JSON writes one"), ("-05", "as JSON writes one"), ("1.e2", "as JSON writes one"),
 ])
 def test_a_long_array_of_numbers_read_straight_into_float32_is_checked_as_json_would_be(client, odd, problem):
     values = ["1"] * 1203  # [1, 1, 401, 3]: 2.4 KB of JSON, read as `Numbers`
@@ -97,3 +99,10 @@ def test_a_long_array_of_numbers_read_straight_into_float32_is_checked_as_json_w
             % ",".join(values).encode())
     answer = client.post(V2, content=body)
     assert answer.status_code == 400 and problem in answer.json()["error"], answer.text
+
+
+def test_a_string_that_looks_like_a_long_array_of_numbers_stays_a_string(client):
+    note = "[" + ",".join(["1"] * 600) + "]"  # 1.2 KB: long enough to be cut out, were it not inside a string
+    body = {"id": note, "inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 1, 1, 3], "data": [1, 2, 3]}]}
+    answer = client.post(V2, content=json.dumps(body).encode())
+    assert answer.status_code == 200 and answer.json()["id"] == note, answer.text

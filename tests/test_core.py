@@ -263,3 +263,12 @@ def test_text_shown_to_a_client_names_a_known_folder_as_given_and_any_other_abso
     assert without_paths(text, {version: "m/1"}) == (
         "m/1/member.json is not JSON; x; member 'a' (a): NaN; [Errno 2] No such file: 'saved_model'; ratio 1/2, "
         "gs://bucket/file, runs/b")
+
+
+def test_a_server_path_with_spaces_or_accents_or_written_as_bytes_is_not_shown_to_a_client():
+    version = Path("/srv/my models é/flowers/3")
+    tf_error = "OSError: Cannot parse file b'/srv/my models \\xc3\\xa9/flowers/3/saved_model/saved_model.pb': corrupt"
+    assert without_paths(tf_error, {version: "flowers/3"}) == \
+        "OSError: Cannot parse file b'flowers/3/saved_model/saved_model.pb': corrupt"
+    text = "run directory not found: /home/Ann Lee/other runs/x; /srv/old copy/linked/saved_model cannot be loaded"
+    assert without_paths(text, {version: "flowers/3"}) == "run directory not found: x; saved_model cannot be loaded"

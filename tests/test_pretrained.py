@@ -11,6 +11,7 @@ import sys
 import tracemalloc
 import types
 import zipfile
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 
@@ -299,6 +300,39 @@ def test_a_deflated_storage_is_checked_against_the_model_and_its_file_before_it_
     peak, message = _peak_mb(lambda: read_state_dict(path))  # no model to check against: the inflation is bounded
     assert peak < 16 and "would inflate to 67108864 bytes, more than 16 times its" in message, \
         (peak, message)
+
+
+
+def _inflating_past_its_size(src: Path, dst: Path, member: str, padding: int) -> Path:
+    """A copy of the zip `src` whose `member` is deflated with `padding` zero bytes after its data, its declared
+    size and CRC still those of its data (zipfile inflates, then cuts what it inflated to the declared size)."""
+    with zipfile.ZipFile(src) as original:
+        items = {name: original.read(name) for name in original.namelist()}
+    with zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as out:
+        for name, data in items.items():
+            out.writestr(name, data + b"\0" * padding if name == member else data)
+    raw = bytearray(dst.read_bytes())
+    entry = raw.find(b"PK\x01\x02")
+    while raw[entry + 46:entry + 46 + struct.unpack_from("<H", raw, entry + 28)[0]] != member.encode():
+        entry = raw.find(b"PK\x01\x02", entry + 4)  # the central directory's entries, which zipfile reads
+    struct.pack_into("<I", raw, entry + 16, zlib.crc32(items[member]))
+    struct.pack_into("<I", raw, entry + 24, len(items[member]))
+    dst.write_bytes(bytes(raw))
+    return dst
+
+
+@pytest.mark.parametrize("member", ["weights/data/0", "weights/data.pkl", "weights/byteorder"])
+def test_a_zip_member_that_inflates_past_its_declared_size_is_inflated_no_further_than_it(tmp_path, member):
+    small = write_zip(tmp_path / "small.pt", _tensors({"w": np.arange(16)}))
+    path = _inflating_past_its_size(small, tmp_path / "liar.pt", member, 32 << 20)  # a 32 KiB file
+    tracemalloc.start()
+    try:
+        state = read_state_dict(path)
+        peak = tracemalloc.get_traced_memory()[1] / 2**20
+    finally:
+        tracemalloc.stop()
+    assert peak < 4, f"{peak:.0f} MiB"  # zipfile's read() inflated it all first: 77 MiB here
+    np.testing.assert_array_equal(state["w"], np.arange(16, dtype=np.float32))
 
 
 # --- the port ---------------------------------------------------------------------------------

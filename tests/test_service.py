@@ -252,6 +252,24 @@ def test_unpadded_and_line_wrapped_base64_is_accepted_by_both_json_protocols(cli
         assert v2_refusal.status_code == 400 and "not valid base64" in v2_refusal.json()["error"], bad
 
 
+
+@pytest.mark.parametrize("sent,reason", [
+    ("data:image/png;base64,", "a data URI (send only the text after 'base64,')"),
+    ("url-safe", "'-' or '_' of URL-safe base64 (send standard base64, with '+' and '/')"),
+])
+def test_a_data_uri_or_url_safe_base64_is_refused_by_both_json_protocols_saying_which_it_is(client, sent, reason):
+    blob = image_bytes("PNG", seed=6)
+    text = sent + _b64(blob) if sent.startswith("data:") else base64.urlsafe_b64encode(blob).decode()
+    assert "-" in text or "_" in text or sent.startswith("data:")  # the image's base64 needs one of '+' '/'
+    tf_refusal = client.post("/v1/models/flowers:predict", json={"instances": [{"b64": _b64(blob)}, {"b64": text}]})
+    assert tf_refusal.status_code == 400
+    assert tf_refusal.json()["error"] == f"instance 1: 'b64' is not valid base64: {reason}"
+    v2_refusal = client.post("/v2/models/flowers/infer", json={"inputs": [
+        {"name": "image_bytes", "datatype": "BYTES", "shape": [2], "data": [_b64(blob), text]}]})
+    assert v2_refusal.status_code == 400
+    assert v2_refusal.json()["error"] == f"input 'image_bytes': element 1 is not valid base64: {reason}"
+
+
 # --- operations -------------------------------------------------------------------------------
 
 def test_health_metrics_and_page(client):

@@ -79,8 +79,8 @@ def _decode_b64(item: object, index: int, max_bytes: int) -> bytes | ImageError:
         raise ValueError(f"instance {index}: expected {{\"b64\": \"<base64 image>\"}}")
     try:
         return base64_image(item["b64"], max_bytes)
-    except ValueError:
-        raise ValueError(f"instance {index}: 'b64' is not valid base64") from None
+    except ValueError as err:
+        raise ValueError(f"instance {index}: 'b64' is {err}") from None
 
 
 PREDICT_RESPONSES = {200: {"content": {"application/json": {"example": {"predictions": [[0.01, 0.93, 0.06]]}}}},

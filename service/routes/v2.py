@@ -259,10 +259,12 @@ def _bytes_elements(raw: memoryview | None, data: Any, shape: list[int],
             flat = None
         if flat is None or not all(isinstance(e, str) for e in flat):
             raise ProtocolError("input 'image_bytes': 'data' must be a list of base64 strings")
-        try:
-            blobs = [base64_image(e, max_bytes) for e in flat]
-        except ValueError:
-            raise ProtocolError("input 'image_bytes': an element is not valid base64") from None
+        blobs = []
+        for i, element in enumerate(flat):
+            try:
+                blobs.append(base64_image(element, max_bytes))
+            except ValueError as err:
+                raise ProtocolError(f"input 'image_bytes': element {i} is {err}") from None
     if len(blobs) != count:
         raise ProtocolError(f"input 'image_bytes' has {'more than ' * (len(blobs) > count)}{len(blobs)} elements "
                             f"for shape {shape}")

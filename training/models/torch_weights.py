@@ -33,7 +33,7 @@ from typing import NamedTuple
 import numpy as np
 
 from core.errors import FlowerError
-from core.files import zip_inflation_problem
+from core.files import read_zip_member, zip_inflation_problem
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
@@ -417,7 +417,8 @@ def _read_zip_storages(checkpoint: Checkpoint, wanted: dict[str, StorageRef]) ->
         if problem:
             raise CheckpointError(f"{source}: its storages are no weights: {problem}")
         for key, info in members.items():
-            storages[key] = _storage_array(archive.read(info), wanted[key], checkpoint.little_endian, source)
+            storages[key] = _storage_array(read_zip_member(archive, info), wanted[key], checkpoint.little_endian,
+                                           source)
     return storages
 
 
@@ -448,14 +449,16 @@ def _open_zip(path: Path, source: str) -> Checkpoint:
         prefix = pickles[0][: -len("data.pkl")]
         little_endian = True
         if f"{prefix}byteorder" in names:
-            order = archive.read(f"{prefix}byteorder") if archive.getinfo(f"{prefix}byteorder").file_size < 16 else b""
+            info = archive.getinfo(f"{prefix}byteorder")
+            order = read_zip_member(archive, info) if info.file_size < 16 else b""
             order = order.strip()
             if order not in (b"little", b"big"):
                 raise CheckpointError(f"{source}: unknown byte order {order[:16]!r}")
             little_endian = order == b"little"
         if archive.getinfo(pickles[0]).file_size > MAX_PICKLE_BYTES:
             raise CheckpointError(f"{source}: {pickles[0]} is too large to be a state dict's pickle")
-        refs = _tensor_refs(_unpickle(io.BytesIO(archive.read(pickles[0])), source), source)
+        refs = _tensor_refs(_unpickle(io.BytesIO(read_zip_member(archive, archive.getinfo(pickles[0]))), source),
+                            source)
         _storages_of(refs, source)
     return Checkpoint(path, refs, little_endian, prefix=prefix)
 
