@@ -60,8 +60,7 @@ module_spec() {
       LIMIT=3600 ;;
     decoding)  # the service's decoding, reduction and squares: the image tests only, so a survivor costs seconds
       # (tests/test_pixel_parity.py is left out: it rebuilds photos and SavedModels in every mutant's process)
-      # (core/photos.py: the opener that service/images.py's `_open` calls, moved there from service/images.py)
-      FILES=(service/images.py service/predictor.py core/photos.py)
+      FILES=(service/images.py service/predictor.py)
       TESTS=(tests/test_image_decoding.py tests/test_member_inputs.py tests/test_service.py tests/test_service_refusals.py
              tests/test_member_concurrency.py
              -k "test_image_decoding or test_member_inputs or becomes_rgb or first_frame or exif or bad_images_are_named or plain_jpeg or alpha_cmyk or member_votes or 16_bit or no_reduction or reduced or budget or header_count or test_member_concurrency")
