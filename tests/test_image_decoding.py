@@ -87,6 +87,16 @@ def test_reduction_starts_above_the_pixel_threshold_and_can_be_set_to_one_pixel(
     assert decode_image(blob, 10**8, 0, 1).shape == (400, 1000, 3)  # no target: nothing to reduce to
 
 
+def test_reduction_is_off_unless_both_a_target_and_a_pixel_threshold_are_given():
+    blob = _jpeg(1000, 400)
+    for call in (lambda **kw: decode_image(blob, 10**8, **kw).shape[:2],
+                 lambda **kw: decoded_pixels(blob, 10**8, **kw)):
+        full = call()
+        assert full in ((400, 1000), 400 * 1000)
+        assert call(target=48) == full and call(downscale_pixels=1) == full  # the other one left at its default
+        assert call(target=48, downscale_pixels=1) != full
+
+
 def test_a_jpeg_twice_the_kept_size_is_scaled_while_decoding_not_after():
     blob = _jpeg(1000, 200)  # short side 200 = 2 x 96 (twice the 48 px input): a 1/2 DCT scale
     assert decoded_pixels(blob, 10**8, 48, 100_000) == 500 * 100  # the decoder's own output, not 1000 x 200

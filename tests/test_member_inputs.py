@@ -108,3 +108,13 @@ def test_the_predictor_blends_the_members_votes_image_by_image(concurrent):
     np.testing.assert_allclose(blended, np.tensordot([0.5, 0.3, 0.2], votes, axes=1), atol=1e-6)
     assert sorted(name for name, _ in timings) == ["m1", "m2", "m3"]
     assert all(0 < seconds < 60 for _, seconds in timings), timings  # each member's own time
+
+
+def test_squares_and_tta_passes_compile_once_whatever_the_image_shapes_and_batch_sizes():
+    member = _member()
+    for height, width in ((17, 30), (40, 25), (33, 33), (SIZE + 1, SIZE)):
+        member.square(_image(height, width, height))
+    assert member._square["uint8"].experimental_get_tracing_count() == 1  # one trace serves every image shape
+    for count in (1, 2, 3):
+        member.probabilities([_image(20, 30, k) for k in range(count)], tta=2)
+    assert member._augment.experimental_get_tracing_count() == 1  # and one every batch size

@@ -126,3 +126,14 @@ def test_predict_split_defaults_normalises_rows_and_reads_unlabelled_splits(tiny
     # With the number of classes given, a label out of range is named, not predicted on.
     with pytest.raises(Exception, match="class label out of range"):
         predict_split(RecordingModel(), info, 32, 7, num_classes=1)
+
+
+def test_predict_split_with_a_keras_model_prints_no_progress_bar(tiny_data, capfd):
+    from training.data.dataset import split_info
+    from training.models.model import build_classifier
+
+    info = split_info(str(tiny_data), "val", 32)
+    capfd.readouterr()
+    ids, _, probs = predict_split(build_classifier("small-cnn", 32, 3), info, 32, 16)
+    assert len(ids) == len(probs) == info.count
+    assert capfd.readouterr().out == ""  # the command's own progress lines stay readable in a log
