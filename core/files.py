@@ -4,7 +4,8 @@
 - `publish_folder`: a folder written as a staging folder beside it and swapped in as one unit.
 - `folder_lock`: an exclusive flock on a folder, released when the process ends, even when it is killed.
 - `umask`: the process's file-creation mask, so files get the mode a plain open() gives.
-- `zip_inflation_problem`: whether reading members of a zip (a .pth, an .npz) would inflate it too far.
+- `zip_inflation_problem`: whether reading members of a zip (a .pth, an .npz) would inflate it too far;
+  `npz_problem` adds the arrays' declared shapes of an .npz.
 TensorFlow-free; every part writes through here.
 """
 
@@ -168,6 +169,33 @@ def zip_inflation_problem(members: Iterable[zipfile.ZipInfo]) -> str | None:
     return None
 
 
+def npz_problem(archive: zipfile.ZipFile, keys: Iterable[str]) -> str | None:
+    """Why loading these arrays of an .npz would take more memory than its bytes justify, from what it declares
+    before any array is inflated: the zip's sizes (zip_inflation_problem) and each .npy header's shape and dtype
+    against the bytes its member holds (a 300-byte file may declare a (2**40, 5) array); None when neither."""
+    import numpy as np
+
+    infos = [archive.getinfo(f"{k}.npy") for k in keys if f"{k}.npy" in archive.namelist()]
+    problem = zip_inflation_problem(infos)
+    if problem:
+        return problem
+    for info in infos:
+        with archive.open(info) as member:
+            try:
+                version = np.lib.format.read_magic(member)
+                read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                               (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                if read_header is None:
+                    return f"{info.filename} is a .npy of format {version}, not 1.0 or 2.0"
+                shape, _, dtype = read_header(member)
+            except (ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+                return f"{info.filename} has no readable array header ({err})"
+        declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        if declared > info.file_size:
+            return f"{info.filename} declares {shape} {dtype} ({declared} bytes) in {info.file_size} bytes"
+    return None
+
+
 def read_zip_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
     """A zip member's bytes, inflated a piece at a time no further than its declared size: ZipFile.read inflates
     up to 1 GiB at once before it cuts the data to that size (a 256 KiB member declared 64 bytes took 0.5 GiB)."""
@@ -285,16 +313,18 @@ def move_in(stage: Path, out: Path) -> None:
 def remove_if_stale(folder: Path) -> None:
     """Remove a folder (a staging folder, a server's metrics folder) unless a live process holds its lock."""
     try:
-        fd = lock_folder(folder)
-    except BlockingIOError:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # gone meanwhile, or not ours
         return
-    except OSError:
-        fd = None
     try:
+        if fcntl is None:
+            return
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by a live process, or no flock here: kept
         shutil.rmtree(folder, ignore_errors=True)
+    except OSError:
+        return
     finally:
-        if fd is not None:
-            os.close(fd)
+        os.close(fd)
 
 
 class Unit:

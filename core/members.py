@@ -180,6 +180,8 @@ def validation_source_problem(source: Path, classes: list[str], val_rows: int | 
         return f"{source} has no predictions/val.npz (not a finished run)"
     if val_rows is not None:
         rows = _npz_rows(predictions)
+        if isinstance(rows, str):
+            return f"{predictions} cannot be read: {rows}"
         if rows != val_rows:
             return (f"{predictions} holds {rows} validation rows, the data's validation split {val_rows}: it was "
                     "trained on other data")
@@ -194,15 +196,26 @@ def _first_difference(ours: list[str], theirs: list[str]) -> str:
     return ""
 
 
-def _npz_rows(path: Path) -> int | None:
-    """The number of ids in a predictions .npz (None when it cannot be read)."""
+def _npz_rows(path: Path) -> int | str:
+    """The number of ids in a predictions .npz, or why it cannot be read (checked before numpy inflates it)."""
+    import zipfile
+    import zlib
+
     import numpy as np
 
+    from core.files import npz_problem
+
     try:
+        with zipfile.ZipFile(path) as archive:
+            problem = npz_problem(archive, ["ids"])
+        if problem:
+            return problem
         with np.load(path, allow_pickle=False) as npz:
             return len(npz["ids"])
-    except (OSError, ValueError, KeyError):
-        return None
+    except KeyError:
+        return "it holds no 'ids' array"
+    except (OSError, ValueError, zipfile.BadZipFile, zlib.error, EOFError, MemoryError) as err:
+        return f"not an .npz of predictions ({type(err).__name__}: {err})"
 
 
 def geometry_record(fit: str, source: str) -> dict[str, str]:

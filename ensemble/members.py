@@ -11,7 +11,7 @@ import numpy as np
 
 from core.contract import CLASSES_FILE
 from core.errors import FlowerError
-from core.files import zip_inflation_problem
+from core.files import npz_problem
 from core.members import (
     ArtifactError,
     MemberFile,
@@ -84,8 +84,7 @@ def _load_npz(path: Path, member: str, keys: tuple[str, ...]) -> dict[str, np.nd
     _npz_magic(path, member)
     try:
         with zipfile.ZipFile(path) as archive:  # the arrays' declared sizes, before numpy inflates any
-            problem = zip_inflation_problem(archive.getinfo(f"{k}.npy") for k in keys if f"{k}.npy" in
-                                            archive.namelist())
+            problem = npz_problem(archive, keys)
         if problem:
             raise MemberError(f"member {member!r}: {path.name} holds no predictions: {problem}: {path}")
         with np.load(path, allow_pickle=False) as data:
@@ -93,7 +92,7 @@ def _load_npz(path: Path, member: str, keys: tuple[str, ...]) -> dict[str, np.nd
             if missing:
                 raise MemberError(f"member {member!r}: {path.name} lacks {missing} (has {sorted(data.files)})")
             return {k: data[k] for k in keys}
-    except (zipfile.BadZipFile, zlib.error, EOFError):
+    except (zipfile.BadZipFile, zlib.error, EOFError, MemoryError):
         raise MemberError(f"member {member!r}: {path.name} is not an .npz (corrupt or truncated): {path}") from None
     except ValueError as err:
         if "Object arrays" in str(err):

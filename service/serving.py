@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -155,8 +156,11 @@ def serve(settings: Settings, repository: Any, sock: socket.socket) -> None:
         from uvicorn.supervisors import Multiprocess
 
         os.environ[SUPERVISOR_ENV] = str(os.getpid())  # read by each worker as it starts (service/server.py)
-        with metrics_dir():
-            Multiprocess(uvicorn_config(settings, "service.server:app"), sockets=[sock]).run()
+        try:
+            with metrics_dir():
+                Multiprocess(uvicorn_config(settings, "service.server:app"), sockets=[sock]).run()
+        finally:  # a later server started from this process (a test, an embedding) follows no dead supervisor
+            os.environ.pop(SUPERVISOR_ENV, None)
 
 
 @contextmanager
@@ -172,15 +176,19 @@ def metrics_dir() -> Iterator[str]:
         if stale.is_dir() and not stale.is_symlink():
             remove_if_stale(stale)
     previous = os.environ.get(MULTIPROC_ENV)
-    with tempfile.TemporaryDirectory(prefix=METRICS_PREFIX) as path, folder_lock(Path(path)):
-        os.environ[MULTIPROC_ENV] = path
-        try:
-            yield path
-        finally:
-            if previous is None:
-                os.environ.pop(MULTIPROC_ENV, None)
-            else:
-                os.environ[MULTIPROC_ENV] = previous
+    made = Path(tempfile.mkdtemp(prefix="." + METRICS_PREFIX))  # hidden from the sweep above until it is locked
+    path = made.with_name(made.name[1:])
+    try:
+        with folder_lock(made):
+            os.rename(made, path)
+            os.environ[MULTIPROC_ENV] = str(path)
+            yield str(path)
+    finally:
+        shutil.rmtree(made if made.exists() else path, ignore_errors=True)
+        if previous is None:
+            os.environ.pop(MULTIPROC_ENV, None)
+        else:
+            os.environ[MULTIPROC_ENV] = previous
 
 
 def follow_supervisor(supervisor: int | None = None) -> None:

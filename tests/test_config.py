@@ -123,6 +123,9 @@ def test_a_refit_takes_the_best_epoch_with_a_finite_f1_and_names_a_damaged_run(t
     (run / "history.csv").write_text("epoch,val_macro_f1\n1,nan\n")
     with pytest.raises(ConfigError, match="history.csv holds no epoch with a validation macro F1"):
         refit_config(run)
+    (run / "history.csv").write_bytes(b"\xff\xfeepoch,val_macro_f1\n")  # not UTF-8: was UnicodeDecodeError
+    with pytest.raises(ConfigError, match="history.csv is not a history.csv this toolkit wrote"):
+        refit_config(run)
     (run / "config.json").write_text(json.dumps({"name": "run"}))
     with pytest.raises(ConfigError, match="config.json is not a run's config"):
         refit_config(run)  # was KeyError: 'data', a traceback

@@ -272,3 +272,24 @@ def test_a_server_path_with_spaces_or_accents_or_written_as_bytes_is_not_shown_t
         "OSError: Cannot parse file b'flowers/3/saved_model/saved_model.pb': corrupt"
     text = "run directory not found: /home/Ann Lee/other runs/x; /srv/old copy/linked/saved_model cannot be loaded"
     assert without_paths(text, {version: "flowers/3"}) == "run directory not found: x; saved_model cannot be loaded"
+
+
+def test_a_refits_validation_source_with_a_damaged_val_npz_is_named_not_a_traceback(tmp_path):
+    from core.members import validation_source_problem
+
+    (tmp_path / "predictions").mkdir()
+    (tmp_path / "classes.json").write_text('["a", "b"]')
+    (tmp_path / "predictions" / "val.npz").write_bytes(b"PK\x03\x04" + bytes(60))  # a zip's magic, then nothing
+    problem = validation_source_problem(tmp_path, ["a", "b"], val_rows=10)
+    assert problem is not None and problem.startswith(f"{tmp_path / 'predictions' / 'val.npz'} cannot be read: ")
+
+
+def test_a_server_path_with_punctuation_in_a_folder_is_not_shown_and_given_names_stay_whole():
+    from core.names import without_paths
+
+    for path in ("/srv/a,b/secret/x.npz", "/srv/run:1/data/x.npz", "/home/o'brien/runs/x.npz",
+                 "/home/u/runs (old)/m/x.npz"):
+        assert without_paths(f"cannot read {path}: bad", {}) == "cannot read x.npz: bad", path
+    copy = Path("/srv/model (copy)")
+    assert without_paths(f"{copy}/runs/a/x.json: bad", {copy: "model (copy)"}) == "model (copy)/runs/a/x.json: bad"
+    assert without_paths("/srv/repo/flowers/1/e.json", {Path("/srv/repo"): "<repo>"}) == "<repo>/flowers/1/e.json"

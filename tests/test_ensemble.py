@@ -820,3 +820,22 @@ def test_a_refit_of_a_refit_or_of_other_classes_is_refused(runs, tmp_path):
     (refit / "classes.json").write_text(json.dumps(classes[::-1]))
     with pytest.raises(MemberError, match="its classes differ"):
         load_member_predictions(refit)
+
+
+def test_a_prediction_file_whose_array_header_declares_more_than_it_holds_is_refused_unread(runs):
+    import io
+    import zipfile
+
+    path = runs[1] / "predictions" / "test.npz"
+    with np.load(path) as data:
+        ids = data["ids"]
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (2**40, 4)})
+    ids_npy = io.BytesIO()
+    np.save(ids_npy, ids)
+    with zipfile.ZipFile(path, "w") as archive:  # 300 bytes that ask numpy for 16 TiB
+        archive.writestr("ids.npy", ids_npy.getvalue())
+        archive.writestr("probs.npy", header.getvalue() + bytes(16))
+    with pytest.raises(MemberError, match=r"member 'member1': test.npz holds no predictions: probs.npy declares "
+                                          r"\(1099511627776, 4\) float32 \(17592186044416 bytes\) in \d+ bytes"):
+        load_members(runs)

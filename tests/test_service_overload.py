@@ -292,13 +292,16 @@ def test_two_workers_report_one_sum_whichever_answers_the_scrape_and_end_with_th
 
 def test_a_start_removes_the_metrics_folders_of_dead_supervisors_and_keeps_live_ones(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    dead, live, other = (tmp_path / name for name in ("flower-metrics-dead", "flower-metrics-live", "other"))
-    for folder in (dead, live, other):
+    names = ("flower-metrics-dead", "flower-metrics-live", "other", ".flower-metrics-being-made")
+    dead, live, other, new = (tmp_path / name for name in names)
+    for folder in (dead, live, other, new):  # `new`: a server starting beside this one, before it takes its lock
         folder.mkdir()
         (folder / "counter_1.db").write_bytes(b"")
     with folder_lock(live), metrics_dir() as path:  # `live` is held locked, as its supervisor holds it
-        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, Path(path).name])
-    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, other.name]
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, new.name,
+                                                                     Path(path).name])
+        assert Path(path).name.startswith("flower-metrics-")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, new.name])
 
 
 # A worker tied to its supervisor by follow_supervisor says so with its pid, then sleeps; the supervisor (the

@@ -287,8 +287,11 @@ def refit_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -
 def best_epoch(history: Path) -> int:
     """The epoch of history.csv with the best validation macro F1 (the first of equals; epochs without a finite F1
     never count); ConfigError naming the file when it holds none."""
-    with history.open(newline="") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with history.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise ConfigError(f"{history} is not a history.csv this toolkit wrote ({err})") from None
     scored = []
     for row in rows:
         try:
