@@ -381,7 +381,9 @@ def test_a_collective_that_lost_a_worker_becomes_one_error_naming_it_and_other_e
         raise tf.errors.UnavailableError(None, None, "Collective ops is aborted by: ... unhealthy (stopped sending "
                                          "heartbeats):\n/job:worker/replica:0/task:1\nThe tasks have crashed.")
     assert str(lost.value) == (f"worker 1 at 127.0.0.1:{ports[1]} was lost (it stopped, was killed, or cannot be "
-                               "reached), so this worker stops too; no epoch was checkpointed yet")
+                               "reached), so this worker stops too; no epoch was checkpointed yet in "
+                               f"{tmp_path / 'run' / 'checkpoints'} (the chief's checkpoints, where the run directory "
+                               "is shared)")
     with pytest.raises(tf.errors.UnavailableError), naming_a_lost_worker(config):  # names no task: left alone
         raise tf.errors.UnavailableError(None, None, "gs://bucket/x.tfrec: service unavailable")
 

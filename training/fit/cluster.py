@@ -119,7 +119,10 @@ def _stand_in(name: str, address: str) -> Iterator[socket.socket]:
     that the other tasks see it up while they wait in turn; it accepts and closes what connects."""
     port = int(address.rpartition(":")[2])
     try:
-        sock = socket.create_server(("", port))
+        if socket.has_dualstack_ipv6():  # IPv4 and IPv6 peers alike ('[::1]:2222' in TF_CONFIG)
+            sock = socket.create_server(("", port), family=socket.AF_INET6, dualstack_ipv6=True)
+        else:
+            sock = socket.create_server(("", port))
     except OSError as err:
         raise FlowerError(f"TF_CONFIG gives this task ({name}) the address {address}, but port {port} cannot be "
                           f"listened on here ({err.strerror or err}): is an earlier worker still running?",

@@ -376,7 +376,8 @@ def naming_a_lost_worker(config: RunConfig) -> Iterator[None]:
             raise
         done = saved_epoch(config.run_dir / "checkpoints")
         last = (f"the last checkpoint is epoch {done} in {config.run_dir / 'checkpoints'}" if done else
-                "no epoch was checkpointed yet")
+                f"no epoch was checkpointed yet in {config.run_dir / 'checkpoints'} (the chief's checkpoints, "
+                "where the run directory is shared)")
         raise WorkerLost(f"{lost} was lost (it stopped, was killed, or cannot be reached), so this worker stops "
                          f"too; {last}") from None
 
