@@ -94,6 +94,8 @@ def _load_npz(path: Path, member: str, keys: tuple[str, ...]) -> dict[str, np.nd
             return {k: data[k] for k in keys}
     except (zipfile.BadZipFile, zlib.error, EOFError, MemoryError):
         raise MemberError(f"member {member!r}: {path.name} is not an .npz (corrupt or truncated): {path}") from None
+    except MemberError:
+        raise
     except ValueError as err:
         if "Object arrays" in str(err):
             raise MemberError(
