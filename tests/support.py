@@ -10,6 +10,9 @@ import os
 import subprocess
 import sys
 import textwrap
+import tracemalloc
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -76,3 +79,21 @@ def _one_line_error(capsys) -> str:
 
 
 OFF = ["--near-duplicate-distance", "off"]
+
+
+class Peak:
+    """The peak of Python and numpy allocations (tracemalloc) over a `with peak_memory()` block, in bytes."""
+
+    bytes: int = 0
+
+
+@contextmanager
+def peak_memory() -> Iterator[Peak]:
+    """Trace allocations for the block; the yielded Peak holds their peak once the block ends (also by an error)."""
+    peak = Peak()
+    tracemalloc.start()
+    try:
+        yield peak
+    finally:
+        peak.bytes = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()

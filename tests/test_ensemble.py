@@ -19,6 +19,7 @@ from ensemble.scores import macro_f1
 from ensemble.validation import cross_validate, member_scores
 from flower.commands.blend import main
 from testkit.synthetic import synthetic_runs, write_run_dir
+from tests.support import peak_memory
 
 QUIET = dict(progress=lambda _: None)
 
@@ -76,20 +77,13 @@ def test_a_broken_member_file_is_named_with_its_problem(runs, break_it, message)
 
 
 def test_a_deflated_prediction_file_is_refused_before_it_is_inflated(runs):
-    import tracemalloc
-
     path = runs[1] / "predictions" / "test.npz"
     with np.load(path) as data:
         ids = data["ids"]
     np.savez_compressed(path, ids=ids, probs=np.zeros((1 << 22, 4), np.float32))  # 64 MiB of zeros in 64 KiB
-    tracemalloc.start()
-    try:
-        with pytest.raises(MemberError) as refused:
-            load_members(runs)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < 16 * 2**20, f"{peak / 2**20:.0f} MiB"  # numpy inflated all of it (64 MiB) before any check
+    with peak_memory() as peak, pytest.raises(MemberError) as refused:
+        load_members(runs)
+    assert peak.bytes < 16 * 2**20, f"{peak.bytes / 2**20:.0f} MiB"  # numpy inflated all 64 MiB before any check
     assert "member 'member1': test.npz holds no predictions: it would inflate to 67" in str(refused.value)
 
 

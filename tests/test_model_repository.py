@@ -25,6 +25,7 @@ from service.predictor import load_run
 from service.repository import MODEL_NAME_RULE, VERSION_RULE, ModelRepository, NotServed, RepositoryError, read_labels
 from service.settings import Settings
 from testkit.artifacts import free_port, image_bytes, make_run, start_server
+from tests.support import peak_memory
 
 BLOB = image_bytes("JPEG", size=(64, 48), seed=5)
 
@@ -95,17 +96,10 @@ def test_a_malformed_labels_file_is_named_with_its_problem(tmp_path, text, probl
 
 
 def test_a_labels_file_of_millions_of_values_is_refused_before_the_server_parses_it(tmp_path):
-    import tracemalloc
-
     (tmp_path / "labels.json").write_text('{"stable": [' + "1," * 2_500_000 + "1]}")  # 5 MB: 20 MB of list parsed
-    tracemalloc.start()
-    try:
-        with pytest.raises(RepositoryError) as refused:
-            read_labels(tmp_path)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < 2 * (tmp_path / "labels.json").stat().st_size, f"{peak / 2**20:.0f} MiB"
+    with peak_memory() as peak, pytest.raises(RepositoryError) as refused:
+        read_labels(tmp_path)
+    assert peak.bytes < 2 * (tmp_path / "labels.json").stat().st_size, f"{peak.bytes / 2**20:.0f} MiB"
     assert "holds up to 2500004 JSON values, more than the 2000000" in str(refused.value), str(refused.value)[:300]
 
 

@@ -21,6 +21,7 @@ from core.photos import load_rgb
 from flower.commands.import_photos import main as import_main
 from flower.commands.overlap import main as overlap_main
 from tests.conftest import REPO
+from tests.support import peak_memory
 from training.data.importer.folders import import_folders
 from training.data.importer.split import stratified_split
 from training.data.near_duplicates import (
@@ -524,23 +525,15 @@ def test_overlap_checks_its_json_file_before_the_work_and_writes_it_atomically(t
 
 
 def test_identical_hashes_are_grouped_without_a_pair_for_every_two_photos():
-    import tracemalloc
-
     n = 3000  # e.g. 3,000 copies of one photo: 4.5 million pairs if every pair were listed
     hashes = [perceptual_hash(_photo(1))] * n + [perceptual_hash(_photo(2))]
-    tracemalloc.start()
-    try:
+    with peak_memory() as peak:
         found = find_duplicates(hashes, [f"file{k}" for k in range(n + 1)], DEFAULT_DISTANCE)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
     assert found.groups == [list(range(n))] and found.exact == [False] and found.distance == [0]
-    assert peak < 20 * 2**20, f"{peak / 2**20:.0f} MB"
+    assert peak.bytes < 20 * 2**20, f"{peak.bytes / 2**20:.0f} MB"
 
 
 def test_overlap_lists_copies_of_one_photo_as_one_match_in_bounded_memory(tmp_path, capsys):
-    import tracemalloc
-
     a, b = tmp_path / "A", tmp_path / "B"
     copied, other = _bytes(_photo(1, (48, 36))), _bytes(_photo(2, (48, 36)))
     for k in range(600):  # 120,000 pairs: listed one by one they took ~130 MB here, 13.6 GB for 6,000 x 2,000
@@ -550,13 +543,9 @@ def test_overlap_lists_copies_of_one_photo_as_one_match_in_bounded_memory(tmp_pa
     _write(a / "q.png", other)
     _write(b / "q.png", other)
     out = tmp_path / "matches.json"
-    tracemalloc.start()
-    try:
+    with peak_memory() as peak:
         assert overlap_main([str(a), str(b), "--json", str(out), "--quiet"]) == 1
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < 10 * 2**20, f"{peak / 2**20:.0f} MB"
+    assert peak.bytes < 10 * 2**20, f"{peak.bytes / 2**20:.0f} MB"
     printed = capsys.readouterr().out.splitlines()
     assert printed[:2] == ["exact  distance  0  a000.png (and 599 identical)  b000.png (and 199 identical)",
                            "exact  distance  0  q.png  q.png"]
