@@ -365,8 +365,10 @@ def test_workers_compare_their_resume_epoch_and_their_config_less_its_paths(monk
 
     same = digest_of({})
     assert 0 <= same < 2 ** 20  # what same_on_every_worker can compare
-    # The name, the output folder and the data folder may differ between machines; anything else may not.
+    # The name, the output folder, the data folder and how long a worker waits for the others may differ between
+    # machines; anything else may not.
     assert digest_of({"name": "b", "output": "/mnt/out", "data.dir": "/mnt/data"}) == same
+    assert digest_of({"train.cluster_timeout_seconds": 30}) == same
     assert digest_of({"train.epochs": 7}) != same and digest_of({"data.image_size": 96}) != same
     run = SimpleNamespace(strategy=strategy, policy="float32")
     config = load_config(None, {"data.dir": "/data", "output": "/out", "name": "a"})
@@ -401,11 +403,14 @@ def test_a_refit_whose_validation_source_blend_would_refuse_is_refused_before_th
     kinds = [k.name for k in KINDS]
     refused_on_val = source("on-val", kinds)
     write_member(refused_on_val, {"name": "on-val", "config": {"data": {"train_on_val": True}}})
+    unreadable = source("unreadable", kinds)
+    (unreadable / "member.json").write_text("{")
     for run, message in ((source("other-classes", ["a", "b"]), "its classes differ from those of .*other-classes "
                                                                 r"\(6 vs 2 classes; class 0 is 'red five-petal' here"),
                          (source("other-data", kinds, rows=5), "holds 5 validation rows, the data's validation "
                                                                f"split {TINY_COUNTS['val']}"),
                          (refused_on_val, "on-val was trained on its validation rows too"),
+                         (unreadable, r"member\.json is not valid JSON .*unreadable/member\.json"),
                          (tmp_path / "nowhere", "nowhere is not a run directory")):
         out = tmp_path / "refit"
         config = load_config(None, {"data.dir": str(tiny_data), "output": str(out), "data.image_size": 32,
