@@ -32,8 +32,9 @@ KEYS = ("ids", "probs", "source", "teacher")
 # path: the ensemble (or run) directory as given, resolved; kind: ensemble | run; name: its folder's name;
 # fingerprint: sha256 of its ensemble.json (or member.json); classes; train: the DATA:SPLIT of the training
 # records; unlabeled: the DATA:SPLIT of the unlabeled records (None: none); unlabeled_from: what the user named
-# (a DATA:SPLIT or a folder of photos), None without unlabeled data.
-TEACHER_FACTS = ("path", "kind", "name", "fingerprint", "classes", "train", "unlabeled", "unlabeled_from")
+# (a DATA:SPLIT or a folder of photos), None without unlabeled data; tta: the passes per image and member (the
+# service's --tta).
+TEACHER_FACTS = ("path", "kind", "name", "fingerprint", "classes", "train", "unlabeled", "unlabeled_from", "tta")
 ROW_TOLERANCE = 1e-3
 
 

@@ -19,7 +19,7 @@ from core.errors import DataError
 from core.teacher import TeacherFile, teacher_fingerprint, write_teacher
 from service.images import ImageError
 from service.inference import EncodedImage, InferencePath, direct
-from service.predictor import EnsemblePredictor
+from service.predictor import EnsemblePredictor, load_ensemble, load_run
 from service.scoring import (
     Options,
     Progress,
@@ -27,7 +27,6 @@ from service.scoring import (
     collect_inputs,
     count_images,
     iter_images,
-    load_predictor,
     model_kind,
 )
 
@@ -58,17 +57,19 @@ def answers(predictor: EnsemblePredictor, spec: str, options: Options = DEFAULTS
 
 
 def make_teacher(model: str, train: str, out: Path, unlabeled: str | None = None, unlabeled_from: str | None = None,
-                 classes: list[str] | None = None, log: Log = print, options: Options = DEFAULTS,
+                 classes: list[str] | None = None, tta: int = 1, log: Log = print, options: Options = DEFAULTS,
                  quiet: bool = False) -> TeacherFile:
     """Score the training records `train` (DATA:SPLIT) and the `unlabeled` ones with the ensemble or run `model`, and
     write the teacher file `out`; `unlabeled_from` is what the user named for the unlabeled images. With `classes`
-    (the student's), a teacher of other classes is refused before any image is scored."""
+    (the student's), a teacher of other classes is refused before any image is scored; `tta` passes per image and
+    member, as the service's --tta."""
     started = time.perf_counter()
-    kind, predictor = model_kind(model), load_predictor(model)
+    kind = model_kind(model)
+    predictor = (load_ensemble if kind == "ensemble" else load_run)(model, tta)
     if classes is not None and [c.strip() for c in classes] != [c.strip() for c in predictor.classes]:
         raise DataError(f"the teacher {model} answers for {len(predictor.classes)} classes {predictor.classes[:3]}..., "
                         f"the student's data for {len(classes)} {classes[:3]}...: distil on the teacher's data")
-    log(f"teacher: {model} ({len(predictor.members)} member(s)); scoring {train}"
+    log(f"teacher: {model} ({len(predictor.members)} member(s), TTA {tta}); scoring {train}"
         + (f" and {unlabeled}" if unlabeled else ""))
     ids, probs = answers(predictor, train, options, quiet)
     source = ["train"] * len(ids)
@@ -81,7 +82,7 @@ def make_teacher(model: str, train: str, out: Path, unlabeled: str | None = None
         ids, probs, source = ids + more, np.concatenate([probs, more_probs]), source + ["unlabeled"] * len(more)
     facts = {"path": str(Path(model).resolve()), "kind": kind, "name": Path(model).resolve().name,
              "fingerprint": teacher_fingerprint(model), "classes": list(predictor.classes), "train": train,
-             "unlabeled": unlabeled, "unlabeled_from": unlabeled_from if unlabeled else None}
+             "unlabeled": unlabeled, "unlabeled_from": unlabeled_from if unlabeled else None, "tta": tta}
     teacher = write_teacher(out, np.array(ids, dtype=str), probs, np.array(source, dtype=str), facts)
     seconds = time.perf_counter() - started
     log(f"teacher: {len(ids)} rows in {seconds:.0f} s ({len(ids) / max(seconds, 1e-9):.1f} images/s): {out}")

@@ -42,7 +42,7 @@ def _teacher(data: Path, path: Path, unlabeled: str | None = None, drop: int = 0
     probs[np.arange(len(ids)), (labels + 1) % CLASSES] = top
     facts = {"path": str(path.parent), "kind": "ensemble", "name": "permuted", "fingerprint": "0" * 64,
              "classes": json.loads((data / "classes.json").read_text()), "train": f"{data}:train",
-             "unlabeled": unlabeled, "unlabeled_from": unlabeled}
+             "unlabeled": unlabeled, "unlabeled_from": unlabeled, "tta": 1}
     write_teacher(path, np.array(ids), probs, np.array(sources), facts)
     return {"ids": np.array(ids), "probs": probs, "labels": labels}
 
@@ -115,7 +115,8 @@ def test_targets_join_the_teacher_by_id_with_temperature_hard_weight_and_pseudo_
     assert set(targets.ids) == set(train) | set(unlabeled[confident])  # pseudo-labels above the threshold only
     assert set(targets.dropped) == set(unlabeled[~confident])
     pseudo = targets.rows[list(targets.ids).index(unlabeled[confident][0])]
-    assert pseudo[:CLASSES].sum() == 0 and pseudo[CLASSES:].argmax() == teacher["probs"][len(train):][confident][0].argmax()
+    top = teacher["probs"][len(train):][confident][0].argmax()
+    assert pseudo[:CLASSES].sum() == 0 and pseudo[CLASSES:].argmax() == top
     assert targets.facts["unlabeled"] == {"data": f"{tiny_data}:test", "records": f"{tiny_data}:test",
                                           "rows": len(unlabeled), "trained": int(confident.sum()),
                                           "pseudo_threshold": 0.9}
@@ -184,7 +185,8 @@ def test_flower_distil_on_demo_data_writes_an_ordinary_run_that_names_its_teache
     ens = tmp_path / "ens"
     ens.mkdir()
     classes = json.loads((tiny_data / "classes.json").read_text())
-    write_ensemble(ens, {"version": 1, "method": "mean", "classes": classes, "blend": {"method": "mean", "weights": [1]},
+    write_ensemble(ens, {"version": 1, "method": "mean", "classes": classes,
+                         "blend": {"method": "mean", "weights": [1]},
                          "members": [{"name": "tiny", "path": os.path.relpath(tiny_run, ens), "weight": 1.0}]})
     photos = tmp_path / "photos" / "garden"
     photos.mkdir(parents=True)

@@ -45,6 +45,9 @@ def parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--unlabeled", metavar="DATA:SPLIT|FOLDER",
                         help="images without labels to train on too, with the teacher's answers: a split of a data "
                              "folder (e.g. data/flowers5:test) or a folder of photos")
+    parser.add_argument("--teacher-tta", type=int, default=1, metavar="N",
+                        help="the teacher's passes per image and member, as flower serve --tta (default 1: the "
+                             "plain pass)")
     parser.add_argument("--print-config", action="store_true", help="print the student's resolved config and exit")
     return parser
 
@@ -78,14 +81,14 @@ def unlabeled_input(value: str | None, data_dir: str) -> tuple[str | None, bool]
     return value, False
 
 
-def ensure_teacher(model: str, config: RunConfig, unlabeled: str | None, folder: bool) -> None:
+def ensure_teacher(model: str, config: RunConfig, unlabeled: str | None, folder: bool, tta: int = 1) -> None:
     """Write RUN/teacher.npz, unless it holds the answers of this teacher for these images already (a rerun)."""
     from service.teacher import make_teacher
     from training.fit.checkpoints import saved_epoch
 
     out, train = Path(config.distil.teacher), f"{config.data.dir}:train"
     wanted = {"path": str(Path(model).resolve()), "fingerprint": teacher_fingerprint(model), "train": train,
-              "unlabeled_from": unlabeled}
+              "unlabeled_from": unlabeled, "tta": tta}
     if out.is_file():
         facts = read_teacher(out).facts
         if all(facts.get(key) == value for key, value in wanted.items()):
@@ -99,7 +102,7 @@ def ensure_teacher(model: str, config: RunConfig, unlabeled: str | None, folder:
     if folder:
         records = unlabeled_records(Path(unlabeled), config)
     config.run_dir.mkdir(parents=True, exist_ok=True)
-    make_teacher(model, train, out, records, unlabeled, classes=load_classes_of(config))
+    make_teacher(model, train, out, records, unlabeled, classes=load_classes_of(config), tta=tta)
 
 
 def unlabeled_records(folder: Path, config: RunConfig) -> str:
@@ -138,6 +141,6 @@ def main(argv: list[str] | None = None, prog: str = "flower distil") -> int:
     unlabeled, folder = unlabeled_input(args.unlabeled, config.data.dir)
     check_resumable(config.run_dir / "checkpoints", config.to_dict())  # another run there: refused before writing
     stop_on_sigterm()
-    ensure_teacher(args.ensemble, config, unlabeled, folder)
+    ensure_teacher(args.ensemble, config, unlabeled, folder, args.teacher_tta)
     train_member(config)
     return 0
