@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None, prog: str = "flower distil") -> int:
     import json
 
     args = parser(prog).parse_args(argv)
+    if args.teacher_tta < 1:
+        raise ConfigError(f"--teacher-tta must be a whole number of passes >= 1, got {args.teacher_tta}")
     config = student_config(args)
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=1))
