@@ -21,6 +21,7 @@ from core.contract import parse_split_spec
 from core.errors import DataError
 from core.teacher import TeacherFile, read_teacher
 from imaging.records import record_labels
+from training.config import DistilConfig
 from training.data.dataset import DROPPED_ROW, SplitInfo, split_info
 
 MISSING = -1  # the row index of an id the teacher has no row for (DROPPED_ROW: one not trained on)
@@ -88,11 +89,11 @@ def _refuse_overlaps(train: list[str], unlabeled: list[str], val: set[str], teac
                         f"{leaked[:3]}, teacher file {teacher.path}): validation rows are never trained on")
 
 
-def soft_targets(teacher_path: str, infos: dict[str, SplitInfo], classes: list[str], distil, label_smoothing: float,
-                 image_size: int) -> SoftTargets:
+def soft_targets(teacher_path: str, infos: dict[str, SplitInfo], classes: list[str], distil: DistilConfig,
+                 label_smoothing: float, image_size: int) -> SoftTargets:
     """Read the teacher file and join it to the training (and unlabeled) records: the rows of the student's loss.
 
-    `distil` is the run's DistilConfig; `infos` its located train and val splits."""
+    `infos` are the run's located train and val splits."""
     teacher = read_teacher(teacher_path)
     if [c.strip() for c in teacher.facts["classes"]] != [c.strip() for c in classes]:
         raise DataError(f"teacher file {teacher.path} answers for {len(teacher.facts['classes'])} classes "

@@ -112,9 +112,9 @@ def teacher_record(run_dir: Path, teacher: dict | None) -> dict | None:
     """member.json "teacher": the teacher's facts with its path and the teacher file's relative to the run directory."""
     if teacher is None:
         return None
-    def relative(path: str) -> str:
-        return os.path.relpath(Path(path).resolve(), run_dir.resolve())
-    return {**teacher, "path": relative(teacher["path"]), "file": relative(teacher["file"])}
+    here = run_dir.resolve()
+    return {**teacher, "path": os.path.relpath(Path(teacher["path"]).resolve(), here),
+            "file": os.path.relpath(Path(teacher["file"]).resolve(), here)}
 
 
 def finish_run(config: RunConfig, model: keras.Model, facts: RunFacts, history: list[dict], log: Log = print) -> Path:
