@@ -172,8 +172,7 @@ def test_distillation_refuses_what_would_train_on_validation_rows_or_read_labels
     assert "flower distil writes the teacher file itself" in _one_line_error(capsys)
 
 
-def test_flower_distil_on_demo_data_writes_an_ordinary_run_that_names_its_teacher(tiny_data, tiny_run, tmp_path,
-                                                                                 capsys):
+def test_flower_distil_on_demo_data_writes_an_ordinary_run_that_names_its_teacher(tiny_data, tmp_path, capsys):
     from PIL import Image
 
     from core.members import write_ensemble
@@ -181,13 +180,16 @@ def test_flower_distil_on_demo_data_writes_an_ordinary_run_that_names_its_teache
     from flower.cli import main as flower
     from flower.commands.distil import ensure_teacher, student_config
     from flower.commands.distil import parser as distil_parser
+    from testkit.artifacts import make_run
 
+    classes = json.loads((tiny_data / "classes.json").read_text())
+    members = [make_run(tmp_path / "runs", f"m{size}", size, seed=size, classes=classes) for size in (32, 48)]
     ens = tmp_path / "ens"
     ens.mkdir()
-    classes = json.loads((tiny_data / "classes.json").read_text())
-    write_ensemble(ens, {"version": 1, "method": "mean", "classes": classes,
-                         "blend": {"method": "mean", "weights": [1]},
-                         "members": [{"name": "tiny", "path": os.path.relpath(tiny_run, ens), "weight": 1.0}]})
+    write_ensemble(ens, {"version": 1, "method": "weighted", "classes": classes,
+                         "blend": {"method": "weighted", "weights": [0.4, 0.6]},
+                         "members": [{"name": m.name, "path": os.path.relpath(m, ens), "weight": w}
+                                     for m, w in zip(members, (0.4, 0.6), strict=True)]})
     photos = tmp_path / "photos" / "garden"
     photos.mkdir(parents=True)
     for k in range(3):
