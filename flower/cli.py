@@ -35,6 +35,8 @@ COMMANDS = {
     "compare": Command("flower.commands.compare", "compare run directories side by side"),
     "augment-grid": Command("flower.commands.augment_grid", "write a PNG grid of augmented training samples"),
     "blend": Command("flower.commands.blend", "blend run directories, cross-validate, write the Kaggle submission"),
+    "distil": Command("flower.commands.distil", "train one student member on an ensemble's answers (soft targets, "
+                                                 "unlabeled images too)"),
     "serve": Command("flower.commands.serve", "serve an ensemble, one run or a model repository over HTTP"),
     "predict": Command("flower.commands.predict", "score image files, folders or a data split with an ensemble (or one "
                                           "run) into a CSV"),

@@ -7,7 +7,16 @@ from dataclasses import dataclass
 
 import tensorflow as tf
 
-from core.contract import CLASS_FEATURE, ID_FEATURE, IMAGE_FEATURE, JPEG_DCT, MISSING_CLASS, count_in_name, join
+from core.contract import (
+    CLASS_FEATURE,
+    ID_FEATURE,
+    IMAGE_FEATURE,
+    JPEG_DCT,
+    MISSING_CLASS,
+    count_in_name,
+    join,
+    record_id_fallback,
+)
 from core.errors import DataError, tf_reason
 
 
@@ -131,6 +140,23 @@ def example_fields(raw: bytes) -> ExampleFields | None:
     ids = feature[ID_FEATURE].bytes_list.value if ID_FEATURE in feature else []
     return ExampleFields(images[0] if images else b"", int(labels[0]) if labels else None,
                          ids[0].decode("utf-8", "backslashreplace") if ids else "", tuple(sorted(feature)))
+
+
+def record_labels(files: list[str]) -> dict[str, int | None]:
+    """Every record's id (`<file stem>-<index>` for one without, as the pipeline names it) and label (None: none),
+    read on the host in file order; DataError naming the file for a damaged record or an id found twice."""
+    labels: dict[str, int | None] = {}
+    for path in files:
+        for index, raw in iter_records(path):
+            fields = example_fields(raw)
+            if fields is None:
+                raise DataError(f"{path}: record {index} is not a tf.train.Example")
+            record_id = fields.id or record_id_fallback(path, index)
+            if record_id in labels:
+                raise DataError(f"{path}: record {index} has the id {record_id!r} of an earlier record: ids must be "
+                                "unique to be joined with a teacher's rows")
+            labels[record_id] = fields.label
+    return labels
 
 
 def check_record(raw: bytes, path: str, index: int, labelled: bool, size: int | None) -> None:

@@ -421,7 +421,7 @@ def score(predictor: EnsemblePredictor, inputs: Inputs, out: str | Path, options
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(columns)
-            for batch in _batches(iter_images(inputs, size, options.max_image_bytes), options.batch_size):
+            for batch in batches(iter_images(inputs, size, options.max_image_bytes), options.batch_size):
                 summary.damaged += [data for _, data in batch if isinstance(data, DamagedFile)]
                 for row in score_batch(predictor, batch, options, top_k):
                     writer.writerow(row)
@@ -439,7 +439,7 @@ def score(predictor: EnsemblePredictor, inputs: Inputs, out: str | Path, options
     return summary
 
 
-def _batches(items: Iterable, size: int) -> Iterator[list]:
+def batches(items: Iterable, size: int) -> Iterator[list]:
     """Consecutive lists of `size` items (the last one shorter)."""
     iterator = iter(items)
     while batch := list(itertools.islice(iterator, size)):

@@ -271,12 +271,12 @@ def test_each_epochs_batches_come_from_the_runs_data_settings_and_the_epochs_see
     data = SimpleNamespace(image_size=24, shuffle_buffer=17, deterministic=True)
     augment = AugmentConfig()
     config = SimpleNamespace(data=data, augment=augment, train=SimpleNamespace(seed=5))
-    run = SimpleNamespace(config=config, train_splits=["train", "val"], global_batch=12, classes=list("abcd"),
-                          shard="file")
+    run = SimpleNamespace(config=config, fit_splits=["train", "val"], global_batch=12, classes=list("abcd"),
+                          shard="file", targets=None)
     assert fit.Run.epoch_data(run, 3) == "batches"
     assert seen == [((["train", "val"], 24, 12), {
         "num_classes": 4, "augment": augment, "seed": fit.epoch_seed(5, 3), "shuffle_buffer": 17,
-        "deterministic": True, "shard": "file", "worker": (2, 3)})]
+        "deterministic": True, "shard": "file", "worker": (2, 3), "targets": None})]
 
 
 def test_a_run_is_prepared_from_its_data_and_settings_and_says_what_it_found(tiny_data, tmp_path):

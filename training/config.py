@@ -98,6 +98,16 @@ class PredictConfig:
 
 
 @dataclass(frozen=True)
+class DistilConfig:
+    """Distillation: a student trained on a teacher's probabilities (flower distil sets the teacher)."""
+
+    teacher: str = ""  # teacher.npz (ids and the teacher's probabilities), written by flower distil; empty: labels
+    temperature: float = 2.0  # soft targets p^(1/T), renormalised, against the student's softmax(logits / T); x T^2
+    hard_weight: float = 0.0  # weight of the cross-entropy on the true labels of the training rows (soft: weight 1)
+    pseudo_threshold: float = 0.0  # unlabeled: 0 all, soft; > 0 those whose top probability reaches it, as labels
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """A whole training run."""
 
@@ -109,6 +119,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+    distil: DistilConfig = field(default_factory=DistilConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -126,7 +137,7 @@ class RunConfig:
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "schedule": ScheduleConfig, "train": TrainConfig,
-            "augment": AugmentConfig, "predict": PredictConfig}
+            "augment": AugmentConfig, "predict": PredictConfig, "distil": DistilConfig}
 
 
 def config_from_dict(values: dict[str, Any]) -> RunConfig:
@@ -158,6 +169,7 @@ RANGES = {  # option: (lowest, highest), inclusive; None = unbounded
     "train.time_budget_minutes": (0.0, 1e6), "train.cluster_timeout_seconds": (0.0, 1e6),
     "augment.shift_reference_size": (1, 8192),
     "train.seed": (0, 2**31 - 1), "predict.tta_seed": (0, 2**31 - 1),
+    "distil.temperature": (0.1, 100.0), "distil.hard_weight": (0.0, 100.0), "distil.pseudo_threshold": (0.0, 1.0),
 }
 
 
@@ -191,6 +203,19 @@ def validate(config: RunConfig) -> None:
                           "run directories are written with local file operations")
     if not config.data.dir.strip():
         raise ConfigError("data.dir must name the data folder")
+    _validate_distil(config)
+
+
+def _validate_distil(config: RunConfig) -> None:
+    """A student trains on soft targets of its training rows only: no validation rows, no loss that reads labels."""
+    if not config.distil.teacher:
+        return
+    refused = [f"{option}={value!r}" for option, value, default in (
+        ("data.train_on_val", config.data.train_on_val, False), ("train.loss", config.train.loss, "cce"),
+        ("train.class_weights", config.train.class_weights, False)) if value != default]
+    if refused:
+        raise ConfigError(f"distillation (distil.teacher) trains on the teacher's probabilities of the training rows: "
+                          f"{', '.join(refused)} does not apply (validation rows are never trained on)")
 
 
 TRAINABLE = re.compile(r"all|head|last:[1-9]\d*")

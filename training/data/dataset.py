@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import tensorflow as tf
 
 from core.contract import CLASS_FEATURE, ID_FEATURE, IMAGE_FEATURE
@@ -21,6 +22,7 @@ from imaging.records import (
 from training.data.layout import choose_file_size, count_records, split_files
 
 AUTOTUNE = tf.data.AUTOTUNE
+DROPPED_ROW = -2  # a target table's row index for a record not trained on (training.data.soft_targets)
 
 
 @dataclass(frozen=True)
@@ -53,15 +55,18 @@ def split_info(data_dir: str, split: str, image_size: int, file_size: int | None
     return SplitInfo(split, tuple(files), size, count_records(files), labelled)
 
 
+def record_id(stored: tf.Tensor, source: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
+    """A record's id: the one it stores, else `<file stem>-<index in file>` (core.contract.record_id_fallback)."""
+    stem = tf.strings.regex_replace(source, r"^.*/|\.tfrec$", "")
+    fallback = tf.strings.join([stem, tf.strings.as_string(index)], "-")
+    return tf.where(tf.strings.length(stored) > 0, stored, fallback)
+
+
 def _parse_and_decode(serialized, source, index, labelled: bool, file_size: int, num_classes: int | None):
     """Parse a record and decode its image; fill a missing id with `<file stem>-<index>` (no ids if index is None)."""
     parsed = parse_record(serialized, source, labelled)
     image = decode_jpeg(parsed[IMAGE_FEATURE], file_size)
-    ids = None
-    if index is not None:
-        stem = tf.strings.regex_replace(source, r"^.*/|\.tfrec$", "")
-        fallback = tf.strings.join([stem, tf.strings.as_string(index)], "-")
-        ids = tf.where(tf.strings.length(parsed[ID_FEATURE]) > 0, parsed[ID_FEATURE], fallback)
+    ids = None if index is None else record_id(parsed[ID_FEATURE], source, index)
     label = parsed.get(CLASS_FEATURE)
     if label is not None and num_classes is not None:
         in_range = require(label < num_classes, f"class label out of range (>= {num_classes} classes) in file", source)
@@ -81,7 +86,7 @@ def training_splits(data_dir: str, image_size: int, file_size: int | None = None
 
 def _shuffled_records(files: list[str], seed: int, repeat: bool, deterministic: bool, shard: str,
                       worker: tuple[int, int]) -> tf.data.Dataset:
-    """(serialized record, file path) of this worker's files, shuffled by file for the seed, interleaved.
+    """(serialized record, file path, index in file) of this worker's files, shuffled by file for the seed, interleaved.
 
     reshuffle_each_iteration=False: the order is a function of the seed alone, however often the
     dataset is iterated (Keras under a distribution strategy may open it more than once; a reshuffling
@@ -99,7 +104,7 @@ def _shuffled_records(files: list[str], seed: int, repeat: bool, deterministic: 
     if repeat:
         file_ds = file_ds.repeat()
     return file_ds.interleave(
-        lambda path: tf.data.TFRecordDataset(path, buffer_size=8 << 20).map(lambda r: (r, path)),
+        lambda path: tf.data.TFRecordDataset(path, buffer_size=8 << 20).enumerate().map(lambda i, r: (r, path, i)),
         cycle_length=min(16, len(files)), num_parallel_calls=AUTOTUNE, deterministic=deterministic,
     )
 
@@ -117,6 +122,7 @@ def train_dataset(
     deterministic: bool = False,
     shard: str = "off",
     worker: tuple[int, int] = (0, 1),
+    targets: tuple[tf.lookup.StaticHashTable, np.ndarray] | None = None,
 ) -> tf.data.Dataset:
     """Endless, shuffled, augmented batches (images [B,S,S,3] float32 0..255, one-hot labels [B,C]).
 
@@ -127,17 +133,21 @@ def train_dataset(
     replica's share of a global batch is cut from the same batches one replica would see), 'file'
     (each worker reads its own record files: `worker` is this worker's index and the count) or 'data'
     (each worker reads everything and keeps its share of every batch).
+    `targets` (a distilled student: training.data.soft_targets) replace the labels: a table from record id to a
+    row of the target matrix; records of unlabeled splits are read too, and those the table drops are skipped.
     """
     augment_config = augment if augment is not None else AugmentConfig()
     files = [f for info in splits for f in info.files]
     size = splits[0].file_size
-    if any(info.file_size != size or not info.labelled for info in splits):
-        raise ValueError("training splits must be labelled and share one record size")
+    if any(info.file_size != size or not (info.labelled or targets) for info in splits):
+        raise ValueError("training splits must be labelled (unless targets are given) and share one record size")
 
     ds = _shuffled_records(files, seed, repeat, deterministic, shard, worker)
     ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
+    if targets is not None:
+        ds = _with_targets(ds, *targets, size, deterministic)
 
-    def load(serialized, source):
+    def load(serialized, source, index):
         image, label, _ = _parse_and_decode(serialized, source, None, True, size, num_classes)
         return image, tf.one_hot(label, num_classes, dtype=tf.float32)
 
@@ -147,7 +157,8 @@ def train_dataset(
         images = augment_batch(images, s[0], augment_config, image_size)
         return mix_batch(images, labels, s[1], augment_config)
 
-    ds = ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    if targets is None:
+        ds = ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     ds = ds.batch(batch_size, drop_remainder=True)
     # One seed per batch: augmentation parameters are sampled and applied batch-wise.
     ds = tf.data.Dataset.zip((ds, tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=False).batch(2)))
@@ -156,6 +167,26 @@ def train_dataset(
     options.deterministic = deterministic
     options.experimental_distribute.auto_shard_policy = SHARD_POLICIES["off" if shard == "file" else shard]
     return ds.with_options(options).prefetch(AUTOTUNE)
+
+
+def _with_targets(ds: tf.data.Dataset, table: tf.lookup.StaticHashTable, rows: np.ndarray, size: int,
+                  deterministic: bool) -> tf.data.Dataset:
+    """(serialized, file, index) -> (image, its target row) by the record's id; a dropped id is skipped, and one
+    without a row fails naming its file (soft_targets checks every id on the host first)."""
+    matrix = tf.constant(rows, tf.float32)
+
+    def look_up(serialized, source, index):
+        parsed = parse_record(serialized, source, labelled=False)
+        return parsed[IMAGE_FEATURE], table.lookup(record_id(parsed[ID_FEATURE], source, index)), source
+
+    def load(image_bytes, row, source):
+        found = require(row >= 0, "record without a teacher row (distil.teacher) in file", source)
+        with tf.control_dependencies([found]):
+            return decode_jpeg(image_bytes, size), tf.gather(matrix, row)
+
+    ds = ds.map(look_up, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    ds = ds.filter(lambda image_bytes, row, source: row != DROPPED_ROW)
+    return ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
 
 
 def eval_dataset(

@@ -34,6 +34,7 @@ from imaging.records import find_bad_record
 from training.config import RunConfig, check_unfreeze_reachable, trainable_at
 from training.data.dataset import SplitInfo, split_info, train_dataset
 from training.data.layout import count_records, load_classes
+from training.data.soft_targets import SoftTargets, soft_targets
 from training.fit.checkpoints import (
     EpochState,
     check_resumable,
@@ -44,6 +45,7 @@ from training.fit.checkpoints import (
     saved_epoch,
 )
 from training.fit.cluster import WorkerLost, lost_task, this_task, worker_count, worker_index
+from training.fit.distillation import distillation_loss
 from training.fit.evaluation import classification_scores
 from training.fit.export import predict_split
 from training.fit.outputs import RunFacts, finish_run, write_history
@@ -87,6 +89,8 @@ def make_loss(config: RunConfig, class_weights: np.ndarray | None) -> Callable[[
     gives N times too large gradients on N replicas.)
     """
     t = config.train
+    if config.distil.teacher:  # soft targets of a teacher (training.data.soft_targets)
+        return distillation_loss(config.distil.temperature)
     if t.loss == "focal":
         base = keras.losses.CategoricalFocalCrossentropy(gamma=t.focal_gamma, label_smoothing=t.label_smoothing,
                                                          reduction=None)
@@ -146,13 +150,16 @@ class Run:
     steps_per_execution: int
     shard: str  # off | file | data: how the training batches are split among workers
     geometry: dict  # imaging.geometry.data_fit: read once, written to member.json and the SavedModel
+    targets: SoftTargets | None = None  # a distilled student's targets by record id (else the labels)
+    fit_splits: list[SplitInfo] = field(default_factory=list)  # what the epochs read: train_splits (+ unlabeled)
 
     def compile(self) -> None:
         """A fresh optimizer for the current trainable variables, and the model compiled with it."""
         with self.strategy.scope():
             self.optimizer = keras.optimizers.AdamW(learning_rate=1e-3, weight_decay=self.config.train.weight_decay)
             self.model.compile(optimizer=self.optimizer, loss=self.loss, steps_per_execution=self.steps_per_execution)
-            build_without_data(self.model, self.config.data.image_size, len(self.classes))
+            width = len(self.classes) * (2 if self.targets is not None else 1)  # a student's targets: [soft | hard]
+            build_without_data(self.model, self.config.data.image_size, len(self.classes), width)
 
     def set_phase(self, trainable: str, log: Log) -> None:
         """Switch what trains (head-then-unfreeze fine-tuning); the optimizer starts afresh for the new set."""
@@ -165,25 +172,26 @@ class Run:
 
     def epoch_data(self, epoch: int) -> tf.data.Dataset:
         """The training batches of one epoch."""
-        data = self.config.data
-        return train_dataset(self.train_splits, data.image_size, self.global_batch, num_classes=len(self.classes),
+        data, targets = self.config.data, self.targets
+        return train_dataset(self.fit_splits, data.image_size, self.global_batch, num_classes=len(self.classes),
                              augment=self.config.augment, seed=epoch_seed(self.config.train.seed, epoch),
                              shuffle_buffer=data.shuffle_buffer, deterministic=data.deterministic, shard=self.shard,
-                             worker=(worker_index(), worker_count()))
+                             worker=(worker_index(), worker_count()),
+                             targets=None if targets is None else (targets.table(), targets.rows))
 
 
-def build_without_data(model: keras.Model, image_size: int, classes: int) -> None:
+def build_without_data(model: keras.Model, image_size: int, classes: int, targets: int | None = None) -> None:
     """Build a compiled model's loss, metric and optimizer state from shapes, inside the strategy's scope.
 
     Under a distribution strategy Keras does this at every fit and predict from a batch it pulls
     from the dataset and averages across replicas, which a multi-worker strategy cannot do (it fails
     to reduce the per-replica batch) and which costs a batch of input work each time. Built here,
-    that pull is skipped.
+    that pull is skipped. `targets` is the width of a target row (default: `classes`).
     """
     if not hasattr(model, "_symbolic_build") or not hasattr(model, "_maybe_symbolic_build"):
         return  # another Keras: it builds as it does (the multi-worker test says whether that still works)
     images = keras.KerasTensor((None, image_size, image_size, 3), "float32")
-    model._symbolic_build(data_batch=(images, keras.KerasTensor((None, classes), "float32")))
+    model._symbolic_build(data_batch=(images, keras.KerasTensor((None, targets or classes), "float32")))
     model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
 
 
@@ -199,15 +207,17 @@ def prepare_run(config: RunConfig, log: Log = print, start_epoch: int = 0) -> Ru
     classes = load_classes(data.dir)
     infos = {s: split_info(data.dir, s, size, data.file_size or None) for s in ("train", "val", "test")}
     train_splits = [infos["train"], infos["val"]] if data.train_on_val else [infos["train"]]
+    targets = student_targets(config, infos, classes, log)
+    fit_splits = train_splits + ([targets.unlabeled] if targets and targets.unlabeled else [])
+    rows = len(targets.ids) if targets else sum(i.count for i in train_splits)
     replicas = strategy.num_replicas_in_sync
     global_batch = data.batch_size * replicas
-    steps = config.train.steps_per_epoch or max(1, sum(i.count for i in train_splits) // global_batch)
-    trained_on = "train+val" if data.train_on_val else "train"
+    steps = config.train.steps_per_epoch or max(1, rows // global_batch)
+    trained_on = "train+val" if data.train_on_val else "train" if len(fit_splits) == 1 else "train+unlabeled"
     per_execution = min(config.train.steps_per_execution or (32 if kind == "tpu" else 1), steps)
     log(f"data: {data.dir} records {infos['train'].file_size}px -> model {size}px; train {infos['train'].count}, "
-        f"val {infos['val'].count}, test {infos['test'].count}; fitting on {trained_on} "
-        f"({sum(i.count for i in train_splits)} images); {len(classes)} classes; "
-        f"global batch {global_batch}, {steps} steps/epoch, {per_execution} per execution")
+        f"val {infos['val'].count}, test {infos['test'].count}; fitting on {trained_on} ({rows} images); "
+        f"{len(classes)} classes; global batch {global_batch}, {steps} steps/epoch, {per_execution} per execution")
     geometry = data_fit(data.dir, data.fit)  # read now: a bad import_report.json is refused before training
     log(f"photos become squares by {geometry['fit']} (from {geometry['from']}), as the service will make them")
     hosts = getattr(strategy.extended, "num_hosts", 1) if kind == "tpu" else 1
@@ -215,7 +225,7 @@ def prepare_run(config: RunConfig, log: Log = print, start_epoch: int = 0) -> Ru
         shard = "data"
         log(f"data sharding: by data over {hosts} TPU hosts")
     else:
-        files = [f for info in train_splits for f in info.files]
+        files = [f for info in fit_splits for f in info.files]
         shard = shard_policy(data.shard, worker_count(), [count_records([f]) for f in files], log)
     if data.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -231,9 +241,27 @@ def prepare_run(config: RunConfig, log: Log = print, start_epoch: int = 0) -> Ru
     run = Run(config=config, infos=infos, train_splits=train_splits, classes=classes, model=model, optimizer=None,
               policy=policy, replicas=replicas, global_batch=global_batch, steps=steps, class_weights=weights,
               strategy=strategy, loss=make_loss(config, weights), trainable=trainable,
-              steps_per_execution=per_execution, shard=shard, geometry=geometry)
+              steps_per_execution=per_execution, shard=shard, geometry=geometry, targets=targets,
+              fit_splits=fit_splits)
     run.compile()
     return run
+
+
+def student_targets(config: RunConfig, infos: dict[str, SplitInfo], classes: list[str], log: Log) -> SoftTargets | None:
+    """A distilled student's targets (distil.teacher), read and joined to the records before the first step; None for
+    a run on the labels."""
+    distil = config.distil
+    if not distil.teacher:
+        return None
+    targets = soft_targets(distil.teacher, infos, classes, distil, config.train.label_smoothing, config.data.image_size)
+    facts, unlabeled = targets.facts, targets.facts["unlabeled"]
+    extra = ("" if unlabeled is None else f"; {unlabeled['trained']} of {unlabeled['rows']} unlabeled records of "
+             f"{unlabeled['data']} " + (f"as pseudo-labels (teacher >= {distil.pseudo_threshold:g})"
+                                         if distil.pseudo_threshold else "as soft targets"))
+    log(f"distilling {facts['kind']} {facts['name']} ({facts['fingerprint'][:12]}, {distil.teacher}): soft targets at "
+        f"T={distil.temperature:g} for {facts['train_rows']} training records, hard-label weight "
+        f"{distil.hard_weight:g}{extra}")
+    return targets
 
 
 def _check_blocks(config: RunConfig, model: keras.Model) -> None:
@@ -264,10 +292,10 @@ def run_epoch(run: Run, epoch: int, state: EpochState, log: Log) -> float:
         fit = model.fit(run.epoch_data(epoch), initial_epoch=epoch, epochs=epoch + 1, steps_per_epoch=run.steps,
                         verbose=0, callbacks=[StepProgress(epoch, epochs, run.steps, run.global_batch, log)])
     except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as err:  # a bad record, found in the graph
-        files = [f for info in run.train_splits for f in info.files]
-        culprit = find_bad_record(files, True, run.train_splits[0].file_size)
-        if culprit is not None:
-            raise culprit from None
+        for info in run.fit_splits:
+            culprit = find_bad_record(list(info.files), info.labelled, info.file_size)
+            if culprit is not None:
+                raise culprit from None
         raise DataError(f"epoch {epoch + 1}: training failed: {tf_reason(err)}") from None
     seconds = time.perf_counter() - start
     loss = float(fit.history["loss"][-1])
@@ -457,5 +485,5 @@ def _train(config: RunConfig, writes: RunConfig, budget: Budget, log: Log, after
         load_best_weights(run.model, checkpoints)
     params = parameter_counts(run.model)  # of the last phase, resumed or not
     facts = RunFacts(run.infos, run.classes, params, run.policy, run.replicas, run.steps * run.global_batch,
-                     run.geometry, stopped)
+                     run.geometry, stopped, run.targets.facts if run.targets is not None else None)
     return finish_run(writes, run.model, facts, state.history, log)

@@ -80,6 +80,7 @@ class RunFacts:
     images_per_epoch: int
     geometry: dict[str, str]  # member.json "geometry": how a photo becomes the model's square (imaging.geometry)
     stopped: dict | None = None  # why training ended before train.epochs (the time budget), else None
+    teacher: dict | None = None  # a distilled student's teacher (training.data.soft_targets), else None
 
 
 def member_document(config: RunConfig, facts: RunFacts, final: dict[str, float], history: list[dict],
@@ -103,7 +104,17 @@ def member_document(config: RunConfig, facts: RunFacts, final: dict[str, float],
                             if config.data.validation_from else None),
         "stopped": facts.stopped,
         "geometry": facts.geometry,
+        "teacher": teacher_record(config.run_dir, facts.teacher),
     }
+
+
+def teacher_record(run_dir: Path, teacher: dict | None) -> dict | None:
+    """member.json "teacher": the teacher's facts with its path and the teacher file's relative to the run directory."""
+    if teacher is None:
+        return None
+    here = run_dir.resolve()
+    return {**teacher, "path": os.path.relpath(Path(teacher["path"]).resolve(), here),
+            "file": os.path.relpath(Path(teacher["file"]).resolve(), here)}
 
 
 def finish_run(config: RunConfig, model: keras.Model, facts: RunFacts, history: list[dict], log: Log = print) -> Path:
