@@ -150,25 +150,33 @@ def test_bad_images_are_named_a_jpeg_cut_short_after_its_header_too():
                                  "(jpeg::Uncompress failed. Invalid JPEG data or crop window.)")
 
 
-@pytest.mark.parametrize("request_kwargs,status,kind", [
-    ({"content": b"", "headers": {"content-type": "multipart/form-data; boundary=x"}}, 400, "no_files"),
+@pytest.mark.parametrize("request_kwargs,status,kind,says", [
+    ({"content": b"", "headers": {"content-type": "multipart/form-data; boundary=x"}}, 400, "no_files",
+     "no images: send one or more files in the multipart field 'files'"),
     ({"content": b"--x\r\nContent-Type: text/plain\r\n\r\nabc\r\n--x--\r\n",
-      "headers": {"content-type": "multipart/form-data; boundary=x"}}, 400, "malformed_multipart"),
-    ({"json": {"files": "x"}}, 415, "unsupported_media_type"),
-    ({"files": _files(image_bytes(), name="file")}, 400, "unknown_field"),
-    ({"data": {"top_k": "2"}, "files": []}, 415, "unsupported_media_type"),
-    ({"files": _files(*[image_bytes()] * 5)}, 400, "too_many_images"),
-    ({"files": _files(image_bytes()), "data": {"top_k": "0"}}, 422, "invalid_option"),
-    ({"files": _files(image_bytes()), "data": {"top_k": "99"}}, 422, "invalid_option"),
-    ({"files": _files(image_bytes()), "data": {"top_k": "two"}}, 422, "invalid_option"),
-    ({"files": _files(image_bytes()), "data": {"include_members": "maybe"}}, 422, "invalid_option"),
+      "headers": {"content-type": "multipart/form-data; boundary=x"}}, 400, "malformed_multipart", None),
+    ({"json": {"files": "x"}}, 415, "unsupported_media_type", None),
+    ({"files": _files(image_bytes(), name="file")}, 400, "unknown_field",
+     "unknown form field(s) ['file']; images go in field 'files', options are "
+     "['include_members', 'include_probabilities', 'top_k']"),
+    ({"files": _files(image_bytes()) + _files(b"2", name="top_k")}, 400, "unknown_field",
+     "only field 'files' may hold files"),
+    ({"data": {"top_k": "2"}, "files": []}, 415, "unsupported_media_type", None),
+    ({"files": _files(*[image_bytes()] * 5)}, 400, "too_many_images", "5 images in one request; the limit is 4"),
+    ({"files": _files(image_bytes()), "data": {"top_k": "0"}}, 422, "invalid_option", None),
+    ({"files": _files(image_bytes()), "data": {"top_k": "99"}}, 422, "invalid_option", None),
+    ({"files": _files(image_bytes()), "data": {"top_k": "two"}}, 422, "invalid_option", None),
+    ({"files": _files(image_bytes()), "data": {"include_members": "maybe"}}, 422, "invalid_option", None),
     ({"content": b"--x\r\nContent-Disposition: form-data; name=\"files\"\r\n\r\ntext\r\n--x--\r\n",
-      "headers": {"content-type": "multipart/form-data; boundary=x"}}, 400, "not_a_file"),
+      "headers": {"content-type": "multipart/form-data; boundary=x"}}, 400, "not_a_file",
+     "field 'files' must hold file uploads, not text values"),
 ])
-def test_bad_requests_get_a_json_4xx_and_the_server_keeps_serving(client, request_kwargs, status, kind):
+def test_bad_requests_get_a_json_4xx_and_the_server_keeps_serving(client, request_kwargs, status, kind, says):
     response = client.post("/v1/predict", **request_kwargs)
     assert response.status_code == status, response.text
     assert response.json()["error"]["kind"] == kind
+    if says is not None:  # the message tells the client what to send instead
+        assert response.json()["error"]["message"] == says
     assert client.post("/v1/predict", files=_files(image_bytes())).status_code == 200
 
 
