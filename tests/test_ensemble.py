@@ -592,6 +592,50 @@ def test_the_stacker_cross_validates_c_with_two_rows_in_a_class_and_else_keeps_t
     assert Blender("stack", cs=(0.1, 10.0, 100.0, 1e3)).fit(probs, labels).spec_.C == 100.0
 
 
+def test_the_stacker_walks_the_c_path_up_from_the_smallest_c_warm_started_and_stops_where_the_loss_turns_up(
+        monkeypatch):
+    from ensemble import blend
+
+    probs, labels = _members(0, rows=120, classes=4)
+    cs = (10.0, 0.1, 0.01, 1.0)  # in any order
+    best, losses = _inner_cv_choice(probs, labels, cs, 3, 0)  # cold fits of every C
+    assert best == 0.1 and losses[0.01] > losses[0.1] < losses[1.0]
+    fits, real = [], blend._fit_stack_once
+
+    def spy(features, fold_labels, c_reg, start=None):
+        params = real(features, fold_labels, c_reg, start)
+        fits.append((c_reg, len(fold_labels), None if start is None else start.copy(), params))
+        return params
+
+    monkeypatch.setattr(blend, "_fit_stack_once", spy)
+    spec = Blender("stack", cs=cs).fit(probs, labels).spec_
+    assert spec.C == 0.1
+    # three inner folds of 80 rows at 0.01, 0.1 and 1 (higher than 0.1: the path stops), then all 120 rows
+    assert [(c, rows) for c, rows, _, _ in fits] == [(0.01, 80)] * 3 + [(0.1, 80)] * 3 + [(1.0, 80)] * 3 + [(0.1, 120)]
+    assert all(start is None for _, _, start, _ in fits[:3])
+    for k in range(3, 9):  # each fold's fit starts from the same fold's fit at the previous C
+        np.testing.assert_array_equal(fits[k][2], fits[k - 3][3])
+    np.testing.assert_array_equal(fits[9][2], np.mean([params for *_, params in fits[3:6]], axis=0))
+    cold = Blender("stack", cs=(0.1,)).fit(probs, labels).spec_  # no inner CV: a cold start
+    np.testing.assert_allclose(np.array(spec.coef), np.array(cold.coef), atol=1e-4)
+    np.testing.assert_allclose(spec.intercept, cold.intercept, atol=1e-4)
+
+
+def test_blends_are_fitted_with_one_blas_thread_and_the_setting_is_restored(monkeypatch):
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from ensemble import blend
+
+    inside, real = [], blend.fit_stack
+    monkeypatch.setattr(blend, "fit_stack", lambda *a, **k: inside.append(threadpool_info()) or real(*a, **k))
+    probs, labels = _members(1, rows=60, classes=3)
+    with threadpool_limits(2):
+        Blender("stack", cs=(1.0,)).fit(probs, labels)
+        after = threadpool_info()
+    assert {lib["num_threads"] for lib in inside[0]} == {1}
+    assert {lib["num_threads"] for lib in after} == {2}
+
+
 def test_blender_errors_name_the_problem():
     probs, labels = _members(6, rows=24)
     with pytest.raises(ValueError, match=r"unknown blend method 'median'; expected one of \('mean', 'weighted'"):
