@@ -139,8 +139,8 @@ def _stack_loss(features: np.ndarray, labels: np.ndarray, c_reg: float) -> Calla
     """The stacker's loss and its gradient, one function of the packed parameters (beta, delta, bias).
 
     Loss: mean cross-entropy + (|deviations|^2 + |biases|^2) / (2 C N), as scikit-learn scales C.
-    The [N, C] work runs in the features' dtype (float32 in fit_stack: half the memory traffic, the
-    same fit to 1e-4); sums over rows and the loss itself are float64.
+    The sums over members and rows read the features in their own dtype (float32 in fit_stack: half
+    the memory traffic, the same fit to 1e-4); everything else is float64.
     """
     m, n, c = features.shape
     rows = np.arange(n)
@@ -148,18 +148,16 @@ def _stack_loss(features: np.ndarray, labels: np.ndarray, c_reg: float) -> Calla
 
     def loss(params: np.ndarray) -> tuple[float, np.ndarray]:
         beta, delta, bias = params[:m], params[m:m + m * c].reshape(m, c), params[m + m * c:]
-        logits = np.einsum("mnc,mc->nc", features, (beta[:, None] + delta).astype(features.dtype))
-        logits += bias.astype(features.dtype)
+        logits = np.einsum("mnc,mc->nc", features, (beta[:, None] + delta).astype(features.dtype)) + bias
         logits -= logits.max(axis=1, keepdims=True)
         grad_logits = np.exp(logits)
-        total = grad_logits.sum(axis=1, dtype=np.float64)
-        value = (np.log(total) - logits[rows, labels]).mean()
-        grad_logits /= (total * n)[:, None].astype(features.dtype)
+        total = grad_logits.sum(axis=1)
+        value = (np.log(total) - logits[rows, labels]).mean() + 0.5 * penalty * ((delta**2).sum() + (bias**2).sum())
+        grad_logits /= (total * n)[:, None]
         grad_logits[rows, labels] -= 1.0 / n
-        grad_coef = np.einsum("mnc,nc->mc", features, grad_logits).astype(np.float64)
-        value += 0.5 * penalty * ((delta**2).sum() + (bias**2).sum())
+        grad_coef = np.einsum("mnc,nc->mc", features, grad_logits.astype(features.dtype))
         grad = np.concatenate([grad_coef.sum(1), (grad_coef + penalty * delta).ravel(),
-                               grad_logits.sum(0, dtype=np.float64) + penalty * bias])
+                               grad_logits.sum(0) + penalty * bias])
         return value, grad
 
     return loss
@@ -214,14 +212,12 @@ def _choose_c(
     fits: list[np.ndarray | None] = [None] * len(parts)
     losses, starts = {}, {}
     for value in sorted(set(cs)):
-        losses[value] = 0.0
-        for k, (x_fit, y_fit, x_held, y_held) in enumerate(parts):
-            fits[k] = _fit_stack_once(x_fit, y_fit, value, fits[k])
-            losses[value] += _stack_log_loss(x_held, y_held, fits[k])
+        fits = [_fit_stack_once(x_fit, y_fit, value, fits[k]) for k, (x_fit, y_fit, _, _) in enumerate(parts)]
+        losses[value] = sum(_stack_log_loss(x_held, y_held, fits[k]) for k, (*_, x_held, y_held) in enumerate(parts))
         starts[value] = np.mean(fits, axis=0)
-        if len(losses) > 1 and losses[value] > min(losses.values()):
+        if losses[value] > min(losses.values()):
             break  # past the lowest point of the C path: the larger Cs overfit more
-    best = min((value for value in cs if value in losses), key=losses.__getitem__)
+    best = min(losses, key=losses.__getitem__)
     return best, starts[best]
 
 

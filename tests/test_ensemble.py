@@ -545,6 +545,44 @@ def test_the_stacker_minimises_its_documented_loss(features, c):
     assert np.abs(slopes).max() < 2e-4, np.abs(slopes).max()
 
 
+def test_the_stackers_loss_is_the_documented_loss_and_its_gradient_the_loss_slope_at_any_point():
+    from scipy.special import log_softmax
+
+    from ensemble.blend import _stack_loss
+
+    probs, labels = _members(2, rows=40, classes=3)
+    x = np.log(probs)  # float64 features: the loss is exact
+    m, n, c = x.shape
+    params = np.random.default_rng(0).normal(0.0, 0.5, m + m * c + c)
+    beta, delta, bias = params[:m], params[m:m + m * c].reshape(m, c), params[m + m * c:]
+    log_p = log_softmax(np.einsum("mnc,mc->nc", x, beta[:, None] + delta) + bias, axis=1)
+    expected = -log_p[np.arange(n), labels].mean() + ((delta**2).sum() + (bias**2).sum()) / (2 * 0.7 * n)
+    loss = _stack_loss(x, labels, 0.7)
+    value, grad = loss(params)
+    assert value == pytest.approx(expected, rel=1e-12)
+    step = 1e-6
+    slopes = [(loss(params + step * e)[0] - loss(params - step * e)[0]) / (2 * step) for e in np.eye(len(params))]
+    np.testing.assert_allclose(grad, slopes, atol=1e-8)
+
+
+def test_a_stacker_fit_stops_after_200_lbfgs_steps(monkeypatch):
+    from ensemble import blend
+    from testkit.synthetic import synthetic_probs
+
+    labels = np.arange(100) % 10
+    probs = synthetic_probs(labels, [1.5, 4.0, 2.0], 10, np.random.default_rng(0))
+    steps, real = [], blend.minimize
+
+    def counted(*args, **kwargs):
+        result = real(*args, **kwargs)
+        steps.append(result.nit)
+        return result
+
+    monkeypatch.setattr(blend, "minimize", counted)
+    Blender("stack", cs=(1e3,)).fit(probs, labels)
+    assert steps == [200]  # ten rows a class, a weak penalty: 318 steps to converge; the cap bounds the time
+
+
 def _inner_cv_choice(probs, labels, cs, folds, seed):
     """The C of the lowest stratified K-fold log loss, computed with the public API; and the losses."""
     from sklearn.model_selection import StratifiedKFold
