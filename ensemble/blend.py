@@ -10,6 +10,7 @@ offline here and online in the service.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +25,36 @@ from ensemble.scores import macro_f1
 from ensemble.spec import METHODS, BlendSpec
 
 LOG_FLOOR = 1e-12
+
+
+class _OneBlasThread:
+    """`with one_blas_thread:` BLAS and OpenMP run on one thread inside, and as before once all are out.
+
+    L-BFGS's vectors are too small for BLAS threads, which only spin against each other and against
+    other processes (a stacker fit 3x slower on a busy machine). Threads of a process share the
+    setting: the first one in sets it and the last one out restores it, so blends fitted on several
+    threads at once (ensemble.validation) never lift each other's limit.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._inside = 0
+        self._limiter: Any = None
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._inside == 0:
+                self._limiter = threadpool_limits(1)
+            self._inside += 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self._lock:
+            self._inside -= 1
+            if self._inside == 0:
+                self._limiter.restore_original_limits()
+
+
+one_blas_thread = _OneBlasThread()
 
 
 def _log_probs(probs: np.ndarray) -> np.ndarray:
@@ -284,7 +315,7 @@ class Blender(BaseEstimator):
             raise ValueError(
                 f"expected probabilities [members, rows, classes] with {len(labels)} rows, got {probs.shape}"
             )
-        with threadpool_limits(1):  # BLAS threads only fight over L-BFGS's small vectors (3x slower on a busy machine)
+        with one_blas_thread:
             self.spec_ = self._fit_spec(probs, np.asarray(labels))
         self.weights_ = None if self.spec_.weights is None else np.asarray(self.spec_.weights)
         self.importance_ = np.asarray(self.spec_.importance)

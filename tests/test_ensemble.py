@@ -313,9 +313,9 @@ def test_each_cv_fold_is_fitted_on_its_training_rows_only(complementary, monkeyp
     result = validation.cross_validate(probs, labels, "weighted", folds=4, seed=3)
     splits = validation._folds(labels, 4, 3)
     assert result["folds"] == len(splits) == len(fitted_rows) == 4
-    for (train, held), fitted, predicted in zip(splits, fitted_rows, predicted_rows, strict=True):
-        assert sorted(fitted) == sorted(train.tolist()) and not set(fitted) & set(held.tolist())
-        assert sorted(predicted) == sorted(held.tolist())
+    # the folds run on several threads: one fit on each fold's training rows and one blend of its held-out rows
+    assert sorted(sorted(fitted) for fitted in fitted_rows) == sorted(sorted(train.tolist()) for train, _ in splits)
+    assert sorted(sorted(rows) for rows in predicted_rows) == sorted(sorted(held.tolist()) for _, held in splits)
     # The out-of-fold rows are each fold's blend, fitted without them.
     for train, held in splits:
         alone = Blender("weighted").fit(probs[:, train], labels[train]).predict_proba(probs[:, held])
@@ -324,6 +324,39 @@ def test_each_cv_fold_is_fitted_on_its_training_rows_only(complementary, monkeyp
     for _, held in splits:
         counts = np.bincount(labels[held], minlength=10)
         assert counts.min() >= 14 and counts.max() <= 16
+
+
+def test_the_folds_are_fitted_at_once_on_one_thread_per_core_and_reported_in_fold_order(complementary, monkeypatch):
+    import threading
+    import time
+
+    import ensemble.validation as validation
+
+    aligned = load_members(complementary)
+    probs, labels = aligned.val_probs, aligned.val_labels
+    meet, lock, threads, inside, most = threading.Barrier(2, timeout=30), threading.Lock(), [], [0], [0]
+
+    class Spy(Blender):
+        def fit(self, p, y):
+            with lock:
+                threads.append(threading.current_thread().name)
+                first_two, inside[0] = len(threads) <= 2, inside[0] + 1
+                most[0] = max(most[0], inside[0])
+            if first_two:
+                meet.wait()  # the first two folds are fitted at the same time, or this times out
+            time.sleep(0.1)  # time for a third thread, were there one, to take the next fold meanwhile
+            with lock:
+                inside[0] -= 1
+            return super().fit(p, y)
+
+    monkeypatch.setattr(validation, "Blender", Spy)
+    monkeypatch.setattr(validation.os, "cpu_count", lambda: 2)
+    lines = []
+    result = validation.cross_validate(probs, labels, "mean", folds=4, seed=3, progress=lines.append)
+    assert len(threads) == 4 and most == [2] and threading.current_thread().name not in threads
+    assert [line.split(" macro")[0] for line in lines] == [f"  mean: fold {k}/4" for k in range(1, 5)]
+    for _, held in validation._folds(labels, 4, 3):
+        np.testing.assert_allclose(result["out_of_fold"][held], probs[:, held].astype(float).mean(0))
 
 
 def test_a_blend_that_memorises_its_rows_is_caught_by_cv(complementary, monkeypatch):
@@ -690,6 +723,24 @@ def test_blender_errors_name_the_problem():
     stack = Blender("stack", cs=(1.0,)).fit(probs, labels)
     with pytest.raises(ValueError, match="the stacker was fitted on 6 classes, got 5"):
         stack.predict_proba(probs[:, :, :5])
+
+
+def test_one_blas_thread_lasts_until_the_last_of_several_holders_leaves():
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from ensemble.blend import one_blas_thread
+
+    def blas_threads():
+        return {lib["num_threads"] for lib in threadpool_info()}
+
+    with threadpool_limits(2):
+        one_blas_thread.__enter__()  # the CV's thread
+        one_blas_thread.__enter__()  # a fold's fit on another thread
+        assert blas_threads() == {1}
+        one_blas_thread.__exit__(None, None, None)  # whichever leaves first
+        assert blas_threads() == {1}
+        one_blas_thread.__exit__(None, None, None)
+        assert blas_threads() == {2}
 
 
 def test_the_default_blender_is_the_mean_and_predict_is_the_rowwise_argmax():
