@@ -10,18 +10,51 @@ offline here and online in the service.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize
 from scipy.special import logsumexp, softmax
 from sklearn.base import BaseEstimator
+from threadpoolctl import threadpool_limits
 
 from core.errors import ConfigError
 from ensemble.scores import macro_f1
 from ensemble.spec import METHODS, BlendSpec
 
 LOG_FLOOR = 1e-12
+
+
+class _OneBlasThread:
+    """`with one_blas_thread:` BLAS and OpenMP run on one thread inside, and as before once all are out.
+
+    L-BFGS's vectors are too small for BLAS threads, which only spin against each other and against
+    other processes (a stacker fit 3x slower on a busy machine). Threads of a process share the
+    setting: the first one in sets it and the last one out restores it, so blends fitted on several
+    threads at once (ensemble.validation) never lift each other's limit.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._inside = 0
+        self._limiter: Any = None
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._inside == 0:
+                self._limiter = threadpool_limits(1)
+            self._inside += 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self._lock:
+            self._inside -= 1
+            if self._inside == 0:
+                self._limiter.restore_original_limits()
+
+
+one_blas_thread = _OneBlasThread()
 
 
 def _log_probs(probs: np.ndarray) -> np.ndarray:
@@ -133,31 +166,90 @@ def fit_hill_climb(
                      selections=tuple(best_counts.astype(int).tolist()))
 
 
-def _fit_stack_once(features: np.ndarray, labels: np.ndarray, c_reg: float) -> tuple[np.ndarray, np.ndarray]:
-    """Fit coef [M, C] = shared member weight + per-class deviation, and biases [C], by L-BFGS.
+def _stack_loss(features: np.ndarray, labels: np.ndarray, c_reg: float) -> Callable[[np.ndarray], tuple]:
+    """The stacker's loss and its gradient, one function of the packed parameters (beta, delta, bias).
 
     Loss: mean cross-entropy + (|deviations|^2 + |biases|^2) / (2 C N), as scikit-learn scales C.
+    The sums over members and rows read the features in their own dtype (float32 in fit_stack: half
+    the memory traffic, the same fit to 1e-4); everything else is float64.
     """
     m, n, c = features.shape
-    onehot = np.zeros((n, c))
-    onehot[np.arange(n), labels] = 1.0
+    rows = np.arange(n)
     penalty = 1.0 / (c_reg * n)
 
-    def loss(params):
+    def loss(params: np.ndarray) -> tuple[float, np.ndarray]:
         beta, delta, bias = params[:m], params[m:m + m * c].reshape(m, c), params[m + m * c:]
-        logits = np.einsum("mnc,mc->nc", features, beta[:, None] + delta) + bias
-        log_p = logits - logsumexp(logits, axis=1, keepdims=True)
-        grad_logits = (np.exp(log_p) - onehot) / n
-        grad_coef = np.einsum("mnc,nc->mc", features, grad_logits)
-        value = -(log_p * onehot).sum() / n + 0.5 * penalty * ((delta**2).sum() + (bias**2).sum())
+        logits = np.einsum("mnc,mc->nc", features, (beta[:, None] + delta).astype(features.dtype)) + bias
+        logits -= logits.max(axis=1, keepdims=True)
+        grad_logits = np.exp(logits)
+        total = grad_logits.sum(axis=1)
+        value = (np.log(total) - logits[rows, labels]).mean() + 0.5 * penalty * ((delta**2).sum() + (bias**2).sum())
+        grad_logits /= (total * n)[:, None]
+        grad_logits[rows, labels] -= 1.0 / n
+        grad_coef = np.einsum("mnc,nc->mc", features, grad_logits.astype(features.dtype))
         grad = np.concatenate([grad_coef.sum(1), (grad_coef + penalty * delta).ravel(),
                                grad_logits.sum(0) + penalty * bias])
         return value, grad
 
-    start = np.concatenate([np.full(m, 1.0 / m), np.zeros(m * c + c)])
-    result = minimize(loss, start, jac=True, method="L-BFGS-B", options={"maxiter": 200})
-    beta, delta = result.x[:m], result.x[m:m + m * c].reshape(m, c)
-    return beta[:, None] + delta, result.x[m + m * c:]
+    return loss
+
+
+def _fit_stack_once(
+    features: np.ndarray, labels: np.ndarray, c_reg: float, start: np.ndarray | None = None
+) -> np.ndarray:
+    """Packed parameters minimising the stacker's loss at one C, by L-BFGS from `start`.
+
+    The default start is equal member weights and no deviations or biases; a neighbouring C's
+    solution (a warm start) reaches the same minimum in fewer steps.
+    """
+    m, _, c = features.shape
+    if start is None:
+        start = np.concatenate([np.full(m, 1.0 / m), np.zeros(m * c + c)])
+    loss = _stack_loss(features, labels, c_reg)
+    return minimize(loss, start, jac=True, method="L-BFGS-B", options={"maxiter": 200}).x
+
+
+def _unpack_stack(params: np.ndarray, m: int, c: int) -> tuple[np.ndarray, np.ndarray]:
+    """coef [M, C] (member weight + deviation) and biases [C] from packed parameters."""
+    beta, delta = params[:m], params[m:m + m * c].reshape(m, c)
+    return beta[:, None] + delta, params[m + m * c:]
+
+
+def _stack_log_loss(features: np.ndarray, labels: np.ndarray, params: np.ndarray) -> float:
+    """Summed negative log-probability of the true classes under packed stacker parameters."""
+    coef, bias = _unpack_stack(params, features.shape[0], features.shape[2])
+    logits = np.einsum("mnc,mc->nc", features, coef) + bias
+    log_p = logits - logsumexp(logits, axis=1, keepdims=True)
+    return float(-log_p[np.arange(len(labels)), labels].sum())
+
+
+def _choose_c(
+    x: np.ndarray, labels: np.ndarray, cs: tuple[float, ...], folds: int, seed: int
+) -> tuple[float, np.ndarray | None]:
+    """The C of the lowest stratified inner-CV log loss, and a warm start for the final fit.
+
+    The folds walk the C path from the most regularised value up, each fit starting from the same
+    fold's fit at the previous C, and stop once the loss rises above the lowest so far. The warm start
+    returned is the mean of the chosen C's fold fits; None (and the middle C) without inner CV.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    counts = np.bincount(labels)
+    inner = min(folds, int(counts[counts > 0].min()))
+    if len(cs) < 2 or inner < 2:
+        return cs[len(cs) // 2], None
+    splits = list(StratifiedKFold(inner, shuffle=True, random_state=seed).split(labels, labels))
+    parts = [(x[:, train], labels[train], x[:, held], labels[held]) for train, held in splits]
+    fits: list[np.ndarray | None] = [None] * len(parts)
+    losses, starts = {}, {}
+    for value in sorted(set(cs)):
+        fits = [_fit_stack_once(x_fit, y_fit, value, fits[k]) for k, (x_fit, y_fit, _, _) in enumerate(parts)]
+        losses[value] = sum(_stack_log_loss(x_held, y_held, fits[k]) for k, (*_, x_held, y_held) in enumerate(parts))
+        starts[value] = np.mean(fits, axis=0)
+        if losses[value] > min(losses.values()):
+            break  # past the lowest point of the C path: the larger Cs overfit more
+    best = min(losses, key=losses.__getitem__)
+    return best, starts[best]
 
 
 def fit_stack(
@@ -169,27 +261,16 @@ def fit_stack(
     Each class's logit is a weighted sum of that class's member scores plus a bias; the weight is a
     member weight plus an L2-penalised per-class deviation. That keeps M*C + M + C parameters,
     not the (M*C)*C of a dense regression, which overfits badly with ~36 validation rows per class
-    and takes 20 s a fit. The penalty strength C is chosen by stratified inner CV log loss.
+    and takes 20 s a fit. The penalty strength C is chosen by stratified inner CV log loss along the
+    C path, smallest C first, each fit warm-started from the previous one; the path stops at the first
+    C whose loss is higher than the best so far (the larger ones overfit more). Fits run on float32
+    features with one BLAS thread (see Blender.fit).
     """
-    from sklearn.model_selection import StratifiedKFold
-
     if features not in ("log", "probs"):
         raise ConfigError(f"stack features must be 'log' or 'probs', got {features!r}")
-    x = _stack_features(probs, features)
-    counts = np.bincount(labels)
-    inner = min(folds, int(counts[counts > 0].min()))
-    best_c = cs[len(cs) // 2]
-    if len(cs) > 1 and inner >= 2:
-        splitter = StratifiedKFold(inner, shuffle=True, random_state=seed)
-        losses = {value: 0.0 for value in cs}
-        for train, held in splitter.split(labels, labels):
-            for value in cs:
-                coef, bias = _fit_stack_once(x[:, train], labels[train], value)
-                logits = np.einsum("mnc,mc->nc", x[:, held], coef) + bias
-                log_p = logits - logsumexp(logits, axis=1, keepdims=True)
-                losses[value] -= log_p[np.arange(len(held)), labels[held]].sum()
-        best_c = min(cs, key=lambda value: losses[value])
-    coef, bias = _fit_stack_once(x, labels, best_c)
+    x = _stack_features(probs, features).astype(np.float32)
+    best_c, start = _choose_c(x, labels, cs, folds, seed)
+    coef, bias = _unpack_stack(_fit_stack_once(x, labels, best_c, start), x.shape[0], x.shape[2])
     return BlendSpec("stack", features=features, C=float(best_c), coef=tuple(tuple(row) for row in coef.tolist()),
                      intercept=tuple(bias.tolist()))
 
@@ -234,7 +315,8 @@ class Blender(BaseEstimator):
             raise ValueError(
                 f"expected probabilities [members, rows, classes] with {len(labels)} rows, got {probs.shape}"
             )
-        self.spec_ = self._fit_spec(probs, np.asarray(labels))
+        with one_blas_thread:
+            self.spec_ = self._fit_spec(probs, np.asarray(labels))
         self.weights_ = None if self.spec_.weights is None else np.asarray(self.spec_.weights)
         self.importance_ = np.asarray(self.spec_.importance)
         return self

@@ -313,9 +313,9 @@ def test_each_cv_fold_is_fitted_on_its_training_rows_only(complementary, monkeyp
     result = validation.cross_validate(probs, labels, "weighted", folds=4, seed=3)
     splits = validation._folds(labels, 4, 3)
     assert result["folds"] == len(splits) == len(fitted_rows) == 4
-    for (train, held), fitted, predicted in zip(splits, fitted_rows, predicted_rows, strict=True):
-        assert sorted(fitted) == sorted(train.tolist()) and not set(fitted) & set(held.tolist())
-        assert sorted(predicted) == sorted(held.tolist())
+    # the folds run on several threads: one fit on each fold's training rows and one blend of its held-out rows
+    assert sorted(sorted(fitted) for fitted in fitted_rows) == sorted(sorted(train.tolist()) for train, _ in splits)
+    assert sorted(sorted(rows) for rows in predicted_rows) == sorted(sorted(held.tolist()) for _, held in splits)
     # The out-of-fold rows are each fold's blend, fitted without them.
     for train, held in splits:
         alone = Blender("weighted").fit(probs[:, train], labels[train]).predict_proba(probs[:, held])
@@ -324,6 +324,39 @@ def test_each_cv_fold_is_fitted_on_its_training_rows_only(complementary, monkeyp
     for _, held in splits:
         counts = np.bincount(labels[held], minlength=10)
         assert counts.min() >= 14 and counts.max() <= 16
+
+
+def test_the_folds_are_fitted_at_once_on_one_thread_per_core_and_reported_in_fold_order(complementary, monkeypatch):
+    import threading
+    import time
+
+    import ensemble.validation as validation
+
+    aligned = load_members(complementary)
+    probs, labels = aligned.val_probs, aligned.val_labels
+    meet, lock, threads, inside, most = threading.Barrier(2, timeout=30), threading.Lock(), [], [0], [0]
+
+    class Spy(Blender):
+        def fit(self, p, y):
+            with lock:
+                threads.append(threading.current_thread().name)
+                first_two, inside[0] = len(threads) <= 2, inside[0] + 1
+                most[0] = max(most[0], inside[0])
+            if first_two:
+                meet.wait()  # the first two folds are fitted at the same time, or this times out
+            time.sleep(0.1)  # time for a third thread, were there one, to take the next fold meanwhile
+            with lock:
+                inside[0] -= 1
+            return super().fit(p, y)
+
+    monkeypatch.setattr(validation, "Blender", Spy)
+    monkeypatch.setattr(validation.os, "cpu_count", lambda: 2)
+    lines = []
+    result = validation.cross_validate(probs, labels, "mean", folds=4, seed=3, progress=lines.append)
+    assert len(threads) == 4 and most == [2] and threading.current_thread().name not in threads
+    assert [line.split(" macro")[0] for line in lines] == [f"  mean: fold {k}/4" for k in range(1, 5)]
+    for _, held in validation._folds(labels, 4, 3):
+        np.testing.assert_allclose(result["out_of_fold"][held], probs[:, held].astype(float).mean(0))
 
 
 def test_a_blend_that_memorises_its_rows_is_caught_by_cv(complementary, monkeypatch):
@@ -545,6 +578,44 @@ def test_the_stacker_minimises_its_documented_loss(features, c):
     assert np.abs(slopes).max() < 2e-4, np.abs(slopes).max()
 
 
+def test_the_stackers_loss_is_the_documented_loss_and_its_gradient_the_loss_slope_at_any_point():
+    from scipy.special import log_softmax
+
+    from ensemble.blend import _stack_loss
+
+    probs, labels = _members(2, rows=40, classes=3)
+    x = np.log(probs)  # float64 features: the loss is exact
+    m, n, c = x.shape
+    params = np.random.default_rng(0).normal(0.0, 0.5, m + m * c + c)
+    beta, delta, bias = params[:m], params[m:m + m * c].reshape(m, c), params[m + m * c:]
+    log_p = log_softmax(np.einsum("mnc,mc->nc", x, beta[:, None] + delta) + bias, axis=1)
+    expected = -log_p[np.arange(n), labels].mean() + ((delta**2).sum() + (bias**2).sum()) / (2 * 0.7 * n)
+    loss = _stack_loss(x, labels, 0.7)
+    value, grad = loss(params)
+    assert value == pytest.approx(expected, rel=1e-12)
+    step = 1e-6
+    slopes = [(loss(params + step * e)[0] - loss(params - step * e)[0]) / (2 * step) for e in np.eye(len(params))]
+    np.testing.assert_allclose(grad, slopes, atol=1e-8)
+
+
+def test_a_stacker_fit_stops_after_200_lbfgs_steps(monkeypatch):
+    from ensemble import blend
+    from testkit.synthetic import synthetic_probs
+
+    labels = np.arange(100) % 10
+    probs = synthetic_probs(labels, [1.5, 4.0, 2.0], 10, np.random.default_rng(0))
+    steps, real = [], blend.minimize
+
+    def counted(*args, **kwargs):
+        result = real(*args, **kwargs)
+        steps.append(result.nit)
+        return result
+
+    monkeypatch.setattr(blend, "minimize", counted)
+    Blender("stack", cs=(1e3,)).fit(probs, labels)
+    assert steps == [200]  # ten rows a class, a weak penalty: 318 steps to converge; the cap bounds the time
+
+
 def _inner_cv_choice(probs, labels, cs, folds, seed):
     """The C of the lowest stratified K-fold log loss, computed with the public API; and the losses."""
     from sklearn.model_selection import StratifiedKFold
@@ -592,6 +663,50 @@ def test_the_stacker_cross_validates_c_with_two_rows_in_a_class_and_else_keeps_t
     assert Blender("stack", cs=(0.1, 10.0, 100.0, 1e3)).fit(probs, labels).spec_.C == 100.0
 
 
+def test_the_stacker_walks_the_c_path_up_from_the_smallest_c_warm_started_and_stops_where_the_loss_turns_up(
+        monkeypatch):
+    from ensemble import blend
+
+    probs, labels = _members(0, rows=120, classes=4)
+    cs = (10.0, 0.1, 0.01, 1.0)  # in any order
+    best, losses = _inner_cv_choice(probs, labels, cs, 3, 0)  # cold fits of every C
+    assert best == 0.1 and losses[0.01] > losses[0.1] < losses[1.0]
+    fits, real = [], blend._fit_stack_once
+
+    def spy(features, fold_labels, c_reg, start=None):
+        params = real(features, fold_labels, c_reg, start)
+        fits.append((c_reg, len(fold_labels), None if start is None else start.copy(), params))
+        return params
+
+    monkeypatch.setattr(blend, "_fit_stack_once", spy)
+    spec = Blender("stack", cs=cs).fit(probs, labels).spec_
+    assert spec.C == 0.1
+    # three inner folds of 80 rows at 0.01, 0.1 and 1 (higher than 0.1: the path stops), then all 120 rows
+    assert [(c, rows) for c, rows, _, _ in fits] == [(0.01, 80)] * 3 + [(0.1, 80)] * 3 + [(1.0, 80)] * 3 + [(0.1, 120)]
+    assert all(start is None for _, _, start, _ in fits[:3])
+    for k in range(3, 9):  # each fold's fit starts from the same fold's fit at the previous C
+        np.testing.assert_array_equal(fits[k][2], fits[k - 3][3])
+    np.testing.assert_array_equal(fits[9][2], np.mean([params for *_, params in fits[3:6]], axis=0))
+    cold = Blender("stack", cs=(0.1,)).fit(probs, labels).spec_  # no inner CV: a cold start
+    np.testing.assert_allclose(np.array(spec.coef), np.array(cold.coef), atol=1e-4)
+    np.testing.assert_allclose(spec.intercept, cold.intercept, atol=1e-4)
+
+
+def test_blends_are_fitted_with_one_blas_thread_and_the_setting_is_restored(monkeypatch):
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from ensemble import blend
+
+    inside, real = [], blend.fit_stack
+    monkeypatch.setattr(blend, "fit_stack", lambda *a, **k: inside.append(threadpool_info()) or real(*a, **k))
+    probs, labels = _members(1, rows=60, classes=3)
+    with threadpool_limits(2):
+        Blender("stack", cs=(1.0,)).fit(probs, labels)
+        after = threadpool_info()
+    assert {lib["num_threads"] for lib in inside[0]} == {1}
+    assert {lib["num_threads"] for lib in after} == {2}
+
+
 def test_blender_errors_name_the_problem():
     probs, labels = _members(6, rows=24)
     with pytest.raises(ValueError, match=r"unknown blend method 'median'; expected one of \('mean', 'weighted'"):
@@ -608,6 +723,24 @@ def test_blender_errors_name_the_problem():
     stack = Blender("stack", cs=(1.0,)).fit(probs, labels)
     with pytest.raises(ValueError, match="the stacker was fitted on 6 classes, got 5"):
         stack.predict_proba(probs[:, :, :5])
+
+
+def test_one_blas_thread_lasts_until_the_last_of_several_holders_leaves():
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from ensemble.blend import one_blas_thread
+
+    def blas_threads():
+        return {lib["num_threads"] for lib in threadpool_info()}
+
+    with threadpool_limits(2):
+        one_blas_thread.__enter__()  # the CV's thread
+        one_blas_thread.__enter__()  # a fold's fit on another thread
+        assert blas_threads() == {1}
+        one_blas_thread.__exit__(None, None, None)  # whichever leaves first
+        assert blas_threads() == {1}
+        one_blas_thread.__exit__(None, None, None)
+        assert blas_threads() == {2}
 
 
 def test_the_default_blender_is_the_mean_and_predict_is_the_rowwise_argmax():
