@@ -316,6 +316,7 @@ HOMES = {
     "os.umask": {"core.files"},
     "fcntl.flock": {"core.files"},  # the folder lock
     "tf.train.Example.FromString": {"imaging.records"},  # the record fields read on the host
+    "glob.glob": {"core.files"},  # which command-line arguments are glob patterns (pattern_matches)
 }
 CONTRACT_NAMES = {"member.json", "ensemble.json", "classes.json", "import_report.json", "test_answers.csv",
                   "saved_model"}  # file names of the contract: core.contract's constants
@@ -330,7 +331,7 @@ def _spelled_out(path: Path) -> set[str]:
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
             if node.value in CONTRACT_NAMES:
                 found.add(node.value)
-            elif "tfrecords-jpeg-(" in node.value:
+            elif "tfrecords-jpeg-(" in node.value or "tfrecords-jpeg-*" in node.value:
                 found.add("size-folder pattern")
     return found
 

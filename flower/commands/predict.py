@@ -162,7 +162,8 @@ def score_on_beam(args: argparse.Namespace, inputs: Inputs, options: scoring.Opt
                                  args.overwrite, args.quiet)
     if not args.quiet:
         counts, kinds = run.counters, beam.run.failed_kinds(run.counters)
-        detail = f" ({', '.join(f'{kind} {n}' for kind, n in kinds.most_common())})" if kinds else ""
+        ordered = sorted(kinds.items(), key=lambda item: (-item[1], item[0]))  # the workers' order is no order
+        detail = f" ({', '.join(f'{kind} {n}' for kind, n in ordered)})" if kinds else ""
         print(f"beam ({run.runner}): {counts['images_scored']} images scored, {counts['images_failed']} failed"
               f"{detail}, by the pipeline's metrics; {run.shards} shard(s) merged", file=sys.stderr)
     return run.summary, classes

@@ -17,7 +17,7 @@ from typing import Any
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from core.contract import RECORD_SUFFIX, SPLIT_NAME, folder_size, join
+from core.contract import RECORD_SUFFIX, SIZE_FOLDER_GLOB, SPLIT_NAME, folder_size, join
 from core.names import shown
 from core.photos import is_photo_name
 from service.images import ImageError
@@ -96,7 +96,7 @@ def _remote_split(spec: str) -> SplitInput | None:
     if not sep or not URL.match(data) or not SPLIT_NAME.match(split):
         return None
     files: dict[int, list[str]] = {}
-    for url in matched(join(data, "tfrecords-jpeg-*", split, f"*{RECORD_SUFFIX}")):
+    for url in matched(join(data, SIZE_FOLDER_GLOB, split, f"*{RECORD_SUFFIX}")):
         _, size_folder, folder, _ = url.rsplit("/", 3)
         size = folder_size(size_folder)
         if size is not None and folder == split:
