@@ -2,14 +2,17 @@
 
     flower predict demo/ensemble photos/ extra.jpg --out predictions.csv
     flower predict demo/runs/demo-cnn-64 demo/data:test --out test.csv --probabilities
+    flower predict demo/ensemble 'photos/**/*.jpg' --out predictions.csv --runner beam
 
 ENSEMBLE_OR_RUN is an ensemble directory (or its ensemble.json) or a run directory (member.json and
 saved_model/); it is loaded, checked and warmed up as `flower serve` does. IMAGES are files, folders
 (walked recursively in name order: .jpg .jpeg .png .gif .bmp .webp in any case; other files and names
-starting with '.' are ignored and counted) and data splits written DATA:SPLIT (e.g. data/mine:test): the
-split's records at the record size the largest member would train on (the smallest >= its input size,
+starting with '.' are ignored and counted), glob patterns (quoted, so that the shell leaves them: each
+match in name order as if named; ** spans folders) and data splits written DATA:SPLIT (e.g. data/mine:test):
+the split's records at the record size the largest member would train on (the smallest >= its input size,
 else the largest), each a row whose path is DATA:SPLIT#<record id>. A file named on the command line is
-scored whatever its extension.
+scored whatever its extension. With --runner beam they may also be remote (gs://BUCKET/...: a file, a
+folder, a pattern or DATA:SPLIT), and the same rows are scored by an Apache Beam pipeline (docs/SERVING.md).
 
 Each image is decoded exactly as the service decodes an upload (the service's default --max-image-bytes,
 --max-pixels and --downscale-pixels) and predicted with the same code, so the probabilities are the
@@ -23,8 +26,8 @@ counts what was lost in records ('198 of 240 records could not be read (<file> f
 CSV is written to a temporary file beside --out and renamed into place when complete.
 
 Exit status: 0 every image scored; 1 the CSV is written but some rows failed or records could not be read
-(their count is on stderr),
-or the models cannot be loaded; 2 nothing written: bad options, an input that does not exist, no images
+(their count is on stderr), or --submission was refused (why is on stderr; the CSV is written), or the models
+cannot be loaded; 2 nothing written: bad options, an input that does not exist, no images
 at all, or --out that exists (without --overwrite) or whose folder does not exist.
 """
 

@@ -34,7 +34,8 @@ def parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("model", metavar="ENSEMBLE_OR_RUN",
                         help="ensemble directory, its ensemble.json, or a run directory")
     parser.add_argument("images", metavar="IMAGES", nargs="*",
-                        help="image files, folders (walked recursively) and DATA:SPLIT (e.g. data/mine:test)")
+                        help="image files, folders (walked recursively), glob patterns and DATA:SPLIT (e.g. "
+                             "data/mine:test); with --runner beam also gs:// paths")
     parser.add_argument("--out", required=True, help="the CSV file to write (its folder must exist)")
     parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K,
                         help=f"top classes per row, capped at the number of classes (default {DEFAULT_TOP_K})")
