@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from flower.commands.predict import main
-from service.scoring import DamagedFile, Inputs, SplitInput, Summary, collect_inputs, read_file
+from service.scoring import DamagedFile, InputError, Inputs, SplitInput, Summary, collect_inputs, read_file
 from testkit.artifacts import CLASSES, image_bytes, make_ensemble
 
 beam = pytest.importorskip("apache_beam", reason="the `beam` extra is not installed")
@@ -227,8 +227,10 @@ def test_a_remote_folder_glob_and_split_are_listed_as_local_ones_are(bucket, tin
     entries = manifest_entries(remote, 48)
     (key, (shown, data, damage)), = read_entry(json.dumps(entries[0]), 1 << 20)
     assert key == (0, 0) and data == read_file(local.sources[0], 1 << 20) and damage is None
-    with pytest.raises(Exception, match="testbucket://nowhere not found"):
+    with pytest.raises(InputError, match="testbucket://nowhere not found"):
         remote_inputs("testbucket://nowhere", Inputs())
+    with pytest.raises(InputError, match="nosuchfs://x: Unable to get filesystem"):  # no file system serves it
+        remote_inputs("nosuchfs://x", Inputs())
 
 
 def test_a_model_staged_in_a_bucket_is_copied_whole_to_a_worker(bucket, models):

@@ -53,6 +53,10 @@ def matched(pattern: str) -> list[str]:
 def remote_inputs(spec: str, inputs: Inputs) -> None:
     """Add a remote path's inputs to `inputs` as collect_inputs adds a local one's: a file (scored whatever its name),
     a glob pattern's files, DATA:SPLIT, or a folder walked (photos by name; hidden names and other files counted)."""
+    try:
+        FileSystems.get_filesystem(spec)
+    except ValueError as err:  # a scheme no installed file system serves (s3:// without Beam's aws extra, a typo)
+        raise InputError(f"{shown(spec)}: {err}") from None
     if not spec.endswith("/") and FileSystems.exists(spec):
         inputs.sources.append(RemoteFile(shown(spec), spec))
         return

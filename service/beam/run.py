@@ -37,8 +37,9 @@ from service.beam.model import FlowerModelHandler, stage_model
 from service.beam.shards import FAILED, FAILED_KIND, NAMESPACE, SCORED, ShardRows, merge_shards
 from service.scoring import URL, Inputs, Options, Summary, count_records, header, model_facts
 
-LOCAL_RUNNERS = ("directrunner", "switchingdirectrunner", "bundlebaseddirectrunner", "prismrunner")
+LOCAL_RUNNERS = ("directrunner", "direct", "switchingdirectrunner", "bundlebaseddirectrunner", "prismrunner", "prism")
 WAIT_SECONDS = 30  # how often a remote runner's progress is shown
+MANIFEST, MODEL, SHARDS = "inputs.jsonl", "model", "shards"  # in the work folder
 
 
 def pipeline_options(pairs: list[str]) -> PipelineOptions:
@@ -122,22 +123,22 @@ def _score(model: str, inputs: Inputs, out: Path, options: Options, min_batch_si
     work = work_folder(out, beam_options)
     try:
         entries = manifest_entries(inputs, size)
-        write_manifest(entries, join(work, "inputs.jsonl"))
-        handler = FlowerModelHandler(stage_model(model, join(work, "model")), options, top_k, min_batch_size)
+        write_manifest(entries, join(work, MANIFEST))
+        handler = FlowerModelHandler(stage_model(model, join(work, MODEL)), options, top_k, min_batch_size)
         if not quiet:
             print(f"scoring {len(entries)} file(s) on {runner_name(beam_options)}; work folder {work}",
                   file=sys.stderr, flush=True)
         pipeline = beam.Pipeline(options=beam_options)
         (pipeline
-         | "inputs" >> beam.io.ReadFromText(join(work, "inputs.jsonl"))
+         | "inputs" >> beam.io.ReadFromText(join(work, MANIFEST))
          | "spread" >> beam.Reshuffle()
          | "read" >> beam.FlatMap(read_entry, options.max_image_bytes)
          | "score" >> RunInference(KeyedModelHandler(handler))
          | "rows" >> beam.ParDo(ShardRows(quiet))
-         | "shards" >> beam.io.WriteToText(join(work, "shards", "rows"), file_name_suffix=".csv"))
+         | "shards" >> beam.io.WriteToText(join(work, SHARDS, "rows"), file_name_suffix=".csv"))
         counters = _finish(pipeline.run(), quiet)
         summary = Summary(records=count_records(inputs, size))
-        shards = merge_shards(join(work, "shards", "rows*.csv"), out, columns, overwrite, summary)
+        shards = merge_shards(join(work, SHARDS, "rows*.csv"), out, columns, overwrite, summary)
     finally:
         _remove(work)
     summary.seconds = time.perf_counter() - start
