@@ -14,7 +14,8 @@ overhead of Beam is the difference of the slopes, its fixed overhead that of the
 rows are checked against the local one's (paths and top classes equal, probabilities within 1e-5).
 
 The last part puts the 2-worker rate per core on paper for Dataflow: what 10 million photos take (workers,
-hours, cost) at that rate, with the machine type and prices given as options (assumptions, printed with it).
+hours, cost) at that rate, with the machine type and prices given as options (assumptions, printed with it),
+and times the launcher's share that grows with the photos: merging --merge-rows rows from 8 shards.
 """
 
 from __future__ import annotations
@@ -133,6 +134,27 @@ def dataflow_on_paper(per_image_2_workers: float, args: argparse.Namespace) -> N
           f"and ${args.read_price} per 1,000 object reads")
 
 
+def time_merge(rows: int, folder: Path) -> float:
+    """Seconds to merge `rows` shard rows (8 shards, keys shuffled, rows as a 5-class CSV has them) into one CSV."""
+    import random
+
+    from service.beam.shards import merge_shards, shard_line
+    from service.scoring import Summary
+
+    keys = list(range(rows))
+    random.Random(0).shuffle(keys)
+    row = ["/data/photos/class/1234567890_abcdef.jpg", "true", "", "daisy", "0.51234", "tulip", "0.2345678",
+           "rose", "0.12345678", "sunflower", "0.0912345", "dandelion", "0.0234567"]
+    for shard in range(8):
+        with open(folder / f"rows-{shard}.csv", "w", encoding="utf-8") as f:
+            f.writelines(shard_line((key, 0), row, None) + "\n" for key in keys[shard::8])
+    start = time.perf_counter()
+    merge_shards(str(folder / "rows-*.csv"), folder / "merged.csv", ["path", "ok", "error"] + [f"c{i}" for i in
+                                                                                              range(10)], True,
+                 Summary())
+    return time.perf_counter() - start
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -152,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     paper.add_argument("--read-price", type=float, default=0.0004, help="$ per 1,000 GCS class B operations")
     paper.add_argument("--hours", type=float, default=2.0, help="the wall time to aim at")
     paper.add_argument("--start-minutes", type=float, default=5.0, help="a worker's start (VM, image, model)")
+    paper.add_argument("--merge-rows", type=int, default=500_000, help="rows of the timed merge (0: none)")
     args = parser.parse_args(argv)
     from testkit.artifacts import make_benchmark_run
 
@@ -164,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
           "every variant's rows equal flower predict's")
     lines = report(best, counts)
     dataflow_on_paper(lines["beam, 2 workers"][1], args)
+    if args.merge_rows:
+        with tempfile.TemporaryDirectory() as tmp:
+            seconds = time_merge(args.merge_rows, Path(tmp))
+        print(f"  the launcher's merge: {args.merge_rows:,} rows in {seconds:.1f} s ({args.merge_rows / seconds:,.0f} "
+              f"rows/s; {args.total:,} rows: about {args.total / (args.merge_rows / seconds) / 60:.0f} min)")
     return 0
 
 

@@ -79,7 +79,8 @@ def runner_name(options: PipelineOptions) -> str:
     runner = str(options.view_as(StandardOptions).runner or "DirectRunner")
     direct = options.view_as(DirectOptions)
     if runner.lower() == "directrunner" and direct.direct_running_mode == "multi_processing":
-        return f"{runner}, {direct.direct_num_workers} worker processes"
+        workers = direct.direct_num_workers
+        return f"{runner}, {workers} worker process{'' if workers == 1 else 'es'}"
     return runner
 
 
