@@ -16,6 +16,7 @@ from pathlib import Path
 SPLITS = ("train", "val", "test")
 
 SIZE_FOLDER = re.compile(r"tfrecords-jpeg-(\d+)x(\d+)$")
+SIZE_FOLDER_GLOB = "tfrecords-jpeg-*x*"  # every size folder, as a glob pattern (listing a remote data folder)
 COUNT_IN_NAME = re.compile(r"-(\d+)\.tfrec$")
 RECORD_SUFFIX = ".tfrec"
 

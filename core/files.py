@@ -6,12 +6,14 @@
 - `umask`: the process's file-creation mask, so files get the mode a plain open() gives.
 - `zip_inflation_problem`: whether reading members of a zip (a .pth, an .npz) would inflate it too far;
   `npz_problem` adds the arrays' declared shapes of an .npz.
+- `pattern_matches`: the one rule for a command-line argument that may be a glob pattern.
 TensorFlow-free; every part writes through here.
 """
 
 from __future__ import annotations
 
 import errno
+import glob
 import os
 import re
 import secrets
@@ -35,6 +37,14 @@ except ImportError:  # Windows has no fcntl: folders are then not locked
     fcntl = None
 
 T = TypeVar("T")
+
+
+def pattern_matches(argument: str) -> list[str] | None:
+    """The paths a glob pattern matches, sorted (`**` spans folders); None when `argument` is no pattern: a path that
+    exists is a path, whatever characters it holds, and so is one without `*`, `?` or `[`."""
+    if os.path.lexists(argument) or not any(ch in argument for ch in "*?["):
+        return None
+    return sorted(glob.glob(argument, recursive=True))
 
 
 def umask() -> int:

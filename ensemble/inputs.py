@@ -18,13 +18,12 @@ Needs no TensorFlow.
 from __future__ import annotations
 
 import csv
-import glob
-import os
 from pathlib import Path
 
 import numpy as np
 
 from core.errors import DataError
+from core.files import pattern_matches
 from ensemble.members import MemberError
 
 
@@ -34,8 +33,8 @@ def expand_runs(patterns: list[str]) -> list[Path]:
     for pattern in patterns:
         if not pattern.strip():
             raise MemberError("a run directory argument is empty")
-        is_pattern = any(ch in pattern for ch in "*?[") and not os.path.lexists(pattern)  # a path is a path
-        matches = sorted(glob.glob(pattern)) if is_pattern else [pattern]
+        matches = pattern_matches(pattern)
+        matches = [pattern] if matches is None else matches
         if not matches:
             raise MemberError(f"no run directory matches {pattern!r}")
         for match in matches:

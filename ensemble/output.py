@@ -155,18 +155,26 @@ def submission_text(ids: np.ndarray, labels: np.ndarray) -> str:
 
 
 def write_submission(path: Path, ids: np.ndarray, probs: np.ndarray, expected_ids: np.ndarray) -> Path:
-    """Write `id,label` (label = argmax) in the given order, after checking the text that will be written.
+    """Write `id,label` (label = argmax) in the given order, after checking the text that will be written
+    (write_label_submission)."""
+    return write_label_submission(path, ids, probs.argmax(axis=1), probs.shape[1], expected_ids)
+
+
+def write_label_submission(path: Path, ids: np.ndarray, labels: np.ndarray, num_classes: int,
+                           expected_ids: np.ndarray) -> Path:
+    """Write `id,label` in the given order, after checking the text that will be written.
 
     The check reads the CSV text back and compares its ids with `expected_ids` (the test ids the members
-    were aligned on), so a row lost or repeated on the way to the file is refused, not submitted.
+    were aligned on, or those `flower predict` scored), so a row lost or repeated on the way to the file is
+    refused, not submitted.
     """
-    text = submission_text(np.asarray(ids), probs.argmax(axis=1))
+    text = submission_text(np.asarray(ids), np.asarray(labels))
     rows = list(csv.reader(io.StringIO(text)))
     if rows[0] != ["id", "label"]:
         raise ValueError(f"submission header is {rows[0]}, expected ['id', 'label']")
     written_ids = np.array([row[0] for row in rows[1:]], dtype=str)
     written_labels = np.array([int(row[1]) for row in rows[1:]], dtype=np.int64)
-    check_submission(written_ids, written_labels, probs.shape[1], np.asarray(expected_ids, dtype=str))
+    check_submission(written_ids, written_labels, num_classes, np.asarray(expected_ids, dtype=str))
     return write_text_atomic(path, text)
 
 

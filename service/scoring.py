@@ -2,14 +2,17 @@
 
     flower predict demo/ensemble photos/ extra.jpg --out predictions.csv
     flower predict demo/runs/demo-cnn-64 demo/data:test --out test.csv --probabilities
+    flower predict demo/ensemble 'photos/**/*.jpg' --out predictions.csv --runner beam
 
 ENSEMBLE_OR_RUN is an ensemble directory (or its ensemble.json) or a run directory (member.json and
 saved_model/); it is loaded, checked and warmed up as `flower serve` does. IMAGES are files, folders
 (walked recursively in name order: .jpg .jpeg .png .gif .bmp .webp in any case; other files and names
-starting with '.' are ignored and counted) and data splits written DATA:SPLIT (e.g. data/mine:test): the
-split's records at the record size the largest member would train on (the smallest >= its input size,
+starting with '.' are ignored and counted), glob patterns (quoted, so that the shell leaves them: each
+match in name order as if named; ** spans folders) and data splits written DATA:SPLIT (e.g. data/mine:test):
+the split's records at the record size the largest member would train on (the smallest >= its input size,
 else the largest), each a row whose path is DATA:SPLIT#<record id>. A file named on the command line is
-scored whatever its extension.
+scored whatever its extension. With --runner beam they may also be remote (gs://BUCKET/...: a file, a
+folder, a pattern or DATA:SPLIT), and the same rows are scored by an Apache Beam pipeline (docs/SERVING.md).
 
 Each image is decoded exactly as the service decodes an upload (the service's default --max-image-bytes,
 --max-pixels and --downscale-pixels) and predicted with the same code, so the probabilities are the
@@ -23,8 +26,8 @@ counts what was lost in records ('198 of 240 records could not be read (<file> f
 CSV is written to a temporary file beside --out and renamed into place when complete.
 
 Exit status: 0 every image scored; 1 the CSV is written but some rows failed or records could not be read
-(their count is on stderr),
-or the models cannot be loaded; 2 nothing written: bad options, an input that does not exist, no images
+(their count is on stderr), or --submission was refused (why is on stderr; the CSV is written), or the models
+cannot be loaded; 2 nothing written: bad options, an input that does not exist, no images
 at all, or --out that exists (without --overwrite) or whose folder does not exist.
 """
 
@@ -34,18 +37,20 @@ import asyncio
 import csv
 import itertools
 import os
+import re
 import stat
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import BinaryIO, TextIO
 
 import numpy as np
 
 from core.contract import (
+    CLASSES_FILE,
     IMAGE_FEATURE,
     RECORD_SUFFIX,
     choose_size,
@@ -55,8 +60,15 @@ from core.contract import (
     record_id_fallback,
 )
 from core.errors import FlowerError
-from core.files import check_output_file, write_atomic
-from core.members import is_ensemble_directory, is_run_directory
+from core.files import check_output_file, pattern_matches, write_atomic
+from core.members import (
+    ArtifactError,
+    is_ensemble_directory,
+    is_run_directory,
+    read_ensemble,
+    read_json_file,
+    read_member,
+)
 from core.names import shown
 from core.photos import PHOTO_EXTENSIONS, entry_problem, is_photo_name, walk_photos
 from service.images import ImageError
@@ -86,6 +98,14 @@ class FileInput:
 
 
 @dataclass(frozen=True)
+class RemoteFile:
+    """One image in a remote file system (gs://...), read through Beam's file systems: its URL is its path."""
+
+    shown: str
+    url: str
+
+
+@dataclass(frozen=True)
 class SplitInput:
     """A data directory's split: the spec as written, and its .tfrec files at each record size that holds it."""
 
@@ -101,24 +121,38 @@ class SplitInput:
 class Inputs:
     """Everything to score, in order, and what the walk left out."""
 
-    sources: list[FileInput | SplitInput] = field(default_factory=list)
+    sources: list[FileInput | RemoteFile | SplitInput] = field(default_factory=list)
     ignored: int = 0  # files that are not images by extension, and hidden names
     notes: list[str] = field(default_factory=list)  # link loops not followed
 
 
-def collect_inputs(specs: list[str]) -> Inputs:
-    """Files, folders (walked) and DATA:SPLIT specs -> the inputs in order; InputError naming one that is not there."""
+URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # gs://bucket/..., s3://...: a remote file system's path
+RemoteLister = Callable[[str, "Inputs"], None]
+
+
+def collect_inputs(specs: list[str], remote: RemoteLister | None = None) -> Inputs:
+    """Files, folders (walked), glob patterns and DATA:SPLIT specs -> the inputs in order; InputError naming one that
+    is not there. A URL (gs://...) goes to `remote`, which adds its inputs (the Beam runner's file systems)."""
     if not specs:
         raise InputError("no images given: name files, folders or DATA:SPLIT (e.g. data/mine:test)")
     inputs = Inputs()
     for spec in specs:
-        if os.path.lexists(spec):
-            path = Path(spec)
-            if path.is_dir():
-                _add_folder(path, inputs)
-            else:
-                inputs.sources.append(_file_input(path))
+        if URL.match(spec):
+            if remote is None:
+                raise InputError(f"{shown(spec)}: a remote path is read by `--runner beam` (Beam's file systems); "
+                                 "this runner reads local files")
+            remote(spec, inputs)
             continue
+        matches = pattern_matches(spec)
+        if matches:  # as if each match were named on the command line
+            for match in matches:
+                _add_path(Path(match), inputs)
+            continue
+        if os.path.lexists(spec):
+            _add_path(Path(spec), inputs)
+            continue
+        if matches is not None:
+            raise InputError(f"{shown(spec)} matches no file")
         split = _split_input(spec)
         if split is None:
             raise InputError(f"{shown(spec)} not found (not a file, a folder, or DATA:SPLIT of a data directory)")
@@ -128,6 +162,14 @@ def collect_inputs(specs: list[str]) -> Inputs:
         raise InputError(f"no images in {', '.join(shown(s) for s in specs)}: no file ends in "
                          f"{', '.join(sorted(PHOTO_EXTENSIONS))}{ignored}")
     return inputs
+
+
+def _add_path(path: Path, inputs: Inputs) -> None:
+    """A folder's photos, or one file whatever its name."""
+    if path.is_dir():
+        _add_folder(path, inputs)
+    else:
+        inputs.sources.append(_file_input(path))
 
 
 def _file_input(path: Path) -> FileInput:
@@ -190,7 +232,7 @@ def _split_input(spec: str) -> SplitInput | None:
 
 def count_images(inputs: Inputs, image_size: int) -> int:
     """How many rows the inputs give when nothing is damaged: files, and the splits' records."""
-    return sum(isinstance(source, FileInput) for source in inputs.sources) + count_records(inputs, image_size)
+    return sum(not isinstance(source, SplitInput) for source in inputs.sources) + count_records(inputs, image_size)
 
 
 def count_records(inputs: Inputs, image_size: int) -> int:
@@ -224,20 +266,28 @@ def iter_images(inputs: Inputs, image_size: int, max_bytes: int) -> Iterator[tup
     """Every input's row path and its encoded bytes (or why there are none), in order, read lazily."""
     for source in inputs.sources:
         if isinstance(source, FileInput):
-            yield source.shown, _read_file(source, max_bytes)
+            yield source.shown, read_file(source, max_bytes)
+        elif isinstance(source, SplitInput):
+            for path in source.files[source.size_for(image_size)]:
+                yield from iter_record_file(source.spec, path, max_bytes)
         else:
-            yield from _iter_split(source, source.size_for(image_size), max_bytes)
+            raise InputError(f"{source.shown}: a remote path is read by `--runner beam`")
 
 
-def _read_file(source: FileInput, max_bytes: int) -> bytes | ImageError:
+def read_file(source: FileInput, max_bytes: int) -> bytes | ImageError:
     """A file's bytes, at most `max_bytes` of them (else ImageError 'too_large', as the service answers)."""
     if source.problem is not None:
         return source.problem
     try:
         with open(source.path, "rb") as f:
-            data = f.read(max_bytes + 1)
+            return read_at_most(f, max_bytes)
     except OSError as err:
         return _stat_problem(source.path, err)
+
+
+def read_at_most(stream: BinaryIO, max_bytes: int) -> bytes | ImageError:
+    """An open file's bytes, or ImageError 'too_large' when it holds more than `max_bytes`."""
+    data = stream.read(max_bytes + 1)
     if len(data) > max_bytes:
         return ImageError("too_large", f"the image is larger than the limit of {max_bytes} bytes")
     return data
@@ -266,25 +316,24 @@ def _damaged(path: str, index: int, reason: str) -> DamagedFile | None:
                        shown(path), index, lost, reason or "the file ends early")
 
 
-def _iter_split(source: SplitInput, size: int, max_bytes: int) -> Iterator[tuple[str, bytes | ImageError]]:
-    """A split's records at one size: DATA:SPLIT#<id> and the image bytes. A file that stops before the records
-    its name states (a damaged record, or cut short) ends in one error row, DATA:SPLIT#<file name>@<index>."""
+def iter_record_file(spec: str, path: str, max_bytes: int) -> Iterator[tuple[str, bytes | ImageError]]:
+    """One .tfrec file of a split's records: SPEC#<id> and the image bytes, in order. A file that stops before the
+    records its name states (a damaged record, or cut short) ends in one error row, SPEC#<file name>@<index>."""
     import tensorflow as tf
 
-    for path in source.files[size]:
-        index, reason = 0, ""
-        try:
-            for raw in tf.data.TFRecordDataset(path):
-                record_id, data = _parse_record(raw.numpy(), record_id_fallback(path, index))
-                if isinstance(data, bytes) and len(data) > max_bytes:
-                    data = ImageError("too_large", f"the image is larger than the limit of {max_bytes} bytes")
-                yield f"{source.spec}#{record_id}", data
-                index += 1
-        except tf.errors.OpError as err:
-            reason = f"{type(err).__name__}: {err.message.splitlines()[0]}"
-        damaged = _damaged(path, index, reason)
-        if damaged is not None:
-            yield f"{source.spec}#{Path(path).name}@{index}", damaged
+    index, reason = 0, ""
+    try:
+        for raw in tf.data.TFRecordDataset(path):
+            record_id, data = _parse_record(raw.numpy(), record_id_fallback(path, index))
+            if isinstance(data, bytes) and len(data) > max_bytes:
+                data = ImageError("too_large", f"the image is larger than the limit of {max_bytes} bytes")
+            yield f"{spec}#{record_id}", data
+            index += 1
+    except tf.errors.OpError as err:
+        reason = f"{type(err).__name__}: {err.message.splitlines()[0]}"
+    damaged = _damaged(path, index, reason)
+    if damaged is not None:
+        yield f"{spec}#{Path(path).name}@{index}", damaged
 
 
 def _parse_record(raw: bytes, fallback_id: str) -> tuple[str, bytes | ImageError]:
@@ -326,6 +375,12 @@ class Summary:
     seconds: float = 0.0
     records: int = 0
     damaged: list[DamagedFile] = field(default_factory=list)
+
+    def count(self, row: list[str]) -> None:
+        """Count one CSV row (its ok and error columns)."""
+        self.rows += 1
+        if row[1] == "false":
+            self.failed[row[2].partition(":")[0]] += 1
 
     @property
     def failures(self) -> int:
@@ -417,26 +472,34 @@ def score(predictor: EnsemblePredictor, inputs: Inputs, out: str | Path, options
     summary = Summary(records=count_records(inputs, size))
     progress = Progress(count_images(inputs, size), quiet)
 
+    def rows() -> Iterator[list[str]]:
+        for batch in batches(iter_images(inputs, size, options.max_image_bytes), options.batch_size):
+            summary.damaged += [data for _, data in batch if isinstance(data, DamagedFile)]
+            for row in score_batch(predictor, batch, options, top_k):
+                summary.count(row)
+                yield row
+            progress.update(summary.rows, summary.failures)
+
+    write_rows(out, columns, rows(), overwrite)
+    summary.seconds = time.perf_counter() - progress.start
+    return summary
+
+
+def write_rows(out: Path, columns: list[str], rows: Iterable[list[str]], overwrite: bool) -> None:
+    """Write the CSV: the header, then the rows as they come, to a temporary file renamed into place when complete
+    (an --out that appeared meanwhile is left as it is, unless overwrite)."""
+
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(columns)
-            for batch in batches(iter_images(inputs, size, options.max_image_bytes), options.batch_size):
-                summary.damaged += [data for _, data in batch if isinstance(data, DamagedFile)]
-                for row in score_batch(predictor, batch, options, top_k):
-                    writer.writerow(row)
-                    summary.rows += 1
-                    if row[1] == "false":
-                        summary.failed[row[2].partition(":")[0]] += 1
-                progress.update(summary.rows, summary.failures)
+            writer.writerows(rows)
 
     try:
         write_atomic(out, write, overwrite)
     except FileExistsError:
         raise InputError(f"--out {shown(str(out))} appeared while scoring; it was left as it is (pass --overwrite "
                          "to replace it)") from None
-    summary.seconds = time.perf_counter() - progress.start
-    return summary
 
 
 def batches(items: Iterable, size: int) -> Iterator[list]:
@@ -465,6 +528,27 @@ def model_kind(path: str) -> str:
         return "run"
     raise InputError(f"{shown(path)} is neither an ensemble directory (ensemble.json) nor a run directory "
                      "(member.json and saved_model/)")
+
+
+def model_facts(path: str) -> tuple[list[str], int]:
+    """The class names and the largest member's input size of ENSEMBLE_OR_RUN, from its JSON files (no TensorFlow:
+    what a Beam launcher needs before its workers load the model)."""
+    if model_kind(path) == "run":
+        classes = read_json_file(Path(path) / CLASSES_FILE)
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+            raise ArtifactError(f"{Path(path) / CLASSES_FILE} must be a list of class names")
+        return [c.strip() for c in classes], read_member(path).image_size
+    ensemble = read_ensemble(path)
+    sizes = []
+    for entry in ensemble.members:
+        run_dir = entry.run_dir(ensemble.path)
+        if not run_dir.is_dir():
+            raise ArtifactError(f"{ensemble.path}: members[{entry.index}] ({entry.name!r}): run directory not found: "
+                                f"{run_dir}")
+        sizes.append(read_member(run_dir).image_size)
+    if not sizes:
+        raise ArtifactError(f"{ensemble.path} names no members")
+    return list(ensemble.classes), max(sizes)
 
 
 def load_predictor(path: str) -> EnsemblePredictor:

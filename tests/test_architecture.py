@@ -296,6 +296,11 @@ def test_the_ground_floor_and_the_ensemble_never_import_tensorflow():
             assert not _third_party(path) & {"tensorflow", "keras", "tf_keras"}, name
 
 
+def test_only_the_beam_runner_imports_apache_beam():
+    importers = {name for name, path in _modules().items() if "apache_beam" in _third_party(path)}
+    assert importers and {name.rpartition(".")[0] for name in importers} == {"service.beam"}, importers
+
+
 def test_the_import_check_sees_a_forbidden_import_inside_a_function(tmp_path):
     path = tmp_path / "predictor.py"
     path.write_text("from ensemble.spec import BlendSpec\ndef f():\n"
@@ -316,6 +321,7 @@ HOMES = {
     "os.umask": {"core.files"},
     "fcntl.flock": {"core.files"},  # the folder lock
     "tf.train.Example.FromString": {"imaging.records"},  # the record fields read on the host
+    "glob.glob": {"core.files"},  # which command-line arguments are glob patterns (pattern_matches)
 }
 CONTRACT_NAMES = {"member.json", "ensemble.json", "classes.json", "import_report.json", "test_answers.csv",
                   "saved_model"}  # file names of the contract: core.contract's constants
@@ -330,7 +336,7 @@ def _spelled_out(path: Path) -> set[str]:
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
             if node.value in CONTRACT_NAMES:
                 found.add(node.value)
-            elif "tfrecords-jpeg-(" in node.value:
+            elif "tfrecords-jpeg-(" in node.value or "tfrecords-jpeg-*x*" in node.value:
                 found.add("size-folder pattern")
     return found
 

@@ -278,3 +278,39 @@ def test_a_damaged_split_is_counted_in_records_and_the_rows_say_where_each_file_
     err = capsys.readouterr().err
     assert err.startswith(f"{24 - read} of 24 records could not be read ({first} from record {read - 3}: "
                           "DataLossError: ") and "image(s) failed" not in err
+
+
+def test_glob_patterns_are_their_matches_and_a_remote_path_needs_the_beam_runner(tmp_path):
+    _photos(tmp_path / "photos")
+    inputs = collect_inputs([str(tmp_path / "photos" / "*.[jp]*g"), str(tmp_path / "photos" / "**" / "*.bmp")])
+    assert [s.shown for s in inputs.sources] == [str(tmp_path / "photos" / n) for n in ("a.jpg", "f.png", "z.jpeg",
+                                                                                        "sub/e.bmp")]
+    with pytest.raises(InputError, match=r"photos/\*\.tiff matches no file"):
+        collect_inputs([str(tmp_path / "photos" / "*.tiff")])
+    with pytest.raises(InputError, match="gs://bucket/photos: a remote path is read by `--runner beam`"):
+        collect_inputs(["gs://bucket/photos"])
+
+
+def test_a_split_scored_alone_gives_its_kaggle_submission_checked_as_flower_blend_checks_its_own(models, tiny_data,
+                                                                                              tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from flower.commands.predict import write_split_submission
+
+    ensemble_dir, _ = models
+    out, submission = tmp_path / "test.csv", tmp_path / "submission.csv"
+    assert main([str(ensemble_dir), f"{tiny_data}:test", "--out", str(out), "--submission", str(submission)]) == 0
+    assert f"wrote {submission}: 18 id(s)" in capsys.readouterr().err
+    rows, written = _rows(out), _rows(submission)
+    assert [r["id"] for r in written] == [r["path"].rpartition("#")[2] for r in rows]
+    assert sorted(r["id"] for r in written) == sorted(a["id"] for a in _rows(tiny_data / "test_answers.csv"))
+    assert [int(r["label"]) for r in written] == [CLASSES.index(r["top1"]) for r in rows]
+    expected = np.array([r["id"] for r in written][1:])  # the competition's list lacks one of the scored ids
+    args = SimpleNamespace(out=str(out), submission=str(tmp_path / "again.csv"), quiet=True)
+    assert write_split_submission(args, f"{tiny_data}:test", CLASSES, expected) == 1
+    assert "not written: submission has 18 ids and 18 labels, expected 17" in capsys.readouterr().err
+    assert not (tmp_path / "again.csv").exists()
+    (tmp_path / "bad.jpg").write_bytes(b"nope")
+    assert main([str(ensemble_dir), f"{tiny_data}:test", str(tmp_path / "bad.jpg"), "--out", str(tmp_path / "b.csv"),
+                 "--submission", str(tmp_path / "s.csv")]) == 2
+    assert "score that split alone" in capsys.readouterr().err and not (tmp_path / "b.csv").exists()

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import glob
 from pathlib import Path
 
 import training.fit.compare
 from core.errors import DataError
+from core.files import pattern_matches
 from flower.commands import command
 from training.fit.compare import by_f1, format_table, run_row
 
@@ -27,7 +27,7 @@ def parser(prog: str) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, prog: str = "flower compare") -> int:
     """Run `flower compare`; returns the exit status."""
     args = parser(prog).parse_args(argv)
-    paths = [Path(p) for pattern in args.runs for p in (sorted(glob.glob(pattern)) or [pattern])]
+    paths = [Path(p) for pattern in args.runs for p in (pattern_matches(pattern) or [pattern])]
     rows = [run_row(p) for p in paths if p.is_dir() or not p.exists()]
     if not rows:
         raise DataError("no run directories given")
