@@ -17,6 +17,7 @@ from typing import Any
 from core.contract import MEMBER_FILE
 from core.errors import ConfigError
 from core.members import FIT_MODES, read_json_file, read_member
+from core.runtimes import parse_export_runtimes
 from core.sections import section_from_dict
 from imaging.augment_config import AugmentConfig
 
@@ -98,6 +99,13 @@ class PredictConfig:
 
 
 @dataclass(frozen=True)
+class ExportConfig:
+    """What the export writes beside the SavedModel."""
+
+    runtimes: str = "litert"  # the pixel model converted for faster runtimes: litert | onnx | litert,onnx | none
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """A whole training run."""
 
@@ -109,6 +117,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -126,7 +135,7 @@ class RunConfig:
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "schedule": ScheduleConfig, "train": TrainConfig,
-            "augment": AugmentConfig, "predict": PredictConfig}
+            "augment": AugmentConfig, "predict": PredictConfig, "export": ExportConfig}
 
 
 def config_from_dict(values: dict[str, Any]) -> RunConfig:
@@ -191,6 +200,7 @@ def validate(config: RunConfig) -> None:
                           "run directories are written with local file operations")
     if not config.data.dir.strip():
         raise ConfigError("data.dir must name the data folder")
+    parse_export_runtimes(config.export.runtimes)
 
 
 TRAINABLE = re.compile(r"all|head|last:[1-9]\d*")

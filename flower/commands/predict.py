@@ -13,7 +13,9 @@ from pathlib import Path
 import service.scoring as scoring
 from core.errors import ConfigError
 from core.names import shown
+from core.runtimes import AUTO, CHOICES
 from flower.commands import command, error, stop_on_sigterm
+from service.runtimes import RuntimeChoice
 from service.scoring import DEFAULT_BATCH_SIZE, DEFAULT_TOP_K, FileInput, InputError, Inputs, SplitInput, Summary
 
 SOME_FAILED = 1  # documented: the CSV is written, some rows failed; or the models cannot be loaded
@@ -34,6 +36,10 @@ def parser(prog: str) -> argparse.ArgumentParser:
                         help="also write one column per class (its name) with the blended probability")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                         help=f"images decoded and predicted together (default {DEFAULT_BATCH_SIZE})")
+    parser.add_argument("--runtime", choices=CHOICES, default=AUTO,
+                        help="what runs each member's pixel model (as `flower serve --runtime`): auto, the fastest "
+                             "converted runtime whose answers match TensorFlow's within 1e-4 at load, else TensorFlow "
+                             "(default auto); a runtime named that cannot be used is an error")
     parser.add_argument("--overwrite", action="store_true", help="replace --out when it exists (else refused)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines and no summary on stderr")
     return parser
@@ -60,10 +66,13 @@ def main(argv: list[str] | None = None, prog: str = "flower predict") -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     stop_on_sigterm()  # a terminated run removes its partial CSV, as Ctrl-C does
     try:
-        predictor = scoring.load_predictor(args.model)
+        predictor = scoring.load_predictor(args.model, args.runtime)
     except ArtifactError as err:
         error(str(err))
         return SOME_FAILED
+    if not args.quiet:
+        for member in predictor.members:
+            print(runtime_line(member.name, member.runtime_choice), file=sys.stderr)
     options = scoring.Options(top_k=args.top_k, probabilities=args.probabilities, batch_size=args.batch_size)
     size = max(m.image_size for m in predictor.members)
     for split in (s for s in inputs.sources if isinstance(s, SplitInput) and not args.quiet):
@@ -104,3 +113,11 @@ def summary_line(summary: Summary, inputs: Inputs, out: str) -> str:
     if inputs.ignored:
         lines.append(f"ignored {inputs.ignored} file(s) in the folders that are not images by extension or are hidden")
     return "\n".join(lines + [f"note: {note}" for note in inputs.notes])
+
+
+def runtime_line(member: str, choice: RuntimeChoice) -> str:
+    """What `flower predict` says of a member's runtime: the one it runs on, and why the others were refused."""
+    said = f"member {member}: {choice.name}"
+    if choice.difference is not None:
+        said += f" (answers within {choice.difference:.2g} of TensorFlow's)"
+    return said + "".join(f"; {runtime} refused: {reason}" for runtime, reason in choice.refused.items())
