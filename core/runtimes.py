@@ -99,7 +99,7 @@ def write_record(run_dir: Path, runtime: str, saved_digest: str, converter: dict
     file = converted_path(run_dir, runtime)
     record = {"version": RECORD_VERSION, "runtime": runtime, "file": CONVERTED[runtime], "sha256": sha256_file(file),
               "bytes": file.stat().st_size,
-              "made_from": {"saved_model": SAVED_MODEL_DIR, "signature": SIGNATURE, "sha256": saved_digest},
+              "made_from": {"folder": SAVED_MODEL_DIR, "signature": SIGNATURE, "sha256": saved_digest},
               "converter": converter, "seconds": round(seconds, 2)}
     return write_text_atomic(record_path(run_dir, runtime), json.dumps(record, indent=1) + "\n")
 

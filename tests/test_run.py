@@ -45,7 +45,7 @@ def test_a_run_directory_follows_the_contract(tiny_run):
         assert (tiny_run / png).read_bytes()[:4] == b"\x89PNG"
     # export.runtimes = "litert": the pixel model converted, and the record of the SavedModel it was made from
     record = json.loads((tiny_run / "runtimes" / "litert.json").read_text())
-    assert record["made_from"] == {"saved_model": "saved_model", "signature": "serving_pixels",
+    assert record["made_from"] == {"folder": "saved_model", "signature": "serving_pixels",
                                    "sha256": saved_model_digest(tiny_run / "saved_model")}
     assert record["sha256"] == sha256_file(tiny_run / "runtimes" / "model.tflite")
     assert sorted(p.name for p in (tiny_run / "runtimes").iterdir()) == ["litert.json", "model.tflite"]
