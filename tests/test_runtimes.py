@@ -175,3 +175,14 @@ def test_export_runtimes_names_known_runtimes_and_a_missing_converter_is_refused
     with pytest.raises(ConfigError, match=r"^converting to onnx needs tf2onnx, which is not installed: pip install "
                                           r"'flower-ensemble\[onnx\]' \(or leave onnx out of export.runtimes\)$"):
         check_converters(("litert", "onnx"))
+
+
+def test_a_conversion_that_fails_at_the_end_of_training_is_one_warning_and_the_run_stays_complete(tmp_path):
+    from training.fit.runtimes import export_runtimes
+
+    lines: list[str] = []
+    assert export_runtimes(tmp_path, ("litert",), lines.append) == []  # no SavedModel to convert
+    assert lines == [f"warning: the SavedModel was not converted to litert (DataError: {tmp_path} holds no SavedModel "
+                     f"(saved_model/saved_model.pb) to convert); it serves on TensorFlow, and `flower export "
+                     f"{tmp_path} --runtime litert` tries again"]
+    assert not (tmp_path / "runtimes").exists()

@@ -121,11 +121,11 @@ def finish_run(config: RunConfig, model: keras.Model, facts: RunFacts, history: 
     write_predictions(run_dir / "predictions" / "val.npz", val_ids, val_probs, val_labels)
     write_predictions(run_dir / "predictions" / "test.npz", test_ids, test_probs)
     export_saved_model(model, size, run_dir / SAVED_MODEL_DIR, facts.geometry["fit"], infos["train"].file_size)
-    export_runtimes(run_dir, parse_export_runtimes(config.export.runtimes), log)
     write_text_atomic(run_dir / CLASSES_FILE, json.dumps(classes, indent=1) + "\n")
     final = classification_scores(val_labels, val_probs)
     saved_model = {"bytes": folder_bytes(run_dir / SAVED_MODEL_DIR), "weights_bytes": weights_bytes(model)}
     member = member_document(config, facts, final, history, saved_model)
     write_member(run_dir, member)
+    export_runtimes(run_dir, parse_export_runtimes(config.export.runtimes), log)  # the run is complete without them
     log(f"done: validation macro F1 {final['macro_f1']:.4f}, accuracy {final['accuracy']:.4f}; wrote {run_dir}")
     return run_dir

@@ -19,7 +19,7 @@ import tensorflow as tf
 from core.contract import SAVED_MODEL_DIR
 from core.errors import ConfigError, DataError
 from core.files import write_atomic
-from core.runtimes import CONVERTED, SIGNATURE, converted_path, install_hint, saved_model_digest, write_record
+from core.runtimes import SIGNATURE, converted_path, install_hint, saved_model_digest, write_record
 
 ONNX_OPSET = 17
 CONVERTERS = {"onnx": "tf2onnx"}  # the package a conversion needs beyond TensorFlow (LiteRT's converter is TF's)
@@ -83,5 +83,14 @@ def convert_run(run_dir: Path, runtime: str, log: Log = print) -> Path:
 
 
 def export_runtimes(run_dir: Path, runtimes: tuple[str, ...], log: Log = print) -> list[Path]:
-    """Convert the run's freshly exported SavedModel to every runtime of `export.runtimes`."""
-    return [convert_run(run_dir, runtime, log) for runtime in runtimes if runtime in CONVERTED]
+    """Convert a finished run's SavedModel to every runtime of `export.runtimes`. A conversion that fails is said in
+    one line and costs the run nothing (the SavedModel serves; `flower export` tries again)."""
+    written = []
+    for runtime in runtimes:
+        try:
+            written.append(convert_run(run_dir, runtime, log))
+        except Exception as err:  # noqa: BLE001 - whatever a converter raises, the trained run stays complete
+            log(f"warning: the SavedModel was not converted to {runtime} ({type(err).__name__}: "
+                f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}); it serves on TensorFlow, and "
+                f"`flower export {run_dir} --runtime {runtime}` tries again")
+    return written
