@@ -4,8 +4,9 @@ Loading ends with a warm-up prediction through every member and the blend; a mem
 are not all finite (or a blend that makes them so) is refused with an ArtifactError naming it.
 
 Each member's SavedModel is loaded with plain `tf.saved_model.load` and called through its
-`serving_pixels` signature at its own image size; the blend is `ensemble.blend.apply_blend`, the same
-code that made the offline submission.
+`serving_pixels` signature at its own image size, or through the same pixel model converted for a faster runtime
+once it answers as the SavedModel does (service/runtimes.py, chosen at load); the blend is
+`ensemble.blend.apply_blend`, the same code that made the offline submission.
 """
 
 from __future__ import annotations
@@ -192,8 +193,9 @@ class EnsemblePredictor:
 
 def served_model_info(predictor: Any) -> dict[str, Any]:
     """What a served model is made of, for the metadata routes and the page: members (image size, fit, blend
-    weight, member.json's validation macro F1), the blend method, ensemble.json's cross-validated scores ("cv",
-    None for a run served alone), the serve-time TTA passes and the classes."""
+    weight, member.json's validation macro F1, the runtime it runs on and why others were refused), the blend
+    method, ensemble.json's cross-validated scores ("cv", None for a run served alone), the serve-time TTA passes and
+    the classes."""
     if predictor is None:
         return {}
     weights = getattr(predictor.blend, "weights", None)
