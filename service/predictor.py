@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,17 @@ from imaging.geometry import fit_square_tf
 from service.runtimes import RuntimeChoice, choose_runtime
 
 SERVE_TTA_SEED = 1  # the TTA passes' augmentation is seeded by the pass alone: an image always gets the same answer
+_COMPILED: dict[tuple, Any] = {}  # tf.functions of the square and the TTA passes, by what they depend on
+_COMPILED_LOCK = threading.Lock()
+
+
+def compiled(key: tuple, make: Callable[[], Any]) -> Any:
+    """The tf.function `make()` makes for `key`, made once per process: members (and versions) of the same size and
+    fit share one, traced once (the TTA passes' augmentation took seconds to trace for every member at every load)."""
+    with _COMPILED_LOCK:
+        if key not in _COMPILED:
+            _COMPILED[key] = make()
+        return _COMPILED[key]
 
 
 @dataclass
@@ -56,8 +68,8 @@ class MemberModel:
     val_macro_f1: float | None = None  # member.json's validation macro F1 (shown by the metadata routes)
     runtime: Any = None  # the converted pixel model it runs on (service.runtimes), None: predict_pixels (TensorFlow)
     runtime_choice: RuntimeChoice = field(default_factory=RuntimeChoice)  # which runtime, and why (metadata routes)
-    _square: dict = field(default_factory=dict, repr=False)  # fit_square_tf compiled for its size and fit, by dtype
-    _augment: Any = field(default=None, repr=False)  # the TTA passes' augmentation, compiled for its size
+    _square: dict = field(default_factory=dict, repr=False)  # fit_square_tf compiled for its geometry, by dtype
+    _augment: Any = field(default=None, repr=False)  # the TTA passes' augmentation, compiled for its size (shared)
 
     def square(self, image: np.ndarray) -> np.ndarray:
         """A decoded RGB image (uint8, or float32 0..255) as this member's float32 input [S, S, 3], made as its
@@ -68,8 +80,11 @@ class MemberModel:
         if dtype not in self._square:
             import tensorflow as tf
 
-            self._square[dtype] = tf.function(lambda im: fit_square_tf(im, self.image_size, self.fit, self.record_size),
-                                              input_signature=[tf.TensorSpec([None, None, 3], dtype)])
+            size, fit, record_size = self.image_size, self.fit, self.record_size
+            self._square[dtype] = compiled(
+                ("square", size, fit, record_size, dtype),
+                lambda: tf.function(lambda im: fit_square_tf(im, size, fit, record_size),
+                                    input_signature=[tf.TensorSpec([None, None, 3], dtype)]))
         return self._square[dtype](image.astype(dtype, copy=False)).numpy()
 
     def probabilities(self, images: list[np.ndarray], tta: int = 1) -> np.ndarray:
@@ -99,9 +114,9 @@ class MemberModel:
 
         if self._augment is None:
             size = self.image_size
-            self._augment = tf.function(
+            self._augment = compiled(("augment", size), lambda: tf.function(
                 lambda images, seed: augment_batch(images, seed, TTA_AUGMENT, size, shared=True),
-                input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32), tf.TensorSpec([2], tf.int64)])
+                input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32), tf.TensorSpec([2], tf.int64)]))
         return self._augment(tf.constant(batch), tf.constant([SERVE_TTA_SEED + k, 0], tf.int64)).numpy()
 
 

@@ -62,16 +62,16 @@ def test_flower_export_converts_runs_and_records_the_saved_model_each_file_was_m
 def test_each_runtime_answers_as_tensorflow_with_tta_and_the_metadata_says_which_runs(converted):
     ens, _, _ = converted
     images = _photos()
-    tensorflow = load_ensemble(ens, tta=2)
+    tensorflow = load_ensemble(ens)
     blended, members = tensorflow.predict(images)
-    plain = tensorflow.members[0].pixels(np.stack([tensorflow.members[0].square(image) for image in images]))
-    assert np.abs(members[0] - plain).max() > 1e-3  # the TTA pass moves the answer: its pixels reach the runtime too
-    onnx = load_run(ens.parent / "runs" / "m32", runtime="onnx").members[0]
-    assert onnx.runtime_choice.name == "onnx" and onnx.runtime_choice.difference <= TOLERANCE
-    assert np.abs(onnx.probabilities(images) - tensorflow.members[0].probabilities(images)).max() <= TOLERANCE
+    m32 = ens.parent / "runs" / "m32"
+    onnx, with_tta = load_run(m32, tta=2, runtime="onnx"), load_run(m32, tta=2)
+    assert onnx.members[0].runtime_choice.name == "onnx" and onnx.members[0].runtime_choice.difference <= TOLERANCE
+    assert np.abs(onnx.predict(images)[0] - with_tta.predict(images)[0]).max() <= TOLERANCE
+    assert np.abs(onnx.predict(images)[0] - members[0]).max() > 1e-3  # the TTA pass's pixels reach the runtime too
     files = [("files", (f"{i}.jpg", image_bytes(size=(60, 45), seed=i), "image/jpeg")) for i in range(3)]
     options = {"include_probabilities": "true"}
-    with TestClient(create_app(Settings(ensemble=str(ens), runtime="auto", tta=2))) as client:  # as `flower serve`
+    with TestClient(create_app(Settings(ensemble=str(ens), runtime="auto"))) as client:  # loaded as `flower serve`
         info = client.get("/v1/models/flowers/metadata").json()["flower"]["members"]
         assert [m["runtime"]["name"] for m in info] == ["litert", "litert"]
         assert info[0]["runtime"]["requested"] == "auto" and info[0]["runtime"]["refused"] == {}
@@ -79,12 +79,12 @@ def test_each_runtime_answers_as_tensorflow_with_tta_and_the_metadata_says_which
         served = client.post("/v1/predict", files=files, data=options).json()["results"]
         auto = client.app.state.service.repository.latest("flowers").predictor
         assert all(member.runtime is not None for member in auto.members)
+        got_blended, got_members = auto.predict(images)
+        assert np.abs(got_blended - blended).max() <= TOLERANCE and np.abs(got_members - members).max() <= TOLERANCE
         squares = np.random.default_rng(5).uniform(0, 255, (11, 32, 32, 3)).astype(np.float32)  # chunks 8 + 2 + 1
         for batch in (squares, squares[:8], squares[:1]):  # each chunk size on its own interpreter, reused
             assert np.abs(auto.members[0].pixels(batch) - tensorflow.members[0].pixels(batch)).max() <= TOLERANCE
-        got_blended, got_members = auto.predict(images)
-        assert np.abs(got_blended - blended).max() <= TOLERANCE and np.abs(got_members - members).max() <= TOLERANCE
-    with TestClient(create_app(Settings(ensemble=str(ens), tta=2), tensorflow)) as client:
+    with TestClient(create_app(Settings(ensemble=str(ens)), tensorflow)) as client:
         expected = client.post("/v1/predict", files=files, data=options).json()["results"]
     for got, want in zip(served, expected, strict=True):
         assert np.abs(np.subtract(got["probabilities"], want["probabilities"])).max() <= TOLERANCE
