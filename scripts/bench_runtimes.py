@@ -10,8 +10,11 @@ are converted first (into a copy when --ensemble is given: the original run dire
 conversion's seconds are reported. Then, per round (the order of the runtimes turning round by round):
   members    each member's pixel model (`MemberModel.pixels`, squares given) at batch 1 and 32 on every runtime;
              speed-up = median of the rounds' ratios to TensorFlow
-  ensemble   `EnsemblePredictor.predict` on decoded 128 px photos at batch 1 and 32 on every runtime, members at once
-             (one thread each, the default) and, with --threads, one after another
+  ensemble   `EnsemblePredictor.predict` on decoded 128 px photos at batch 1, 8 and 32 on every runtime, members at
+             once (one thread each, the default) and, with --threads, one after another: wall time and the process's
+             CPU time per image (CPU: the median over batches of the rounds' ratios to TensorFlow)
+  resize     the first member on LiteRT fed batches of 1 and 8 in turn: one interpreter resized at every call, against
+             the service's interpreter per chunk size
 Every runtime's answers are compared with TensorFlow's on the same inputs first (the largest difference is shown).
 """
 
@@ -40,14 +43,47 @@ DEFAULT_MEMBERS = "efficientnet-lite0:128,efficientnet-lite1:128,efficientnet-li
 
 def median_seconds(call, seconds: float) -> float:
     """Median wall seconds of `call()`, called for at least `seconds` (3 calls at least) after one warm-up."""
+    return timed(call, seconds)[0]
+
+
+def timed(call, seconds: float) -> tuple[float, float]:
+    """Median wall seconds of `call()` and the process's CPU seconds per call, calls for at least `seconds` (3 at
+    least) after one warm-up. CPU time is what a saturated machine's throughput divides: it moves less than wall
+    time when other jobs share the cores."""
     call()
     walls: list[float] = []
     stop = time.perf_counter() + seconds
+    cpu = time.process_time()
     while len(walls) < 3 or time.perf_counter() < stop:
         start = time.perf_counter()
         call()
         walls.append(time.perf_counter() - start)
-    return statistics.median(walls)
+    return statistics.median(walls), (time.process_time() - cpu) / len(walls)
+
+
+def resize_table(ens: Path, seconds: float) -> list[str]:
+    """The first member on LiteRT: batches of 1 and 8 in turn on one interpreter resized at every call, against
+    LiteRTPixels (an interpreter per chunk size, never resized); milliseconds per image."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from core.members import read_ensemble
+    from core.runtimes import converted_path
+    from service.runtimes import LiteRTPixels, cpu_threads
+
+    ensemble = read_ensemble(ens)
+    run = ensemble.members[0].run_dir(ensemble.path)
+    file = converted_path(run, "litert")
+    size = __import__("json").loads((run / "member.json").read_text())["image_size"]
+    squares = np.random.default_rng(0).uniform(0, 255, (8, size, size, 3)).astype(np.float32)
+    resized = Interpreter(model_path=str(file), num_threads=cpu_threads()).get_signature_runner("serving_pixels")
+    chunked = LiteRTPixels(file, cpu_threads())
+    ways = {"one interpreter, resized": lambda: (resized(images=squares[:1]), resized(images=squares)),
+            "an interpreter per chunk size": lambda: (chunked(squares[:1]), chunked(squares))}
+    rows = ["| LiteRT, batches of 1 and 8 in turn | wall ms/image | CPU ms/image |", "|---|---|---|"]
+    for name, call in ways.items():
+        wall, cpu = timed(call, seconds)
+        rows.append(f"| {name} ({ensemble.members[0].name}) | {1000 * wall / 9:.1f} | {1000 * cpu / 9:.1f} |")
+    return rows
 
 
 def converted_ensemble(ens: Path | None, specs: list[tuple[str, int]], root: Path) -> tuple[Path, list[str]]:
@@ -116,26 +152,29 @@ def ensemble_table(ens: Path, rounds: int, seconds: float, threads: bool) -> lis
     photos = [np.asarray(photo(128, 128, seed)) for seed in range(32)]
     predictors = {runtime: load_ensemble(ens, runtime=runtime) for runtime in RUNTIMES}
     modes = (True, False) if threads else (True,)
-    rows = ["| runtime | members | batch 1 ms | batch 32 ms | images/s at 32 | vs TensorFlow at 1 / 32 | max "
-            "difference |", "|---|---|---|---|---|---|---|"]
+    batches = (1, 8, 32)
+    rows = ["| runtime | members | " + " | ".join(f"batch {b}: ms, CPU ms/image" for b in batches)
+            + " | vs TensorFlow, wall at " + " / ".join(map(str, batches)) + " | CPU | max difference |",
+            "|---|---|" + "---|" * (len(batches) + 3)]
     reference = predictors["tensorflow"].predict(photos)[0]
     for concurrent in modes:
-        times: dict[tuple[str, int], list[float]] = {(r, b): [] for r in RUNTIMES for b in (1, 32)}
+        times: dict[tuple[str, int], list[tuple[float, float]]] = {(r, b): [] for r in RUNTIMES for b in batches}
         for round_ in range(rounds):
             for runtime in RUNTIMES[round_ % 3:] + RUNTIMES[:round_ % 3]:
                 predictor = predictors[runtime]
                 predictor.concurrent_members = concurrent
-                for batch in (1, 32):
-                    times[runtime, batch].append(median_seconds(lambda p=predictor, b=batch: p.predict(photos[:b]),
-                                                                seconds))
+                for batch in batches:
+                    times[runtime, batch].append(timed(lambda p=predictor, b=batch: p.predict(photos[:b]), seconds))
         for runtime in RUNTIMES:
-            ratios = [statistics.median(t / r for t, r in zip(times["tensorflow", b], times[runtime, b], strict=True))
-                      for b in (1, 32)]
+            ratios = [statistics.median(t[0] / r[0] for t, r in zip(times["tensorflow", b], times[runtime, b],
+                                                                     strict=True)) for b in batches]
+            cpu_ratio = statistics.median(t[1] / r[1] for b in batches
+                                          for t, r in zip(times["tensorflow", b], times[runtime, b], strict=True))
             difference = float(np.abs(predictors[runtime].predict(photos)[0] - reference).max())
-            one, many = (statistics.median(times[runtime, b]) for b in (1, 32))
-            rows.append(f"| {runtime} | {'at once' if concurrent else 'one by one'} | {1000 * one:.1f} | "
-                        f"{1000 * many:.1f} | {32 / many:.1f} | {ratios[0]:.2f}x / {ratios[1]:.2f}x | "
-                        f"{difference:.1e} |")
+            cells = [f"{1000 * statistics.median(t[0] for t in times[runtime, b]):.1f}, "
+                     f"{1000 * statistics.median(t[1] for t in times[runtime, b]) / b:.1f}" for b in batches]
+            rows.append(f"| {runtime} | {'at once' if concurrent else 'one by one'} | " + " | ".join(cells)
+                        + f" | {' / '.join(f'{r:.2f}x' for r in ratios)} | {cpu_ratio:.2f}x | {difference:.1e} |")
     return rows
 
 
@@ -153,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(conversions), flush=True)
         rows = member_table(ens, args.rounds, args.seconds)
         print("\n".join(rows), flush=True)
-        print("\n".join(ensemble_table(ens, args.rounds, args.seconds, args.threads)))
+        print("\n".join(ensemble_table(ens, args.rounds, args.seconds, args.threads)), flush=True)
+        print("\n".join(resize_table(ens, args.seconds)))
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end")
     return 0
 
