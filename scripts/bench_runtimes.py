@@ -13,14 +13,14 @@ conversion's seconds are reported. Then, per round (the order of the runtimes tu
   ensemble   `EnsemblePredictor.predict` on decoded 128 px photos at batch 1, 8 and 32 on every runtime, members at
              once (one thread each, the default) and, with --threads, one after another: wall time and the process's
              CPU time per image (CPU: the median over batches of the rounds' ratios to TensorFlow)
-  resize     the first member on LiteRT fed batches of 1 and 8 in turn: one interpreter resized at every call, against
-             the service's interpreter per chunk size
+  chunks     each member on LiteRT at batches of 1, 8 and 32 run whole: CPU time per image (LiteRTPixels.CHUNK)
 Every runtime's answers are compared with TensorFlow's on the same inputs first (the largest difference is shown).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -61,28 +61,26 @@ def timed(call, seconds: float) -> tuple[float, float]:
     return statistics.median(walls), (time.process_time() - cpu) / len(walls)
 
 
-def resize_table(ens: Path, seconds: float) -> list[str]:
-    """The first member on LiteRT: batches of 1 and 8 in turn on one interpreter resized at every call, against
-    LiteRTPixels (an interpreter per chunk size, never resized); milliseconds per image."""
+def chunk_table(ens: Path, seconds: float) -> list[str]:
+    """Each member on LiteRT at batches of 1, 8 and 32 run whole on one interpreter: CPU milliseconds per image
+    (what LiteRTPixels.CHUNK was chosen by)."""
     from ai_edge_litert.interpreter import Interpreter
 
     from core.members import read_ensemble
     from core.runtimes import converted_path
-    from service.runtimes import LiteRTPixels, cpu_threads
+    from service.runtimes import cpu_threads
 
     ensemble = read_ensemble(ens)
-    run = ensemble.members[0].run_dir(ensemble.path)
-    file = converted_path(run, "litert")
-    size = __import__("json").loads((run / "member.json").read_text())["image_size"]
-    squares = np.random.default_rng(0).uniform(0, 255, (8, size, size, 3)).astype(np.float32)
-    resized = Interpreter(model_path=str(file), num_threads=cpu_threads()).get_signature_runner("serving_pixels")
-    chunked = LiteRTPixels(file, cpu_threads())
-    ways = {"one interpreter, resized": lambda: (resized(images=squares[:1]), resized(images=squares)),
-            "an interpreter per chunk size": lambda: (chunked(squares[:1]), chunked(squares))}
-    rows = ["| LiteRT, batches of 1 and 8 in turn | wall ms/image | CPU ms/image |", "|---|---|---|"]
-    for name, call in ways.items():
-        wall, cpu = timed(call, seconds)
-        rows.append(f"| {name} ({ensemble.members[0].name}) | {1000 * wall / 9:.1f} | {1000 * cpu / 9:.1f} |")
+    rows = ["| LiteRT, one interpreter | batch 1: CPU ms/image | batch 8 | batch 32 |", "|---|---|---|---|"]
+    for entry in ensemble.members:
+        run = entry.run_dir(ensemble.path)
+        size = json.loads((run / "member.json").read_text())["image_size"]
+        squares = np.random.default_rng(0).uniform(0, 255, (32, size, size, 3)).astype(np.float32)
+        runner = Interpreter(model_path=str(converted_path(run, "litert")),
+                             num_threads=cpu_threads()).get_signature_runner("serving_pixels")
+        cells = [f"{1000 * timed(lambda b=batch, r=runner, s=squares: r(images=s[:b]), seconds)[1] / batch:.2f}"
+                 for batch in (1, 8, 32)]
+        rows.append(f"| {entry.name} | " + " | ".join(cells) + " |")
     return rows
 
 
@@ -103,7 +101,7 @@ def converted_ensemble(ens: Path | None, specs: list[tuple[str, int]], root: Pat
         ens = root / "ens"
         rewritten = ensemble.document | {"members": [{**member, "path": f"../runs/{member['name']}"}
                                                      for member in ensemble.document["members"]]}
-        (ens / "ensemble.json").write_text(__import__("json").dumps(rewritten))
+        (ens / "ensemble.json").write_text(json.dumps(rewritten))
     lines = []
     for run in sorted((ens.parent / "runs").iterdir()):
         for runtime in CONVERTED:
@@ -193,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = member_table(ens, args.rounds, args.seconds)
         print("\n".join(rows), flush=True)
         print("\n".join(ensemble_table(ens, args.rounds, args.seconds, args.threads)), flush=True)
-        print("\n".join(resize_table(ens, args.seconds)))
+        print("\n".join(chunk_table(ens, args.seconds)))
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end")
     return 0
 

@@ -54,42 +54,26 @@ def cpu_threads() -> int:
 
 
 class LiteRTPixels:
-    """A converted `.tflite` pixel model on LiteRT's interpreter (XNNPACK).
+    """A converted `.tflite` pixel model on LiteRT's interpreter (XNNPACK), its input resized to each batch.
 
-    Resizing an interpreter's input costs more than a whole batch (XNNPACK sets the model up again: about 20 ms for
-    EfficientNet-Lite2 at 128 px, docs/BENCHMARKS.md), and the dynamic batcher's batches come in every size. So a
-    batch runs in chunks of CHUNKS' sizes, largest first (11 images: 8 + 2 + 1), each size on an interpreter of
-    its own made at its first use and never resized; 8 images at once were also the fastest per image measured.
-    An interpreter is not thread-safe: one call at a time (a lock)."""
+    A batch runs in chunks of at most CHUNK images: 8 at once cost the least CPU time per image measured, 32 about
+    10% more (docs/BENCHMARKS.md). The interpreter is not thread-safe: one call at a time (a lock)."""
 
-    CHUNKS = (8, 4, 2, 1)
+    CHUNK = 8
 
     def __init__(self, file: Path, threads: int) -> None:
         from ai_edge_litert.interpreter import Interpreter
 
-        self._make = lambda: Interpreter(model_path=str(file), num_threads=threads)
-        self._runners: dict[int, Any] = {}
-        self._interpreters: list[Any] = []  # each runner's interpreter, kept alive with it
+        self._interpreter = Interpreter(model_path=str(file), num_threads=threads)
+        self._run = self._interpreter.get_signature_runner(SIGNATURE)
         self._lock = threading.Lock()
-        self._runner(1)  # a file the runtime cannot read fails here, at load
-
-    def _runner(self, size: int) -> Any:
-        """The signature runner of the interpreter for chunks of `size` images (made at its first use)."""
-        if size not in self._runners:
-            interpreter = self._make()
-            self._interpreters.append(interpreter)
-            self._runners[size] = interpreter.get_signature_runner(SIGNATURE)
-        return self._runners[size]
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities [N, C] for squares [N, S, S, 3]."""
         batch = np.ascontiguousarray(batch, dtype=np.float32)
-        parts, start = [], 0
         with self._lock:
-            while start < len(batch):
-                size = next(chunk for chunk in self.CHUNKS if chunk <= len(batch) - start)
-                parts.append(self._runner(size)(images=batch[start:start + size])["probabilities"])
-                start += size
+            parts = [self._run(images=batch[start:start + self.CHUNK])["probabilities"]
+                     for start in range(0, len(batch), self.CHUNK)]
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 

@@ -79,10 +79,11 @@ def test_each_runtime_answers_as_tensorflow_with_tta_and_the_metadata_says_which
         served = client.post("/v1/predict", files=files, data=options).json()["results"]
         auto = client.app.state.service.repository.latest("flowers").predictor
         assert all(member.runtime is not None for member in auto.members)
+        assert not auto.concurrent_members and tensorflow.concurrent_members  # converted members run one by one
         got_blended, got_members = auto.predict(images)
         assert np.abs(got_blended - blended).max() <= TOLERANCE and np.abs(got_members - members).max() <= TOLERANCE
-        squares = np.random.default_rng(5).uniform(0, 255, (11, 32, 32, 3)).astype(np.float32)  # chunks 8 + 2 + 1
-        for batch in (squares, squares[:8], squares[:1]):  # each chunk size on its own interpreter, reused
+        squares = np.random.default_rng(5).uniform(0, 255, (11, 32, 32, 3)).astype(np.float32)  # chunks of 8 and 3
+        for batch in (squares, squares[:8], squares[:1]):  # the interpreter resized from batch to batch
             assert np.abs(auto.members[0].pixels(batch) - tensorflow.members[0].pixels(batch)).max() <= TOLERANCE
     with TestClient(create_app(Settings(ensemble=str(ens)), tensorflow)) as client:
         expected = client.post("/v1/predict", files=files, data=options).json()["results"]
