@@ -16,7 +16,8 @@ left is the fixed cost every request pays. Stages, each timed in-process (median
   app         the whole request through the ASGI app in-process (httpx's ASGI transport: middleware, routing, all of
               the above); `app /healthz` the same for GET /healthz, the floor of the transport and the middleware
   http        the whole request over loopback HTTP to `uvicorn` serving the same app in another process (one httpx
-              client); `http /healthz` its floor
+              client); `http /healthz` its floor; `http: server CPU` the server process's CPU time per request (all
+              its threads: the model thread and the members' too), the figure a saturated machine's throughput divides
 The photo is --photo, else a 128 px JPEG of the demo flower (the size of the imported flowers5 records).
 """
 
@@ -182,15 +183,24 @@ def serve(port: int, members: int, size: int) -> None:
     uvicorn.Server(config).run()
 
 
-def http_median_us(port: int, body: bytes, content_type: str, reps: int) -> tuple[float, float]:
-    """Median microseconds of one client's requests to the stand-in server, back to back: GET /healthz (the HTTP
-    floor) and POST /v1/predict."""
+def cpu_seconds(pid: int) -> float:
+    """A process's CPU seconds so far, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def http_median_us(port: int, pid: int, body: bytes, content_type: str, reps: int) -> list[float]:
+    """One client's requests to the stand-in server, back to back: the median microseconds of GET /healthz (the
+    HTTP floor) and of POST /v1/predict, and the server's CPU microseconds per /v1/predict (all its threads)."""
     import httpx
 
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
         def call():
             client.post("/v1/predict", content=body, headers={"content-type": content_type}).raise_for_status()
-        return median_us(lambda: client.get("/healthz").raise_for_status(), reps), median_us(call, reps)
+        floor = median_us(lambda: client.get("/healthz").raise_for_status(), reps)
+        before = cpu_seconds(pid)
+        predict = median_us(call, reps)
+        return [floor, predict, 1e6 * (cpu_seconds(pid) - before) / (reps + 20)]
 
 
 def start_http(port: int, members: int, size: int) -> subprocess.Popen:
@@ -239,12 +249,13 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     server = start_http(port, args.members, args.size)
     body, content_type = multipart_body(blob)
-    rounds: dict[str, list[float]] = {name: [] for name in [*calls, "http /healthz", "http"]}
+    http = ("http /healthz", "http", "http: server CPU")
+    rounds: dict[str, list[float]] = {name: [] for name in [*calls, *http]}
     try:
         for _ in range(args.rounds):
             for name, call in calls.items():
                 rounds[name].append(median_us(call, args.reps))
-            for name, value in zip(("http /healthz", "http"), http_median_us(port, body, content_type, args.reps),
+            for name, value in zip(http, http_median_us(port, server.pid, body, content_type, args.reps),
                                    strict=True):
                 rounds[name].append(value)
     finally:

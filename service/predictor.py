@@ -131,8 +131,8 @@ class EnsemblePredictor:
     tta: int = 1  # passes per member: the plain one and tta-1 augmented ones (as the offline predictions)
     on_member: Any = None  # called with (member name, seconds) after each member's part of a batch (metrics)
     cv: dict | None = None  # ensemble.json's cross-validated scores ("cv": folds, blend, members); None for a run
-    concurrent_members: bool = True  # members of a batch run at once, a thread each (docs/BENCHMARKS.md: faster on
-    # TensorFlow; load_ensemble runs them one after another when every member runs on a converted runtime)
+    concurrent_members: bool = True  # members of a batch run at once, a thread each (docs/BENCHMARKS.md: faster, on
+    # TensorFlow and on LiteRT served)
     _pool: Any = field(default=None, init=False, repr=False, compare=False)  # made by the first concurrent batch
     _pool_lock: Any = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
@@ -333,10 +333,8 @@ def load_ensemble(path: str | Path, tta: int = 1, runtime: str = TENSORFLOW) -> 
             raise ArtifactError(f"member {member.name!r} ({run_dir}) has other classes than {file}")
         members.append(member)
     cv = document.get("cv")  # the blend's cross-validated scores, shown by the metadata routes and the page
-    # Members on a converted runtime use every CPU themselves: at once they only crowd each other (docs/BENCHMARKS.md)
-    at_once = any(member.runtime is None for member in members)
     predictor = EnsemblePredictor(classes, members, blend, tta=_check_tta(tta),
-                                  cv=_finite(cv) if isinstance(cv, dict) else None, concurrent_members=at_once)
+                                  cv=_finite(cv) if isinstance(cv, dict) else None)
     predictor.warm_up()  # refuses a member (or a blend) whose outputs are not finite
     return predictor
 
