@@ -34,6 +34,8 @@ COMMANDS = {
     "train": Command("flower.commands.train", "train one ensemble member from a TOML config (resumes when rerun)"),
     "compare": Command("flower.commands.compare", "compare run directories side by side"),
     "augment-grid": Command("flower.commands.augment_grid", "write a PNG grid of augmented training samples"),
+    "export": Command("flower.commands.export", "convert runs' SavedModels for a faster runtime (LiteRT, ONNX "
+                                                "Runtime)"),
     "blend": Command("flower.commands.blend", "blend run directories, cross-validate, write the Kaggle submission"),
     "distil": Command("flower.commands.distil", "train one student member on an ensemble's answers (soft targets, "
                                                  "unlabeled images too)"),

@@ -5,11 +5,12 @@
 
 1. writes <out>/data: the synthetic flower data set in the competition layout (64 and 96 px records)
    and <out>/augment.png (what training sees);
-2. trains two small CNN members, at 64 and 96 px, into <out>/runs/ (run directories);
+2. trains two small CNN members, at 64 and 96 px, into <out>/runs/ (run directories, each SavedModel also
+   converted for LiteRT);
 3. blends them into <out>/ensemble/ (ensemble.json, submission.csv, report.md, plots) and scores the
    submission against the test answers;
 4. serves the blended ensemble over HTTP at http://127.0.0.1:<port>/ (a page to drop a photo on, and
-   the API) until Ctrl-C.
+   the API; each member on LiteRT once its answers match TensorFlow's) until Ctrl-C.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null
     apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
   fi
 fi
-bash scripts/setup_env.sh cpu,dev,beam  # beam: the Beam runner of flower predict is tested too
+bash scripts/setup_env.sh cpu,dev,beam,litert,onnx  # the Beam runner and the faster runtimes are tested too
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 .venv/bin/python -m ruff check .
 # One test process per core with pytest-xdist (on 2 cores: 419 s instead of 591 s in one process, docs/TESTING.md);

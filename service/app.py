@@ -42,13 +42,13 @@ def load_models(settings: Settings) -> ModelRepository:
     if len(given) != 1:
         raise ConfigError("give exactly one of --ensemble, --run or --model-repository (FLOWER_ENSEMBLE / FLOWER_RUN "
                           "/ FLOWER_MODEL_REPOSITORY)")
-    loader = partial(load_version, tta=settings.tta)
+    loader = partial(load_version, tta=settings.tta, runtime=settings.runtime)
     if settings.model_repository:
         repository = ModelRepository(Path(settings.model_repository), loader, _unstarted)
         repository.preload()
         return repository
-    predictor = load_ensemble(settings.ensemble, settings.tta) if settings.ensemble else load_run(settings.run,
-                                                                                                   settings.tta)
+    load = partial(load_ensemble, settings.ensemble) if settings.ensemble else partial(load_run, settings.run)
+    predictor = load(tta=settings.tta, runtime=settings.runtime)
     repository = ModelRepository(None, loader, _unstarted)
     repository.add(settings.model_name, 1, Path(settings.ensemble or settings.run), predictor)
     return repository
@@ -66,7 +66,8 @@ def create_app(settings: Settings | None = None, ensemble: Any = None,
     settings = settings or get_settings()
     handed = []  # a predictor handed in is warmed up (again) in the background: /readyz waits for it
     if ensemble is not None:
-        repository = ModelRepository(None, partial(load_version, tta=settings.tta), _unstarted)
+        repository = ModelRepository(None, partial(load_version, tta=settings.tta, runtime=settings.runtime),
+                                     _unstarted)
         handed.append(repository.add(settings.model_name, 1, Path(settings.ensemble or settings.run or "."),
                                      ensemble))
 

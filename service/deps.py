@@ -116,8 +116,9 @@ def decode_target(predictor: Any) -> int:
     return max(sizes, default=0)
 
 
-def get_state(request: Request) -> ServiceState:
-    """The application's shared state."""
+async def get_state(request: Request) -> ServiceState:
+    """The application's shared state. A coroutine: FastAPI runs a plain function dependency in its thread pool,
+    a hand-off to a thread and back on every request (docs/BENCHMARKS.md, "Fixed cost per request")."""
     return request.app.state.service
 
 
@@ -137,8 +138,8 @@ def authorized(headers: Headers, settings: Settings) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), settings.api_key.encode())
 
 
-def require_api_key(request: Request) -> None:
-    """When an API key is set, demand 'Authorization: Bearer <key>'."""
+async def require_api_key(request: Request) -> None:
+    """When an API key is set, demand 'Authorization: Bearer <key>' (a coroutine, as get_state)."""
     if not authorized(request.headers, request.app.state.service.settings):
         raise ClientError(401, "unauthorized", UNAUTHORIZED, CHALLENGE)
 

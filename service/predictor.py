@@ -4,8 +4,9 @@ Loading ends with a warm-up prediction through every member and the blend; a mem
 are not all finite (or a blend that makes them so) is refused with an ArtifactError naming it.
 
 Each member's SavedModel is loaded with plain `tf.saved_model.load` and called through its
-`serving_pixels` signature at its own image size; the blend is `ensemble.blend.apply_blend`, the same
-code that made the offline submission.
+`serving_pixels` signature at its own image size, or through the same pixel model converted for a faster runtime
+once it answers as the SavedModel does (service/runtimes.py, chosen at load); the blend is
+`ensemble.blend.apply_blend`, the same code that made the offline submission.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,11 +34,24 @@ from core.members import (
     read_json_file,
     read_member,
 )
+from core.runtimes import TENSORFLOW
 from ensemble.blend import apply_blend
 from ensemble.spec import WEIGHT_TOLERANCE, BlendSpec, SpecError
 from imaging.geometry import fit_square_tf
+from service.runtimes import RuntimeChoice, choose_runtime
 
 SERVE_TTA_SEED = 1  # the TTA passes' augmentation is seeded by the pass alone: an image always gets the same answer
+_COMPILED: dict[tuple, Any] = {}  # tf.functions of the square and the TTA passes, by what they depend on
+_COMPILED_LOCK = threading.Lock()
+
+
+def compiled(key: tuple, make: Callable[[], Any]) -> Any:
+    """The tf.function `make()` makes for `key`, made once per process: members (and versions) of the same size and
+    fit share one, traced once (the TTA passes' augmentation took seconds to trace for every member at every load)."""
+    with _COMPILED_LOCK:
+        if key not in _COMPILED:
+            _COMPILED[key] = make()
+        return _COMPILED[key]
 
 
 @dataclass
@@ -51,8 +66,10 @@ class MemberModel:
     fit: str = DEFAULT_FIT  # how a photo becomes its square input (member.json "geometry", imaging.geometry)
     record_size: int = 0  # the size of the records it trained on (member.json "data".file_size), 0: image_size
     val_macro_f1: float | None = None  # member.json's validation macro F1 (shown by the metadata routes)
-    _square: dict = field(default_factory=dict, repr=False)  # fit_square_tf compiled for its size and fit, by dtype
-    _augment: Any = field(default=None, repr=False)  # the TTA passes' augmentation, compiled for its size
+    runtime: Any = None  # the converted pixel model it runs on (service.runtimes), None: predict_pixels (TensorFlow)
+    runtime_choice: RuntimeChoice = field(default_factory=RuntimeChoice)  # which runtime, and why (metadata routes)
+    _square: dict = field(default_factory=dict, repr=False)  # fit_square_tf compiled for its geometry, by dtype
+    _augment: Any = field(default=None, repr=False)  # the TTA passes' augmentation, compiled for its size (shared)
 
     def square(self, image: np.ndarray) -> np.ndarray:
         """A decoded RGB image (uint8, or float32 0..255) as this member's float32 input [S, S, 3], made as its
@@ -63,33 +80,44 @@ class MemberModel:
         if dtype not in self._square:
             import tensorflow as tf
 
-            self._square[dtype] = tf.function(lambda im: fit_square_tf(im, self.image_size, self.fit, self.record_size),
-                                              input_signature=[tf.TensorSpec([None, None, 3], dtype)])
+            size, fit, record_size = self.image_size, self.fit, self.record_size
+            self._square[dtype] = compiled(
+                ("square", size, fit, record_size, dtype),
+                lambda: tf.function(lambda im: fit_square_tf(im, size, fit, record_size),
+                                    input_signature=[tf.TensorSpec([None, None, 3], dtype)]))
         return self._square[dtype](image.astype(dtype, copy=False)).numpy()
 
     def probabilities(self, images: list[np.ndarray], tta: int = 1) -> np.ndarray:
         """Probabilities [N, C] for decoded RGB images: the plain pass, averaged with tta-1 augmented passes."""
-        import tensorflow as tf
-
-        batch = tf.constant(np.stack([self.square(image) for image in images]))
-        total = self.predict_pixels(images=batch)["probabilities"].numpy().astype(np.float64)
+        batch = np.stack([self.square(image) for image in images])
+        total = np.asarray(self.pixels(batch), dtype=np.float64)
         for k in range(1, tta):
-            total += self.predict_pixels(images=self._augmented(batch, k))["probabilities"].numpy()
+            total += self.pixels(self._augmented(batch, k))
         return (total / tta).astype(np.float32)
 
-    def _augmented(self, batch: Any, k: int) -> Any:
+    def pixels(self, batch: np.ndarray) -> np.ndarray:
+        """The pixel model's probabilities [N, C] for squares [N, S, S, 3]: on the converted runtime chosen at load,
+        else the SavedModel's serving_pixels."""
+        if self.runtime is not None:
+            return self.runtime(batch)
+        import tensorflow as tf
+
+        return np.asarray(self.predict_pixels(images=tf.constant(batch))["probabilities"])
+
+    def _augmented(self, batch: np.ndarray, k: int) -> np.ndarray:
         """TTA pass k of a batch: the offline TTA's flips and mild affine transform, seeded by k alone and the same
-        for every image of the batch (an image's answer does not depend on what it was batched with)."""
+        for every image of the batch (an image's answer does not depend on what it was batched with). TensorFlow
+        code whatever the runtime: its pixels then go to the runtime."""
         import tensorflow as tf
 
         from imaging.augment import TTA_AUGMENT, augment_batch
 
         if self._augment is None:
             size = self.image_size
-            self._augment = tf.function(
+            self._augment = compiled(("augment", size), lambda: tf.function(
                 lambda images, seed: augment_batch(images, seed, TTA_AUGMENT, size, shared=True),
-                input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32), tf.TensorSpec([2], tf.int64)])
-        return self._augment(batch, tf.constant([SERVE_TTA_SEED + k, 0], tf.int64))
+                input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32), tf.TensorSpec([2], tf.int64)]))
+        return self._augment(tf.constant(batch), tf.constant([SERVE_TTA_SEED + k, 0], tf.int64)).numpy()
 
 
 @dataclass
@@ -103,7 +131,8 @@ class EnsemblePredictor:
     tta: int = 1  # passes per member: the plain one and tta-1 augmented ones (as the offline predictions)
     on_member: Any = None  # called with (member name, seconds) after each member's part of a batch (metrics)
     cv: dict | None = None  # ensemble.json's cross-validated scores ("cv": folds, blend, members); None for a run
-    concurrent_members: bool = True  # members of a batch run at once, a thread each (docs/BENCHMARKS.md: faster)
+    concurrent_members: bool = True  # members of a batch run at once, a thread each (docs/BENCHMARKS.md: faster, on
+    # TensorFlow and on LiteRT served)
     _pool: Any = field(default=None, init=False, repr=False, compare=False)  # made by the first concurrent batch
     _pool_lock: Any = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
@@ -180,15 +209,18 @@ class EnsemblePredictor:
 
 def served_model_info(predictor: Any) -> dict[str, Any]:
     """What a served model is made of, for the metadata routes and the page: members (image size, fit, blend
-    weight, member.json's validation macro F1), the blend method, ensemble.json's cross-validated scores ("cv",
-    None for a run served alone), the serve-time TTA passes and the classes."""
+    weight, member.json's validation macro F1, the runtime it runs on and why others were refused), the blend
+    method, ensemble.json's cross-validated scores ("cv", None for a run served alone), the serve-time TTA passes and
+    the classes."""
     if predictor is None:
         return {}
     weights = getattr(predictor.blend, "weights", None)
     members = [{"name": m.name, "image_size": m.image_size, "fit": getattr(m, "fit", DEFAULT_FIT),
                 "record_size": getattr(m, "record_size", 0) or m.image_size,
                 "weight": None if weights is None else float(weights[i]),
-                "val_macro_f1": getattr(m, "val_macro_f1", None)} for i, m in enumerate(predictor.members)]
+                "val_macro_f1": getattr(m, "val_macro_f1", None),
+                "runtime": getattr(m, "runtime_choice", RuntimeChoice()).as_dict()}
+               for i, m in enumerate(predictor.members)]
     return {"members": members, "blend": predictor.blend.method, "tta": getattr(predictor, "tta", 1),
             "cv": getattr(predictor, "cv", None), "classes": list(predictor.classes)}
 
@@ -216,8 +248,9 @@ def _load_saved_model(saved: Path) -> Any:
         raise ArtifactError(f"{saved} cannot be loaded as a SavedModel: {type(err).__name__}: {err}") from err
 
 
-def load_member_model(run_dir: Path) -> tuple[MemberModel, list[str]]:
-    """Load one run directory's SavedModel and check it against member.json and classes.json."""
+def load_member_model(run_dir: Path, runtime: str = TENSORFLOW) -> tuple[MemberModel, list[str]]:
+    """Load one run directory's SavedModel, check it against member.json and classes.json, and choose the runtime its
+    pixel model runs on (service.runtimes: `auto`, `tensorflow` or a converted one, checked against TensorFlow)."""
     member = read_member(run_dir)
     classes = read_json_file(run_dir / CLASSES_FILE)
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
@@ -237,15 +270,17 @@ def load_member_model(run_dir: Path) -> tuple[MemberModel, list[str]]:
         raise ArtifactError(f"{saved} outputs {outputs[-1]} classes, classes.json lists {len(classes)}")
     fit, record_size = member.geometry()
     member_model = MemberModel(member.name, run_dir, size, pixels, model, fit, record_size, member.val_macro_f1)
+    member_model.runtime, member_model.runtime_choice = choose_runtime(run_dir, runtime, member_model.pixels, size,
+                                                                       member.name)
     return member_model, [c.strip() for c in classes]
 
 
-def load_run(run_dir: str | Path, tta: int = 1) -> EnsemblePredictor:
-    """Serve a single run directory (a blend of one), with `tta` passes per image."""
+def load_run(run_dir: str | Path, tta: int = 1, runtime: str = TENSORFLOW) -> EnsemblePredictor:
+    """Serve a single run directory (a blend of one), with `tta` passes per image, its pixel model on `runtime`."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ArtifactError(f"run directory not found: {run_dir}")
-    member, classes = load_member_model(run_dir)
+    member, classes = load_member_model(run_dir, runtime)
     predictor = EnsemblePredictor(classes, [member], BlendSpec("mean", weights=(1.0,)), tta=_check_tta(tta))
     predictor.warm_up()  # refuses a member whose outputs are not finite
     return predictor
@@ -279,8 +314,9 @@ def _check_blend(ensemble: EnsembleFile) -> BlendSpec:
     return blend
 
 
-def load_ensemble(path: str | Path, tta: int = 1) -> EnsemblePredictor:
-    """Load ensemble.json (a file or its folder) and every member it names; `tta` passes per image and member."""
+def load_ensemble(path: str | Path, tta: int = 1, runtime: str = TENSORFLOW) -> EnsemblePredictor:
+    """Load ensemble.json (a file or its folder) and every member it names; `tta` passes per image and member, each
+    member's pixel model on `runtime` (service.runtimes)."""
     ensemble = read_ensemble(path)
     file, blend = ensemble.path, _check_blend(ensemble)
     classes, document = list(ensemble.classes), ensemble.document
@@ -289,7 +325,7 @@ def load_ensemble(path: str | Path, tta: int = 1) -> EnsemblePredictor:
         run_dir = entry.run_dir(file)
         if not run_dir.is_dir():
             raise ArtifactError(f"{file}: members[{entry.index}] ({entry.name!r}): run directory not found: {run_dir}")
-        member, member_classes = load_member_model(run_dir)
+        member, member_classes = load_member_model(run_dir, runtime)
         if member.name != entry.name:
             raise ArtifactError(f"{file}: members[{entry.index}] is named {entry.name!r}, but its path {run_dir} "
                                 f"holds member {member.name!r}")
@@ -303,12 +339,12 @@ def load_ensemble(path: str | Path, tta: int = 1) -> EnsemblePredictor:
     return predictor
 
 
-def load_version(path: str | Path, tta: int = 1) -> EnsemblePredictor:
+def load_version(path: str | Path, tta: int = 1, runtime: str = TENSORFLOW) -> EnsemblePredictor:
     """Load a model repository's version folder: an ensemble directory (ensemble.json) or a run directory."""
     path = Path(path)
     if is_ensemble_directory(path):
-        return load_ensemble(path, tta)
+        return load_ensemble(path, tta, runtime)
     if is_run_directory(path):
-        return load_run(path, tta)
+        return load_run(path, tta, runtime)
     raise ArtifactError(f"{path} is neither an ensemble directory (no ensemble.json) nor a run directory "
                         f"(no member.json)")

@@ -71,6 +71,7 @@ from core.members import (
 )
 from core.names import shown
 from core.photos import PHOTO_EXTENSIONS, entry_problem, is_photo_name, walk_photos
+from core.runtimes import TENSORFLOW
 from service.images import ImageError
 from service.inference import EncodedImage, InferencePath, direct
 from service.predictor import EnsemblePredictor, load_ensemble, load_run
@@ -551,7 +552,9 @@ def model_facts(path: str) -> tuple[list[str], int]:
     return list(ensemble.classes), max(sizes)
 
 
-def load_predictor(path: str) -> EnsemblePredictor:
-    """Load, check and warm up an ensemble (directory or ensemble.json) or a run directory."""
-    return load_ensemble(path) if model_kind(path) == "ensemble" else load_run(path)
+def load_predictor(path: str, runtime: str = TENSORFLOW) -> EnsemblePredictor:
+    """Load, check and warm up an ensemble (directory or ensemble.json) or a run directory, each member's pixel model
+    on `runtime` (service.runtimes)."""
+    load = load_ensemble if model_kind(path) == "ensemble" else load_run
+    return load(path, runtime=runtime)
 

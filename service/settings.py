@@ -9,6 +9,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.photos import DEFAULT_MAX_PIXELS
+from core.runtimes import AUTO, CHOICES
 from service.repository import model_name_problem
 
 
@@ -27,6 +28,10 @@ class Settings(BaseSettings):
                             "repository, the model that requests naming none get (when there are several)")
     tta: int = Field(1, ge=1, le=32, description="test-time augmentation passes per image and member (1: none); "
                      "the offline predictions' passes, which the blend weights were learned on")
+    runtime: Literal[CHOICES] = Field(AUTO, description="what runs each member's pixel model: 'auto' (the fastest "
+                                      "converted one, litert then onnx, whose warm-up answers match TensorFlow's "
+                                      "within 1e-4; else TensorFlow, saying why), 'tensorflow' (the SavedModel), or "
+                                      "'litert' / 'onnx' (refused at load, naming the reason, when unusable)")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on")
     workers: int = Field(1, ge=1, description="uvicorn worker processes (each loads the models)")

@@ -53,14 +53,15 @@ def tiny_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_run(tiny_data, tmp_path_factory) -> Path:
-    """A whole two-epoch run of the small CNN at 32 px on the tiny demo data.
+    """A whole two-epoch run of the small CNN at 32 px on the tiny demo data, its SavedModel converted for LiteRT at
+    export (runtimes/model.tflite).
 
     Made once per session (it was once per module while every test of it lived in one file): tests read it or copy
     it before training on; the SavedModel parity test adds its parity.npz beside the run's files."""
     from tests.support import _train
 
     out = tmp_path_factory.mktemp("run") / "tiny"
-    result = _train(tiny_data, out)
+    result = _train(tiny_data, out, "--set", "export.runtimes=litert")
     assert result.returncode == 0, result.stderr[-2000:]
     return out
 

@@ -23,6 +23,7 @@ from tests.conftest import REPO
 TINY_RUN = [
     "--set", "data.image_size=32", "--set", "data.batch_size=16", "--set", "train.epochs=2",
     "--set", "train.eval_batch_size=32", "--set", "predict.tta=2", "--set", "data.deterministic=true",
+    "--set", "export.runtimes=none",  # a conversion costs seconds; the session's tiny_run and test_runtimes.py convert
 ]
 
 

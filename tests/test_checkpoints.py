@@ -76,7 +76,8 @@ def test_a_checkpoint_remembers_its_config_and_refuses_another_naming_every_chan
         "epoch": 1, "best_f1": 0.1, "history": [_row(1)], "precision": "float32", "replicas": 1}  # ARCHITECTURE.md
     safe = {"name": "renamed", "output": str(tmp_path / "elsewhere"), "train.epochs": 99, "train.eval_batch_size": 7,
             "train.steps_per_execution": 4, "train.time_budget_minutes": 30.0, "train.cluster_timeout_seconds": 9.0,
-            "data.shard": "file", "data.fit": "pad", "predict.tta": 3, "predict.tta_seed": 5}
+            "data.shard": "file", "data.fit": "pad", "predict.tta": 3, "predict.tta_seed": 5,
+            "export.runtimes": "litert,onnx"}
     assert sorted(safe) == sorted(RESUMABLE_CHANGES)
     check_resumable(folder, load_config(None, safe).to_dict())  # every change a resume may make, all at once
     other = load_config(None, {"data.image_size": 96, "model.dropout": 0.5}).to_dict()

@@ -29,7 +29,7 @@ def _config(tiny_data, out, **settings):
     """The small CNN at 32 px on the tiny demo data, two epochs."""
     return load_config(None, {"data.dir": str(tiny_data), "output": str(out), "name": "tiny", "data.image_size": 32,
                               "data.batch_size": 16, "train.epochs": 2, "train.eval_batch_size": 32,
-                              "predict.tta": 1, "data.deterministic": True, **settings})
+                              "predict.tta": 1, "data.deterministic": True, "export.runtimes": "none", **settings})
 
 
 def test_an_epoch_trains_scores_the_whole_validation_split_checkpoints_and_logs(tiny_data, tmp_path, capsys):

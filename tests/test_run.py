@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from core.runtimes import saved_model_digest, sha256_file
 from tests.conftest import TINY_COUNTS
 from training.config import load_config
 from training.fit.export import predict_split
@@ -42,6 +43,12 @@ def test_a_run_directory_follows_the_contract(tiny_run):
     assert len(history) == 3
     for png in ("curves.png", "schedule.png"):
         assert (tiny_run / png).read_bytes()[:4] == b"\x89PNG"
+    # export.runtimes = "litert": the pixel model converted, and the record of the SavedModel it was made from
+    record = json.loads((tiny_run / "runtimes" / "litert.json").read_text())
+    assert record["made_from"] == {"folder": "saved_model", "signature": "serving_pixels",
+                                   "sha256": saved_model_digest(tiny_run / "saved_model")}
+    assert record["sha256"] == sha256_file(tiny_run / "runtimes" / "model.tflite")
+    assert sorted(p.name for p in (tiny_run / "runtimes").iterdir()) == ["litert.json", "model.tflite"]
 
 
 PARITY_SCRIPT = textwrap.dedent("""

@@ -17,6 +17,7 @@ from typing import Any
 from core.contract import MEMBER_FILE
 from core.errors import ConfigError
 from core.members import FIT_MODES, read_json_file, read_member
+from core.runtimes import parse_export_runtimes
 from core.sections import section_from_dict
 from imaging.augment_config import AugmentConfig
 
@@ -108,6 +109,13 @@ class DistilConfig:
 
 
 @dataclass(frozen=True)
+class ExportConfig:
+    """What the export writes beside the SavedModel."""
+
+    runtimes: str = "litert"  # the pixel model converted for faster runtimes: litert | onnx | litert,onnx | none
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """A whole training run."""
 
@@ -120,6 +128,7 @@ class RunConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     distil: DistilConfig = field(default_factory=DistilConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -137,7 +146,8 @@ class RunConfig:
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "schedule": ScheduleConfig, "train": TrainConfig,
-            "augment": AugmentConfig, "predict": PredictConfig, "distil": DistilConfig}
+            "augment": AugmentConfig, "predict": PredictConfig, "distil": DistilConfig,
+            "export": ExportConfig}
 
 
 def config_from_dict(values: dict[str, Any]) -> RunConfig:
@@ -203,6 +213,7 @@ def validate(config: RunConfig) -> None:
                           "run directories are written with local file operations")
     if not config.data.dir.strip():
         raise ConfigError("data.dir must name the data folder")
+    parse_export_runtimes(config.export.runtimes)
     _validate_distil(config)
 
 

@@ -19,7 +19,9 @@ import service.scoring as scoring
 from core.errors import ConfigError, FlowerError
 from core.files import check_output_file
 from core.names import shown
+from core.runtimes import AUTO, CHOICES
 from flower.commands import command, error, stop_on_sigterm
+from service.runtimes import RuntimeChoice
 from service.scoring import DEFAULT_BATCH_SIZE, DEFAULT_TOP_K, FileInput, InputError, Inputs, SplitInput, Summary
 
 SOME_FAILED = 1  # documented: the CSV is written, some rows failed; or the models cannot be loaded
@@ -43,6 +45,11 @@ def parser(prog: str) -> argparse.ArgumentParser:
                         help="also write one column per class (its name) with the blended probability")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                         help=f"images decoded and predicted together (default {DEFAULT_BATCH_SIZE})")
+    parser.add_argument("--runtime", choices=CHOICES, default=AUTO,
+                        help="what runs each member's pixel model (as `flower serve --runtime`): auto, the fastest "
+                             "converted runtime whose answers match TensorFlow's within 1e-4 at load, else TensorFlow "
+                             "(default auto; --runner beam runs TensorFlow); a runtime named that cannot be used is an "
+                             "error")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace --out (and --submission) when it exists (else refused)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines and no summary on stderr")
@@ -148,7 +155,10 @@ def _expected_ids(args: argparse.Namespace) -> np.ndarray | None:
 
 def score_locally(args: argparse.Namespace, inputs: Inputs, options: scoring.Options) -> tuple[Summary, list[str]]:
     """Score in this process (service.scoring.score); the summary and the model's classes."""
-    predictor = scoring.load_predictor(args.model)
+    predictor = scoring.load_predictor(args.model, args.runtime)
+    if not args.quiet:
+        for member in predictor.members:
+            print(runtime_line(member.name, member.runtime_choice), file=sys.stderr)
     say_splits(inputs, max(m.image_size for m in predictor.members), args.quiet)
     return scoring.score(predictor, inputs, args.out, options, args.overwrite, args.quiet), predictor.classes
 
@@ -238,3 +248,11 @@ def summary_line(summary: Summary, inputs: Inputs, out: str) -> str:
     if inputs.ignored:
         lines.append(f"ignored {inputs.ignored} file(s) in the folders that are not images by extension or are hidden")
     return "\n".join(lines + [f"note: {note}" for note in inputs.notes])
+
+
+def runtime_line(member: str, choice: RuntimeChoice) -> str:
+    """What `flower predict` says of a member's runtime: the one it runs on, and why the others were refused."""
+    said = f"member {member}: {choice.name}"
+    if choice.difference is not None:
+        said += f" (answers within {choice.difference:.2g} of TensorFlow's)"
+    return said + "".join(f"; {runtime} refused: {reason}" for runtime, reason in choice.refused.items())

@@ -39,7 +39,7 @@ HISTORY_KEYS = ("epoch", "learning_rate", "loss", "val_loss", "val_accuracy", "v
 # Options that may change between a run and its resume: how long it runs and what it writes at the end.
 RESUMABLE_CHANGES = ("name", "output", "train.epochs", "train.eval_batch_size", "train.steps_per_execution",
                      "train.time_budget_minutes", "train.cluster_timeout_seconds", "data.shard", "data.fit",
-                     "predict.tta", "predict.tta_seed")
+                     "predict.tta", "predict.tta_seed", "export.runtimes")
 
 
 @dataclass(kw_only=True)

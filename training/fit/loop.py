@@ -30,6 +30,7 @@ from core.contract import CLASS_FEATURE
 from core.errors import ConfigError, DataError, tf_reason
 from core.files import write_text_atomic
 from core.members import ArtifactError, data_fit, validation_source_problem
+from core.runtimes import parse_export_runtimes
 from imaging.records import find_bad_record
 from training.config import RunConfig, check_unfreeze_reachable, trainable_at
 from training.data.dataset import SplitInfo, split_info, train_dataset
@@ -49,6 +50,7 @@ from training.fit.distillation import distillation_loss
 from training.fit.evaluation import classification_scores
 from training.fit.export import predict_split
 from training.fit.outputs import RunFacts, finish_run, write_history
+from training.fit.runtimes import check_converters
 from training.fit.schedules import learning_rate, plot_schedule
 from training.fit.strategy import any_worker, detect_strategy, same_on_every_worker, set_precision, shard_policy
 from training.models.model import backbone_blocks, build_classifier, features_of, parameter_counts, set_trainable
@@ -373,6 +375,7 @@ def train_member(config: RunConfig, log: Log = print, after_epoch: AfterEpoch | 
     budget = Budget(config.train.time_budget_minutes * 60)  # counts from here: the session's clock is running
     check_resumable(config.run_dir / "checkpoints", config.to_dict())
     check_validation_source(config)
+    check_converters(parse_export_runtimes(config.export.runtimes))  # before the training, not after it
     chief, task = this_task()
     if chief:
         with naming_a_lost_worker(config):

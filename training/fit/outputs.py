@@ -18,10 +18,12 @@ import tensorflow as tf
 from core.contract import CLASSES_FILE, SAVED_MODEL_DIR
 from core.files import write_atomic, write_text_atomic
 from core.members import write_member
+from core.runtimes import parse_export_runtimes
 from training.config import RunConfig
 from training.data.dataset import SplitInfo
 from training.fit.evaluation import classification_scores
 from training.fit.export import export_saved_model, folder_bytes, predict_split, weights_bytes, write_predictions
+from training.fit.runtimes import export_runtimes
 
 Log = Callable[[str], None]
 HISTORY_FIELDS = ("epoch", "learning_rate", "loss", "val_loss", "val_accuracy", "val_macro_f1", "seconds")
@@ -118,7 +120,8 @@ def teacher_record(run_dir: Path, teacher: dict | None) -> dict | None:
 
 
 def finish_run(config: RunConfig, model: keras.Model, facts: RunFacts, history: list[dict], log: Log = print) -> Path:
-    """Predict val/test (with TTA), export the SavedModel, write classes.json and member.json."""
+    """Predict val/test (with TTA), export the SavedModel (and its `export.runtimes` conversions), write classes.json
+    and member.json."""
     run_dir, size, p = config.run_dir, config.data.image_size, config.predict
     infos, classes = facts.infos, facts.classes
     log(f"predicting validation and test rows (TTA {p.tta} pass{'es' if p.tta > 1 else ''})")
@@ -134,5 +137,6 @@ def finish_run(config: RunConfig, model: keras.Model, facts: RunFacts, history: 
     saved_model = {"bytes": folder_bytes(run_dir / SAVED_MODEL_DIR), "weights_bytes": weights_bytes(model)}
     member = member_document(config, facts, final, history, saved_model)
     write_member(run_dir, member)
+    export_runtimes(run_dir, parse_export_runtimes(config.export.runtimes), log)  # the run is complete without them
     log(f"done: validation macro F1 {final['macro_f1']:.4f}, accuracy {final['accuracy']:.4f}; wrote {run_dir}")
     return run_dir
