@@ -728,11 +728,12 @@ def test_blender_errors_name_the_problem():
 def test_one_blas_thread_lasts_until_the_last_of_several_holders_leaves():
     from threadpoolctl import threadpool_info, threadpool_limits
 
-    from ensemble.blend import one_blas_thread
+    from ensemble.blend import one_blas_thread as shared
 
     def blas_threads():
         return {lib["num_threads"] for lib in threadpool_info()}
 
+    one_blas_thread = type(shared)()  # a fresh one, as at import
     with threadpool_limits(2):
         one_blas_thread.__enter__()  # the CV's thread
         one_blas_thread.__enter__()  # a fold's fit on another thread
