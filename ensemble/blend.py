@@ -39,12 +39,11 @@ class _OneBlasThread:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._inside = 0
-        self._limiter: Any = None
 
     def __enter__(self) -> None:
         with self._lock:
             if self._inside == 0:
-                self._limiter = threadpool_limits(1)
+                self._limiter: Any = threadpool_limits(1)
             self._inside += 1
 
     def __exit__(self, *exc_info: object) -> None:

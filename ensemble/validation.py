@@ -64,17 +64,14 @@ def cross_validate(
 
     out_of_fold = np.zeros(probs.shape[1:])
     per_fold = []
-    with one_blas_thread:
-        pool = ThreadPoolExecutor(min(len(splits), os.cpu_count() or 1), thread_name_prefix="fold")
-        try:
-            for k, (held, blend, seconds) in enumerate(pool.map(fit_fold, splits), 1):
-                out_of_fold[held] = blend
-                per_fold.append(scores(labels[held], blend))
-                if progress:
-                    progress(f"  {method}: fold {k}/{len(splits)} macro F1 {per_fold[-1]['macro_f1']:.4f} "
-                             f"({seconds:.1f} s)")
-        finally:
-            pool.shutdown(cancel_futures=True)  # after an error, the folds not yet started are not fitted
+    # After an error, map cancels the folds not yet started; the pool waits for the running ones.
+    with one_blas_thread, ThreadPoolExecutor(min(len(splits), os.cpu_count() or 1)) as pool:
+        for k, (held, blend, seconds) in enumerate(pool.map(fit_fold, splits), 1):
+            out_of_fold[held] = blend
+            per_fold.append(scores(labels[held], blend))
+            if progress:
+                progress(f"  {method}: fold {k}/{len(splits)} macro F1 {per_fold[-1]['macro_f1']:.4f} "
+                         f"({seconds:.1f} s)")
     return {"scores": _summarise(per_fold), "out_of_fold": out_of_fold, "folds": len(splits)}
 
 

@@ -359,6 +359,31 @@ def test_the_folds_are_fitted_at_once_on_one_thread_per_core_and_reported_in_fol
         np.testing.assert_allclose(result["out_of_fold"][held], probs[:, held].astype(float).mean(0))
 
 
+def test_a_fold_that_fails_stops_the_cv_and_the_folds_not_yet_started_are_never_fitted(complementary, monkeypatch):
+    import time
+
+    import ensemble.validation as validation
+
+    aligned = load_members(complementary)
+    probs, labels = aligned.val_probs, aligned.val_labels
+    first_train = validation._folds(labels, 4, 3)[0][0]
+    fitted = []
+
+    class Spy(Blender):
+        def fit(self, p, y):
+            if len(y) == len(first_train) and np.array_equal(y, labels[first_train]):
+                raise ValueError("fold 1 is broken")
+            fitted.append(len(y))
+            time.sleep(1.0)  # a good fold takes a while: fold 4 is still queued when fold 1 has failed
+            return super().fit(p, y)
+
+    monkeypatch.setattr(validation, "Blender", Spy)
+    monkeypatch.setattr(validation.os, "cpu_count", lambda: 2)
+    with pytest.raises(ValueError, match="fold 1 is broken"):
+        validation.cross_validate(probs, labels, "mean", folds=4, seed=3)
+    assert len(fitted) in (1, 2)  # fold 2, perhaps fold 3 (taken as fold 1 failed); never fold 4
+
+
 def test_a_blend_that_memorises_its_rows_is_caught_by_cv(complementary, monkeypatch):
     """A stacker with a huge C overfits the rows it saw: its CV score must be below its in-sample score."""
     aligned = load_members(complementary)
@@ -728,11 +753,12 @@ def test_blender_errors_name_the_problem():
 def test_one_blas_thread_lasts_until_the_last_of_several_holders_leaves():
     from threadpoolctl import threadpool_info, threadpool_limits
 
-    from ensemble.blend import one_blas_thread
+    from ensemble.blend import one_blas_thread as shared
 
     def blas_threads():
         return {lib["num_threads"] for lib in threadpool_info()}
 
+    one_blas_thread = type(shared)()  # a fresh one, as at import
     with threadpool_limits(2):
         one_blas_thread.__enter__()  # the CV's thread
         one_blas_thread.__enter__()  # a fold's fit on another thread
