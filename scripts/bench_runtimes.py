@@ -13,7 +13,8 @@ conversion's seconds are reported. Then, per round (the order of the runtimes tu
   ensemble   `EnsemblePredictor.predict` on decoded 128 px photos at batch 1, 8 and 32 on every runtime, members at
              once (one thread each, the default) and, with --threads, one after another: wall time and the process's
              CPU time per image (CPU: the median over batches of the rounds' ratios to TensorFlow)
-  chunks     each member on LiteRT at batches of 1, 8 and 32 run whole: CPU time per image (LiteRTPixels.CHUNK)
+  chunks     each member on LiteRT at batches of 1, 8 and 32 run whole: CPU time per image (LiteRTPixels.CHUNK); and
+             batches of 1 and 8 in turn on one interpreter resized every call, against two that never resize
 Every runtime's answers are compared with TensorFlow's on the same inputs first (the largest difference is shown).
 """
 
@@ -62,8 +63,9 @@ def timed(call, seconds: float) -> tuple[float, float]:
 
 
 def chunk_table(ens: Path, seconds: float) -> list[str]:
-    """Each member on LiteRT at batches of 1, 8 and 32 run whole on one interpreter: CPU milliseconds per image
-    (what LiteRTPixels.CHUNK was chosen by)."""
+    """Each member on LiteRT, CPU milliseconds per image: batches of 1, 8 and 32 run whole on one interpreter (what
+    LiteRTPixels.CHUNK was chosen by), and batches of 1 and 8 in turn on one interpreter resized at every call
+    against two interpreters that never resize."""
     from ai_edge_litert.interpreter import Interpreter
 
     from core.members import read_ensemble
@@ -71,16 +73,18 @@ def chunk_table(ens: Path, seconds: float) -> list[str]:
     from service.runtimes import cpu_threads
 
     ensemble = read_ensemble(ens)
-    rows = ["| LiteRT, one interpreter | batch 1: CPU ms/image | batch 8 | batch 32 |", "|---|---|---|---|"]
+    rows = ["| LiteRT | batch 1: CPU ms/image | batch 8 | batch 32 | 1 and 8 in turn, resized | the same, two "
+            "interpreters |", "|---|---|---|---|---|---|"]
     for entry in ensemble.members:
         run = entry.run_dir(ensemble.path)
         size = json.loads((run / "member.json").read_text())["image_size"]
         squares = np.random.default_rng(0).uniform(0, 255, (32, size, size, 3)).astype(np.float32)
-        runner = Interpreter(model_path=str(converted_path(run, "litert")),
-                             num_threads=cpu_threads()).get_signature_runner("serving_pixels")
-        cells = [f"{1000 * timed(lambda b=batch, r=runner, s=squares: r(images=s[:b]), seconds)[1] / batch:.2f}"
-                 for batch in (1, 8, 32)]
-        rows.append(f"| {entry.name} | " + " | ".join(cells) + " |")
+        one, eight = (Interpreter(model_path=str(converted_path(run, "litert")), num_threads=cpu_threads())
+                      .get_signature_runner("serving_pixels") for _ in range(2))
+        cells = [timed(lambda b=batch, r=one, s=squares: r(images=s[:b]), seconds)[1] / batch for batch in (1, 8, 32)]
+        cells.append(timed(lambda r=one, s=squares: (r(images=s[:1]), r(images=s[:8])), seconds)[1] / 9)
+        cells.append(timed(lambda r=one, e=eight, s=squares: (r(images=s[:1]), e(images=s[:8])), seconds)[1] / 9)
+        rows.append(f"| {entry.name} | " + " | ".join(f"{1000 * cell:.2f}" for cell in cells) + " |")
     return rows
 
 

@@ -8,7 +8,9 @@
 Each round starts `flower serve --ensemble ENSEMBLE --runtime R` for both runtimes, one after the other (the order
 turns round by round, one server at a time), and measures on it:
   p50        one client posting one photo per request, back to back, --requests of them: the median latency
-  images/s   --clients clients doing the same for --seconds (the server batches what arrives together)
+  images/s   --clients clients doing the same for --seconds (the server batches what arrives together), and the
+             server process's CPU time per image meanwhile (all its threads): what a saturated machine's throughput
+             divides, steadier than images/s when other jobs share the cores
 In the first round each server also answers every photo of DATA:SPLIT (the imported records' JPEGs, one per
 request, with every class's probability): the largest difference between the two runtimes' probabilities is the
 equality figure. The ratios are the medians of the rounds' ratios. The fraction of the machine's limit is images/s
@@ -32,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
-from quality import split_images  # noqa: E402 (scripts/, beside this one)
+from bench_request_path import cpu_seconds  # noqa: E402 (scripts/, beside this one)
+from quality import split_images  # noqa: E402
 
 from testkit.artifacts import free_port, start_server  # noqa: E402
 
@@ -100,7 +103,10 @@ def measure(ensemble: Path, runtime: str, photos: list[tuple[str, bytes]], args:
             if first:
                 figures["answers"] = answers(client, photos)
             figures["p50"] = p50(client, photos, args.requests)
+        before, start = cpu_seconds(server.pid), time.perf_counter()
         figures["images_per_second"] = throughput(url, photos, args.clients, args.seconds)
+        served = figures["images_per_second"] * (time.perf_counter() - start)
+        figures["cpu_per_image"] = (cpu_seconds(server.pid) - before) / served
     finally:
         server.terminate()
         server.wait(60)
@@ -142,20 +148,25 @@ def report(args: argparse.Namespace, photos: list, rounds: dict[str, list[dict]]
     speed = statistics.median(a["images_per_second"] / t["images_per_second"]
                               for a, t in zip(auto_rounds, tf_rounds, strict=True))
     latency = statistics.median(a["p50"] / t["p50"] for a, t in zip(auto_rounds, tf_rounds, strict=True))
+    cpu = statistics.median(t["cpu_per_image"] / a["cpu_per_image"] for a, t in zip(auto_rounds, tf_rounds,
+                                                                                     strict=True))
     print(f"\n{args.ensemble}: {len(photos)} photos of {args.data}:{args.split}; {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.1f} at the end; limit {limit:.0f} images/s ({args.peak_gflops:g} GFLOP/s / "
           f"{args.gflop:g} GFLOP per image)")
     chosen = [(m["name"], m["runtime"]["name"]) for m in auto_rounds[0]["members"]]
     print(f"members' runtimes under auto: {chosen}")
-    print(f"| runtime | p50, 1 client | images/s, {args.clients} clients | fraction of the limit | rounds: p50 ms; "
-          "images/s |\n|---|---|---|---|---|")
+    print(f"| runtime | p50, 1 client | images/s, {args.clients} clients | fraction of the limit | server CPU ms/image "
+          "| rounds: p50 ms; images/s; CPU ms/image |\n|---|---|---|---|---|---|")
     for runtime, rows in rounds.items():
         rate = statistics.median(r["images_per_second"] for r in rows)
         latencies = ", ".join(f"{1000 * r['p50']:.1f}" for r in rows)
         rates = ", ".join(f"{r['images_per_second']:.1f}" for r in rows)
+        cpus = ", ".join(f"{1000 * r['cpu_per_image']:.1f}" for r in rows)
         print(f"| {runtime} | {1000 * statistics.median(r['p50'] for r in rows):.1f} ms | {rate:.1f} | "
-              f"{rate / limit:.2f} | {latencies}; {rates} |")
-    print(f"auto / tensorflow: images/s **{speed:.2f}x** (goal >= 2x), p50 **{latency:.2f}x** (goal <= 0.5x); "
+              f"{rate / limit:.2f} | {1000 * statistics.median(r['cpu_per_image'] for r in rows):.1f} | "
+              f"{latencies}; {rates}; {cpus} |")
+    print(f"auto / tensorflow: images/s **{speed:.2f}x** (goal >= 2x; the server's CPU per image {cpu:.2f}x less), "
+          f"p50 **{latency:.2f}x** (goal <= 0.5x); "
           f"max probability difference over the {len(photos)} photos **{difference:.1e}** (goal <= 1e-4), same top "
           f"class for {100 * same_top:.1f}%")
 
