@@ -165,7 +165,7 @@ def test_a_bad_option_is_argparses_status_2(capsys):
     ("train.loss=hinge", "train.loss must be cce or focal, got 'hinge'"),
     ("augment.rotation=-1", "augment.rotation must be >= 0, got -1.0"),
     ("nosuch=1", "unknown option 'nosuch'; top-level keys: name, output, data, model, schedule, train, augment, "
-                 "predict, export"),
+                 "predict, distil, export"),
     ("export.runtimes=tflite", "export.runtimes must be 'none' or runtimes from ['litert', 'onnx'] separated by "
                                "commas (each once), got 'tflite'"),
 ])

@@ -286,7 +286,9 @@ def test_a_worker_waits_for_the_others_at_most_the_timeout_saying_whom_and_stops
         start = time.monotonic()
         code = process.wait(timeout=30)
         text = log.read_text()
-        assert code == 143 and time.monotonic() - start < 5, (code, text[-2000:])
+        # at once: well inside the 300 s it would otherwise wait (15 s leaves room for a machine under load; 5 s
+        # was once exceeded by 0.8 s with the two cores at a load average of 10)
+        assert code == 143 and time.monotonic() - start < 15, (code, text[-2000:])
         assert text.rstrip().endswith(f"\nstopped while waiting for {missing}") and "Traceback" not in text, text
         process, log, missing = timed_out
         assert process.wait(timeout=120) == 2, log.read_text()[-2000:]
