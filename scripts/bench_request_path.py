@@ -7,7 +7,8 @@ The stand-in is the real EnsemblePredictor with real members (their squares, TTA
 member's pixel model replaced by a function answering constant probabilities for the 104 classes at once: what is
 left is the fixed cost every request pays. Stages, each timed in-process (median over --reps calls, per round):
   multipart   Starlette's parser on the request's body (one JPEG in the field 'files'), as /v1/predict reads it
-  decode      service.images.decode_image on the JPEG (the TensorFlow or PIL decoder)
+  decode      service.images.decode_image on the JPEG (TensorFlow's decoder for a plain JPEG, its header read by PIL);
+              `decode with PIL` PIL's decoder on the same bytes (the same pixels), for comparison
   predict     EnsemblePredictor.predict on the decoded image: each member's square, the member threads, the blend
   batcher     DynamicBatcher.submit_many on the decoded image (the predict above inside it: the hand-off to the
               model thread and back to the event loop)
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import os
 import statistics
 import subprocess
@@ -103,6 +105,7 @@ async def _median_us_async(call, reps: int) -> float:
 def stages(blob: bytes, members: int, size: int, reps: int) -> dict:
     """Callables for each in-process stage (see the module docstring)."""
     import httpx
+    from PIL import Image
     from starlette.datastructures import Headers
     from starlette.formparsers import MultiPartParser
 
@@ -166,6 +169,7 @@ def stages(blob: bytes, members: int, size: int, reps: int) -> dict:
         await path.infer([EncodedImage.of("f.jpg", blob)])
 
     return {"multipart": parse, "decode": lambda: decode_image(blob, 40_000_000, size, 4_000_000),
+            "decode with PIL": lambda: np.asarray(Image.open(io.BytesIO(blob)).convert("RGB")),
             "predict": lambda: predictor.predict([image]), "batcher": batched, "infer": inferred,
             "response": response,
             "app /healthz": healthz, "app": through_app}

@@ -14,6 +14,7 @@ augmentation stay TensorFlow code in service/predictor.py, before it.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import threading
@@ -54,10 +55,11 @@ def cpu_threads() -> int:
 
 
 class LiteRTPixels:
-    """A converted `.tflite` pixel model on LiteRT's interpreter (XNNPACK), its input resized to each batch.
+    """A converted `.tflite` pixel model on LiteRT's interpreter (XNNPACK), its input resized to each chunk.
 
-    A batch runs in chunks of at most CHUNK images: 8 at once cost the least CPU time per image measured, 32 about
-    10% more (docs/BENCHMARKS.md). The interpreter is not thread-safe: one call at a time (a lock)."""
+    A batch runs in chunks of at most CHUNK images: 8 at once cost the least CPU time per image measured (32: up to
+    8% more; a resize between sizes 3-9%, docs/BENCHMARKS.md). The interpreter is not thread-safe: one call at a
+    time (a lock)."""
 
     CHUNK = 8
 
@@ -117,8 +119,6 @@ class RuntimeChoice:
 def open_converted(run_dir: Path, runtime: str, saved_digest: str | None = None) -> Pixels:
     """The run's converted file for `runtime` on its runtime; RuntimeUnusable when the package is missing, the file
     does not belong to the run's SavedModel, or the runtime cannot load it."""
-    import importlib
-
     try:
         importlib.import_module(MODULES[runtime])
     except ImportError:

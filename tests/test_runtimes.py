@@ -189,3 +189,26 @@ def test_a_conversion_that_fails_at_the_end_of_training_is_one_warning_and_the_r
                      f"(saved_model/saved_model.pb) to convert); it serves on TensorFlow, and `flower export "
                      f"{tmp_path} --runtime litert` tries again"]
     assert not (tmp_path / "runtimes").exists()
+
+
+def test_a_member_on_a_runtime_sends_the_plain_and_every_tta_pass_to_it_and_never_to_tensorflow():
+    from pathlib import Path
+
+    from service.predictor import MemberModel
+
+    seen: list[np.ndarray] = []
+
+    def runtime(batch: np.ndarray) -> np.ndarray:
+        seen.append(batch.copy())
+        return np.full((len(batch), 3), 1 / 3, np.float32)
+
+    member = MemberModel("m", Path("."), 12, predict_pixels=None)  # no TensorFlow signature to fall back on
+    member.runtime = runtime
+    member._augment = lambda batch, seed: batch[:, :, ::-1] + float(seed[0])  # a stand-in pass k: flip, add 1 + k
+    images = [np.random.default_rng(i).integers(0, 256, (12, 12, 3), dtype=np.uint8) for i in range(2)]
+    assert member.probabilities(images, tta=3).shape == (2, 3)
+    squares = np.stack(images).astype(np.float32)
+    assert [batch.shape for batch in seen] == [(2, 12, 12, 3)] * 3 and seen[0].dtype == np.float32
+    np.testing.assert_array_equal(seen[0], squares)  # the plain pass: the squares
+    for k in (1, 2):  # each TTA pass: its augmented pixels, made by TensorFlow code, go to the runtime
+        np.testing.assert_array_equal(seen[k], squares[:, :, ::-1] + 1 + k)
