@@ -623,6 +623,18 @@ def test_the_stackers_loss_is_the_documented_loss_and_its_gradient_the_loss_slop
     np.testing.assert_allclose(grad, slopes, atol=1e-8)
 
 
+def test_the_stackers_loss_stays_exact_with_logits_a_thousand_apart():
+    from scipy.special import log_softmax
+
+    from ensemble.blend import _stack_loss
+
+    x = np.array([[[1000.0, 0.0, -5.0], [-1000.0, -1001.0, -1003.0]]])  # one member, two rows far apart
+    labels = np.array([1, 0])
+    value, grad = _stack_loss(x, labels, 1.0)(np.array([1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]))
+    assert value == pytest.approx(-log_softmax(x[0], axis=1)[[0, 1], labels].mean(), rel=1e-12)
+    assert np.isfinite(grad).all()
+
+
 def test_a_stacker_fit_stops_after_200_lbfgs_steps(monkeypatch):
     from ensemble import blend
     from testkit.synthetic import synthetic_probs
