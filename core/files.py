@@ -5,7 +5,7 @@
 - `folder_lock`: an exclusive flock on a folder, released when the process ends, even when it is killed.
 - `umask`: the process's file-creation mask, so files get the mode a plain open() gives.
 - `zip_inflation_problem`: whether reading members of a zip (a .pth, an .npz) would inflate it too far;
-  `npz_problem` adds the arrays' declared shapes of an .npz.
+  `npz_problem` adds the arrays' declared shapes of an .npz; `read_npz_arrays` loads named arrays after both checks.
 - `pattern_matches`: the one rule for a command-line argument that may be a glob pattern.
 TensorFlow-free; every part writes through here.
 """
@@ -204,6 +204,34 @@ def npz_problem(archive: zipfile.ZipFile, keys: Iterable[str]) -> str | None:
         if declared > info.file_size and not dtype.hasobject:  # (object arrays are pickles: np.load refuses them)
             return f"{info.filename} declares {shape} {dtype} ({declared} bytes) in {info.file_size} bytes"
     return None
+
+
+class NpzRefused(Exception):
+    """An .npz whose arrays were not loaded: `problem` (they declare more than the file's bytes justify) or
+    `missing` keys (with `present`, the keys it has); the caller words the error for its own file."""
+
+    def __init__(self, problem: str | None = None, missing: Iterable[str] = (), present: Iterable[str] = ()):
+        self.problem = problem
+        self.missing = list(missing)
+        self.present = sorted(present)
+        super().__init__(problem or f"lacks {self.missing} (has {self.present})")
+
+
+def read_npz_arrays(path: str | Path, keys: Iterable[str]) -> dict:
+    """The named arrays of an .npz, loaded only after `npz_problem` finds nothing (NpzRefused otherwise, or when a
+    key is missing); errors of reading (OSError, ValueError, BadZipFile, zlib.error, EOFError) reach the caller."""
+    import numpy as np
+
+    keys = list(keys)
+    with zipfile.ZipFile(path) as archive:  # the arrays' declared sizes, before numpy inflates any
+        problem = npz_problem(archive, keys)
+    if problem:
+        raise NpzRefused(problem)
+    with np.load(path, allow_pickle=False) as data:
+        missing = [k for k in keys if k not in data.files]
+        if missing:
+            raise NpzRefused(missing=missing, present=data.files)
+        return {k: data[k] for k in keys}
 
 
 def read_zip_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:

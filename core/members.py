@@ -201,19 +201,12 @@ def _npz_rows(path: Path) -> int | str:
     import zipfile
     import zlib
 
-    import numpy as np
-
-    from core.files import npz_problem
+    from core.files import NpzRefused, read_npz_arrays
 
     try:
-        with zipfile.ZipFile(path) as archive:
-            problem = npz_problem(archive, ["ids"])
-        if problem:
-            return problem
-        with np.load(path, allow_pickle=False) as npz:
-            return len(npz["ids"])
-    except KeyError:
-        return "it holds no 'ids' array"
+        return len(read_npz_arrays(path, ["ids"])["ids"])
+    except NpzRefused as refused:
+        return refused.problem or "it holds no 'ids' array"
     except (OSError, ValueError, zipfile.BadZipFile, zlib.error, EOFError, MemoryError) as err:
         return f"not an .npz of predictions ({type(err).__name__}: {err})"
 

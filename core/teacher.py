@@ -23,7 +23,7 @@ import numpy as np
 
 from core.contract import MEMBER_FILE
 from core.errors import DataError
-from core.files import npz_problem, write_npz_atomic
+from core.files import NpzRefused, read_npz_arrays, write_npz_atomic
 from core.members import ensemble_file, is_ensemble_directory
 
 TEACHER_FILE = "teacher.npz"
@@ -100,18 +100,12 @@ def read_teacher(path: str | Path) -> TeacherFile:
     if not path.is_file():
         raise DataError(f"teacher file {path} not found (flower distil writes it)")
     try:
-        with zipfile.ZipFile(path) as archive:
-            problem = npz_problem(archive, KEYS)
-        if problem:
-            raise DataError(f"teacher file {path}: {problem}")
-        with np.load(path, allow_pickle=False) as data:
-            missing = [k for k in KEYS if k not in data.files]
-            if missing:
-                raise DataError(f"teacher file {path} lacks {missing} (has {sorted(data.files)})")
-            arrays = {k: data[k] for k in KEYS}
+        arrays = read_npz_arrays(path, KEYS)
         facts = json.loads(str(arrays["teacher"]))
-    except DataError:
-        raise
+    except NpzRefused as refused:
+        if refused.problem:
+            raise DataError(f"teacher file {path}: {refused.problem}") from None
+        raise DataError(f"teacher file {path} lacks {refused.missing} (has {refused.present})") from None
     except (OSError, ValueError, zipfile.BadZipFile, zlib.error, EOFError) as err:
         raise DataError(f"teacher file {path} cannot be read ({type(err).__name__}: {err})") from None
     probs = arrays["probs"]

@@ -11,7 +11,7 @@ import numpy as np
 
 from core.contract import CLASSES_FILE
 from core.errors import FlowerError
-from core.files import npz_problem
+from core.files import NpzRefused, read_npz_arrays
 from core.members import (
     ArtifactError,
     MemberFile,
@@ -83,19 +83,14 @@ def _load_npz(path: Path, member: str, keys: tuple[str, ...]) -> dict[str, np.nd
         raise MemberError(f"member {member!r}: {path} not found")
     _npz_magic(path, member)
     try:
-        with zipfile.ZipFile(path) as archive:  # the arrays' declared sizes, before numpy inflates any
-            problem = npz_problem(archive, keys)
-        if problem:
-            raise MemberError(f"member {member!r}: {path.name} holds no predictions: {problem}: {path}")
-        with np.load(path, allow_pickle=False) as data:
-            missing = [k for k in keys if k not in data.files]
-            if missing:
-                raise MemberError(f"member {member!r}: {path.name} lacks {missing} (has {sorted(data.files)})")
-            return {k: data[k] for k in keys}
+        return read_npz_arrays(path, keys)
+    except NpzRefused as refused:
+        if refused.problem:
+            problem = refused.problem
+            raise MemberError(f"member {member!r}: {path.name} holds no predictions: {problem}: {path}") from None
+        raise MemberError(f"member {member!r}: {path.name} lacks {refused.missing} (has {refused.present})") from None
     except (zipfile.BadZipFile, zlib.error, EOFError, MemoryError):
         raise MemberError(f"member {member!r}: {path.name} is not an .npz (corrupt or truncated): {path}") from None
-    except MemberError:
-        raise
     except ValueError as err:
         if "Object arrays" in str(err):
             raise MemberError(
