@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 from bench_request_path import cpu_seconds  # noqa: E402 (scripts/, beside this one)
+from loadgen import p50, request_bytes, throughput  # noqa: E402
 from quality import split_images  # noqa: E402
 
 from testkit.artifacts import free_port, start_server  # noqa: E402
@@ -57,76 +58,6 @@ def post(client: httpx.Client, blob: bytes, probabilities: bool = False) -> dict
 def answers(client: httpx.Client, photos: list[tuple[str, bytes]]) -> np.ndarray:
     """Every photo's probabilities, in order."""
     return np.array([post(client, blob, probabilities=True)["probabilities"] for _, blob in photos])
-
-
-BOUNDARY = "benchboundary7f3a"
-
-
-def request_bytes(blob: bytes) -> bytes:
-    """One photo's POST /v1/predict as the bytes on the wire (multipart/form-data), made once per photo."""
-    body = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="files"; filename="photo.jpg"\r\n'
-            f"Content-Type: image/jpeg\r\n\r\n").encode() + blob + f"\r\n--{BOUNDARY}--\r\n".encode()
-    head = (f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
-            f"boundary={BOUNDARY}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
-    return head + body
-
-
-async def _client(port: int, requests: list[bytes], offset: int, step: int, until: float, count: int | None,
-                  latencies: list[float]) -> None:
-    """One keep-alive connection posting photos back to back until `until` (or `count` requests); each answer is
-    checked (status 200, its one result ok) and its latency kept."""
-    import asyncio
-    import json
-
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    i = offset
-    try:
-        while (count is None and time.perf_counter() < until) or (count is not None and len(latencies) < count):
-            start = time.perf_counter()
-            writer.write(requests[i % len(requests)])
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                          if line.lower().startswith(b"content-length:"))
-            answer = await reader.readexactly(length)
-            if not head.startswith(b"HTTP/1.1 200") or not json.loads(answer)["results"][0]["ok"]:
-                raise SystemExit(f"the server refused a photo: {head[:40]!r} {answer[:200]!r}")
-            latencies.append(time.perf_counter() - start)
-            i += step
-    finally:
-        writer.close()
-
-
-def load(port: int, requests: list[bytes], clients: int, seconds: float | None = None,
-         count: int | None = None) -> tuple[list[float], float, float]:
-    """`clients` connections, each posting one photo per request back to back, for `seconds` (or `count` requests
-    on one connection): the latencies, the wall seconds and this process's CPU seconds meanwhile. The load
-    generator is asyncio over raw keep-alive sockets with each request's bytes made in advance, one thread: the
-    server shares the machine's cores with it, so it takes as little of them as it can (httpx in 8 threads took
-    several ms of CPU per request)."""
-    import asyncio
-
-    latencies: list[float] = []
-
-    async def run() -> None:
-        until = time.perf_counter() + (seconds or 0)
-        await asyncio.gather(*(_client(port, requests, k, clients, until, count, latencies) for k in range(clients)))
-
-    cpu, start = time.process_time(), time.perf_counter()
-    asyncio.run(run())
-    return latencies, time.perf_counter() - start, time.process_time() - cpu
-
-
-def p50(port: int, requests: list[bytes], count: int) -> float:
-    """Median seconds of `count` requests, one photo each, back to back on one connection (after 5 warm-ups)."""
-    load(port, requests, 1, count=5)
-    return statistics.median(load(port, requests, 1, count=count)[0])
-
-
-def throughput(port: int, requests: list[bytes], clients: int, seconds: float) -> tuple[float, float]:
-    """Images/s of `clients` connections posting one photo per request for `seconds`, and the load generator's own
-    CPU seconds per image."""
-    latencies, wall, cpu = load(port, requests, clients, seconds=seconds)
-    return len(latencies) / wall, cpu / len(latencies)
 
 
 def measure(ensemble: Path, runtime: str, photos: list[tuple[str, bytes]], args: argparse.Namespace,
