@@ -23,6 +23,10 @@ def request_bytes(blob: bytes) -> bytes:
     return head + body
 
 
+class LoadError(Exception):
+    """The server answered other than 200 with its result ok, or closed the connection."""
+
+
 async def _client(port: int, requests: list[bytes], offset: int, step: int, until: float, count: int | None,
                   latencies: list[float]) -> None:
     """One keep-alive connection posting photos back to back until `until` (or `count` requests); each answer is
@@ -36,12 +40,21 @@ async def _client(port: int, requests: list[bytes], offset: int, step: int, unti
         while (count is None and time.perf_counter() < until) or (count is not None and len(latencies) < count):
             start = time.perf_counter()
             writer.write(requests[i % len(requests)])
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                          if line.lower().startswith(b"content-length:"))
-            answer = await reader.readexactly(length)
-            if not head.startswith(b"HTTP/1.1 200") or not json.loads(answer)["results"][0]["ok"]:
-                raise SystemExit(f"the server refused a photo: {head[:40]!r} {answer[:200]!r}")
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), None)
+                if length is None:
+                    raise LoadError(f"an answer without Content-Length: {head[:200]!r}")
+                answer = await reader.readexactly(length)
+            except (asyncio.IncompleteReadError, ConnectionError) as err:
+                raise LoadError(f"the server closed the connection ({type(err).__name__}): did it stop?") from None
+            try:
+                ok = head.startswith(b"HTTP/1.1 200") and json.loads(answer)["results"][0]["ok"] is True
+            except (ValueError, KeyError, IndexError, TypeError):
+                ok = False
+            if not ok:
+                raise LoadError(f"the server refused a photo: {head[:40]!r} {answer[:200]!r}")
             latencies.append(time.perf_counter() - start)
             i += step
     finally:
@@ -61,7 +74,10 @@ def load(port: int, requests: list[bytes], clients: int, seconds: float | None =
         await asyncio.gather(*(_client(port, requests, k, clients, until, count, latencies) for k in range(clients)))
 
     cpu, start = time.process_time(), time.perf_counter()
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except LoadError as err:
+        raise SystemExit(f"error: {err}") from None
     return latencies, time.perf_counter() - start, time.process_time() - cpu
 
 
