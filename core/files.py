@@ -21,6 +21,7 @@ import shutil
 import socket
 import stat
 import tempfile
+import tokenize
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -198,7 +199,8 @@ def npz_problem(archive: zipfile.ZipFile, keys: Iterable[str]) -> str | None:
                 if read_header is None:  # another format: numpy's own reading judges it
                     continue
                 shape, _, dtype = read_header(member)
-            except (ValueError, EOFError, zipfile.BadZipFile, zlib.error):  # corrupt: numpy's reading says so
+            except (ValueError, EOFError, zipfile.BadZipFile, zlib.error, tokenize.TokenError):  # corrupt: numpy's
+                # reading says so
                 continue
         declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
         if declared > info.file_size and not dtype.hasobject:  # (object arrays are pickles: np.load refuses them)
@@ -231,7 +233,14 @@ def read_npz_arrays(path: str | Path, keys: Iterable[str]) -> dict:
         missing = [k for k in keys if k not in data.files]
         if missing:
             raise NpzRefused(missing=missing, present=data.files)
-        return {k: data[k] for k in keys}
+        try:
+            arrays = {k: data[k] for k in keys}
+        except tokenize.TokenError as err:  # numpy parses a garbled .npy header with Python's tokenizer
+            raise ValueError(f"a garbled .npy header ({err})") from None
+    raw = [k for k, value in arrays.items() if not isinstance(value, np.ndarray)]
+    if raw:  # a zip member named without .npy: numpy hands back its bytes
+        raise NpzRefused(f"{raw[0]!r} is not stored as an .npy array")
+    return arrays
 
 
 def read_zip_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:

@@ -987,6 +987,31 @@ def test_a_refit_of_a_refit_or_of_other_classes_is_refused(runs, tmp_path):
         load_member_predictions(refit)
 
 
+@pytest.mark.parametrize("damage, says", [
+    ("garbled header", r"holds a corrupt array \(a garbled \.npy header"),
+    ("stored without .npy", r"holds no predictions: 'probs' is not stored as an \.npy array"),
+])
+def test_a_prediction_file_with_a_garbled_array_header_or_a_raw_member_is_named_not_a_traceback(runs, damage, says):
+    import io
+    import zipfile
+
+    path = runs[1] / "predictions" / "test.npz"
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files}
+    with zipfile.ZipFile(path, "w") as archive:
+        for key, value in arrays.items():
+            npy = io.BytesIO()
+            np.save(npy, value)
+            if key != "probs":
+                archive.writestr(f"{key}.npy", npy.getvalue())
+            elif damage == "garbled header":  # numpy reads the header dict with Python's tokenizer: TokenError
+                archive.writestr("probs.npy", npy.getvalue().replace(b"}", b" ", 1))
+            else:  # a member without .npy's name and magic: numpy hands back its bytes instead of an array
+                archive.writestr("probs", b"0.1,0.9\n")
+    with pytest.raises(MemberError, match=rf"^member 'member1': test.npz {says}"):
+        load_members(runs)
+
+
 def test_a_prediction_file_whose_array_header_declares_more_than_it_holds_is_refused_unread(runs):
     import io
     import zipfile
