@@ -24,31 +24,46 @@ def request_bytes(blob: bytes) -> bytes:
 
 
 class LoadError(Exception):
-    """The server answered other than 200 with its result ok, or closed the connection."""
+    """The server could not be reached, answered other than 200 with its result ok, was silent for ANSWER_TIMEOUT
+    seconds, or closed the connection."""
+
+
+ANSWER_TIMEOUT = 120.0  # seconds one answer may take before the run stops with an error
+
+
+async def _answer(reader) -> tuple[bytes, bytes]:
+    """One HTTP/1.1 answer's head and body (framed by its Content-Length)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lengths = [line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
+               if line.lower().startswith(b"content-length:")]
+    if len(lengths) != 1 or not lengths[0].isdigit():
+        raise LoadError(f"an answer without one Content-Length: {head[:200]!r}")
+    return head, await reader.readexactly(int(lengths[0]))
 
 
 async def _client(port: int, requests: list[bytes], offset: int, step: int, until: float, count: int | None,
                   latencies: list[float]) -> None:
-    """One keep-alive connection posting photos back to back until `until` (or `count` requests); each answer is
-    checked (status 200, its one result ok) and its latency kept."""
+    """One keep-alive connection posting photos back to back until `until` (or `count` requests of its own); each
+    answer is checked (status 200, its one result ok) and its latency kept."""
     import asyncio
     import json
 
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    i = offset
     try:
-        while (count is None and time.perf_counter() < until) or (count is not None and len(latencies) < count):
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), ANSWER_TIMEOUT)
+    except (OSError, asyncio.TimeoutError) as err:
+        raise LoadError(f"cannot connect to 127.0.0.1:{port} ({type(err).__name__}: {err})") from None
+    i, made = offset, 0
+    try:
+        while (count is None and time.perf_counter() < until) or (count is not None and made < count):
             start = time.perf_counter()
             writer.write(requests[i % len(requests)])
             try:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                               if line.lower().startswith(b"content-length:")), None)
-                if length is None:
-                    raise LoadError(f"an answer without Content-Length: {head[:200]!r}")
-                answer = await reader.readexactly(length)
-            except (asyncio.IncompleteReadError, ConnectionError) as err:
-                raise LoadError(f"the server closed the connection ({type(err).__name__}): did it stop?") from None
+                head, answer = await asyncio.wait_for(_answer(reader), ANSWER_TIMEOUT)
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, ConnectionError) as err:
+                raise LoadError(f"the server closed the connection or broke its answer ({type(err).__name__})"
+                                ) from None
+            except asyncio.TimeoutError:
+                raise LoadError(f"no answer within {ANSWER_TIMEOUT:g} s") from None
             try:
                 ok = head.startswith(b"HTTP/1.1 200") and json.loads(answer)["results"][0]["ok"] is True
             except (ValueError, KeyError, IndexError, TypeError):
@@ -56,7 +71,7 @@ async def _client(port: int, requests: list[bytes], offset: int, step: int, unti
             if not ok:
                 raise LoadError(f"the server refused a photo: {head[:40]!r} {answer[:200]!r}")
             latencies.append(time.perf_counter() - start)
-            i += step
+            i, made = i + step, made + 1
     finally:
         writer.close()
 
@@ -64,7 +79,8 @@ async def _client(port: int, requests: list[bytes], offset: int, step: int, unti
 def load(port: int, requests: list[bytes], clients: int, seconds: float | None = None,
          count: int | None = None) -> tuple[list[float], float, float]:
     """`clients` connections, each posting one photo per request back to back, for `seconds` (or `count` requests
-    on one connection): the latencies, the wall seconds and this process's CPU seconds meanwhile."""
+    each): the latencies, the wall seconds and this process's CPU seconds meanwhile (the benchmark process does
+    nothing else then)."""
     import asyncio
 
     latencies: list[float] = []
@@ -76,15 +92,18 @@ def load(port: int, requests: list[bytes], clients: int, seconds: float | None =
     cpu, start = time.process_time(), time.perf_counter()
     try:
         asyncio.run(run())
+        if not latencies:
+            raise LoadError("no request was answered (seconds or count of 0?)")
     except LoadError as err:
         raise SystemExit(f"error: {err}") from None
     return latencies, time.perf_counter() - start, time.process_time() - cpu
 
 
-def p50(port: int, requests: list[bytes], count: int) -> float:
-    """Median seconds of `count` requests, one photo each, back to back on one connection (after 5 warm-ups)."""
-    load(port, requests, 1, count=5)
-    return statistics.median(load(port, requests, 1, count=count)[0])
+def p50(port: int, requests: list[bytes], count: int, warm_up: int = 5) -> float:
+    """Median seconds of `count` requests, one photo each, back to back on one connection, after `warm_up` on it."""
+    if count < 1:
+        raise SystemExit(f"error: the p50 needs at least one request, got {count}")
+    return statistics.median(load(port, requests, 1, count=count + warm_up)[0][warm_up:])
 
 
 def throughput(port: int, requests: list[bytes], clients: int, seconds: float) -> tuple[float, float]:
