@@ -155,7 +155,9 @@ def test_bad_images_are_named_a_jpeg_cut_short_after_its_header_too():
      "no images: send one or more files in the multipart field 'files'"),
     ({"content": b"--x\r\nContent-Type: text/plain\r\n\r\nabc\r\n--x--\r\n",
       "headers": {"content-type": "multipart/form-data; boundary=x"}}, 400, "malformed_multipart", None),
-    ({"json": {"files": "x"}}, 415, "unsupported_media_type", None),
+    ({"json": {"files": "x"}}, 415, "unsupported_media_type",
+     "send images as multipart/form-data with field 'files'"),
+    ({"content": b"raw bytes without a content type"}, 415, "unsupported_media_type", None),
     ({"files": _files(image_bytes(), name="file")}, 400, "unknown_field",
      "unknown form field(s) ['file']; images go in field 'files', options are "
      "['include_members', 'include_probabilities', 'top_k']"),
