@@ -187,6 +187,19 @@ def test_far_too_many_files_are_refused_as_too_many_images(client):
     assert response.status_code == 400 and response.json()["error"]["kind"] == "too_many_images"
 
 
+def test_the_parser_stops_at_one_file_past_the_image_limit_and_a_few_fields_past_the_options(client):
+    # Memory guards: a body of many parts is not parsed to its end. 5 files (limit 4) parse and are counted;
+    # the 6th stops the parser. 8 text fields parse (the 4 form fields + 4); the 9th stops it.
+    response = client.post("/v1/predict", files=_files(*[b"x"] * 6))
+    assert response.status_code == 400 and response.json()["error"] == {
+        "kind": "too_many_images", "message": "more than 4 images in one request"}
+    response = client.post("/v1/predict", files=_files(b"x"), data={f"field{i}": "1" for i in range(9)})
+    assert response.status_code == 400 and response.json()["error"]["kind"] == "malformed_multipart"
+    assert "Too many fields" in response.json()["error"]["message"]
+    response = client.post("/v1/predict", files=_files(b"x"), data={f"field{i}": "1" for i in range(8)})
+    assert response.status_code == 400 and response.json()["error"]["kind"] == "unknown_field"
+
+
 def test_an_image_over_the_size_limit_fails_its_entry(client):
     big = image_bytes("BMP", size=(300, 300))  # 270 kB > 200 kB limit
     results = client.post("/v1/predict", files=_files(big, image_bytes())).json()["results"]
