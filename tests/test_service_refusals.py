@@ -268,6 +268,17 @@ def test_an_unterminated_multipart_body_is_malformed(client, body):
     assert "closing boundary" in response.json()["error"]["message"]
 
 
+def test_an_unterminated_body_names_the_closing_boundary_it_lacks_from_a_quoted_boundary_with_other_params(client):
+    # The boundary as the client wrote it: its quotes gone, its space kept, the params after it (even one whose
+    # value says 'boundary=') left out.
+    body = b'--Xa b.cX\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n\r\n' + image_bytes("PNG")
+    response = client.post("/v1/predict", content=body, headers={
+        "content-type": 'multipart/form-data; boundary="Xa b.cX"; note="boundary=no"'})
+    assert response.status_code == 400 and response.json()["error"] == {
+        "kind": "malformed_multipart",
+        "message": "the multipart body ends before its closing boundary '--Xa b.cX--' (a cut-off upload?)"}
+
+
 def test_a_terminated_multipart_body_with_an_epilogue_is_fine(client):
     body = (b'--x\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n\r\n' + image_bytes("PNG")
             + b"\r\n--x--\r\nan epilogue")
