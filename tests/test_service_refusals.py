@@ -279,6 +279,43 @@ def test_an_unterminated_body_names_the_closing_boundary_it_lacks_from_a_quoted_
         "message": "the multipart body ends before its closing boundary '--Xa b.cX--' (a cut-off upload?)"}
 
 
+def test_an_upload_the_server_cannot_spool_to_a_full_disk_is_a_503_not_the_clients_malformed_body(client,
+                                                                                                 monkeypatch, caplog):
+    import errno
+    import tempfile
+
+    import starlette.formparsers
+
+    class FullDisk(tempfile.SpooledTemporaryFile):
+        def write(self, data):
+            if self._rolled or self.tell() + len(data) > self._max_size:  # past 1 MiB it goes to the disk
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(data)
+
+    monkeypatch.setattr(starlette.formparsers, "SpooledTemporaryFile", FullDisk)
+    monkeypatch.setattr(starlette.formparsers.MultiPartParser, "spool_max_size", 4096)  # 1 MiB in the server
+    small = client.post("/v1/predict", files=[("files", ("a.jpg", image_bytes(), "image/jpeg"))])  # 2.5 kB
+    assert small.status_code == 200, small.text  # kept in memory: the disk is not needed
+    big = client.post("/v1/predict", files=[("files", ("a.png", image_bytes("PNG"), "image/png"))])  # 9 kB
+    assert big.status_code == 503 and big.headers["retry-after"] == "30"
+    assert big.json()["error"] == {"kind": "upload_spool_failed", "message": "the server could not store the upload "
+                                   "(No space left on device); try again later"}
+    assert "could not be spooled" in caplog.text
+
+
+def test_any_other_failure_of_the_multipart_parser_is_the_clients_malformed_body(client, monkeypatch):
+    from service.routes import predict
+
+    async def broken(self):
+        raise ValueError("a part header the parser cannot read")
+
+    monkeypatch.setattr(predict._Parser, "parse", broken)
+    response = client.post("/v1/predict", files=[("files", ("a.png", image_bytes("PNG"), "image/png"))])
+    assert response.status_code == 400 and response.json()["error"] == {
+        "kind": "malformed_multipart",
+        "message": "the multipart body cannot be read: a part header the parser cannot read"}
+
+
 def test_a_terminated_multipart_body_with_an_epilogue_is_fine(client):
     body = (b'--x\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n\r\n' + image_bytes("PNG")
             + b"\r\n--x--\r\nan epilogue")

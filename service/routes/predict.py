@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 
 import numpy as np
@@ -15,6 +16,8 @@ from service.images import ImageError
 from service.inference import EncodedImage, Prediction
 from service.repository import Version
 from service.schemas import ClassScore, ErrorDetail, ErrorResponse, ImageResult, MemberVote, PredictResponse
+
+logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["predict"])
 FORM_FIELDS = {"files", "top_k", "include_probabilities", "include_members"}
@@ -39,7 +42,8 @@ ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text
     (401, "missing or wrong API key"), (408, "the body did not arrive within --body-timeout"),
     (413, "request larger than the limits: bytes, or decoded pixels of all its images"),
     (415, "not multipart/form-data"), (422, "an option out of range"),
-    (503, "models not loaded yet, their warm-up failed, or the server is decoding too many pixels (Retry-After)"))}
+    (503, "models not loaded yet, their warm-up failed, the server is decoding too many pixels, or it could not "
+          "spool an upload to its temporary folder (Retry-After)"))}
 
 
 def _flag(value: object, name: str) -> bool:
@@ -100,6 +104,10 @@ async def _read_form(request: Request, state: ServiceState) -> tuple[FormData, l
             raise ClientError(400, "too_many_images", f"more than {settings.max_images} images in one request") \
                 from None
         raise ClientError(400, "malformed_multipart", f"the multipart body cannot be read: {err.message}") from None
+    except OSError as err:  # spooling an upload of over 1 MB to the temporary folder failed: the server's fault
+        logger.error("an upload could not be spooled to the temporary folder: %s", err)
+        raise ClientError(503, "upload_spool_failed", "the server could not store the upload "
+                          f"({err.strerror or err}); try again later", headers={"Retry-After": "30"}) from None
     except Exception as err:  # noqa: BLE001 - any other parser failure is the client's malformed body
         raise ClientError(400, "malformed_multipart", f"the multipart body cannot be read: {err}") from None
     try:
