@@ -300,7 +300,8 @@ def test_an_upload_the_server_cannot_spool_to_a_full_disk_is_a_503_not_the_clien
     assert big.status_code == 503 and big.headers["retry-after"] == "30"
     assert big.json()["error"] == {"kind": "upload_spool_failed", "message": "the server could not store the upload "
                                    "(No space left on device); try again later"}
-    assert "could not be spooled" in caplog.text
+    assert "an upload could not be spooled to the temporary folder: [Errno 28] No space left on device" in \
+        caplog.messages
 
 
 def test_any_other_failure_of_the_multipart_parser_is_the_clients_malformed_body(client, monkeypatch):
