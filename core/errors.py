@@ -43,6 +43,12 @@ class ConfigError(FlowerError, ValueError):
     """A bad option, config value or argument: the message names the option and the value received."""
 
 
+def said(err: BaseException) -> str:
+    """An exception's type and the first line of its message (a converter's or a runtime's run over many lines)."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+
+
 def tf_reason(err: Exception) -> str:
     """The line of a TensorFlow error's message that says what went wrong, without TensorFlow's own decoration.
 

@@ -6,6 +6,7 @@
 - `umask`: the process's file-creation mask, so files get the mode a plain open() gives.
 - `zip_inflation_problem`: whether reading members of a zip (a .pth, an .npz) would inflate it too far;
   `npz_problem` adds the arrays' declared shapes of an .npz; `read_npz_arrays` loads named arrays after both checks.
+- `sha256_file`: a file's SHA-256, read a MiB at a time.
 - `pattern_matches`: the one rule for a command-line argument that may be a glob pattern.
 TensorFlow-free; every part writes through here.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import glob
+import hashlib
 import os
 import re
 import secrets
@@ -241,6 +243,15 @@ def read_npz_arrays(path: str | Path, keys: Iterable[str]) -> dict:
     if raw:  # a zip member named without .npy: numpy hands back its bytes
         raise NpzRefused(f"{raw[0]!r} is not stored as an .npy array")
     return arrays
+
+
+def sha256_file(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, as hex, read a MiB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_zip_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:

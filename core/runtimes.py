@@ -20,7 +20,7 @@ from typing import Any
 
 from core.contract import SAVED_MODEL_DIR
 from core.errors import ConfigError
-from core.files import write_text_atomic
+from core.files import sha256_file, write_text_atomic
 from core.members import ArtifactError, read_json_file
 
 RUNTIME_DIR = "runtimes"
@@ -64,15 +64,6 @@ def parse_export_runtimes(text: str) -> tuple[str, ...]:
         raise ConfigError(f"export.runtimes must be {NONE!r} or runtimes from {sorted(CONVERTED)} separated by commas "
                           f"(each once), got {text!r}")
     return tuple(names)
-
-
-def sha256_file(path: Path) -> str:
-    """The SHA-256 of a file's bytes, as hex."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def saved_model_digest(saved: Path) -> str:

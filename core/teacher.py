@@ -11,7 +11,6 @@ training reads it (training/data/soft_targets.py); checked here on both sides, a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import zipfile
 import zlib
@@ -23,7 +22,7 @@ import numpy as np
 
 from core.contract import MEMBER_FILE
 from core.errors import DataError
-from core.files import NpzRefused, read_npz_arrays, write_npz_atomic
+from core.files import NpzRefused, read_npz_arrays, sha256_file, write_npz_atomic
 from core.members import ensemble_file, is_ensemble_directory
 
 TEACHER_FILE = "teacher.npz"
@@ -42,7 +41,7 @@ def teacher_fingerprint(model: str | Path) -> str:
     """The sha256 of an ensemble's ensemble.json, or of a run directory's member.json: what names the teacher."""
     path = Path(model)
     document = path / MEMBER_FILE if path.is_dir() and not is_ensemble_directory(path) else ensemble_file(path)
-    return hashlib.sha256(document.read_bytes()).hexdigest()
+    return sha256_file(document)
 
 
 @dataclass(frozen=True)

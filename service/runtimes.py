@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from core.contract import SAVED_MODEL_DIR
+from core.errors import said
 from core.runtimes import (
     AUTO,
     AUTO_ORDER,
@@ -128,13 +129,7 @@ def open_converted(run_dir: Path, runtime: str, saved_digest: str | None = None)
         return RUNNERS[runtime](file, cpu_threads())
     except Exception as err:  # noqa: BLE001 - whatever the runtime raises for a file it cannot load is the reason
         raise RuntimeUnusable(runtime, f"{PACKAGES[runtime]} cannot load {file.parent.name}/{file.name}: "
-                                       f"{_said(err)}") from None
-
-
-def _said(err: Exception) -> str:
-    """An exception's type and the first line of its message (a runtime's messages run over many lines)."""
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+                                       f"{said(err)}") from None
 
 
 def probe_batch(size: int) -> np.ndarray:
@@ -152,7 +147,7 @@ def answer_difference(runtime: str, pixels: Pixels, probe: np.ndarray, expected:
     try:
         got = np.asarray(pixels(probe))
     except Exception as err:  # noqa: BLE001 - a runtime that cannot run the batch is refused with what it said
-        raise RuntimeUnusable(runtime, f"it fails on the warm-up batch: {_said(err)}") from None
+        raise RuntimeUnusable(runtime, f"it fails on the warm-up batch: {said(err)}") from None
     if got.shape != expected.shape:
         raise RuntimeUnusable(runtime, f"it answers shape {list(got.shape)} for the warm-up batch, TensorFlow "
                                        f"{list(expected.shape)}: not a conversion of this model")

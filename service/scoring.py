@@ -73,7 +73,7 @@ from core.names import shown
 from core.photos import PHOTO_EXTENSIONS, entry_problem, is_photo_name, walk_photos
 from core.runtimes import TENSORFLOW
 from service.images import ImageError
-from service.inference import EncodedImage, InferencePath, direct
+from service.inference import EncodedImage, InferencePath, Result, direct
 from service.predictor import EnsemblePredictor, load_ensemble, load_run
 from service.settings import Settings
 
@@ -424,12 +424,19 @@ def _number(value: float) -> str:
     return str(np.float32(value))
 
 
-def score_batch(predictor: EnsemblePredictor, batch: list[tuple[str, bytes | ImageError]], options: Options,
-                top_k: int) -> list[list[str]]:
-    """CSV rows for a batch: the service's inference path, the good images predicted in one call."""
+def infer_batch(predictor: EnsemblePredictor, batch: list[tuple[str, bytes | ImageError]],
+                options: Options) -> list[Result]:
+    """One result per image of a batch, in order: the service's inference path, the good images predicted in one
+    call."""
     path = InferencePath(direct(predictor), options.max_pixels, max(m.image_size for m in predictor.members),
                          options.downscale_pixels)
-    results = asyncio.run(path.infer([EncodedImage.of(name, data) for name, data in batch]))
+    return asyncio.run(path.infer([EncodedImage.of(name, data) for name, data in batch]))
+
+
+def score_batch(predictor: EnsemblePredictor, batch: list[tuple[str, bytes | ImageError]], options: Options,
+                top_k: int) -> list[list[str]]:
+    """CSV rows for a batch (infer_batch's results)."""
+    results = infer_batch(predictor, batch, options)
     classes, blank = predictor.classes, [""] * (2 * top_k + (len(predictor.classes) if options.probabilities else 0))
     rows = []
     for (shown_path, _), result in zip(batch, results, strict=True):
@@ -552,9 +559,9 @@ def model_facts(path: str) -> tuple[list[str], int]:
     return list(ensemble.classes), max(sizes)
 
 
-def load_predictor(path: str, runtime: str = TENSORFLOW) -> EnsemblePredictor:
+def load_predictor(path: str, runtime: str = TENSORFLOW, tta: int = 1) -> EnsemblePredictor:
     """Load, check and warm up an ensemble (directory or ensemble.json) or a run directory, each member's pixel model
-    on `runtime` (service.runtimes)."""
+    on `runtime` (service.runtimes) with `tta` passes per image."""
     load = load_ensemble if model_kind(path) == "ensemble" else load_run
-    return load(path, runtime=runtime)
+    return load(path, tta=tta, runtime=runtime)
 

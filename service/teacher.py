@@ -8,7 +8,6 @@ learns the answers the served ensemble gives, and a record the service could not
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,15 +17,16 @@ import numpy as np
 from core.errors import DataError
 from core.teacher import TeacherFile, teacher_fingerprint, write_teacher
 from service.images import ImageError
-from service.inference import EncodedImage, InferencePath, direct
-from service.predictor import EnsemblePredictor, load_ensemble, load_run
+from service.predictor import EnsemblePredictor
 from service.scoring import (
     Options,
     Progress,
     batches,
     collect_inputs,
     count_images,
+    infer_batch,
     iter_images,
+    load_predictor,
     model_kind,
 )
 
@@ -40,13 +40,11 @@ def answers(predictor: EnsemblePredictor, spec: str, options: Options = DEFAULTS
     records' order; DataError naming the first record it cannot answer for."""
     inputs = collect_inputs([spec])
     size = max(m.image_size for m in predictor.members)
-    path = InferencePath(direct(predictor), options.max_pixels, size, options.downscale_pixels)
     progress = Progress(count_images(inputs, size), quiet)
     ids: list[str] = []
     rows: list[np.ndarray] = []
     for batch in batches(iter_images(inputs, size, options.max_image_bytes), options.batch_size):
-        results = asyncio.run(path.infer([EncodedImage.of(name, data) for name, data in batch]))
-        for (name, _), result in zip(batch, results, strict=True):
+        for (name, _), result in zip(batch, infer_batch(predictor, batch, options), strict=True):
             if isinstance(result, ImageError):
                 raise DataError(f"{name}: {result.kind}: {result.message}: the teacher must answer for every record "
                                 "the student trains on")
@@ -65,7 +63,7 @@ def make_teacher(model: str, train: str, out: Path, unlabeled: str | None = None
     member, as the service's --tta."""
     started = time.perf_counter()
     kind = model_kind(model)
-    predictor = (load_ensemble if kind == "ensemble" else load_run)(model, tta)
+    predictor = load_predictor(model, tta=tta)
     if classes is not None and [c.strip() for c in classes] != [c.strip() for c in predictor.classes]:
         raise DataError(f"the teacher {model} answers for {len(predictor.classes)} classes {predictor.classes[:3]}..., "
                         f"the student's data for {len(classes)} {classes[:3]}...: distil on the teacher's data")

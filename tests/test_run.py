@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.runtimes import saved_model_digest, sha256_file
+from core.files import sha256_file
+from core.runtimes import saved_model_digest
 from tests.conftest import TINY_COUNTS
 from training.config import load_config
 from training.fit.export import predict_split

@@ -16,7 +16,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from core.errors import ConfigError
-from core.runtimes import RuntimeUnusable, parse_export_runtimes, saved_model_digest, sha256_file
+from core.files import sha256_file
+from core.runtimes import RuntimeUnusable, parse_export_runtimes, saved_model_digest
 from flower.commands.export import main as export_main
 from flower.commands.predict import main as predict_main
 from service.app import create_app

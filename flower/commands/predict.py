@@ -104,9 +104,10 @@ def beam_modules(args: argparse.Namespace) -> ModuleType | None:
         if args.beam_option or args.min_batch_size is not None:
             raise ConfigError("--beam-option and --min-batch-size are options of --runner beam")
         return None
-    minimum = args.batch_size if args.min_batch_size is None else args.min_batch_size
-    if not 1 <= minimum <= args.batch_size:
-        raise ConfigError(f"--min-batch-size must be 1 to --batch-size ({args.batch_size}), got {minimum}")
+    if args.min_batch_size is None:
+        args.min_batch_size = args.batch_size
+    if not 1 <= args.min_batch_size <= args.batch_size:
+        raise ConfigError(f"--min-batch-size must be 1 to --batch-size ({args.batch_size}), got {args.min_batch_size}")
     try:
         import service.beam.inputs
         import service.beam.run
@@ -168,8 +169,7 @@ def score_on_beam(args: argparse.Namespace, inputs: Inputs, options: scoring.Opt
     """Score on Apache Beam (service.beam.run); the summary and the model's classes. Says the pipeline's counts."""
     classes, size = scoring.model_facts(args.model)
     say_splits(inputs, size, args.quiet)
-    minimum = args.batch_size if args.min_batch_size is None else args.min_batch_size
-    run = beam.run.score_on_beam(args.model, inputs, Path(args.out), options, minimum, pipeline_options,
+    run = beam.run.score_on_beam(args.model, inputs, Path(args.out), options, args.min_batch_size, pipeline_options,
                                  args.overwrite, args.quiet)
     if not args.quiet:
         counts, kinds = run.counters, beam.run.failed_kinds(run.counters)

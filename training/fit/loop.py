@@ -153,7 +153,11 @@ class Run:
     shard: str  # off | file | data: how the training batches are split among workers
     geometry: dict  # imaging.geometry.data_fit: read once, written to member.json and the SavedModel
     targets: SoftTargets | None = None  # a distilled student's targets by record id (else the labels)
-    fit_splits: list[SplitInfo] = field(default_factory=list)  # what the epochs read: train_splits (+ unlabeled)
+
+    @property
+    def fit_splits(self) -> list[SplitInfo]:
+        """What the epochs read: train_splits, and a distilled student's unlabeled split."""
+        return splits_to_fit(self.train_splits, self.targets)
 
     def compile(self) -> None:
         """A fresh optimizer for the current trainable variables, and the model compiled with it."""
@@ -180,6 +184,11 @@ class Run:
                              shuffle_buffer=data.shuffle_buffer, deterministic=data.deterministic, shard=self.shard,
                              worker=(worker_index(), worker_count()),
                              targets=None if targets is None else (targets.table(), targets.rows))
+
+
+def splits_to_fit(train_splits: list[SplitInfo], targets: SoftTargets | None) -> list[SplitInfo]:
+    """The splits a run's epochs read: its training splits, and a distilled student's unlabeled split if any."""
+    return train_splits + ([targets.unlabeled] if targets and targets.unlabeled else [])
 
 
 def build_without_data(model: keras.Model, image_size: int, classes: int, targets: int | None = None) -> None:
@@ -210,12 +219,12 @@ def prepare_run(config: RunConfig, log: Log = print, start_epoch: int = 0) -> Ru
     infos = {s: split_info(data.dir, s, size, data.file_size or None) for s in ("train", "val", "test")}
     train_splits = [infos["train"], infos["val"]] if data.train_on_val else [infos["train"]]
     targets = student_targets(config, infos, classes, log)
-    fit_splits = train_splits + ([targets.unlabeled] if targets and targets.unlabeled else [])
+    fitted = splits_to_fit(train_splits, targets)
     rows = len(targets.ids) if targets else sum(i.count for i in train_splits)
     replicas = strategy.num_replicas_in_sync
     global_batch = data.batch_size * replicas
     steps = config.train.steps_per_epoch or max(1, rows // global_batch)
-    trained_on = "train+val" if data.train_on_val else "train" if len(fit_splits) == 1 else "train+unlabeled"
+    trained_on = "train+val" if data.train_on_val else "train" if len(fitted) == 1 else "train+unlabeled"
     per_execution = min(config.train.steps_per_execution or (32 if kind == "tpu" else 1), steps)
     log(f"data: {data.dir} records {infos['train'].file_size}px -> model {size}px; train {infos['train'].count}, "
         f"val {infos['val'].count}, test {infos['test'].count}; fitting on {trained_on} ({rows} images); "
@@ -227,7 +236,7 @@ def prepare_run(config: RunConfig, log: Log = print, start_epoch: int = 0) -> Ru
         shard = "data"
         log(f"data sharding: by data over {hosts} TPU hosts")
     else:
-        files = [f for info in fit_splits for f in info.files]
+        files = [f for info in fitted for f in info.files]
         shard = shard_policy(data.shard, worker_count(), [count_records([f]) for f in files], log)
     if data.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -243,8 +252,7 @@ def prepare_run(config: RunConfig, log: Log = print, start_epoch: int = 0) -> Ru
     run = Run(config=config, infos=infos, train_splits=train_splits, classes=classes, model=model, optimizer=None,
               policy=policy, replicas=replicas, global_batch=global_batch, steps=steps, class_weights=weights,
               strategy=strategy, loss=make_loss(config, weights), trainable=trainable,
-              steps_per_execution=per_execution, shard=shard, geometry=geometry, targets=targets,
-              fit_splits=fit_splits)
+              steps_per_execution=per_execution, shard=shard, geometry=geometry, targets=targets)
     run.compile()
     return run
 

@@ -17,7 +17,7 @@ from typing import Any
 import tensorflow as tf
 
 from core.contract import SAVED_MODEL_DIR
-from core.errors import ConfigError, DataError
+from core.errors import ConfigError, DataError, said
 from core.files import write_atomic
 from core.runtimes import SIGNATURE, converted_path, install_hint, saved_model_digest, write_record
 
@@ -90,7 +90,6 @@ def export_runtimes(run_dir: Path, runtimes: tuple[str, ...], log: Log = print) 
         try:
             written.append(convert_run(run_dir, runtime, log))
         except Exception as err:  # noqa: BLE001 - whatever a converter raises, the trained run stays complete
-            log(f"warning: the SavedModel was not converted to {runtime} ({type(err).__name__}: "
-                f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}); it serves on TensorFlow, and "
+            log(f"warning: the SavedModel was not converted to {runtime} ({said(err)}); it serves on TensorFlow, and "
                 f"`flower export {run_dir} --runtime {runtime}` tries again")
     return written

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from core.files import sha256_file
 from core.members import FIT_MODES
 from core.names import shown
 from core.photos import PhotoError, load_rgb
@@ -50,7 +50,7 @@ def read_squares(src: Path, files: list[Path], size: int, fit: str, report: Impo
             square = fit_square(load_rgb(path, report.max_pixels), size, fit)  # keep only the largest square
             # The hash of what the records hold (the JPEG of this square), as `flower overlap DATA:split` sees it.
             stored = perceptual_hash(load_rgb(encode(square, size), None)) if near else 0
-            prints[i] = (_sha256(path), stored)
+            prints[i] = (sha256_file(path), stored)
             images[i] = square
         except (PhotoError, OSError) as err:
             reason = _skip_reason(err, report.max_pixels)
@@ -70,15 +70,6 @@ def _skip_reason(err: PhotoError | OSError, max_pixels: int) -> str:
     if code in ("not_an_image", "unsupported_format"):
         return NOT_A_PHOTO if code == "not_an_image" else shown(str(err))
     return f"unreadable image ({shown(str(err))})"
-
-
-def _sha256(path: Path) -> str:
-    """The sha256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def encode(square: Image.Image, size: int) -> bytes:
