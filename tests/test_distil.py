@@ -122,6 +122,19 @@ def test_targets_join_the_teacher_by_id_with_temperature_hard_weight_and_pseudo_
                                           "pseudo_threshold": 0.9}
 
 
+def test_a_students_epochs_read_its_unlabeled_records_with_their_pseudo_labels(tiny_data, tmp_path):
+    from training.fit.loop import prepare_run
+
+    _teacher(tiny_data, tmp_path / "teacher.npz", unlabeled=f"{tiny_data}:test")
+    config = _student(tiny_data, tmp_path / "student", tmp_path / "teacher.npz", **{"distil.pseudo_threshold": 0.9})
+    run = prepare_run(config, lambda line: None)
+    pseudo = int((run.targets.rows[:, :CLASSES].sum(axis=1) == 0).sum())  # a pseudo-label has no soft part
+    assert pseudo > 0 and len(run.fit_splits) == 2
+    seen = np.concatenate([targets.numpy() for _, targets in run.epoch_data(0).take(run.steps * 3)])
+    assert (seen[:, :CLASSES].sum(axis=1) == 0).sum() > 0  # the unlabeled split is read, not only counted
+    assert (seen[:, :CLASSES].sum(axis=1) > 0).sum() > 0
+
+
 def test_a_record_without_a_teacher_row_and_a_validation_id_are_refused_by_name(tiny_data, tmp_path):
     from training.data.dataset import split_info
     from training.data.soft_targets import soft_targets
