@@ -359,6 +359,31 @@ def test_the_folds_are_fitted_at_once_on_one_thread_per_core_and_reported_in_fol
         np.testing.assert_allclose(result["out_of_fold"][held], probs[:, held].astype(float).mean(0))
 
 
+def test_the_folds_are_fitted_one_at_a_time_where_the_core_count_is_unknown(complementary, monkeypatch):
+    import threading
+    import time
+
+    import ensemble.validation as validation
+
+    aligned = load_members(complementary)
+    lock, inside, most = threading.Lock(), [0], [0]
+
+    class Spy(Blender):
+        def fit(self, p, y):
+            with lock:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            time.sleep(0.05)  # time for a second thread, were there one, to take the next fold meanwhile
+            with lock:
+                inside[0] -= 1
+            return super().fit(p, y)
+
+    monkeypatch.setattr(validation, "Blender", Spy)
+    monkeypatch.setattr(validation.os, "cpu_count", lambda: None)  # os.cpu_count() may not know
+    validation.cross_validate(aligned.val_probs, aligned.val_labels, "mean", folds=3, seed=3)
+    assert most == [1]
+
+
 def test_a_fold_that_fails_stops_the_cv_and_the_folds_not_yet_started_are_never_fitted(complementary, monkeypatch):
     import time
 
